@@ -1,0 +1,225 @@
+"""Auction stage: aggregate each lead's ping outcomes in a table and close it exactly once.
+
+The ``auctions`` table (changelogged, keyed by lead_id) holds the open marker and the answers
+of each lead's ping round. A lead's auction closes
+
+- early, in the agent, as soon as every pinged buyer has answered; or
+- at its deadline: an asyncio timer sends an ``AuctionClose`` marker keyed by lead_id into the
+  lead's own partition of the bids topic, and the agent closes when the marker comes back.
+
+Faust's ``on_window_close`` is not used (see FIELD-NOTES: whole-second windows, a 30 s scan,
+callbacks dropped for all but one partition, no rebuild after recovery). Closing is
+idempotent: a closed auction ignores further markers and late bids. After a restart or a
+rebalance the table is recovered from its changelog and a sweep re-arms the timers of open
+auctions (closing at once those already past their deadline). Closed entries are kept for
+``worker.closed_retention_s`` to reject redelivered bids, then purged by a marker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import schemas
+from streams.app import Context
+from streams.runtime import DeadLetters, now_ms
+from streams.settings import StrategyConfig
+
+__all__ = ["register", "decide", "acceptable", "Decision", "close_lag_ms"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Decision:
+    mode: str  # exclusive | shared | none
+    slots: int
+    candidates: list[dict[str, Any]]  # ranked acceptable bids (Candidate records)
+
+
+def acceptable(bid: dict[str, Any], ping_fields: dict[str, Any], strategy: StrategyConfig,
+               lead_created_ms: int, at_ms: int) -> tuple[bool, str]:
+    """Whether a bid may win, judged against its own conditions at ``at_ms``."""
+    if bid.get("status") != "bid" or bid.get("price") is None:
+        return False, "not a bid"
+    price = bid["price"]
+    if price < strategy.min_price:
+        return False, f"price {price} below floor {strategy.min_price}"
+    c = bid.get("conditions") or {}
+    if c.get("states") is not None and ping_fields.get("state") not in c["states"]:
+        return False, "lead state outside the bid's states"
+    if c.get("require_consent") and ping_fields.get("consent") is not True:
+        return False, "bid requires consent"
+    max_age = c.get("max_age_minutes")
+    if max_age is not None and at_ms - lead_created_ms > max_age * 60_000:
+        return False, f"lead older than the bid's max age ({max_age} min)"
+    return True, ""
+
+
+def _rank_key(c: dict[str, Any]) -> tuple[float, int, str]:
+    # Deterministic: price desc, then earlier answer, then buyer id.
+    return (-c["price"], c["answered_at_ms"], c["buyer_id"])
+
+
+def _wants_exclusive(c: dict[str, Any]) -> bool:
+    return bool(c["exclusive"] or (c.get("conditions") or {}).get("exclusive_required"))
+
+
+def decide(bids: list[dict[str, Any]], ping_fields: dict[str, Any], strategy: StrategyConfig,
+           lead_created_ms: int, at_ms: int) -> Decision:
+    """Highest acceptable bid wins: exclusively if it asks for exclusivity, else the lead is
+    shared to the top ``shared_max`` non-exclusive bids, each at its own price."""
+    cands = []
+    for b in bids:
+        ok, _ = acceptable(b, ping_fields, strategy, lead_created_ms, at_ms)
+        if ok:
+            cands.append({
+                "buyer_id": b["buyer_id"], "tier": b["tier"], "ping_id": b["ping_id"],
+                "price": float(b["price"]), "exclusive": bool(b["exclusive"]),
+                "conditions": b.get("conditions") or {}, "answered_at_ms": b["answered_at_ms"],
+            })
+    cands.sort(key=_rank_key)
+    if not cands:
+        return Decision("none", 0, [])
+    if _wants_exclusive(cands[0]):
+        return Decision("exclusive", 1, cands)
+    return Decision("shared", strategy.shared_max, cands)
+
+
+def close_lag_ms(reason: str, closed_at_ms: float, deadline_at_ms: int,
+                 last_answer_ms: int | None) -> float:
+    """Close time minus the deadline, or minus the last answer when all answered early."""
+    if reason == "all_answered" and last_answer_ms is not None:
+        return max(0.0, closed_at_ms - last_answer_ms)
+    return max(0.0, closed_at_ms - deadline_at_ms)
+
+
+def register(ctx: Context) -> None:
+    app, settings = ctx.app, ctx.settings
+    bids_topic, posts_topic = ctx.topic("bids"), ctx.topic("posts")
+    dead = DeadLetters(ctx.topic("deadletter"), "auction")
+    retention_ms = int(settings.worker.closed_retention_s * 1000)
+    table = app.Table("auctions", default=None, partitions=settings.kafka.partitions,
+                      key_type=str, value_type=None)
+    ctx.resources["auctions_table"] = table
+    timers: dict[str, asyncio.TimerHandle] = {}
+    purges_sent: set[str] = set()
+
+    def send_marker(lead_id: str, reason: str) -> None:
+        timers.pop(lead_id, None)
+        rec = {"lead_id": lead_id, "reason": reason, "at_ms": now_ms()}
+        fut = asyncio.ensure_future(
+            bids_topic.send(key=lead_id.encode(), value=schemas.encode("AuctionClose", rec)))
+        fut.add_done_callback(_log_send_failure)
+
+    def arm(lead_id: str, deadline_ms: int, reason: str = "deadline") -> None:
+        if lead_id in timers:
+            return
+        delay = max(0.0, deadline_ms / 1000.0 - time.time())
+        timers[lead_id] = asyncio.get_running_loop().call_later(
+            delay, send_marker, lead_id, reason)
+
+    async def close(lead_id: str, state: dict[str, Any], reason: str) -> None:
+        op = state["open"]
+        flow = settings.flows.get(op["flow"])
+        closed = time.time() * 1000
+        answers = list(state["answers"].values())
+        if flow is None:
+            decision = Decision("none", 0, [])
+        else:
+            decision = decide(answers, op["ping_fields"], flow.strategy,
+                              op["created_at_ms"], int(closed))
+        last = max((a["answered_at_ms"] for a in answers), default=None)
+        lag = close_lag_ms(reason, closed, op["deadline_at_ms"], last)
+        order = {
+            "lead_id": lead_id, "flow": op["flow"], "source": op["source"],
+            "mode": decision.mode, "slots": decision.slots, "candidates": decision.candidates,
+            "ping_fields": op["ping_fields"], "received_at_ms": op["received_at_ms"],
+            "created_at_ms": op["created_at_ms"], "opened_at_ms": op["opened_at_ms"],
+            "deadline_at_ms": op["deadline_at_ms"], "closed_at_ms": int(closed),
+            "close_reason": reason, "close_lag_ms": round(lag, 3),
+            "pinged": len(op["pinged"]),
+            "bids": sum(1 for a in answers if a["status"] == "bid"),
+        }
+        await posts_topic.send(key=lead_id.encode(), value=schemas.encode("PostOrder", order))
+        handle = timers.pop(lead_id, None)
+        if handle is not None:
+            handle.cancel()
+        # Keep only what rejects late events; the bids themselves are in the bids topic.
+        table[lead_id] = {"open": None, "answers": {}, "closed_at_ms": int(closed),
+                          "seen_ms": state.get("seen_ms", int(closed))}
+
+    def all_answered(state: dict[str, Any]) -> bool:
+        op = state["open"]
+        return op is not None and all(p["ping_id"] in state["answers"] for p in op["pinged"])
+
+    @app.agent(bids_topic, name="auction", concurrency=1)
+    async def auction_agent(stream: Any) -> None:
+        async for event in stream.events():
+            try:
+                name, rec = schemas.decode(event.value)
+            except schemas.SchemaError as exc:
+                await dead.send(event, f"undecodable bids-topic record: {exc}")
+                continue
+            lead_id = rec["lead_id"]
+            state = table.get(lead_id)
+            if name == "AuctionClose":
+                if state is None:
+                    continue
+                if rec["reason"] == "purge":
+                    if state.get("closed_at_ms") is not None or state.get("open") is None:
+                        table.pop(lead_id, None)
+                    purges_sent.discard(lead_id)
+                    continue
+                if state.get("closed_at_ms") is None and state.get("open") is not None:
+                    await close(lead_id, state, rec["reason"])
+                continue
+            if state is not None and state.get("closed_at_ms") is not None:
+                continue  # late or redelivered: the auction is already closed
+            if state is None:
+                state = {"open": None, "answers": {}, "closed_at_ms": None, "seen_ms": now_ms()}
+            if name == "AuctionOpen":
+                if state["open"] is not None:
+                    continue  # replayed ping round: keep the first deadline
+                state["open"] = rec
+            elif name == "Bid":
+                if rec["status"] == "filtered":
+                    continue  # never pinged: nothing to wait for
+                state["answers"][rec["ping_id"]] = {
+                    k: rec[k] for k in ("buyer_id", "tier", "ping_id", "status", "price",
+                                        "exclusive", "conditions", "answered_at_ms")}
+            else:
+                await dead.send(event, f"unexpected {name} record on the bids topic")
+                continue
+            if all_answered(state):
+                await close(lead_id, state, "all_answered")
+                continue
+            table[lead_id] = state
+            if state["open"] is not None:
+                arm(lead_id, state["open"]["deadline_at_ms"])
+
+    @app.timer(interval=0.5, name="auction-sweep")
+    async def sweep() -> None:
+        """Re-arm timers after recovery/rebalance and purge old closed auctions."""
+        now = now_ms()
+        for lead_id, state in list(table.items()):
+            if state is None:
+                continue
+            closed = state.get("closed_at_ms")
+            if closed is not None or state.get("open") is None:
+                since = closed if closed is not None else state.get("seen_ms", now)
+                if now - since > retention_ms and lead_id not in purges_sent:
+                    purges_sent.add(lead_id)
+                    send_marker(lead_id, "purge")
+                continue
+            if lead_id not in timers:
+                deadline = state["open"]["deadline_at_ms"]
+                arm(lead_id, deadline, "deadline" if deadline > now else "recovery")
+
+
+def _log_send_failure(fut: "asyncio.Future[Any]") -> None:
+    if not fut.cancelled() and fut.exception() is not None:
+        log.error("could not send auction marker: %s", fut.exception())

@@ -1,0 +1,337 @@
+"""``pingpost``: the command line.
+
+    pingpost demo                 whole local stack + simulated buyers + 1,000 leads + report
+    pingpost up | down | status   the local stack (Kafka, warehouse, buyers, workers, ingest)
+    pingpost worker [--role auction|sink]
+    pingpost ingest               HTTP ingest (POST /v1/leads)
+    pingpost warehouse            the embedded ClickHouse-compatible warehouse (chDB)
+    pingpost buyers simulate      the demo market of simulated buyers
+    pingpost kafka start|stop     the local Kafka broker
+    pingpost topics create        create every topic with its partition count
+    pingpost migrate              apply ClickHouse migrations
+    pingpost report               the terminal report from ClickHouse
+    pingpost check-config         validate the configuration file
+
+Every command takes ``--config FILE`` (default ``$PINGPOST_CONFIG``, then
+``config/demo.yaml``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from streams.settings import ConfigError, Settings, load_settings
+
+__all__ = ["main"]
+
+DEFAULT_CONFIG = "config/demo.yaml"
+RUN_DIR = Path(os.environ.get("PINGPOST_RUN_DIR", ".run"))
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(args.config or os.environ.get("PINGPOST_CONFIG") or DEFAULT_CONFIG)
+
+
+def _config_path(args: argparse.Namespace) -> Path:
+    return Path(args.config or os.environ.get("PINGPOST_CONFIG") or DEFAULT_CONFIG).resolve()
+
+
+def _kafka_port(settings: Settings) -> int:
+    return int(settings.kafka.bootstrap.rsplit(":", 1)[1])
+
+
+def _stack(args: argparse.Namespace, settings: Settings) -> Any:
+    from streams.stack import Stack
+
+    return Stack(settings, _config_path(args), RUN_DIR.resolve(), kafka_port=_kafka_port(settings))
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    import faust
+
+    from streams.app import create_app
+
+    settings = _settings(args)
+    app = create_app(settings, args.role, web_port=args.web_port)
+    worker = faust.Worker(app, loglevel=args.loglevel, override_logging=True)
+    worker.execute_from_commandline()
+    return 0
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from streams.ingest import run
+
+    run(_settings(args), port=args.port)
+    return 0
+
+
+def cmd_warehouse(args: argparse.Namespace) -> int:
+    from connectors.warehouse import run
+
+    s = _settings(args)
+    run(args.data_dir or s.warehouse.data_dir, host=s.warehouse.host,
+        port=args.port or s.warehouse.port, pool_size=s.warehouse.pool_size)
+    return 0
+
+
+def cmd_buyers(args: argparse.Namespace) -> int:
+    from streams.simulator import run
+
+    run(_settings(args))
+    return 0
+
+
+def cmd_kafka(args: argparse.Namespace) -> int:
+    s = _settings(args)
+    broker = _stack(args, s).broker()
+    if args.action == "start":
+        broker.start(wait=True, timeout=120)
+        print(f"Kafka ready on {broker.bootstrap} (data: {broker.data_dir})")
+    else:
+        broker.stop()
+        print("Kafka stopped")
+    return 0
+
+
+def cmd_topics(args: argparse.Namespace) -> int:
+    from connectors.kafka_runtime import create_topics
+    from streams.topics import topic_specs
+
+    s = _settings(args)
+    created = asyncio.run(create_topics(s.kafka.bootstrap, [(t.name, t.partitions, t.config)
+                                                           for t in topic_specs(s)]))
+    for name, new in created.items():
+        print(f"{name}: {'created' if new else 'exists'}")
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from connectors.clickhouse import connect, migrate
+
+    s = _settings(args)
+
+    async def go() -> list[int]:
+        wh = await connect(s.clickhouse, attempts=10, delay_s=0.5)
+        try:
+            return await migrate(wh)
+        finally:
+            await wh.close()
+
+    applied = asyncio.run(go())
+    print(f"applied migrations: {applied or 'none (up to date)'}")
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    s = _settings(args)
+    st = _stack(args, s)
+    st.up(with_buyers=not args.no_buyers)
+    _print_status(st)
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    s = _settings(args)
+    stopped = _stack(args, s).down()
+    print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+    return 0
+
+
+def _print_status(st: Any) -> None:
+    for name, ok in st.status().items():
+        print(f"  {name:10s} {'running' if ok else 'stopped'}")
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    _print_status(_stack(args, _settings(args)))
+    return 0
+
+
+def _sync_client(s: Settings) -> Any:
+    import clickhouse_connect
+
+    from connectors.clickhouse import _client_kwargs
+
+    return clickhouse_connect.get_client(**_client_kwargs(s.clickhouse))
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from streams.report import build_report, print_report
+
+    s = _settings(args)
+    client = _sync_client(s)
+    try:
+        print_report(build_report(client, s.clickhouse.database))
+    finally:
+        client.close()
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    s = _settings(args)
+    print(f"ok: {len(s.flows)} flow(s), {len(s.buyers)} buyer(s)")
+    return 0
+
+
+def _pii_audit(s: Settings, leads: list[dict[str, Any]]) -> tuple[int, int]:
+    """Scan every ping the simulated buyers received for any PII value of the demo leads."""
+    import httpx
+
+    pii_values = set()
+    for lead in leads:
+        for f in s.flows[lead["flow"]].pii_fields:
+            if lead.get(f) is not None and len(str(lead[f])) >= 5:
+                pii_values.add(str(lead[f]).lower())
+    pings = leaks = 0
+    for bid, b in s.simulator.buyers.items():
+        got = httpx.get(f"http://{s.simulator.host}:{b.port}/__sim/received",
+                        params={"kind": "ping"}, timeout=30).json()
+        for req in got:
+            pings += 1
+            blob = (req.get("body", "") + req.get("path", "") + str(req.get("query", ""))
+                    + str(req.get("headers", {}))).lower()
+            if any(v in blob for v in pii_values):
+                leaks += 1
+    return pings, leaks
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from streams.demo import generate_leads, push_leads
+    from streams.report import build_report, print_report
+
+    console = Console()
+    t0 = time.monotonic()
+    s = _settings(args)
+    st = _stack(args, s)
+    console.rule("[bold]pingpost demo")
+    st.say = lambda m: console.print(f"[cyan]•[/] {m}")
+    st.up()
+    console.print(f"[cyan]•[/] stack up in {time.monotonic() - t0:.1f}s")
+    token = s.ingest.producers[0].token.get_secret_value()
+    leads = generate_leads(args.leads, seed=args.seed)
+    url = f"http://{s.ingest.host}:{s.ingest.port}/v1/leads"
+    run = asyncio.run(push_leads(url, token, leads, rate=args.rate, console=console))
+    if run.rejected:
+        console.print(f"[red]{len(run.rejected)} leads rejected by ingest[/], e.g. "
+                      f"{run.rejected[0]}")
+    client = _sync_client(s)
+    db = s.clickhouse.database
+    ids = run.lead_ids
+    deadline = time.monotonic() + args.timeout
+    settled = 0
+    with Progress(TextColumn("waiting for auctions to settle"), BarColumn(),
+                  MofNCompleteColumn(), TimeElapsedColumn(), console=console) as progress:
+        task = progress.add_task("settle", total=len(ids))
+        while time.monotonic() < deadline:
+            settled = client.query(f"SELECT count() FROM {db}.auctions FINAL "
+                                   f"WHERE lead_id IN %(ids)s", parameters={"ids": ids}
+                                   ).result_rows[0][0]
+            progress.update(task, completed=settled)
+            if settled >= len(ids):
+                break
+            time.sleep(0.5)
+    if settled < len(ids):
+        console.print(f"[red]only {settled} of {len(ids)} auctions settled within "
+                      f"{args.timeout}s[/]; logs are in {st.log_dir}")
+        client.close()
+        return 1
+    report = build_report(client, db, ids)
+    client.close()
+    span = ((report.last_settled - report.first_received).total_seconds()
+            if report.first_received and report.last_settled else 0.0)
+    pings, leaks = _pii_audit(s, leads) if s.simulator.buyers else (0, 0)
+    wall = time.monotonic() - t0
+    extra = {
+        "leads pushed / accepted": f"{len(leads):,} / {len(ids):,} in {run.push_seconds:.1f}s "
+                                   f"({len(ids) / run.push_seconds:.0f}/s offered)",
+        "sustained (first receipt → last settle)": f"{len(ids) / span:.1f} leads/s over {span:.1f}s"
+        if span else "-",
+        "PII audit of pings received by buyers": f"{leaks} leaks in {pings:,} pings",
+        "demo wall time": f"{wall:.1f}s",
+    }
+    print_report(report, console, title=f"pingpost demo — {len(ids):,} solar leads", extra=extra)
+    ok = (report.auctions == len(ids) and report.sold_without_accepted_post == 0 and leaks == 0)
+    console.print("[green]checks passed[/]: every lead has one settled auction, every sale an "
+                  "accepted post, no PII in pings" if ok else "[red]checks FAILED[/]")
+    console.print(f"The stack is still running (logs in {st.log_dir}). Explore with "
+                  "`.venv/bin/pingpost report`; stop it with [bold]make down[/].")
+    return 0 if ok else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pingpost", description="real-time ping-post lead "
+                                "distribution on Kafka")
+    p.add_argument("--config", help="YAML config (default $PINGPOST_CONFIG or config/demo.yaml)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="run the whole local stack with a demo market and report")
+    d.add_argument("--leads", type=int, default=1000)
+    d.add_argument("--rate", type=float, default=50.0, help="leads per second offered")
+    d.add_argument("--seed", type=int, default=7)
+    d.add_argument("--timeout", type=float, default=300.0)
+    d.set_defaults(func=cmd_demo)
+
+    u = sub.add_parser("up", help="start the local stack")
+    u.add_argument("--no-buyers", action="store_true", help="do not start simulated buyers")
+    u.set_defaults(func=cmd_up)
+    sub.add_parser("down", help="stop the local stack").set_defaults(func=cmd_down)
+    sub.add_parser("status", help="what is running").set_defaults(func=cmd_status)
+
+    w = sub.add_parser("worker", help="run a Faust worker")
+    w.add_argument("--role", choices=["auction", "sink"], default="auction")
+    w.add_argument("--web-port", type=int, default=0, help="Faust web port (0: off)")
+    w.add_argument("--loglevel", default="info")
+    w.set_defaults(func=cmd_worker)
+
+    i = sub.add_parser("ingest", help="run the HTTP ingest")
+    i.add_argument("--port", type=int, default=None)
+    i.set_defaults(func=cmd_ingest)
+
+    wh = sub.add_parser("warehouse", help="run the embedded warehouse (chDB over HTTP)")
+    wh.add_argument("--data-dir", default=None)
+    wh.add_argument("--port", type=int, default=None)
+    wh.set_defaults(func=cmd_warehouse)
+
+    b = sub.add_parser("buyers", help="simulated buyers")
+    b.add_argument("action", choices=["simulate"])
+    b.set_defaults(func=cmd_buyers)
+
+    k = sub.add_parser("kafka", help="the local Kafka broker")
+    k.add_argument("action", choices=["start", "stop"])
+    k.set_defaults(func=cmd_kafka)
+
+    t = sub.add_parser("topics", help="Kafka topics")
+    t.add_argument("action", choices=["create"])
+    t.set_defaults(func=cmd_topics)
+
+    sub.add_parser("migrate", help="apply ClickHouse migrations").set_defaults(func=cmd_migrate)
+    sub.add_parser("report", help="print the report from ClickHouse").set_defaults(func=cmd_report)
+    sub.add_parser("check-config", help="validate the config").set_defaults(func=cmd_check_config)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command != "worker":
+        logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        print(f"pingpost: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

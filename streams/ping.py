@@ -1,0 +1,161 @@
+"""Ping stage: fan a redacted lead out to every eligible buyer at once.
+
+For each ping request the stage writes an ``AuctionOpen`` marker (who is pinged, when the
+auction closes) to the bids topic *before* any request leaves, then pings every eligible buyer
+concurrently over one shared aiohttp session. Each buyer gets
+``min(its timeout, time left until deadline - safety margin)`` and is told that budget as
+``tmax_ms`` (Prebid Server's practice). Every outcome (bid, no-bid, timeout, error, filtered)
+becomes one ``Bid`` event keyed by lead_id, sent the moment it is known, so the auction can
+close early once everyone has answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from typing import Any
+
+import schemas
+from connectors.buyers import BuyerClient, PingOutcome
+from streams.app import Context
+from streams.runtime import DeadLetters, InFlight, now_ms
+from streams.settings import BuyerConfig, Settings
+
+__all__ = ["register", "plan_pings", "ping_body", "ping_id_for"]
+
+log = logging.getLogger(__name__)
+
+_PING_NS = uuid.UUID("5b0e1f0e-6a52-4f5e-9d51-7d1d0c7c0a11")
+
+
+def ping_id_for(lead_id: str, buyer_id: str) -> str:
+    """Deterministic per (lead, buyer): a replayed ping round reuses the ids, so its outcomes
+    replace the first ones instead of adding rows. Opaque to buyers."""
+    return str(uuid.uuid5(_PING_NS, f"{lead_id}\x00{buyer_id}"))
+
+
+def plan_pings(
+    settings: Settings, flow: str, ping_fields: dict[str, Any]
+) -> tuple[list[BuyerConfig], list[tuple[BuyerConfig, str]]]:
+    """Which buyers of the flow get a ping, and why each other one does not."""
+    targets: list[BuyerConfig] = []
+    filtered: list[tuple[BuyerConfig, str]] = []
+    for buyer in settings.buyers_for(flow):
+        states = buyer.filters.states
+        if states is not None and ping_fields.get("state") not in states:
+            filtered.append((buyer, f"state {ping_fields.get('state')} not in buyer filter"))
+            continue
+        targets.append(buyer)
+    return targets, filtered
+
+
+def ping_body(
+    ping_fields: dict[str, Any], flow: str, ping_id: str, tmax_ms: int
+) -> dict[str, Any]:
+    """CONTRACT §2: only the configured ping fields, plus ping_id, flow and tmax_ms."""
+    body = dict(ping_fields)
+    body.update(ping_id=ping_id, flow=flow, tmax_ms=tmax_ms)
+    return body
+
+
+def _bid_record(req: dict[str, Any], buyer: BuyerConfig, ping_id: str, sent_at: int,
+                out: PingOutcome | None, status: str | None = None, reason: str = "") -> dict[str, Any]:
+    if out is None:
+        return {
+            "lead_id": req["lead_id"], "flow": req["flow"], "ping_id": ping_id,
+            "buyer_id": buyer.id, "tier": buyer.tier, "status": status, "sent_at_ms": sent_at,
+            "answered_at_ms": sent_at, "latency_ms": 0.0, "price": None, "exclusive": False,
+            "buyer_ref": None, "conditions": {}, "reason": reason, "http_status": None,
+        }
+    c = out.conditions
+    return {
+        "lead_id": req["lead_id"], "flow": req["flow"], "ping_id": ping_id,
+        "buyer_id": buyer.id, "tier": buyer.tier, "status": out.status,
+        "sent_at_ms": sent_at, "answered_at_ms": sent_at + int(round(out.latency_ms)),
+        "latency_ms": float(out.latency_ms), "price": out.price, "exclusive": out.exclusive,
+        "buyer_ref": out.buyer_ref,
+        "conditions": {
+            "max_age_minutes": c.max_age_minutes,
+            "states": list(c.states) if c.states is not None else None,
+            "require_consent": c.require_consent,
+            "exclusive_required": c.exclusive_required,
+        },
+        "reason": out.reason, "http_status": out.http_status,
+    }
+
+
+def register(ctx: Context) -> None:
+    app, settings = ctx.app, ctx.settings
+    bids = ctx.topic("bids")
+    dead = DeadLetters(ctx.topic("deadletter"), "ping")
+    inflight = InFlight("ping", settings.worker.max_inflight, dead)
+    client_box: list[BuyerClient] = []
+
+    def client() -> BuyerClient:
+        if not client_box:
+            c = BuyerClient()
+            client_box.append(c)
+
+            async def close() -> None:
+                await c.__aexit__(None, None, None)
+
+            ctx.closers.append(close)
+        return client_box[0]
+
+    async def drain() -> None:
+        await inflight.drain(timeout=5.0)
+
+    ctx.closers.append(drain)
+
+    async def send_bid(record: dict[str, Any]) -> None:
+        await bids.send(key=record["lead_id"].encode(), value=schemas.encode("Bid", record))
+
+    async def ping_one(req: dict[str, Any], buyer: BuyerConfig, ping_id: str,
+                       stop_at_ms: int) -> None:
+        flow = settings.flows[req["flow"]]
+        sent = now_ms()
+        budget = min(buyer.timeout_ms, stop_at_ms - sent)
+        if budget <= 0:
+            await send_bid(_bid_record(req, buyer, ping_id, sent, None, "timeout",
+                                       "no time left before the auction deadline"))
+            return
+        body = ping_body(req["ping_fields"], req["flow"], ping_id, budget)
+        out = await client().ping(buyer, body, budget / 1000.0,
+                                  max_price=flow.strategy.max_price,
+                                  min_price=flow.strategy.min_price)
+        await send_bid(_bid_record(req, buyer, ping_id, sent, out))
+
+    async def round_for(req: dict[str, Any]) -> None:
+        flow = settings.flows.get(req["flow"])
+        if flow is None:
+            raise ValueError(f"flow '{req['flow']}' is not configured on this worker")
+        targets, filtered = plan_pings(settings, req["flow"], req["ping_fields"])
+        opened = now_ms()
+        deadline = opened + flow.deadline_ms
+        pinged = [{"buyer_id": b.id, "tier": b.tier, "ping_id": ping_id_for(req["lead_id"], b.id)}
+                  for b in targets]
+        await bids.send(key=req["lead_id"].encode(), value=schemas.encode("AuctionOpen", {
+            "lead_id": req["lead_id"], "flow": req["flow"], "source": req["source"],
+            "received_at_ms": req["received_at_ms"], "created_at_ms": req["created_at_ms"],
+            "opened_at_ms": opened, "deadline_at_ms": deadline,
+            "ping_fields": req["ping_fields"], "pinged": pinged,
+        }))
+        for buyer, reason in filtered:
+            await send_bid(_bid_record(req, buyer, ping_id_for(req["lead_id"], buyer.id),
+                                       opened, None, "filtered", reason))
+        stop_at = deadline - flow.safety_margin_ms
+        await asyncio.gather(*(ping_one(req, b, p["ping_id"], stop_at)
+                               for b, p in zip(targets, pinged)))
+
+    @app.agent(ctx.topic("ping_requests"), name="ping", concurrency=1)
+    async def ping_agent(stream: Any) -> None:
+        manual = stream.noack()
+        async for event in manual.events():
+            try:
+                req = schemas.decode_as("PingRequest", event.value)
+            except schemas.SchemaError as exc:
+                await dead.send(event, f"undecodable ping request: {exc}")
+                await manual.ack(event)
+                continue
+            await inflight.submit(manual, event, lambda req=req: round_for(req))

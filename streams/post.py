@@ -1,0 +1,258 @@
+"""Post stage: deliver the full lead to the winner(s), walking the bids as a waterfall.
+
+For each winner event (``PostOrder``) the stage posts the ping values the buyer bid on, the
+lead's PII (from the ``pii`` table, fed by the lead-pii topic — the only place PII is read)
+and ``ping_id``/``post_id``/``price``/``exclusive``, with ``Idempotency-Key: <post_id>``.
+``post_id`` is deterministic per (lead, buyer), so a retry or a replay after a crash carries
+the same key and a buyer can never receive the same lead under two post_ids.
+
+Exclusive: one buyer at a time, in rank order, until one accepts. Shared: the top N
+non-exclusive bids at once; each slot that fails is offered to the next shared bidder. A
+candidate whose conditions no longer hold (e.g. ``max_age_minutes`` after a slow first post)
+is skipped. Progress is kept in the ``postings`` table so a redelivered order resumes instead
+of re-selling; a settled lead re-emits its recorded result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from typing import Any
+
+import schemas
+from connectors.buyers import BuyerClient
+from streams.app import Context
+from streams.auction import _wants_exclusive
+from streams.runtime import DeadLetters, InFlight, now_ms
+
+__all__ = ["register", "post_id_for", "next_batch", "post_body", "condition_failure"]
+
+log = logging.getLogger(__name__)
+
+_POST_NS = uuid.UUID("0d7c3a8e-2b7e-4c53-bb0e-3f4c1f7c2b55")
+
+
+def post_id_for(lead_id: str, buyer_id: str) -> str:
+    return str(uuid.uuid5(_POST_NS, f"{lead_id}\x00{buyer_id}"))
+
+
+def condition_failure(c: dict[str, Any], order: dict[str, Any], at_ms: int) -> str | None:
+    """Why a candidate's bid conditions fail at post time (None: they hold)."""
+    cond = c.get("conditions") or {}
+    pf = order["ping_fields"]
+    max_age = cond.get("max_age_minutes")
+    if max_age is not None and at_ms - order["created_at_ms"] > max_age * 60_000:
+        return f"lead older than max_age_minutes={max_age} at post time"
+    if cond.get("states") is not None and pf.get("state") not in cond["states"]:
+        return "lead state outside the bid's states"
+    if cond.get("require_consent") and pf.get("consent") is not True:
+        return "bid requires consent"
+    return None
+
+
+def next_batch(order: dict[str, Any], tried: set[str], sold: list[str], sold_mode: str | None,
+               shared_max: int, at_ms: int) -> tuple[str, list[dict[str, Any]], list[tuple[dict[str, Any], str]]]:
+    """The next buyers to post to: ``(mode, batch, skipped-with-reason)``; empty batch = done."""
+    remaining, skipped = [], []
+    for c in order["candidates"]:
+        if c["buyer_id"] in tried:
+            continue
+        why = condition_failure(c, order, at_ms)
+        if why is None:
+            remaining.append(c)
+        else:
+            skipped.append((c, why))
+    shared = [c for c in remaining if not _wants_exclusive(c)]
+    if sold:
+        if sold_mode == "exclusive":
+            return "exclusive", [], skipped
+        return "shared", shared[: max(0, shared_max - len(sold))], skipped
+    if not remaining:
+        return "none", [], skipped
+    if _wants_exclusive(remaining[0]):
+        return "exclusive", [remaining[0]], skipped
+    return "shared", shared[:shared_max], skipped
+
+
+def post_body(order: dict[str, Any], pii: dict[str, Any], cand: dict[str, Any], post_id: str,
+              exclusive: bool) -> dict[str, Any]:
+    """CONTRACT §3: PII fields, the ping values bid on (ping data wins), and the ids."""
+    body: dict[str, Any] = dict(pii)
+    body.update(order["ping_fields"])
+    body.update(lead_id=order["lead_id"], flow=order["flow"], ping_id=cand["ping_id"],
+                post_id=post_id, price=cand["price"], exclusive=exclusive)
+    return body
+
+
+def register(ctx: Context) -> None:
+    app, settings = ctx.app, ctx.settings
+    parts = settings.kafka.partitions
+    deliveries, results = ctx.topic("deliveries"), ctx.topic("results")
+    dead = DeadLetters(ctx.topic("deadletter"), "post")
+    inflight = InFlight("post", settings.worker.max_inflight, dead)
+    pii_table = app.Table("pii", default=None, partitions=parts, key_type=str, value_type=None)
+    postings = app.Table("postings", default=None, partitions=parts, key_type=str,
+                         value_type=None)
+    waiters: dict[str, asyncio.Event] = {}
+    client_box: list[BuyerClient] = []
+
+    def client() -> BuyerClient:
+        if not client_box:
+            c = BuyerClient()
+            client_box.append(c)
+
+            async def close() -> None:
+                await c.__aexit__(None, None, None)
+
+            ctx.closers.append(close)
+        return client_box[0]
+
+    async def drain() -> None:
+        await inflight.drain(timeout=10.0)
+
+    ctx.closers.append(drain)
+
+    @app.agent(ctx.topic("lead_pii"), name="pii", concurrency=1)
+    async def pii_agent(stream: Any) -> None:
+        async for event in stream.events():
+            try:
+                rec = schemas.decode_as("LeadPii", event.value)
+            except schemas.SchemaError as exc:
+                await dead.send(event, f"undecodable PII record: {exc}")
+                continue
+            done = postings.get(rec["lead_id"])
+            if done is not None and done.get("result") is not None:
+                continue  # replayed after the lead settled: do not resurrect its PII
+            pii_table[rec["lead_id"]] = {"fields": rec["fields"],
+                                         "expires_at_ms": rec["expires_at_ms"]}
+            w = waiters.pop(rec["lead_id"], None)
+            if w is not None:
+                w.set()
+
+    async def wait_pii(lead_id: str, timeout_s: float) -> dict[str, Any] | None:
+        got = pii_table.get(lead_id)
+        if got is not None:
+            return got  # type: ignore[no-any-return]
+        ev = waiters.setdefault(lead_id, asyncio.Event())
+        try:
+            await asyncio.wait_for(ev.wait(), timeout_s)
+        except asyncio.TimeoutError:
+            waiters.pop(lead_id, None)
+        return pii_table.get(lead_id)  # type: ignore[no-any-return]
+
+    async def emit_delivery(order: dict[str, Any], cand: dict[str, Any], attempt: int,
+                            status: str, latency: float, reason: str, http_status: int | None,
+                            sent_at: int, exclusive: bool) -> None:
+        post_id = post_id_for(order["lead_id"], cand["buyer_id"])
+        await deliveries.send(key=order["lead_id"].encode(), value=schemas.encode("Delivery", {
+            "attempt_id": f"{post_id}:{attempt}", "post_id": post_id,
+            "lead_id": order["lead_id"], "flow": order["flow"], "buyer_id": cand["buyer_id"],
+            "tier": cand["tier"], "ping_id": cand["ping_id"], "price": cand["price"],
+            "exclusive": exclusive, "status": status, "latency_ms": latency, "reason": reason,
+            "http_status": http_status, "sent_at_ms": sent_at, "attempt": attempt,
+        }))
+
+    async def settle(order: dict[str, Any], state: dict[str, Any], reason: str) -> None:
+        sold = state["sold"]
+        if not sold:
+            outcome = "unsold"
+        else:
+            outcome = "sold_exclusive" if state["mode"] == "exclusive" else "sold_shared"
+        settled = now_ms()
+        result = {
+            "lead_id": order["lead_id"], "flow": order["flow"], "source": order["source"],
+            "outcome": outcome, "winners": [s["buyer_id"] for s in sold],
+            "prices": [s["price"] for s in sold],
+            "price_total": round(sum(s["price"] for s in sold), 2),
+            "reason": "" if sold else reason,
+            "received_at_ms": order["received_at_ms"], "opened_at_ms": order["opened_at_ms"],
+            "deadline_at_ms": order["deadline_at_ms"], "closed_at_ms": order["closed_at_ms"],
+            "settled_at_ms": settled, "close_reason": order["close_reason"],
+            "close_lag_ms": order["close_lag_ms"], "pinged": order["pinged"],
+            "bids": order["bids"], "post_attempts": state["n"],
+        }
+        state["result"] = result
+        postings[order["lead_id"]] = state
+        await results.send(key=order["lead_id"].encode(),
+                           value=schemas.encode("AuctionResult", result))
+        pii_table.pop(order["lead_id"], None)  # PII is not kept past the sale
+
+    async def run_order(order: dict[str, Any]) -> None:
+        lead_id = order["lead_id"]
+        state = postings.get(lead_id)
+        if state is not None and state.get("result") is not None:
+            await results.send(key=lead_id.encode(),
+                               value=schemas.encode("AuctionResult", state["result"]))
+            return
+        if state is None:
+            state = {"attempts": {}, "sold": [], "mode": None, "n": 0, "result": None}
+        flow = settings.flows.get(order["flow"])
+        if not order["candidates"] or flow is None:
+            await settle(order, state, "no bids" if order["bids"] == 0 else
+                         "no acceptable bid" if flow is not None else "flow not configured")
+            return
+        pii = await wait_pii(lead_id, timeout_s=10.0)
+        if pii is None:
+            await settle(order, state, "PII unavailable (lead-pii record missing)")
+            return
+        give_up_at = order["closed_at_ms"] + flow.post_timeout_ms
+        while True:
+            now = now_ms()
+            tried = {b for b, a in state["attempts"].items() if a["status"] != "pending"}
+            mode, batch, skipped = next_batch(order, tried, [s["buyer_id"] for s in state["sold"]],
+                                              state["mode"], flow.strategy.shared_max, now)
+            for cand, why in skipped:
+                if cand["buyer_id"] not in state["attempts"]:
+                    state["attempts"][cand["buyer_id"]] = {"status": "skipped", "attempt": 0}
+                    await emit_delivery(order, cand, 0, "skipped", 0.0, why, None, now,
+                                        mode == "exclusive")
+            if not batch:
+                break
+            if now >= give_up_at:
+                break
+            if state["mode"] is None or not state["sold"]:
+                state["mode"] = mode
+            exclusive = mode == "exclusive"
+            for cand in batch:
+                prev = state["attempts"].get(cand["buyer_id"])
+                n = prev["attempt"] if prev else state["n"] + 1
+                if not prev:
+                    state["n"] += 1
+                state["attempts"][cand["buyer_id"]] = {"status": "pending", "attempt": n}
+            postings[lead_id] = state  # record intent before any request leaves
+
+            async def attempt(cand: dict[str, Any]) -> None:
+                buyer = settings.buyer(cand["buyer_id"])
+                post_id = post_id_for(lead_id, buyer.id)
+                sent = now_ms()
+                budget_ms = min(buyer.post_timeout_ms, max(1, give_up_at - sent))
+                out = await client().post(buyer, post_body(order, pii["fields"], cand, post_id,
+                                                           exclusive),
+                                          post_id, budget_ms / 1000.0)
+                n = state["attempts"][buyer.id]["attempt"]
+                state["attempts"][buyer.id] = {"status": out.status, "attempt": n}
+                if out.status == "accepted":
+                    state["sold"].append({"buyer_id": buyer.id, "price": cand["price"]})
+                await emit_delivery(order, cand, n, out.status, float(out.latency_ms),
+                                    out.reason, out.http_status, sent, exclusive)
+
+            await asyncio.gather(*(attempt(c) for c in batch))
+            postings[lead_id] = state
+        reason = "all posts rejected or failed" if state["n"] else "no acceptable bid at post time"
+        if not state["sold"] and now_ms() >= give_up_at:
+            reason = f"post window of {flow.post_timeout_ms} ms exhausted"
+        await settle(order, state, reason)
+
+    @app.agent(ctx.topic("posts"), name="post", concurrency=1)
+    async def post_agent(stream: Any) -> None:
+        manual = stream.noack()
+        async for event in manual.events():
+            try:
+                order = schemas.decode_as("PostOrder", event.value)
+            except schemas.SchemaError as exc:
+                await dead.send(event, f"undecodable post order: {exc}")
+                await manual.ack(event)
+                continue
+            await inflight.submit(manual, event, lambda order=order: run_order(order))

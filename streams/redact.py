@@ -1,0 +1,76 @@
+"""Redact stage: validate each lead from the leads topic and split it.
+
+The ping view (configured fields after transforms, no PII) goes to ``ping-requests``; the PII
+part goes to ``lead-pii``, which only the post stage reads. Invalid records go to the
+dead-letter topic with the reason and the field; processing continues.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import schemas
+from streams.app import Context
+from streams.leads import LeadError, ValidLead, deterministic_lead_id, redact, validate_lead
+from streams.runtime import DeadLetters
+
+__all__ = ["register", "lead_from_record"]
+
+log = logging.getLogger(__name__)
+
+
+def lead_from_record(record: dict[str, Any]) -> dict[str, Any]:
+    """Flatten a decoded Avro ``Lead`` into the JSON shape of CONTRACT §1."""
+    raw: dict[str, Any] = dict(record.get("fields") or {})
+    for meta in ("flow", "lead_id", "created_at"):
+        if meta in raw:
+            raise LeadError("belongs at the top level of the record, not in fields", meta)
+        if record.get(meta) is not None:
+            raw[meta] = record[meta]
+    return raw
+
+
+def register(ctx: Context) -> None:
+    app, settings = ctx.app, ctx.settings
+    leads, pii_topic, requests = ctx.topic("leads"), ctx.topic("lead_pii"), ctx.topic("ping_requests")
+    dead = DeadLetters(ctx.topic("deadletter"), "redact")
+    pii_ttl_ms = int(settings.privacy.pii_ttl_s * 1000)
+
+    @app.agent(leads, name="redact", concurrency=1)
+    async def redact_agent(stream: Any) -> None:
+        async for event in stream.events():
+            msg = event.message
+            try:
+                name, record = schemas.decode(event.value)
+                if name != "Lead":
+                    raise LeadError(f"expected a Lead record, got {name}")
+                lead = validate_lead(
+                    settings,
+                    lead_from_record(record),
+                    received_at_ms=record.get("received_at_ms") or int(msg.timestamp * 1000),
+                    source=record.get("source") or "kafka",
+                    lead_id=deterministic_lead_id(msg.topic, msg.partition, msg.offset),
+                )
+            except schemas.SchemaError as exc:
+                await dead.send(event, f"undecodable lead: {exc}")
+                continue
+            except LeadError as exc:
+                await dead.send(event, f"invalid lead: {exc.field or 'body'}: {exc.message}",
+                                exc.field)
+                continue
+            await publish(lead)
+
+    async def publish(lead: ValidLead) -> None:
+        view = redact(settings, lead)
+        key = lead.lead_id.encode()
+        # PII first: by the time a post order exists, the post stage can find the PII.
+        await pii_topic.send(key=key, value=schemas.encode("LeadPii", {
+            "lead_id": lead.lead_id, "flow": lead.flow, "fields": view.pii,
+            "expires_at_ms": lead.received_at_ms + pii_ttl_ms,
+        }))
+        await requests.send(key=key, value=schemas.encode("PingRequest", {
+            "lead_id": lead.lead_id, "flow": lead.flow, "source": lead.source,
+            "received_at_ms": lead.received_at_ms, "created_at_ms": lead.created_at_ms,
+            "ping_fields": view.ping_fields, "pii_hashes": view.pii_hashes,
+        }))

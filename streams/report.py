@@ -1,0 +1,161 @@
+"""The terminal report: what the market did, queried from ClickHouse (deduplicated with FINAL).
+
+Every figure comes from the analyst tables, so the report and the tables agree by
+construction; ``lead_ids`` restricts it to one run (the demo), otherwise it covers
+everything since ``since``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Sequence
+
+from rich.console import Console
+from rich.table import Table
+
+__all__ = ["Report", "build_report", "print_report"]
+
+
+@dataclass
+class Report:
+    leads: int = 0
+    auctions: int = 0
+    sold: int = 0
+    sold_exclusive: int = 0
+    sold_shared: int = 0
+    unsold: int = 0
+    revenue: float = 0.0
+    pings: int = 0
+    filtered: int = 0
+    close_lag_p50: float = 0.0
+    close_lag_p99: float = 0.0
+    close_lag_max: float = 0.0
+    duration_p50: float = 0.0
+    sold_without_accepted_post: int = 0
+    buyers: list[dict[str, Any]] = field(default_factory=list)
+    unsold_reasons: list[tuple[str, int]] = field(default_factory=list)
+    first_received: datetime | None = None
+    last_settled: datetime | None = None
+
+    @property
+    def sold_pct(self) -> float:
+        return 100.0 * self.sold / self.auctions if self.auctions else 0.0
+
+    @property
+    def revenue_per_lead(self) -> float:
+        return self.revenue / self.leads if self.leads else 0.0
+
+    @property
+    def revenue_per_ping(self) -> float:
+        return self.revenue / self.pings if self.pings else 0.0
+
+
+def build_report(client: Any, database: str, lead_ids: Sequence[str] | None = None) -> Report:
+    """Query the report with a *synchronous* clickhouse-connect client."""
+    db = database
+    if lead_ids is not None:
+        where, params = "WHERE lead_id IN %(ids)s", {"ids": list(lead_ids)}
+    else:
+        where, params = "", {}
+
+    def one(sql: str) -> Sequence[Any]:
+        return client.query(sql, parameters=params).result_rows[0]  # type: ignore[no-any-return]
+
+    r = Report()
+    (r.leads,) = one(f"SELECT count() FROM {db}.leads FINAL {where}")
+    (r.auctions, r.sold_exclusive, r.sold_shared, r.unsold, r.revenue, r.close_lag_p50,
+     r.close_lag_p99, r.close_lag_max, r.duration_p50, r.first_received, r.last_settled) = one(
+        f"""SELECT count(), countIf(outcome = 'sold_exclusive'), countIf(outcome = 'sold_shared'),
+                   countIf(outcome = 'unsold'), sum(price_total),
+                   quantileExact(0.5)(close_lag_ms), quantileExact(0.99)(close_lag_ms),
+                   max(close_lag_ms), quantileExact(0.5)(duration_ms),
+                   min(received_at), max(settled_at)
+            FROM {db}.auctions FINAL {where}""")
+    r.sold = r.sold_exclusive + r.sold_shared
+    (r.pings, r.filtered) = one(
+        f"SELECT countIf(status != 'filtered'), countIf(status = 'filtered') "
+        f"FROM {db}.pings FINAL {where}")
+    and_where = f"AND a.{where[6:]}" if where else ""
+    (r.sold_without_accepted_post,) = one(
+        f"""SELECT count() FROM {db}.auctions AS a FINAL
+            WHERE a.outcome != 'unsold' {and_where}
+              AND a.lead_id NOT IN (SELECT lead_id FROM {db}.posts FINAL
+                                    WHERE status = 'accepted')""")
+    r.unsold_reasons = [tuple(x) for x in client.query(  # type: ignore[misc]
+        f"SELECT reason, count() AS n FROM {db}.auctions FINAL "
+        f"{where or 'WHERE 1'} AND outcome = 'unsold' GROUP BY reason ORDER BY n DESC",
+        parameters=params).result_rows]
+    rows = client.query(
+        f"""WITH p AS (SELECT buyer_id, any(tier) AS tier,
+                         countIf(status != 'filtered') AS pings,
+                         countIf(status = 'bid') AS bids,
+                         countIf(status = 'timeout') AS timeouts,
+                         countIf(status = 'error') AS errors,
+                         avgIf(price, status = 'bid') AS avg_bid,
+                         quantileExactIf(0.5)(latency_ms, status != 'filtered') AS p50,
+                         quantileExactIf(0.99)(latency_ms, status != 'filtered') AS p99
+                  FROM {db}.pings FINAL {where} GROUP BY buyer_id),
+             q AS (SELECT buyer_id, countIf(status != 'skipped') AS posts,
+                         countIf(status = 'accepted') AS accepted,
+                         sumIf(price, status = 'accepted') AS spend
+                  FROM {db}.posts FINAL {where} GROUP BY buyer_id)
+            SELECT p.buyer_id, p.tier, p.pings, p.bids, p.timeouts, p.errors, p.avg_bid,
+                   p.p50, p.p99, q.posts, q.accepted, q.spend
+            FROM p LEFT JOIN q ON p.buyer_id = q.buyer_id ORDER BY q.spend DESC, p.buyer_id""",
+        parameters=params).result_rows
+    for (bid, tier, pings, bids, timeouts, errors, avg_bid, p50, p99, posts, accepted,
+         spend) in rows:
+        r.buyers.append({
+            "buyer_id": bid, "tier": tier, "pings": pings,
+            "bid_rate": bids / pings if pings else 0.0,
+            "win_rate": accepted / bids if bids else 0.0,
+            "avg_bid": avg_bid if bids else 0.0, "p50": p50, "p99": p99,
+            "timeouts": timeouts, "errors": errors, "posts": posts, "accepted": accepted,
+            "accept_rate": accepted / posts if posts else 0.0, "spend": spend or 0.0,
+        })
+    return r
+
+
+def print_report(r: Report, console: Console | None = None, *, title: str = "pingpost report",
+                 extra: dict[str, str] | None = None) -> None:
+    c = console or Console()
+    t = Table(title=title, show_header=False, title_justify="left")
+    t.add_column(style="bold")
+    t.add_column(justify="right")
+    t.add_row("leads", f"{r.leads:,}")
+    t.add_row("auctions settled", f"{r.auctions:,}")
+    t.add_row("sold", f"{r.sold:,} ({r.sold_pct:.1f}%)")
+    t.add_row("  exclusive / shared",
+              f"{r.sold_exclusive:,} / {r.sold_shared:,}"
+              + (f"  ({100 * r.sold_exclusive / r.sold:.0f}% / {100 * r.sold_shared / r.sold:.0f}%)"
+                 if r.sold else ""))
+    t.add_row("unsold", f"{r.unsold:,}")
+    t.add_row("revenue", f"${r.revenue:,.2f}")
+    t.add_row("revenue per lead", f"${r.revenue_per_lead:,.2f}")
+    t.add_row("revenue per ping", f"${r.revenue_per_ping:,.2f}  ({r.pings:,} pings, "
+              f"{r.filtered:,} filtered)")
+    t.add_row("auction close lag p50 / p99 / max",
+              f"{r.close_lag_p50:.1f} / {r.close_lag_p99:.1f} / {r.close_lag_max:.1f} ms")
+    t.add_row("ping round p50", f"{r.duration_p50:.0f} ms")
+    t.add_row("sold leads without an accepted post", f"{r.sold_without_accepted_post}")
+    for k, v in (extra or {}).items():
+        t.add_row(k, v)
+    c.print(t)
+    b = Table(title="per buyer", title_justify="left")
+    for col in ("buyer", "tier", "pings", "bid rate", "win rate", "avg bid", "ping p50",
+                "ping p99", "timeouts", "errors", "posts", "accept rate", "spend"):
+        b.add_column(col, justify="left" if col in ("buyer", "tier") else "right")
+    for x in r.buyers:
+        b.add_row(x["buyer_id"], x["tier"], f"{x['pings']:,}", f"{100 * x['bid_rate']:.1f}%",
+                  f"{100 * x['win_rate']:.1f}%", f"${x['avg_bid']:.2f}", f"{x['p50']:.0f} ms",
+                  f"{x['p99']:.0f} ms", f"{x['timeouts']}", f"{x['errors']}", f"{x['posts']}",
+                  f"{100 * x['accept_rate']:.1f}%", f"${x['spend']:,.2f}")
+    c.print(b)
+    if r.unsold_reasons:
+        u = Table(title="why unsold", title_justify="left")
+        u.add_column("reason")
+        u.add_column("leads", justify="right")
+        for reason, n in r.unsold_reasons:
+            u.add_row(reason or "(none)", f"{n:,}")
+        c.print(u)

@@ -1,0 +1,104 @@
+"""Per-event concurrency and failure policy for Faust agents.
+
+Faust acks an event when the agent loop moves past it, and an exception inside the loop acks
+(skips) the event. Agents here keep ``concurrency=1`` (faust #606: >1 can commit past an
+in-flight message) and instead run slow work (HTTP to buyers) in tasks with *manual* acks:
+the event is acked only when its task is done. Faust commits an offset only past a contiguous
+run of acked offsets (``Consumer._new_offset``), so a crash re-delivers every event whose task
+had not finished. Each task's failure is routed to the dead-letter topic with the reason, then
+acked: nothing is skipped silently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import traceback
+from typing import Any, Awaitable, Callable
+
+from faust.types import EventT, StreamT
+
+import schemas
+
+__all__ = ["InFlight", "DeadLetters", "now_ms"]
+
+log = logging.getLogger(__name__)
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class DeadLetters:
+    """Routes records a stage cannot process to the dead-letter topic, with the reason."""
+
+    def __init__(self, topic: Any, stage: str) -> None:
+        self.topic = topic
+        self.stage = stage
+
+    async def send(self, event: EventT, reason: str, field: str | None = None) -> None:
+        msg = event.message
+        record = {
+            "id": f"{msg.topic}:{msg.partition}:{msg.offset}",
+            "stage": self.stage,
+            "topic": msg.topic,
+            "partition": msg.partition,
+            "offset": msg.offset,
+            "key": msg.key if isinstance(msg.key, (bytes, type(None))) else str(msg.key).encode(),
+            "payload": msg.value if isinstance(msg.value, bytes) else repr(msg.value).encode(),
+            "reason": reason[:1000],
+            "field": field,
+            "at_ms": now_ms(),
+        }
+        await self.topic.send(key=msg.key, value=schemas.encode("DeadLetter", record))
+        log.warning("dead-lettered %s (%s): %s", record["id"], self.stage, reason)
+
+
+class InFlight:
+    """Run one task per event, at most ``limit`` at once; ack each event when its task ends."""
+
+    def __init__(self, name: str, limit: int, dead: DeadLetters) -> None:
+        self.name = name
+        self.limit = limit
+        self._sem = asyncio.Semaphore(limit)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.dead = dead
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    async def submit(
+        self, stream: StreamT, event: EventT, work: Callable[[], Awaitable[None]]
+    ) -> None:
+        await self._sem.acquire()  # backpressure: the agent stops reading when full
+        task = asyncio.create_task(self._run(stream, event, work), name=f"{self.name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(
+        self, stream: StreamT, event: EventT, work: Callable[[], Awaitable[None]]
+    ) -> None:
+        try:
+            await work()
+        except asyncio.CancelledError:
+            # Shutdown: leave the event unacked so it is redelivered, never half-done.
+            self._sem.release()
+            raise
+        except Exception as exc:  # the per-event failure policy: dead-letter, then ack
+            log.error("%s failed on %s:%s:%s\n%s", self.name, event.message.topic,
+                      event.message.partition, event.message.offset, traceback.format_exc())
+            try:
+                await self.dead.send(event, f"{self.name}: {type(exc).__name__}: {exc}")
+            except Exception:  # Kafka down: keep the event unacked, it will be redelivered
+                log.exception("could not dead-letter; leaving event unacked")
+                self._sem.release()
+                return
+        self._sem.release()
+        await stream.ack(event)
+
+    async def drain(self, timeout: float) -> None:
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=timeout)
+        for t in list(self._tasks):
+            t.cancel()

@@ -1,0 +1,147 @@
+"""Sink stage: every event into the ClickHouse tables analysts query (CONTRACT §5).
+
+Runs as its own consumer group (``pingpost worker --role sink``) so a slow or absent warehouse
+never stalls an auction. Rows are buffered per table and inserted in batches (at
+``clickhouse.batch_rows`` rows or every ``clickhouse.batch_seconds``); the events of a batch
+are acked only after ClickHouse accepted it. A failed insert is retried with backoff while
+the events stay unacked (and the buffer bounds how far the consumer reads ahead). Redelivered
+events become identical rows that ``ReplacingMergeTree`` collapses (query with ``FINAL``).
+Raw PII never reaches this stage: it reads only redacted topics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import datetime, timezone
+from typing import Any
+
+import schemas
+from connectors.clickhouse import ClickHouseUnavailable, Warehouse, connect, migrate
+from streams.app import Context
+
+__all__ = ["register", "to_row"]
+
+log = logging.getLogger(__name__)
+
+
+def _ts(ms: int | float) -> datetime:
+    return datetime.fromtimestamp(ms / 1000.0, tz=timezone.utc)
+
+
+def _s(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return "" if v is None else str(v)
+
+
+def to_row(name: str, r: dict[str, Any]) -> tuple[str, list[Any]] | None:
+    """Map one decoded event to ``(table, row)``; None for events with no table."""
+    if name == "PingRequest":
+        return "leads", [r["lead_id"], r["flow"], r["source"], _ts(r["received_at_ms"]),
+                         _ts(r["created_at_ms"]),
+                         {k: _s(v) for k, v in r["ping_fields"].items()}, r["pii_hashes"]]
+    if name == "Bid":
+        return "pings", [r["ping_id"], r["lead_id"], r["flow"], r["buyer_id"], r["tier"],
+                         _ts(r["sent_at_ms"]), _ts(r["answered_at_ms"]), r["latency_ms"],
+                         r["status"], r["price"], r["exclusive"], r["reason"], r["http_status"]]
+    if name == "Delivery":
+        return "posts", [r["attempt_id"], r["post_id"], r["lead_id"], r["flow"], r["buyer_id"],
+                         r["tier"], r["ping_id"], r["price"], r["exclusive"], r["status"],
+                         r["latency_ms"], r["reason"], r["http_status"], _ts(r["sent_at_ms"]),
+                         r["attempt"]]
+    if name == "AuctionResult":
+        return "auctions", [r["lead_id"], r["flow"], r["source"], r["outcome"], r["winners"],
+                            r["prices"], r["price_total"], r["reason"], _ts(r["received_at_ms"]),
+                            _ts(r["opened_at_ms"]), _ts(r["deadline_at_ms"]),
+                            _ts(r["closed_at_ms"]), _ts(r["settled_at_ms"]),
+                            float(r["closed_at_ms"] - r["opened_at_ms"]), r["close_reason"],
+                            r["close_lag_ms"], r["pinged"], r["bids"], r["post_attempts"]]
+    if name == "DeadLetter":
+        return "dead_letters", [r["id"], r["stage"], r["topic"], r["partition"], r["offset"],
+                                r["reason"], r["field"], _ts(r["at_ms"])]
+    return None
+
+
+def register(ctx: Context) -> None:
+    app, settings = ctx.app, ctx.settings
+    cfg = settings.clickhouse
+    n = ctx.names
+    source = app.topic(n.ping_requests, n.bids, n.deliveries, n.results, n.deadletter,
+                       key_type=bytes, value_type=bytes, key_serializer="raw",
+                       value_serializer="raw", partitions=settings.kafka.partitions)
+    rows: dict[str, list[list[Any]]] = {}
+    pending: list[Any] = []  # events whose rows are buffered, acked after the insert
+    lock = asyncio.Lock()
+    wh_box: list[Warehouse] = []
+    room = asyncio.Event()
+    room.set()
+    max_buffered = cfg.batch_rows * 4
+    stream_box: list[Any] = []
+
+    async def warehouse() -> Warehouse:
+        if not wh_box:
+            delay = 0.5
+            while True:
+                try:
+                    wh = await connect(cfg)
+                    await migrate(wh)
+                    break
+                except ClickHouseUnavailable as exc:
+                    log.warning("ClickHouse not ready (%s); retrying in %.1fs", exc, delay)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 15.0)
+            wh_box.append(wh)
+            ctx.closers.append(wh.close)
+        return wh_box[0]
+
+    async def flush() -> None:
+        async with lock:
+            if not pending:
+                return
+            batch, events = dict(rows), list(pending)
+            rows.clear()
+            pending.clear()
+            delay = 0.5
+            for table, table_rows in batch.items():
+                while True:
+                    try:
+                        await (await warehouse()).insert(table, table_rows)
+                        break
+                    except ClickHouseUnavailable as exc:
+                        log.warning("insert into %s failed (%s); retrying in %.1fs", table, exc,
+                                    delay)
+                        await asyncio.sleep(delay)
+                        delay = min(delay * 2, 15.0)
+            for ev in events:
+                await stream_box[0].ack(ev)
+            room.set()
+
+    @app.agent(source, name="sink", concurrency=1)
+    async def sink_agent(stream: Any) -> None:
+        manual = stream.noack()
+        stream_box.append(manual)
+        await warehouse()
+        async for event in manual.events():
+            try:
+                name, rec = schemas.decode(event.value)
+                mapped = to_row(name, rec)
+            except schemas.SchemaError as exc:
+                log.error("sink cannot decode %s:%s:%s: %s", event.message.topic,
+                          event.message.partition, event.message.offset, exc)
+                mapped = None
+            if mapped is None:
+                await manual.ack(event)
+                continue
+            table, row = mapped
+            rows.setdefault(table, []).append(row)
+            pending.append(event)
+            if len(pending) >= cfg.batch_rows:
+                await flush()
+            while len(pending) >= max_buffered:
+                room.clear()
+                await room.wait()
+
+    @app.timer(interval=cfg.batch_seconds, name="sink-flush")
+    async def periodic_flush() -> None:
+        await flush()

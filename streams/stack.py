@@ -1,0 +1,203 @@
+"""The local stack: Kafka, the warehouse, buyers, workers and ingest as background processes.
+
+``pingpost up`` starts what is not running yet (each component with its log in
+``.run/logs/`` and its pid in ``.run/pids/``) and waits until each is ready; ``pingpost down``
+stops them in reverse order. Used by the demo and by the end-to-end tests (with their own
+run directory and ports).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from connectors.kafka_runtime import KafkaBroker, create_topics
+from streams.settings import Settings
+from streams.topics import topic_specs
+
+__all__ = ["Stack", "StackError"]
+
+
+class StackError(RuntimeError):
+    pass
+
+
+def _http_ok(url: str, timeout: float = 1.0) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (loopback)
+            return 200 <= resp.status < 300
+    except OSError:
+        return False
+
+
+def _port_of(url: str) -> int:
+    from urllib.parse import urlparse
+
+    return urlparse(url).port or 8123
+
+
+@dataclass
+class Stack:
+    settings: Settings
+    config_path: Path
+    run_dir: Path
+    kafka_port: int = 9092
+    say: Callable[[str], None] = print
+
+    @property
+    def pid_dir(self) -> Path:
+        return self.run_dir / "pids"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.run_dir / "logs"
+
+    def broker(self) -> KafkaBroker:
+        return KafkaBroker(port=self.kafka_port, data_dir=self.run_dir / "kafka",
+                           num_partitions=self.settings.kafka.partitions)
+
+    # -- process helpers ---------------------------------------------------------------
+    def _pid(self, name: str) -> int | None:
+        f = self.pid_dir / f"{name}.pid"
+        try:
+            pid = int(f.read_text().strip())
+        except (OSError, ValueError):
+            return None
+        try:
+            os.kill(pid, 0)
+        except OSError:
+            return None
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+            if state == "Z":
+                return None
+        except OSError:
+            pass
+        return pid
+
+    def running(self, name: str) -> bool:
+        return self._pid(name) is not None
+
+    def spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> int:
+        if self.running(name):
+            return self._pid(name)  # type: ignore[return-value]
+        self.pid_dir.mkdir(parents=True, exist_ok=True)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_dir / f"{name}.log", "ab")
+        full_env = dict(os.environ)
+        full_env["PINGPOST_CONFIG"] = str(self.config_path)
+        full_env.update(env or {})
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "streams.cli", "--config", str(self.config_path), *args],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True, env=full_env, cwd=os.getcwd(),
+        )
+        log.close()
+        (self.pid_dir / f"{name}.pid").write_text(str(proc.pid))
+        return proc.pid
+
+    def wait_until(self, name: str, ready: Callable[[], bool], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if ready():
+                return
+            if not self.running(name):
+                raise StackError(f"{name} exited during start-up; see {self.log_dir / (name + '.log')}:\n"
+                                 + self.tail(name))
+            time.sleep(0.1)
+        raise StackError(f"{name} not ready after {timeout:.0f}s; see "
+                         f"{self.log_dir / (name + '.log')}:\n" + self.tail(name))
+
+    def tail(self, name: str, lines: int = 30) -> str:
+        try:
+            text = (self.log_dir / f"{name}.log").read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+    def stop(self, name: str, timeout: float = 15.0) -> bool:
+        pid = self._pid(name)
+        if pid is None:
+            return False
+        try:
+            os.killpg(pid, signal.SIGTERM)
+        except OSError:
+            os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self._pid(name) is not None:
+            time.sleep(0.1)
+        if self._pid(name) is not None:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        (self.pid_dir / f"{name}.pid").unlink(missing_ok=True)
+        return True
+
+    # -- components --------------------------------------------------------------------
+    COMPONENTS = ("warehouse", "buyers", "worker", "sink", "ingest")
+
+    def up(self, *, with_buyers: bool = True, embedded_warehouse: bool = True) -> None:
+        s = self.settings
+        broker = self.broker()
+        if not broker.is_running():
+            self.say(f"starting Kafka on {broker.bootstrap} (first run fetches its jars with Maven)")
+        broker.start(wait=True, timeout=120)
+        asyncio.run(create_topics(broker.bootstrap, [(t.name, t.partitions, t.config)
+                                                     for t in topic_specs(s)]))
+        env = {"PINGPOST_KAFKA": broker.bootstrap}
+        ch = s.clickhouse.url.rstrip("/")
+        if embedded_warehouse:
+            if not self.running("warehouse"):
+                self.say(f"starting the warehouse (chDB) on {ch}")
+            self.spawn("warehouse", ["warehouse", "--data-dir", str(self.run_dir / "warehouse"),
+                                     "--port", str(_port_of(ch))], env)
+            self.wait_until("warehouse", lambda: _http_ok(f"{ch}/ping"), 60)
+        self._migrate()
+        if with_buyers and s.simulator.buyers:
+            if not self.running("buyers"):
+                self.say(f"starting {len(s.simulator.buyers)} simulated buyers")
+            self.spawn("buyers", ["buyers", "simulate"], env)
+            for bid, b in s.simulator.buyers.items():
+                url = f"http://{s.simulator.host}:{b.port}/__sim/stats"
+                self.wait_until("buyers", lambda url=url: _http_ok(url), 30)
+        for role in ("worker", "sink"):
+            if not self.running(role):
+                self.say(f"starting the {'auction' if role == 'worker' else 'sink'} worker")
+            self.spawn(role, ["worker", "--role", "auction" if role == "worker" else "sink"], env)
+        self.spawn("ingest", ["ingest"], env)
+        self.wait_until("ingest", lambda: _http_ok(
+            f"http://{s.ingest.host}:{s.ingest.port}/healthz"), 60)
+
+    def _migrate(self) -> None:
+        from connectors.clickhouse import connect, migrate
+
+        async def go() -> None:
+            wh = await connect(self.settings.clickhouse, attempts=20, delay_s=0.5)
+            try:
+                await migrate(wh)
+            finally:
+                await wh.close()
+
+        asyncio.run(go())
+
+    def down(self) -> list[str]:
+        stopped = [n for n in reversed(self.COMPONENTS) if self.stop(n)]
+        broker = self.broker()
+        if broker.is_running():
+            broker.stop()
+            stopped.append("kafka")
+        return stopped
+
+    def status(self) -> dict[str, bool]:
+        out = {"kafka": self.broker().is_running()}
+        out.update({n: self.running(n) for n in self.COMPONENTS})
+        return out

@@ -1,0 +1,80 @@
+"""Every Kafka topic pingpost uses, declared once: name, events it carries, partitions, config.
+
+Topics are created explicitly (``pingpost topics create`` / start-up), never by broker
+auto-create. All lead-keyed topics share one partition count so Faust co-partitions them: the
+auction table, the PII table and the post table of a lead live on the same worker.
+Values are Avro single-object encoded (``schemas``); keys are the lead_id as UTF-8.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from streams.settings import Settings
+
+__all__ = ["TopicSpec", "topic_specs", "TopicNames"]
+
+DAY_MS = 24 * 3600 * 1000
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    events: tuple[str, ...]
+    partitions: int
+    config: dict[str, str] = field(default_factory=dict)
+    doc: str = ""
+
+
+@dataclass(frozen=True)
+class TopicNames:
+    leads: str
+    ping_requests: str
+    lead_pii: str
+    bids: str
+    posts: str
+    deliveries: str
+    results: str
+    deadletter: str
+    alerts: str
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "TopicNames":
+        p = settings.kafka.topic_prefix
+        return cls(
+            leads=f"{p}.leads",
+            ping_requests=f"{p}.ping-requests",
+            lead_pii=f"{p}.lead-pii",
+            bids=f"{p}.bids",
+            posts=f"{p}.posts",
+            deliveries=f"{p}.deliveries",
+            results=f"{p}.results",
+            deadletter=f"{p}.deadletter",
+            alerts=f"{p}.alerts",
+        )
+
+
+def topic_specs(settings: Settings) -> list[TopicSpec]:
+    n = TopicNames.from_settings(settings)
+    parts = settings.kafka.partitions
+    week = {"retention.ms": str(7 * DAY_MS)}
+    return [
+        TopicSpec(n.leads, ("Lead",), parts, week, "leads in, from producers and HTTP ingest"),
+        TopicSpec(n.ping_requests, ("PingRequest",), parts, week, "accepted leads, ping view only"),
+        # PII: compacted, one day at most; the post stage tombstones a lead once settled.
+        TopicSpec(
+            n.lead_pii,
+            ("LeadPii",),
+            parts,
+            {"cleanup.policy": "compact,delete", "retention.ms": str(DAY_MS)},
+            "PII of accepted leads; read only by the post stage",
+        ),
+        TopicSpec(n.bids, ("AuctionOpen", "Bid", "AuctionClose"), parts, week,
+                  "ping rounds: open marker, one outcome per ping, close markers"),
+        TopicSpec(n.posts, ("PostOrder",), parts, week, "winner events: ranked bids to post"),
+        TopicSpec(n.deliveries, ("Delivery",), parts, week, "post attempts and answers"),
+        TopicSpec(n.results, ("AuctionResult",), parts, week, "settled outcome per lead"),
+        TopicSpec(n.deadletter, ("DeadLetter",), parts, {"retention.ms": str(30 * DAY_MS)},
+                  "records a stage could not process, with the reason"),
+        TopicSpec(n.alerts, ("Alert",), 1, week, "alert state changes"),
+    ]
