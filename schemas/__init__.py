@@ -53,23 +53,32 @@ class SchemaError(ValueError):
     """A payload is not a valid single-object encoded record of a known schema."""
 
 
-def _load(stem: str) -> Any:
-    return json.loads((SCHEMA_DIR / f"{stem}.avsc").read_text())
+RELEASED_DIR = SCHEMA_DIR / "released"
 
 
-def _inline(node: Any, seen: set[str]) -> Any:
+def _load(stem: str, directory: Path | None = None) -> Any:
+    return json.loads(((directory or SCHEMA_DIR) / f"{stem}.avsc").read_text())
+
+
+def _inline(node: Any, seen: set[str], directory: Path | None = None) -> Any:
     """Replace the first reference to each shared named type by its definition."""
     if isinstance(node, str):
         if node in _SHARED and node not in seen:
             seen.add(node)
-            return _inline(_load(_SHARED[node]), seen)
+            return _inline(_load(_SHARED[node], directory), seen, directory)
         return node
     if isinstance(node, list):
-        return [_inline(n, seen) for n in node]
+        return [_inline(n, seen, directory) for n in node]
     if isinstance(node, dict):
-        return {k: (_inline(v, seen) if k in ("type", "items", "values", "fields") else v)
+        return {k: (_inline(v, seen, directory) if k in ("type", "items", "values", "fields")
+                    else v)
                 for k, v in node.items()}
     return node
+
+
+def released_schema_json(version_dir: Path, name: str) -> dict[str, Any]:
+    """The complete JSON schema of event ``name`` as released in ``version_dir``."""
+    return _inline(_load(EVENTS[name], version_dir), set(), version_dir)  # type: ignore[no-any-return]
 
 
 @cache
@@ -99,6 +108,24 @@ def _by_fingerprint() -> dict[bytes, str]:
     return {fingerprint_of(n): n for n in EVENTS}
 
 
+@cache
+def _released_writers() -> dict[bytes, tuple[str, Any]]:
+    """Fingerprint -> (event, writer schema) of every released version that differs from the
+    current one: records written by older producers are resolved into the current schema."""
+    out: dict[bytes, tuple[str, Any]] = {}
+    if not RELEASED_DIR.is_dir():
+        return out
+    for version_dir in sorted(p for p in RELEASED_DIR.iterdir() if p.is_dir()):
+        for name, stem in EVENTS.items():
+            if not (version_dir / f"{stem}.avsc").exists():
+                continue
+            parsed = fastavro.parse_schema(released_schema_json(version_dir, name))
+            fp = bytes.fromhex(fingerprint(to_parsing_canonical_form(parsed), "CRC-64-AVRO"))
+            if fp not in _by_fingerprint():
+                out[fp] = (name, parsed)
+    return out
+
+
 def encode(name: str, record: dict[str, Any]) -> bytes:
     """Encode ``record`` as event ``name`` in Avro single-object encoding."""
     buf = io.BytesIO()
@@ -119,10 +146,17 @@ def decode(data: bytes) -> tuple[str, dict[str, Any]]:
         raise SchemaError("not Avro single-object encoding: missing C3 01 marker")
     fp = bytes(data[2:10])
     name = _by_fingerprint().get(fp)
+    writer = None
     if name is None:
-        raise SchemaError(f"unknown schema fingerprint {fp.hex()}")
+        old = _released_writers().get(fp)
+        if old is None:
+            raise SchemaError(f"unknown schema fingerprint {fp.hex()}")
+        name, writer = old
     try:
-        record = fastavro.schemaless_reader(io.BytesIO(data[10:]), _parsed(name), None)
+        if writer is None:
+            record = fastavro.schemaless_reader(io.BytesIO(data[10:]), _parsed(name), None)
+        else:
+            record = fastavro.schemaless_reader(io.BytesIO(data[10:]), writer, _parsed(name))
     except Exception as exc:  # fastavro raises assorted errors on truncated bodies
         raise SchemaError(f"corrupt {name} body: {exc}") from exc
     return name, record  # type: ignore[return-value]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,6 +108,16 @@ def register(ctx: Context) -> None:
     ctx.resources["auctions_table"] = table
     timers: dict[str, asyncio.TimerHandle] = {}
     purges_sent: set[str] = set()
+    # In-memory indexes over the table, so the sweep never scans it in steady state:
+    # open auctions -> deadline, and closed/orphan entries in the order they became purgeable.
+    # Rebuilt from the table after every recovery (the table is the truth, these are caches).
+    open_index: dict[str, int] = {}
+    purge_queue: deque[tuple[int, str]] = deque()
+    rescan = [True]
+
+    @table.on_recover
+    async def _recovered() -> None:
+        rescan[0] = True
 
     def send_marker(lead_id: str, reason: str) -> None:
         timers.pop(lead_id, None)
@@ -151,6 +162,8 @@ def register(ctx: Context) -> None:
         # Keep only what rejects late events; the bids themselves are in the bids topic.
         table[lead_id] = {"open": None, "answers": {}, "closed_at_ms": int(closed),
                           "seen_ms": state.get("seen_ms", int(closed))}
+        open_index.pop(lead_id, None)
+        purge_queue.append((int(closed), lead_id))
 
     def all_answered(state: dict[str, Any]) -> bool:
         op = state["open"]
@@ -181,6 +194,7 @@ def register(ctx: Context) -> None:
                 continue  # late or redelivered: the auction is already closed
             if state is None:
                 state = {"open": None, "answers": {}, "closed_at_ms": None, "seen_ms": now_ms()}
+                purge_queue.append((state["seen_ms"], lead_id))  # orphan until opened
             if name == "AuctionOpen":
                 if state["open"] is not None:
                     continue  # replayed ping round: keep the first deadline
@@ -199,25 +213,39 @@ def register(ctx: Context) -> None:
                 continue
             table[lead_id] = state
             if state["open"] is not None:
+                open_index[lead_id] = state["open"]["deadline_at_ms"]
                 arm(lead_id, state["open"]["deadline_at_ms"])
+
+    def rebuild_indexes() -> None:
+        open_index.clear()
+        purge_queue.clear()
+        pending = []
+        for lead_id, state in list(table.items()):
+            if state is None:
+                continue
+            if state.get("closed_at_ms") is None and state.get("open") is not None:
+                open_index[lead_id] = state["open"]["deadline_at_ms"]
+            else:
+                pending.append((state.get("closed_at_ms") or state.get("seen_ms", 0), lead_id))
+        purge_queue.extend(sorted(pending))
 
     @app.timer(interval=0.5, name="auction-sweep")
     async def sweep() -> None:
         """Re-arm timers after recovery/rebalance and purge old closed auctions."""
+        if rescan[0]:
+            rescan[0] = False
+            rebuild_indexes()
         now = now_ms()
-        for lead_id, state in list(table.items()):
-            if state is None:
-                continue
-            closed = state.get("closed_at_ms")
-            if closed is not None or state.get("open") is None:
-                since = closed if closed is not None else state.get("seen_ms", now)
-                if now - since > retention_ms and lead_id not in purges_sent:
-                    purges_sent.add(lead_id)
-                    send_marker(lead_id, "purge")
-                continue
+        for lead_id, deadline in list(open_index.items()):
             if lead_id not in timers:
-                deadline = state["open"]["deadline_at_ms"]
                 arm(lead_id, deadline, "deadline" if deadline > now else "recovery")
+        while purge_queue and now - purge_queue[0][0] > retention_ms:
+            _, lead_id = purge_queue.popleft()
+            state = table.get(lead_id)
+            if state is None or lead_id in open_index or lead_id in purges_sent:
+                continue
+            purges_sent.add(lead_id)
+            send_marker(lead_id, "purge")
 
 
 def _log_send_failure(fut: "asyncio.Future[Any]") -> None:

@@ -59,6 +59,16 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from streams.app import create_app
 
     settings = _settings(args)
+    if args.role == "sink":
+        # Analytics must never take CPU from auctions on a shared host: the sink catches up
+        # later (its events wait in Kafka), an auction cannot.
+        os.nice(10)
+    try:
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    except ImportError:  # pragma: no cover - uvloop is a pinned dependency
+        pass
     app = create_app(settings, args.role, web_port=args.web_port)
     worker = faust.Worker(app, loglevel=args.loglevel, override_logging=True)
     worker.execute_from_commandline()
@@ -73,11 +83,15 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def cmd_warehouse(args: argparse.Namespace) -> int:
-    from connectors.warehouse import run
+    from connectors.warehouse import WarehouseError, run
 
     s = _settings(args)
-    run(args.data_dir or s.warehouse.data_dir, host=s.warehouse.host,
-        port=args.port or s.warehouse.port, pool_size=s.warehouse.pool_size)
+    try:
+        run(args.data_dir or s.warehouse.data_dir, host=s.warehouse.host,
+            port=args.port or s.warehouse.port, pool_size=s.warehouse.pool_size)
+    except WarehouseError as exc:
+        print(f"pingpost warehouse: {exc}", file=sys.stderr)
+        return 3
     return 0
 
 

@@ -15,7 +15,7 @@ import math
 import re
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any, Mapping
 
 from streams.settings import FlowConfig, PingField, Settings
@@ -31,7 +31,11 @@ __all__ = [
 
 Scalar = bool | int | float | str | None
 
-_LEAD_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+_LEAD_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+#: RFC 3339 date-time (section 5.6): full date, 'T' (any case), full time, offset.
+_RFC3339 = re.compile(
+    r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})")
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _META = ("flow", "lead_id", "created_at")
 #: Values shorter than this are not treated as identifying when scanning ping values for PII
 #: (a two-letter state would otherwise "contain" an initial).
@@ -73,13 +77,15 @@ def deterministic_lead_id(topic: str, partition: int, offset: int) -> str:
 def _parse_time(value: Any) -> int:
     if not isinstance(value, str):
         raise LeadError("must be an RFC 3339 timestamp string", "created_at")
+    if not _RFC3339.fullmatch(value):
+        raise LeadError("is not an RFC 3339 timestamp (e.g. 2026-01-31T12:00:00Z)",
+                        "created_at")
     try:
-        dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        dt = datetime.fromisoformat(value.upper().replace("Z", "+00:00"))
     except ValueError:
-        raise LeadError("is not an RFC 3339 timestamp", "created_at") from None
-    if dt.tzinfo is None:
-        raise LeadError("needs a time zone offset (RFC 3339)", "created_at")
-    return int(dt.astimezone(timezone.utc).timestamp() * 1000)
+        raise LeadError("is not a valid RFC 3339 timestamp", "created_at") from None
+    # Integer arithmetic: float seconds * 1000 truncates some instants 1 ms early.
+    return (dt - _EPOCH) // timedelta(milliseconds=1)
 
 
 def _check_value(name: str, value: Any, flow: FlowConfig) -> Scalar:
@@ -138,7 +144,7 @@ def validate_lead(
 
     own_id = raw.get("lead_id")
     if own_id is not None:
-        if not isinstance(own_id, str) or not _LEAD_ID.match(own_id):
+        if not isinstance(own_id, str) or not _LEAD_ID.fullmatch(own_id):
             raise LeadError("must be 1-128 letters, digits, '_', '.', ':' or '-'", "lead_id")
         lid = own_id
     elif lead_id is not None:
@@ -160,10 +166,10 @@ def validate_lead(
         if fields.get(name) is None:
             raise LeadError("is required", name)
 
-    view = _ping_values(fields, flow)
     pii_values = [str(fields[n]).lower() for n in flow.pii_fields
                   if fields.get(n) is not None and len(str(fields[n])) >= _MIN_PII_MATCH]
-    for name, value in view.items():
+    for name, spec in flow.ping_fields.items():
+        value = _transform(fields.get(name), spec)
         if isinstance(value, str) and any(p in value.lower() for p in pii_values):
             raise LeadError("contains a PII value and cannot be sent in pings", name)
     return ValidLead(lid, flow_name, created_ms, received_at_ms, source, fields)

@@ -183,6 +183,12 @@ class StrategyConfig(_Model):
     max_price: Annotated[float, Field(gt=0)] = 10_000.0
     min_price: Annotated[float, Field(ge=0)] = 0.0
 
+    @model_validator(mode="after")
+    def _prices(self) -> "StrategyConfig":
+        if self.min_price > self.max_price:
+            raise ValueError("min_price is above max_price: nothing could ever sell")
+        return self
+
 
 class FlowConfig(_Model):
     fields: dict[str, FieldSpec]
@@ -214,6 +220,17 @@ class FlowConfig(_Model):
         for name in self.fields:
             if name in RESERVED_FIELDS:
                 raise ValueError(f"field name '{name}' is reserved")
+        sent: dict[str, str] = {}
+        for name, spec in self.ping_fields.items():
+            out = spec.rename or name
+            if out in RESERVED_FIELDS:
+                raise ValueError(f"ping field '{name}' is renamed to the reserved name '{out}'")
+            if out in self.pii_fields:
+                raise ValueError(f"ping field '{name}' is renamed to the PII field '{out}'")
+            if out in sent or (out != name and out in self.ping_fields):
+                raise ValueError(f"ping field '{name}' is renamed to '{out}', which another "
+                                 "ping field already uses")
+            sent[out] = name
         if self.safety_margin_ms >= self.deadline_ms:
             raise ValueError("safety_margin_ms must be smaller than deadline_ms")
         return self

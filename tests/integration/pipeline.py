@@ -1,0 +1,178 @@
+"""A whole pingpost pipeline for integration tests, on the session's real Kafka and warehouse.
+
+Each pipeline gets its own topic prefix, Faust app id, ClickHouse database, run dir and
+ports, and runs every component as the real CLI process (simulated buyers, auction
+worker(s), sink worker, ingest) — the same processes the demo runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+import clickhouse_connect
+import httpx
+import yaml
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.structs import TopicPartition
+
+from streams.settings import Settings, parse_settings
+from streams.stack import Stack
+from streams.topics import TopicNames
+from tests.integration.kafka_fixture import free_ports
+
+TOKEN = "test-producer-token-123"
+
+SOLAR_FLOW: dict[str, Any] = yaml.safe_load(Path("config/demo.yaml").read_text())["flows"]["solar"]
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
+    """Poll ``predicate`` until truthy (returns its value) or fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+class Pipeline:
+    def __init__(self, root: Path, kafka_bootstrap: str, warehouse_url: str,
+                 buyers: dict[str, dict[str, Any]], *, flow: dict[str, Any] | None = None,
+                 workers: int = 1) -> None:
+        self.name = "t" + uuid.uuid4().hex[:8]
+        ports = free_ports(len(buyers) + 1)
+        self.ingest_port = ports[0]
+        buyer_cfgs, sims = [], {}
+        for (bid, spec), port in zip(buyers.items(), ports[1:]):
+            spec = dict(spec)
+            sim = spec.pop("sim", {})
+            buyer_cfgs.append({"id": bid, "flows": ["solar"],
+                               "ping_url": f"http://127.0.0.1:{port}/ping",
+                               "post_url": f"http://127.0.0.1:{port}/post", **spec})
+            sims[bid] = {"port": port, **sim}
+        self.raw: dict[str, Any] = {
+            "kafka": {"bootstrap": kafka_bootstrap, "topic_prefix": self.name, "partitions": 6,
+                      "app_id": self.name},
+            "clickhouse": {"url": warehouse_url, "database": self.name, "batch_rows": 500,
+                           "batch_seconds": 0.3},
+            "ingest": {"listen": f"127.0.0.1:{self.ingest_port}", "max_body_bytes": 4096,
+                       "producers": [{"name": "tests", "token": TOKEN}],
+                       "wait_timeout_s": 20},
+            "worker": {"web_port": 0},
+            "flows": {"solar": flow or SOLAR_FLOW},
+            "buyers": buyer_cfgs,
+            "simulator": {"seed": 11, "buyers": sims},
+        }
+        self.settings: Settings = parse_settings(self.raw, env={})
+        self.names = TopicNames.from_settings(self.settings)
+        self.root = root / self.name
+        self.root.mkdir(parents=True)
+        self.config_path = self.root / "pingpost.yaml"
+        self.config_path.write_text(yaml.safe_dump(self.raw))
+        self.stack = Stack(self.settings, self.config_path, self.root / "run",
+                           say=lambda m: None)
+        self.workers = workers
+        self.url = f"http://127.0.0.1:{self.ingest_port}/v1/leads"
+        self.db = self.name
+        self.ch = clickhouse_connect.get_client(
+            host="127.0.0.1", port=int(warehouse_url.rsplit(":", 1)[1]))
+
+    # -- lifecycle -------------------------------------------------------------------
+    def start(self) -> "Pipeline":
+        self.stack.up(embedded_warehouse=False, start_kafka=False, workers=self.workers)
+        return self
+
+    def stop(self) -> None:
+        self.stack.down(stop_kafka=False)
+        self.ch.close()
+
+    def logs(self) -> str:
+        out = []
+        for f in sorted((self.root / "run" / "logs").glob("*.log")):
+            out.append(f"=== {f.name}\n" + "\n".join(f.read_text(errors="replace").splitlines()[-40:]))
+        return "\n".join(out)
+
+    # -- ingest ----------------------------------------------------------------------
+    def post(self, body: Any, *, wait: bool = False, token: str | None = TOKEN,
+             raw: bytes | None = None) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        params = {"wait": "true"} if wait else {}
+        if raw is not None:
+            return httpx.post(self.url, content=raw, headers=headers, params=params, timeout=30)
+        return httpx.post(self.url, json=body, headers=headers, params=params, timeout=30)
+
+    async def post_many(self, leads: list[dict[str, Any]], *, wait: bool = False,
+                        concurrency: int = 20) -> list[dict[str, Any]]:
+        sem = asyncio.Semaphore(concurrency)
+        async with httpx.AsyncClient(timeout=60) as client:
+            async def one(lead: dict[str, Any]) -> dict[str, Any]:
+                async with sem:
+                    r = await client.post(self.url, json=lead, params={"wait": "true"} if wait else {},
+                                          headers={"Authorization": f"Bearer {TOKEN}"})
+                    assert r.status_code in (200, 202), r.text
+                    return r.json()  # type: ignore[no-any-return]
+            return await asyncio.gather(*(one(x) for x in leads))
+
+    # -- simulated buyers --------------------------------------------------------------
+    def sim(self, buyer_id: str) -> str:
+        return f"http://127.0.0.1:{self.settings.simulator.buyers[buyer_id].port}"
+
+    def received(self, buyer_id: str, kind: str) -> list[dict[str, Any]]:
+        r = httpx.get(f"{self.sim(buyer_id)}/__sim/received", params={"kind": kind}, timeout=30)
+        r.raise_for_status()
+        return r.json()  # type: ignore[no-any-return]
+
+    # -- warehouse -------------------------------------------------------------------
+    def rows(self, sql: str, **params: Any) -> list[tuple[Any, ...]]:
+        return list(self.ch.query(sql.replace("{db}", self.db), parameters=params).result_rows)
+
+    def settled(self, lead_ids: list[str], timeout: float = 90) -> None:
+        def count() -> bool:
+            n = self.rows("SELECT count() FROM {db}.auctions FINAL WHERE lead_id IN %(ids)s",
+                          ids=lead_ids)[0][0]
+            return n == len(lead_ids)
+        try:
+            wait_for(count, timeout, f"{len(lead_ids)} settled auctions")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{self.logs()}") from None
+
+    # -- kafka -----------------------------------------------------------------------
+    async def read_topic(self, topic: str) -> list[Any]:
+        """Every record currently in ``topic`` (from the beginning to the end offsets)."""
+        c = AIOKafkaConsumer(bootstrap_servers=self.settings.kafka.bootstrap, group_id=None,
+                             enable_auto_commit=False)
+        await c.start()
+        try:
+            parts = c.partitions_for_topic(topic) or set()
+            if not parts:
+                await c._client.force_metadata_update()  # noqa: SLF001
+                parts = c.partitions_for_topic(topic) or set()
+            tps = [TopicPartition(topic, p) for p in parts]
+            c.assign(tps)
+            await c.seek_to_beginning(*tps)
+            ends = await c.end_offsets(tps)
+            out: list[Any] = []
+            while any(await c.position(tp) < ends[tp] for tp in tps):
+                batch = await c.getmany(timeout_ms=1000)
+                for msgs in batch.values():
+                    out.extend(msgs)
+            return out
+        finally:
+            await c.stop()
+
+    async def end_offsets(self, topic: str) -> int:
+        return len(await self.read_topic(topic))
+
+    async def produce(self, topic: str, value: bytes, key: bytes | None = None) -> None:
+        p = AIOKafkaProducer(bootstrap_servers=self.settings.kafka.bootstrap, acks="all")
+        await p.start()
+        try:
+            await p.send_and_wait(topic, value, key=key)
+        finally:
+            await p.stop()
