@@ -142,16 +142,24 @@ def print_report(r: Report, console: Console | None = None, *, title: str = "pin
     for k, v in (extra or {}).items():
         t.add_row(k, v)
     c.print(t)
-    b = Table(title="per buyer", title_justify="left")
-    for col in ("buyer", "tier", "pings", "bid rate", "win rate", "avg bid", "ping p50",
-                "ping p99", "timeouts", "errors", "posts", "accept rate", "spend"):
+    b = Table(title="buyers: pings", title_justify="left")
+    for col in ("buyer", "tier", "pings", "bid rate", "avg bid", "p50", "p99", "timeouts",
+                "errors"):
         b.add_column(col, justify="left" if col in ("buyer", "tier") else "right")
     for x in r.buyers:
         b.add_row(x["buyer_id"], x["tier"], f"{x['pings']:,}", f"{100 * x['bid_rate']:.1f}%",
-                  f"{100 * x['win_rate']:.1f}%", f"${x['avg_bid']:.2f}", f"{x['p50']:.0f} ms",
-                  f"{x['p99']:.0f} ms", f"{x['timeouts']}", f"{x['errors']}", f"{x['posts']}",
-                  f"{100 * x['accept_rate']:.1f}%", f"${x['spend']:,.2f}")
+                  f"${x['avg_bid']:.2f}", f"{x['p50']:.0f} ms", f"{x['p99']:.0f} ms",
+                  f"{x['timeouts']:,}", f"{x['errors']:,}")
     c.print(b)
+    w = Table(title="buyers: wins and posts", title_justify="left")
+    for col in ("buyer", "leads won", "win rate", "posts", "accept rate", "spend"):
+        w.add_column(col, justify="left" if col == "buyer" else "right")
+    for x in r.buyers:
+        w.add_row(x["buyer_id"], f"{x['accepted']:,}", f"{100 * x['win_rate']:.1f}%",
+                  f"{x['posts']:,}", f"{100 * x['accept_rate']:.1f}%", f"${x['spend']:,.2f}")
+    c.print(w)
+    c.print("win rate = leads won / bids; accept rate = accepted posts / posts sent; "
+            "p50/p99 = ping latency", style="dim")
     if r.unsold_reasons:
         u = Table(title="why unsold", title_justify="left")
         u.add_column("reason")

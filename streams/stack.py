@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -51,6 +51,7 @@ class Stack:
     run_dir: Path
     kafka_port: int = 9092
     say: Callable[[str], None] = print
+    _procs: dict[str, "subprocess.Popen[bytes]"] = field(default_factory=dict)
 
     @property
     def pid_dir(self) -> Path:
@@ -90,6 +91,9 @@ class Stack:
               nice: int = 0) -> int:
         if self.running(name):
             return self._pid(name)  # type: ignore[return-value]
+        old = self._procs.pop(name, None)
+        if old is not None:
+            old.poll()  # reap a process that died (e.g. was killed) before replacing it
         self.pid_dir.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_dir / f"{name}.log", "ab")
@@ -103,6 +107,7 @@ class Stack:
             preexec_fn=(lambda: os.nice(nice)) if nice else None,
         )
         log.close()
+        self._procs[name] = proc  # keep the handle: reaped in stop(), no zombie
         (self.pid_dir / f"{name}.pid").write_text(str(proc.pid))
         return proc.pid
 
@@ -142,6 +147,9 @@ class Stack:
             except OSError:
                 pass
         (self.pid_dir / f"{name}.pid").unlink(missing_ok=True)
+        proc = self._procs.pop(name, None)
+        if proc is not None:
+            proc.wait(timeout=5)
         return True
 
     # -- components --------------------------------------------------------------------

@@ -158,10 +158,12 @@ class Pipeline:
             await c.seek_to_beginning(*tps)
             ends = await c.end_offsets(tps)
             out: list[Any] = []
-            while any(await c.position(tp) < ends[tp] for tp in tps):
-                batch = await c.getmany(timeout_ms=1000)
+            remaining = {tp for tp in tps if ends[tp] > 0}
+            while remaining:
+                batch = await c.getmany(*remaining, timeout_ms=1000)
                 for msgs in batch.values():
                     out.extend(msgs)
+                remaining = {tp for tp in remaining if await c.position(tp) < ends[tp]}
             return out
         finally:
             await c.stop()

@@ -126,9 +126,13 @@ def test_broken_buyers_never_win_and_their_pings_say_why(market: Pipeline,
     for buyer, status in BROKEN.items():
         got = by_buyer[buyer]
         assert len(got) == N, (buyer, len(got))
-        assert {s for s, _, _ in got} == {status}, (buyer, Counter(s for s, _, _ in got))
+        statuses = Counter(s for s, _, _ in got)
+        # A loaded machine may time out a broken buyer's answer too; it must never be a bid.
+        assert set(statuses) <= {status, "timeout"}, (buyer, statuses)
+        assert statuses[status] >= 0.9 * N, (buyer, statuses)
         assert all(reason for _, reason, _ in got), buyer
-    reasons = {b: Counter(r for _, r, _ in by_buyer[b]).most_common(1)[0][0] for b in BROKEN}
+    reasons = {b: Counter(r for s, r, _ in by_buyer[b] if s == BROKEN[b]).most_common(1)[0][0]
+               for b in BROKEN}
     assert "500" in reasons["http500"]
     assert "json" in reasons["garbage"].lower()
     assert "negative" in reasons["negative"].lower()
