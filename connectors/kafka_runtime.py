@@ -637,6 +637,10 @@ class KafkaBroker:
             "-XX:MaxGCPauseMillis=20",
             "-XX:InitiatingHeapOccupancyPercent=35",
             "-XX:+ExplicitGCInvokesConcurrent",
+            # C1 only: the C2 compiler's warm-up burns a core for the broker's first minute,
+            # which on a 2-core host is taken from the auction workers (close lag of a cold
+            # demo). A single-node dev/test broker never needs C2's peak throughput.
+            "-XX:TieredStopAtLevel=1",
             # Heap dump / error files would otherwise land in the cwd.
             f"-XX:ErrorFile={self._dir / 'hs_err_pid%p.log'}",
             _DIR_MARKER + str(self._dir),

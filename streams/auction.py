@@ -26,7 +26,7 @@ from typing import Any
 
 import schemas
 from streams.app import Context
-from streams.runtime import DeadLetters, now_ms
+from streams.runtime import DeadLetters, now_ms, retry_transient
 from streams.settings import StrategyConfig
 
 __all__ = ["register", "decide", "acceptable", "Decision", "close_lag_ms"]
@@ -169,6 +169,50 @@ def register(ctx: Context) -> None:
         op = state["open"]
         return op is not None and all(p["ping_id"] in state["answers"] for p in op["pinged"])
 
+    async def handle(name: str, rec: dict[str, Any], event: Any) -> None:
+        lead_id = rec["lead_id"]
+        state = table.get(lead_id)
+        if name == "AuctionClose":
+            if state is None:
+                return
+            if rec["reason"] == "purge":
+                if state.get("closed_at_ms") is not None or state.get("open") is None:
+                    table.pop(lead_id, None)
+                    # The post stage's per-lead tables are co-partitioned with this
+                    # topic, so the same marker bounds them too.
+                    for other in ctx.resources.get("purge_with_auction", ()):
+                        other.pop(lead_id, None)
+                purges_sent.discard(lead_id)
+                return
+            if state.get("closed_at_ms") is None and state.get("open") is not None:
+                await close(lead_id, state, rec["reason"])
+            return
+        if state is not None and state.get("closed_at_ms") is not None:
+            return  # late or redelivered: the auction is already closed
+        if state is None:
+            state = {"open": None, "answers": {}, "closed_at_ms": None, "seen_ms": now_ms()}
+            purge_queue.append((state["seen_ms"], lead_id))  # orphan until opened
+        if name == "AuctionOpen":
+            if state["open"] is not None:
+                return  # replayed ping round: keep the first deadline
+            state["open"] = rec
+        elif name == "Bid":
+            if rec["status"] == "filtered":
+                return  # never pinged: nothing to wait for
+            state["answers"][rec["ping_id"]] = {
+                k: rec[k] for k in ("buyer_id", "tier", "ping_id", "status", "price",
+                                    "exclusive", "conditions", "answered_at_ms")}
+        else:
+            await dead.send(event, f"unexpected {name} record on the bids topic")
+            return
+        if all_answered(state):
+            await close(lead_id, state, "all_answered")
+            return
+        table[lead_id] = state
+        if state["open"] is not None:
+            open_index[lead_id] = state["open"]["deadline_at_ms"]
+            arm(lead_id, state["open"]["deadline_at_ms"])
+
     @app.agent(bids_topic, name="auction", concurrency=1)
     async def auction_agent(stream: Any) -> None:
         async for event in stream.events():
@@ -177,44 +221,11 @@ def register(ctx: Context) -> None:
             except schemas.SchemaError as exc:
                 await dead.send(event, f"undecodable bids-topic record: {exc}")
                 continue
-            lead_id = rec["lead_id"]
-            state = table.get(lead_id)
-            if name == "AuctionClose":
-                if state is None:
-                    continue
-                if rec["reason"] == "purge":
-                    if state.get("closed_at_ms") is not None or state.get("open") is None:
-                        table.pop(lead_id, None)
-                    purges_sent.discard(lead_id)
-                    continue
-                if state.get("closed_at_ms") is None and state.get("open") is not None:
-                    await close(lead_id, state, rec["reason"])
-                continue
-            if state is not None and state.get("closed_at_ms") is not None:
-                continue  # late or redelivered: the auction is already closed
-            if state is None:
-                state = {"open": None, "answers": {}, "closed_at_ms": None, "seen_ms": now_ms()}
-                purge_queue.append((state["seen_ms"], lead_id))  # orphan until opened
-            if name == "AuctionOpen":
-                if state["open"] is not None:
-                    continue  # replayed ping round: keep the first deadline
-                state["open"] = rec
-            elif name == "Bid":
-                if rec["status"] == "filtered":
-                    continue  # never pinged: nothing to wait for
-                state["answers"][rec["ping_id"]] = {
-                    k: rec[k] for k in ("buyer_id", "tier", "ping_id", "status", "price",
-                                        "exclusive", "conditions", "answered_at_ms")}
-            else:
-                await dead.send(event, f"unexpected {name} record on the bids topic")
-                continue
-            if all_answered(state):
-                await close(lead_id, state, "all_answered")
-                continue
-            table[lead_id] = state
-            if state["open"] is not None:
-                open_index[lead_id] = state["open"]["deadline_at_ms"]
-                arm(lead_id, state["open"]["deadline_at_ms"])
+            try:
+                await retry_transient(lambda n=name, r=rec, e=event: handle(n, r, e), "auction")
+            except Exception as exc:  # the per-event failure policy: dead-letter, go on
+                log.exception("auction failed on %s", rec.get("lead_id"))
+                await dead.send(event, f"auction: {type(exc).__name__}: {exc}")
 
     def rebuild_indexes() -> None:
         open_index.clear()

@@ -184,4 +184,9 @@ def run(settings: Settings, port: int | None = None) -> None:
         await stop.wait()
         await server.stop()
 
-    asyncio.run(main())
+    try:
+        import uvloop
+
+        uvloop.run(main())
+    except ImportError:  # pragma: no cover - uvloop is a pinned dependency
+        asyncio.run(main())

@@ -127,6 +127,12 @@ def register(ctx: Context) -> None:
         await send_bid(_bid_record(req, buyer, ping_id, sent, out))
 
     async def round_for(req: dict[str, Any]) -> None:
+        auctions = ctx.resources.get("auctions_table")
+        if auctions is not None and auctions.get(req["lead_id"]) is not None:
+            # Redelivered after a crash: this lead's auction is already open (its timer or the
+            # recovery sweep closes it) or closed. Pinging buyers again would only spam them.
+            log.info("lead %s already auctioned; not pinging again", req["lead_id"])
+            return
         flow = settings.flows.get(req["flow"])
         if flow is None:
             raise ValueError(f"flow '{req['flow']}' is not configured on this worker")

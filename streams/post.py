@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 import uuid
 from typing import Any
 
@@ -25,7 +24,7 @@ import schemas
 from connectors.buyers import BuyerClient
 from streams.app import Context
 from streams.auction import _wants_exclusive
-from streams.runtime import DeadLetters, InFlight, now_ms
+from streams.runtime import DeadLetters, InFlight, now_ms, retry_transient
 
 __all__ = ["register", "post_id_for", "next_batch", "post_body", "condition_failure"]
 
@@ -95,6 +94,7 @@ def register(ctx: Context) -> None:
     pii_table = app.Table("pii", default=None, partitions=parts, key_type=str, value_type=None)
     postings = app.Table("postings", default=None, partitions=parts, key_type=str,
                          value_type=None)
+    ctx.resources.setdefault("purge_with_auction", []).extend([pii_table, postings])
     waiters: dict[str, asyncio.Event] = {}
     client_box: list[BuyerClient] = []
 
@@ -125,8 +125,17 @@ def register(ctx: Context) -> None:
             done = postings.get(rec["lead_id"])
             if done is not None and done.get("result") is not None:
                 continue  # replayed after the lead settled: do not resurrect its PII
-            pii_table[rec["lead_id"]] = {"fields": rec["fields"],
-                                         "expires_at_ms": rec["expires_at_ms"]}
+
+            async def store(rec: dict[str, Any] = rec) -> None:
+                pii_table[rec["lead_id"]] = {"fields": rec["fields"],
+                                             "expires_at_ms": rec["expires_at_ms"]}
+
+            try:
+                await retry_transient(store, "pii")
+            except Exception as exc:
+                log.exception("could not store PII of %s", rec["lead_id"])
+                await dead.send(event, f"pii: {type(exc).__name__}: {exc}")
+                continue
             w = waiters.pop(rec["lead_id"], None)
             if w is not None:
                 w.set()
@@ -223,7 +232,7 @@ def register(ctx: Context) -> None:
                 state["attempts"][cand["buyer_id"]] = {"status": "pending", "attempt": n}
             postings[lead_id] = state  # record intent before any request leaves
 
-            async def attempt(cand: dict[str, Any]) -> None:
+            async def attempt(cand: dict[str, Any], exclusive: bool = exclusive) -> None:
                 buyer = settings.buyer(cand["buyer_id"])
                 post_id = post_id_for(lead_id, buyer.id)
                 sent = now_ms()

@@ -13,7 +13,7 @@ from typing import Any
 import schemas
 from streams.app import Context
 from streams.leads import LeadError, ValidLead, deterministic_lead_id, redact, validate_lead
-from streams.runtime import DeadLetters
+from streams.runtime import DeadLetters, retry_transient
 
 __all__ = ["register", "lead_from_record"]
 
@@ -59,7 +59,11 @@ def register(ctx: Context) -> None:
                 await dead.send(event, f"invalid lead: {exc.field or 'body'}: {exc.message}",
                                 exc.field)
                 continue
-            await publish(lead)
+            try:
+                await retry_transient(lambda lead=lead: publish(lead), "redact")
+            except Exception as exc:
+                log.exception("redact failed on %s", lead.lead_id)
+                await dead.send(event, f"redact: {type(exc).__name__}: {exc}")
 
     async def publish(lead: ValidLead) -> None:
         view = redact(settings, lead)

@@ -21,13 +21,45 @@ from faust.types import EventT, StreamT
 
 import schemas
 
-__all__ = ["InFlight", "DeadLetters", "now_ms"]
+__all__ = ["InFlight", "DeadLetters", "now_ms", "is_transient", "retry_transient"]
 
 log = logging.getLogger(__name__)
 
 
 def now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Errors a retry can fix: Kafka hiccups, metadata not yet propagated, connections."""
+    from aiokafka.errors import KafkaError
+    from faust.exceptions import PartitionsMismatch
+
+    if isinstance(exc, (PartitionsMismatch, ConnectionError, asyncio.TimeoutError)):
+        return True
+    if isinstance(exc, KafkaError):
+        return bool(getattr(exc, "retriable", False)) or type(exc).__name__ in (
+            "KafkaTimeoutError", "KafkaConnectionError", "NodeNotReadyError")
+    return False
+
+
+async def retry_transient(work: Callable[[], Awaitable[Any]], what: str,
+                          attempts: int = 8, first_delay: float = 0.1) -> Any:
+    """Run ``work``; on a transient error wait (0.1 s, doubling) and run it again. Work
+    passed here is idempotent (deterministic ids, table-recorded progress), so a rerun
+    after a partial effect is safe. The last error propagates to the failure policy."""
+    delay = first_delay
+    for attempt in range(attempts):
+        try:
+            return await work()
+        except Exception as exc:
+            if attempt == attempts - 1 or not is_transient(exc):
+                raise
+            log.warning("%s: transient %s (%s); retry %d in %.1fs", what, type(exc).__name__,
+                        str(exc).splitlines()[0][:200], attempt + 1, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+    raise AssertionError("unreachable")
 
 
 class DeadLetters:
@@ -80,7 +112,7 @@ class InFlight:
         self, stream: StreamT, event: EventT, work: Callable[[], Awaitable[None]]
     ) -> None:
         try:
-            await work()
+            await retry_transient(work, self.name)
         except asyncio.CancelledError:
             # Shutdown: leave the event unacked so it is redelivered, never half-done.
             self._sem.release()

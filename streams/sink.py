@@ -120,7 +120,7 @@ def register(ctx: Context) -> None:
     @app.agent(source, name="sink", concurrency=1)
     async def sink_agent(stream: Any) -> None:
         manual = stream.noack()
-        stream_box.append(manual)
+        stream_box[:] = [manual]
         await warehouse()
         async for event in manual.events():
             try:

@@ -44,6 +44,26 @@ def _port_of(url: str) -> int:
     return urlparse(url).port or 8123
 
 
+async def _group_stable(bootstrap: str, group: str, members: int) -> bool:
+    """True when consumer group ``group`` is Stable with at least ``members`` members."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        described = await admin.describe_consumer_groups([group])
+    except Exception:
+        return False
+    finally:
+        await admin.close()
+    for resp in described:
+        for g in getattr(resp, "groups", []):
+            # (error_code, group_id, state, protocol_type, protocol, members, ...)
+            if g[1] == group and g[2] == "Stable" and len(g[5]) >= members:
+                return True
+    return False
+
+
 @dataclass
 class Stack:
     settings: Settings
@@ -182,7 +202,7 @@ class Stack:
             if not self.running("buyers"):
                 self.say(f"starting {len(s.simulator.buyers)} simulated buyers")
             self.spawn("buyers", ["buyers", "simulate"], env)
-            for bid, b in s.simulator.buyers.items():
+            for b in s.simulator.buyers.values():
                 url = f"http://{s.simulator.host}:{b.port}/__sim/stats"
                 self.wait_until("buyers", lambda url=url: _http_ok(url), 30)
         for i in range(workers):
@@ -196,6 +216,10 @@ class Stack:
         self.spawn("ingest", ["ingest"], env)
         self.wait_until("ingest", lambda: _http_ok(
             f"http://{s.ingest.host}:{s.ingest.port}/healthz"), 60)
+        # Ready means the auction workers own their partitions: leads sent now start their
+        # ping round at once instead of queueing behind a consumer-group join.
+        self.wait_until("worker", lambda: asyncio.run(_group_stable(
+            s.kafka.bootstrap, s.kafka.app_id, members=workers)), 90)
 
     def _migrate(self) -> None:
         from connectors.clickhouse import connect, migrate

@@ -12,7 +12,17 @@ from dataclasses import dataclass, field
 
 from streams.settings import Settings
 
-__all__ = ["TopicSpec", "topic_specs", "TopicNames"]
+__all__ = ["TABLES", "TopicSpec", "topic_specs", "TopicNames", "changelog_topic"]
+
+#: Faust tables of the auction role. Their changelog topics are created here, before any
+#: worker starts: if Faust creates them itself at start-up, a worker can write to a table
+#: before its metadata knows the new topic and fails with PartitionsMismatch ("changelog
+#: has 0 partitions") — seen on a cold start.
+TABLES = ("auctions", "pii", "postings")
+
+
+def changelog_topic(app_id: str, table: str) -> str:
+    return f"{app_id}-{table}-changelog"
 
 DAY_MS = 24 * 3600 * 1000
 
@@ -76,5 +86,8 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
         TopicSpec(n.results, ("AuctionResult",), parts, week, "settled outcome per lead"),
         TopicSpec(n.deadletter, ("DeadLetter",), parts, {"retention.ms": str(30 * DAY_MS)},
                   "records a stage could not process, with the reason"),
-        TopicSpec(n.alerts, ("Alert",), 1, week, "alert state changes"),
+        TopicSpec(n.alerts, (), 1, week, "alert state changes (reserved for alert rules)"),
+        *(TopicSpec(changelog_topic(settings.kafka.app_id, t), (), parts,
+                    {"cleanup.policy": "compact"}, f"changelog of the Faust table '{t}'")
+          for t in TABLES),
     ]

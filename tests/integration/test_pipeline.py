@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter, defaultdict
-from pathlib import Path
 from typing import Any, Iterator
 
 import orjson
