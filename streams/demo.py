@@ -60,9 +60,23 @@ class DemoRun:
     push_seconds: float
 
 
+def schedule(n: int, rate: float, ramp_s: float) -> list[float]:
+    """Send times (seconds from start) for ``n`` leads: the rate climbs linearly from 20% to
+    ``rate`` over ``ramp_s`` seconds, then holds. A load test's usual ramp: a cold stack
+    (broker JIT, new buyer connections) is not hit with full load in its first second."""
+    times, t = [], 0.0
+    for _ in range(n):
+        times.append(t)
+        r = rate if t >= ramp_s else rate * (0.2 + 0.8 * t / ramp_s)
+        t += 1.0 / r
+    return times
+
+
 async def push_leads(url: str, token: str, leads: list[dict[str, Any]], *, rate: float,
-                     concurrency: int = 32, console: Console | None = None) -> DemoRun:
-    """POST every lead at about ``rate`` per second; returns the accepted lead ids in order."""
+                     ramp_s: float = 3.0, concurrency: int = 32,
+                     console: Console | None = None) -> DemoRun:
+    """POST every lead at about ``rate`` per second (after a ramp of ``ramp_s``); returns
+    the accepted lead ids in order."""
     ids: list[str | None] = [None] * len(leads)
     rejected: list[tuple[int, str]] = []
     sem = asyncio.Semaphore(concurrency)
@@ -95,10 +109,11 @@ async def push_leads(url: str, token: str, leads: list[dict[str, Any]], *, rate:
                     progress.advance(task)
 
             tasks = []
+            times = schedule(len(leads), rate, ramp_s)
             for i, lead in enumerate(leads):
                 # Pace by schedule, not by sleeping a fixed gap: keeps the target rate even
                 # when a request is slow.
-                due = start + i / rate
+                due = start + times[i]
                 delay = due - time.monotonic()
                 if delay > 0:
                     await asyncio.sleep(delay)
