@@ -44,6 +44,17 @@ class Context:
     def topic(self, attr: str) -> Any:
         return self.topics[getattr(self.names, attr)]
 
+    def buyer_client(self) -> Any:
+        """The one buyer client of this worker (one aiohttp session, one keep-alive pool for
+        pings and posts), created on first use inside the running loop."""
+        client = self.resources.get("buyer_client")
+        if client is None:
+            from connectors.buyers import BuyerClient
+
+            client = self.resources["buyer_client"] = BuyerClient()
+            self.closers.insert(0, client.aclose)  # closers run in reverse: closed last
+        return client
+
     async def close(self) -> None:
         for closer in reversed(self.closers):
             try:

@@ -17,7 +17,7 @@ import uuid
 from typing import Any
 
 import schemas
-from connectors.buyers import BuyerClient, PingOutcome
+from connectors.buyers import PingOutcome
 from streams.app import Context
 from streams.runtime import DeadLetters, InFlight, now_ms
 from streams.settings import BuyerConfig, Settings
@@ -90,19 +90,6 @@ def register(ctx: Context) -> None:
     bids = ctx.topic("bids")
     dead = DeadLetters(ctx.topic("deadletter"), "ping")
     inflight = InFlight("ping", settings.worker.max_inflight, dead)
-    client_box: list[BuyerClient] = []
-
-    def client() -> BuyerClient:
-        if not client_box:
-            c = BuyerClient()
-            client_box.append(c)
-
-            async def close() -> None:
-                await c.__aexit__(None, None, None)
-
-            ctx.closers.append(close)
-        return client_box[0]
-
     async def drain() -> None:
         await inflight.drain(timeout=5.0)
 
@@ -121,7 +108,7 @@ def register(ctx: Context) -> None:
                                        "no time left before the auction deadline"))
             return
         body = ping_body(req["ping_fields"], req["flow"], ping_id, budget)
-        out = await client().ping(buyer, body, budget / 1000.0,
+        out = await ctx.buyer_client().ping(buyer, body, budget / 1000.0,
                                   max_price=flow.strategy.max_price,
                                   min_price=flow.strategy.min_price)
         await send_bid(_bid_record(req, buyer, ping_id, sent, out))

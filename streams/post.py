@@ -21,7 +21,6 @@ import uuid
 from typing import Any
 
 import schemas
-from connectors.buyers import BuyerClient
 from streams.app import Context
 from streams.auction import _wants_exclusive
 from streams.runtime import DeadLetters, InFlight, now_ms, retry_transient
@@ -96,19 +95,6 @@ def register(ctx: Context) -> None:
                          value_type=None)
     ctx.resources.setdefault("purge_with_auction", []).extend([pii_table, postings])
     waiters: dict[str, asyncio.Event] = {}
-    client_box: list[BuyerClient] = []
-
-    def client() -> BuyerClient:
-        if not client_box:
-            c = BuyerClient()
-            client_box.append(c)
-
-            async def close() -> None:
-                await c.__aexit__(None, None, None)
-
-            ctx.closers.append(close)
-        return client_box[0]
-
     async def drain() -> None:
         await inflight.drain(timeout=10.0)
 
@@ -209,37 +195,48 @@ def register(ctx: Context) -> None:
         give_up_at = order["closed_at_ms"] + flow.post_timeout_ms
         while True:
             now = now_ms()
-            tried = {b for b, a in state["attempts"].items() if a["status"] != "pending"}
-            mode, batch, skipped = next_batch(order, tried, [s["buyer_id"] for s in state["sold"]],
-                                              state["mode"], flow.strategy.shared_max, now)
-            for cand, why in skipped:
-                if cand["buyer_id"] not in state["attempts"]:
+            # An attempt recorded as pending was sent before a crash and its answer was lost:
+            # the buyer may have accepted. Resolve it first, with the same post_id (the
+            # Idempotency-Key makes the buyer answer as before), whatever the post window.
+            pending = [c for c in order["candidates"]
+                       if state["attempts"].get(c["buyer_id"], {}).get("status") == "pending"]
+            if pending:
+                batch, exclusive = pending, state["mode"] == "exclusive"
+            else:
+                tried = set(state["attempts"])
+                mode, batch, skipped = next_batch(order, tried,
+                                                  [s["buyer_id"] for s in state["sold"]],
+                                                  state["mode"], flow.strategy.shared_max, now)
+                for cand, why in skipped:
                     state["attempts"][cand["buyer_id"]] = {"status": "skipped", "attempt": 0}
                     await emit_delivery(order, cand, 0, "skipped", 0.0, why, None, now,
                                         mode == "exclusive")
-            if not batch:
-                break
-            if now >= give_up_at:
-                break
-            if state["mode"] is None or not state["sold"]:
-                state["mode"] = mode
-            exclusive = mode == "exclusive"
-            for cand in batch:
-                prev = state["attempts"].get(cand["buyer_id"])
-                n = prev["attempt"] if prev else state["n"] + 1
-                if not prev:
+                if not batch or now >= give_up_at:
+                    break
+                if not state["sold"]:
+                    state["mode"] = mode
+                exclusive = mode == "exclusive"
+                for cand in batch:
                     state["n"] += 1
-                state["attempts"][cand["buyer_id"]] = {"status": "pending", "attempt": n}
-            postings[lead_id] = state  # record intent before any request leaves
+                    state["attempts"][cand["buyer_id"]] = {"status": "pending",
+                                                           "attempt": state["n"]}
+                postings[lead_id] = state  # record intent before any request leaves
 
-            async def attempt(cand: dict[str, Any], exclusive: bool = exclusive) -> None:
+            async def attempt(cand: dict[str, Any], exclusive: bool = exclusive,
+                              resolving: bool = bool(pending)) -> None:
                 buyer = settings.buyer(cand["buyer_id"])
                 post_id = post_id_for(lead_id, buyer.id)
                 sent = now_ms()
-                budget_ms = min(buyer.post_timeout_ms, max(1, give_up_at - sent))
-                out = await client().post(buyer, post_body(order, pii["fields"], cand, post_id,
-                                                           exclusive),
-                                          post_id, budget_ms / 1000.0)
+                body = post_body(order, pii["fields"], cand, post_id, exclusive)
+                # A timeout is ambiguous (the buyer may have taken the lead): ask once more
+                # with the same Idempotency-Key before falling back to the next bidder.
+                for _ in range(2):
+                    budget_ms = buyer.post_timeout_ms if resolving else min(
+                        buyer.post_timeout_ms, max(1, give_up_at - now_ms()))
+                    out = await ctx.buyer_client().post(buyer, body, post_id,
+                                                        budget_ms / 1000.0)
+                    if out.status != "timeout":
+                        break
                 n = state["attempts"][buyer.id]["attempt"]
                 state["attempts"][buyer.id] = {"status": out.status, "attempt": n}
                 if out.status == "accepted":
