@@ -146,7 +146,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 def cmd_up(args: argparse.Namespace) -> int:
     s = _settings(args)
     st = _stack(args, s)
-    st.up(with_buyers=not args.no_buyers)
+    st.up(with_buyers=not args.no_buyers, workers=args.workers)
     _print_status(st)
     return 0
 
@@ -319,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     u = sub.add_parser("up", help="start the local stack")
     u.add_argument("--no-buyers", action="store_true", help="do not start simulated buyers")
+    u.add_argument("--workers", type=int, default=1, help="auction workers to run")
     u.set_defaults(func=cmd_up)
     sub.add_parser("down", help="stop the local stack").set_defaults(func=cmd_down)
     sub.add_parser("status", help="what is running").set_defaults(func=cmd_status)

@@ -246,4 +246,7 @@ class Stack:
     def status(self) -> dict[str, bool]:
         out = {"kafka": self.broker().is_running()}
         out.update({n: self.running(n) for n in self.COMPONENTS})
+        if self.pid_dir.exists():
+            out.update({p.stem: self.running(p.stem) for p in sorted(self.pid_dir.glob("*.pid"))
+                        if p.stem not in out})
         return out
