@@ -108,6 +108,7 @@ def register(ctx: Context) -> None:
     ctx.resources["auctions_table"] = table
     timers: dict[str, asyncio.TimerHandle] = {}
     purges_sent: set[str] = set()
+    markers_sent: dict[str, int] = {}  # lead -> when its last close marker was sent
     # In-memory indexes over the table, so the sweep never scans it in steady state:
     # open auctions -> deadline, and closed/orphan entries in the order they became purgeable.
     # Rebuilt from the table after every recovery (the table is the truth, these are caches).
@@ -121,6 +122,8 @@ def register(ctx: Context) -> None:
 
     def send_marker(lead_id: str, reason: str) -> None:
         timers.pop(lead_id, None)
+        if reason != "purge":
+            markers_sent[lead_id] = now_ms()
         rec = {"lead_id": lead_id, "reason": reason, "at_ms": now_ms()}
         fut = asyncio.ensure_future(
             bids_topic.send(key=lead_id.encode(), value=schemas.encode("AuctionClose", rec)))
@@ -163,6 +166,7 @@ def register(ctx: Context) -> None:
         table[lead_id] = {"open": None, "answers": {}, "closed_at_ms": int(closed),
                           "seen_ms": state.get("seen_ms", int(closed))}
         open_index.pop(lead_id, None)
+        markers_sent.pop(lead_id, None)
         purge_queue.append((int(closed), lead_id))
 
     def all_answered(state: dict[str, Any]) -> bool:
@@ -176,13 +180,22 @@ def register(ctx: Context) -> None:
             if state is None:
                 return
             if rec["reason"] == "purge":
-                if state.get("closed_at_ms") is not None or state.get("open") is None:
-                    table.pop(lead_id, None)
-                    # The post stage's per-lead tables are co-partitioned with this
-                    # topic, so the same marker bounds them too.
-                    for other in ctx.resources.get("purge_with_auction", ()):
-                        other.pop(lead_id, None)
                 purges_sent.discard(lead_id)
+                if state.get("closed_at_ms") is None and state.get("open") is not None:
+                    return  # re-opened meanwhile: not purgeable
+                postings = ctx.resources.get("postings_table")
+                posting = postings.get(lead_id) if postings is not None else None
+                if state.get("closed_at_ms") is not None and (
+                        posting is None or posting.get("result") is None):
+                    # Closed but its post waterfall has not settled (post stage lagging or
+                    # recovering): purging now would lose its PII and its progress.
+                    purge_queue.append((now_ms(), lead_id))
+                    return
+                table.pop(lead_id, None)
+                # The post stage's per-lead tables are co-partitioned with this topic, so
+                # the same marker bounds them too.
+                for other in ctx.resources.get("purge_with_auction", ()):
+                    other.pop(lead_id, None)
                 return
             if state.get("closed_at_ms") is None and state.get("open") is not None:
                 await close(lead_id, state, rec["reason"])
@@ -248,8 +261,9 @@ def register(ctx: Context) -> None:
             rebuild_indexes()
         now = now_ms()
         for lead_id, deadline in list(open_index.items()):
-            if lead_id not in timers:
-                arm(lead_id, deadline, "deadline" if deadline > now else "recovery")
+            if lead_id in timers or now - markers_sent.get(lead_id, 0) < 2000:
+                continue  # armed, or a marker is on its way (under lag: don't pile them up)
+            arm(lead_id, deadline, "deadline" if deadline > now else "recovery")
         while purge_queue and now - purge_queue[0][0] > retention_ms:
             _, lead_id = purge_queue.popleft()
             state = table.get(lead_id)

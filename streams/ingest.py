@@ -68,7 +68,12 @@ class IngestServer:
         limit = self.settings.ingest.max_body_bytes
         if request.content_length is not None and request.content_length > limit:
             return _json(413, {"error": f"body larger than {limit} bytes", "field": None})
-        body = await request.content.read(limit + 1)
+        try:
+            # The whole body, however it arrives (several TCP segments, chunked); aiohttp
+            # stops reading at client_max_size.
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return _json(413, {"error": f"body larger than {limit} bytes", "field": None})
         if len(body) > limit:
             return _json(413, {"error": f"body larger than {limit} bytes", "field": None})
         try:

@@ -36,6 +36,9 @@ _LEAD_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 _RFC3339 = re.compile(
     r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})")
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+#: A lead created in the future would pass every max_age condition; allow only clock skew.
+_MAX_CLOCK_SKEW_MS = 5 * 60 * 1000
+_MAX_LEAD_AGE_MS = 366 * 24 * 3600 * 1000
 _META = ("flow", "lead_id", "created_at")
 #: Values shorter than this are not treated as identifying when scanning ping values for PII
 #: (a two-letter state would otherwise "contain" an initial).
@@ -154,6 +157,10 @@ def validate_lead(
 
     created = raw.get("created_at")
     created_ms = received_at_ms if created is None else _parse_time(created)
+    if created_ms > received_at_ms + _MAX_CLOCK_SKEW_MS:
+        raise LeadError("is in the future", "created_at")
+    if created_ms < received_at_ms - _MAX_LEAD_AGE_MS:
+        raise LeadError("is more than a year before receipt", "created_at")
 
     fields: dict[str, Scalar] = {}
     for name, value in raw.items():

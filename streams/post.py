@@ -23,7 +23,7 @@ from typing import Any
 import schemas
 from streams.app import Context
 from streams.auction import _wants_exclusive
-from streams.runtime import DeadLetters, InFlight, now_ms, retry_transient
+from streams.runtime import DeadLetters, InFlight, KeyedLocks, is_transient, now_ms, retry_transient
 
 __all__ = ["register", "post_id_for", "next_batch", "post_body", "condition_failure"]
 
@@ -74,6 +74,17 @@ def next_batch(order: dict[str, Any], tried: set[str], sold: list[str], sold_mod
     return "shared", shared[:shared_max], skipped
 
 
+def scrub(text: str, pii_values: list[str]) -> str:
+    """Remove the lead's PII values from a buyer's free-text reason before it is recorded
+    (buyers echo things like "duplicate: ada@example.com"); the reason lands in ClickHouse."""
+    out = text
+    for v in pii_values:
+        if v and v.lower() in out.lower():
+            start = out.lower().index(v.lower())
+            out = out[:start] + "[redacted]" + out[start + len(v):]
+    return out
+
+
 def post_body(order: dict[str, Any], pii: dict[str, Any], cand: dict[str, Any], post_id: str,
               exclusive: bool) -> dict[str, Any]:
     """CONTRACT §3: PII fields, the ping values bid on (ping data wins), and the ids."""
@@ -94,7 +105,9 @@ def register(ctx: Context) -> None:
     postings = app.Table("postings", default=None, partitions=parts, key_type=str,
                          value_type=None)
     ctx.resources.setdefault("purge_with_auction", []).extend([pii_table, postings])
+    ctx.resources["postings_table"] = postings
     waiters: dict[str, asyncio.Event] = {}
+    lead_locks = KeyedLocks()
     async def drain() -> None:
         await inflight.drain(timeout=10.0)
 
@@ -150,7 +163,7 @@ def register(ctx: Context) -> None:
         }))
 
     async def settle(order: dict[str, Any], state: dict[str, Any], reason: str) -> None:
-        sold = state["sold"]
+        sold = list({s["buyer_id"]: s for s in state["sold"]}.values())
         if not sold:
             outcome = "unsold"
         else:
@@ -175,6 +188,13 @@ def register(ctx: Context) -> None:
         pii_table.pop(order["lead_id"], None)  # PII is not kept past the sale
 
     async def run_order(order: dict[str, Any]) -> None:
+        # One waterfall per lead at a time: a PostOrder can arrive twice (an auction close
+        # retried after a transient error, a redelivery) and two concurrent runs would each
+        # walk the bids — an exclusive lead could be accepted by two buyers.
+        async with lead_locks.hold(order["lead_id"]):
+            await run_order_locked(order)
+
+    async def run_order_locked(order: dict[str, Any]) -> None:
         lead_id = order["lead_id"]
         state = postings.get(lead_id)
         if state is not None and state.get("result") is not None:
@@ -182,7 +202,8 @@ def register(ctx: Context) -> None:
                                value=schemas.encode("AuctionResult", state["result"]))
             return
         if state is None:
-            state = {"attempts": {}, "sold": [], "mode": None, "n": 0, "result": None}
+            state = {"attempts": {}, "sold": [], "mode": None, "n": 0, "result": None,
+                     "started_at_ms": now_ms()}
         flow = settings.flows.get(order["flow"])
         if not order["candidates"] or flow is None:
             await settle(order, state, "no bids" if order["bids"] == 0 else
@@ -192,7 +213,10 @@ def register(ctx: Context) -> None:
         if pii is None:
             await settle(order, state, "PII unavailable (lead-pii record missing)")
             return
-        give_up_at = order["closed_at_ms"] + flow.post_timeout_ms
+        # The window runs from the first attempt of the waterfall, not from the close: an
+        # order that waited out a worker failover still gets its full window.
+        give_up_at = state.get("started_at_ms", order["closed_at_ms"]) + flow.post_timeout_ms
+        pii_values = [str(v) for v in pii["fields"].values() if v is not None and len(str(v)) >= 4]
         while True:
             now = now_ms()
             # An attempt recorded as pending was sent before a crash and its answer was lost:
@@ -221,6 +245,8 @@ def register(ctx: Context) -> None:
                     state["attempts"][cand["buyer_id"]] = {"status": "pending",
                                                            "attempt": state["n"]}
                 postings[lead_id] = state  # record intent before any request leaves
+                # ...and make it durable: a crash after the request left must find it.
+                await app.producer.flush()
 
             async def attempt(cand: dict[str, Any], exclusive: bool = exclusive,
                               resolving: bool = bool(pending)) -> None:
@@ -239,12 +265,25 @@ def register(ctx: Context) -> None:
                         break
                 n = state["attempts"][buyer.id]["attempt"]
                 state["attempts"][buyer.id] = {"status": out.status, "attempt": n}
-                if out.status == "accepted":
+                if out.status == "accepted" and all(s["buyer_id"] != buyer.id
+                                                    for s in state["sold"]):
                     state["sold"].append({"buyer_id": buyer.id, "price": cand["price"]})
                 await emit_delivery(order, cand, n, out.status, float(out.latency_ms),
-                                    out.reason, out.http_status, sent, exclusive)
+                                    scrub(out.reason, pii_values), out.http_status, sent,
+                                    exclusive)
 
-            await asyncio.gather(*(attempt(c) for c in batch))
+            try:
+                # TaskGroup: if one attempt fails, its siblings are cancelled rather than left
+                # running while the order is retried.
+                async with asyncio.TaskGroup() as tg:
+                    for c in batch:
+                        tg.create_task(attempt(c))
+            except BaseExceptionGroup as eg:
+                postings[lead_id] = state
+                if not all(is_transient(e) for e in eg.exceptions):
+                    # Never leave a lead unsettled: record what was sold so far.
+                    await settle(order, state, f"internal error: {eg.exceptions[0]!r}"[:300])
+                raise eg.exceptions[0] from eg
             postings[lead_id] = state
         reason = "all posts rejected or failed" if state["n"] else "no acceptable bid at post time"
         if not state["sold"] and now_ms() >= give_up_at:

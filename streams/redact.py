@@ -31,6 +31,15 @@ def lead_from_record(record: dict[str, Any]) -> dict[str, Any]:
     return raw
 
 
+def _received_at(claimed: int | None, kafka_timestamp_s: float) -> int:
+    """The producer's receipt time if plausible (within a day of the Kafka record's
+    timestamp), else the Kafka timestamp: an absurd value must not reach the tables."""
+    kafka_ms = int(kafka_timestamp_s * 1000)
+    if claimed is None or abs(claimed - kafka_ms) > 24 * 3600 * 1000:
+        return kafka_ms
+    return claimed
+
+
 def register(ctx: Context) -> None:
     app, settings = ctx.app, ctx.settings
     leads, pii_topic, requests = ctx.topic("leads"), ctx.topic("lead_pii"), ctx.topic("ping_requests")
@@ -48,7 +57,7 @@ def register(ctx: Context) -> None:
                 lead = validate_lead(
                     settings,
                     lead_from_record(record),
-                    received_at_ms=record.get("received_at_ms") or int(msg.timestamp * 1000),
+                    received_at_ms=_received_at(record.get("received_at_ms"), msg.timestamp),
                     source=record.get("source") or "kafka",
                     lead_id=deterministic_lead_id(msg.topic, msg.partition, msg.offset),
                 )

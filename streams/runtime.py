@@ -12,16 +12,17 @@ acked: nothing is skipped silently.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import traceback
-from typing import Any, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 from faust.types import EventT, StreamT
 
 import schemas
 
-__all__ = ["InFlight", "DeadLetters", "now_ms", "is_transient", "retry_transient"]
+__all__ = ["InFlight", "DeadLetters", "KeyedLocks", "now_ms", "is_transient", "retry_transient"]
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,30 @@ class DeadLetters:
         }
         await self.topic.send(key=msg.key, value=schemas.encode("DeadLetter", record))
         log.warning("dead-lettered %s (%s): %s", record["id"], self.stage, reason)
+
+
+class KeyedLocks:
+    """An asyncio lock per key, dropped when nobody holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: str) -> AsyncIterator[None]:
+        lock, users = self._locks.get(key, (asyncio.Lock(), 0))
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users <= 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
+
+    def __len__(self) -> int:
+        return len(self._locks)
 
 
 class InFlight:

@@ -46,6 +46,8 @@ def to_row(name: str, r: dict[str, Any]) -> tuple[str, list[Any]] | None:
                          _ts(r["sent_at_ms"]), _ts(r["answered_at_ms"]), r["latency_ms"],
                          r["status"], r["price"], r["exclusive"], r["reason"], r["http_status"]]
     if name == "Delivery":
+        if r["status"] == "skipped":
+            return None  # a bid whose conditions failed at post time: no post was attempted
         return "posts", [r["attempt_id"], r["post_id"], r["lead_id"], r["flow"], r["buyer_id"],
                          r["tier"], r["ping_id"], r["price"], r["exclusive"], r["status"],
                          r["latency_ms"], r["reason"], r["http_status"], _ts(r["sent_at_ms"]),
@@ -95,6 +97,19 @@ def register(ctx: Context) -> None:
             ctx.closers.append(wh.close)
         return wh_box[0]
 
+    async def insert_row_by_row(table: str, table_rows: list[list[Any]],
+                                first: Exception) -> None:
+        """ClickHouse refused the batch for a reason a retry cannot fix: insert row by row so
+        one bad row does not block the others; rows it refuses are logged, never retried
+        forever."""
+        log.error("ClickHouse refused a batch of %d rows for %s (%s); inserting row by row",
+                  len(table_rows), table, first)
+        for row in table_rows:
+            try:
+                await (await warehouse()).insert(table, [row])
+            except ClickHouseUnavailable as exc:
+                log.error("row refused by %s, not stored: %s (row id %s)", table, exc, row[0])
+
     async def flush() -> None:
         async with lock:
             if not pending:
@@ -109,6 +124,9 @@ def register(ctx: Context) -> None:
                         await (await warehouse()).insert(table, table_rows)
                         break
                     except ClickHouseUnavailable as exc:
+                        if not exc.retriable:
+                            await insert_row_by_row(table, table_rows, exc)
+                            break
                         log.warning("insert into %s failed (%s); retrying in %.1fs", table, exc,
                                     delay)
                         await asyncio.sleep(delay)
@@ -126,8 +144,8 @@ def register(ctx: Context) -> None:
             try:
                 name, rec = schemas.decode(event.value)
                 mapped = to_row(name, rec)
-            except schemas.SchemaError as exc:
-                log.error("sink cannot decode %s:%s:%s: %s", event.message.topic,
+            except Exception as exc:  # one bad record must not wedge the sink's partition
+                log.error("sink cannot map %s:%s:%s (skipped): %s", event.message.topic,
                           event.message.partition, event.message.offset, exc)
                 mapped = None
             if mapped is None:

@@ -71,7 +71,7 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
     return [
         TopicSpec(n.leads, ("Lead",), parts, week, "leads in, from producers and HTTP ingest"),
         TopicSpec(n.ping_requests, ("PingRequest",), parts, week, "accepted leads, ping view only"),
-        # PII: compacted, one day at most; the post stage tombstones a lead once settled.
+        # PII: compacted, one day at most (the post stage's table forgets it once settled).
         TopicSpec(
             n.lead_pii,
             ("LeadPii",),
@@ -88,6 +88,11 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
                   "records a stage could not process, with the reason"),
         TopicSpec(n.alerts, (), 1, week, "alert state changes (reserved for alert rules)"),
         *(TopicSpec(changelog_topic(settings.kafka.app_id, t), (), parts,
-                    {"cleanup.policy": "compact"}, f"changelog of the Faust table '{t}'")
+                    # The PII table's changelog holds PII: compacted and also deleted after a
+                    # day, in hour-long segments so deletion is not held back by a big segment.
+                    {"cleanup.policy": "compact,delete", "retention.ms": str(DAY_MS),
+                     "segment.ms": str(3600 * 1000)} if t == "pii"
+                    else {"cleanup.policy": "compact"},
+                    f"changelog of the Faust table '{t}'")
           for t in TABLES),
     ]

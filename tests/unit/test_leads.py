@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from datetime import datetime, timezone
 
 from streams.leads import (
     LeadError,
@@ -126,7 +127,25 @@ def test_created_at_is_parsed_to_utc_ms(created_at: str, expected_ms: int) -> No
     ],
 )
 def test_created_at_ms_is_exact(created_at: str, expected_ms: int) -> None:
-    assert validate(lead(created_at=created_at)).created_at_ms == expected_ms
+    # Received a minute later: within the accepted age window whatever the instant.
+    got = validate(lead(created_at=created_at), received_at_ms=expected_ms + 60_000)
+    assert got.created_at_ms == expected_ms
+
+
+@pytest.mark.parametrize(("offset_ms", "ok"), [
+    (5 * 60_000, True),            # clock skew allowed
+    (5 * 60_000 + 1000, False),    # in the future
+    (-365 * 24 * 3600_000, True),
+    (-367 * 24 * 3600_000, False),  # more than a year old
+])
+def test_created_at_bounds(offset_ms: int, ok: bool) -> None:
+    received = 1_767_225_600_000  # 2026-01-01T00:00:00Z
+    created = datetime.fromtimestamp((received + offset_ms) / 1000, tz=timezone.utc)
+    raw = lead(created_at=created.isoformat().replace("+00:00", "Z"))
+    if ok:
+        assert validate(raw, received_at_ms=received).created_at_ms == received + offset_ms
+    else:
+        assert lead_error(raw, received_at_ms=received).field == "created_at"
 
 
 def test_created_at_lowercase_z_is_rfc3339() -> None:
