@@ -12,12 +12,13 @@ import asyncio
 from collections import Counter, defaultdict
 from typing import Any, Iterator
 
+import httpx
 import orjson
 import pytest
 
 import schemas
 from streams.demo import generate_leads
-from tests.integration.pipeline import Pipeline, wait_for
+from tests.integration.pipeline import TOKEN, Pipeline, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -224,6 +225,22 @@ def test_ingest_rejects_bad_input_and_publishes_nothing(market: Pipeline, kind: 
     if expected == 400:
         assert r.json()["field"] == field and r.json()["error"]
     assert asyncio.run(market.end_offsets(market.names.leads)) == before
+
+
+def test_ingest_reads_a_chunked_body_whole(market: Pipeline) -> None:
+    body = orjson.dumps(generate_leads(1, seed=6)[0])
+
+    def chunks() -> Iterator[bytes]:  # chunked transfer encoding, several pieces
+        for i in range(0, len(body), 40):
+            yield body[i:i + 40]
+
+    r = httpx.post(market.url, content=chunks(), timeout=30,
+                   headers={"Authorization": f"Bearer {TOKEN}"})
+    assert r.status_code == 202, r.text
+    big = orjson.dumps({**generate_leads(1, seed=6)[0], "address": "x" * 5000})
+    r = httpx.post(market.url, content=iter([big[:3000], big[3000:]]), timeout=30,
+                   headers={"Authorization": f"Bearer {TOKEN}"})
+    assert r.status_code == 413, r.text
 
 
 def test_kafka_path_auctions_valid_leads_and_dead_letters_bad_ones(market: Pipeline) -> None:

@@ -181,3 +181,12 @@ def mapped_row(record: dict[str, Any]) -> list[Any]:
                                                      schemas.encode("PingRequest", record)))
     assert mapped is not None
     return mapped[1]
+
+
+def test_skipped_delivery_is_not_a_post_row() -> None:
+    """`posts` holds post attempts (CONTRACT §5); a bid skipped at post time was not one."""
+    from tests.unit.test_schemas import RECORDS
+
+    attempt = dict(RECORDS["Delivery"], status="rejected")
+    assert to_row("Delivery", attempt) is not None
+    assert to_row("Delivery", dict(attempt, status="skipped")) is None

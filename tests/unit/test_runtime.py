@@ -1,0 +1,50 @@
+"""Per-lead locking and the PII scrub of buyer reasons."""
+
+from __future__ import annotations
+
+import asyncio
+
+from streams.post import scrub
+from streams.runtime import KeyedLocks, is_transient
+
+
+async def test_keyed_locks_serialise_one_key_and_not_others() -> None:
+    locks = KeyedLocks()
+    events: list[str] = []
+    gate = asyncio.Event()
+
+    async def worker(key: str, name: str, wait: bool) -> None:
+        async with locks.hold(key):
+            events.append(f"{name} in")
+            if wait:
+                await gate.wait()
+            events.append(f"{name} out")
+
+    first = asyncio.create_task(worker("lead-1", "a", True))
+    await asyncio.sleep(0)
+    second = asyncio.create_task(worker("lead-1", "b", False))
+    other = asyncio.create_task(worker("lead-2", "c", False))
+    await other
+    assert events == ["a in", "c in", "c out"]  # lead-2 did not wait; b waits for a
+    gate.set()
+    await asyncio.gather(first, second)
+    assert events[3:] == ["a out", "b in", "b out"]
+    assert len(locks) == 0  # nothing kept once nobody holds or waits
+
+
+def test_scrub_removes_pii_values_case_insensitively() -> None:
+    pii = ["ada@example.com", "+13105550100", "Lovelace"]
+    assert scrub("duplicate: ADA@example.com (lovelace)", pii) == \
+        "duplicate: [redacted] ([redacted])"
+    assert scrub("daily cap reached", pii) == "daily cap reached"
+
+
+def test_transient_errors_are_told_apart() -> None:
+    from aiokafka.errors import KafkaTimeoutError, UnknownTopicOrPartitionError
+    from faust.exceptions import PartitionsMismatch
+
+    assert is_transient(PartitionsMismatch("changelog has 0 partitions"))
+    assert is_transient(KafkaTimeoutError())
+    assert is_transient(UnknownTopicOrPartitionError())
+    assert not is_transient(KeyError("sunrise"))
+    assert not is_transient(ValueError("bad"))
