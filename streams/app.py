@@ -17,7 +17,7 @@ from typing import Any, Literal
 import faust
 import mode
 
-from streams.settings import Settings
+from streams.settings import ConfigError, Settings, unenforced_keys
 from streams.topics import TopicNames, topic_specs
 
 __all__ = ["Context", "create_app"]
@@ -102,6 +102,9 @@ def _shorten_worker_fetch_wait(ms: int) -> None:
 
 
 def create_app(settings: Settings, role: Role = "auction", *, web_port: int | None = None) -> faust.App:
+    if role == "auction" and (pending := unenforced_keys(settings)):
+        raise ConfigError("these keys are validated but not applied by this version yet; "
+                          "remove them rather than rely on them:\n  " + "\n  ".join(pending))
     _shorten_worker_fetch_wait(WORKER_FETCH_MAX_WAIT_MS)
     k = settings.kafka
     app_id = k.app_id if role == "auction" else f"{k.app_id}-sink"

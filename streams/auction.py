@@ -24,6 +24,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
+from aiokafka.partitioner import murmur2
+
 import schemas
 from streams.app import Context
 from streams.runtime import DeadLetters, now_ms, retry_transient
@@ -118,7 +120,23 @@ def register(ctx: Context) -> None:
 
     @table.on_recover
     async def _recovered() -> None:
+        drop_foreign_keys()
         rescan[0] = True
+
+    def drop_foreign_keys() -> None:
+        """After a rebalance, forget this worker's local copies of leads whose partitions
+        moved away. Faust's memory store drops only keys it restored from the changelog;
+        keys written live would stay: stale open auctions re-armed forever, stale PII kept
+        in memory. Local deletes only (no changelog write): the new owner has the truth."""
+        active = {tp.partition for tp in app.assignor.assigned_actives()
+                  if tp.topic == bids_topic.get_topic_name()}
+        parts = settings.kafka.partitions
+        tables = [table, *ctx.resources.get("purge_with_auction", ())]
+        for t in tables:
+            for key in [k for k in t.data.keys() if lead_partition(k, parts) not in active]:
+                t.data.pop(key, None)
+        for lead_id in [k for k in timers if lead_partition(k, parts) not in active]:
+            timers.pop(lead_id).cancel()
 
     def send_marker(lead_id: str, reason: str) -> None:
         timers.pop(lead_id, None)
@@ -271,6 +289,12 @@ def register(ctx: Context) -> None:
                 continue
             purges_sent.add(lead_id)
             send_marker(lead_id, "purge")
+
+
+def lead_partition(lead_id: str, partitions: int) -> int:
+    """The partition of a lead-keyed topic holding ``lead_id`` (Kafka's default partitioner:
+    murmur2 of the key bytes), hence of its auction, PII and post table entries."""
+    return (murmur2(lead_id.encode()) & 0x7FFFFFFF) % partitions
 
 
 def _log_send_failure(fut: "asyncio.Future[Any]") -> None:

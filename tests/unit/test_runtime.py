@@ -48,3 +48,41 @@ def test_transient_errors_are_told_apart() -> None:
     assert is_transient(UnknownTopicOrPartitionError())
     assert not is_transient(KeyError("sunrise"))
     assert not is_transient(ValueError("bad"))
+
+
+def test_lead_partition_matches_the_producer_partitioner() -> None:
+    """Stale-key cleanup after a rebalance relies on knowing a lead's partition."""
+    import uuid
+
+    from aiokafka.partitioner import DefaultPartitioner
+
+    from streams.auction import lead_partition
+
+    parts = list(range(6))
+    seen = set()
+    for i in range(300):
+        key = str(uuid.UUID(int=i * 7919))
+        expected = DefaultPartitioner()(key.encode(), parts, parts)
+        assert lead_partition(key, 6) == expected
+        seen.add(expected)
+    assert seen == set(parts)
+
+
+def test_worker_refuses_rules_it_does_not_apply_yet() -> None:
+    """A cap or floor that is validated but silently ignored would cost money."""
+    from pathlib import Path
+
+    import pytest
+    import yaml
+
+    from streams.app import create_app
+    from streams.settings import ConfigError, parse_settings, unenforced_keys
+
+    raw = yaml.safe_load(Path("config/demo.yaml").read_text())
+    assert unenforced_keys(parse_settings(raw, env={})) == []
+    raw["buyers"][1]["caps"] = {"leads_per_day": 10}
+    raw["flows"]["solar"]["strategy"]["rank_by"] = "score"
+    settings = parse_settings(raw, env={})
+    assert unenforced_keys(settings) == ["flows.solar.strategy.rank_by", "buyers[1].caps"]
+    with pytest.raises(ConfigError, match=r"buyers\[1\]\.caps"):
+        create_app(settings, "auction")
