@@ -29,7 +29,8 @@ from aiokafka.partitioner import murmur2
 import schemas
 from streams.app import Context
 from streams.runtime import DeadLetters, now_ms, retry_transient
-from streams.settings import StrategyConfig
+from streams import rules
+from streams.settings import FlowConfig, StrategyConfig
 
 __all__ = ["register", "decide", "acceptable", "Decision", "close_lag_ms"]
 
@@ -44,13 +45,20 @@ class Decision:
 
 
 def acceptable(bid: dict[str, Any], ping_fields: dict[str, Any], strategy: StrategyConfig,
-               lead_created_ms: int, at_ms: int) -> tuple[bool, str]:
-    """Whether a bid may win, judged against its own conditions at ``at_ms``."""
+               lead_created_ms: int, at_ms: int, *,
+               flow: FlowConfig | None = None) -> tuple[bool, str]:
+    """Whether a bid may win, judged against the flow's floors (when ``flow`` is given) and
+    its own conditions at ``at_ms``."""
     if bid.get("status") != "bid" or bid.get("price") is None:
         return False, "not a bid"
     price = bid["price"]
     if price < strategy.min_price:
         return False, f"price {price} below floor {strategy.min_price}"
+    if flow is not None:
+        why = rules.below_floor_reason(flow, price, ping_fields, at_ms,
+                                       exclusive=_wants_exclusive(bid))
+        if why is not None:
+            return False, why
     c = bid.get("conditions") or {}
     if c.get("states") is not None and ping_fields.get("state") not in c["states"]:
         return False, "lead state outside the bid's states"
@@ -72,12 +80,14 @@ def _wants_exclusive(c: dict[str, Any]) -> bool:
 
 
 def decide(bids: list[dict[str, Any]], ping_fields: dict[str, Any], strategy: StrategyConfig,
-           lead_created_ms: int, at_ms: int) -> Decision:
+           lead_created_ms: int, at_ms: int, *, flow: FlowConfig | None = None) -> Decision:
     """Highest acceptable bid wins: exclusively if it asks for exclusivity, else the lead is
-    shared to the top ``shared_max`` non-exclusive bids, each at its own price."""
+    shared to the top ``shared_max`` non-exclusive bids, each at its own price. With ``flow``
+    the flow's floors apply (a bid below its floor, or an exclusive bid below the exclusive
+    minimum, is not acceptable)."""
     cands = []
     for b in bids:
-        ok, _ = acceptable(b, ping_fields, strategy, lead_created_ms, at_ms)
+        ok, _ = acceptable(b, ping_fields, strategy, lead_created_ms, at_ms, flow=flow)
         if ok:
             cands.append({
                 "buyer_id": b["buyer_id"], "tier": b["tier"], "ping_id": b["ping_id"],
@@ -163,7 +173,7 @@ def register(ctx: Context) -> None:
             decision = Decision("none", 0, [])
         else:
             decision = decide(answers, op["ping_fields"], flow.strategy,
-                              op["created_at_ms"], int(closed))
+                              op["created_at_ms"], int(closed), flow=flow)
         last = max((a["answered_at_ms"] for a in answers), default=None)
         lag = close_lag_ms(reason, closed, op["deadline_at_ms"], last)
         order = {

@@ -18,6 +18,7 @@ from typing import Any
 
 import schemas
 from connectors.buyers import PingOutcome
+from streams import rules
 from streams.app import Context
 from streams.runtime import DeadLetters, InFlight, now_ms
 from streams.settings import BuyerConfig, Settings
@@ -36,17 +37,19 @@ def ping_id_for(lead_id: str, buyer_id: str) -> str:
 
 
 def plan_pings(
-    settings: Settings, flow: str, ping_fields: dict[str, Any]
+    settings: Settings, flow: str, ping_fields: dict[str, Any], at_ms: int | None = None
 ) -> tuple[list[BuyerConfig], list[tuple[BuyerConfig, str]]]:
-    """Which buyers of the flow get a ping, and why each other one does not."""
+    """Which buyers of the flow get a ping, and why each other one does not (filters on the
+    ping fields, the buyer's schedule)."""
+    at = now_ms() if at_ms is None else at_ms
     targets: list[BuyerConfig] = []
     filtered: list[tuple[BuyerConfig, str]] = []
     for buyer in settings.buyers_for(flow):
-        states = buyer.filters.states
-        if states is not None and ping_fields.get("state") not in states:
-            filtered.append((buyer, f"state {ping_fields.get('state')} not in buyer filter"))
-            continue
-        targets.append(buyer)
+        why = rules.eligibility(buyer, ping_fields, at)
+        if why is None:
+            targets.append(buyer)
+        else:
+            filtered.append((buyer, why))
     return targets, filtered
 
 
@@ -111,7 +114,13 @@ def register(ctx: Context) -> None:
         out = await ctx.buyer_client().ping(buyer, body, budget / 1000.0,
                                   max_price=flow.strategy.max_price,
                                   min_price=flow.strategy.min_price)
-        await send_bid(_bid_record(req, buyer, ping_id, sent, out))
+        record = _bid_record(req, buyer, ping_id, sent, out)
+        if out.status == "bid" and out.price is not None:
+            # The ping row says why a bid cannot win; the auction applies the same rule.
+            record["reason"] = rules.below_floor_reason(
+                flow, out.price, req["ping_fields"], sent,
+                exclusive=out.exclusive or out.conditions.exclusive_required) or ""
+        await send_bid(record)
 
     async def round_for(req: dict[str, Any]) -> None:
         auctions = ctx.resources.get("auctions_table")
@@ -123,8 +132,8 @@ def register(ctx: Context) -> None:
         flow = settings.flows.get(req["flow"])
         if flow is None:
             raise ValueError(f"flow '{req['flow']}' is not configured on this worker")
-        targets, filtered = plan_pings(settings, req["flow"], req["ping_fields"])
         opened = now_ms()
+        targets, filtered = plan_pings(settings, req["flow"], req["ping_fields"], opened)
         deadline = opened + flow.deadline_ms
         pinged = [{"buyer_id": b.id, "tier": b.tier, "ping_id": ping_id_for(req["lead_id"], b.id)}
                   for b in targets]

@@ -696,10 +696,10 @@ class Settings(_Model):
 #: Keys of the complete auction (issue 3) whose rules exist (streams/rules.py) but are not yet
 #: applied by the stages. A worker refuses to start with any of them set: a cap or a floor
 #: that is silently ignored would cost real money.
-_NOT_YET_ENFORCED_FLOW = ("floors", "waves", "duplicates")
+_NOT_YET_ENFORCED_FLOW = ("waves", "duplicates")
 _NOT_YET_ENFORCED_STRATEGY = ("rank_by", "weights", "acceptance_prior", "exclusive_only",
                               "shared_only")
-_NOT_YET_ENFORCED_BUYER = ("schedule", "caps", "payment_speed", "auto_pause")
+_NOT_YET_ENFORCED_BUYER = ("caps", "payment_speed", "auto_pause")
 
 
 def unenforced_keys(settings: "Settings") -> list[str]:
@@ -711,8 +711,6 @@ def unenforced_keys(settings: "Settings") -> list[str]:
                 if k in flow.strategy.model_fields_set]
     for i, b in enumerate(settings.buyers):
         out += [f"buyers[{i}].{k}" for k in _NOT_YET_ENFORCED_BUYER if k in b.model_fields_set]
-        if b.filters.fields:
-            out.append(f"buyers[{i}].filters.fields")
     return out
 
 

@@ -1,0 +1,85 @@
+"""The rules of streams/rules.py as the stages apply them: floors in the auction's decision,
+filters and schedules in the ping plan."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from streams.auction import decide
+from streams.ping import plan_pings
+from streams.settings import parse_settings
+
+RAW = yaml.safe_load(Path("config/demo.yaml").read_text())
+# Wednesday 2026-01-07 18:00 UTC = 10:00 in Los Angeles (inside business hours).
+IN_HOURS = int(datetime(2026, 1, 7, 18, 0, tzinfo=timezone.utc).timestamp() * 1000)
+# Wednesday 2026-01-07 06:00 UTC = 22:00 the day before in Los Angeles.
+OFF_HOURS = int(datetime(2026, 1, 7, 6, 0, tzinfo=timezone.utc).timestamp() * 1000)
+PING = {"state": "CA", "zip": "902", "homeowner": True, "credit_range": "700+",
+        "consent": True}
+
+
+def settings(**flow_changes: Any) -> Any:
+    raw = yaml.safe_load(yaml.safe_dump(RAW))
+    raw["flows"]["solar"].update(flow_changes)
+    return parse_settings(raw, env={})
+
+
+FLOORS = {"base": 40.0, "exclusive_min": 75.0,
+          "quality": {"rules": [{"field": "credit_range", "equals": "700+", "multiplier": 1.25}]},
+          "business_hours": {"timezone": "America/Los_Angeles", "days": ["mon", "tue", "wed",
+                             "thu", "fri"], "hours": "09:00-17:00", "premium": 1.2}}
+
+
+def bid(buyer: str, price: float, exclusive: bool = False, at: int = 1) -> dict[str, Any]:
+    return {"buyer_id": buyer, "tier": "standard", "ping_id": f"p-{buyer}", "status": "bid",
+            "price": price, "exclusive": exclusive, "conditions": {}, "answered_at_ms": at}
+
+
+@pytest.mark.parametrize(("at", "bids", "mode", "winners"), [
+    # floor off hours: 40 × 1.25 = 50; in hours: × 1.2 = 60
+    (OFF_HOURS, [bid("a", 55), bid("b", 49)], "shared", ["a"]),
+    (IN_HOURS, [bid("a", 55), bid("b", 49)], "none", []),
+    (IN_HOURS, [bid("a", 61), bid("b", 60)], "shared", ["a", "b"]),
+    # exclusive minimum 75 for exclusive bids, however high the shared floor
+    (OFF_HOURS, [bid("x", 70, exclusive=True), bid("a", 55)], "shared", ["a"]),
+    (OFF_HOURS, [bid("x", 80, exclusive=True), bid("a", 55)], "exclusive", ["x", "a"]),
+    # all bids below the floor: nothing to post
+    (OFF_HOURS, [bid("a", 10), bid("b", 20, exclusive=True)], "none", []),
+])
+def test_decide_applies_the_flows_floors(at: int, bids: list[dict[str, Any]], mode: str,
+                                         winners: list[str]) -> None:
+    s = settings(floors=FLOORS)
+    flow = s.flows["solar"]
+    d = decide(bids, PING, flow.strategy, at - 1000, at, flow=flow)
+    assert d.mode == mode
+    assert [c["buyer_id"] for c in d.candidates] == winners
+
+
+def test_without_floors_the_decision_is_unchanged() -> None:
+    s = settings()
+    flow = s.flows["solar"]
+    bids = [bid("a", 1.0), bid("b", 2.0)]
+    assert decide(bids, PING, flow.strategy, 0, 1000, flow=flow) == \
+        decide(bids, PING, flow.strategy, 0, 1000)
+
+
+def test_plan_pings_applies_schedules_and_field_filters() -> None:
+    raw = yaml.safe_load(yaml.safe_dump(RAW))
+    raw["buyers"][0]["schedule"] = {"timezone": "America/Los_Angeles",
+                                    "days": ["mon", "tue", "wed", "thu", "fri"],
+                                    "hours": "08:00-20:00"}
+    raw["buyers"][1]["filters"] = {"fields": {"credit_range": {"in": ["650-699"]}}}
+    s = parse_settings(raw, env={})
+    first, second = s.buyers[0].id, s.buyers[1].id
+    targets, filtered = plan_pings(s, "solar", PING, IN_HOURS)
+    reasons = dict((b.id, why) for b, why in filtered)
+    assert first in [b.id for b in targets]
+    assert "credit_range" in reasons[second]
+    targets, filtered = plan_pings(s, "solar", PING, OFF_HOURS)
+    reasons = dict((b.id, why) for b, why in filtered)
+    assert "schedule" in reasons[first]
