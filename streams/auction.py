@@ -32,7 +32,7 @@ from streams.runtime import DeadLetters, now_ms, retry_transient
 from streams import rules
 from streams.settings import FlowConfig, StrategyConfig
 
-__all__ = ["register", "decide", "acceptable", "Decision", "close_lag_ms"]
+__all__ = ["register", "decide", "acceptable", "conditions_reason", "Decision", "close_lag_ms"]
 
 log = logging.getLogger(__name__)
 
@@ -59,15 +59,23 @@ def acceptable(bid: dict[str, Any], ping_fields: dict[str, Any], strategy: Strat
                                        exclusive=_wants_exclusive(bid))
         if why is not None:
             return False, why
-    c = bid.get("conditions") or {}
+    why = conditions_reason(bid.get("conditions") or {}, ping_fields, lead_created_ms, at_ms)
+    return (False, why) if why is not None else (True, "")
+
+
+def conditions_reason(conditions: dict[str, Any], ping_fields: dict[str, Any],
+                      lead_created_ms: int, at_ms: int) -> str | None:
+    """Why a bid's own conditions (CONTRACT §2) fail for this lead at ``at_ms``; None if they
+    hold. Checked at close and again before each post (a slow first post can age the lead)."""
+    c = conditions
     if c.get("states") is not None and ping_fields.get("state") not in c["states"]:
-        return False, "lead state outside the bid's states"
+        return "lead state outside the bid's states"
     if c.get("require_consent") and ping_fields.get("consent") is not True:
-        return False, "bid requires consent"
+        return "bid requires consent"
     max_age = c.get("max_age_minutes")
     if max_age is not None and at_ms - lead_created_ms > max_age * 60_000:
-        return False, f"lead older than the bid's max age ({max_age} min)"
-    return True, ""
+        return f"lead older than the bid's max_age_minutes ({max_age})"
+    return None
 
 
 def _rank_key(c: dict[str, Any]) -> tuple[float, int, str]:

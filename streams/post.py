@@ -22,7 +22,7 @@ from typing import Any
 
 import schemas
 from streams.app import Context
-from streams.auction import _wants_exclusive
+from streams.auction import _wants_exclusive, conditions_reason
 from streams.runtime import DeadLetters, InFlight, KeyedLocks, is_transient, now_ms, retry_transient
 
 __all__ = ["register", "post_id_for", "next_batch", "post_body", "condition_failure"]
@@ -38,16 +38,8 @@ def post_id_for(lead_id: str, buyer_id: str) -> str:
 
 def condition_failure(c: dict[str, Any], order: dict[str, Any], at_ms: int) -> str | None:
     """Why a candidate's bid conditions fail at post time (None: they hold)."""
-    cond = c.get("conditions") or {}
-    pf = order["ping_fields"]
-    max_age = cond.get("max_age_minutes")
-    if max_age is not None and at_ms - order["created_at_ms"] > max_age * 60_000:
-        return f"lead older than max_age_minutes={max_age} at post time"
-    if cond.get("states") is not None and pf.get("state") not in cond["states"]:
-        return "lead state outside the bid's states"
-    if cond.get("require_consent") and pf.get("consent") is not True:
-        return "bid requires consent"
-    return None
+    return conditions_reason(c.get("conditions") or {}, order["ping_fields"],
+                             order["created_at_ms"], at_ms)
 
 
 def next_batch(order: dict[str, Any], tried: set[str], sold: list[str], sold_mode: str | None,
