@@ -10,6 +10,7 @@
     pingpost topics create        create every topic with its partition count
     pingpost migrate              apply ClickHouse migrations
     pingpost report               the terminal report from ClickHouse
+    pingpost sql "SELECT ..."     run SQL against the configured ClickHouse
     pingpost check-config         validate the configuration file
 
 Every command takes ``--config FILE`` (default ``$PINGPOST_CONFIG``, then
@@ -188,6 +189,34 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sql(args: argparse.Namespace) -> int:
+    """Run SQL against the configured ClickHouse and print the result as a table."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from connectors.clickhouse import _client_kwargs
+
+    import clickhouse_connect
+    from clickhouse_connect.driver.exceptions import ClickHouseError
+
+    s = _settings(args)
+    client = clickhouse_connect.get_client(**_client_kwargs(s.clickhouse),
+                                           database=s.clickhouse.database)
+    try:
+        res = client.query(args.query)
+    except ClickHouseError as exc:
+        print(f"pingpost sql: {str(exc).strip()}", file=sys.stderr)
+        return 1
+    finally:
+        client.close()
+    t = Table(*res.column_names)
+    for row in res.result_rows:
+        t.add_row(*("" if v is None else str(v) for v in row))
+    Console().print(t)
+    print(f"{len(res.result_rows)} row(s)")
+    return 0
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     s = _settings(args)
     print(f"ok: {len(s.flows)} flow(s), {len(s.buyers)} buyer(s)")
@@ -354,6 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("migrate", help="apply ClickHouse migrations").set_defaults(func=cmd_migrate)
     sub.add_parser("report", help="print the report from ClickHouse").set_defaults(func=cmd_report)
     sub.add_parser("check-config", help="validate the config").set_defaults(func=cmd_check_config)
+    q = sub.add_parser("sql", help="run SQL against the configured ClickHouse, print a table")
+    q.add_argument("query")
+    q.set_defaults(func=cmd_sql)
     return p
 
 

@@ -38,6 +38,9 @@ class Report:
     sold_without_accepted_post: int = 0
     buyers: list[dict[str, Any]] = field(default_factory=list)
     unsold_reasons: list[tuple[str, int]] = field(default_factory=list)
+    #: (tier, leads won, revenue) and (post attempts, leads) of settled leads.
+    tiers: list[tuple[str, int, float]] = field(default_factory=list)
+    waterfall: list[tuple[int, int]] = field(default_factory=list)
     first_received: datetime | None = None
     last_settled: datetime | None = None
 
@@ -95,6 +98,13 @@ def build_report(client: Any, database: str, lead_ids: Sequence[str] | None = No
         f"SELECT reason, count() AS n FROM {db}.auctions FINAL "
         f"{where or 'WHERE 1'} AND outcome = 'unsold' GROUP BY reason ORDER BY n DESC",
         parameters=params).result_rows]
+    r.tiers = [tuple(x) for x in client.query(  # type: ignore[misc]
+        f"SELECT tier, count(), sum(price) FROM {db}.posts FINAL "
+        f"{where or 'WHERE 1'} AND status = 'accepted' GROUP BY tier ORDER BY sum(price) DESC",
+        parameters=params).result_rows]
+    r.waterfall = [tuple(x) for x in client.query(  # type: ignore[misc]
+        f"SELECT post_attempts, count() FROM {db}.auctions FINAL {where} "
+        f"GROUP BY post_attempts ORDER BY post_attempts", parameters=params).result_rows]
     rows = client.query(
         f"""WITH p AS (SELECT buyer_id, any(tier) AS tier,
                          countIf(status != 'filtered') AS pings,
@@ -170,6 +180,18 @@ def print_report(r: Report, console: Console | None = None, *, title: str = "pin
     c.print(w)
     c.print("win rate = leads won / bids; accept rate = accepted posts / posts sent; "
             "p50/p99 = ping latency", style="dim")
+    if r.tiers or r.waterfall:
+        g = Table(title="sales by tier, and post attempts per lead (waterfall depth)",
+                  title_justify="left")
+        for col in ("tier", "sales", "revenue", "", "post attempts", "leads"):
+            g.add_column(col, justify="left" if col == "tier" else "right")
+        for i in range(max(len(r.tiers), len(r.waterfall))):
+            t = r.tiers[i] if i < len(r.tiers) else ("", None, None)
+            w = r.waterfall[i] if i < len(r.waterfall) else (None, None)
+            g.add_row(t[0], "" if t[1] is None else f"{t[1]:,}",
+                      "" if t[2] is None else f"${t[2]:,.2f}", "",
+                      "" if w[0] is None else str(w[0]), "" if w[1] is None else f"{w[1]:,}")
+        c.print(g)
     if r.unsold_reasons:
         u = Table(title="why unsold", title_justify="left")
         u.add_column("reason")

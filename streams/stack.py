@@ -143,6 +143,15 @@ class Stack:
         raise StackError(f"{name} not ready after {timeout:.0f}s; see "
                          f"{self.log_dir / (name + '.log')}:\n" + self.tail(name))
 
+    def _logged(self, name: str, offset: int, text: str) -> bool:
+        """Whether ``name``'s log has ``text`` past byte ``offset`` (this start's output)."""
+        try:
+            with open(self.log_dir / f"{name}.log", "rb") as f:
+                f.seek(offset)
+                return text.encode() in f.read()
+        except OSError:
+            return False
+
     def tail(self, name: str, lines: int = 30) -> str:
         try:
             text = (self.log_dir / f"{name}.log").read_text(errors="replace")
@@ -205,10 +214,13 @@ class Stack:
             for b in s.simulator.buyers.values():
                 url = f"http://{s.simulator.host}:{b.port}/__sim/stats"
                 self.wait_until("buyers", lambda url=url: _http_ok(url), 30)
+        started: list[tuple[str, int]] = []
         for i in range(workers):
             name = "worker" if i == 0 else f"worker{i + 1}"
             if not self.running(name):
                 self.say(f"starting auction worker {i + 1}")
+                log = self.log_dir / f"{name}.log"
+                started.append((name, log.stat().st_size if log.exists() else 0))
             self.spawn(name, ["worker", "--role", "auction"], env)
         if not self.running("sink"):
             self.say("starting the sink worker")
@@ -216,8 +228,12 @@ class Stack:
         self.spawn("ingest", ["ingest"], env)
         self.wait_until("ingest", lambda: _http_ok(
             f"http://{s.ingest.host}:{s.ingest.port}/healthz"), 60)
-        # Ready means the auction workers own their partitions: leads sent now start their
-        # ping round at once instead of queueing behind a consumer-group join.
+        # Ready means the auction workers own their partitions and finished restoring their
+        # tables: leads sent now start their ping round at once. (Leads that arrive while a
+        # worker restores its tables can be skipped by Faust — see README, known issues.)
+        for name, offset in started:
+            self.wait_until(name, lambda name=name, offset=offset: self._logged(
+                name, offset, "[^Worker]: Ready"), 120)
         self.wait_until("worker", lambda: asyncio.run(_group_stable(
             s.kafka.bootstrap, s.kafka.app_id, members=workers)), 90)
 
