@@ -56,7 +56,7 @@ def acceptable(bid: dict[str, Any], ping_fields: dict[str, Any], strategy: Strat
         return False, f"price {price} below floor {strategy.min_price}"
     if flow is not None:
         why = rules.below_floor_reason(flow, price, ping_fields, at_ms,
-                                       exclusive=_wants_exclusive(bid))
+                                       exclusive=rules.wants_exclusive(bid))
         if why is not None:
             return False, why
     why = conditions_reason(bid.get("conditions") or {}, ping_fields, lead_created_ms, at_ms)
@@ -83,10 +83,6 @@ def _rank_key(c: dict[str, Any]) -> tuple[float, int, str]:
     return (-c["price"], c["answered_at_ms"], c["buyer_id"])
 
 
-def _wants_exclusive(c: dict[str, Any]) -> bool:
-    return bool(c["exclusive"] or (c.get("conditions") or {}).get("exclusive_required"))
-
-
 def decide(bids: list[dict[str, Any]], ping_fields: dict[str, Any], strategy: StrategyConfig,
            lead_created_ms: int, at_ms: int, *, flow: FlowConfig | None = None) -> Decision:
     """Highest acceptable bid wins: exclusively if it asks for exclusivity, else the lead is
@@ -105,7 +101,7 @@ def decide(bids: list[dict[str, Any]], ping_fields: dict[str, Any], strategy: St
     cands.sort(key=_rank_key)
     if not cands:
         return Decision("none", 0, [])
-    if _wants_exclusive(cands[0]):
+    if rules.wants_exclusive(cands[0]):
         return Decision("exclusive", 1, cands)
     return Decision("shared", strategy.shared_max, cands)
 

@@ -169,12 +169,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sync_client(s: Settings) -> Any:
+def _sync_client(s: Settings, **kwargs: Any) -> Any:
+    """A synchronous clickhouse-connect client for the CLI (never used inside an agent)."""
     import clickhouse_connect
 
     from connectors.clickhouse import _client_kwargs
 
-    return clickhouse_connect.get_client(**_client_kwargs(s.clickhouse))
+    return clickhouse_connect.get_client(**_client_kwargs(s.clickhouse), **kwargs)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -194,14 +195,10 @@ def cmd_sql(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from connectors.clickhouse import _client_kwargs
-
-    import clickhouse_connect
     from clickhouse_connect.driver.exceptions import ClickHouseError
 
     s = _settings(args)
-    client = clickhouse_connect.get_client(**_client_kwargs(s.clickhouse),
-                                           database=s.clickhouse.database)
+    client = _sync_client(s, database=s.clickhouse.database)
     try:
         res = client.query(args.query)
     except ClickHouseError as exc:

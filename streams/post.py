@@ -22,7 +22,8 @@ from typing import Any
 
 import schemas
 from streams.app import Context
-from streams.auction import _wants_exclusive, conditions_reason
+from streams import rules
+from streams.auction import conditions_reason
 from streams.runtime import DeadLetters, InFlight, KeyedLocks, is_transient, now_ms, retry_transient
 
 __all__ = ["register", "post_id_for", "next_batch", "post_body", "condition_failure"]
@@ -54,14 +55,14 @@ def next_batch(order: dict[str, Any], tried: set[str], sold: list[str], sold_mod
             remaining.append(c)
         else:
             skipped.append((c, why))
-    shared = [c for c in remaining if not _wants_exclusive(c)]
+    shared = [c for c in remaining if not rules.wants_exclusive(c)]
     if sold:
         if sold_mode == "exclusive":
             return "exclusive", [], skipped
         return "shared", shared[: max(0, shared_max - len(sold))], skipped
     if not remaining:
         return "none", [], skipped
-    if _wants_exclusive(remaining[0]):
+    if rules.wants_exclusive(remaining[0]):
         return "exclusive", [remaining[0]], skipped
     return "shared", shared[:shared_max], skipped
 
