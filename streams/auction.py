@@ -28,7 +28,7 @@ from aiokafka.partitioner import murmur2
 
 import schemas
 from streams.app import Context
-from streams.runtime import DeadLetters, now_ms, retry_transient
+from streams.runtime import DeadLetters, now_ms
 from streams import rules
 from streams.settings import FlowConfig, StrategyConfig
 
@@ -266,11 +266,8 @@ def register(ctx: Context) -> None:
             except schemas.SchemaError as exc:
                 await dead.send(event, f"undecodable bids-topic record: {exc}")
                 continue
-            try:
-                await retry_transient(lambda n=name, r=rec, e=event: handle(n, r, e), "auction")
-            except Exception as exc:  # the per-event failure policy: dead-letter, go on
-                log.exception("auction failed on %s", rec.get("lead_id"))
-                await dead.send(event, f"auction: {type(exc).__name__}: {exc}")
+            await dead.guarded(event, lambda n=name, r=rec, e=event: handle(n, r, e),
+                               "auction")
 
     def rebuild_indexes() -> None:
         open_index.clear()

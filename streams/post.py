@@ -24,7 +24,7 @@ import schemas
 from streams.app import Context
 from streams import rules
 from streams.auction import conditions_reason
-from streams.runtime import DeadLetters, InFlight, KeyedLocks, is_transient, now_ms, retry_transient
+from streams.runtime import DeadLetters, InFlight, KeyedLocks, is_transient, now_ms
 
 __all__ = ["register", "post_id_for", "next_batch", "post_body", "condition_failure"]
 
@@ -122,11 +122,7 @@ def register(ctx: Context) -> None:
                 pii_table[rec["lead_id"]] = {"fields": rec["fields"],
                                              "expires_at_ms": rec["expires_at_ms"]}
 
-            try:
-                await retry_transient(store, "pii")
-            except Exception as exc:
-                log.exception("could not store PII of %s", rec["lead_id"])
-                await dead.send(event, f"pii: {type(exc).__name__}: {exc}")
+            if not await dead.guarded(event, store, "pii"):
                 continue
             w = waiters.pop(rec["lead_id"], None)
             if w is not None:

@@ -13,7 +13,7 @@ from typing import Any
 import schemas
 from streams.app import Context
 from streams.leads import LeadError, ValidLead, deterministic_lead_id, redact, validate_lead
-from streams.runtime import DeadLetters, retry_transient
+from streams.runtime import DeadLetters
 
 __all__ = ["register", "lead_from_record"]
 
@@ -68,11 +68,7 @@ def register(ctx: Context) -> None:
                 await dead.send(event, f"invalid lead: {exc.field or 'body'}: {exc.message}",
                                 exc.field)
                 continue
-            try:
-                await retry_transient(lambda lead=lead: publish(lead), "redact")
-            except Exception as exc:
-                log.exception("redact failed on %s", lead.lead_id)
-                await dead.send(event, f"redact: {type(exc).__name__}: {exc}")
+            await dead.guarded(event, lambda lead=lead: publish(lead), "redact")
 
     async def publish(lead: ValidLead) -> None:
         view = redact(settings, lead)

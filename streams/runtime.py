@@ -87,6 +87,23 @@ class DeadLetters:
         await self.topic.send(key=msg.key, value=schemas.encode("DeadLetter", record))
         log.warning("dead-lettered %s (%s): %s", record["id"], self.stage, reason)
 
+    async def guarded(self, event: EventT, work: Callable[[], Awaitable[Any]],
+                      what: str) -> bool:
+        """The per-event failure policy in one place: run ``work``, retrying transient
+        errors; on any other failure dead-letter the event with the reason. True if the
+        work succeeded. A failure to dead-letter propagates (the caller must not ack)."""
+        try:
+            await retry_transient(work, what)
+            return True
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            msg = event.message
+            log.error("%s failed on %s:%s:%s\n%s", what, msg.topic, msg.partition,
+                      msg.offset, traceback.format_exc())
+            await self.send(event, f"{what}: {type(exc).__name__}: {exc}")
+            return False
+
 
 class KeyedLocks:
     """An asyncio lock per key, dropped when nobody holds or waits for it."""
@@ -137,20 +154,15 @@ class InFlight:
         self, stream: StreamT, event: EventT, work: Callable[[], Awaitable[None]]
     ) -> None:
         try:
-            await retry_transient(work, self.name)
+            await self.dead.guarded(event, work, self.name)
         except asyncio.CancelledError:
             # Shutdown: leave the event unacked so it is redelivered, never half-done.
             self._sem.release()
             raise
-        except Exception as exc:  # the per-event failure policy: dead-letter, then ack
-            log.error("%s failed on %s:%s:%s\n%s", self.name, event.message.topic,
-                      event.message.partition, event.message.offset, traceback.format_exc())
-            try:
-                await self.dead.send(event, f"{self.name}: {type(exc).__name__}: {exc}")
-            except Exception:  # Kafka down: keep the event unacked, it will be redelivered
-                log.exception("could not dead-letter; leaving event unacked")
-                self._sem.release()
-                return
+        except Exception:  # Kafka down: keep the event unacked, it will be redelivered
+            log.exception("could not dead-letter; leaving event unacked")
+            self._sem.release()
+            return
         self._sem.release()
         await stream.ack(event)
 
