@@ -17,6 +17,7 @@ from typing import Any, Literal
 import faust
 import mode
 
+from streams import faust_fixes
 from streams.settings import ConfigError, Settings, unenforced_keys
 from streams.topics import TopicNames, topic_specs
 
@@ -74,38 +75,11 @@ def _resources_service(ctx: Context) -> type[mode.Service]:
     return Resources
 
 
-#: Faust hard-codes the worker consumer's ``fetch_max_wait_ms=1500``. aiokafka leaves out of a
-#: fetch every partition that still has unconsumed records and the broker holds that fetch up
-#: to this long, so an event landing on such a partition (a bid, a close marker) waited
-#: hundreds of ms: measured close lag p50 375 ms. A short wait costs an idle fetch every
-#: few ms on loopback and brings the close lag to a few ms.
-WORKER_FETCH_MAX_WAIT_MS = 10
-
-
-def _shorten_worker_fetch_wait(ms: int) -> None:
-    from faust.transport.drivers import aiokafka as driver
-
-    cls = driver.AIOKafkaConsumerThread
-    if getattr(cls, "_pingpost_fetch_wait_ms", None) == ms:
-        return
-    original = getattr(cls, "_pingpost_original_create", cls._create_worker_consumer)
-
-    def _create_worker_consumer(self: Any, transport: Any) -> Any:
-        consumer = original(self, transport)
-        consumer._fetch_max_wait_ms = ms  # read by consumer.start() when it builds the Fetcher
-        log.info("worker consumer fetch_max_wait_ms=%d", ms)
-        return consumer
-
-    cls._pingpost_original_create = original
-    cls._create_worker_consumer = _create_worker_consumer
-    cls._pingpost_fetch_wait_ms = ms
-
-
 def create_app(settings: Settings, role: Role = "auction", *, web_port: int | None = None) -> faust.App:
     if role == "auction" and (pending := unenforced_keys(settings)):
         raise ConfigError("these keys are validated but not applied by this version yet; "
                           "remove them rather than rely on them:\n  " + "\n  ".join(pending))
-    _shorten_worker_fetch_wait(WORKER_FETCH_MAX_WAIT_MS)
+    faust_fixes.apply()
     k = settings.kafka
     app_id = k.app_id if role == "auction" else f"{k.app_id}-sink"
     port = settings.worker.web_port if web_port is None else web_port
