@@ -10,7 +10,9 @@ build one per worker process) and registers the stages of its role explicitly:
 
 from __future__ import annotations
 
+import gc
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -67,7 +69,19 @@ class Context:
 
 def _resources_service(ctx: Context) -> type[mode.Service]:
     class Resources(mode.Service):
-        """Closes the stages' long-lived clients when the worker stops."""
+        """Closes the stages' long-lived clients when the worker stops; freezes the start-up
+        heap once the worker is ready."""
+
+        async def on_started(self) -> None:
+            # Faust starts user services once table recovery completed, just before "Ready".
+            # Everything allocated so far (imports, config, clients, restored tables) lives as
+            # long as the process: move it out of the cyclic GC's reach, so the full
+            # collections that start-up allocation triggers no longer walk ~10^5 objects in
+            # the middle of the first auctions (a 15-20 ms pause each, more under load).
+            if os.environ.get("PINGPOST_GC_FREEZE", "1") == "1":
+                gc.collect()
+                gc.freeze()
+                log.info("froze %d start-up objects out of the cyclic GC", gc.get_freeze_count())
 
         async def on_stop(self) -> None:
             await ctx.close()
