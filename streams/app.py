@@ -135,9 +135,9 @@ def create_app(settings: Settings, role: Role = "auction", *, web_port: int | No
             internal=False,
         )
     if role == "auction":
-        from streams import auction, ping, post, redact
+        from streams import auction, buyer_stats, ping, post, redact
 
-        for stage in (redact, ping, auction, post):
+        for stage in (redact, ping, auction, post, buyer_stats):
             stage.register(ctx)
     elif role == "sink":
         from streams import sink

@@ -22,7 +22,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 from aiokafka.partitioner import murmur2
 
@@ -78,17 +78,21 @@ def conditions_reason(conditions: dict[str, Any], ping_fields: dict[str, Any],
     return None
 
 
-def _rank_key(c: dict[str, Any]) -> tuple[float, int, str]:
-    # Deterministic: price desc, then earlier answer, then buyer id.
-    return (-c["price"], c["answered_at_ms"], c["buyer_id"])
-
-
 def decide(bids: list[dict[str, Any]], ping_fields: dict[str, Any], strategy: StrategyConfig,
-           lead_created_ms: int, at_ms: int, *, flow: FlowConfig | None = None) -> Decision:
-    """Highest acceptable bid wins: exclusively if it asks for exclusivity, else the lead is
-    shared to the top ``shared_max`` non-exclusive bids, each at its own price. With ``flow``
-    the flow's floors apply (a bid below its floor, or an exclusive bid below the exclusive
-    minimum, is not acceptable)."""
+           lead_created_ms: int, at_ms: int, *, flow: FlowConfig | None = None,
+           acceptance: Mapping[str, float] | None = None,
+           payment: Mapping[str, float] | None = None) -> Decision:
+    """The acceptable bids, best first, and how the lead is sold.
+
+    Best is by price (``strategy.rank_by: price``; ties: higher score, earlier answer, buyer
+    id) or by score (``w_price·price/max + w_accept·acceptance + w_pay·payment_speed``, with
+    ``acceptance`` the buyers' observed post acceptance rates and ``payment`` their configured
+    payment speeds). The best bid wins exclusively if it asks for exclusivity, else the lead is
+    shared to the top ``shared_max`` non-exclusive bids, each at its own price;
+    ``exclusive_only`` sells exclusively to the best bid whatever it asked, ``shared_only``
+    never honours a request for exclusivity (those bids are dropped). With ``flow`` the flow's
+    floors apply (a bid below its floor, or an exclusive bid below the exclusive minimum, is
+    not acceptable)."""
     cands = []
     for b in bids:
         ok, _ = acceptable(b, ping_fields, strategy, lead_created_ms, at_ms, flow=flow)
@@ -98,12 +102,16 @@ def decide(bids: list[dict[str, Any]], ping_fields: dict[str, Any], strategy: St
                 "price": float(b["price"]), "exclusive": bool(b["exclusive"]),
                 "conditions": b.get("conditions") or {}, "answered_at_ms": b["answered_at_ms"],
             })
-    cands.sort(key=_rank_key)
-    if not cands:
+    if strategy.shared_only:
+        cands = [c for c in cands if not rules.wants_exclusive(c)]
+    ranked = rules.rank(cands, rank_by=strategy.rank_by, weights=strategy.weights,
+                        acceptance=acceptance or {}, payment=payment or {},
+                        default_acceptance=strategy.acceptance_prior.rate)
+    mode = rules.choose_mode(ranked, exclusive_only=strategy.exclusive_only,
+                             shared_only=strategy.shared_only)
+    if mode == "none":
         return Decision("none", 0, [])
-    if rules.wants_exclusive(cands[0]):
-        return Decision("exclusive", 1, cands)
-    return Decision("shared", strategy.shared_max, cands)
+    return Decision(mode, 1 if mode == "exclusive" else strategy.shared_max, ranked)
 
 
 def close_lag_ms(reason: str, closed_at_ms: float, deadline_at_ms: int,
@@ -119,6 +127,7 @@ def register(ctx: Context) -> None:
     bids_topic, posts_topic = ctx.topic("bids"), ctx.topic("posts")
     dead = DeadLetters(ctx.topic("deadletter"), "auction")
     retention_ms = int(settings.worker.closed_retention_s * 1000)
+    payment = {b.id: b.payment_speed for b in settings.buyers}
     table = app.Table("auctions", default=None, partitions=settings.kafka.partitions,
                       key_type=str, value_type=None)
     ctx.resources["auctions_table"] = table
@@ -176,8 +185,13 @@ def register(ctx: Context) -> None:
         if flow is None:
             decision = Decision("none", 0, [])
         else:
+            counter = ctx.resources.get("acceptance")
+            prior = flow.strategy.acceptance_prior
             decision = decide(answers, op["ping_fields"], flow.strategy,
-                              op["created_at_ms"], int(closed), flow=flow)
+                              op["created_at_ms"], int(closed), flow=flow,
+                              acceptance=counter.rates(prior.rate, prior.weight)
+                              if counter is not None else None,
+                              payment=payment)
         last = max((a["answered_at_ms"] for a in answers), default=None)
         lag = close_lag_ms(reason, closed, op["deadline_at_ms"], last)
         order = {

@@ -44,8 +44,15 @@ def condition_failure(c: dict[str, Any], order: dict[str, Any], at_ms: int) -> s
 
 
 def next_batch(order: dict[str, Any], tried: set[str], sold: list[str], sold_mode: str | None,
-               shared_max: int, at_ms: int) -> tuple[str, list[dict[str, Any]], list[tuple[dict[str, Any], str]]]:
-    """The next buyers to post to: ``(mode, batch, skipped-with-reason)``; empty batch = done."""
+               shared_max: int, at_ms: int, *, exclusive_only: bool = False
+               ) -> tuple[str, list[dict[str, Any]], list[tuple[dict[str, Any], str]]]:
+    """The next buyers to post to: ``(mode, batch, skipped-with-reason)``; empty batch = done.
+
+    Candidates come best first. Exclusive: one buyer at a time until one accepts; shared: the
+    top ``shared_max`` non-exclusive bids at once, a failed slot offered to the next one. The
+    best remaining bid decides the mode (a rejected exclusive winner falls back to the next
+    bidder, shared if that one did not ask for exclusivity); ``exclusive_only`` flows sell
+    every lead exclusively."""
     remaining, skipped = [], []
     for c in order["candidates"]:
         if c["buyer_id"] in tried:
@@ -62,7 +69,7 @@ def next_batch(order: dict[str, Any], tried: set[str], sold: list[str], sold_mod
         return "shared", shared[: max(0, shared_max - len(sold))], skipped
     if not remaining:
         return "none", [], skipped
-    if rules.wants_exclusive(remaining[0]):
+    if exclusive_only or rules.wants_exclusive(remaining[0]):
         return "exclusive", [remaining[0]], skipped
     return "shared", shared[:shared_max], skipped
 
@@ -219,7 +226,8 @@ def register(ctx: Context) -> None:
                 tried = set(state["attempts"])
                 mode, batch, skipped = next_batch(order, tried,
                                                   [s["buyer_id"] for s in state["sold"]],
-                                                  state["mode"], flow.strategy.shared_max, now)
+                                                  state["mode"], flow.strategy.shared_max, now,
+                                                  exclusive_only=flow.strategy.exclusive_only)
                 for cand, why in skipped:
                     state["attempts"][cand["buyer_id"]] = {"status": "skipped", "attempt": 0}
                     await emit_delivery(order, cand, 0, "skipped", 0.0, why, None, now,

@@ -697,9 +697,8 @@ class Settings(_Model):
 #: applied by the stages. A worker refuses to start with any of them set: a cap or a floor
 #: that is silently ignored would cost real money.
 _NOT_YET_ENFORCED_FLOW = ("waves", "duplicates")
-_NOT_YET_ENFORCED_STRATEGY = ("rank_by", "weights", "acceptance_prior", "exclusive_only",
-                              "shared_only")
-_NOT_YET_ENFORCED_BUYER = ("caps", "payment_speed", "auto_pause")
+_NOT_YET_ENFORCED_STRATEGY: tuple[str, ...] = ()
+_NOT_YET_ENFORCED_BUYER = ("caps", "auto_pause")
 
 
 def unenforced_keys(settings: "Settings") -> list[str]:
