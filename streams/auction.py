@@ -256,8 +256,11 @@ def register(ctx: Context) -> None:
                 return  # replayed ping round: keep the first deadline
             state["open"] = rec
         elif name == "Bid":
-            if rec["status"] == "filtered":
-                return  # never pinged: nothing to wait for
+            if rec["status"] == "filtered" and not (
+                    state["open"] is not None
+                    and any(p["ping_id"] == rec["ping_id"] for p in state["open"]["pinged"])):
+                return  # never planned (filters, schedule): nothing to wait for
+            # (a planned buyer of a wave that was not needed answers `filtered`)
             state["answers"][rec["ping_id"]] = {
                 k: rec[k] for k in ("buyer_id", "tier", "ping_id", "status", "price",
                                     "exclusive", "conditions", "answered_at_ms")}

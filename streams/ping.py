@@ -20,12 +20,16 @@ import schemas
 from connectors.buyers import PingOutcome
 from streams import rules
 from streams.app import Context
+from streams.auction import acceptable
 from streams.runtime import DeadLetters, InFlight, now_ms
 from streams.settings import BuyerConfig, Settings
 
 __all__ = ["register", "plan_pings", "ping_body", "ping_id_for"]
 
 log = logging.getLogger(__name__)
+
+#: A wave that would have less than this before the deadline is not pinged at all.
+MIN_WAVE_MS = 20
 
 _PING_NS = uuid.UUID("5b0e1f0e-6a52-4f5e-9d51-7d1d0c7c0a11")
 
@@ -44,8 +48,11 @@ def plan_pings(
     at = now_ms() if at_ms is None else at_ms
     targets: list[BuyerConfig] = []
     filtered: list[tuple[BuyerConfig, str]] = []
+    waves = settings.flows[flow].waves if flow in settings.flows else None
     for buyer in settings.buyers_for(flow):
         why = rules.eligibility(buyer, ping_fields, at)
+        if why is None and rules.wave_of(buyer.tier, waves) is None:
+            why = f"tier '{buyer.tier}' is in no wave of flow '{flow}'"
         if why is None:
             targets.append(buyer)
         else:
@@ -102,14 +109,15 @@ def register(ctx: Context) -> None:
         await bids.send(key=record["lead_id"].encode(), value=schemas.encode("Bid", record))
 
     async def ping_one(req: dict[str, Any], buyer: BuyerConfig, ping_id: str,
-                       stop_at_ms: int) -> None:
+                       stop_at_ms: int) -> dict[str, Any]:
         flow = settings.flows[req["flow"]]
         sent = now_ms()
         budget = min(buyer.timeout_ms, stop_at_ms - sent)
         if budget <= 0:
-            await send_bid(_bid_record(req, buyer, ping_id, sent, None, "timeout",
-                                       "no time left before the auction deadline"))
-            return
+            record = _bid_record(req, buyer, ping_id, sent, None, "timeout",
+                                 "no time left before the auction deadline")
+            await send_bid(record)
+            return record
         body = ping_body(req["ping_fields"], req["flow"], ping_id, budget)
         out = await ctx.buyer_client().ping(buyer, body, budget / 1000.0,
                                   max_price=flow.strategy.max_price,
@@ -121,6 +129,7 @@ def register(ctx: Context) -> None:
                 flow, out.price, req["ping_fields"], sent,
                 exclusive=out.exclusive or out.conditions.exclusive_required) or ""
         await send_bid(record)
+        return record
 
     async def round_for(req: dict[str, Any]) -> None:
         auctions = ctx.resources.get("auctions_table")
@@ -147,8 +156,38 @@ def register(ctx: Context) -> None:
             await send_bid(_bid_record(req, buyer, ping_id_for(req["lead_id"], buyer.id),
                                        opened, None, "filtered", reason))
         stop_at = deadline - flow.safety_margin_ms
-        await asyncio.gather(*(ping_one(req, b, p["ping_id"], stop_at)
-                               for b, p in zip(targets, pinged)))
+        if flow.waves is None:
+            await asyncio.gather(*(ping_one(req, b, p["ping_id"], stop_at)
+                                   for b, p in zip(targets, pinged)))
+            return
+        # Waves: ping the first wave's tiers; a later wave only if the earlier ones produced
+        # no acceptable bid, and never past the deadline. Buyers of a wave not pinged get a
+        # `filtered` row saying why (the auction counts it as their answer: it can close early).
+        pending = list(zip(targets, pinged))
+        for i, wave in enumerate(flow.waves):
+            members = [(b, p) for b, p in pending if rules.wave_of(b.tier, flow.waves) == i]
+            if not members:
+                continue
+            now = now_ms()
+            if stop_at - now < MIN_WAVE_MS:
+                for b, p in members:
+                    await send_bid(_bid_record(req, b, p["ping_id"], now, None, "filtered",
+                                               f"not pinged: no time left for wave {i + 1} "
+                                               "before the deadline"))
+                continue
+            wave_stop = min(stop_at, now + wave.timeout_ms)
+            outcomes = await asyncio.gather(*(ping_one(req, b, p["ping_id"], wave_stop)
+                                              for b, p in members))
+            at = now_ms()
+            if any(acceptable(o, req["ping_fields"], flow.strategy, req["created_at_ms"], at,
+                              flow=flow)[0] for o in outcomes):
+                later = [(b, p) for b, p in pending
+                         if (rules.wave_of(b.tier, flow.waves) or 0) > i]
+                for b, p in later:
+                    await send_bid(_bid_record(req, b, p["ping_id"], at, None, "filtered",
+                                               f"not pinged: wave {i + 1} had an acceptable "
+                                               "bid"))
+                return
 
     @app.agent(ctx.topic("ping_requests"), name="ping", concurrency=1)
     async def ping_agent(stream: Any) -> None:
