@@ -129,7 +129,7 @@ def collect(client: Any, database: str, *, lead_ids: Sequence[str] | None = None
                   f"{'WHERE ' + ' AND '.join(conds) if conds else ''} "
                   f"ORDER BY at, rule, subject LIMIT 5000", parameters=aparams).result_rows]
     if lead_ids is not None:
-        scope = f"one run: {len(lead_ids):,} leads"
+        scope = f"one run: {len(lead_ids):,} lead{'' if len(lead_ids) == 1 else 's'}"
     else:
         scope = "all leads"
     if since is not None or until is not None:
