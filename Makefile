@@ -13,6 +13,9 @@ $(STAMP): pyproject.toml constraints.txt
 	@command -v java >/dev/null && command -v mvn >/dev/null || { \
 	  echo "installing Java 17 and Maven (Kafka runs from Maven Central jars)"; \
 	  apt-get update -qq && apt-get install -y -qq openjdk-17-jre-headless maven; }
+	@command -v chromium >/dev/null || { \
+	  echo "installing Chromium (the HTML report's browser test drives it headless)"; \
+	  apt-get update -qq && apt-get install -y -qq chromium; }
 	$(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -c constraints.txt -e '.[dev]'

@@ -9,7 +9,7 @@
     pingpost kafka start|stop     the local Kafka broker
     pingpost topics create        create every topic with its partition count
     pingpost migrate              apply ClickHouse migrations
-    pingpost report               the terminal report from ClickHouse
+    pingpost report [--html PATH] the terminal report from ClickHouse (or an HTML file)
     pingpost sql "SELECT ..."     run SQL against the configured ClickHouse
     pingpost check-config         validate the configuration file
 
@@ -179,12 +179,26 @@ def _sync_client(s: Settings, **kwargs: Any) -> Any:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from streams.report import build_report, print_report
+    from streams.report import build_report, parse_time, print_report
 
+    try:
+        since = parse_time(args.since) if args.since else None
+        until = parse_time(args.until) if args.until else None
+    except ValueError as exc:
+        print(f"pingpost report: {exc}", file=sys.stderr)
+        return 2
     s = _settings(args)
     client = _sync_client(s)
     try:
-        print_report(build_report(client, s.clickhouse.database))
+        summary = build_report(client, s.clickhouse.database, since=since, until=until)
+        if args.html:
+            from streams.html_report import write_html_report
+
+            path = write_html_report(client, s.clickhouse.database, args.html, since=since,
+                                     until=until, summary=summary)
+            print(f"HTML report: {path}")
+        else:
+            print_report(summary)
     finally:
         client.close()
     return 0
@@ -242,6 +256,21 @@ def _pii_audit(s: Settings, leads: list[dict[str, Any]]) -> tuple[int, int]:
     return pings, leaks
 
 
+def _demo_html(console: Any, client: Any, db: str, path: Path, **kwargs: Any) -> bool:
+    """The demo's last step: the same report as HTML in the run directory."""
+    from clickhouse_connect.driver.exceptions import ClickHouseError
+
+    from streams.html_report import write_html_report
+
+    try:
+        written = write_html_report(client, db, path, **kwargs)
+    except (ClickHouseError, OSError) as exc:
+        console.print(f"[red]could not write the HTML report {path}: {exc}[/]")
+        return False
+    console.print(f"[cyan]•[/] HTML report: {written}")
+    return True
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -296,7 +325,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     (dead_letters,) = client.query(
         f"SELECT count() FROM {db}.dead_letters FINAL WHERE at >= %(t)s",
         parameters={"t": started_at}).result_rows[0]
-    client.close()
     span = ((report.last_settled - report.first_received).total_seconds()
             if report.first_received and report.last_settled else 0.0)
     pings, leaks = _pii_audit(s, leads) if s.simulator.buyers else (0, 0)
@@ -309,7 +337,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "PII audit of pings received by buyers": f"{leaks} leaks in {pings:,} pings",
         "demo wall time": f"{wall:.1f}s",
     }
-    print_report(report, console, title=f"pingpost demo — {len(ids):,} solar leads", extra=extra)
+    title = f"pingpost demo — {len(ids):,} solar leads"
+    print_report(report, console, title=title, extra=extra)
+    html_ok = _demo_html(console, client, db, RUN_DIR / "report.html", lead_ids=ids,
+                         since=started_at, summary=report, title=title, extra=extra)
+    client.close()
     # Unsold because the market said no is fine; unsold because the platform failed is not.
     internal = sum(n for reason, n in report.unsold_reasons
                    if reason not in ("no bids", "no acceptable bid", "all posts rejected or failed",
@@ -320,6 +352,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "no PII in any ping": leaks == 0,
         "no record dead-lettered": dead_letters == 0,
         "no lead unsold for a platform reason": internal == 0,
+        "HTML report written": html_ok,
     }
     ok = all(checks.values())
     for what, passed in checks.items():
@@ -378,7 +411,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_topics)
 
     sub.add_parser("migrate", help="apply ClickHouse migrations").set_defaults(func=cmd_migrate)
-    sub.add_parser("report", help="print the report from ClickHouse").set_defaults(func=cmd_report)
+    r = sub.add_parser("report", help="print the report from ClickHouse, or write it as HTML")
+    r.add_argument("--html", metavar="PATH", help="write a self-contained HTML report here")
+    r.add_argument("--since", help="leads received from (ISO 8601, UTC if no offset, or a "
+                   "duration ago: 15m, 2h, 7d); default: the beginning")
+    r.add_argument("--until", help="leads received before (same forms); default: now")
+    r.set_defaults(func=cmd_report)
     sub.add_parser("check-config", help="validate the config").set_defaults(func=cmd_check_config)
     q = sub.add_parser("sql", help="run SQL against the configured ClickHouse, print a table")
     q.add_argument("query")

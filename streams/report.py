@@ -1,20 +1,23 @@
 """The terminal report: what the market did, queried from ClickHouse (deduplicated with FINAL).
 
 Every figure comes from the analyst tables, so the report and the tables agree by
-construction; ``lead_ids`` restricts it to one run (the demo), otherwise it covers
-everything since ``since``.
+construction. ``lead_ids`` restricts it to one run (the demo); ``since``/``until`` to the leads
+received in ``[since, until)`` (every event of a lead counts with the lead, so a lead's pings and
+posts are never split across two reports); both together intersect.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+import re
+from datetime import datetime, timedelta, timezone
 from typing import Any, Sequence
 
 from rich.console import Console
 from rich.table import Table
 
-__all__ = ["Report", "build_report", "print_report"]
+__all__ = ["Report", "build_report", "headline_rows", "parse_time", "print_report", "scope_where",
+           "ch_time"]
 
 
 @dataclass
@@ -57,13 +60,62 @@ class Report:
         return self.revenue / self.pings if self.pings else 0.0
 
 
-def build_report(client: Any, database: str, lead_ids: Sequence[str] | None = None) -> Report:
+def ch_time(t: datetime) -> str:
+    """A datetime as a ClickHouse literal in UTC with milliseconds (naive means UTC), for
+    ``toDateTime64(..., 3, 'UTC')``: independent of the server's and the client's time zone."""
+    if t.tzinfo is not None:
+        t = t.astimezone(timezone.utc).replace(tzinfo=None)
+    return t.strftime("%Y-%m-%d %H:%M:%S.") + f"{t.microsecond // 1000:03d}"
+
+
+def scope_where(database: str, lead_ids: Sequence[str] | None = None,
+                since: datetime | None = None, until: datetime | None = None
+                ) -> tuple[str, dict[str, Any]]:
+    """``("WHERE ...", params)`` selecting the leads of a report in any lead-keyed table
+    (``""`` for everything)."""
+    conds, params = [], {}
+    if lead_ids is not None:
+        conds.append("lead_id IN %(ids)s")
+        params["ids"] = list(lead_ids)
+    window = []
+    if since is not None:
+        window.append("received_at >= toDateTime64(%(since)s, 3, 'UTC')")
+        params["since"] = ch_time(since)
+    if until is not None:
+        window.append("received_at < toDateTime64(%(until)s, 3, 'UTC')")
+        params["until"] = ch_time(until)
+    if window:
+        conds.append(f"lead_id IN (SELECT lead_id FROM {database}.leads FINAL "
+                     f"WHERE {' AND '.join(window)})")
+    return ("WHERE " + " AND ".join(conds) if conds else ""), params
+
+
+_RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_time(text: str, now: datetime | None = None) -> datetime:
+    """``--since``/``--until``: ISO 8601 (``2025-06-01``, ``2025-06-01T14:30``, with an
+    optional offset; without one it is UTC) or a duration ago (``90s``, ``15m``, ``2h``,
+    ``7d``, ``1w``). Returns an aware UTC datetime; raises ``ValueError`` with the reason."""
+    text = text.strip()
+    m = _RELATIVE.match(text)
+    if m:
+        now = now or datetime.now(timezone.utc)
+        return now - timedelta(seconds=float(m.group(1)) * _UNIT_S[m.group(2)])
+    try:
+        t = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"'{text}' is neither an ISO 8601 time (2025-06-01T14:30) nor a "
+                         "duration ago (15m, 2h, 7d)") from None
+    return t.replace(tzinfo=timezone.utc) if t.tzinfo is None else t.astimezone(timezone.utc)
+
+
+def build_report(client: Any, database: str, lead_ids: Sequence[str] | None = None, *,
+                 since: datetime | None = None, until: datetime | None = None) -> Report:
     """Query the report with a *synchronous* clickhouse-connect client."""
     db = database
-    if lead_ids is not None:
-        where, params = "WHERE lead_id IN %(ids)s", {"ids": list(lead_ids)}
-    else:
-        where, params = "", {}
+    where, params = scope_where(db, lead_ids, since, until)
 
     def one(sql: str) -> Sequence[Any]:
         return client.query(sql, parameters=params).result_rows[0]  # type: ignore[no-any-return]
@@ -136,30 +188,36 @@ def build_report(client: Any, database: str, lead_ids: Sequence[str] | None = No
     return r
 
 
+def headline_rows(r: Report) -> list[tuple[str, str]]:
+    """The summary's (label, value) rows, shared by the terminal and the HTML report."""
+    return [
+        ("leads", f"{r.leads:,}"),
+        ("auctions settled", f"{r.auctions:,}"),
+        ("sold", f"{r.sold:,} ({r.sold_pct:.1f}%)"),
+        ("  exclusive / shared",
+         f"{r.sold_exclusive:,} / {r.sold_shared:,}"
+         + (f"  ({100 * r.sold_exclusive / r.sold:.0f}% / {100 * r.sold_shared / r.sold:.0f}%)"
+            if r.sold else "")),
+        ("unsold", f"{r.unsold:,}"),
+        ("revenue", f"${r.revenue:,.2f}"),
+        ("revenue per lead", f"${r.revenue_per_lead:,.2f}"),
+        ("revenue per ping", f"${r.revenue_per_ping:,.2f}  ({r.pings:,} pings, "
+                             f"{r.filtered:,} filtered)"),
+        ("auction close lag p50 / p99 / max",
+         f"{r.close_lag_p50:.1f} / {r.close_lag_p99:.1f} / {r.close_lag_max:.1f} ms"),
+        ("  p99 after the first 2 s", f"{r.close_lag_p99_warm:.1f} ms"),
+        ("ping round p50", f"{r.duration_p50:.0f} ms"),
+        ("sold leads without an accepted post", f"{r.sold_without_accepted_post}"),
+    ]
+
+
 def print_report(r: Report, console: Console | None = None, *, title: str = "pingpost report",
                  extra: dict[str, str] | None = None) -> None:
     c = console or Console()
     t = Table(title=title, show_header=False, title_justify="left")
     t.add_column(style="bold")
     t.add_column(justify="right")
-    t.add_row("leads", f"{r.leads:,}")
-    t.add_row("auctions settled", f"{r.auctions:,}")
-    t.add_row("sold", f"{r.sold:,} ({r.sold_pct:.1f}%)")
-    t.add_row("  exclusive / shared",
-              f"{r.sold_exclusive:,} / {r.sold_shared:,}"
-              + (f"  ({100 * r.sold_exclusive / r.sold:.0f}% / {100 * r.sold_shared / r.sold:.0f}%)"
-                 if r.sold else ""))
-    t.add_row("unsold", f"{r.unsold:,}")
-    t.add_row("revenue", f"${r.revenue:,.2f}")
-    t.add_row("revenue per lead", f"${r.revenue_per_lead:,.2f}")
-    t.add_row("revenue per ping", f"${r.revenue_per_ping:,.2f}  ({r.pings:,} pings, "
-              f"{r.filtered:,} filtered)")
-    t.add_row("auction close lag p50 / p99 / max",
-              f"{r.close_lag_p50:.1f} / {r.close_lag_p99:.1f} / {r.close_lag_max:.1f} ms")
-    t.add_row("  p99 after the first 2 s", f"{r.close_lag_p99_warm:.1f} ms")
-    t.add_row("ping round p50", f"{r.duration_p50:.0f} ms")
-    t.add_row("sold leads without an accepted post", f"{r.sold_without_accepted_post}")
-    for k, v in (extra or {}).items():
+    for k, v in [*headline_rows(r), *(extra or {}).items()]:
         t.add_row(k, v)
     c.print(t)
     b = Table(title="buyers: pings", title_justify="left")
