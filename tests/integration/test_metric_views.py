@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 from pydantic import SecretStr
 
-from connectors.clickhouse import TABLE_COLUMNS, Warehouse, connect, migrate
+from connectors.clickhouse import MIGRATIONS, TABLE_COLUMNS, Warehouse, connect, migrate
 from streams.settings import ClickHouseConfig
 
 pytestmark = pytest.mark.integration
@@ -49,7 +49,7 @@ async def wh(warehouse_url: str) -> AsyncIterator[Warehouse]:
     cfg = ClickHouseConfig(url=warehouse_url, database=name, password=SecretStr(""))
     warehouse = await connect(cfg)
     try:
-        assert await migrate(warehouse) == [1, 2]
+        assert await migrate(warehouse) == [v for v, _, _ in MIGRATIONS]
         await wait_views(warehouse)  # the refresh each view starts when created
         yield warehouse
     finally:
@@ -430,8 +430,7 @@ async def test_migrate_is_rerunnable(wh: Warehouse) -> None:
     assert await migrate(wh) == []
     # Even with its bookkeeping lost, every statement is idempotent (IF NOT EXISTS).
     await wh.command(f"TRUNCATE TABLE {wh.database}.schema_migrations")
-    assert await migrate(wh) == [1, 2]
-    (views,), = await wh.query_rows(
-        "SELECT count() FROM system.view_refreshes WHERE database = {db:String}",
-        db=wh.database)
-    assert views == len(REFRESHABLE_VIEWS)
+    assert await migrate(wh) == [v for v, _, _ in MIGRATIONS]
+    views = await wh.query_rows(
+        "SELECT view FROM system.view_refreshes WHERE database = {db:String}", db=wh.database)
+    assert set(REFRESHABLE_VIEWS) <= {v for v, in views}
