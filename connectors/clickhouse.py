@@ -5,8 +5,9 @@ HTTP interface, so nothing here knows which one it talks to. Schema changes are 
 migrations, applied idempotently at start-up and recorded in ``schema_migrations``.
 
 Every event table is a ``ReplacingMergeTree`` ordered by the event's natural id: a redelivered
-event (at-least-once) is the same row again, and ``FINAL`` (or the ``*_v`` views) shows each
-event once.
+event (at-least-once) is the same row again, and ``FINAL`` shows each event once. The metric
+tables ``flow_minute`` and ``buyer_minute`` are recomputed from the deduplicated events by
+refreshable materialized views (see ``_metric_statements``; docs/analytics.md).
 """
 
 from __future__ import annotations
@@ -33,6 +34,149 @@ class ClickHouseUnavailable(Exception):
     def __init__(self, message: str, retriable: bool) -> None:
         super().__init__(message)
         self.retriable = retriable
+
+
+# --------------------------------------------------------------------------- metric views
+#
+# flow_minute and buyer_minute hold one row per (flow | buyer, minute) of metrics. They are
+# not fed by insert-triggered views: the sink is at-least-once, a redelivered event is
+# inserted again in another batch, and a trigger would count it twice (a re-sent ping may
+# even carry another status or minute). Instead refreshable materialized views recompute
+# whole minutes from the deduplicated event tables (FINAL: one row per event id) and APPEND
+# them; the tables are ReplacingMergeTree(refreshed_at), so the newest computation of a
+# minute replaces the older ones (query them with FINAL, like every table).
+#
+# * ``*_mv_recent`` runs every minute (5 s past it, so the sink has landed the minute that
+#   just ended) over the last 3 hours: metrics trail the events by at most ~1 minute.
+# * ``*_mv_daily`` runs once a day over the last 35 days: events that reached ClickHouse more
+#   than 3 hours late (a long warehouse outage) are counted by the next day.
+#
+# The window starts on a minute boundary, so a minute is always recomputed whole. The SQL is
+# frozen here for migration 2: change it with a new migration, never in place.
+
+_FLOW_MINUTE_SELECT = """
+SELECT flow, minute,
+       sum(pings_sent) AS pings_sent, sum(pings_filtered) AS pings_filtered,
+       sum(responses) AS responses, sum(bids) AS bids, sum(no_bids) AS no_bids,
+       sum(timeouts) AS timeouts, sum(errors) AS errors, sum(bid_sum) AS bid_sum,
+       sum(pings_posted) AS pings_posted, sum(posts) AS posts,
+       sum(posts_accepted) AS posts_accepted, sum(leads) AS leads,
+       sum(leads_sold) AS leads_sold, sum(revenue) AS revenue,
+       if(pings_sent = 0, NULL, responses / pings_sent) AS response_rate,
+       if(pings_sent = 0, NULL, bids / pings_sent) AS bid_rate,
+       if(bids = 0, NULL, bid_sum / bids) AS avg_bid,
+       if(pings_sent = 0, NULL, pings_posted / pings_sent) AS win_rate,
+       if(posts = 0, NULL, posts_accepted / posts) AS accept_rate,
+       if(pings_sent = 0, NULL, revenue / pings_sent) AS revenue_per_ping,
+       if(leads = 0, NULL, revenue / leads) AS revenue_per_lead,
+       now64(3) AS refreshed_at
+FROM (
+    SELECT flow, toStartOfMinute(sent_at) AS minute,
+           countIf(status != 'filtered') AS pings_sent,
+           countIf(status = 'filtered') AS pings_filtered,
+           countIf(status IN ('bid', 'no_bid')) AS responses,
+           countIf(status = 'bid') AS bids, countIf(status = 'no_bid') AS no_bids,
+           countIf(status = 'timeout') AS timeouts, countIf(status = 'error') AS errors,
+           sumIf(coalesce(price, 0), status = 'bid') AS bid_sum,
+           countIf(status != 'filtered' AND ping_id IN (
+               SELECT ping_id FROM {db}.posts WHERE sent_at >= @SINCE@)) AS pings_posted,
+           0 AS posts, 0 AS posts_accepted, 0 AS leads, 0 AS leads_sold, 0 AS revenue
+    FROM {db}.pings FINAL WHERE sent_at >= @SINCE@ GROUP BY flow, minute
+    UNION ALL
+    SELECT flow, toStartOfMinute(sent_at) AS minute, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+           count(), countIf(status = 'accepted'), 0, 0, 0
+    FROM {db}.posts FINAL WHERE sent_at >= @SINCE@ GROUP BY flow, minute
+    UNION ALL
+    SELECT flow, toStartOfMinute(closed_at) AS minute, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+           count(), countIf(outcome != 'unsold'), sum(price_total)
+    FROM {db}.auctions FINAL WHERE closed_at >= @SINCE@ GROUP BY flow, minute
+)
+GROUP BY flow, minute"""
+
+_BUYER_MINUTE_SELECT = """
+SELECT buyer_id, minute,
+       sum(pings_sent) AS pings_sent, sum(pings_filtered) AS pings_filtered,
+       sum(bids) AS bids, sum(no_bids) AS no_bids, sum(timeouts) AS timeouts,
+       sum(errors) AS errors, sum(bid_sum) AS bid_sum,
+       max(latency_p50) AS latency_p50, max(latency_p95) AS latency_p95,
+       max(latency_p99) AS latency_p99,
+       sum(posts) AS posts, sum(posts_accepted) AS posts_accepted,
+       sum(posts_rejected) AS posts_rejected, sum(posts_failed) AS posts_failed,
+       sum(spend) AS spend,
+       if(pings_sent = 0, NULL, bids / pings_sent) AS bid_rate,
+       if(bids = 0, NULL, bid_sum / bids) AS avg_bid,
+       if(pings_sent = 0, NULL, timeouts / pings_sent) AS timeout_rate,
+       if(pings_sent = 0, NULL, errors / pings_sent) AS error_rate,
+       if(posts = 0, NULL, posts_accepted / posts) AS accept_rate,
+       now64(3) AS refreshed_at
+FROM (
+    SELECT buyer_id, toStartOfMinute(sent_at) AS minute,
+           countIf(status != 'filtered') AS pings_sent,
+           countIf(status = 'filtered') AS pings_filtered,
+           countIf(status = 'bid') AS bids, countIf(status = 'no_bid') AS no_bids,
+           countIf(status = 'timeout') AS timeouts, countIf(status = 'error') AS errors,
+           sumIf(coalesce(price, 0), status = 'bid') AS bid_sum,
+           quantilesExactIf(0.5, 0.95, 0.99)(latency_ms, status != 'filtered') AS q,
+           if(pings_sent = 0, NULL, q[1]) AS latency_p50,
+           if(pings_sent = 0, NULL, q[2]) AS latency_p95,
+           if(pings_sent = 0, NULL, q[3]) AS latency_p99,
+           0 AS posts, 0 AS posts_accepted, 0 AS posts_rejected, 0 AS posts_failed,
+           0 AS spend
+    FROM {db}.pings FINAL WHERE sent_at >= @SINCE@ GROUP BY buyer_id, minute
+    UNION ALL
+    SELECT buyer_id, toStartOfMinute(sent_at) AS minute, 0, 0, 0, 0, 0, 0, 0, [], NULL, NULL,
+           NULL, count(), countIf(status = 'accepted'), countIf(status = 'rejected'),
+           countIf(status IN ('error', 'timeout')), sumIf(price, status = 'accepted')
+    FROM {db}.posts FINAL WHERE sent_at >= @SINCE@ GROUP BY buyer_id, minute
+)
+GROUP BY buyer_id, minute"""
+
+#: (view suffix, schedule, window start) of the refreshable views that fill each table.
+_METRIC_REFRESHES = [
+    ("recent", "EVERY 1 MINUTE OFFSET 5 SECOND", "toStartOfMinute(now() - INTERVAL 3 HOUR)"),
+    ("daily", "EVERY 1 DAY OFFSET 2 HOUR", "toStartOfMinute(now() - INTERVAL 35 DAY)"),
+]
+
+
+def _metric_statements() -> list[str]:
+    rates = "response_rate, bid_rate, avg_bid, win_rate, accept_rate, revenue_per_ping"
+    statements = [
+        f"""CREATE TABLE IF NOT EXISTS {{db}}.flow_minute (
+            flow LowCardinality(String),
+            minute DateTime('UTC'),
+            pings_sent UInt64, pings_filtered UInt64, responses UInt64, bids UInt64,
+            no_bids UInt64, timeouts UInt64, errors UInt64, bid_sum Float64,
+            pings_posted UInt64, posts UInt64, posts_accepted UInt64,
+            leads UInt64, leads_sold UInt64, revenue Float64,
+            {', '.join(f'{c} Nullable(Float64)' for c in rates.split(', '))},
+            revenue_per_lead Nullable(Float64),
+            refreshed_at DateTime64(3, 'UTC')
+        ) ENGINE = ReplacingMergeTree(refreshed_at)
+        PARTITION BY toYYYYMM(minute) ORDER BY (flow, minute)""",
+        """CREATE TABLE IF NOT EXISTS {db}.buyer_minute (
+            buyer_id LowCardinality(String),
+            minute DateTime('UTC'),
+            pings_sent UInt64, pings_filtered UInt64, bids UInt64, no_bids UInt64,
+            timeouts UInt64, errors UInt64, bid_sum Float64,
+            latency_p50 Nullable(Float64), latency_p95 Nullable(Float64),
+            latency_p99 Nullable(Float64),
+            posts UInt64, posts_accepted UInt64, posts_rejected UInt64, posts_failed UInt64,
+            spend Float64,
+            bid_rate Nullable(Float64), avg_bid Nullable(Float64),
+            timeout_rate Nullable(Float64), error_rate Nullable(Float64),
+            accept_rate Nullable(Float64),
+            refreshed_at DateTime64(3, 'UTC')
+        ) ENGINE = ReplacingMergeTree(refreshed_at)
+        PARTITION BY toYYYYMM(minute) ORDER BY (buyer_id, minute)""",
+    ]
+    for table, select in (("flow_minute", _FLOW_MINUTE_SELECT),
+                          ("buyer_minute", _BUYER_MINUTE_SELECT)):
+        for suffix, schedule, since in _METRIC_REFRESHES:
+            statements.append(
+                f"CREATE MATERIALIZED VIEW IF NOT EXISTS {{db}}.{table}_mv_{suffix}"
+                f" REFRESH {schedule} APPEND TO {{db}}.{table} AS"
+                + select.replace("@SINCE@", since))
+    return statements
 
 
 #: (version, description, statements). ``{db}`` is the configured database. Append only.
@@ -125,6 +269,8 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
         ) ENGINE = ReplacingMergeTree
         PARTITION BY toYYYYMM(at) ORDER BY id""",
     ]),
+    (2, "metric tables flow_minute and buyer_minute, filled by refreshable views over FINAL",
+     _metric_statements()),
 ]
 
 #: Column order of each event table as the sink inserts it.
