@@ -1,0 +1,158 @@
+"""Selling rules end to end, one scenario per rule, against real simulated buyers on the
+real broker: waves (a later tier only when the earlier produced no acceptable bid) and
+ranking by score with an exclusive-only flow (a buyer that keeps rejecting loses its place
+to one that accepts, at a lower price)."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from typing import Any, Iterator
+
+import pytest
+
+from streams.demo import generate_leads
+from tests.integration.pipeline import SOLAR_FLOW, Pipeline
+
+pytestmark = pytest.mark.integration
+
+SIM = {"bid_probability": 1.0, "latency_ms": {"median": 10, "p99": 40}, "late_share": 0.0,
+       "error_rate": 0.0, "post_reject_rate": 0.0, "exclusive_share": 0.0}
+FLOORS = {"base": 40.0}
+WAVES = [{"tiers": ["premium"], "timeout_ms": 300}, {"tiers": ["standard"], "timeout_ms": 300}]
+
+
+def pipeline(tmp: Any, kafka: str, warehouse: str, buyers: dict[str, Any],
+             **flow: Any) -> Pipeline:
+    return Pipeline(tmp, kafka, warehouse, buyers,
+                    flow={**copy.deepcopy(SOLAR_FLOW), **flow})
+
+
+def run(p: Pipeline, n: int, seed: int, *, sequential: bool = False) -> list[str]:
+    leads = generate_leads(n, seed=seed)
+    if not sequential:
+        ids = [a["lead_id"] for a in asyncio.run(p.post_many(leads))]
+        p.settled(ids)
+        return ids
+    ids = []
+    for lead in leads:  # one at a time: each auction sees the outcomes of the ones before
+        ids += [a["lead_id"] for a in asyncio.run(p.post_many([lead], wait=True))]
+    p.settled(ids)
+    return ids
+
+
+# -- waves --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def waves_below(kafka_bootstrap: str, warehouse_url: str,
+                tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Pipeline, list[str]]]:
+    """The premium wave bids below the floor: the standard wave is pinged and wins."""
+    buyers = {
+        "gold": {"tier": "premium", "sim": {**SIM, "price": {"median": 15, "p99": 25}}},
+        "silver": {"tier": "standard", "sim": {**SIM, "price": {"median": 90, "p99": 110}}},
+    }
+    p = pipeline(tmp_path_factory.mktemp("waves1"), kafka_bootstrap, warehouse_url, buyers,
+                 floors=FLOORS, waves=WAVES, deadline_ms=1200)
+    try:
+        p.start()
+        yield p, run(p, 12, 501)
+    finally:
+        p.stop()
+
+
+def test_later_wave_is_pinged_after_the_first_and_wins(
+        waves_below: tuple[Pipeline, list[str]]) -> None:
+    p, ids = waves_below
+    rows = p.rows("SELECT lead_id, buyer_id, status, sent_at, answered_at FROM {db}.pings "
+                  "FINAL WHERE lead_id IN %(ids)s", ids=ids)
+    by_lead: dict[str, dict[str, Any]] = {}
+    for lead, buyer, status, sent, answered in rows:
+        by_lead.setdefault(lead, {})[buyer] = (status, sent, answered)
+    assert set(by_lead) == set(ids)
+    for lead, pings in by_lead.items():
+        assert pings["gold"][0] == "bid" and pings["silver"][0] == "bid", pings
+        # wave 2 leaves only after wave 1 answered
+        assert pings["silver"][1] >= pings["gold"][2], lead
+    winners = {w for (w,) in p.rows("SELECT arrayJoin(winners) FROM {db}.auctions FINAL "
+                                    "WHERE lead_id IN %(ids)s", ids=ids)}
+    assert winners == {"silver"}
+    assert len(p.received("silver", "ping")) == len(ids)
+    assert not p.received("gold", "post")
+
+
+@pytest.fixture(scope="module")
+def waves_enough(kafka_bootstrap: str, warehouse_url: str,
+                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Pipeline, list[str]]]:
+    """The premium wave bids above the floor: the standard wave is never pinged."""
+    buyers = {
+        "gold": {"tier": "premium", "sim": {**SIM, "price": {"median": 60, "p99": 70}}},
+        "silver": {"tier": "standard", "sim": {**SIM, "price": {"median": 200, "p99": 220}}},
+    }
+    p = pipeline(tmp_path_factory.mktemp("waves2"), kafka_bootstrap, warehouse_url, buyers,
+                 floors=FLOORS, waves=WAVES, deadline_ms=1200)
+    try:
+        p.start()
+        yield p, run(p, 12, 502)
+    finally:
+        p.stop()
+
+
+def test_later_wave_is_not_pinged_when_the_first_has_an_acceptable_bid(
+        waves_enough: tuple[Pipeline, list[str]]) -> None:
+    p, ids = waves_enough
+    assert p.received("silver", "ping") == []
+    rows = p.rows("SELECT status, reason FROM {db}.pings FINAL WHERE buyer_id = 'silver' "
+                  "AND lead_id IN %(ids)s", ids=ids)
+    assert len(rows) == len(ids)
+    assert {r for r in rows} == {("filtered", "not pinged: wave 1 had an acceptable bid")}
+    auctions = p.rows("SELECT winners, close_reason FROM {db}.auctions FINAL "
+                      "WHERE lead_id IN %(ids)s", ids=ids)
+    assert len(auctions) == len(ids)
+    for winners, close_reason in auctions:
+        assert winners == ["gold"]
+        # every planned buyer answered (silver with 'filtered'): no wait for the deadline
+        assert close_reason == "all_answered"
+
+
+# -- score ranking, exclusive only -----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def scored(kafka_bootstrap: str, warehouse_url: str,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Pipeline, list[str]]]:
+    buyers = {
+        # bids the most, rejects every post
+        "greedy": {"sim": {**SIM, "price": {"median": 100, "p99": 101},
+                           "post_reject_rate": 1.0}},
+        # bids less, accepts every post
+        "steady": {"sim": {**SIM, "price": {"median": 80, "p99": 81}}},
+    }
+    strategy = {**SOLAR_FLOW.get("strategy", {}), "rank_by": "score", "exclusive_only": True,
+                "acceptance_prior": {"rate": 0.7, "weight": 2}}
+    p = pipeline(tmp_path_factory.mktemp("score"), kafka_bootstrap, warehouse_url, buyers,
+                 strategy=strategy)
+    try:
+        p.start()
+        yield p, run(p, 12, 503, sequential=True)
+    finally:
+        p.stop()
+
+
+def test_score_ranking_learns_acceptance_and_sells_exclusively(
+        scored: tuple[Pipeline, list[str]]) -> None:
+    p, ids = scored
+    first = dict(p.rows("SELECT lead_id, buyer_id FROM {db}.posts FINAL "
+                        "WHERE attempt = 1 AND lead_id IN %(ids)s", ids=ids))
+    assert set(first) == set(ids)
+    order = [first[i] for i in ids]
+    # With equal priors the higher price ranks first; once greedy's rejections pull its
+    # observed acceptance down, steady (lower price, accepts) is posted to first.
+    assert order[0] == "greedy"
+    assert order[-4:] == ["steady"] * 4
+    switch = order.index("steady")
+    assert all(b == "steady" for b in order[switch:])
+    # exclusive_only: every sale is exclusive, to one buyer, and every post said so
+    for outcome, winners in p.rows("SELECT outcome, winners FROM {db}.auctions FINAL "
+                                   "WHERE lead_id IN %(ids)s", ids=ids):
+        assert (outcome, winners) == ("sold_exclusive", ["steady"])
+    for buyer in ("greedy", "steady"):
+        assert all(r["json"]["exclusive"] is True for r in p.received(buyer, "post"))
