@@ -61,7 +61,7 @@ def test_decide_applies_the_flows_floors(at: int, bids: list[dict[str, Any]], mo
 
 
 def test_without_floors_the_decision_is_unchanged() -> None:
-    s = settings()
+    s = settings(floors={})
     flow = s.flows["solar"]
     bids = [bid("a", 1.0), bid("b", 2.0)]
     assert decide(bids, PING, flow.strategy, 0, 1000, flow=flow) == \
