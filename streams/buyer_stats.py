@@ -15,7 +15,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import mode
 from aiokafka import AIOKafkaConsumer
@@ -24,8 +25,9 @@ from aiokafka.structs import TopicPartition
 import schemas
 from streams import rules
 from streams.runtime import now_ms
+from streams.settings import AutoPauseConfig
 
-__all__ = ["AcceptanceCounter", "WINDOW_S", "register"]
+__all__ = ["AcceptanceCounter", "PauseTracker", "Transition", "WINDOW_S", "register"]
 
 log = logging.getLogger(__name__)
 
@@ -69,15 +71,77 @@ class AcceptanceCounter:
                 for b, n in self.posted.items()}
 
 
-def register(ctx: Any) -> None:
-    """Start the acceptance feed in this worker if any flow ranks by score."""
-    if not any(f.strategy.rank_by == "score" for f in ctx.settings.flows.values()):
-        return
-    counter = AcceptanceCounter()
-    ctx.resources["acceptance"] = counter
-    settings, topic = ctx.settings, ctx.names.deliveries
+@dataclass(frozen=True)
+class Transition:
+    buyer_id: str
+    state: str  # paused | resumed
+    at_ms: int
+    failure_rate: float
+    pings: int
+    until_ms: int | None
 
-    class AcceptanceFeed(mode.Service):
+
+class PauseTracker:
+    """Auto-pause (issue 3, rule 10): a buyer whose timeout+error share over its sliding
+    window passes its threshold is paused for its cool-down, then resumes by itself. After a
+    resume only outcomes from then on count, so old failures cannot pause it again at once."""
+
+    def __init__(self, configs: dict[str, AutoPauseConfig]) -> None:
+        self.configs = configs
+        self._outcomes: dict[str, deque[tuple[int, str, str]]] = {b: deque() for b in configs}
+        self._seen: set[str] = set()
+        self.paused_until: dict[str, int] = {}
+        self._since: dict[str, int] = {}
+
+    def add(self, buyer_id: str, ping_id: str, status: str, at_ms: int) -> None:
+        if buyer_id not in self.configs or status not in rules.PING_STATUSES:
+            return
+        if ping_id in self._seen:
+            return  # redelivered
+        self._seen.add(ping_id)
+        self._outcomes[buyer_id].append((at_ms, ping_id, status))
+
+    def _window(self, buyer_id: str, now: int) -> list[tuple[int, str]]:
+        cfg, q = self.configs[buyer_id], self._outcomes[buyer_id]
+        oldest = now - int(cfg.window_s * 1000)
+        while q and q[0][0] <= oldest:
+            self._seen.discard(q.popleft()[1])
+        since = self._since.get(buyer_id, 0)
+        return [(at, st) for at, _, st in q if at >= since]
+
+    def evaluate(self, now: int) -> list[Transition]:
+        out = []
+        for buyer_id, cfg in self.configs.items():
+            until = self.paused_until.get(buyer_id)
+            window = self._window(buyer_id, now)
+            if until is not None:
+                if now >= until:
+                    del self.paused_until[buyer_id]
+                    self._since[buyer_id] = now
+                    out.append(Transition(buyer_id, "resumed", now, 0.0, 0, None))
+                continue
+            if rules.pause_decision(window, now, window_s=cfg.window_s,
+                                    min_pings=cfg.min_pings,
+                                    max_failure_rate=cfg.max_failure_rate):
+                failed = sum(1 for _, st in window if st in rules.FAILED_PING_STATUSES)
+                until = rules.pause_until_ms(now, cfg.cool_down_s)
+                self.paused_until[buyer_id] = until
+                out.append(Transition(buyer_id, "paused", now, failed / len(window),
+                                      len(window), until))
+        return out
+
+    def paused(self, buyer_id: str) -> int | None:
+        """Until when ``buyer_id`` is paused (epoch ms), or None."""
+        return self.paused_until.get(buyer_id)
+
+
+def _feed(settings: Any, topic: str, since_ms: int,
+          on_record: Callable[[bytes], None], on_batch: Callable[[], Any]) -> type[mode.Service]:
+    """A service reading every partition of ``topic`` from ``since_ms`` with a group-less
+    consumer (nothing committed, nothing to rebalance), calling ``on_record`` per value and
+    ``on_batch`` after each poll (also when idle)."""
+
+    class Feed(mode.Service):
         async def on_start(self) -> None:
             self._consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka.bootstrap,
                                               group_id=None, enable_auto_commit=False,
@@ -89,14 +153,13 @@ def register(ctx: Any) -> None:
                 parts = self._consumer.partitions_for_topic(topic) or set()
             tps = [TopicPartition(topic, p) for p in sorted(parts)]
             self._consumer.assign(tps)
-            since = now_ms() - counter.window_ms
-            starts = await self._consumer.offsets_for_times({tp: since for tp in tps})
+            starts = await self._consumer.offsets_for_times({tp: since_ms for tp in tps})
             for tp in tps:
                 if starts.get(tp) is not None:
                     self._consumer.seek(tp, starts[tp].offset)
                 else:
                     await self._consumer.seek_to_end(tp)
-            log.info("acceptance feed: reading %s from %d s ago", topic, int(WINDOW_S))
+            log.info("feed: reading %s from %d s ago", topic, (now_ms() - since_ms) // 1000)
 
         async def on_stop(self) -> None:
             await self._consumer.stop()
@@ -105,21 +168,73 @@ def register(ctx: Any) -> None:
         async def _read(self) -> None:
             while not self.should_stop:
                 try:
-                    batch = await self._consumer.getmany(timeout_ms=500, max_records=2000)
+                    batch = await self._consumer.getmany(timeout_ms=250, max_records=2000)
                 except asyncio.CancelledError:
                     raise
-                except Exception as exc:  # the feed must never take the worker down
-                    log.warning("acceptance feed: %s; retrying", exc)
+                except Exception as exc:  # a feed must never take the worker down
+                    log.warning("feed %s: %s; retrying", topic, exc)
                     await asyncio.sleep(1.0)
                     continue
                 for records in batch.values():
                     for rec in records:
-                        try:
-                            d = schemas.decode_as("Delivery", rec.value)
-                        except schemas.SchemaError:
-                            continue  # the post stage dead-letters what it cannot read
-                        counter.add(d["attempt_id"], d["buyer_id"], d["status"],
-                                    d["sent_at_ms"])
-                counter.expire(now_ms())
+                        on_record(rec.value)
+                res = on_batch()
+                if asyncio.iscoroutine(res):
+                    await res
 
-    ctx.app.service(AcceptanceFeed)
+    return Feed
+
+
+def register(ctx: Any) -> None:
+    """Start the acceptance feed if any flow ranks by score, and the pause feed if any buyer
+    has ``auto_pause``."""
+    settings = ctx.settings
+    if any(f.strategy.rank_by == "score" for f in settings.flows.values()):
+        counter = AcceptanceCounter()
+        ctx.resources["acceptance"] = counter
+
+        def on_delivery(value: bytes) -> None:
+            try:
+                d = schemas.decode_as("Delivery", value)
+            except schemas.SchemaError:
+                return  # the post stage dead-letters what it cannot read
+            counter.add(d["attempt_id"], d["buyer_id"], d["status"], d["sent_at_ms"])
+
+        ctx.app.service(_feed(settings, ctx.names.deliveries, now_ms() - counter.window_ms,
+                              on_delivery, lambda: counter.expire(now_ms())))
+
+    configs = {b.id: b.auto_pause for b in settings.buyers if b.auto_pause is not None}
+    if configs:
+        tracker = PauseTracker(configs)
+        ctx.resources["pauses"] = tracker
+        longest = max(int(c.window_s * 1000) for c in configs.values())
+
+        def on_bid(value: bytes) -> None:
+            try:
+                name, r = schemas.decode(value)
+            except schemas.SchemaError:
+                return
+            if name == "Bid":
+                tracker.add(r["buyer_id"], r["ping_id"], r["status"], r["answered_at_ms"])
+
+        async def on_tick() -> None:
+            for t in tracker.evaluate(now_ms()):
+                await announce_pause(ctx, t)
+
+        ctx.app.service(_feed(settings, ctx.names.bids, now_ms() - longest, on_bid, on_tick))
+
+
+async def announce_pause(ctx: Any, t: Transition) -> None:
+    """Log a pause transition; the worker owning partition 0 of the bids topic also records
+    it (every worker decides the same from the same events; one of them speaks)."""
+    msg = (f"buyer {t.buyer_id} paused: {t.failure_rate:.0%} of {t.pings} pings timed out or "
+           f"failed; resumes at {rules._iso(t.until_ms)}" if t.state == "paused"  # noqa: SLF001
+           else f"buyer {t.buyer_id} resumed after its cool-down")
+    log.warning(msg)
+    emit = ctx.resources.get("emit_pause_event")
+    if emit is None:
+        return
+    owners = {tp.partition for tp in ctx.app.assignor.assigned_actives()
+              if tp.topic == ctx.names.bids}
+    if 0 in owners:
+        await emit(t, msg)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from typing import Any
+from typing import Any, Callable
 
 import schemas
 from connectors.buyers import PingOutcome
@@ -41,16 +41,18 @@ def ping_id_for(lead_id: str, buyer_id: str) -> str:
 
 
 def plan_pings(
-    settings: Settings, flow: str, ping_fields: dict[str, Any], at_ms: int | None = None
+    settings: Settings, flow: str, ping_fields: dict[str, Any], at_ms: int | None = None, *,
+    paused_until: Callable[[str], int | None] | None = None,
 ) -> tuple[list[BuyerConfig], list[tuple[BuyerConfig, str]]]:
     """Which buyers of the flow get a ping, and why each other one does not (filters on the
-    ping fields, the buyer's schedule)."""
+    ping fields, the buyer's schedule, an auto-pause, a tier in no wave)."""
     at = now_ms() if at_ms is None else at_ms
     targets: list[BuyerConfig] = []
     filtered: list[tuple[BuyerConfig, str]] = []
     waves = settings.flows[flow].waves if flow in settings.flows else None
     for buyer in settings.buyers_for(flow):
-        why = rules.eligibility(buyer, ping_fields, at)
+        why = rules.eligibility(buyer, ping_fields, at, paused_until_ms=paused_until(buyer.id)
+                                if paused_until is not None else None)
         if why is None and rules.wave_of(buyer.tier, waves) is None:
             why = f"tier '{buyer.tier}' is in no wave of flow '{flow}'"
         if why is None:
@@ -142,7 +144,9 @@ def register(ctx: Context) -> None:
         if flow is None:
             raise ValueError(f"flow '{req['flow']}' is not configured on this worker")
         opened = now_ms()
-        targets, filtered = plan_pings(settings, req["flow"], req["ping_fields"], opened)
+        pauses = ctx.resources.get("pauses")
+        targets, filtered = plan_pings(settings, req["flow"], req["ping_fields"], opened,
+                                       paused_until=pauses.paused if pauses else None)
         deadline = opened + flow.deadline_ms
         pinged = [{"buyer_id": b.id, "tier": b.tier, "ping_id": ping_id_for(req["lead_id"], b.id)}
                   for b in targets]
