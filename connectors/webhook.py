@@ -49,6 +49,10 @@ class WebhookSender:
         self.attempts = attempts
         self.backoff_s = backoff_s
         self.on_failure = on_failure
+        # httpx logs every request's full URL at INFO; a webhook URL is a secret (it often
+        # carries the token), so that logger stays at WARNING in a process that sends them.
+        logging.getLogger("httpx").setLevel(max(logging.WARNING,
+                                                logging.getLogger("httpx").level))
         self._client = httpx.AsyncClient(timeout=httpx.Timeout(timeout_s), transport=transport,
                                          follow_redirects=False)
         self._queue: asyncio.Queue[WebhookDelivery] = asyncio.Queue(MAX_QUEUED)
