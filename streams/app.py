@@ -136,6 +136,9 @@ def create_app(settings: Settings, role: Role = "auction", *, web_port: int | No
         broker_session_timeout=10.0,
         broker_heartbeat_interval=1.0,
         broker_commit_interval=1.0,
+        # The metrics role holds its events unacked on purpose (the uncommitted offsets are
+        # its restart checkpoint, streams/metrics.py): stopping must not wait for them.
+        stream_wait_empty=role != "metrics",
     )
     ctx = Context(settings, app, TopicNames.from_settings(settings))
     for spec in topic_specs(settings):

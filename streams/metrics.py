@@ -24,6 +24,7 @@ webhook (queued, retried, never blocking; a final failure is dead-lettered with 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import deque
@@ -318,14 +319,22 @@ def register(ctx: Context) -> None:
                 _, event = queue.popleft()
                 await stream_box[0].ack(event)
 
+    @app.task
+    async def restore() -> None:
+        delay = 0.5
+        while True:
+            try:
+                await start_up()
+                return
+            except Exception as exc:  # Kafka not reachable yet: the timer waits for this
+                log.warning("metrics start-up failed (%s); retrying in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
     @app.timer(interval=min(1.0, mc.window_s / 4), name="metrics-evaluate")
     async def evaluate() -> None:
         if status["targets"] is None:
-            try:
-                await start_up()
-            except Exception as exc:
-                log.warning("metrics start-up failed (%s); retrying", exc)
-                return
+            return  # restore() has not finished: nothing may be evaluated yet
         closed_end = (now_ms() - grace_ms) // w * w
         until = status["evaluated_until"]
         await ack_older_than((closed_end if until is None else until + w) - horizon_ms)

@@ -199,11 +199,57 @@ def test_slow_buyer_fires_once_and_resolves_once(market: Pipeline, receiver: Rec
         assert call["json"]["subject"] == "buyer:slowpoke"
         assert call["headers"]["X-Hook-Key"] == "hook-secret-123"
         assert call["headers"]["Idempotency-Key"] == call["json"]["alert_id"]
-    records = [schemas.decode_as("Alert", m.value)
-               for m in asyncio.run(p.read_topic(p.names.alerts))]
-    assert [r["state"] for r in records] == ["firing", "resolved"]
+    assert [r["state"] for r in _topic_alerts(p)] == ["firing", "resolved"]
     # Secrets of the webhook never reach logs or topics.
     logs = "".join(f.read_text(errors="replace") for f in (p.root / "run" / "logs").glob("*"))
     assert "s3cret-hook" not in logs and "hook-secret-123" not in logs
     print(f"\nslow buyer detected {detected_s:.1f}s after the change "
           f"(firing window end {(at_ms - slow_at) / 1000:.1f}s after it)")
+
+
+def test_a_restarted_metrics_worker_keeps_the_alert_and_never_repeats_it(
+        market: Pipeline, receiver: Receiver) -> None:
+    """Stop the metrics worker while the alert fires and start it again: it restores the
+    firing state from the alerts topic, rebuilds its windows from the replayed offsets, keeps
+    evaluating without a second `firing`, and resolves once when the buyer recovers."""
+    p = market
+    window_ms = WINDOW_S * 1000
+    health = f"http://127.0.0.1:{p.metrics_port}/healthz"
+    with Pump(p.url, RATE):
+        wait_for(lambda: (_gauge(_metrics(p), "pingpost_pings", scope="buyer", id="slowpoke")
+                          or 0) >= 10, 60, "slowpoke's pings on /metrics")
+        _set_latency(p, "slowpoke", SLOW)
+        wait_for(lambda: [r for r in _alert_rows(p) if r[2] == "firing"], 30, "the firing row")
+
+        assert p.stack.stop("metrics")
+        restarted_at = time.time() * 1000
+        p.stack.spawn("metrics", ["worker", "--role", "metrics"])
+        wait_for(lambda: _get_json(health).get("caught_up"), 60, "the restarted worker")
+        assert _gauge(_metrics(p), "pingpost_alert_firing", rule="slow_buyer",
+                      subject="buyer:slowpoke") == 1.0
+        # Still slow: the restarted worker evaluates on, and must not fire again. (The topic,
+        # not the table: a window counts as evaluated only once its alerts are on Kafka.)
+        wait_for(lambda: (_get_json(health).get("evaluated_until_ms") or 0)
+                 >= restarted_at + 3 * window_ms, 30, "three windows after the restart")
+        assert [r["state"] for r in _topic_alerts(p)] == ["firing"]
+
+        _set_latency(p, "slowpoke", FAST)
+        wait_for(lambda: [r for r in _alert_rows(p) if r[2] == "resolved"], 30,
+                 "the resolved row")
+    assert [r[2] for r in _alert_rows(p)] == ["firing", "resolved"]
+    wait_for(lambda: len(receiver.calls) >= 2, 30, "two webhook calls")
+    assert [c["json"]["state"] for c in receiver.calls] == ["firing", "resolved"]
+    assert [r["state"] for r in _topic_alerts(p)] == ["firing", "resolved"]
+
+
+def _topic_alerts(p: Pipeline) -> list[dict[str, Any]]:
+    return [schemas.decode_as("Alert", m.value)
+            for m in asyncio.run(p.read_topic(p.names.alerts))]
+
+
+def _get_json(url: str) -> dict[str, Any]:
+    try:
+        r = httpx.get(url, timeout=5)
+    except httpx.HTTPError:
+        return {}
+    return r.json() if r.status_code == 200 else {}  # type: ignore[no-any-return]
