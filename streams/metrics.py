@@ -114,9 +114,11 @@ class MetricsCollector:
                                 value=1.0 if self.status.get("caught_up") else 0.0)
 
 
-async def _replay_targets(bootstrap: str, group: str, topics: list[str]) -> dict[Any, int]:
-    """Per partition, the last offset a restarted worker must read before evaluating: the
-    end offset now, for partitions where the group's committed offset is behind it."""
+async def _replay_targets(bootstrap: str, group: str, topics: list[str]
+                          ) -> tuple[dict[Any, int], set[Any]]:
+    """Per partition, the last offset this worker must read before evaluating (the end
+    offset now, where the group's position is behind it), and the partitions it resumes
+    from a committed offset (their events before it were acked: their history is partial)."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
     from aiokafka.admin import AIOKafkaAdminClient
 
@@ -136,13 +138,16 @@ async def _replay_targets(bootstrap: str, group: str, topics: list[str]) -> dict
         ends = await consumer.end_offsets(tps)
         begins = await consumer.beginning_offsets(tps)
         committed = await admin.list_consumer_group_offsets(group)
-        out = {}
+        out, resumed = {}, set()
         for tp in tps:
-            start = committed[tp].offset if tp in committed and committed[tp].offset >= 0 \
-                else begins[tp]
+            key = (tp.topic, tp.partition)
+            start = begins[tp]
+            if tp in committed and committed[tp].offset >= 0:
+                start = committed[tp].offset
+                resumed.add(key)
             if ends[tp] > start:
-                out[(tp.topic, tp.partition)] = ends[tp] - 1
-        return out
+                out[key] = ends[tp] - 1
+        return out, resumed
     finally:
         await admin.close()
         await consumer.stop()
@@ -308,7 +313,8 @@ def register(ctx: Context) -> None:
         if firing:
             log.info("restored %d firing alert(s): %s", len(firing),
                      ", ".join(f"{r} {subject_key(s)}" for r, s, _ in firing))
-        status["targets"] = await _replay_targets(bootstrap, app.conf.id, source_topics)
+        status["targets"], status["resumed"] = await _replay_targets(
+            bootstrap, app.conf.id, source_topics)
         status["started"] = time.monotonic()
 
     async def ack_older_than(cutoff: int) -> None:
@@ -342,13 +348,14 @@ def register(ctx: Context) -> None:
             if not caught_up():
                 return
             status["caught_up"] = True
-            # The first evaluation needs a whole rule window of complete data. A replay starts
-            # at each partition's commit point, whose first event is at or after the ack
-            # cutoff in force before the restart: windows before the earliest of those are
-            # partial. (2 windows of margin: commits trail acks, events arrive out of order.)
+            # The first evaluation needs a whole rule window of complete data. A restarted
+            # worker resumes each partition at its commit point, whose first event is at or
+            # after the ack cutoff in force before the restart: windows before the earliest
+            # of those are partial. (2 windows of margin: commits trail acks, events arrive
+            # out of order.) A new group reads from the beginning: nothing is partial.
             first = closed_end
             replayed = [t for tp, t in status["first_event_ms"].items()
-                        if tp in status["targets"]]
+                        if tp in status["targets"] and tp in status["resumed"]]
             if replayed:
                 first = max(store.start_of(min(replayed)) + 2 * w + engine.max_span_ms(),
                             closed_end - horizon_ms + engine.max_span_ms() + w)
