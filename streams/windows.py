@@ -20,7 +20,7 @@ from __future__ import annotations
 import bisect
 import math
 from dataclasses import dataclass, field, fields
-from typing import Any, Iterable
+from typing import Any
 
 from streams.metrics_config import METRICS
 
@@ -219,8 +219,3 @@ class WindowedMetrics:
 
     def __len__(self) -> int:
         return len(self.windows)
-
-
-def all_subjects(store: WindowedMetrics) -> Iterable[Subject]:
-    for w in store.windows.values():
-        yield from w
