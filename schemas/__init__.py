@@ -45,6 +45,7 @@ EVENTS = {
     "Delivery": "delivery",
     "AuctionResult": "auction_result",
     "DeadLetter": "dead_letter",
+    "Alert": "alert",
 }
 _SHARED = {"pingpost.Conditions": "conditions"}
 

@@ -6,6 +6,8 @@ build one per worker process) and registers the stages of its role explicitly:
 - ``auction`` role (consumer group ``<app_id>``): redact → ping → auction → post.
 - ``sink`` role (consumer group ``<app_id>-sink``): every event into ClickHouse. A separate
   group so a slow or absent warehouse never stalls an auction.
+- ``metrics`` role (consumer group ``<app_id>-metrics``, one worker): windowed metrics per
+  buyer and flow, alert rules, Prometheus ``/metrics`` — without depending on the warehouse.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from streams.topics import TopicNames, topic_specs
 
 __all__ = ["Context", "create_app"]
 
-Role = Literal["auction", "sink"]
+Role = Literal["auction", "sink", "metrics"]
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +97,7 @@ def create_app(settings: Settings, role: Role = "auction", *, web_port: int | No
                           "remove them rather than rely on them:\n  " + "\n  ".join(pending))
     faust_fixes.apply()
     k = settings.kafka
-    app_id = k.app_id if role == "auction" else f"{k.app_id}-sink"
+    app_id = k.app_id if role == "auction" else f"{k.app_id}-{role}"
     port = settings.worker.web_port if web_port is None else web_port
     app = faust.App(
         app_id,
@@ -122,6 +124,9 @@ def create_app(settings: Settings, role: Role = "auction", *, web_port: int | No
         broker_session_timeout=10.0,
         broker_heartbeat_interval=1.0,
         broker_commit_interval=1.0,
+        # The metrics role holds its events unacked on purpose (the uncommitted offsets are
+        # its restart checkpoint, streams/metrics.py): stopping must not wait for them.
+        stream_wait_empty=role != "metrics",
     )
     ctx = Context(settings, app, TopicNames.from_settings(settings))
     for spec in topic_specs(settings):
@@ -143,6 +148,10 @@ def create_app(settings: Settings, role: Role = "auction", *, web_port: int | No
         from streams import sink
 
         sink.register(ctx)
+    elif role == "metrics":
+        from streams import metrics
+
+        metrics.register(ctx)
     else:
         raise ValueError(f"unknown role {role!r}")
     app.service(_resources_service(ctx))

@@ -2,7 +2,7 @@
 
     pingpost demo                 whole local stack + simulated buyers + 1,000 leads + report
     pingpost up | down | status   the local stack (Kafka, warehouse, buyers, workers, ingest)
-    pingpost worker [--role auction|sink]
+    pingpost worker [--role auction|sink|metrics]
     pingpost ingest               HTTP ingest (POST /v1/leads)
     pingpost warehouse            the embedded ClickHouse-compatible warehouse (chDB)
     pingpost buyers simulate      the demo market of simulated buyers
@@ -64,6 +64,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
         # Analytics must never take CPU from auctions on a shared host: the sink catches up
         # later (its events wait in Kafka), an auction cannot.
         os.nice(10)
+    elif args.role == "metrics":
+        # Light (a few counters per event) and not latency-critical to the millisecond.
+        os.nice(5)
     try:
         import uvloop
 
@@ -384,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("status", help="what is running").set_defaults(func=cmd_status)
 
     w = sub.add_parser("worker", help="run a Faust worker")
-    w.add_argument("--role", choices=["auction", "sink"], default="auction")
+    w.add_argument("--role", choices=["auction", "sink", "metrics"], default="auction")
     w.add_argument("--web-port", type=int, default=0, help="Faust web port (0: off)")
     w.add_argument("--loglevel", default="info")
     w.set_defaults(func=cmd_worker)

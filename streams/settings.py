@@ -26,6 +26,8 @@ from pydantic import (
     model_validator,
 )
 
+from streams.metrics_config import AlertRule, MetricsConfig, check_alert_refs
+
 __all__ = [
     "AutoPauseConfig",
     "BusinessHours",
@@ -639,7 +641,14 @@ class Settings(_Model):
     flows: dict[str, FlowConfig]
     buyers: list[BuyerConfig] = []
     simulator: SimulatorConfig = SimulatorConfig()
-    alerts: list[dict[str, Any]] = []
+    #: Streaming metrics and alert rules: models in streams/metrics_config.py.
+    metrics: MetricsConfig = MetricsConfig()
+    alerts: list[AlertRule] = []
+
+    @model_validator(mode="after")
+    def _alerts(self) -> "Settings":
+        check_alert_refs(self.alerts, self.metrics, {b.id for b in self.buyers}, set(self.flows))
+        return self
 
     @model_validator(mode="after")
     def _cross(self) -> "Settings":

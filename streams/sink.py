@@ -59,6 +59,10 @@ def to_row(name: str, r: dict[str, Any]) -> tuple[str, list[Any]] | None:
                             _ts(r["closed_at_ms"]), _ts(r["settled_at_ms"]),
                             float(r["closed_at_ms"] - r["opened_at_ms"]), r["close_reason"],
                             r["close_lag_ms"], r["pinged"], r["bids"], r["post_attempts"]]
+    if name == "Alert":
+        value = r["value"]
+        return "alerts", [r["rule"], r["subject"], r["state"],
+                          float("nan") if value is None else value, _ts(r["at_ms"]), r["message"]]
     if name == "DeadLetter":
         return "dead_letters", [r["id"], r["stage"], r["topic"], r["partition"], r["offset"],
                                 r["reason"], r["field"], _ts(r["at_ms"])]
@@ -69,7 +73,7 @@ def register(ctx: Context) -> None:
     app, settings = ctx.app, ctx.settings
     cfg = settings.clickhouse
     n = ctx.names
-    source = app.topic(n.ping_requests, n.bids, n.deliveries, n.results, n.deadletter,
+    source = app.topic(n.ping_requests, n.bids, n.deliveries, n.results, n.deadletter, n.alerts,
                        key_type=bytes, value_type=bytes, key_serializer="raw",
                        value_serializer="raw", partitions=settings.kafka.partitions)
     rows: dict[str, list[list[Any]]] = {}

@@ -182,10 +182,10 @@ class Stack:
         return True
 
     # -- components --------------------------------------------------------------------
-    COMPONENTS = ("warehouse", "buyers", "worker", "sink", "ingest")
+    COMPONENTS = ("warehouse", "buyers", "worker", "sink", "metrics", "ingest")
 
     def up(self, *, with_buyers: bool = True, embedded_warehouse: bool = True,
-           start_kafka: bool = True, workers: int = 1) -> None:
+           start_kafka: bool = True, workers: int = 1, with_metrics: bool = True) -> None:
         s = self.settings
         if start_kafka:
             broker = self.broker()
@@ -225,6 +225,11 @@ class Stack:
         if not self.running("sink"):
             self.say("starting the sink worker")
         self.spawn("sink", ["worker", "--role", "sink"], env)
+        if with_metrics:
+            # Exactly one: the metrics role owns every partition (streams/metrics.py).
+            if not self.running("metrics"):
+                self.say("starting the metrics worker (alerts, /metrics)")
+            self.spawn("metrics", ["worker", "--role", "metrics"], env)
         self.spawn("ingest", ["ingest"], env)
         self.wait_until("ingest", lambda: _http_ok(
             f"http://{s.ingest.host}:{s.ingest.port}/healthz"), 60)
@@ -236,6 +241,9 @@ class Stack:
                 name, offset, "[^Worker]: Ready"), 120)
         self.wait_until("worker", lambda: asyncio.run(_group_stable(
             s.kafka.bootstrap, s.kafka.app_id, members=workers)), 90)
+        if with_metrics and s.metrics.port:
+            self.wait_until("metrics", lambda: _http_ok(
+                f"http://{s.metrics.host}:{s.metrics.port}/healthz"), 90)
 
     def _migrate(self) -> None:
         from connectors.clickhouse import connect, migrate

@@ -86,7 +86,10 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
         TopicSpec(n.results, ("AuctionResult",), parts, week, "settled outcome per lead"),
         TopicSpec(n.deadletter, ("DeadLetter",), parts, {"retention.ms": str(30 * DAY_MS)},
                   "records a stage could not process, with the reason"),
-        TopicSpec(n.alerts, (), 1, week, "alert state changes (reserved for alert rules)"),
+        # Compacted: it keeps the last state of every (rule, subject), which the metrics role
+        # reads at start-up so a restart never re-emits a transition (streams/alerts.py).
+        TopicSpec(n.alerts, ("Alert",), 1, {"cleanup.policy": "compact"},
+                  "alert state changes, key = <rule>|<subject>"),
         *(TopicSpec(changelog_topic(settings.kafka.app_id, t), (), parts,
                     # The PII table's changelog holds PII: compacted and also deleted after a
                     # day, in hour-long segments so deletion is not held back by a big segment.

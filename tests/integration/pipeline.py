@@ -44,10 +44,14 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: 
 class Pipeline:
     def __init__(self, root: Path, kafka_bootstrap: str, warehouse_url: str,
                  buyers: dict[str, dict[str, Any]], *, flow: dict[str, Any] | None = None,
-                 workers: int = 1) -> None:
+                 workers: int = 1, metrics: dict[str, Any] | None = None,
+                 alerts: list[dict[str, Any]] | None = None) -> None:
         self.name = "t" + uuid.uuid4().hex[:8]
-        ports = free_ports(len(buyers) + 1)
+        ports = free_ports(len(buyers) + 2)
         self.ingest_port = ports[0]
+        self.metrics_port = ports.pop()
+        #: The metrics role runs only when the test configures it (saves CPU elsewhere).
+        self.with_metrics = metrics is not None
         buyer_cfgs, sims = [], {}
         for (bid, spec), port in zip(buyers.items(), ports[1:]):
             spec = dict(spec)
@@ -68,6 +72,8 @@ class Pipeline:
             "flows": {"solar": flow or SOLAR_FLOW},
             "buyers": buyer_cfgs,
             "simulator": {"seed": 11, "buyers": sims},
+            "metrics": {**(metrics or {}), "listen": f"127.0.0.1:{self.metrics_port}"},
+            "alerts": alerts or [],
         }
         self.settings: Settings = parse_settings(self.raw, env={})
         self.names = TopicNames.from_settings(self.settings)
@@ -85,7 +91,8 @@ class Pipeline:
 
     # -- lifecycle -------------------------------------------------------------------
     def start(self) -> "Pipeline":
-        self.stack.up(embedded_warehouse=False, start_kafka=False, workers=self.workers)
+        self.stack.up(embedded_warehouse=False, start_kafka=False, workers=self.workers,
+                      with_metrics=self.with_metrics)
         return self
 
     def stop(self) -> None:

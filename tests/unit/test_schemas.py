@@ -155,6 +155,13 @@ RECORDS: dict[str, dict[str, Any]] = {
         "partition": 2, "offset": 991, "key": b"lead-0002", "payload": b"\xc3\x01garbage\x00",
         "reason": "invalid lead: zip: has an invalid format", "field": "zip", "at_ms": T0 + 5,
     },
+    "Alert": {
+        "alert_id": f"slow_buyer|buyer:sunrise|{T0}|firing", "rule": "slow_buyer",
+        "metric": "avg_response_ms", "scope": "buyer", "subject": "buyer:sunrise",
+        "state": "firing", "value": 812.5, "threshold": 600.0, "comparison": ">",
+        "samples": 41, "window_s": 30.0, "at_ms": T0,
+        "message": "contact buyer — avg_response_ms 812.5 > 600 over 30s (41 samples)",
+    },
 }
 
 
