@@ -217,6 +217,23 @@ def register(ctx: Any) -> None:
             if name == "Bid":
                 tracker.add(r["buyer_id"], r["ping_id"], r["status"], r["answered_at_ms"])
 
+        alerts_topic = ctx.topic("alerts")
+
+        async def emit(t: Transition, msg: str) -> None:
+            cfg = configs[t.buyer_id]
+            state = "firing" if t.state == "paused" else "resolved"
+            subject = f"buyer:{t.buyer_id}"
+            rec = {"alert_id": f"auto_pause|{subject}|{t.at_ms}|{state}", "rule": "auto_pause",
+                   "metric": "failure_rate", "scope": "buyer", "subject": subject,
+                   "state": state, "value": t.failure_rate if t.state == "paused" else None,
+                   "threshold": cfg.max_failure_rate, "comparison": ">",
+                   "samples": t.pings, "window_s": cfg.window_s, "at_ms": t.at_ms,
+                   "message": msg}
+            await alerts_topic.send(key=f"auto_pause|{subject}".encode(),
+                                    value=schemas.encode("Alert", rec))
+
+        ctx.resources["emit_pause_event"] = emit
+
         async def on_tick() -> None:
             for t in tracker.evaluate(now_ms()):
                 await announce_pause(ctx, t)
@@ -226,7 +243,10 @@ def register(ctx: Any) -> None:
 
 async def announce_pause(ctx: Any, t: Transition) -> None:
     """Log a pause transition; the worker owning partition 0 of the bids topic also records
-    it (every worker decides the same from the same events; one of them speaks)."""
+    it on the alerts topic (rule ``auto_pause``, firing = paused, resolved = resumed), from
+    where the sink writes the ``alerts`` table. Every worker decides alike from the same
+    events; one of them speaks. (A failover between two workers' decisions can record a
+    transition twice or, rarely, not at all: the pause itself is applied by every worker.)"""
     msg = (f"buyer {t.buyer_id} paused: {t.failure_rate:.0%} of {t.pings} pings timed out or "
            f"failed; resumes at {rules._iso(t.until_ms)}" if t.state == "paused"  # noqa: SLF001
            else f"buyer {t.buyer_id} resumed after its cool-down")

@@ -306,7 +306,10 @@ def register(ctx: Context) -> None:
     async def start_up() -> None:
         """Once: the last alert states (alerts topic) and the replay targets (end offsets)."""
         bootstrap = settings.kafka.bootstrap
+        known = {r.name for r in engine.rules}
         for rec in await _read_alert_states(bootstrap, n.alerts):
+            if rec["rule"] not in known:
+                continue  # e.g. auto_pause, emitted by the auction workers
             kind, _, ident = rec["subject"].partition(":")
             engine.seed(rec["rule"], (kind, ident), rec["state"], rec["at_ms"])
         firing = engine.firing()

@@ -156,3 +156,55 @@ def test_score_ranking_learns_acceptance_and_sells_exclusively(
         assert (outcome, winners) == ("sold_exclusive", ["steady"])
     for buyer in ("greedy", "steady"):
         assert all(r["json"]["exclusive"] is True for r in p.received(buyer, "post"))
+
+
+# -- auto-pause -----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def paused(kafka_bootstrap: str, warehouse_url: str,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Pipeline, list[str]]]:
+    buyers = {
+        "broken": {"auto_pause": {"window_s": 2, "min_pings": 5, "max_failure_rate": 0.5,
+                                  "cool_down_s": 3},
+                   "sim": {**SIM, "mode": "http_500"}},
+        "fine": {"sim": {**SIM, "price": {"median": 60, "p99": 70}}},
+    }
+    p = pipeline(tmp_path_factory.mktemp("pause"), kafka_bootstrap, warehouse_url, buyers)
+    try:
+        p.start()
+        leads = generate_leads(100, seed=504)
+        ids: list[str] = []
+
+        async def push() -> None:
+            for c in range(0, len(leads), 10):
+                ids.extend(a["lead_id"] for a in await p.post_many(leads[c:c + 10]))
+                await asyncio.sleep(1.0)  # pacing: ~10 s of traffic, not synchronisation
+        asyncio.run(push())
+        p.settled(ids)
+        yield p, ids
+    finally:
+        p.stop()
+
+
+def test_a_failing_buyer_is_paused_then_resumes_and_both_are_recorded(
+        paused: tuple[Pipeline, list[str]]) -> None:
+    p, ids = paused
+    rows = p.rows("SELECT status, reason, sent_at FROM {db}.pings FINAL "
+                  "WHERE buyer_id = 'broken' AND lead_id IN %(ids)s ORDER BY sent_at", ids=ids)
+    assert len(rows) == len(ids)
+    skipped = [r for r in rows if r[0] == "filtered"]
+    assert skipped and all(r[1].startswith("paused until") for r in skipped)
+    # it resumed by itself: pinged again after a paused stretch
+    first_pause = rows.index(skipped[0])
+    assert any(r[0] == "error" for r in rows[first_pause:])
+    # requests received = pings not filtered
+    assert len(p.received("broken", "ping")) == len(rows) - len(skipped)
+    transitions = p.rows("SELECT state, at FROM {db}.alerts FINAL WHERE rule = 'auto_pause' "
+                         "AND subject = 'buyer:broken' ORDER BY at")
+    states = [s for s, _ in transitions]
+    assert states[:2] == ["firing", "resolved"], transitions
+    # never two firings in a row: each pause is followed by its resume
+    assert all(a != b for a, b in zip(states, states[1:]))
+    # the healthy buyer was never paused
+    assert not p.rows("SELECT count() FROM {db}.pings FINAL WHERE buyer_id = 'fine' "
+                      "AND status = 'filtered' AND lead_id IN %(ids)s", ids=ids)[0][0]
