@@ -615,6 +615,12 @@ class SimBuyerConfig(_Model):
     mode: Literal["normal", "non_json", "http_500", "negative_price", "string_price", "slow"] = (
         "normal"
     )
+    #: The conditions returned with every bid (CONTRACT §2).
+    conditions: dict[str, Any] = {"max_age_minutes": 5}
+    #: ``flat``: the contract's field names. ``nested``: a CRM of its own —
+    #: ping ``{"offer": {"wants": …, "cpl": …, "excl": …, "terms": {…}}}``, post
+    #: ``{"result": {"ok": …, "why": …}}`` — for buyers configured with a response mapping.
+    response_shape: Literal["flat", "nested"] = "flat"
 
 
 class SimulatorConfig(_Model):

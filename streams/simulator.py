@@ -145,16 +145,20 @@ def decide_ping(
         "price": round(_lognormal(cfg.price, u_price), 2),
         "exclusive": u_excl < cfg.exclusive_share,
         "buyer_id": f"{buyer_id}-ext",
-        "conditions": {"max_age_minutes": 5},
+        "conditions": dict(cfg.conditions),
     }
+    if cfg.response_shape == "nested":
+        bid = {"offer": {"wants": True, "cpl": bid["price"], "excl": bid["exclusive"],
+                         "terms": bid["conditions"]}, "buyer_id": bid["buyer_id"]}
     if cfg.mode == "non_json":
         return PingAnswer(200, b"<html>oops", "text/html", delay, "garbage", late)
     if cfg.mode == "http_500":
         return PingAnswer(500, b"internal error", "text/plain", delay, "error", late)
     if cfg.mode == "negative_price":
-        return PingAnswer(200, orjson.dumps(bid | {"price": -5}), _JSON, delay, "garbage", late)
+        return PingAnswer(200, orjson.dumps(_with_price(bid, -5)), _JSON, delay, "garbage",
+                          late)
     if cfg.mode == "string_price":
-        body = orjson.dumps(bid | {"price": "cheap"})
+        body = orjson.dumps(_with_price(bid, "cheap"))
         return PingAnswer(200, body, _JSON, delay, "garbage", late)
     # "normal" and "slow" answer alike; "slow" only changes the delay.
     if u_err < cfg.error_rate:
@@ -163,7 +167,14 @@ def decide_ping(
         return PingAnswer(200, orjson.dumps(bid), _JSON, delay, "bid", late)
     if u_nobid < 0.5:
         return PingAnswer(204, b"", None, delay, "no_bid", late)
-    return PingAnswer(200, orjson.dumps({"bid": False}), _JSON, delay, "no_bid", late)
+    no = {"offer": {"wants": False}} if cfg.response_shape == "nested" else {"bid": False}
+    return PingAnswer(200, orjson.dumps(no), _JSON, delay, "no_bid", late)
+
+
+def _with_price(bid: dict[str, Any], price: Any) -> dict[str, Any]:
+    if "offer" in bid:
+        return {**bid, "offer": {**bid["offer"], "cpl": price}}
+    return bid | {"price": price}
 
 
 def decide_post(seed: int, buyer_id: str, key: str, cfg: SimBuyerConfig) -> PostAnswer:
@@ -175,9 +186,12 @@ def decide_post(seed: int, buyer_id: str, key: str, cfg: SimBuyerConfig) -> Post
         return PostAnswer(500, b"internal error", "text/plain", delay, "error")
     if u_rej < cfg.post_reject_rate:
         reason = _REJECT_REASONS[min(int(u_reason * len(_REJECT_REASONS)), len(_REJECT_REASONS) - 1)]
-        body = orjson.dumps({"accepted": False, "reason": reason})
-        return PostAnswer(200, body, _JSON, delay, "rejected")
-    return PostAnswer(200, orjson.dumps({"accepted": True}), _JSON, delay, "accepted")
+        doc: dict[str, Any] = {"accepted": False, "reason": reason}
+        if cfg.response_shape == "nested":
+            doc = {"result": {"ok": False, "why": reason}}
+        return PostAnswer(200, orjson.dumps(doc), _JSON, delay, "rejected")
+    doc = {"result": {"ok": True}} if cfg.response_shape == "nested" else {"accepted": True}
+    return PostAnswer(200, orjson.dumps(doc), _JSON, delay, "accepted")
 
 
 # --------------------------------------------------------------------------- one buyer

@@ -208,3 +208,70 @@ def test_a_failing_buyer_is_paused_then_resumes_and_both_are_recorded(
     # the healthy buyer was never paused
     assert not p.rows("SELECT count() FROM {db}.pings FINAL WHERE buyer_id = 'fine' "
                       "AND status = 'filtered' AND lead_id IN %(ids)s", ids=ids)[0][0]
+
+
+# -- conditions and response mapping --------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def conditioned(kafka_bootstrap: str, warehouse_url: str,
+                tmp_path_factory: pytest.TempPathFactory
+                ) -> Iterator[tuple[Pipeline, dict[str, dict[str, Any]]]]:
+    from datetime import datetime, timedelta, timezone
+
+    buyers = {
+        # the best price, but only for Texan leads with consent
+        "picky": {"sim": {**SIM, "price": {"median": 200, "p99": 201},
+                          "conditions": {"states": ["TX"], "require_consent": True}}},
+        # speaks its own JSON (response mapping); only leads younger than 5 minutes
+        "crm": {"response": {"bid": "offer.wants", "price": "offer.cpl",
+                             "exclusive": "offer.excl", "conditions": "offer.terms"},
+                "post_response": {"accepted": "result.ok", "reason": "result.why"},
+                "sim": {**SIM, "price": {"median": 100, "p99": 101}, "response_shape": "nested",
+                        "conditions": {"max_age_minutes": 5}}},
+        # takes anything, cheaply
+        "base": {"sim": {**SIM, "price": {"median": 50, "p99": 51}, "conditions": {}}},
+    }
+    p = pipeline(tmp_path_factory.mktemp("conditions"), kafka_bootstrap, warehouse_url,
+                 buyers, strategy={**SOLAR_FLOW.get("strategy", {}), "shared_max": 1})
+    try:
+        p.start()
+        leads = generate_leads(24, seed=505)
+        old = (datetime.now(timezone.utc) - timedelta(minutes=10)).isoformat()
+        for i, lead in enumerate(leads):
+            lead["state"], lead["zip"] = ("TX", "75001") if i % 2 else ("CA", "90210")
+            lead["consent"] = i % 4 != 3  # every other Texan lead has no consent
+            if i % 3 == 0:
+                lead["created_at"] = old
+        accepted = asyncio.run(p.post_many(leads))
+        by_id = {a["lead_id"]: lead for a, lead in zip(accepted, leads)}
+        p.settled(list(by_id))
+        yield p, by_id
+    finally:
+        p.stop()
+
+
+def test_bid_conditions_and_response_mapping_decide_who_gets_the_lead(
+        conditioned: tuple[Pipeline, dict[str, dict[str, Any]]]) -> None:
+    p, leads = conditioned
+    ids = list(leads)
+    winners = dict(p.rows("SELECT lead_id, winners FROM {db}.auctions FINAL "
+                          "WHERE lead_id IN %(ids)s", ids=ids))
+    assert set(winners) == set(ids)
+    for lead_id, lead in leads.items():
+        if lead["state"] == "TX" and lead["consent"]:
+            want = "picky"
+        elif "created_at" not in lead:
+            want = "crm"  # picky's conditions fail; crm bids 100 on a fresh lead
+        else:
+            want = "base"  # too old for crm (max_age_minutes 5)
+        assert winners[lead_id] == [want], (lead, winners[lead_id])
+    # crm's nested answers were read through its mapping: real prices, accepted posts
+    crm = p.rows("SELECT status, price FROM {db}.pings FINAL WHERE buyer_id = 'crm' "
+                 "AND lead_id IN %(ids)s", ids=ids)
+    assert len(crm) == len(ids) and all(s == "bid" and 99 <= pr <= 102 for s, pr in crm)
+    posted = p.rows("SELECT status FROM {db}.posts FINAL WHERE buyer_id = 'crm' "
+                    "AND lead_id IN %(ids)s", ids=ids)
+    assert posted and {s for (s,) in posted} == {"accepted"}
+    # picky was never posted a lead its conditions exclude
+    for req in p.received("picky", "post"):
+        assert req["json"]["state"] == "TX" and req["json"]["consent"] is True
