@@ -95,7 +95,9 @@ def create_app(settings: Settings, role: Role = "auction", *, web_port: int | No
     if role == "auction" and (pending := unenforced_keys(settings)):
         raise ConfigError("these keys are validated but not applied by this version yet; "
                           "remove them rather than rely on them:\n  " + "\n  ".join(pending))
-    faust_fixes.apply()
+    # Auctions need every hop in a few ms; the sink and metrics roles batch and window, and
+    # 100 ms keeps their idle fetches from taking CPU the auctions need.
+    faust_fixes.apply(faust_fixes.WORKER_FETCH_MAX_WAIT_MS if role == "auction" else 100)
     k = settings.kafka
     app_id = k.app_id if role == "auction" else f"{k.app_id}-{role}"
     port = settings.worker.web_port if web_port is None else web_port

@@ -328,3 +328,4 @@ def lead_partition(lead_id: str, partitions: int) -> int:
 def _log_send_failure(fut: "asyncio.Future[Any]") -> None:
     if not fut.cancelled() and fut.exception() is not None:
         log.error("could not send auction marker: %s", fut.exception())
+

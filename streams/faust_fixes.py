@@ -35,8 +35,11 @@ log = logging.getLogger(__name__)
 WORKER_FETCH_MAX_WAIT_MS = 10
 
 
-def apply(fetch_max_wait_ms: int = WORKER_FETCH_MAX_WAIT_MS) -> None:
-    _shorten_worker_fetch_wait(fetch_max_wait_ms)
+def apply(fetch_max_wait_ms: int | None = WORKER_FETCH_MAX_WAIT_MS) -> None:
+    """Apply both fixes; ``fetch_max_wait_ms=None`` keeps Faust's fetch wait (roles that are
+    not latency-critical: an idle fetch every 10 ms costs CPU the auctions need)."""
+    if fetch_max_wait_ms is not None:
+        _shorten_worker_fetch_wait(fetch_max_wait_ms)
     _guard_offsets()
 
 

@@ -224,12 +224,12 @@ class Stack:
             self.spawn(name, ["worker", "--role", "auction"], env)
         if not self.running("sink"):
             self.say("starting the sink worker")
-        self.spawn("sink", ["worker", "--role", "sink"], env)
+        self.spawn("sink", ["worker", "--role", "sink"], env, nice=10)
         if with_metrics:
             # Exactly one: the metrics role owns every partition (streams/metrics.py).
             if not self.running("metrics"):
                 self.say("starting the metrics worker (alerts, /metrics)")
-            self.spawn("metrics", ["worker", "--role", "metrics"], env)
+            self.spawn("metrics", ["worker", "--role", "metrics"], env, nice=10)
         self.spawn("ingest", ["ingest"], env)
         self.wait_until("ingest", lambda: _http_ok(
             f"http://{s.ingest.host}:{s.ingest.port}/healthz"), 60)
