@@ -210,7 +210,15 @@ def test_a_failing_buyer_is_paused_then_resumes_and_both_are_recorded(
                       "AND status = 'filtered' AND lead_id IN %(ids)s", ids=ids)[0][0]
 
 
-# -- conditions and response mapping --------------------------------------------------------
+# -- conditions, response mapping, schedules ------------------------------------------------
+
+def _closed_hours() -> str:
+    """An hour-long UTC window starting two hours from now: closed for the test's duration."""
+    from datetime import datetime, timedelta, timezone
+
+    start = datetime.now(timezone.utc) + timedelta(hours=2)
+    return f"{start:%H}:00-{(start + timedelta(hours=1)):%H}:00"
+
 
 @pytest.fixture(scope="module")
 def conditioned(kafka_bootstrap: str, warehouse_url: str,
@@ -230,6 +238,9 @@ def conditioned(kafka_bootstrap: str, warehouse_url: str,
                         "conditions": {"max_age_minutes": 5}}},
         # takes anything, cheaply
         "base": {"sim": {**SIM, "price": {"median": 50, "p99": 51}, "conditions": {}}},
+        # would outbid everyone, but its schedule is closed for the whole test
+        "sleepy": {"schedule": {"timezone": "UTC", "hours": _closed_hours()},
+                   "sim": {**SIM, "price": {"median": 500, "p99": 501}}},
     }
     p = pipeline(tmp_path_factory.mktemp("conditions"), kafka_bootstrap, warehouse_url,
                  buyers, strategy={**SOLAR_FLOW.get("strategy", {}), "shared_max": 1})
@@ -275,3 +286,14 @@ def test_bid_conditions_and_response_mapping_decide_who_gets_the_lead(
     # picky was never posted a lead its conditions exclude
     for req in p.received("picky", "post"):
         assert req["json"]["state"] == "TX" and req["json"]["consent"] is True
+
+
+def test_a_buyer_outside_its_schedule_is_never_pinged(
+        conditioned: tuple[Pipeline, dict[str, dict[str, Any]]]) -> None:
+    p, leads = conditioned
+    ids = list(leads)
+    rows = p.rows("SELECT status, reason FROM {db}.pings FINAL WHERE buyer_id = 'sleepy' "
+                  "AND lead_id IN %(ids)s", ids=ids)
+    assert len(rows) == len(ids)
+    assert all(st == "filtered" and reason.startswith("outside schedule") for st, reason in rows)
+    assert p.received("sleepy", "ping") == []
