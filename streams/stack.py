@@ -224,18 +224,22 @@ class Stack:
             self.spawn(name, ["worker", "--role", "auction"], env)
         if not self.running("sink"):
             self.say("starting the sink worker")
+            log = self.log_dir / "sink.log"
+            started.append(("sink", log.stat().st_size if log.exists() else 0))
         self.spawn("sink", ["worker", "--role", "sink"], env, nice=10)
         if with_metrics:
             # Exactly one: the metrics role owns every partition (streams/metrics.py).
             if not self.running("metrics"):
                 self.say("starting the metrics worker (alerts, /metrics)")
+                log = self.log_dir / "metrics.log"
+                started.append(("metrics", log.stat().st_size if log.exists() else 0))
             self.spawn("metrics", ["worker", "--role", "metrics"], env, nice=10)
         self.spawn("ingest", ["ingest"], env)
         self.wait_until("ingest", lambda: _http_ok(
             f"http://{s.ingest.host}:{s.ingest.port}/healthz"), 60)
-        # Ready means the auction workers own their partitions and finished restoring their
-        # tables: leads sent now start their ping round at once. (Leads that arrive while a
-        # worker restores its tables can be skipped by Faust — see README, known issues.)
+        # Ready means a worker owns its partitions and finished restoring its tables: leads
+        # sent now start their ping round at once, and no worker is still starting up (a
+        # Faust start costs a second or two of CPU the first auctions would feel).
         for name, offset in started:
             self.wait_until(name, lambda name=name, offset=offset: self._logged(
                 name, offset, "[^Worker]: Ready"), 120)
