@@ -46,6 +46,9 @@ EVENTS = {
     "AuctionResult": "auction_result",
     "DeadLetter": "dead_letter",
     "Alert": "alert",
+    "CapRequest": "cap_request",
+    "CapDecision": "cap_decision",
+    "CapState": "cap_state",
 }
 _SHARED = {"pingpost.Conditions": "conditions"}
 

@@ -43,6 +43,7 @@ def ping_id_for(lead_id: str, buyer_id: str) -> str:
 def plan_pings(
     settings: Settings, flow: str, ping_fields: dict[str, Any], at_ms: int | None = None, *,
     paused_until: Callable[[str], int | None] | None = None,
+    cap_counters: Callable[[BuyerConfig, int], rules.BuyerCounters | None] | None = None,
 ) -> tuple[list[BuyerConfig], list[tuple[BuyerConfig, str]]]:
     """Which buyers of the flow get a ping, and why each other one does not (filters on the
     ping fields, the buyer's schedule, an auto-pause, a tier in no wave)."""
@@ -51,8 +52,11 @@ def plan_pings(
     filtered: list[tuple[BuyerConfig, str]] = []
     waves = settings.flows[flow].waves if flow in settings.flows else None
     for buyer in settings.buyers_for(flow):
-        why = rules.eligibility(buyer, ping_fields, at, paused_until_ms=paused_until(buyer.id)
-                                if paused_until is not None else None)
+        why = rules.eligibility(
+            buyer, ping_fields, at,
+            paused_until_ms=paused_until(buyer.id) if paused_until is not None else None,
+            counters=cap_counters(buyer, at) if cap_counters is not None and buyer.caps
+            else None)
         if why is None and rules.wave_of(buyer.tier, waves) is None:
             why = f"tier '{buyer.tier}' is in no wave of flow '{flow}'"
         if why is None:
@@ -145,8 +149,11 @@ def register(ctx: Context) -> None:
             raise ValueError(f"flow '{req['flow']}' is not configured on this worker")
         opened = now_ms()
         pauses = ctx.resources.get("pauses")
-        targets, filtered = plan_pings(settings, req["flow"], req["ping_fields"], opened,
-                                       paused_until=pauses.paused if pauses else None)
+        view = ctx.resources.get("caps_view")
+        targets, filtered = plan_pings(
+            settings, req["flow"], req["ping_fields"], opened,
+            paused_until=pauses.paused if pauses else None,
+            cap_counters=(lambda b, at: view.counters(b.id, b.caps, at)) if view else None)
         deadline = opened + flow.deadline_ms
         pinged = [{"buyer_id": b.id, "tier": b.tier, "ping_id": ping_id_for(req["lead_id"], b.id)}
                   for b in targets]

@@ -249,6 +249,17 @@ def register(ctx: Context) -> None:
                               resolving: bool = bool(pending)) -> None:
                 buyer = settings.buyer(cand["buyer_id"])
                 post_id = post_id_for(lead_id, buyer.id)
+                caps_client = ctx.resources.get("caps_client") if buyer.caps else None
+                if caps_client is not None:
+                    # Reserve a slot with the buyer's cap owner before the lead leaves.
+                    granted, why = await caps_client.reserve(buyer.id, lead_id, cand["price"])
+                    if not granted:
+                        n = state["attempts"][buyer.id]["attempt"]
+                        state["attempts"][buyer.id] = {"status": "skipped", "attempt": n}
+                        state.setdefault("cap_skips", []).append(f"{buyer.id}: {why}")
+                        await emit_delivery(order, cand, n, "skipped", 0.0, f"cap: {why}",
+                                            None, now_ms(), exclusive)
+                        return
                 sent = now_ms()
                 body = post_body(order, pii["fields"], cand, post_id, exclusive)
                 # A timeout is ambiguous (the buyer may have taken the lead): ask once more
@@ -262,6 +273,13 @@ def register(ctx: Context) -> None:
                         break
                 n = state["attempts"][buyer.id]["attempt"]
                 state["attempts"][buyer.id] = {"status": out.status, "attempt": n}
+                if caps_client is not None:
+                    # Count it on accept — and on a timeout, which the buyer may have taken;
+                    # free the slot otherwise.
+                    if out.status in ("accepted", "timeout"):
+                        await caps_client.commit(buyer.id, lead_id, cand["price"])
+                    else:
+                        await caps_client.release(buyer.id, lead_id)
                 if out.status == "accepted" and all(s["buyer_id"] != buyer.id
                                                     for s in state["sold"]):
                     state["sold"].append({"buyer_id": buyer.id, "price": cand["price"]})
@@ -283,6 +301,8 @@ def register(ctx: Context) -> None:
                 raise eg.exceptions[0] from eg
             postings[lead_id] = state
         reason = "all posts rejected or failed" if state["n"] else "no acceptable bid at post time"
+        if not state["sold"] and state.get("cap_skips"):
+            reason += "; caps reached: " + ", ".join(state["cap_skips"])
         if not state["sold"] and now_ms() >= give_up_at:
             reason = f"post window of {flow.post_timeout_ms} ms exhausted"
         await settle(order, state, reason)

@@ -713,7 +713,7 @@ class Settings(_Model):
 #: that is silently ignored would cost real money.
 _NOT_YET_ENFORCED_FLOW = ("duplicates",)
 _NOT_YET_ENFORCED_STRATEGY: tuple[str, ...] = ()
-_NOT_YET_ENFORCED_BUYER = ("caps",)
+_NOT_YET_ENFORCED_BUYER: tuple[str, ...] = ()
 
 
 def unenforced_keys(settings: "Settings") -> list[str]:

@@ -18,7 +18,7 @@ __all__ = ["TABLES", "TopicSpec", "topic_specs", "TopicNames", "changelog_topic"
 #: worker starts: if Faust creates them itself at start-up, a worker can write to a table
 #: before its metadata knows the new topic and fails with PartitionsMismatch ("changelog
 #: has 0 partitions") — seen on a cold start.
-TABLES = ("auctions", "pii", "postings")
+TABLES = ("auctions", "pii", "postings", "caps")
 
 
 def changelog_topic(app_id: str, table: str) -> str:
@@ -47,6 +47,9 @@ class TopicNames:
     results: str
     deadletter: str
     alerts: str
+    caps: str
+    cap_decisions: str
+    cap_state: str
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "TopicNames":
@@ -61,6 +64,9 @@ class TopicNames:
             results=f"{p}.results",
             deadletter=f"{p}.deadletter",
             alerts=f"{p}.alerts",
+            caps=f"{p}.caps",
+            cap_decisions=f"{p}.cap-decisions",
+            cap_state=f"{p}.cap-state",
         )
 
 
@@ -90,6 +96,12 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
         # reads at start-up so a restart never re-emits a transition (streams/alerts.py).
         TopicSpec(n.alerts, ("Alert",), 1, {"cleanup.policy": "compact"},
                   "alert state changes, key = <rule>|<subject>"),
+        TopicSpec(n.caps, ("CapRequest",), parts, week,
+                  "cap reservations, commits and releases, key = buyer_id (one owner per buyer)"),
+        TopicSpec(n.cap_decisions, ("CapDecision",), parts, week,
+                  "the cap owner's answers to reservations, key = lead_id"),
+        TopicSpec(n.cap_state, ("CapState",), parts, {"cleanup.policy": "compact"},
+                  "each buyer's cap counters after every change, key = buyer_id"),
         *(TopicSpec(changelog_topic(settings.kafka.app_id, t), (), parts,
                     # The PII table's changelog holds PII: compacted and also deleted after a
                     # day, in hour-long segments so deletion is not held back by a big segment.

@@ -80,9 +80,10 @@ def test_worker_refuses_rules_it_does_not_apply_yet() -> None:
 
     raw = yaml.safe_load(Path("config/demo.yaml").read_text())
     assert unenforced_keys(parse_settings(raw, env={})) == []
-    raw["buyers"][1]["caps"] = {"leads_per_day": 10}
+    raw["buyers"][1]["caps"] = {"leads_per_day": 10}  # applied: not refused
     raw["flows"]["solar"]["strategy"]["rank_by"] = "score"  # applied: not refused
+    raw["flows"]["solar"]["duplicates"] = {"fields": ["email"]}
     settings = parse_settings(raw, env={})
-    assert unenforced_keys(settings) == ["buyers[1].caps"]
-    with pytest.raises(ConfigError, match=r"buyers\[1\]\.caps"):
+    assert unenforced_keys(settings) == ["flows.solar.duplicates"]
+    with pytest.raises(ConfigError, match=r"flows\.solar\.duplicates"):
         create_app(settings, "auction")

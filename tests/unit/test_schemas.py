@@ -155,6 +155,12 @@ RECORDS: dict[str, dict[str, Any]] = {
         "partition": 2, "offset": 991, "key": b"lead-0002", "payload": b"\xc3\x01garbage\x00",
         "reason": "invalid lead: zip: has an invalid format", "field": "zip", "at_ms": T0 + 5,
     },
+    "CapRequest": {"request_id": "r1", "kind": "reserve", "buyer_id": "b1", "lead_id": "l1",
+                   "price": 42.5, "at_ms": 1_700_000_000_000},
+    "CapDecision": {"request_id": "r1", "buyer_id": "b1", "lead_id": "l1", "granted": False,
+                    "reason": "cap leads_per_day 10 reached"},
+    "CapState": {"buyer_id": "b1", "hour": "2026-01-01T10+00:00", "day": "2026-01-01",
+                 "leads_hour": 3, "leads_day": 7, "spend_day": 300.0, "at_ms": 1_700_000_000_000},
     "Alert": {
         "alert_id": f"slow_buyer|buyer:sunrise|{T0}|firing", "rule": "slow_buyer",
         "metric": "avg_response_ms", "scope": "buyer", "subject": "buyer:sunrise",

@@ -1,0 +1,275 @@
+"""Caps and budgets (issue 3, rule 7): per buyer, leads per hour/day and spend per day, never
+exceeded however many workers post concurrently.
+
+**One owner per buyer.** Leads are partitioned by lead_id, so two workers can post two leads
+to the same buyer at the same instant. Every change to a buyer's counters therefore goes
+through the ``caps`` topic, keyed by buyer_id: the worker owning that partition owns the
+buyer's ledger (a changelogged Faust table keyed by buyer_id) and applies requests one at a
+time.
+
+**Reserve before post, count on accept.** Before posting to a capped buyer the post stage
+sends ``reserve`` and waits for the owner's ``CapDecision`` (``cap-decisions`` topic, keyed
+by lead_id so it returns to the lead's own worker). The owner grants only if counted accepted
+posts + outstanding reservations + this one stay within every cap of the current period. An
+accepted post ``commit``\\s the reservation; a rejected or failed one ``release``\\s it. A post
+whose outcome is ambiguous (timed out twice: the buyer may have taken it) is committed too —
+a budget errs on the side of the buyer. A reservation nobody commits or releases (its worker
+crashed) expires after ``HOLD_TTL_MS``; a post stage that did not hear back in time treats
+the slot as denied, so a slow owner can cost a sale, never exceed a cap.
+
+**Check before ping.** After each change the owner publishes the buyer's counters
+(``CapState``, compacted ``cap-state`` topic); every worker follows it and does not ping a
+buyer whose cap is already reached (a ``filtered`` row says which cap). That view may lag by
+a few ms; the reservation is what guarantees the cap.
+
+This module is the ledger itself, pure and JSON-serialisable (it is the table's value).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from streams import rules
+from streams.settings import BuyerCaps
+
+__all__ = ["HOLD_TTL_MS", "new_ledger", "reserve", "commit", "release", "counters",
+           "DONE_KEEP"]
+
+#: A reservation not committed or released within this long is dropped.
+HOLD_TTL_MS = 120_000
+#: How many settled leads a ledger remembers (to make redelivered requests no-ops).
+DONE_KEEP = 5000
+
+
+def new_ledger() -> dict[str, Any]:
+    # counted: accepted posts per period key; holds: lead -> reservation; done: lead -> how it
+    # ended ("committed" | "released"), oldest first.
+    return {"hours": {}, "days": {}, "spend": {}, "holds": {}, "done": {}}
+
+
+def _expire(led: dict[str, Any], at_ms: int) -> None:
+    for lead in [k for k, h in led["holds"].items() if h["exp"] <= at_ms]:
+        del led["holds"][lead]
+
+
+def _prune(led: dict[str, Any], hour: str, day: str) -> None:
+    """Keep only the current periods' counters (and those of outstanding holds)."""
+    keep_h = {hour} | {h["hour"] for h in led["holds"].values()}
+    keep_d = {day} | {h["day"] for h in led["holds"].values()}
+    led["hours"] = {k: v for k, v in led["hours"].items() if k in keep_h}
+    led["days"] = {k: v for k, v in led["days"].items() if k in keep_d}
+    led["spend"] = {k: v for k, v in led["spend"].items() if k in keep_d}
+    while len(led["done"]) > DONE_KEEP:
+        del led["done"][next(iter(led["done"]))]
+
+
+def counters(led: dict[str, Any], caps: BuyerCaps, at_ms: int) -> tuple[str, str, rules.BuyerCounters]:
+    """The current (hour, day) keys and what counts against the caps there: accepted posts
+    plus outstanding reservations."""
+    hour, day = rules.cap_periods(caps, at_ms)
+    holds = [h for h in led["holds"].values() if h["exp"] > at_ms]
+    return hour, day, rules.BuyerCounters(
+        leads_hour=led["hours"].get(hour, 0) + sum(1 for h in holds if h["hour"] == hour),
+        leads_day=led["days"].get(day, 0) + sum(1 for h in holds if h["day"] == day),
+        spend_day=led["spend"].get(day, 0.0) + sum(h["price"] for h in holds if h["day"] == day),
+    )
+
+
+def reserve(led: dict[str, Any], caps: BuyerCaps, lead_id: str, price: float, at_ms: int,
+            ttl_ms: int = HOLD_TTL_MS) -> tuple[bool, str]:
+    """Hold a slot for posting ``lead_id`` at ``price``: ``(granted, reason)``."""
+    _expire(led, at_ms)
+    if lead_id in led["holds"]:
+        return True, ""  # a redelivered request: the same hold
+    done = led["done"].get(lead_id)
+    if done == "committed":
+        return True, ""  # already counted (a replayed waterfall re-posting with the same key)
+    if done == "released":
+        return False, "this lead's reservation was already released"
+    hour, day, c = counters(led, caps, at_ms)
+    why = rules.cap_allows(caps, c, price)
+    if why is not None:
+        _prune(led, hour, day)
+        return False, why
+    led["holds"][lead_id] = {"price": price, "hour": hour, "day": day, "exp": at_ms + ttl_ms}
+    _prune(led, hour, day)
+    return True, ""
+
+
+def commit(led: dict[str, Any], caps: BuyerCaps, lead_id: str, price: float, at_ms: int) -> None:
+    """Count an accepted (or ambiguous) post: in the periods it was reserved in."""
+    if led["done"].get(lead_id) == "committed":
+        return  # redelivered
+    hold = led["holds"].pop(lead_id, None)
+    if hold is not None:
+        hour, day, price = hold["hour"], hold["day"], hold["price"]
+    else:  # the reservation expired: the sale is real, count it now
+        hour, day = rules.cap_periods(caps, at_ms)
+    led["hours"][hour] = led["hours"].get(hour, 0) + 1
+    led["days"][day] = led["days"].get(day, 0) + 1
+    led["spend"][day] = round(led["spend"].get(day, 0.0) + price, 6)
+    led["done"].pop(lead_id, None)
+    led["done"][lead_id] = "committed"
+    cur_hour, cur_day = rules.cap_periods(caps, at_ms)
+    _prune(led, cur_hour, cur_day)
+
+
+def release(led: dict[str, Any], lead_id: str) -> None:
+    """Free a reservation whose post was rejected or failed (no-op once committed)."""
+    if led["done"].get(lead_id) == "committed":
+        return
+    led["holds"].pop(lead_id, None)
+    led["done"].pop(lead_id, None)
+    led["done"][lead_id] = "released"
+
+
+# --------------------------------------------------------------------------- the stage
+
+#: How long a post waits for the owner's answer before treating the slot as denied.
+DECISION_TIMEOUT_S = 5.0
+
+
+class CapClient:
+    """The post stage's side: reserve (and wait for the owner's decision), commit, release."""
+
+    def __init__(self, requests: Any, *, timeout_s: float = DECISION_TIMEOUT_S) -> None:
+        self._requests = requests
+        self._timeout_s = timeout_s
+        self.pending: dict[str, Any] = {}
+
+    async def _send(self, kind: str, buyer_id: str, lead_id: str, price: float,
+                    request_id: str) -> None:
+        from streams.runtime import now_ms
+
+        await self._requests.send(key=buyer_id.encode(), value=_schemas().encode("CapRequest", {
+            "request_id": request_id, "kind": kind, "buyer_id": buyer_id, "lead_id": lead_id,
+            "price": float(price), "at_ms": now_ms()}))
+
+    async def reserve(self, buyer_id: str, lead_id: str, price: float) -> tuple[bool, str]:
+        import asyncio
+        import uuid
+
+        rid = str(uuid.uuid4())
+        fut = asyncio.get_running_loop().create_future()
+        self.pending[rid] = fut
+        try:
+            await self._send("reserve", buyer_id, lead_id, price, rid)
+            return await asyncio.wait_for(fut, self._timeout_s)  # type: ignore[no-any-return]
+        except asyncio.TimeoutError:
+            return False, "the cap owner did not answer in time"
+        finally:
+            self.pending.pop(rid, None)
+
+    def decided(self, rec: dict[str, Any]) -> None:
+        fut = self.pending.get(rec["request_id"])
+        if fut is not None and not fut.done():
+            fut.set_result((rec["granted"], rec["reason"]))
+
+    async def commit(self, buyer_id: str, lead_id: str, price: float) -> None:
+        await self._send("commit", buyer_id, lead_id, price, f"commit:{lead_id}")
+
+    async def release(self, buyer_id: str, lead_id: str) -> None:
+        await self._send("release", buyer_id, lead_id, 0.0, f"release:{lead_id}")
+
+
+class CapView:
+    """Every worker's read-only view of the owners' counters (from ``CapState``)."""
+
+    def __init__(self) -> None:
+        self.states: dict[str, dict[str, Any]] = {}
+
+    def update(self, rec: dict[str, Any]) -> None:
+        cur = self.states.get(rec["buyer_id"])
+        if cur is None or rec["at_ms"] >= cur["at_ms"]:
+            self.states[rec["buyer_id"]] = rec
+
+    def counters(self, buyer_id: str, caps: BuyerCaps, at_ms: int) -> rules.BuyerCounters:
+        s = self.states.get(buyer_id)
+        if s is None:
+            return rules.BuyerCounters()
+        hour, day = rules.cap_periods(caps, at_ms)
+        return rules.BuyerCounters(
+            leads_hour=s["leads_hour"] if s["hour"] == hour else 0,
+            leads_day=s["leads_day"] if s["day"] == day else 0,
+            spend_day=s["spend_day"] if s["day"] == day else 0.0)
+
+
+def _schemas() -> Any:
+    import schemas
+
+    return schemas
+
+
+def register(ctx: Any) -> None:
+    """The owner agent (caps topic → ledger table → decisions + states), the decisions agent
+    and the view feed, in every auction worker when any buyer has caps."""
+    settings = ctx.settings
+    capped = {b.id: b.caps for b in settings.buyers if b.caps is not None}
+    if not capped:
+        return
+    import copy
+
+    from streams.buyer_stats import _feed
+    from streams.runtime import DeadLetters, now_ms
+
+    schemas = _schemas()
+    app = ctx.app
+    requests, decisions, states = ctx.topic("caps"), ctx.topic("cap_decisions"), ctx.topic("cap_state")
+    dead = DeadLetters(ctx.topic("deadletter"), "caps")
+    table = app.Table("caps", default=None, partitions=settings.kafka.partitions,
+                      key_type=str, value_type=None)
+    client = CapClient(requests)
+    view = CapView()
+    ctx.resources["caps_client"] = client
+    ctx.resources["caps_view"] = view
+
+    async def apply(rec: dict[str, Any]) -> None:
+        caps = capped.get(rec["buyer_id"])
+        granted, why = True, ""
+        if caps is not None:
+            led = copy.deepcopy(table.get(rec["buyer_id"]) or new_ledger())
+            if rec["kind"] == "reserve":
+                granted, why = reserve(led, caps, rec["lead_id"], rec["price"], rec["at_ms"])
+            elif rec["kind"] == "commit":
+                commit(led, caps, rec["lead_id"], rec["price"], rec["at_ms"])
+            elif rec["kind"] == "release":
+                release(led, rec["lead_id"])
+            else:
+                raise ValueError(f"unknown cap request kind {rec['kind']!r}")
+            table[rec["buyer_id"]] = led
+            hour, day, c = counters(led, caps, now_ms())
+            await states.send(key=rec["buyer_id"].encode(), value=schemas.encode("CapState", {
+                "buyer_id": rec["buyer_id"], "hour": hour, "day": day,
+                "leads_hour": c.leads_hour, "leads_day": c.leads_day,
+                "spend_day": c.spend_day, "at_ms": now_ms()}))
+        if rec["kind"] == "reserve":
+            await decisions.send(key=rec["lead_id"].encode(), value=schemas.encode(
+                "CapDecision", {"request_id": rec["request_id"], "buyer_id": rec["buyer_id"],
+                                "lead_id": rec["lead_id"], "granted": granted,
+                                "reason": why}))
+
+    @app.agent(requests, name="caps", concurrency=1)
+    async def caps_agent(stream: Any) -> None:
+        async for event in stream.events():
+            try:
+                rec = schemas.decode_as("CapRequest", event.value)
+            except schemas.SchemaError as exc:
+                await dead.send(event, f"undecodable cap request: {exc}")
+                continue
+            await dead.guarded(event, lambda r=rec: apply(r), "caps")
+
+    @app.agent(decisions, name="cap-decisions", concurrency=1)
+    async def decisions_agent(stream: Any) -> None:
+        async for event in stream.events():
+            try:
+                client.decided(schemas.decode_as("CapDecision", event.value))
+            except schemas.SchemaError as exc:
+                await dead.send(event, f"undecodable cap decision: {exc}")
+
+    def on_state(value: bytes) -> None:
+        try:
+            view.update(schemas.decode_as("CapState", value))
+        except schemas.SchemaError:
+            pass
+
+    app.service(_feed(settings, ctx.names.cap_state, 0, on_state, lambda: None))
