@@ -142,9 +142,9 @@ def create_app(settings: Settings, role: Role = "auction", *, web_port: int | No
             internal=False,
         )
     if role == "auction":
-        from streams import auction, buyer_stats, caps, ping, post, redact
+        from streams import auction, buyer_stats, caps, dedupe, ping, post, redact
 
-        for stage in (redact, ping, auction, post, buyer_stats, caps):
+        for stage in (redact, dedupe, ping, auction, post, buyer_stats, caps):
             stage.register(ctx)
     elif role == "sink":
         from streams import sink

@@ -115,7 +115,8 @@ class IngestServer:
         finally:
             self._waiters.pop(lead.lead_id, None)
         return _json(200, {"lead_id": lead.lead_id, "outcome": result["outcome"],
-                           "price": result["price_total"], "buyers": result["winners"]})
+                           "price": result["price_total"], "buyers": result["winners"],
+                           "reason": result["reason"]})
 
     async def health(self, request: web.Request) -> web.Response:
         return _json(200, {"status": "ok", "accepted": self.accepted})

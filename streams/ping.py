@@ -44,6 +44,7 @@ def plan_pings(
     settings: Settings, flow: str, ping_fields: dict[str, Any], at_ms: int | None = None, *,
     paused_until: Callable[[str], int | None] | None = None,
     cap_counters: Callable[[BuyerConfig, int], rules.BuyerCounters | None] | None = None,
+    skip_buyers: list[str] | None = None,
 ) -> tuple[list[BuyerConfig], list[tuple[BuyerConfig, str]]]:
     """Which buyers of the flow get a ping, and why each other one does not (filters on the
     ping fields, the buyer's schedule, an auto-pause, a tier in no wave)."""
@@ -57,6 +58,8 @@ def plan_pings(
             paused_until_ms=paused_until(buyer.id) if paused_until is not None else None,
             counters=cap_counters(buyer, at) if cap_counters is not None and buyer.caps
             else None)
+        if why is None and skip_buyers and buyer.id in skip_buyers:
+            why = "already bought this lead (a duplicate within the flow's window)"
         if why is None and rules.wave_of(buyer.tier, waves) is None:
             why = f"tier '{buyer.tier}' is in no wave of flow '{flow}'"
         if why is None:
@@ -153,7 +156,8 @@ def register(ctx: Context) -> None:
         targets, filtered = plan_pings(
             settings, req["flow"], req["ping_fields"], opened,
             paused_until=pauses.paused if pauses else None,
-            cap_counters=(lambda b, at: view.counters(b.id, b.caps, at)) if view else None)
+            cap_counters=(lambda b, at: view.counters(b.id, b.caps, at)) if view else None,
+            skip_buyers=req.get("skip_buyers"))
         deadline = opened + flow.deadline_ms
         pinged = [{"buyer_id": b.id, "tier": b.tier, "ping_id": ping_id_for(req["lead_id"], b.id)}
                   for b in targets]

@@ -11,6 +11,7 @@ import logging
 from typing import Any
 
 import schemas
+from streams.dedupe import identity_of
 from streams.app import Context
 from streams.leads import LeadError, ValidLead, deterministic_lead_id, redact, validate_lead
 from streams.runtime import DeadLetters
@@ -43,6 +44,7 @@ def _received_at(claimed: int | None, kafka_timestamp_s: float) -> int:
 def register(ctx: Context) -> None:
     app, settings = ctx.app, ctx.settings
     leads, pii_topic, requests = ctx.topic("leads"), ctx.topic("lead_pii"), ctx.topic("ping_requests")
+    dedupe = ctx.topic("dedupe")
     dead = DeadLetters(ctx.topic("deadletter"), "redact")
     pii_ttl_ms = int(settings.privacy.pii_ttl_s * 1000)
 
@@ -78,8 +80,14 @@ def register(ctx: Context) -> None:
             "lead_id": lead.lead_id, "flow": lead.flow, "fields": view.pii,
             "expires_at_ms": lead.received_at_ms + pii_ttl_ms,
         }))
-        await requests.send(key=key, value=schemas.encode("PingRequest", {
+        identity = identity_of(settings, lead.flow, lead.fields, view.pii_hashes)
+        request = schemas.encode("PingRequest", {
             "lead_id": lead.lead_id, "flow": lead.flow, "source": lead.source,
             "received_at_ms": lead.received_at_ms, "created_at_ms": lead.created_at_ms,
             "ping_fields": view.ping_fields, "pii_hashes": view.pii_hashes,
-        }))
+            "identity": identity, "skip_buyers": [],
+        })
+        if identity is None:
+            await requests.send(key=key, value=request)
+        else:  # a flow with duplicate checks: the identity's owner decides first
+            await dedupe.send(key=identity.encode(), value=request)

@@ -711,7 +711,7 @@ class Settings(_Model):
 #: Keys of the complete auction (issue 3) whose rules exist (streams/rules.py) but are not yet
 #: applied by the stages. A worker refuses to start with any of them set: a cap or a floor
 #: that is silently ignored would cost real money.
-_NOT_YET_ENFORCED_FLOW = ("duplicates",)
+_NOT_YET_ENFORCED_FLOW: tuple[str, ...] = ()
 _NOT_YET_ENFORCED_STRATEGY: tuple[str, ...] = ()
 _NOT_YET_ENFORCED_BUYER: tuple[str, ...] = ()
 

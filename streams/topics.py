@@ -18,7 +18,7 @@ __all__ = ["TABLES", "TopicSpec", "topic_specs", "TopicNames", "changelog_topic"
 #: worker starts: if Faust creates them itself at start-up, a worker can write to a table
 #: before its metadata knows the new topic and fails with PartitionsMismatch ("changelog
 #: has 0 partitions") — seen on a cold start.
-TABLES = ("auctions", "pii", "postings", "caps")
+TABLES = ("auctions", "pii", "postings", "caps", "identities")
 
 
 def changelog_topic(app_id: str, table: str) -> str:
@@ -50,6 +50,7 @@ class TopicNames:
     caps: str
     cap_decisions: str
     cap_state: str
+    dedupe: str
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "TopicNames":
@@ -67,6 +68,7 @@ class TopicNames:
             caps=f"{p}.caps",
             cap_decisions=f"{p}.cap-decisions",
             cap_state=f"{p}.cap-state",
+            dedupe=f"{p}.dedupe",
         )
 
 
@@ -96,6 +98,9 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
         # reads at start-up so a restart never re-emits a transition (streams/alerts.py).
         TopicSpec(n.alerts, ("Alert",), 1, {"cleanup.policy": "compact"},
                   "alert state changes, key = <rule>|<subject>"),
+        TopicSpec(n.dedupe, ("PingRequest",), parts, week,
+                  "ping requests of flows with duplicate checks, key = identity hash (one owner "
+                  "per person)"),
         TopicSpec(n.caps, ("CapRequest",), parts, week,
                   "cap reservations, commits and releases, key = buyer_id (one owner per buyer)"),
         TopicSpec(n.cap_decisions, ("CapDecision",), parts, week,

@@ -68,22 +68,25 @@ def test_lead_partition_matches_the_producer_partitioner() -> None:
     assert seen == set(parts)
 
 
-def test_worker_refuses_rules_it_does_not_apply_yet() -> None:
-    """A cap or floor that is validated but silently ignored would cost money."""
+def test_every_rule_key_is_applied_so_none_is_refused() -> None:
+    """A worker refuses config keys it validates but does not apply (a cap silently ignored
+    would cost money); every key of the complete auction is applied now."""
     from pathlib import Path
 
-    import pytest
     import yaml
 
     from streams.app import create_app
-    from streams.settings import ConfigError, parse_settings, unenforced_keys
+    from streams.settings import parse_settings, unenforced_keys
 
     raw = yaml.safe_load(Path("config/demo.yaml").read_text())
-    assert unenforced_keys(parse_settings(raw, env={})) == []
-    raw["buyers"][1]["caps"] = {"leads_per_day": 10}  # applied: not refused
-    raw["flows"]["solar"]["strategy"]["rank_by"] = "score"  # applied: not refused
+    raw["buyers"][1]["caps"] = {"leads_per_day": 10}
+    raw["buyers"][1]["auto_pause"] = {"window_s": 30}
+    raw["flows"]["solar"]["strategy"]["rank_by"] = "score"
     raw["flows"]["solar"]["duplicates"] = {"fields": ["email"]}
+    raw["flows"]["solar"]["waves"] = [{"tiers": ["premium", "standard", "backup"],
+                                       "timeout_ms": 500}]
     settings = parse_settings(raw, env={})
-    assert unenforced_keys(settings) == ["flows.solar.duplicates"]
-    with pytest.raises(ConfigError, match=r"flows\.solar\.duplicates"):
-        create_app(settings, "auction")
+    assert unenforced_keys(settings) == []
+    app = create_app(settings, "auction")
+    agents = set(app.agents)
+    assert {"caps", "dedupe", "cap-decisions"} <= {a.rsplit(".", 1)[-1] for a in agents}

@@ -109,7 +109,8 @@ def test_released_payloads_decode(release: Path, name: str) -> None:
     writer = inlined(dir_loader(release), schemas.EVENTS[name])
     if writer is None:
         pytest.skip(f"{name} was not part of {release.name}")
-    record = RECORDS[name]
+    written = {f["name"] for f in writer["fields"]}
+    record = {k: v for k, v in RECORDS[name].items() if k in written}  # fields of that release
     parsed = fastavro.parse_schema(copy.deepcopy(writer))
     canonical = parse(writer).canonical_form
     buf = io.BytesIO()

@@ -102,6 +102,7 @@ RECORDS: dict[str, dict[str, Any]] = {
         "lead_id": "lead-0001", "flow": "solar", "source": "http:demo", "received_at_ms": T0,
         "created_at_ms": T0 - 2000, "ping_fields": PING_FIELDS,
         "pii_hashes": {"email": "a" * 64, "phone": "b" * 64},
+        "identity": "c" * 64, "skip_buyers": ["b1"],
     },
     "LeadPii": {
         "lead_id": "lead-0001", "flow": "solar",
