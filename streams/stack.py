@@ -9,6 +9,7 @@ run directory and ports).
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import subprocess
@@ -112,8 +113,12 @@ class Stack:
         if self.running(name):
             return self._pid(name)  # type: ignore[return-value]
         old = self._procs.pop(name, None)
-        if old is not None:
-            old.poll()  # reap a process that died (e.g. was killed) before replacing it
+        if old is not None:  # reap a process that died (e.g. was killed) before replacing it
+            try:
+                old.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                logging.getLogger(__name__).warning(
+                    "%s (pid %d) did not exit; replacing it anyway", name, old.pid)
         self.pid_dir.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_dir / f"{name}.log", "ab")

@@ -145,8 +145,10 @@ def test_demo_config_loads_and_new_keys_keep_todays_behaviour() -> None:
     assert f.waves is None and f.duplicates is None
     assert f.strategy.rank_by == "price"
     assert not f.strategy.exclusive_only and not f.strategy.shared_only
+    capped = {b.id for b in s.buyers if b.caps is not None or b.auto_pause is not None}
+    assert capped == {"voltmarket"}  # the demo shows a cap and an auto-pause on one buyer
     for b in s.buyers:
-        assert b.schedule is None and b.caps is None and b.auto_pause is None
+        assert b.schedule is None
         assert b.payment_speed == 0.5 and b.filters.fields == {}
         assert wave_of(b.tier, f.waves) == 0  # one wave pinging every tier
 
