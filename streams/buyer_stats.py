@@ -1,4 +1,11 @@
-"""Each buyer's observed post acceptance rate, streamed from the deliveries topic.
+"""Buyer statistics the auction applies: observed post acceptance (ranking by score) and
+auto-pause.
+
+Auto-pause is decided by the metrics worker (:class:`PauseTracker`, fed by every ping outcome
+it already counts) and recorded as ``auto_pause`` alerts; every auction worker follows those
+few records (:class:`PauseView`) and filters paused buyers before the ping.
+
+Acceptance: each buyer's observed post acceptance rate, streamed from the deliveries topic.
 
 Ranking by score (``strategy.rank_by: score``) weighs a bid by its buyer's acceptance rate.
 Deliveries are keyed by lead, so any one worker owns only some of each buyer's posts; every
@@ -27,7 +34,8 @@ from streams import rules
 from streams.runtime import now_ms
 from streams.settings import AutoPauseConfig
 
-__all__ = ["AcceptanceCounter", "PauseTracker", "Transition", "WINDOW_S", "register"]
+__all__ = ["AcceptanceCounter", "PAUSE_RULE", "PauseTracker", "PauseView", "Transition",
+           "WINDOW_S", "pause_alert", "register"]
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +142,18 @@ class PauseTracker:
         """Until when ``buyer_id`` is paused (epoch ms), or None."""
         return self.paused_until.get(buyer_id)
 
+    def seed(self, buyer_id: str, state: str, at_ms: int) -> None:
+        """Restore the last recorded transition (after a restart): only outcomes after it
+        count, and a pause still runs its cool-down (a resume is due if it ended meanwhile)."""
+        cfg = self.configs.get(buyer_id)
+        if cfg is None or at_ms < self._since.get(buyer_id, -1):
+            return
+        self._since[buyer_id] = at_ms
+        if state == "firing":
+            self.paused_until[buyer_id] = rules.pause_until_ms(at_ms, cfg.cool_down_s)
+        else:
+            self.paused_until.pop(buyer_id, None)
+
 
 def _feed(settings: Any, topic: str, since_ms: int,
           on_record: Callable[[bytes], None], on_batch: Callable[[], Any]) -> type[mode.Service]:
@@ -205,56 +225,58 @@ def register(ctx: Any) -> None:
 
     configs = {b.id: b.auto_pause for b in settings.buyers if b.auto_pause is not None}
     if configs:
-        tracker = PauseTracker(configs)
-        ctx.resources["pauses"] = tracker
-        longest = max(int(c.window_s * 1000) for c in configs.values())
+        view = PauseView(configs)
+        ctx.resources["pauses"] = view
 
-        def on_bid(value: bytes) -> None:
+        def on_alert(value: bytes) -> None:
             try:
-                name, r = schemas.decode(value)
+                view.update(schemas.decode_as("Alert", value))
             except schemas.SchemaError:
-                return
-            if name == "Bid":
-                tracker.add(r["buyer_id"], r["ping_id"], r["status"], r["answered_at_ms"])
+                pass
 
-        alerts_topic = ctx.topic("alerts")
-
-        async def emit(t: Transition, msg: str) -> None:
-            cfg = configs[t.buyer_id]
-            state = "firing" if t.state == "paused" else "resolved"
-            subject = f"buyer:{t.buyer_id}"
-            rec = {"alert_id": f"auto_pause|{subject}|{t.at_ms}|{state}", "rule": "auto_pause",
-                   "metric": "failure_rate", "scope": "buyer", "subject": subject,
-                   "state": state, "value": t.failure_rate if t.state == "paused" else None,
-                   "threshold": cfg.max_failure_rate, "comparison": ">",
-                   "samples": t.pings, "window_s": cfg.window_s, "at_ms": t.at_ms,
-                   "message": msg}
-            await alerts_topic.send(key=f"auto_pause|{subject}".encode(),
-                                    value=schemas.encode("Alert", rec))
-
-        ctx.resources["emit_pause_event"] = emit
-
-        async def on_tick() -> None:
-            for t in tracker.evaluate(now_ms()):
-                await announce_pause(ctx, t)
-
-        ctx.app.service(_feed(settings, ctx.names.bids, now_ms() - longest, on_bid, on_tick))
+        # The metrics worker decides pauses (it already follows every ping outcome); the
+        # auction workers only follow its decisions: a few records, off the hot path.
+        ctx.app.service(_feed(settings, ctx.names.alerts, 0, on_alert, lambda: None))
 
 
-async def announce_pause(ctx: Any, t: Transition) -> None:
-    """Log a pause transition; the worker owning partition 0 of the bids topic also records
-    it on the alerts topic (rule ``auto_pause``, firing = paused, resolved = resumed), from
-    where the sink writes the ``alerts`` table. Every worker decides alike from the same
-    events; one of them speaks. (A failover between two workers' decisions can record a
-    transition twice or, rarely, not at all: the pause itself is applied by every worker.)"""
+class PauseView:
+    """The auction workers' view of auto-pause decisions (``auto_pause`` alerts)."""
+
+    def __init__(self, configs: dict[str, AutoPauseConfig]) -> None:
+        self.configs = configs
+        self.paused_until: dict[str, int] = {}
+        self._last: dict[str, int] = {}
+
+    def update(self, rec: dict[str, Any]) -> None:
+        if rec["rule"] != PAUSE_RULE or not rec["subject"].startswith("buyer:"):
+            return
+        buyer = rec["subject"].split(":", 1)[1]
+        cfg = self.configs.get(buyer)
+        if cfg is None or rec["at_ms"] < self._last.get(buyer, -1):
+            return
+        self._last[buyer] = rec["at_ms"]
+        if rec["state"] == "firing":
+            self.paused_until[buyer] = rec["at_ms"] + int(cfg.cool_down_s * 1000)
+        else:
+            self.paused_until.pop(buyer, None)
+
+    def paused(self, buyer_id: str) -> int | None:
+        return self.paused_until.get(buyer_id)
+
+
+#: The rule name auto-pause transitions are recorded under (alerts topic and table).
+PAUSE_RULE = "auto_pause"
+
+
+def pause_alert(t: Transition, cfg: AutoPauseConfig) -> dict[str, Any]:
+    """The ``Alert`` record of a pause transition (firing = paused, resolved = resumed)."""
+    state = "firing" if t.state == "paused" else "resolved"
+    subject = f"buyer:{t.buyer_id}"
     msg = (f"buyer {t.buyer_id} paused: {t.failure_rate:.0%} of {t.pings} pings timed out or "
-           f"failed; resumes at {rules._iso(t.until_ms)}" if t.state == "paused"  # noqa: SLF001
-           else f"buyer {t.buyer_id} resumed after its cool-down")
-    log.warning(msg)
-    emit = ctx.resources.get("emit_pause_event")
-    if emit is None:
-        return
-    owners = {tp.partition for tp in ctx.app.assignor.assigned_actives()
-              if tp.topic == ctx.names.bids}
-    if 0 in owners:
-        await emit(t, msg)
+           f"failed; resumes at {rules._iso(t.until_ms)}"  # noqa: SLF001
+           if t.state == "paused" else f"buyer {t.buyer_id} resumed after its cool-down")
+    return {"alert_id": f"{PAUSE_RULE}|{subject}|{t.at_ms}|{state}", "rule": PAUSE_RULE,
+            "metric": "failure_rate", "scope": "buyer", "subject": subject, "state": state,
+            "value": t.failure_rate if t.state == "paused" else None,
+            "threshold": cfg.max_failure_rate, "comparison": ">", "samples": t.pings,
+            "window_s": cfg.window_s, "at_ms": t.at_ms, "message": msg}

@@ -346,9 +346,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
                          since=started_at, summary=report, title=title, extra=extra)
     client.close()
     # Unsold because the market said no is fine; unsold because the platform failed is not.
+    market = ("no bids", "no acceptable bid", "all posts rejected or failed",
+              "no acceptable bid at post time")
     internal = sum(n for reason, n in report.unsold_reasons
-                   if reason not in ("no bids", "no acceptable bid", "all posts rejected or failed",
-                                     "no acceptable bid at post time"))
+                   if reason.split("; caps reached:")[0] not in market
+                   and not reason.startswith("duplicate of lead"))
     checks = {
         "every lead has one settled auction": report.auctions == len(ids) == len(leads),
         "every sale has an accepted post": report.sold_without_accepted_post == 0,

@@ -34,6 +34,7 @@ import orjson
 from aiohttp import web
 
 import schemas
+from streams.buyer_stats import PAUSE_RULE, PauseTracker, pause_alert
 from streams.alerts import AlertEngine, Transition, subject_key
 from streams.app import Context
 from streams.metrics_config import METRICS
@@ -214,6 +215,8 @@ def register(ctx: Context) -> None:
                                registry=registry)
     events = Counter("pingpost_metrics_events", "events counted by the metrics role",
                      ["event"], registry=registry)
+    pause_cfgs = {b.id: b.auto_pause for b in settings.buyers if b.auto_pause is not None}
+    pauses = PauseTracker(pause_cfgs)
 
     async def on_webhook_failure(d: Any, reason: str) -> None:
         webhook_failures.labels(d.rule).inc()
@@ -277,6 +280,9 @@ def register(ctx: Context) -> None:
             t = None
             try:
                 name, rec = schemas.decode(event.value)
+                if name == "Bid" and pause_cfgs:
+                    pauses.add(rec["buyer_id"], rec["ping_id"], rec["status"],
+                               rec["answered_at_ms"])
                 t = store.add(name, rec)
                 if t is not None:
                     events.labels(name).inc()
@@ -308,8 +314,11 @@ def register(ctx: Context) -> None:
         bootstrap = settings.kafka.bootstrap
         known = {r.name for r in engine.rules}
         for rec in await _read_alert_states(bootstrap, n.alerts):
+            if rec["rule"] == PAUSE_RULE:
+                pauses.seed(rec["subject"].split(":", 1)[-1], rec["state"], rec["at_ms"])
+                continue
             if rec["rule"] not in known:
-                continue  # e.g. auto_pause, emitted by the auction workers
+                continue
             kind, _, ident = rec["subject"].partition(":")
             engine.seed(rec["rule"], (kind, ident), rec["state"], rec["at_ms"])
         firing = engine.firing()
@@ -377,6 +386,33 @@ def register(ctx: Context) -> None:
             status["evaluated_until"] = end
             end += w
         store.expire(status["evaluated_until"] - keep_ms)
+
+    @app.timer(interval=0.5, name="auto-pause")
+    async def auto_pause() -> None:
+        """Pause/resume buyers (issue 3, rule 10): once caught up, so a replay after a restart
+        never decides on partial data; each transition on the alerts topic before it counts."""
+        if not pause_cfgs or not status["caught_up"]:
+            return
+        for t in pauses.evaluate(now_ms()):
+            rec = pause_alert(t, pause_cfgs[t.buyer_id])
+
+            async def send(rec: dict[str, Any] = rec) -> None:
+                fut = await alerts_topic.send(key=f"{PAUSE_RULE}|{rec['subject']}".encode(),
+                                              value=schemas.encode("Alert", rec))
+                await fut
+
+            try:
+                await retry_transient(send, "auto-pause")
+            except Exception:
+                log.exception("could not record the %s transition of %s", t.state, t.buyer_id)
+                # undo: decided again next tick
+                if t.state == "paused":
+                    pauses.paused_until.pop(t.buyer_id, None)
+                else:
+                    pauses.paused_until[t.buyer_id] = t.at_ms
+                continue
+            transitions.labels(PAUSE_RULE, rec["state"]).inc()
+            log.warning("%s", rec["message"])
 
     @app.task
     async def serve_metrics() -> None:

@@ -23,9 +23,9 @@ WAVES = [{"tiers": ["premium"], "timeout_ms": 300}, {"tiers": ["standard"], "tim
 
 
 def pipeline(tmp: Any, kafka: str, warehouse: str, buyers: dict[str, Any],
-             **flow: Any) -> Pipeline:
+             metrics: dict[str, Any] | None = None, **flow: Any) -> Pipeline:
     return Pipeline(tmp, kafka, warehouse, buyers,
-                    flow={**copy.deepcopy(SOLAR_FLOW), **flow})
+                    flow={**copy.deepcopy(SOLAR_FLOW), **flow}, metrics=metrics)
 
 
 def run(p: Pipeline, n: int, seed: int, *, sequential: bool = False) -> list[str]:
@@ -169,7 +169,9 @@ def paused(kafka_bootstrap: str, warehouse_url: str,
                    "sim": {**SIM, "mode": "http_500"}},
         "fine": {"sim": {**SIM, "price": {"median": 60, "p99": 70}}},
     }
-    p = pipeline(tmp_path_factory.mktemp("pause"), kafka_bootstrap, warehouse_url, buyers)
+    # the metrics worker decides pauses; the auction workers apply them
+    p = pipeline(tmp_path_factory.mktemp("pause"), kafka_bootstrap, warehouse_url, buyers,
+                 metrics={"window_s": 1, "grace_s": 0.5})
     try:
         p.start()
         leads = generate_leads(100, seed=504)

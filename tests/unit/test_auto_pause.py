@@ -64,3 +64,34 @@ def test_a_paused_buyer_is_filtered_from_the_ping_plan_with_the_reason() -> None
     targets, _ = plan_pings(s, "solar", PING, 6_000,
                             paused_until=lambda bid: 5_000 if bid == b else None)
     assert b in [x.id for x in targets]
+
+
+def test_pause_view_follows_the_recorded_transitions() -> None:
+    from streams.buyer_stats import PauseView, Transition, pause_alert
+
+    v = PauseView({"slow": CFG})
+    paused = pause_alert(Transition("slow", "paused", 1_000, 0.75, 4, 31_000), CFG)
+    resumed = pause_alert(Transition("slow", "resumed", 31_000, 0.0, 0, None), CFG)
+    assert (paused["state"], resumed["state"]) == ("firing", "resolved")
+    v.update(paused)
+    assert v.paused("slow") == 31_000
+    v.update(resumed)
+    assert v.paused("slow") is None
+    v.update(paused)  # an older record read late: ignored
+    assert v.paused("slow") is None
+    v.update({**paused, "rule": "low_bid_rate"})  # other alerts are not pauses
+    v.update({**paused, "subject": "buyer:unknown"})
+    assert v.paused_until == {}
+
+
+def test_a_restarted_tracker_keeps_the_pause_and_ignores_replayed_failures() -> None:
+    t = PauseTracker({"slow": CFG})
+    t.seed("slow", "firing", 1_000)  # recorded before the restart
+    feed(t, "slow", "tttt", 500)  # replayed outcomes from before the transition
+    assert t.paused("slow") == 31_000
+    assert t.evaluate(2_000) == []  # no second pause
+    assert states(t.evaluate(31_000)) == [("slow", "resumed")]
+    t2 = PauseTracker({"slow": CFG})
+    t2.seed("slow", "resolved", 5_000)
+    feed(t2, "slow", "tttt", 4_000)  # failures before the resume: not counted
+    assert t2.evaluate(6_000) == []
