@@ -250,8 +250,10 @@ def register(ctx: Context) -> None:
                 buyer = settings.buyer(cand["buyer_id"])
                 post_id = post_id_for(lead_id, buyer.id)
                 caps_client = ctx.resources.get("caps_client") if buyer.caps else None
-                if caps_client is not None:
-                    # Reserve a slot with the buyer's cap owner before the lead leaves.
+                if caps_client is not None and not resolving:
+                    # Reserve a slot with the buyer's cap owner before the lead leaves. (An
+                    # attempt being resolved after a crash was reserved before it; its answer
+                    # is counted whatever the cap says now: if the buyer took it, it is sold.)
                     granted, why = await caps_client.reserve(buyer.id, lead_id, cand["price"])
                     if not granted:
                         n = state["attempts"][buyer.id]["attempt"]
