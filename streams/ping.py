@@ -24,7 +24,7 @@ from streams.auction import acceptable
 from streams.runtime import DeadLetters, InFlight, now_ms
 from streams.settings import BuyerConfig, Settings
 
-__all__ = ["register", "plan_pings", "ping_body", "ping_id_for"]
+__all__ = ["register", "plan_pings", "ping_body", "ping_buyer", "ping_id_for", "MIN_WAVE_MS"]
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +104,33 @@ def _bid_record(req: dict[str, Any], buyer: BuyerConfig, ping_id: str, sent_at: 
     }
 
 
+async def ping_buyer(ctx: Context, req: dict[str, Any], buyer: BuyerConfig, ping_id: str,
+                     stop_at_ms: int) -> dict[str, Any]:
+    """Ping one buyer for ``req`` (lead_id, flow, ping_fields) with the time left until
+    ``stop_at_ms``; send and return its outcome (a ``Bid`` record, floor reason included)."""
+    settings = ctx.settings
+    flow = settings.flows[req["flow"]]
+    bids = ctx.topic("bids")
+    sent = now_ms()
+    budget = min(buyer.timeout_ms, stop_at_ms - sent)
+    if budget <= 0:
+        record = _bid_record(req, buyer, ping_id, sent, None, "timeout",
+                             "no time left before the auction deadline")
+    else:
+        body = ping_body(req["ping_fields"], req["flow"], ping_id, budget)
+        out = await ctx.buyer_client().ping(buyer, body, budget / 1000.0,
+                                            max_price=flow.strategy.max_price,
+                                            min_price=flow.strategy.min_price)
+        record = _bid_record(req, buyer, ping_id, sent, out)
+        if out.status == "bid" and out.price is not None:
+            # The ping row says why a bid cannot win; the auction applies the same rule.
+            record["reason"] = rules.below_floor_reason(
+                flow, out.price, req["ping_fields"], sent,
+                exclusive=out.exclusive or out.conditions.exclusive_required) or ""
+    await bids.send(key=record["lead_id"].encode(), value=schemas.encode("Bid", record))
+    return record
+
+
 def register(ctx: Context) -> None:
     app, settings = ctx.app, ctx.settings
     bids = ctx.topic("bids")
@@ -119,26 +146,7 @@ def register(ctx: Context) -> None:
 
     async def ping_one(req: dict[str, Any], buyer: BuyerConfig, ping_id: str,
                        stop_at_ms: int) -> dict[str, Any]:
-        flow = settings.flows[req["flow"]]
-        sent = now_ms()
-        budget = min(buyer.timeout_ms, stop_at_ms - sent)
-        if budget <= 0:
-            record = _bid_record(req, buyer, ping_id, sent, None, "timeout",
-                                 "no time left before the auction deadline")
-            await send_bid(record)
-            return record
-        body = ping_body(req["ping_fields"], req["flow"], ping_id, budget)
-        out = await ctx.buyer_client().ping(buyer, body, budget / 1000.0,
-                                  max_price=flow.strategy.max_price,
-                                  min_price=flow.strategy.min_price)
-        record = _bid_record(req, buyer, ping_id, sent, out)
-        if out.status == "bid" and out.price is not None:
-            # The ping row says why a bid cannot win; the auction applies the same rule.
-            record["reason"] = rules.below_floor_reason(
-                flow, out.price, req["ping_fields"], sent,
-                exclusive=out.exclusive or out.conditions.exclusive_required) or ""
-        await send_bid(record)
-        return record
+        return await ping_buyer(ctx, req, buyer, ping_id, stop_at_ms)
 
     async def round_for(req: dict[str, Any]) -> None:
         auctions = ctx.resources.get("auctions_table")

@@ -183,6 +183,45 @@ def register(ctx: Context) -> None:
                            value=schemas.encode("AuctionResult", result))
         pii_table.pop(order["lead_id"], None)  # PII is not kept past the sale
 
+    async def ping_later_waves(order: dict[str, Any], flow: Any,
+                               give_up_at: int) -> list[dict[str, Any]]:
+        """Ping, wave by wave, the waves after the last one the auction pinged; return the
+        first wave's acceptable bids, ranked (empty: none). Their outcomes replace the
+        ``filtered`` ping rows the auction wrote for them."""
+        from streams.auction import decide
+        from streams.ping import MIN_WAVE_MS, ping_buyer, ping_id_for, plan_pings
+
+        waves = flow.waves
+        asked = {c["buyer_id"] for c in order["candidates"]}
+        last = max((rules.wave_of(c["tier"], waves) or 0) for c in order["candidates"])
+        pauses, view = ctx.resources.get("pauses"), ctx.resources.get("caps_view")
+        targets, _ = plan_pings(
+            settings, order["flow"], order["ping_fields"], now_ms(),
+            paused_until=pauses.paused if pauses else None,
+            cap_counters=(lambda b, at: view.counters(b.id, b.caps, at)) if view else None)
+        for i, wave in enumerate(waves):
+            if i <= last:
+                continue
+            members = [b for b in targets
+                       if rules.wave_of(b.tier, waves) == i and b.id not in asked]
+            now = now_ms()
+            if not members:
+                continue
+            if give_up_at - now < MIN_WAVE_MS:
+                break
+            stop = min(give_up_at, now + wave.timeout_ms)
+            outcomes = await asyncio.gather(*(
+                ping_buyer(ctx, order, b, ping_id_for(order["lead_id"], b.id), stop)
+                for b in members))
+            d = decide(list(outcomes), order["ping_fields"], flow.strategy,
+                       order["created_at_ms"], now_ms(), flow=flow,
+                       payment={b.id: b.payment_speed for b in settings.buyers})
+            if d.candidates:
+                log.info("lead %s: wave %d after a failed waterfall: %d acceptable bid(s)",
+                         order["lead_id"], i + 1, len(d.candidates))
+                return d.candidates
+        return []
+
     async def run_order(order: dict[str, Any]) -> None:
         # One waterfall per lead at a time: a PostOrder can arrive twice (an auction close
         # retried after a transient error, a redelivery) and two concurrent runs would each
@@ -200,6 +239,8 @@ def register(ctx: Context) -> None:
         if state is None:
             state = {"attempts": {}, "sold": [], "mode": None, "n": 0, "result": None,
                      "started_at_ms": now_ms()}
+        if state.get("backup"):  # bids of later waves pinged before a restart
+            order = {**order, "candidates": order["candidates"] + state["backup"]}
         flow = settings.flows.get(order["flow"])
         if not order["candidates"] or flow is None:
             await settle(order, state, "no bids" if order["bids"] == 0 else
@@ -232,6 +273,17 @@ def register(ctx: Context) -> None:
                     state["attempts"][cand["buyer_id"]] = {"status": "skipped", "attempt": 0}
                     await emit_delivery(order, cand, 0, "skipped", 0.0, why, None, now,
                                         mode == "exclusive")
+                if not batch and not state["sold"] and now < give_up_at and flow.waves \
+                        and not state.get("backup_done"):
+                    # Every bidder said no: the waves the auction did not need (an earlier
+                    # wave had an acceptable bid) are the brief's backup buyers. Ping them now.
+                    # (Wave after wave: if these reject too, the next one is tried.)
+                    backup = await ping_later_waves(order, flow, give_up_at)
+                    state["backup_done"] = not backup
+                    state["backup"] = state.get("backup", []) + backup
+                    postings[lead_id] = state
+                    order = {**order, "candidates": order["candidates"] + backup}
+                    continue
                 if not batch or now >= give_up_at:
                     break
                 if not state["sold"]:
@@ -246,7 +298,8 @@ def register(ctx: Context) -> None:
                 await app.producer.flush()
 
             async def attempt(cand: dict[str, Any], exclusive: bool = exclusive,
-                              resolving: bool = bool(pending)) -> None:
+                              resolving: bool = bool(pending),
+                              order: dict[str, Any] = order) -> None:
                 buyer = settings.buyer(cand["buyer_id"])
                 post_id = post_id_for(lead_id, buyer.id)
                 caps_client = ctx.resources.get("caps_client") if buyer.caps else None

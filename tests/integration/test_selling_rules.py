@@ -114,6 +114,46 @@ def test_later_wave_is_not_pinged_when_the_first_has_an_acceptable_bid(
         assert close_reason == "all_answered"
 
 
+@pytest.fixture(scope="module")
+def waves_fallback(kafka_bootstrap: str, warehouse_url: str,
+                   tmp_path_factory: pytest.TempPathFactory
+                   ) -> Iterator[tuple[Pipeline, list[str]]]:
+    """The premium wave bids enough but rejects every post: the standard wave, not pinged by
+    the auction, is pinged by the waterfall and buys."""
+    buyers = {
+        "gold": {"tier": "premium", "sim": {**SIM, "price": {"median": 60, "p99": 70},
+                                            "post_reject_rate": 1.0}},
+        "silver": {"tier": "standard", "sim": {**SIM, "price": {"median": 50, "p99": 55}}},
+    }
+    p = pipeline(tmp_path_factory.mktemp("waves3"), kafka_bootstrap, warehouse_url, buyers,
+                 floors=FLOORS, waves=WAVES, deadline_ms=1200)
+    try:
+        p.start()
+        yield p, run(p, 8, 506)
+    finally:
+        p.stop()
+
+
+def test_waterfall_falls_back_to_the_next_wave(
+        waves_fallback: tuple[Pipeline, list[str]]) -> None:
+    p, ids = waves_fallback
+    for winners in [w for (w,) in p.rows("SELECT winners FROM {db}.auctions FINAL "
+                                         "WHERE lead_id IN %(ids)s", ids=ids)]:
+        assert winners == ["silver"]
+    posts = p.rows("SELECT lead_id, buyer_id, status, attempt FROM {db}.posts FINAL "
+                   "WHERE lead_id IN %(ids)s ORDER BY lead_id, attempt", ids=ids)
+    by_lead: dict[str, list[tuple[str, str]]] = {}
+    for lead, buyer, status, _ in posts:
+        by_lead.setdefault(lead, []).append((buyer, status))
+    assert all(v == [("gold", "rejected"), ("silver", "accepted")] for v in by_lead.values())
+    assert len(by_lead) == len(ids)
+    # silver's ping row is its real answer now, not the auction's "not pinged"
+    rows = p.rows("SELECT status FROM {db}.pings FINAL WHERE buyer_id = 'silver' "
+                  "AND lead_id IN %(ids)s", ids=ids)
+    assert [r for (r,) in rows] == ["bid"] * len(ids)
+    assert len(p.received("silver", "ping")) == len(ids)
+
+
 # -- score ranking, exclusive only -----------------------------------------------------------
 
 @pytest.fixture(scope="module")
