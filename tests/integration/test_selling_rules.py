@@ -339,3 +339,42 @@ def test_a_buyer_outside_its_schedule_is_never_pinged(
     assert len(rows) == len(ids)
     assert all(st == "filtered" and reason.startswith("outside schedule") for st, reason in rows)
     assert p.received("sleepy", "ping") == []
+
+
+# -- shared only ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def shared_only(kafka_bootstrap: str, warehouse_url: str,
+                tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Pipeline, list[str]]]:
+    buyers = {
+        # the best price, but only for an exclusive lead: never honoured in this flow
+        "solo": {"sim": {**SIM, "price": {"median": 150, "p99": 151}, "exclusive_share": 1.0}},
+        "a": {"sim": {**SIM, "price": {"median": 60, "p99": 61}}},
+        "b": {"sim": {**SIM, "price": {"median": 50, "p99": 51}}},
+    }
+    strategy = {**SOLAR_FLOW.get("strategy", {}), "shared_only": True, "shared_max": 3}
+    p = pipeline(tmp_path_factory.mktemp("shared"), kafka_bootstrap, warehouse_url, buyers,
+                 strategy=strategy)
+    try:
+        p.start()
+        yield p, run(p, 10, 507)
+    finally:
+        p.stop()
+
+
+def test_shared_only_never_sells_exclusively(shared_only: tuple[Pipeline, list[str]]) -> None:
+    p, ids = shared_only
+    bids = {(lead, buyer): price for lead, buyer, price in p.rows(
+        "SELECT lead_id, buyer_id, price FROM {db}.pings FINAL WHERE status = 'bid' "
+        "AND lead_id IN %(ids)s", ids=ids)}
+    rows = p.rows("SELECT lead_id, outcome, winners, prices, price_total FROM {db}.auctions "
+                  "FINAL WHERE lead_id IN %(ids)s", ids=ids)
+    assert len(rows) == len(ids)
+    for lead, outcome, winners, prices, total in rows:
+        assert outcome == "sold_shared" and sorted(winners) == ["a", "b"]
+        # each at its own price, as bid (winners in the order their posts were accepted)
+        assert prices == [bids[(lead, w)] for w in winners]
+        assert total == pytest.approx(sum(prices), abs=0.01)
+    assert p.received("solo", "post") == []
+    posts = [r["json"] for b in ("a", "b") for r in p.received(b, "post")]
+    assert len(posts) == 2 * len(ids) and all(x["exclusive"] is False for x in posts)
