@@ -37,13 +37,17 @@ __all__ = ["HOLD_TTL_MS", "new_ledger", "reserve", "commit", "release", "counter
 
 #: A reservation not committed or released within this long is dropped.
 HOLD_TTL_MS = 120_000
-#: How many settled leads a ledger remembers (to make redelivered requests no-ops).
-DONE_KEEP = 5000
+#: How long, and how many, settled leads a ledger remembers, to make redelivered requests
+#: no-ops. The ledger is one table value (written to the changelog on every change), so it is
+#: kept small. A request redelivered after that errs on the safe side: a commit counts again
+#: (the buyer gets fewer leads, never more), a reserve makes a hold that expires.
+DONE_TTL_MS = HOLD_TTL_MS
+DONE_KEEP = 1000
 
 
 def new_ledger() -> dict[str, Any]:
-    # counted: accepted posts per period key; holds: lead -> reservation; done: lead -> how it
-    # ended ("committed" | "released"), oldest first.
+    # counted: accepted posts per period key; holds: lead -> reservation; done: lead ->
+    # [how it ended ("committed" | "released"), when], oldest first.
     return {"hours": {}, "days": {}, "spend": {}, "holds": {}, "done": {}}
 
 
@@ -52,14 +56,15 @@ def _expire(led: dict[str, Any], at_ms: int) -> None:
         del led["holds"][lead]
 
 
-def _prune(led: dict[str, Any], hour: str, day: str) -> None:
+def _prune(led: dict[str, Any], hour: str, day: str, now_ms: int) -> None:
     """Keep only the current periods' counters (and those of outstanding holds)."""
     keep_h = {hour} | {h["hour"] for h in led["holds"].values()}
     keep_d = {day} | {h["day"] for h in led["holds"].values()}
     led["hours"] = {k: v for k, v in led["hours"].items() if k in keep_h}
     led["days"] = {k: v for k, v in led["days"].items() if k in keep_d}
     led["spend"] = {k: v for k, v in led["spend"].items() if k in keep_d}
-    while len(led["done"]) > DONE_KEEP:
+    while led["done"] and (len(led["done"]) > DONE_KEEP
+                           or next(iter(led["done"].values()))[1] < now_ms - DONE_TTL_MS):
         del led["done"][next(iter(led["done"]))]
 
 
@@ -81,7 +86,7 @@ def reserve(led: dict[str, Any], caps: BuyerCaps, lead_id: str, price: float, at
     _expire(led, at_ms)
     if lead_id in led["holds"]:
         return True, ""  # a redelivered request: the same hold
-    done = led["done"].get(lead_id)
+    done = (led["done"].get(lead_id) or [None])[0]
     if done == "committed":
         return True, ""  # already counted (a replayed waterfall re-posting with the same key)
     if done == "released":
@@ -89,16 +94,16 @@ def reserve(led: dict[str, Any], caps: BuyerCaps, lead_id: str, price: float, at
     hour, day, c = counters(led, caps, at_ms)
     why = rules.cap_allows(caps, c, price)
     if why is not None:
-        _prune(led, hour, day)
+        _prune(led, hour, day, at_ms)
         return False, why
     led["holds"][lead_id] = {"price": price, "hour": hour, "day": day, "exp": at_ms + ttl_ms}
-    _prune(led, hour, day)
+    _prune(led, hour, day, at_ms)
     return True, ""
 
 
 def commit(led: dict[str, Any], caps: BuyerCaps, lead_id: str, price: float, at_ms: int) -> None:
     """Count an accepted (or ambiguous) post: in the periods it was reserved in."""
-    if led["done"].get(lead_id) == "committed":
+    if (led["done"].get(lead_id) or [None])[0] == "committed":
         return  # redelivered
     hold = led["holds"].pop(lead_id, None)
     if hold is not None:
@@ -109,18 +114,18 @@ def commit(led: dict[str, Any], caps: BuyerCaps, lead_id: str, price: float, at_
     led["days"][day] = led["days"].get(day, 0) + 1
     led["spend"][day] = round(led["spend"].get(day, 0.0) + price, 6)
     led["done"].pop(lead_id, None)
-    led["done"][lead_id] = "committed"
+    led["done"][lead_id] = ["committed", at_ms]
     cur_hour, cur_day = rules.cap_periods(caps, at_ms)
-    _prune(led, cur_hour, cur_day)
+    _prune(led, cur_hour, cur_day, at_ms)
 
 
-def release(led: dict[str, Any], lead_id: str) -> None:
+def release(led: dict[str, Any], lead_id: str, at_ms: int = 0) -> None:
     """Free a reservation whose post was rejected or failed (no-op once committed)."""
-    if led["done"].get(lead_id) == "committed":
+    if (led["done"].get(lead_id) or [None])[0] == "committed":
         return
     led["holds"].pop(lead_id, None)
     led["done"].pop(lead_id, None)
-    led["done"][lead_id] = "released"
+    led["done"][lead_id] = ["released", at_ms]
 
 
 # --------------------------------------------------------------------------- the stage
@@ -233,7 +238,7 @@ def register(ctx: Any) -> None:
             elif rec["kind"] == "commit":
                 commit(led, caps, rec["lead_id"], rec["price"], rec["at_ms"])
             elif rec["kind"] == "release":
-                release(led, rec["lead_id"])
+                release(led, rec["lead_id"], rec["at_ms"])
             else:
                 raise ValueError(f"unknown cap request kind {rec['kind']!r}")
             table[rec["buyer_id"]] = led

@@ -32,11 +32,11 @@ def test_release_frees_the_slot_and_commit_is_idempotent() -> None:
     caps, led = BuyerCaps(leads_per_hour=1), C.new_ledger()
     assert C.reserve(led, caps, "a", 5.0, T)[0]
     assert not C.reserve(led, caps, "b", 5.0, T)[0]
-    C.release(led, "a")  # rejected post
+    C.release(led, "a", T)  # rejected post
     assert C.reserve(led, caps, "b", 5.0, T)[0]
     C.commit(led, caps, "b", 5.0, T)
     C.commit(led, caps, "b", 5.0, T)  # redelivered
-    C.release(led, "b")  # a late release cannot undo a commit
+    C.release(led, "b", T)  # a late release cannot undo a commit
     assert C.counters(led, caps, T)[2].leads_hour == 1
     assert C.reserve(led, caps, "b", 5.0, T) == (True, "")  # replayed waterfall: same grant
     assert not C.reserve(led, caps, "a", 5.0, T)[0]  # released before: no new hold
@@ -109,3 +109,14 @@ def test_cap_view_ignores_other_periods_and_older_states() -> None:
     assert v.counters("b", caps, T).leads_day == 9
     assert v.counters("b", caps, T + 86_400_000).leads_day == 0  # the next day
     assert v.counters("unknown", caps, T).leads_day == 0
+
+
+def test_the_ledger_forgets_settled_leads_after_a_while() -> None:
+    caps, led = BuyerCaps(leads_per_day=1000), C.new_ledger()
+    for i in range(3):
+        C.reserve(led, caps, f"l{i}", 1.0, T)
+        C.commit(led, caps, f"l{i}", 1.0, T)
+    assert len(led["done"]) == 3
+    C.reserve(led, caps, "late", 1.0, T + C.DONE_TTL_MS + 1)
+    assert led["done"] == {}  # small table value; counters are kept
+    assert C.counters(led, caps, T + C.DONE_TTL_MS + 1)[2].leads_day == 4  # 3 + the hold
