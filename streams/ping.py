@@ -24,7 +24,8 @@ from streams.auction import acceptable
 from streams.runtime import DeadLetters, InFlight, now_ms
 from streams.settings import BuyerConfig, Settings
 
-__all__ = ["register", "plan_pings", "ping_body", "ping_buyer", "ping_id_for", "MIN_WAVE_MS"]
+__all__ = ["register", "plan_pings", "plan_for", "ping_body", "ping_buyer", "ping_id_for",
+           "MIN_WAVE_MS"]
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,18 @@ def _bid_record(req: dict[str, Any], buyer: BuyerConfig, ping_id: str, sent_at: 
     }
 
 
+def plan_for(ctx: Context, req: dict[str, Any], at_ms: int
+             ) -> tuple[list[BuyerConfig], list[tuple[BuyerConfig, str]]]:
+    """:func:`plan_pings` with this worker's live state: auto-pauses, cap counters, and the
+    buyers a duplicate must skip."""
+    pauses, view = ctx.resources.get("pauses"), ctx.resources.get("caps_view")
+    return plan_pings(
+        ctx.settings, req["flow"], req["ping_fields"], at_ms,
+        paused_until=pauses.paused if pauses else None,
+        cap_counters=(lambda b, at: view.counters(b.id, b.caps, at)) if view else None,
+        skip_buyers=req.get("skip_buyers"))
+
+
 async def ping_buyer(ctx: Context, req: dict[str, Any], buyer: BuyerConfig, ping_id: str,
                      stop_at_ms: int) -> dict[str, Any]:
     """Ping one buyer for ``req`` (lead_id, flow, ping_fields) with the time left until
@@ -159,13 +172,7 @@ def register(ctx: Context) -> None:
         if flow is None:
             raise ValueError(f"flow '{req['flow']}' is not configured on this worker")
         opened = now_ms()
-        pauses = ctx.resources.get("pauses")
-        view = ctx.resources.get("caps_view")
-        targets, filtered = plan_pings(
-            settings, req["flow"], req["ping_fields"], opened,
-            paused_until=pauses.paused if pauses else None,
-            cap_counters=(lambda b, at: view.counters(b.id, b.caps, at)) if view else None,
-            skip_buyers=req.get("skip_buyers"))
+        targets, filtered = plan_for(ctx, req, opened)
         deadline = opened + flow.deadline_ms
         pinged = [{"buyer_id": b.id, "tier": b.tier, "ping_id": ping_id_for(req["lead_id"], b.id)}
                   for b in targets]

@@ -189,16 +189,12 @@ def register(ctx: Context) -> None:
         first wave's acceptable bids, ranked (empty: none). Their outcomes replace the
         ``filtered`` ping rows the auction wrote for them."""
         from streams.auction import decide
-        from streams.ping import MIN_WAVE_MS, ping_buyer, ping_id_for, plan_pings
+        from streams.ping import MIN_WAVE_MS, ping_buyer, ping_id_for, plan_for
 
         waves = flow.waves
         asked = {c["buyer_id"] for c in order["candidates"]}
         last = max((rules.wave_of(c["tier"], waves) or 0) for c in order["candidates"])
-        pauses, view = ctx.resources.get("pauses"), ctx.resources.get("caps_view")
-        targets, _ = plan_pings(
-            settings, order["flow"], order["ping_fields"], now_ms(),
-            paused_until=pauses.paused if pauses else None,
-            cap_counters=(lambda b, at: view.counters(b.id, b.caps, at)) if view else None)
+        targets, _ = plan_for(ctx, order, now_ms())
         for i, wave in enumerate(waves):
             if i <= last:
                 continue
@@ -213,8 +209,10 @@ def register(ctx: Context) -> None:
             outcomes = await asyncio.gather(*(
                 ping_buyer(ctx, order, b, ping_id_for(order["lead_id"], b.id), stop)
                 for b in members))
+            counter, prior = ctx.resources.get("acceptance"), flow.strategy.acceptance_prior
             d = decide(list(outcomes), order["ping_fields"], flow.strategy,
                        order["created_at_ms"], now_ms(), flow=flow,
+                       acceptance=counter.rates(prior.rate, prior.weight) if counter else None,
                        payment={b.id: b.payment_speed for b in settings.buyers})
             if d.candidates:
                 log.info("lead %s: wave %d after a failed waterfall: %d acceptable bid(s)",
