@@ -28,6 +28,7 @@ from aiokafka.partitioner import murmur2
 
 import schemas
 from streams.app import Context
+from streams.buyer_stats import ranking_inputs
 from streams.runtime import DeadLetters, now_ms
 from streams import rules
 from streams.settings import FlowConfig, StrategyConfig
@@ -127,7 +128,6 @@ def register(ctx: Context) -> None:
     bids_topic, posts_topic = ctx.topic("bids"), ctx.topic("posts")
     dead = DeadLetters(ctx.topic("deadletter"), "auction")
     retention_ms = int(settings.worker.closed_retention_s * 1000)
-    payment = {b.id: b.payment_speed for b in settings.buyers}
     table = app.Table("auctions", default=None, partitions=settings.kafka.partitions,
                       key_type=str, value_type=None)
     ctx.resources["auctions_table"] = table
@@ -185,13 +185,9 @@ def register(ctx: Context) -> None:
         if flow is None:
             decision = Decision("none", 0, [])
         else:
-            counter = ctx.resources.get("acceptance")
-            prior = flow.strategy.acceptance_prior
             decision = decide(answers, op["ping_fields"], flow.strategy,
                               op["created_at_ms"], int(closed), flow=flow,
-                              acceptance=counter.rates(prior.rate, prior.weight)
-                              if counter is not None else None,
-                              payment=payment)
+                              **ranking_inputs(ctx, flow))
         last = max((a["answered_at_ms"] for a in answers), default=None)
         lag = close_lag_ms(reason, closed, op["deadline_at_ms"], last)
         order = {

@@ -205,6 +205,19 @@ def _feed(settings: Any, topic: str, since_ms: int,
     return Feed
 
 
+def ranking_inputs(ctx: Any, flow: Any) -> dict[str, Any]:
+    """``decide``'s ``acceptance`` and ``payment`` for ``flow`` in this worker: observed
+    acceptance rates (None when the flow does not rank by score) and configured payment
+    speeds."""
+    counter, prior = ctx.resources.get("acceptance"), flow.strategy.acceptance_prior
+    payment = ctx.resources.get("payment_speeds")
+    if payment is None:
+        payment = ctx.resources["payment_speeds"] = {b.id: b.payment_speed
+                                                     for b in ctx.settings.buyers}
+    return {"acceptance": counter.rates(prior.rate, prior.weight) if counter else None,
+            "payment": payment}
+
+
 def register(ctx: Any) -> None:
     """Start the acceptance feed if any flow ranks by score, and the pause feed if any buyer
     has ``auto_pause``."""

@@ -189,6 +189,7 @@ def register(ctx: Context) -> None:
         first wave's acceptable bids, ranked (empty: none). Their outcomes replace the
         ``filtered`` ping rows the auction wrote for them."""
         from streams.auction import decide
+        from streams.buyer_stats import ranking_inputs
         from streams.ping import MIN_WAVE_MS, ping_buyer, ping_id_for, plan_for
 
         waves = flow.waves
@@ -209,11 +210,9 @@ def register(ctx: Context) -> None:
             outcomes = await asyncio.gather(*(
                 ping_buyer(ctx, order, b, ping_id_for(order["lead_id"], b.id), stop)
                 for b in members))
-            counter, prior = ctx.resources.get("acceptance"), flow.strategy.acceptance_prior
             d = decide(list(outcomes), order["ping_fields"], flow.strategy,
                        order["created_at_ms"], now_ms(), flow=flow,
-                       acceptance=counter.rates(prior.rate, prior.weight) if counter else None,
-                       payment={b.id: b.payment_speed for b in settings.buyers})
+                       **ranking_inputs(ctx, flow))
             if d.candidates:
                 log.info("lead %s: wave %d after a failed waterfall: %d acceptable bid(s)",
                          order["lead_id"], i + 1, len(d.candidates))
