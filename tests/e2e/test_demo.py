@@ -20,10 +20,9 @@ from pathlib import Path
 
 import clickhouse_connect
 import pytest
-import yaml
 from clickhouse_connect.driver.client import Client
 
-from tests.integration.kafka_fixture import free_ports
+from tests.e2e.demo_config import demo_config
 
 pytestmark = pytest.mark.e2e
 
@@ -43,18 +42,7 @@ class DemoRun:
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoRun]:
     """`pingpost demo` once, on its own ports and run directory; `pingpost down` afterwards."""
     tmp_path = tmp_path_factory.mktemp("demo")
-    cfg = yaml.safe_load((REPO_ROOT / "config/demo.yaml").read_text())
-    kafka, warehouse, ingest, *buyer_ports = free_ports(3 + len(cfg["simulator"]["buyers"]))
-    cfg["kafka"]["bootstrap"] = f"127.0.0.1:{kafka}"
-    cfg["clickhouse"]["url"] = f"http://127.0.0.1:{warehouse}"
-    cfg["warehouse"]["port"] = warehouse
-    cfg["ingest"]["listen"] = f"127.0.0.1:{ingest}"
-    for buyer, port in zip(cfg["buyers"], buyer_ports):
-        buyer["ping_url"] = f"http://127.0.0.1:{port}/ping"
-        buyer["post_url"] = f"http://127.0.0.1:{port}/post"
-        cfg["simulator"]["buyers"][buyer["id"]]["port"] = port
-    config = tmp_path / "demo.yaml"
-    config.write_text(yaml.safe_dump(cfg))
+    config, warehouse = demo_config(tmp_path)
     env = {**os.environ, "PINGPOST_RUN_DIR": str(tmp_path / "run"), "COLUMNS": "120"}
     cmd = [sys.executable, "-m", "streams.cli", "--config", str(config)]
     try:

@@ -22,11 +22,10 @@ from typing import Any
 
 import clickhouse_connect
 import pytest
-import yaml
 
 from connectors.clickhouse import TABLE_COLUMNS
 from streams.html_report import CHART_IDS
-from tests.integration.kafka_fixture import free_ports
+from tests.e2e.demo_config import demo_config
 
 pytestmark = pytest.mark.e2e
 
@@ -34,23 +33,6 @@ LEADS = 100
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = Path(os.environ.get("PINGPOST_TEST_ARTIFACTS", REPO_ROOT / "tests" / "artifacts"))
 CHROMIUM = os.environ.get("PINGPOST_CHROMIUM", "/usr/bin/chromium")
-
-
-def demo_config(tmp_path: Path) -> tuple[Path, int]:
-    """config/demo.yaml moved onto free ports; returns (config path, warehouse port)."""
-    cfg = yaml.safe_load((REPO_ROOT / "config" / "demo.yaml").read_text())
-    kafka, warehouse, ingest, *buyer_ports = free_ports(3 + len(cfg["simulator"]["buyers"]))
-    cfg["kafka"]["bootstrap"] = f"127.0.0.1:{kafka}"
-    cfg["clickhouse"]["url"] = f"http://127.0.0.1:{warehouse}"
-    cfg["warehouse"]["port"] = warehouse
-    cfg["ingest"]["listen"] = f"127.0.0.1:{ingest}"
-    for buyer, port in zip(cfg["buyers"], buyer_ports):
-        buyer["ping_url"] = f"http://127.0.0.1:{port}/ping"
-        buyer["post_url"] = f"http://127.0.0.1:{port}/post"
-        cfg["simulator"]["buyers"][buyer["id"]]["port"] = port
-    config = tmp_path / "demo.yaml"
-    config.write_text(yaml.safe_dump(cfg))
-    return config, warehouse
 
 
 def open_report(browser: Any, path: Path, screenshot: Path) -> tuple[Any, list[str], list[str]]:
