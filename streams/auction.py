@@ -199,6 +199,7 @@ def register(ctx: Context) -> None:
             "close_reason": reason, "close_lag_ms": round(lag, 3),
             "pinged": len(op["pinged"]),
             "bids": sum(1 for a in answers if a["status"] == "bid"),
+            "skip_buyers": op.get("skip_buyers") or [],
         }
         await posts_topic.send(key=lead_id.encode(), value=schemas.encode("PostOrder", order))
         handle = timers.pop(lead_id, None)

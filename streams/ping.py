@@ -181,6 +181,7 @@ def register(ctx: Context) -> None:
             "received_at_ms": req["received_at_ms"], "created_at_ms": req["created_at_ms"],
             "opened_at_ms": opened, "deadline_at_ms": deadline,
             "ping_fields": req["ping_fields"], "pinged": pinged,
+            "skip_buyers": req.get("skip_buyers") or [],
         }))
         for buyer, reason in filtered:
             await send_bid(_bid_record(req, buyer, ping_id_for(req["lead_id"], buyer.id),

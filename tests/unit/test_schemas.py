@@ -116,6 +116,7 @@ RECORDS: dict[str, dict[str, Any]] = {
         "ping_fields": PING_FIELDS,
         "pinged": [{"buyer_id": "sunrise", "tier": "premium", "ping_id": "p-1"},
                    {"buyer_id": "greenleaf", "tier": "standard", "ping_id": "p-2"}],
+        "skip_buyers": ["b9"],
     },
     "Bid": {
         "lead_id": "lead-0001", "flow": "solar", "ping_id": "p-1", "buyer_id": "sunrise",
@@ -136,6 +137,7 @@ RECORDS: dict[str, dict[str, Any]] = {
         "ping_fields": PING_FIELDS, "received_at_ms": T0, "created_at_ms": T0 - 2000,
         "opened_at_ms": T0 + 3, "deadline_at_ms": T0 + 753, "closed_at_ms": T0 + 91,
         "close_reason": "all_answered", "close_lag_ms": 1.125, "pinged": 2, "bids": 2,
+        "skip_buyers": ["b9"],
     },
     "Delivery": {
         "attempt_id": "post-1:1", "post_id": "post-1", "lead_id": "lead-0001", "flow": "solar",
