@@ -35,7 +35,7 @@ from streams.runtime import now_ms
 from streams.settings import AutoPauseConfig
 
 __all__ = ["AcceptanceCounter", "PAUSE_RULE", "PauseTracker", "PauseView", "Transition",
-           "WINDOW_S", "pause_alert", "register"]
+           "WINDOW_S", "follow_topic", "pause_alert", "ranking_inputs", "register"]
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ class PauseTracker:
             self.paused_until.pop(buyer_id, None)
 
 
-def _feed(settings: Any, topic: str, since_ms: int,
+def follow_topic(settings: Any, topic: str, since_ms: int,
           on_record: Callable[[bytes], None], on_batch: Callable[[], Any]) -> type[mode.Service]:
     """A service reading every partition of ``topic`` from ``since_ms`` with a group-less
     consumer (nothing committed, nothing to rebalance), calling ``on_record`` per value and
@@ -233,7 +233,7 @@ def register(ctx: Any) -> None:
                 return  # the post stage dead-letters what it cannot read
             counter.add(d["attempt_id"], d["buyer_id"], d["status"], d["sent_at_ms"])
 
-        ctx.app.service(_feed(settings, ctx.names.deliveries, now_ms() - counter.window_ms,
+        ctx.app.service(follow_topic(settings, ctx.names.deliveries, now_ms() - counter.window_ms,
                               on_delivery, lambda: counter.expire(now_ms())))
 
     configs = {b.id: b.auto_pause for b in settings.buyers if b.auto_pause is not None}
@@ -249,7 +249,7 @@ def register(ctx: Any) -> None:
 
         # The metrics worker decides pauses (it already follows every ping outcome); the
         # auction workers only follow its decisions: a few records, off the hot path.
-        ctx.app.service(_feed(settings, ctx.names.alerts, 0, on_alert, lambda: None))
+        ctx.app.service(follow_topic(settings, ctx.names.alerts, 0, on_alert, lambda: None))
 
 
 class PauseView:

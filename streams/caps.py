@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import schemas
 from streams import rules
 from streams.settings import BuyerCaps
 
@@ -146,7 +147,7 @@ class CapClient:
                     request_id: str) -> None:
         from streams.runtime import now_ms
 
-        await self._requests.send(key=buyer_id.encode(), value=_schemas().encode("CapRequest", {
+        await self._requests.send(key=buyer_id.encode(), value=schemas.encode("CapRequest", {
             "request_id": request_id, "kind": kind, "buyer_id": buyer_id, "lead_id": lead_id,
             "price": float(price), "at_ms": now_ms()}))
 
@@ -199,12 +200,6 @@ class CapView:
             spend_day=s["spend_day"] if s["day"] == day else 0.0)
 
 
-def _schemas() -> Any:
-    import schemas
-
-    return schemas
-
-
 def register(ctx: Any) -> None:
     """The owner agent (caps topic → ledger table → decisions + states), the decisions agent
     and the view feed, in every auction worker when any buyer has caps."""
@@ -214,10 +209,9 @@ def register(ctx: Any) -> None:
         return
     import copy
 
-    from streams.buyer_stats import _feed
+    from streams.buyer_stats import follow_topic
     from streams.runtime import DeadLetters, now_ms
 
-    schemas = _schemas()
     app = ctx.app
     requests, decisions, states = ctx.topic("caps"), ctx.topic("cap_decisions"), ctx.topic("cap_state")
     dead = DeadLetters(ctx.topic("deadletter"), "caps")
@@ -277,4 +271,4 @@ def register(ctx: Any) -> None:
         except schemas.SchemaError:
             pass
 
-    app.service(_feed(settings, ctx.names.cap_state, 0, on_state, lambda: None))
+    app.service(follow_topic(settings, ctx.names.cap_state, 0, on_state, lambda: None))

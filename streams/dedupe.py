@@ -114,7 +114,7 @@ def register(ctx: Any) -> None:
     if not flows:
         return
     import schemas
-    from streams.buyer_stats import _feed
+    from streams.buyer_stats import follow_topic
     from streams.runtime import DeadLetters, now_ms
 
     app = ctx.app
@@ -178,5 +178,5 @@ def register(ctx: Any) -> None:
             sold[r["lead_id"]] = list(r["winners"])
             sold_at.append((r["settled_at_ms"], r["lead_id"]))
 
-    app.service(_feed(settings, ctx.names.results, now_ms() - longest_ms, on_result,
+    app.service(follow_topic(settings, ctx.names.results, now_ms() - longest_ms, on_result,
                       lambda: None))
