@@ -134,6 +134,10 @@ def register(ctx: Context) -> None:
     timers: dict[str, asyncio.TimerHandle] = {}
     purges_sent: set[str] = set()
     markers_sent: dict[str, int] = {}  # lead -> when its last close marker was sent
+    #: Auctions this worker closed, by path: on the ping round's local hand-off, or when the
+    #: deciding event came back from the bids topic (deadline, recovery, another worker's...).
+    closes = {"handoff": 0, "topic": 0}
+    logged = [0]
     # In-memory indexes over the table, so the sweep never scans it in steady state:
     # open auctions -> deadline, and closed/orphan entries in the order they became purgeable.
     # Rebuilt from the table after every recovery (the table is the truth, these are caches).
@@ -177,7 +181,8 @@ def register(ctx: Context) -> None:
         timers[lead_id] = asyncio.get_running_loop().call_later(
             delay, send_marker, lead_id, reason)
 
-    async def close(lead_id: str, state: dict[str, Any], reason: str) -> None:
+    async def close(lead_id: str, state: dict[str, Any], reason: str,
+                    handoff: bool = False) -> None:
         op = state["open"]
         flow = settings.flows.get(op["flow"])
         closed = time.time() * 1000
@@ -211,6 +216,7 @@ def register(ctx: Context) -> None:
         open_index.pop(lead_id, None)
         markers_sent.pop(lead_id, None)
         purge_queue.append((int(closed), lead_id))
+        closes["handoff" if handoff else "topic"] += 1
 
     def all_answered(state: dict[str, Any]) -> bool:
         op = state["open"]
@@ -265,12 +271,51 @@ def register(ctx: Context) -> None:
             await dead.send(event, f"unexpected {name} record on the bids topic")
             return
         if all_answered(state):
-            await close(lead_id, state, "all_answered")
+            await close(lead_id, state, "all_answered", handoff=event is None)
             return
         table[lead_id] = state
         if state["open"] is not None:
             open_index[lead_id] = state["open"]["deadline_at_ms"]
             arm(lead_id, state["open"]["deadline_at_ms"])
+
+    # The agent and the ping stage's local hand-off (below) change auctions one at a time.
+    lock = asyncio.Lock()
+    bids_topic_name = bids_topic.get_topic_name()
+
+    def owns(lead_id: str) -> bool:
+        """Whether this worker is, right now and not mid-rebalance, the owner of the lead's
+        auction (its partition of the bids topic, hence of the ``auctions`` table)."""
+        if app.rebalancing or getattr(app, "in_recovery", False):
+            return False
+        part = lead_partition(lead_id, settings.kafka.partitions)
+        return any(tp.partition == part and tp.topic == bids_topic_name
+                   for tp in app.assignor.assigned_actives())
+
+    async def apply_local(records: list[tuple[str, dict[str, Any]]]) -> bool:
+        """Apply a finished ping round's records (``AuctionOpen`` first, then every answer),
+        already acknowledged by Kafka, to the auction now instead of when they come back from
+        the bids topic: the round's last answer then closes the auction without a Kafka
+        round trip. Only on the lead's owner and outside a rebalance; the same records still
+        arrive through the topic and are ignored there like any redelivery (a closed
+        auction ignores its events; answers are keyed by ping_id). Returns whether applied."""
+        lead_id = records[0][1]["lead_id"]
+        if not owns(lead_id):
+            return False
+        async with lock:
+            if not owns(lead_id):
+                return False
+            try:
+                for name, rec in records:
+                    await handle(name, rec, None)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the bids topic delivers the same records: the agent retries
+                log.warning("local hand-off of lead %s failed; the bids topic will close it",
+                            lead_id, exc_info=True)
+                return False
+        return True
+
+    ctx.resources["auction_apply_local"] = apply_local
 
     @app.agent(bids_topic, name="auction", concurrency=1)
     async def auction_agent(stream: Any) -> None:
@@ -280,8 +325,9 @@ def register(ctx: Context) -> None:
             except schemas.SchemaError as exc:
                 await dead.send(event, f"undecodable bids-topic record: {exc}")
                 continue
-            await dead.guarded(event, lambda n=name, r=rec, e=event: handle(n, r, e),
-                               "auction")
+            async with lock:
+                await dead.guarded(event, lambda n=name, r=rec, e=event: handle(n, r, e),
+                                   "auction")
 
     def rebuild_indexes() -> None:
         open_index.clear()
@@ -295,6 +341,23 @@ def register(ctx: Context) -> None:
             else:
                 pending.append((state.get("closed_at_ms") or state.get("seen_ms", 0), lead_id))
         purge_queue.extend(sorted(pending))
+
+    def log_closes() -> None:
+        total = closes["handoff"] + closes["topic"]
+        if total != logged[0]:
+            logged[0] = total
+            log.info("auctions closed since start: %d (%d on the ping round's hand-off, %d from "
+                     "the bids topic); %d open", total, closes["handoff"], closes["topic"],
+                     len(open_index))
+
+    @app.timer(interval=10.0, name="auction-stats")
+    async def stats() -> None:
+        log_closes()
+
+    async def final_stats() -> None:
+        log_closes()
+
+    ctx.closers.append(final_stats)
 
     @app.timer(interval=0.5, name="auction-sweep")
     async def sweep() -> None:

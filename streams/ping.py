@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 #: A wave that would have less than this before the deadline is not pinged at all.
 MIN_WAVE_MS = 20
 
+#: Records a ping round sent to the bids topic: (schema name, record, Kafka ack future).
+Sent = list[tuple[str, dict[str, Any], "asyncio.Future[Any]"]]
+
 _PING_NS = uuid.UUID("5b0e1f0e-6a52-4f5e-9d51-7d1d0c7c0a11")
 
 
@@ -92,7 +95,10 @@ def _bid_record(req: dict[str, Any], buyer: BuyerConfig, ping_id: str, sent_at: 
     return {
         "lead_id": req["lead_id"], "flow": req["flow"], "ping_id": ping_id,
         "buyer_id": buyer.id, "tier": buyer.tier, "status": out.status,
-        "sent_at_ms": sent_at, "answered_at_ms": sent_at + int(round(out.latency_ms)),
+        # sent_at is a truncated wall-clock ms and latency a monotonic measure: capped at
+        # now, the answer never looks later than what happens after it (the next wave).
+        "sent_at_ms": sent_at, "answered_at_ms": min(sent_at + int(round(out.latency_ms)),
+                                                     now_ms()),
         "latency_ms": float(out.latency_ms), "price": out.price, "exclusive": out.exclusive,
         "buyer_ref": out.buyer_ref,
         "conditions": {
@@ -118,9 +124,10 @@ def plan_for(ctx: Context, req: dict[str, Any], at_ms: int
 
 
 async def ping_buyer(ctx: Context, req: dict[str, Any], buyer: BuyerConfig, ping_id: str,
-                     stop_at_ms: int) -> dict[str, Any]:
+                     stop_at_ms: int, records: Sent | None = None) -> dict[str, Any]:
     """Ping one buyer for ``req`` (lead_id, flow, ping_fields) with the time left until
-    ``stop_at_ms``; send and return its outcome (a ``Bid`` record, floor reason included)."""
+    ``stop_at_ms``; send and return its outcome (a ``Bid`` record, floor reason included).
+    ``records`` collects the record with the future of its Kafka acknowledgement."""
     settings = ctx.settings
     flow = settings.flows[req["flow"]]
     bids = ctx.topic("bids")
@@ -140,7 +147,9 @@ async def ping_buyer(ctx: Context, req: dict[str, Any], buyer: BuyerConfig, ping
             record["reason"] = rules.below_floor_reason(
                 flow, out.price, req["ping_fields"], sent,
                 exclusive=out.exclusive or out.conditions.exclusive_required) or ""
-    await bids.send(key=record["lead_id"].encode(), value=schemas.encode("Bid", record))
+    ack = await bids.send(key=record["lead_id"].encode(), value=schemas.encode("Bid", record))
+    if records is not None:
+        records.append(("Bid", record, ack))
     return record
 
 
@@ -154,14 +163,33 @@ def register(ctx: Context) -> None:
 
     ctx.closers.append(drain)
 
-    async def send_bid(record: dict[str, Any]) -> None:
-        await bids.send(key=record["lead_id"].encode(), value=schemas.encode("Bid", record))
-
-    async def ping_one(req: dict[str, Any], buyer: BuyerConfig, ping_id: str,
-                       stop_at_ms: int) -> dict[str, Any]:
-        return await ping_buyer(ctx, req, buyer, ping_id, stop_at_ms)
-
     async def round_for(req: dict[str, Any]) -> None:
+        sent: Sent = []
+        await ping_round(req, sent)
+        apply_local = ctx.resources.get("auction_apply_local")
+        if apply_local is None or not sent:
+            return
+        # Every answer is in: once Kafka has acknowledged the round's records, hand them to
+        # this worker's auction directly (when it owns the lead) so the auction closes now,
+        # not after the last bid's trip through the bids topic.
+        try:
+            await asyncio.gather(*(ack for _, _, ack in sent))
+        except Exception as exc:  # noqa: BLE001 - not acknowledged: only the topic may close
+            log.warning("lead %s: Kafka did not acknowledge its ping round (%s); its auction "
+                        "closes from the bids topic or at its deadline", req["lead_id"], exc)
+            return
+        await apply_local([(name, rec) for name, rec, _ in sent])
+
+    async def ping_round(req: dict[str, Any], sent: Sent) -> None:
+        async def send_bid(record: dict[str, Any], name: str = "Bid") -> None:
+            ack = await bids.send(key=record["lead_id"].encode(),
+                                  value=schemas.encode(name, record))
+            sent.append((name, record, ack))
+
+        async def ping_one(req: dict[str, Any], buyer: BuyerConfig, ping_id: str,
+                           stop_at_ms: int) -> dict[str, Any]:
+            return await ping_buyer(ctx, req, buyer, ping_id, stop_at_ms, sent)
+
         auctions = ctx.resources.get("auctions_table")
         if auctions is not None and auctions.get(req["lead_id"]) is not None:
             # Redelivered after a crash: this lead's auction is already open (its timer or the
@@ -176,13 +204,13 @@ def register(ctx: Context) -> None:
         deadline = opened + flow.deadline_ms
         pinged = [{"buyer_id": b.id, "tier": b.tier, "ping_id": ping_id_for(req["lead_id"], b.id)}
                   for b in targets]
-        await bids.send(key=req["lead_id"].encode(), value=schemas.encode("AuctionOpen", {
+        await send_bid({
             "lead_id": req["lead_id"], "flow": req["flow"], "source": req["source"],
             "received_at_ms": req["received_at_ms"], "created_at_ms": req["created_at_ms"],
             "opened_at_ms": opened, "deadline_at_ms": deadline,
             "ping_fields": req["ping_fields"], "pinged": pinged,
             "skip_buyers": req.get("skip_buyers") or [],
-        }))
+        }, "AuctionOpen")
         for buyer, reason in filtered:
             await send_bid(_bid_record(req, buyer, ping_id_for(req["lead_id"], buyer.id),
                                        opened, None, "filtered", reason))

@@ -9,6 +9,7 @@ dead-letter topic, and that no PII value leaks into pings, topics or tables.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections import Counter, defaultdict
 from typing import Any, Iterator
 
@@ -113,6 +114,32 @@ def test_sales_match_accepted_posts_and_guarantees(market: Pipeline,
         assert all(len(k) == 1 for k in keys_per_lead.values())
         sold_to_buyer = {lid for lid, ws in accepted.items() if buyer in ws}
         assert sold_to_buyer <= set(keys_per_lead)
+
+
+def test_each_auction_closes_once_and_the_round_hands_off(market: Pipeline,
+                                                        sold_run: dict[str, Any]) -> None:
+    """The ping round hands its acknowledged records to the auction in-process, and the same
+    records come back through the bids topic: between the two paths each auction must close
+    exactly once (one PostOrder per lead on the posts topic), and the hand-off must really be
+    the path that closes (the worker reports both counts)."""
+    orders: Counter[str] = Counter()
+    for rec in asyncio.run(market.read_topic(market.names.posts)):
+        name, value = schemas.decode(rec.value)
+        if name == "PostOrder":
+            orders[value["lead_id"]] += 1
+    ids = set(sold_run["ids"])
+    assert {lead: orders[lead] for lead in ids} == {lead: 1 for lead in ids}
+
+    worker_log = market.root / "run" / "logs" / "worker.log"
+
+    def counts() -> tuple[int, int] | None:
+        found = re.findall(r"auctions closed since start: (\d+) \((\d+) on the ping round's "
+                           r"hand-off", worker_log.read_text(errors="replace"))
+        total, handoff = map(int, found[-1]) if found else (0, 0)
+        return (total, handoff) if total >= N else None
+
+    total, handoff = wait_for(counts, 30, "the auction worker's close counts")
+    assert handoff > 0, (total, handoff)
 
 
 def test_broken_buyers_never_win_and_their_pings_say_why(market: Pipeline,

@@ -321,7 +321,8 @@ def test_bid_conditions_and_response_mapping_decide_who_gets_the_lead(
     # crm's nested answers were read through its mapping: real prices, accepted posts
     crm = p.rows("SELECT status, price FROM {db}.pings FINAL WHERE buyer_id = 'crm' "
                  "AND lead_id IN %(ids)s", ids=ids)
-    assert len(crm) == len(ids) and all(s == "bid" and 99 <= pr <= 102 for s, pr in crm)
+    # (the simulated price is lognormal, median 100 / p99 101: ~1% of draws fall below 99)
+    assert len(crm) == len(ids) and all(s == "bid" and 95 <= pr <= 105 for s, pr in crm), crm
     posted = p.rows("SELECT status FROM {db}.posts FINAL WHERE buyer_id = 'crm' "
                     "AND lead_id IN %(ids)s", ids=ids)
     assert posted and {s for (s,) in posted} == {"accepted"}
