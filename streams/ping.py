@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import uuid
 from typing import Any, Callable
 
@@ -163,10 +164,13 @@ def register(ctx: Context) -> None:
 
     ctx.closers.append(drain)
 
+    # PINGPOST_HANDOFF=0 turns the hand-off off (to measure what it buys; see README Numbers).
+    handoff = os.environ.get("PINGPOST_HANDOFF", "1") == "1"
+
     async def round_for(req: dict[str, Any]) -> None:
         sent: Sent = []
         await ping_round(req, sent)
-        apply_local = ctx.resources.get("auction_apply_local")
+        apply_local = ctx.resources.get("auction_apply_local") if handoff else None
         if apply_local is None or not sent:
             return
         # Every answer is in: once Kafka has acknowledged the round's records, hand them to

@@ -83,3 +83,25 @@ def test_plan_pings_applies_schedules_and_field_filters() -> None:
     targets, filtered = plan_pings(s, "solar", PING, OFF_HOURS)
     reasons = dict((b.id, why) for b, why in filtered)
     assert "schedule" in reasons[first]
+
+
+def test_an_answer_is_never_recorded_later_than_now() -> None:
+    """``sent_at`` is a truncated wall-clock ms and the latency a monotonic measure; their sum
+    can run ahead of the clock by a ms, which made wave 2 look sent before wave 1 answered."""
+    from connectors.buyers import PingOutcome
+    from streams.ping import _bid_record
+    from streams.runtime import now_ms
+    from streams.settings import BuyerConfig
+
+    buyer = BuyerConfig.model_validate({"id": "b", "flows": ["solar"], "ping_url": "http://x/ping",
+                                        "post_url": "http://x/post"})
+    req = {"lead_id": "L", "flow": "solar"}
+    sent = now_ms()
+    rec = _bid_record(req, buyer, "p", sent, PingOutcome(status="bid", latency_ms=5_000.0,
+                                                         price=10.0))
+    after = now_ms()
+    assert sent <= rec["answered_at_ms"] <= after
+    # an answer in the past keeps its measured time
+    rec = _bid_record(req, buyer, "p", sent - 1_000, PingOutcome(status="bid", latency_ms=300.0,
+                                                                 price=10.0))
+    assert rec["answered_at_ms"] == sent - 700
