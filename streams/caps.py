@@ -27,7 +27,7 @@ This module is the ledger itself, pure and JSON-serialisable (it is the table's 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import schemas
 from streams import rules
@@ -133,6 +133,8 @@ def release(led: dict[str, Any], lead_id: str, at_ms: int = 0) -> None:
 
 #: How long a post waits for the owner's answer before treating the slot as denied.
 DECISION_TIMEOUT_S = 5.0
+#: How often a reservation being waited for checks whether a rebalance started.
+REBALANCE_CHECK_S = 0.05
 
 
 class CapClient:
@@ -151,18 +153,34 @@ class CapClient:
             "request_id": request_id, "kind": kind, "buyer_id": buyer_id, "lead_id": lead_id,
             "price": float(price), "at_ms": now_ms()}))
 
-    async def reserve(self, buyer_id: str, lead_id: str, price: float) -> tuple[bool, str]:
+    async def reserve(self, buyer_id: str, lead_id: str, price: float, *,
+                      rebalancing: Callable[[], bool] | None = None) -> tuple[bool, str]:
+        """Ask the buyer's cap owner for a slot: ``(granted, reason)``; no answer within the
+        timeout is a refusal. While ``rebalancing()`` is true the owner cannot answer (its
+        agent is paused like every other): :class:`~streams.runtime.Requeue` is raised
+        then, instead of holding the rebalance up until the timeout. Asking again for the
+        same lead is safe: the owner keeps one hold per lead."""
         import asyncio
         import uuid
 
+        from streams.runtime import Requeue
+
         rid = str(uuid.uuid4())
-        fut = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
         self.pending[rid] = fut
         try:
             await self._send("reserve", buyer_id, lead_id, price, rid)
-            return await asyncio.wait_for(fut, self._timeout_s)  # type: ignore[no-any-return]
-        except asyncio.TimeoutError:
-            return False, "the cap owner did not answer in time"
+            give_up = loop.time() + self._timeout_s
+            while not fut.done():
+                left = give_up - loop.time()
+                if left <= 0:
+                    return False, "the cap owner did not answer in time"
+                await asyncio.wait({fut}, timeout=min(left, REBALANCE_CHECK_S))
+                if not fut.done() and rebalancing is not None and rebalancing():
+                    raise Requeue(f"a cap decision for {buyer_id} cannot come during a "
+                                    "rebalance")
+            return fut.result()  # type: ignore[no-any-return]
         finally:
             self.pending.pop(rid, None)
 

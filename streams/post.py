@@ -219,6 +219,36 @@ def register(ctx: Context) -> None:
                 return d.candidates
         return []
 
+    async def reserve_slots(order: dict[str, Any], batch: list[dict[str, Any]],
+                            exclusive: bool, state: dict[str, Any]) -> list[dict[str, Any]]:
+        """Reserve a slot with each capped buyer's cap owner before the lead leaves; the
+        buyers refused (cap reached, no answer in time) are skipped with the reason. During
+        a rebalance the owners cannot answer: the order is requeued at the end of its
+        partition (``Requeue``) before anything of this batch is recorded, instead of
+        holding the rebalance up until the decision times out."""
+        client = ctx.resources.get("caps_client")
+        capped = [c for c in batch
+                  if client is not None and settings.buyer(c["buyer_id"]).caps is not None]
+        if not capped:
+            return batch
+        answers = await asyncio.gather(
+            *(client.reserve(c["buyer_id"], order["lead_id"], c["price"],
+                             rebalancing=lambda: bool(app.rebalancing)) for c in capped),
+            return_exceptions=True)
+        for a in answers:
+            if isinstance(a, BaseException):
+                raise a
+        keep = list(batch)
+        for cand, (granted, why) in zip(capped, answers):  # type: ignore[misc]
+            if granted:
+                continue
+            keep.remove(cand)
+            state["attempts"][cand["buyer_id"]] = {"status": "skipped", "attempt": 0}
+            state.setdefault("cap_skips", []).append(f"{cand['buyer_id']}: {why}")
+            await emit_delivery(order, cand, 0, "skipped", 0.0, f"cap: {why}", None, now_ms(),
+                                exclusive)
+        return keep
+
     async def run_order(order: dict[str, Any]) -> None:
         # One waterfall per lead at a time: a PostOrder can arrive twice (an auction close
         # retried after a transient error, a redelivery) and two concurrent runs would each
@@ -283,6 +313,11 @@ def register(ctx: Context) -> None:
                     continue
                 if not batch or now >= give_up_at:
                     break
+                # Capped buyers' slots first: an attempt recorded as pending below always has
+                # its reservation, so resolving it after a crash never needs one.
+                batch = await reserve_slots(order, batch, mode == "exclusive", state)
+                if not batch:
+                    continue
                 if not state["sold"]:
                     state["mode"] = mode
                 exclusive = mode == "exclusive"
@@ -299,19 +334,10 @@ def register(ctx: Context) -> None:
                               order: dict[str, Any] = order) -> None:
                 buyer = settings.buyer(cand["buyer_id"])
                 post_id = post_id_for(lead_id, buyer.id)
+                # (Its cap slot, if any, was reserved before the attempt was recorded; an
+                # attempt resolved after a crash is counted whatever the cap says now: if the
+                # buyer took the lead, it is sold.)
                 caps_client = ctx.resources.get("caps_client") if buyer.caps else None
-                if caps_client is not None and not resolving:
-                    # Reserve a slot with the buyer's cap owner before the lead leaves. (An
-                    # attempt being resolved after a crash was reserved before it; its answer
-                    # is counted whatever the cap says now: if the buyer took it, it is sold.)
-                    granted, why = await caps_client.reserve(buyer.id, lead_id, cand["price"])
-                    if not granted:
-                        n = state["attempts"][buyer.id]["attempt"]
-                        state["attempts"][buyer.id] = {"status": "skipped", "attempt": n}
-                        state.setdefault("cap_skips", []).append(f"{buyer.id}: {why}")
-                        await emit_delivery(order, cand, n, "skipped", 0.0, f"cap: {why}",
-                                            None, now_ms(), exclusive)
-                        return
                 sent = now_ms()
                 body = post_body(order, pii["fields"], cand, post_id, exclusive)
                 # A timeout is ambiguous (the buyer may have taken the lead): ask once more

@@ -22,9 +22,19 @@ from faust.types import EventT, StreamT
 
 import schemas
 
-__all__ = ["InFlight", "DeadLetters", "KeyedLocks", "now_ms", "is_transient", "retry_transient"]
+__all__ = ["InFlight", "DeadLetters", "KeyedLocks", "Requeue", "now_ms", "is_transient",
+           "retry_transient"]
 
 log = logging.getLogger(__name__)
+
+
+class Requeue(Exception):
+    """Raised by a task's work to hand its event back: the event is published again at the
+    end of its own partition (same key, value and partition), then acked, so whoever owns
+    the partition next processes it again. For work that cannot progress now and has
+    recorded nothing for this step yet — a post waiting for a cap decision while a rebalance
+    pauses the cap owner. (Leaving the event unacked instead would hold the rebalance: Faust
+    waits for every delivered event to be acked before it gives partitions up.)"""
 
 
 def now_ms() -> int:
@@ -95,7 +105,7 @@ class DeadLetters:
         try:
             await retry_transient(work, what)
             return True
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, Requeue):
             raise
         except Exception as exc:
             msg = event.message
@@ -159,6 +169,21 @@ class InFlight:
             # Shutdown: leave the event unacked so it is redelivered, never half-done.
             self._sem.release()
             raise
+        except Requeue as why:
+            msg = event.message
+            try:
+                await event.app.producer.send_and_wait(msg.topic, msg.key, msg.value,
+                                                       msg.partition, None, None)
+            except Exception:  # Kafka down: keep the event unacked, it will be redelivered
+                log.exception("could not requeue %s:%s:%s; leaving it unacked", msg.topic,
+                              msg.partition, msg.offset)
+                self._sem.release()
+                return
+            log.info("%s: requeued %s:%s:%s at the end of its partition (%s)", self.name,
+                     msg.topic, msg.partition, msg.offset, why)
+            self._sem.release()
+            await stream.ack(event)
+            return
         except Exception:  # Kafka down: keep the event unacked, it will be redelivered
             log.exception("could not dead-letter; leaving event unacked")
             self._sem.release()

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from datetime import datetime, timezone
 
 import pytest
 
+import schemas
 from streams import caps as C
+from streams.runtime import Requeue
 from streams.settings import BuyerCaps
 
 
@@ -120,3 +124,48 @@ def test_the_ledger_forgets_settled_leads_after_a_while() -> None:
     C.reserve(led, caps, "late", 1.0, T + C.DONE_TTL_MS + 1)
     assert led["done"] == {}  # small table value; counters are kept
     assert C.counters(led, caps, T + C.DONE_TTL_MS + 1)[2].leads_day == 4  # 3 + the hold
+
+
+class _Requests:
+    """The caps topic seen by a CapClient: records what was sent."""
+
+    def __init__(self) -> None:
+        self.sent: list[dict[str, object]] = []
+
+    async def send(self, key: bytes, value: bytes) -> None:
+        self.sent.append(schemas.decode_as("CapRequest", value))
+
+
+async def test_a_reservation_waits_for_the_owners_decision() -> None:
+    reqs = _Requests()
+    client = C.CapClient(reqs, timeout_s=2.0)
+    task = asyncio.create_task(client.reserve("b", "L1", 10.0, rebalancing=lambda: False))
+    while not reqs.sent:
+        await asyncio.sleep(0)
+    client.decided({"request_id": reqs.sent[0]["request_id"], "granted": True, "reason": ""})
+    assert await task == (True, "")
+    assert client.pending == {}
+
+
+async def test_no_decision_in_time_is_a_refusal() -> None:
+    client = C.CapClient(_Requests(), timeout_s=0.12)
+    granted, why = await client.reserve("b", "L1", 10.0, rebalancing=lambda: False)
+    assert (granted, why) == (False, "the cap owner did not answer in time")
+
+
+async def test_a_rebalance_hands_the_order_back_instead_of_waiting_it_out() -> None:
+    """The owner's agent is paused by the same rebalance: waiting the whole timeout would
+    hold the rebalance up (measured: 5 s stalls) and refuse a slot the owner may grant."""
+    flag = {"on": False}
+    client = C.CapClient(_Requests(), timeout_s=5.0)
+
+    async def rebalance_soon() -> None:
+        await asyncio.sleep(0.1)
+        flag["on"] = True
+
+    t0 = time.monotonic()
+    asyncio.get_running_loop().create_task(rebalance_soon())
+    with pytest.raises(Requeue):
+        await client.reserve("b", "L1", 10.0, rebalancing=lambda: flag["on"])
+    assert time.monotonic() - t0 < 1.0
+    assert client.pending == {}

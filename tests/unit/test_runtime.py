@@ -90,3 +90,79 @@ def test_every_rule_key_is_applied_so_none_is_refused() -> None:
     app = create_app(settings, "auction")
     agents = set(app.agents)
     assert {"caps", "dedupe", "cap-decisions"} <= {a.rsplit(".", 1)[-1] for a in agents}
+
+
+class _Msg:
+    topic, partition, offset, key, value = "p.posts", 4, 83, b"lead-1", b"order-bytes"
+
+
+class _Producer:
+    def __init__(self, fail: bool = False) -> None:
+        self.sent: list[tuple[object, ...]] = []
+        self.fail = fail
+
+    async def send_and_wait(self, *args: object) -> None:
+        if self.fail:
+            raise ConnectionError("broker down")
+        self.sent.append(args)
+
+
+class _Event:
+    def __init__(self, producer: _Producer) -> None:
+        self.message = _Msg()
+        self.app = type("App", (), {"producer": producer})()
+
+
+class _Stream:
+    def __init__(self, log: list[str]) -> None:
+        self.log = log
+
+    async def ack(self, event: object) -> None:
+        self.log.append("ack")
+
+
+class _Dead:
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+
+    async def guarded(self, event: object, work: object, what: str) -> bool:
+        # the real failure policy (DeadLetters.guarded) lets Requeue through, like Cancelled
+        from streams.runtime import DeadLetters
+
+        return await DeadLetters.guarded(self, event, work, what)  # type: ignore[arg-type]
+
+    async def send(self, event: object, reason: str) -> None:
+        self.sent.append(reason)
+
+
+async def test_a_requeued_event_is_published_again_then_acked() -> None:
+    from streams.runtime import InFlight, Requeue
+
+    log: list[str] = []
+    producer, dead = _Producer(), _Dead()
+    inflight = InFlight("post", 2, dead)  # type: ignore[arg-type]
+
+    async def work() -> None:
+        raise Requeue("a cap decision cannot come during a rebalance")
+
+    await inflight.submit(_Stream(log), _Event(producer), work)  # type: ignore[arg-type]
+    await inflight.drain(timeout=1.0)
+    # same topic, key, value and partition; acked only after the copy is in Kafka
+    assert producer.sent == [("p.posts", b"lead-1", b"order-bytes", 4, None, None)]
+    assert log == ["ack"]
+    assert dead.sent == []  # not a failure: nothing dead-lettered
+
+
+async def test_an_event_that_cannot_be_requeued_stays_unacked() -> None:
+    from streams.runtime import InFlight, Requeue
+
+    log: list[str] = []
+    dead = _Dead()
+    inflight = InFlight("post", 2, dead)  # type: ignore[arg-type]
+
+    async def work() -> None:
+        raise Requeue("rebalancing")
+
+    await inflight.submit(_Stream(log), _Event(_Producer(fail=True)), work)  # type: ignore[arg-type]
+    await inflight.drain(timeout=1.0)
+    assert log == [] and dead.sent == []
