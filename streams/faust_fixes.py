@@ -21,7 +21,9 @@
    record *above* it is stale or follows a real hole, so the guard drops it and seeks the
    partition back to the expected offset: a stale record is then fetched again in order, while
    a real hole (compacted or expired records) shows the same jump again after the seek and is
-   let through. Changelog topics (compacted, read by table recovery) are not guarded.
+   let through. A revoked partition is fenced until it is sought again: records of a batch
+   fetched before the revocation are not delivered in between. Changelog topics (compacted,
+   read by table recovery) are not guarded.
 """
 
 from __future__ import annotations
@@ -76,18 +78,30 @@ class OffsetGuard:
         self.expected: dict[Any, int] = {}
         #: (expected, seen) of the last jump that made us re-seek, per partition.
         self.jumps: dict[Any, tuple[int, int]] = {}
+        #: Revoked partitions: nothing is delivered from them until they are sought again.
+        self.fenced: set[Any] = set()
 
     def sought(self, tp: Any, offset: int | None) -> None:
+        self.fenced.discard(tp)
         if offset is None or offset < 0:
             self.expected.pop(tp, None)  # no committed offset: auto.offset.reset decides
         else:
             self.expected[tp] = offset
 
     def forget(self, tp: Any) -> None:
+        """The partition was revoked. Until the next seek (Faust seeks every partition it is
+        assigned to its committed offset), records still arriving from it belong to a batch
+        fetched before the revocation: delivering them would let Faust take the jump to
+        them for a hole and commit past unprocessed records, or set an expected offset that
+        makes the refetched records look already delivered. Seen before this fence: 1 lead of
+        900 committed past without being processed, in one of about ten churn-test runs."""
         self.expected.pop(tp, None)
         self.jumps.pop(tp, None)
+        self.fenced.add(tp)
 
     def check(self, tp: Any, offset: int) -> str:
+        if tp in self.fenced:
+            return self.DROP
         exp = self.expected.get(tp)
         if exp is not None and offset < exp:
             return self.DROP

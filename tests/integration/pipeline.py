@@ -147,7 +147,57 @@ class Pipeline:
         try:
             wait_for(count, timeout, f"{len(lead_ids)} settled auctions")
         except AssertionError as exc:
-            raise AssertionError(f"{exc}\n{self.logs()}") from None
+            raise AssertionError(f"{exc}\n{self.trace_missing(lead_ids)}\n{self.logs()}") \
+                from None
+
+    def trace_missing(self, lead_ids: list[str]) -> str:
+        """For leads without a settled auction: how far each got, topic by topic."""
+        import schemas
+
+        done = {r[0] for r in self.rows("SELECT lead_id FROM {db}.auctions FINAL "
+                                        "WHERE lead_id IN %(ids)s", ids=lead_ids)}
+        missing = [x for x in lead_ids if x not in done]
+        n = self.names
+        seen: dict[str, list[str]] = {x: [] for x in missing}
+        for topic in (n.leads, n.ping_requests, n.bids, n.posts, n.deliveries, n.results):
+            for rec in asyncio.run(self.read_topic(topic)):
+                try:
+                    name, value = schemas.decode(rec.value)
+                except Exception:  # noqa: BLE001 - a diagnostic: show what can be read
+                    continue
+                lead = value.get("lead_id") if isinstance(value, dict) else None
+                if lead in seen:
+                    seen[lead].append(f"{topic.split('.')[-1]}:{rec.partition}:{rec.offset} {name}")
+        lines = [f"{len(missing)} of {len(lead_ids)} leads unsettled:"]
+        lines += [f"  {lead}: {', '.join(stages) or 'nowhere'}" for lead, stages in
+                  list(seen.items())[:20]]
+        furthest: dict[str, int] = {}
+        for stages in seen.values():
+            key = stages[-1].split(" ")[0].rsplit(":", 1)[0] if stages else "nowhere"
+            furthest[key] = furthest.get(key, 0) + 1
+        lines.append(f"  furthest stage (topic:partition -> leads): {furthest}")
+        lines.append(f"  group offsets (committed / end): {asyncio.run(self.group_offsets())}")
+        return "\n".join(lines)
+
+    async def group_offsets(self) -> dict[str, str]:
+        """The auction workers' committed offset and the end offset of every partition of the
+        lead-keyed input topics (a stuck partition shows committed < end)."""
+        c = AIOKafkaConsumer(bootstrap_servers=self.settings.kafka.bootstrap,
+                             group_id=self.settings.kafka.app_id, enable_auto_commit=False)
+        await c.start()
+        try:
+            await c._client.force_metadata_update()  # noqa: SLF001
+            n, out = self.names, {}
+            for topic in (n.leads, n.ping_requests, n.bids, n.posts):
+                tps = [TopicPartition(topic, p) for p in sorted(c.partitions_for_topic(topic)
+                                                                  or ())]
+                ends = await c.end_offsets(tps)
+                for tp in tps:
+                    out[f"{topic.split('.')[-1]}:{tp.partition}"] = \
+                        f"{await c.committed(tp)}/{ends[tp]}"
+            return out
+        finally:
+            await c.stop()
 
     # -- kafka -----------------------------------------------------------------------
     async def read_topic(self, topic: str) -> list[Any]:

@@ -105,8 +105,10 @@ def test_the_cap_holds_through_the_churn(churned: tuple[Pipeline, list[str]]) ->
     rows = p.rows("SELECT lead_id FROM {db}.posts FINAL WHERE status = 'accepted' "
                   "AND buyer_id = 'a' AND lead_id IN %(ids)s", ids=ids)
     assert len(rows) == len({r[0] for r in rows})  # never the same lead twice
-    # bound exactly: a third of 900 leads would go to 'a' without its cap
-    assert len(rows) == CAP
+    # Never over the cap, and binding: a third of 900 leads would go to 'a' without it. (A
+    # slot can stay held by a lead whose worker was killed or whose post window ran out
+    # during a rebalance until the hold expires (120 s): the cap errs on the low side.)
+    assert CAP - 5 <= len(rows) <= CAP
     logs = "".join(f.read_text(errors="replace")
                    for f in (p.root / "run" / "logs").glob("worker*.log"))
     print(f"posts requeued during rebalances: {logs.count('requeued')}")

@@ -46,8 +46,19 @@ def test_expected_follows_deliveries_and_seeks() -> None:
     assert g.check(TP, 5) == D and g.expected[TP] == 6
     g.sought(TP, 3)  # a seek backwards (rebalance to an older commit) re-opens 3..5
     assert g.check(TP, 3) == D and g.check(TP, 4) == D
-    g.forget(TP)  # revoked: nothing known any more
-    assert g.check(TP, 100) == D
+    g.forget(TP)  # revoked: a batch fetched before that must not be delivered...
+    assert g.check(TP, 100) == OffsetGuard.DROP and TP not in g.expected
+    g.sought(TP, 7)  # ...until Faust seeks the re-assigned partition to its commit
+    assert g.check(TP, 7) == D and g.expected[TP] == 8
+
+
+def test_a_revoked_partition_sought_without_a_commit_delivers_again() -> None:
+    g = OffsetGuard()
+    assert g.check(TP, 40) == D  # never revoked: a partition first seen is delivered
+    g.forget(TP)
+    assert g.check(TP, 41) == OffsetGuard.DROP
+    g.sought(TP, None)  # no committed offset: auto.offset.reset decides where it starts
+    assert g.check(TP, 0) == D
 
 
 def test_partitions_are_independent() -> None:
