@@ -15,7 +15,9 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import faust
@@ -91,7 +93,12 @@ def _resources_service(ctx: Context) -> type[mode.Service]:
     return Resources
 
 
-def create_app(settings: Settings, role: Role = "auction", *, web_port: int | None = None) -> faust.App:
+def create_app(settings: Settings, role: Role = "auction", *, web_port: int | None = None,
+               data_root: Path | None = None) -> faust.App:
+    """``data_root``: where Faust's data directory goes (``<data_root>/<app id>``); by default
+    under the system's temporary directory, so that nothing is left in the caller's working
+    directory (tables are in memory and rebuilt from their changelogs: nothing there must
+    persist)."""
     if role == "auction" and (pending := unenforced_keys(settings)):
         raise ConfigError("these keys are validated but not applied by this version yet; "
                           "remove them rather than rely on them:\n  " + "\n  ".join(pending))
@@ -101,8 +108,11 @@ def create_app(settings: Settings, role: Role = "auction", *, web_port: int | No
     k = settings.kafka
     app_id = k.app_id if role == "auction" else f"{k.app_id}-{role}"
     port = settings.worker.web_port if web_port is None else web_port
+    datadir = (data_root or Path(tempfile.gettempdir()) / "pingpost-faust") / app_id
+    datadir.mkdir(parents=True, exist_ok=True)
     app = faust.App(
         app_id,
+        datadir=str(datadir),
         broker=f"kafka://{k.bootstrap}",
         store="memory://",
         autodiscover=False,

@@ -73,7 +73,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     except ImportError:  # pragma: no cover - uvloop is a pinned dependency
         pass
-    app = create_app(settings, args.role, web_port=args.web_port)
+    app = create_app(settings, args.role, web_port=args.web_port,
+                     data_root=RUN_DIR / "faust")
     worker = faust.Worker(app, loglevel=args.loglevel, override_logging=True)
     worker.execute_from_commandline()
     return 0

@@ -1,12 +1,14 @@
 """Per-event concurrency and failure policy for Faust agents.
 
 Faust acks an event when the agent loop moves past it, and an exception inside the loop acks
-(skips) the event. Agents here keep ``concurrency=1`` (faust #606: >1 can commit past an
-in-flight message) and instead run slow work (HTTP to buyers) in tasks with *manual* acks:
-the event is acked only when its task is done. Faust commits an offset only past a contiguous
-run of acked offsets (``Consumer._new_offset``), so a crash re-delivers every event whose task
-had not finished. Each task's failure is routed to the dead-letter topic with the reason, then
-acked: nothing is skipped silently.
+(skips) the event. Agents here keep ``concurrency=1`` and instead run slow work (HTTP to
+buyers) in tasks with *manual* acks: the event is acked only when its task is done, so events
+are acked out of order. Faust itself would then commit past an event still in flight (faust
+#606, the same bug that makes ``concurrency>1`` unsafe); with ``streams/faust_fixes.py`` an
+offset is committed only past a contiguous run of acked offsets starting at the committed
+one, so a crash or a stop re-delivers every event whose task had not finished. Each task's
+failure is routed to the dead-letter topic with the reason, then acked: nothing is skipped
+silently.
 """
 
 from __future__ import annotations

@@ -124,6 +124,8 @@ class Stack:
         log = open(self.log_dir / f"{name}.log", "ab")
         full_env = dict(os.environ)
         full_env["PINGPOST_CONFIG"] = str(self.config_path)
+        # Workers keep their Faust data directory under the run dir, not the caller's cwd.
+        full_env["PINGPOST_RUN_DIR"] = str(self.run_dir)
         full_env.update(env or {})
         proc = subprocess.Popen(
             [sys.executable, "-m", "streams.cli", "--config", str(self.config_path), *args],

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any, Iterator
+
 import pytest
 
-from streams.faust_fixes import OffsetGuard, guarded
+from streams.faust_fixes import OffsetGuard, apply, contiguous_commit, guarded
 
 D, X, R = OffsetGuard.DELIVER, OffsetGuard.DROP, OffsetGuard.RESEEK
 TP = ("t.bids", 0)
@@ -74,3 +76,88 @@ def test_partitions_are_independent() -> None:
 ])
 def test_changelogs_are_not_guarded(topic: str, want: bool) -> None:
     assert guarded(topic) is want
+
+
+# -- point 3: never commit past an event still in flight (faust-streaming #606) ----------
+
+@pytest.mark.parametrize("head, acked, holes, want, acked_after", [
+    # the committed offset is still in flight: nothing past it may be committed
+    (35, [36, 37, 38], [], None, [36, 37, 38]),
+    # ...and once it is acked, the whole run is
+    (35, [35, 36, 37, 38], [], 39, []),
+    # a run stops at the first offset still in flight
+    (10, [10, 11, 13, 14], [], 12, [13, 14]),
+    # acks below the committed offset (committed already) are forgotten
+    (10, [8, 9], [], None, []),
+    # a hole (compacted/expired offsets) at the head is passed
+    (10, [13, 14], [(10, 12)], 15, []),
+    # ...and in the middle; the commit may stop right after it (14 is in flight)
+    (10, [10], [(11, 13)], 14, []),
+    # no committed offset known: the first run counts
+    (None, [3, 4, 6], [], 5, [6]),
+])
+def test_contiguous_commit(head: int | None, acked: list[int], holes: list[tuple[int, int]],
+                           want: int | None, acked_after: list[int]) -> None:
+    index = set(acked)
+    assert contiguous_commit(acked, index, holes, head) == want
+    assert acked == acked_after and index == set(acked_after)
+    assert all(h[1] >= (want or 0) for h in holes)
+
+
+@pytest.fixture
+def consumers() -> Iterator[list[Any]]:
+    made: list[Any] = []
+    yield made
+    for c in made:  # the consumer thread's own event loop, never started
+        c._thread.thread_loop.close()
+
+
+def _consumer_with_acks(made: list[Any], committed: int,
+                        delivered: range) -> tuple[Any, Any, list[Any]]:
+    """A real Faust consumer (not started) holding ``delivered`` records of one partition,
+    sought to ``committed`` the way Faust does after an assignment."""
+    import faust
+    from faust.transport.consumer import Consumer
+    from faust.types import TP as FTP
+
+    apply(fetch_max_wait_ms=None)
+    app = faust.App("t-offsets", broker="kafka://127.0.0.1:1", store="memory://")
+    consumer: Consumer = app.consumer
+    made.append(consumer)
+    tp = FTP("t.posts", 3)
+    app.topics._acking_topics.add(tp.topic)
+    consumer._committed_offset[tp] = committed
+    consumer.__dict__["_pingpost_guard"] = g = OffsetGuard()
+    g.sought_committed(tp, committed)
+    messages = []
+    for off in delivered:
+        assert g.check(tp, off) == D
+        m = faust.types.Message(topic=tp.topic, partition=tp.partition, offset=off,
+                                timestamp=0.0, timestamp_type=0, headers=[], key=b"k",
+                                value=b"v", checksum=None, tp=tp)
+        consumer.track_message(m)
+        messages.append(m)
+    return consumer, tp, messages
+
+
+def test_faust_does_not_commit_past_an_event_in_flight(consumers: list[Any]) -> None:
+    """The churn-test failure, replayed on Faust's own bookkeeping: the post order at the
+    committed offset 35 is still being processed when 36..40 are acked; Faust (0.11.x) would
+    commit 41 and a worker stopping then would never process 35."""
+    consumer, tp, msgs = _consumer_with_acks(consumers, 35, range(35, 41))
+    for m in msgs[1:]:
+        consumer.ack(m)
+    assert consumer._filter_committable_offsets({tp}) == {}
+    consumer.ack(msgs[0])
+    assert consumer._filter_committable_offsets({tp}) == {tp: 41}
+
+
+def test_faust_commits_from_offset_zero_only_once_it_is_done(consumers: list[Any]) -> None:
+    """Faust stores a committed offset of 0 as "none" and then commits any first run."""
+    consumer, tp, msgs = _consumer_with_acks(consumers, 0, range(0, 3))
+    consumer._committed_offset[tp] = None
+    consumer.ack(msgs[2])
+    consumer.ack(msgs[1])
+    assert consumer._filter_committable_offsets({tp}) == {}
+    consumer.ack(msgs[0])
+    assert consumer._filter_committable_offsets({tp}) == {tp: 3}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 from streams.post import scrub
 from streams.runtime import KeyedLocks, is_transient
@@ -166,3 +167,20 @@ async def test_an_event_that_cannot_be_requeued_stays_unacked() -> None:
     await inflight.submit(_Stream(log), _Event(_Producer(fail=True)), work)  # type: ignore[arg-type]
     await inflight.drain(timeout=1.0)
     assert log == [] and dead.sent == []
+
+
+def test_an_app_leaves_nothing_in_the_working_directory(tmp_path: Path, monkeypatch) -> None:
+    """Faust's default data directory is ``<app id>-data`` in the cwd: a test run or a demo
+    used to leave one per app id in the checkout."""
+    import yaml
+
+    from streams.app import create_app
+    from streams.settings import parse_settings
+
+    settings = parse_settings(yaml.safe_load(Path("config/demo.yaml").read_text()), env={})
+    monkeypatch.chdir(tmp_path)
+    sink = create_app(settings, "sink").conf.datadir  # created when the app starts
+    assert sink.is_absolute() and not sink.is_relative_to(tmp_path)
+    worker = create_app(settings, "auction", data_root=tmp_path / "run" / "faust").conf.datadir
+    assert worker == tmp_path / "run" / "faust" / settings.kafka.app_id
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
