@@ -174,11 +174,13 @@ class InFlight:
         except Requeue as why:
             msg = event.message
             try:
-                await event.app.producer.send_and_wait(msg.topic, msg.key, msg.value,
-                                                       msg.partition, None, None)
+                await retry_transient(lambda: event.app.producer.send_and_wait(
+                    msg.topic, msg.key, msg.value, msg.partition, None, None),
+                    f"requeue {msg.topic}:{msg.partition}:{msg.offset}", attempts=6)
             except Exception:  # Kafka down: keep the event unacked, it will be redelivered
-                log.exception("could not requeue %s:%s:%s; leaving it unacked", msg.topic,
-                              msg.partition, msg.offset)
+                log.exception("could not requeue %s:%s:%s; leaving it unacked: the partition's "
+                              "offset is not committed past it until a restart or rebalance "
+                              "redelivers it", msg.topic, msg.partition, msg.offset)
                 self._sem.release()
                 return
             log.info("%s: requeued %s:%s:%s at the end of its partition (%s)", self.name,

@@ -98,13 +98,15 @@ class _Msg:
 
 
 class _Producer:
-    def __init__(self, fail: bool = False) -> None:
+    def __init__(self, fail: int = 0, error: Exception | None = None) -> None:
         self.sent: list[tuple[object, ...]] = []
-        self.fail = fail
+        self.fail = fail  # the first ``fail`` sends raise ``error``
+        self.error = error or ConnectionError("broker down")
 
     async def send_and_wait(self, *args: object) -> None:
         if self.fail:
-            raise ConnectionError("broker down")
+            self.fail -= 1
+            raise self.error
         self.sent.append(args)
 
 
@@ -164,9 +166,26 @@ async def test_an_event_that_cannot_be_requeued_stays_unacked() -> None:
     async def work() -> None:
         raise Requeue("rebalancing")
 
-    await inflight.submit(_Stream(log), _Event(_Producer(fail=True)), work)  # type: ignore[arg-type]
-    await inflight.drain(timeout=1.0)
-    assert log == [] and dead.sent == []
+    # not a transient error: given up at once
+    producer = _Producer(fail=1, error=ValueError("record too large"))
+    await inflight.submit(_Stream(log), _Event(producer), work)  # type: ignore[arg-type]
+    await inflight.drain(timeout=5.0)
+    assert log == [] and dead.sent == [] and producer.fail == 0
+
+
+async def test_a_requeue_is_retried_through_a_broker_hiccup() -> None:
+    from streams.runtime import InFlight, Requeue
+
+    log: list[str] = []
+    producer, dead = _Producer(fail=1), _Dead()
+    inflight = InFlight("post", 2, dead)  # type: ignore[arg-type]
+
+    async def work() -> None:
+        raise Requeue("rebalancing")
+
+    await inflight.submit(_Stream(log), _Event(producer), work)  # type: ignore[arg-type]
+    await inflight.drain(timeout=5.0)
+    assert len(producer.sent) == 1 and log == ["ack"]
 
 
 def test_an_app_leaves_nothing_in_the_working_directory(tmp_path: Path, monkeypatch) -> None:
