@@ -96,7 +96,9 @@ class DeadLetters:
             "field": field,
             "at_ms": now_ms(),
         }
-        await self.topic.send(key=msg.key, value=schemas.encode("DeadLetter", record))
+        value = schemas.encode("DeadLetter", record)
+        await retry_transient(lambda: self.topic.send(key=msg.key, value=value),
+                              f"dead-letter {record['id']}")
         log.warning("dead-lettered %s (%s): %s", record["id"], self.stage, reason)
 
     async def guarded(self, event: EventT, work: Callable[[], Awaitable[Any]],

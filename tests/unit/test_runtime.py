@@ -203,3 +203,24 @@ def test_an_app_leaves_nothing_in_the_working_directory(tmp_path: Path, monkeypa
     worker = create_app(settings, "auction", data_root=tmp_path / "run" / "faust").conf.datadir
     assert worker == tmp_path / "run" / "faust" / settings.kafka.app_id
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+async def test_a_dead_letter_is_retried_through_a_broker_hiccup() -> None:
+    import schemas
+    from streams.runtime import DeadLetters
+
+    class Topic:
+        def __init__(self) -> None:
+            self.fail, self.sent = 1, []
+
+        async def send(self, key: bytes, value: bytes) -> None:
+            if self.fail:
+                self.fail -= 1
+                raise ConnectionError("broker down")
+            self.sent.append((key, value))
+
+    topic = Topic()
+    await DeadLetters(topic, "post").send(_Event(_Producer()), "bad order")  # type: ignore[arg-type]
+    [(key, value)] = topic.sent
+    rec = schemas.decode_as("DeadLetter", value)
+    assert (key, rec["id"], rec["reason"]) == (b"lead-1", "p.posts:4:83", "bad order")
