@@ -93,6 +93,22 @@ def _resources_service(ctx: Context) -> type[mode.Service]:
     return Resources
 
 
+def _watch_partitions(app: faust.App) -> None:
+    """Every 5 s: an assigned partition with records waiting that delivered none for
+    ``faust_fixes.STALL_S`` outside a rebalance is reported and sought to restart its fetch
+    (``faust_fixes.watch_partitions``)."""
+    import time
+
+    watch = faust_fixes.StallWatch()
+
+    @app.timer(interval=5.0, name="partition-watchdog")
+    async def partition_watchdog() -> None:
+        try:
+            await faust_fixes.watch_partitions(app, watch, time.monotonic())
+        except Exception:  # noqa: BLE001 - a check must never take the worker down
+            log.warning("partition watchdog round failed", exc_info=True)
+
+
 def create_app(settings: Settings, role: Role = "auction", *, web_port: int | None = None,
                data_root: Path | None = None) -> faust.App:
     """``data_root``: where Faust's data directory goes (``<data_root>/<app id>``); by default
@@ -172,6 +188,8 @@ def create_app(settings: Settings, role: Role = "auction", *, web_port: int | No
         metrics.register(ctx)
     else:
         raise ValueError(f"unknown role {role!r}")
+    if role in ("auction", "sink"):
+        _watch_partitions(app)
     app.service(_resources_service(ctx))
     app.pingpost_context = ctx  # type: ignore[attr-defined]
     return app

@@ -273,3 +273,102 @@ def contiguous_commit(acked: list[int], acked_index: set[int], holes: list[tuple
         acked_index.difference_update(gone)
     holes[:] = [h for h in holes if h[1] >= end]
     return end if end > start else None
+
+
+#: A partition with records waiting and none delivered for this long, outside a rebalance,
+#: is reported and sought to its next offset (the watchdog below).
+STALL_S = 20.0
+
+
+class StallWatch:
+    """Which assigned partitions have records waiting and have delivered none for ``stall_s``
+    (pure bookkeeping: the caller observes, this decides)."""
+
+    def __init__(self, stall_s: float = STALL_S) -> None:
+        self.stall_s = stall_s
+        self.since: dict[Any, tuple[int, float]] = {}  # tp -> (next offset, since when)
+
+    def observe(self, tp: Any, next_offset: int | None, end: int | None, now: float) -> bool:
+        """``next_offset``: the next offset the consumer would deliver; ``end``: the
+        partition's end offset. True when records wait and nothing moved for ``stall_s``."""
+        if next_offset is None or end is None or end <= next_offset:
+            self.since.pop(tp, None)
+            return False
+        prev = self.since.get(tp)
+        if prev is None or prev[0] != next_offset:
+            self.since[tp] = (next_offset, now)
+            return False
+        return now - prev[1] >= self.stall_s
+
+    def restart(self, tp: Any, now: float) -> None:
+        if tp in self.since:
+            self.since[tp] = (self.since[tp][0], now)
+
+    def keep(self, tps: set[Any]) -> None:
+        for tp in list(self.since):
+            if tp not in tps:
+                del self.since[tp]
+
+
+def partition_state(consumer: Any, tp: Any) -> dict[str, Any]:
+    """What Faust, the guard and aiokafka know of one partition (for the watchdog's report;
+    aiokafka's state is read from another thread: a snapshot, not a transaction)."""
+    g = consumer.__dict__.get("_pingpost_guard") or OffsetGuard()
+    active = consumer._active_partitions
+    out: dict[str, Any] = {
+        "faust_active": active is None or tp in active,
+        "faust_paused": tp in consumer._paused_partitions,
+        "faust_buffered": tp in consumer._buffered_partitions,
+        "read_offset": consumer._read_offset.get(tp),
+        "committed": consumer._committed_offset.get(tp),
+        "guard_expected": g.expected.get(tp), "guard_fenced": tp in g.fenced,
+    }
+    try:
+        aio = consumer._thread._consumer
+        st = aio._subscription.subscription.assignment.state_value(tp)
+        out.update(aiokafka_position=st._position, aiokafka_paused=st.paused,
+                   aiokafka_awaiting_reset=st.awaiting_reset,
+                   aiokafka_prefetched=tp in aio._fetcher._records)
+    except Exception as exc:  # noqa: BLE001 - a diagnostic: report what cannot be read
+        out["aiokafka"] = f"unreadable: {exc!r}"
+    return out
+
+
+async def watch_partitions(app: Any, watch: StallWatch, now: float) -> list[Any]:
+    """One round of the partition watchdog: every assigned, non-changelog partition with
+    records waiting that has delivered none for ``watch.stall_s`` outside a rebalance is
+    reported (an ERROR with its full state) and sought to the next offset it should deliver,
+    which restarts its fetch. Faust's own stall detector only logs; a partition silently left
+    unfetched after a rebalance held its leads until the next one (README, Known issues).
+    Returns the partitions sought."""
+    consumer = app.consumer
+    if app.rebalancing or getattr(app, "in_recovery", False) or not consumer.flow_active:
+        return []
+    tps = {tp for tp in consumer.assignment() if guarded(tp.topic)}
+    watch.keep(tps)
+    if not tps:
+        return []
+    ends = await consumer.highwaters(*tps)
+    if app.rebalancing:
+        return []
+    g = consumer.__dict__.get("_pingpost_guard") or OffsetGuard()
+    healed = []
+    for tp in sorted(tps):
+        if tp in consumer._buffered_partitions:
+            watch.since.pop(tp, None)  # back-pressure from a full stream buffer: not a stall
+            continue
+        nxt = g.expected.get(tp)
+        if nxt is None:
+            nxt = consumer._committed_offset.get(tp)
+        if not watch.observe(tp, nxt, ends.get(tp), now):
+            continue
+        assert nxt is not None
+        log.error("partition %s: %d record(s) waiting (next offset %d, end %d) and none "
+                  "delivered for %.0f s outside a rebalance; seeking it to %d to restart its "
+                  "fetch. State: %s", tp, ends[tp] - nxt, nxt, ends[tp], watch.stall_s, nxt,
+                  partition_state(consumer, tp))
+        consumer.resume_partitions({tp})
+        await consumer.seek(tp, nxt)
+        watch.restart(tp, now)
+        healed.append(tp)
+    return healed

@@ -161,3 +161,74 @@ def test_faust_commits_from_offset_zero_only_once_it_is_done(consumers: list[Any
     assert consumer._filter_committable_offsets({tp}) == {}
     consumer.ack(msgs[0])
     assert consumer._filter_committable_offsets({tp}) == {tp: 3}
+
+
+# -- the partition watchdog -----------------------------------------------------------------
+
+def test_stall_watch_reports_a_partition_that_stops_delivering_with_records_waiting() -> None:
+    from streams.faust_fixes import StallWatch
+
+    w = StallWatch(stall_s=20)
+    assert not w.observe(TP, 10, 15, now=0)     # first sight
+    assert not w.observe(TP, 10, 15, now=19)    # not long enough
+    assert w.observe(TP, 10, 15, now=20)        # 20 s, records waiting, nothing delivered
+    w.restart(TP, now=20)
+    assert not w.observe(TP, 10, 15, now=30)    # sought: a new period starts
+    assert not w.observe(TP, 12, 15, now=45)    # it moved
+    assert not w.observe(TP, 15, 15, now=90)    # caught up: nothing waits
+    assert not w.observe(TP, 15, 16, now=91)    # a new record: a new period
+    assert w.observe(TP, 15, 16, now=111)
+
+
+class _WatchedConsumer:
+    def __init__(self, tps: set[Any], ends: dict[Any, int]) -> None:
+        self.tps, self.ends = tps, ends
+        self.flow_active = True
+        self._active_partitions: set[Any] | None = set(tps)
+        self._paused_partitions: set[Any] = set()
+        self._buffered_partitions: set[Any] = set()
+        self._read_offset: dict[Any, int] = {}
+        self._committed_offset: dict[Any, int] = {}
+        self.resumed: list[Any] = []
+        self.sought: list[tuple[Any, int]] = []
+        self.__dict__["_pingpost_guard"] = OffsetGuard()
+
+    def assignment(self) -> set[Any]:
+        return set(self.tps)
+
+    async def highwaters(self, *tps: Any) -> dict[Any, int]:
+        return {tp: self.ends[tp] for tp in tps}
+
+    def resume_partitions(self, tps: set[Any]) -> None:
+        self.resumed.extend(tps)
+
+    async def seek(self, tp: Any, offset: int) -> None:
+        self.sought.append((tp, offset))
+        self.__dict__["_pingpost_guard"].sought(tp, offset)
+
+
+async def test_the_watchdog_seeks_only_a_stalled_partition_outside_a_rebalance() -> None:
+    from faust.types import TP as FTP
+
+    from streams.faust_fixes import StallWatch, watch_partitions
+
+    stuck, moving, full = FTP("p.leads", 4), FTP("p.leads", 1), FTP("p.bids", 2)
+    changelog = FTP("p-auctions-changelog", 4)
+    c = _WatchedConsumer({stuck, moving, full, changelog},
+                         {stuck: 136, moving: 90, full: 500, changelog: 300})
+    g = c.__dict__["_pingpost_guard"]
+    c._committed_offset[stuck] = 111                 # nothing delivered since its seek
+    g.sought(moving, 80)
+    g.sought(full, 100)
+    c._buffered_partitions.add(full)                 # its stream buffer is full: back-pressure
+    app = type("App", (), {"consumer": c, "rebalancing": False, "in_recovery": False})()
+    w = StallWatch(stall_s=20)
+    assert await watch_partitions(app, w, now=0) == []
+    g.check(moving, 80)                              # one partition keeps delivering
+    app.rebalancing = True
+    assert await watch_partitions(app, w, now=25) == []
+    app.rebalancing = False
+    assert await watch_partitions(app, w, now=25) == [stuck]
+    assert c.sought == [(stuck, 111)] and c.resumed == [stuck]
+    assert g.expected[stuck] == 111
+    assert await watch_partitions(app, w, now=30) == []   # a new period after the seek
