@@ -253,6 +253,7 @@ def register(ctx: Context) -> None:
                 await retry_transient(resend, f"post order of lead {lead_id}")
             async with lock:
                 table[lead_id] = closed_state
+                open_index.pop(lead_id, None)  # re-added if indexes were rebuilt meanwhile
                 purge_queue.append((closed_state["closed_at_ms"], lead_id))
         except asyncio.CancelledError:
             raise

@@ -287,6 +287,10 @@ class StallWatch:
     def __init__(self, stall_s: float = STALL_S) -> None:
         self.stall_s = stall_s
         self.since: dict[Any, tuple[int, float]] = {}  # tp -> (next offset, since when)
+        #: The same for the committed offset (reported, not acted on), and since when the
+        #: watchdog has been skipping rounds (a rebalance or recovery that does not end).
+        self.commits: StallWatch | None = None
+        self.skipping_since: float | None = None
 
     def observe(self, tp: Any, next_offset: int | None, end: int | None, now: float) -> bool:
         """``next_offset``: the next offset the consumer would deliver; ``end``: the
@@ -343,9 +347,20 @@ async def watch_partitions(app: Any, watch: StallWatch, now: float) -> list[Any]
     Returns the partitions sought."""
     consumer = app.consumer
     if app.rebalancing or getattr(app, "in_recovery", False) or not consumer.flow_active:
+        if watch.skipping_since is None:
+            watch.skipping_since = now
+        elif now - watch.skipping_since >= 3 * watch.stall_s:
+            log.error("partition watchdog: no check for %.0f s (rebalancing=%s, in_recovery=%s,"
+                      " flow_active=%s)", now - watch.skipping_since, app.rebalancing,
+                      getattr(app, "in_recovery", False), consumer.flow_active)
+            watch.skipping_since = now
         return []
+    watch.skipping_since = None
+    if watch.commits is None:
+        watch.commits = StallWatch(2 * watch.stall_s)
     tps = {tp for tp in consumer.assignment() if guarded(tp.topic)}
     watch.keep(tps)
+    watch.commits.keep(tps)
     if not tps:
         return []
     ends = await consumer.highwaters(*tps)
@@ -357,9 +372,31 @@ async def watch_partitions(app: Any, watch: StallWatch, now: float) -> list[Any]
         if tp in consumer._buffered_partitions:
             watch.since.pop(tp, None)  # back-pressure from a full stream buffer: not a stall
             continue
+        committed = consumer._committed_offset.get(tp)
+        if watch.commits.observe(tp, committed, ends.get(tp), now):
+            assert committed is not None
+            # Not committed for this long with records after it. An event still in flight
+            # explains it (reported only). With none in flight, records were lost between
+            # the fetch and the agents: read them again from the committed offset (a
+            # redelivery at worst; every stage is idempotent).
+            inflight = any(getattr(m, "tp", None) == tp
+                           for m in list(consumer._unacked_messages))
+            log.error("partition %s: committed offset %d has not moved for %.0f s with %d "
+                      "record(s) after it, %s. State: %s", tp, committed,
+                      watch.commits.stall_s, ends[tp] - committed,
+                      "an event in flight" if inflight else
+                      f"none in flight: seeking it back to {committed}",
+                      partition_state(consumer, tp))
+            watch.commits.restart(tp, now)
+            if not inflight:
+                consumer.resume_partitions({tp})
+                await consumer.seek(tp, committed)
+                watch.restart(tp, now)
+                healed.append(tp)
+                continue
         nxt = g.expected.get(tp)
         if nxt is None:
-            nxt = consumer._committed_offset.get(tp)
+            nxt = committed
         if not watch.observe(tp, nxt, ends.get(tp), now):
             continue
         assert nxt is not None

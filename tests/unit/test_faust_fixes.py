@@ -191,6 +191,7 @@ class _WatchedConsumer:
         self._committed_offset: dict[Any, int] = {}
         self.resumed: list[Any] = []
         self.sought: list[tuple[Any, int]] = []
+        self._unacked_messages: set[Any] = set()
         self.__dict__["_pingpost_guard"] = OffsetGuard()
 
     def assignment(self) -> set[Any]:
@@ -232,3 +233,26 @@ async def test_the_watchdog_seeks_only_a_stalled_partition_outside_a_rebalance()
     assert c.sought == [(stuck, 111)] and c.resumed == [stuck]
     assert g.expected[stuck] == 111
     assert await watch_partitions(app, w, now=30) == []   # a new period after the seek
+
+
+async def test_the_watchdog_rereads_a_partition_whose_commit_stalls_with_nothing_in_flight(
+) -> None:
+    """Everything up to the end went through the fetch, nothing is in flight, and the commit
+    does not move: records were lost on the way to the agents; read them again."""
+    from faust.types import TP as FTP
+
+    from streams.faust_fixes import StallWatch, watch_partitions
+
+    lost, busy = FTP("p.leads", 2), FTP("p.posts", 2)
+    c = _WatchedConsumer({lost, busy}, {lost: 160, busy: 90})
+    g = c.__dict__["_pingpost_guard"]
+    for tp, committed, delivered in ((lost, 78, 160), (busy, 80, 90)):
+        c._committed_offset[tp] = committed
+        g.sought(tp, delivered)  # the guard saw everything up to the end
+    c._unacked_messages.add(type("Msg", (), {"tp": busy})())  # a post still in flight
+    app = type("App", (), {"consumer": c, "rebalancing": False, "in_recovery": False})()
+    w = StallWatch(stall_s=20)
+    assert await watch_partitions(app, w, now=0) == []
+    assert await watch_partitions(app, w, now=39) == []
+    assert await watch_partitions(app, w, now=40) == [lost]
+    assert c.sought == [(lost, 78)] and g.expected[lost] == 78
