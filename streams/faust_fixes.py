@@ -1,4 +1,4 @@
-"""Three corrections to faust-streaming's consumer, applied once per process by ``create_app``.
+"""Corrections to faust-streaming's consumer, applied once per process by ``create_app``.
 
 1. **Fetch wait.** Faust hard-codes the worker consumer's ``fetch_max_wait_ms=1500``. aiokafka
    leaves out of a fetch every partition that still has unconsumed records and the broker
@@ -36,6 +36,10 @@
    The commit now advances only through offsets acked — or known not to exist: a hole the
    guard confirmed (point 2) is recorded as one — contiguously from the committed offset (or
    from the first offset delivered when the group has no commit yet).
+
+4. **The consumer thread gets a snapshot of the active partitions** (see
+   ``_snapshot_active_partitions``), and a watchdog reports and restarts a partition that
+   stops delivering or committing outside a rebalance (``watch_partitions``).
 """
 
 from __future__ import annotations
@@ -55,6 +59,33 @@ def apply(fetch_max_wait_ms: int | None = WORKER_FETCH_MAX_WAIT_MS) -> None:
     if fetch_max_wait_ms is not None:
         _shorten_worker_fetch_wait(fetch_max_wait_ms)
     _guard_offsets()
+    _snapshot_active_partitions()
+
+
+def _snapshot_active_partitions() -> None:
+    """Point 4: Faust hands its *live* set of active partitions to the consumer thread, which
+    reads it later while the main thread pauses and resumes partitions; aiokafka returns the
+    records of *every* partition when that set is empty, and Faust then drops those of the
+    partitions it does not consider active, after aiokafka advanced their position: those
+    records are not delivered until the next seek (a suspect for the stalled partitions of
+    README, Known issues). The thread now gets a copy taken when Faust asks, and an empty
+    one fetches nothing."""
+    from faust.transport.drivers import aiokafka as driver
+
+    cls = driver.AIOKafkaConsumerThread
+    if getattr(cls, "_pingpost_snapshot", False):
+        return
+    orig = cls.getmany
+
+    async def getmany(self: Any, active_partitions: Any, timeout: float) -> Any:
+        if active_partitions is not None:
+            active_partitions = set(active_partitions)
+            if not active_partitions:
+                return {}
+        return await orig(self, active_partitions, timeout)
+
+    cls.getmany = getmany
+    cls._pingpost_snapshot = True
 
 
 def _shorten_worker_fetch_wait(ms: int) -> None:

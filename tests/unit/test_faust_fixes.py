@@ -256,3 +256,26 @@ async def test_the_watchdog_rereads_a_partition_whose_commit_stalls_with_nothing
     assert await watch_partitions(app, w, now=39) == []
     assert await watch_partitions(app, w, now=40) == [lost]
     assert c.sought == [(lost, 78)] and g.expected[lost] == 78
+
+
+async def test_the_consumer_thread_fetches_from_a_snapshot_of_the_active_partitions() -> None:
+    """aiokafka returns every partition's records for an empty set, and Faust then drops
+    those of partitions it does not consider active: the live set must not reach it."""
+    from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
+
+    apply(fetch_max_wait_ms=None)
+    seen: list[object] = []
+
+    async def fetch(_consumer: object, active: object, timeout: float = 0,
+                    max_records: int | None = None) -> dict[str, int]:
+        seen.append(active)
+        return {"records": 1}
+
+    thread = object.__new__(AIOKafkaConsumerThread)
+    thread.__dict__.update(_ensure_consumer=lambda: type("C", (), {"_max_poll_records": 5})(),
+                           call_thread=lambda fn, *a, **kw: fn(*a, **kw),
+                           _fetch_records=fetch)
+    live = {("p.leads", 2)}
+    assert await thread.getmany(live, 1.0) == {"records": 1}
+    assert seen == [live] and seen[0] is not live  # a copy, not Faust's live set
+    assert await thread.getmany(set(), 1.0) == {} and len(seen) == 1  # empty: no fetch
