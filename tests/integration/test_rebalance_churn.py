@@ -1,9 +1,11 @@
 """Workers joining, leaving and crashing while leads stream in: no lead is skipped.
 
-faust-streaming can iterate a batch fetched before a rebalance after it has sought back to
-the committed offsets, take the jump for a hole and commit past records nobody processed
-(streams/faust_fixes.py). Before the offset guard this scenario left a lead or more of each
-run without an auction. Now every lead must settle, once.
+Each of these broke it once (streams/faust_fixes.py, streams/auction.py): a batch fetched
+before a rebalance iterated after the seek back to the committed offsets (Faust took the jump
+for a hole and committed past records nobody processed); a commit past an event still in
+flight (faust-streaming #606), lost when its worker stopped; an auction recorded as closed
+without its post order when a worker was killed between the two; a partition left unfetched
+after a rebalance. Every lead must settle, once.
 """
 
 from __future__ import annotations
@@ -92,12 +94,20 @@ def test_every_lead_is_auctioned_exactly_once(churned: tuple[Pipeline, list[str]
         assert seen.setdefault(r["lead_id"], story) == story, r["lead_id"]
 
 
-def test_the_guard_is_what_held(churned: tuple[Pipeline, list[str]]) -> None:
-    """The scenario really exercised the race: some worker re-sought a stale batch."""
+def test_the_workers_really_churned(churned: tuple[Pipeline, list[str]]) -> None:
+    """The group went through every membership change of the scenario (a join, a clean
+    leave, a crash and rejoin, a join: generation 5 at least), each with its rebalance."""
+    import re
+
     p, _ = churned
     logs = "".join(f.read_text(errors="replace")
                    for f in (p.root / "run" / "logs").glob("worker*.log"))
-    assert "seeking back to" in logs
+    generations = [int(g) for g in re.findall(r"\(generation (\d+)\)", logs)]
+    assert max(generations, default=0) >= 5
+    # The safety nets: how often they acted (none is needed since the consumer thread
+    # fetches from a snapshot of the active partitions; each is still correct if it acts).
+    print(f"guard re-seeks: {logs.count('seeking back to')}, watchdog: "
+          f"{logs.count('none delivered for') + logs.count('has not moved for')}")
 
 
 def test_the_cap_holds_through_the_churn(churned: tuple[Pipeline, list[str]]) -> None:
