@@ -95,15 +95,16 @@ def test_every_lead_is_auctioned_exactly_once(churned: tuple[Pipeline, list[str]
 
 
 def test_the_workers_really_churned(churned: tuple[Pipeline, list[str]]) -> None:
-    """The group went through every membership change of the scenario (a join, a clean
-    leave, a crash and rejoin, a join: generation 5 at least), each with its rebalance."""
+    """The group went through the membership changes of the scenario, each with its
+    rebalance: generation 2 (a join), 3 (a clean leave), 4 (the killed worker restarted,
+    the dead member expired; the last join usually lands in the same rebalance)."""
     import re
 
     p, _ = churned
     logs = "".join(f.read_text(errors="replace")
                    for f in (p.root / "run" / "logs").glob("worker*.log"))
     generations = [int(g) for g in re.findall(r"\(generation (\d+)\)", logs)]
-    assert max(generations, default=0) >= 5
+    assert max(generations, default=0) >= 4
     # The safety nets: how often they acted (none is needed since the consumer thread
     # fetches from a snapshot of the active partitions; each is still correct if it acts).
     print(f"guard re-seeks: {logs.count('seeking back to')}, watchdog: "
