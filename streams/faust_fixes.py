@@ -88,12 +88,12 @@ def _snapshot_active_partitions() -> None:
     reads it later while the main thread pauses and resumes partitions. aiokafka returns the
     records of *every* partition when that set is empty at that moment, and Faust then drops
     those of the partitions it does not consider active, after aiokafka advanced their
-    position: they are not delivered until the next seek. Seen as stale batches after every
-    rebalance of the churn test (the offset guard's re-seeks) and suspected for its stalled
-    partitions (README, Known issues). The thread now reads the set through
-    :class:`ActiveView`. (A copy taken when Faust asks removed the re-seeks too, but a
-    partition resumed meanwhile then waited for the running fetch's 1 s timeout: the churn
-    test's tail grew from ~3 s to ~6 s.)"""
+    position: they are not delivered until the next seek. Suspected for the churn test's
+    stalled partitions (README, Known issues). The thread now reads the set through
+    :class:`ActiveView`. (A copy taken when Faust asks also removed the stale records the
+    offset guard re-seeks, which come from Faust resuming partitions before it seeks them;
+    but a partition resumed meanwhile then waited for the running fetch's 1 s timeout: the
+    churn test's tail grew from ~3 s to ~6 s.)"""
     from faust.transport.drivers import aiokafka as driver
 
     cls = driver.AIOKafkaConsumerThread
