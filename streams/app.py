@@ -99,12 +99,12 @@ def _watch_partitions(app: faust.App) -> None:
     (``faust_fixes.watch_partitions``)."""
     import time
 
-    watch = faust_fixes.StallWatch()
+    dog = faust_fixes.Watchdog()
 
     @app.timer(interval=5.0, name="partition-watchdog")
     async def partition_watchdog() -> None:
         try:
-            await faust_fixes.watch_partitions(app, watch, time.monotonic())
+            await faust_fixes.watch_partitions(app, dog, time.monotonic())
         except Exception:  # noqa: BLE001 - a check must never take the worker down
             log.warning("partition watchdog round failed", exc_info=True)
 

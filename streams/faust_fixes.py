@@ -340,10 +340,6 @@ class StallWatch:
     def __init__(self, stall_s: float = STALL_S) -> None:
         self.stall_s = stall_s
         self.since: dict[Any, tuple[int, float]] = {}  # tp -> (next offset, since when)
-        #: The same for the committed offset (reported, not acted on), and since when the
-        #: watchdog has been skipping rounds (a rebalance or recovery that does not end).
-        self.commits: StallWatch | None = None
-        self.skipping_since: float | None = None
 
     def observe(self, tp: Any, next_offset: int | None, end: int | None, now: float) -> bool:
         """``next_offset``: the next offset the consumer would deliver; ``end``: the
@@ -365,6 +361,17 @@ class StallWatch:
         for tp in list(self.since):
             if tp not in tps:
                 del self.since[tp]
+
+
+class Watchdog:
+    """The watchdog's state between rounds: deliveries and commits watched per partition,
+    and since when rounds have been skipped (a rebalance or recovery that does not end)."""
+
+    def __init__(self, stall_s: float = STALL_S) -> None:
+        self.stall_s = stall_s
+        self.deliveries = StallWatch(stall_s)
+        self.commits = StallWatch(2 * stall_s)
+        self.skipping_since: float | None = None
 
 
 def partition_state(consumer: Any, tp: Any) -> dict[str, Any]:
@@ -391,29 +398,28 @@ def partition_state(consumer: Any, tp: Any) -> dict[str, Any]:
     return out
 
 
-async def watch_partitions(app: Any, watch: StallWatch, now: float) -> list[Any]:
+async def watch_partitions(app: Any, dog: Watchdog, now: float) -> list[Any]:
     """One round of the partition watchdog: every assigned, non-changelog partition with
-    records waiting that has delivered none for ``watch.stall_s`` outside a rebalance is
+    records waiting that has delivered none for ``dog.stall_s`` outside a rebalance is
     reported (an ERROR with its full state) and sought to the next offset it should deliver,
     which restarts its fetch. Faust's own stall detector only logs; a partition silently left
     unfetched after a rebalance held its leads until the next one (README, Known issues).
     Returns the partitions sought."""
     consumer = app.consumer
     if app.rebalancing or getattr(app, "in_recovery", False) or not consumer.flow_active:
-        if watch.skipping_since is None:
-            watch.skipping_since = now
-        elif now - watch.skipping_since >= 3 * watch.stall_s:
+        if dog.skipping_since is None:
+            dog.skipping_since = now
+        elif now - dog.skipping_since >= 3 * dog.stall_s:
             log.error("partition watchdog: no check for %.0f s (rebalancing=%s, in_recovery=%s,"
-                      " flow_active=%s)", now - watch.skipping_since, app.rebalancing,
+                      " flow_active=%s)", now - dog.skipping_since, app.rebalancing,
                       getattr(app, "in_recovery", False), consumer.flow_active)
-            watch.skipping_since = now
+            dog.skipping_since = now
         return []
-    watch.skipping_since = None
-    if watch.commits is None:
-        watch.commits = StallWatch(2 * watch.stall_s)
+    dog.skipping_since = None
+    watch, commits = dog.deliveries, dog.commits
     tps = {tp for tp in consumer.assignment() if guarded(tp.topic)}
     watch.keep(tps)
-    watch.commits.keep(tps)
+    commits.keep(tps)
     if not tps:
         return []
     ends = await consumer.highwaters(*tps)
@@ -426,7 +432,7 @@ async def watch_partitions(app: Any, watch: StallWatch, now: float) -> list[Any]
             watch.since.pop(tp, None)  # back-pressure from a full stream buffer: not a stall
             continue
         committed = consumer._committed_offset.get(tp)
-        if watch.commits.observe(tp, committed, ends.get(tp), now):
+        if commits.observe(tp, committed, ends.get(tp), now):
             assert committed is not None
             # Not committed for this long with records after it. An event still in flight
             # explains it (reported only). With none in flight, records were lost between
@@ -436,11 +442,11 @@ async def watch_partitions(app: Any, watch: StallWatch, now: float) -> list[Any]
                            for m in list(consumer._unacked_messages))
             log.error("partition %s: committed offset %d has not moved for %.0f s with %d "
                       "record(s) after it, %s. State: %s", tp, committed,
-                      watch.commits.stall_s, ends[tp] - committed,
+                      commits.stall_s, ends[tp] - committed,
                       "an event in flight" if inflight else
                       f"none in flight: seeking it back to {committed}",
                       partition_state(consumer, tp))
-            watch.commits.restart(tp, now)
+            commits.restart(tp, now)
             if not inflight:
                 consumer.resume_partitions({tp})
                 await consumer.seek(tp, committed)

@@ -211,7 +211,7 @@ class _WatchedConsumer:
 async def test_the_watchdog_seeks_only_a_stalled_partition_outside_a_rebalance() -> None:
     from faust.types import TP as FTP
 
-    from streams.faust_fixes import StallWatch, watch_partitions
+    from streams.faust_fixes import Watchdog, watch_partitions
 
     stuck, moving, full = FTP("p.leads", 4), FTP("p.leads", 1), FTP("p.bids", 2)
     changelog = FTP("p-auctions-changelog", 4)
@@ -223,7 +223,7 @@ async def test_the_watchdog_seeks_only_a_stalled_partition_outside_a_rebalance()
     g.sought(full, 100)
     c._buffered_partitions.add(full)                 # its stream buffer is full: back-pressure
     app = type("App", (), {"consumer": c, "rebalancing": False, "in_recovery": False})()
-    w = StallWatch(stall_s=20)
+    w = Watchdog(stall_s=20)
     assert await watch_partitions(app, w, now=0) == []
     g.check(moving, 80)                              # one partition keeps delivering
     app.rebalancing = True
@@ -241,7 +241,7 @@ async def test_the_watchdog_rereads_a_partition_whose_commit_stalls_with_nothing
     does not move: records were lost on the way to the agents; read them again."""
     from faust.types import TP as FTP
 
-    from streams.faust_fixes import StallWatch, watch_partitions
+    from streams.faust_fixes import Watchdog, watch_partitions
 
     lost, busy = FTP("p.leads", 2), FTP("p.posts", 2)
     c = _WatchedConsumer({lost, busy}, {lost: 160, busy: 90})
@@ -251,7 +251,7 @@ async def test_the_watchdog_rereads_a_partition_whose_commit_stalls_with_nothing
         g.sought(tp, delivered)  # the guard saw everything up to the end
     c._unacked_messages.add(type("Msg", (), {"tp": busy})())  # a post still in flight
     app = type("App", (), {"consumer": c, "rebalancing": False, "in_recovery": False})()
-    w = StallWatch(stall_s=20)
+    w = Watchdog(stall_s=20)
     assert await watch_partitions(app, w, now=0) == []
     assert await watch_partitions(app, w, now=39) == []
     assert await watch_partitions(app, w, now=40) == [lost]
