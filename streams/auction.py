@@ -209,8 +209,8 @@ def register(ctx: Context) -> None:
             "bids": sum(1 for a in answers if a["status"] == "bid"),
             "skip_buyers": op.get("skip_buyers") or [],
         }
-        sent = await posts_topic.send(key=lead_id.encode(),
-                                      value=schemas.encode("PostOrder", order))
+        value = schemas.encode("PostOrder", order)
+        sent = await posts_topic.send(key=lead_id.encode(), value=value)
         handle = timers.pop(lead_id, None)
         if handle is not None:
             handle.cancel()
@@ -230,9 +230,9 @@ def register(ctx: Context) -> None:
         # crash before the table write closes it again on redelivery: a second, identical
         # order, which the post stage treats as a redelivery.
         closing[lead_id] = asyncio.ensure_future(
-            record_closed(lead_id, sent, order, closed_state, current_event()))
+            record_closed(lead_id, sent, value, closed_state, current_event()))
 
-    async def record_closed(lead_id: str, sent: Any, order: dict[str, Any],
+    async def record_closed(lead_id: str, sent: Any, value: bytes,
                             closed_state: dict[str, Any], event: Any) -> None:
         # ``event``: the event being processed when the auction closed. The task runs in a
         # copy of that context, where Faust keeps only a weak reference to it, and a table
@@ -247,8 +247,7 @@ def register(ctx: Context) -> None:
                             "it again", lead_id, exc)
 
                 async def resend() -> None:
-                    await (await posts_topic.send(key=lead_id.encode(),
-                                                  value=schemas.encode("PostOrder", order)))
+                    await (await posts_topic.send(key=lead_id.encode(), value=value))
 
                 await retry_transient(resend, f"post order of lead {lead_id}")
             async with lock:

@@ -38,7 +38,7 @@
    from the first offset delivered when the group has no commit yet).
 
 4. **The consumer thread never reads "no active partition" as "all of them"** (see
-   ``_snapshot_active_partitions``), and a watchdog reports and restarts a partition that
+   ``_view_active_partitions``), and a watchdog reports and restarts a partition that
    stops delivering or committing outside a rebalance (``watch_partitions``).
 """
 
@@ -59,7 +59,7 @@ def apply(fetch_max_wait_ms: int | None = WORKER_FETCH_MAX_WAIT_MS) -> None:
     if fetch_max_wait_ms is not None:
         _shorten_worker_fetch_wait(fetch_max_wait_ms)
     _guard_offsets()
-    _snapshot_active_partitions()
+    _view_active_partitions()
 
 
 class ActiveView:
@@ -83,7 +83,7 @@ class ActiveView:
         return iter(list(self.live))
 
 
-def _snapshot_active_partitions() -> None:
+def _view_active_partitions() -> None:
     """Point 4: Faust hands its live set of active partitions to the consumer thread, which
     reads it later while the main thread pauses and resumes partitions. aiokafka returns the
     records of *every* partition when that set is empty at that moment, and Faust then drops
@@ -206,6 +206,14 @@ class OffsetGuard:
         return self.DELIVER
 
 
+def guard_of(consumer: Any) -> OffsetGuard:
+    """The consumer's offset guard (created on first use)."""
+    g = consumer.__dict__.get("_pingpost_guard")
+    if g is None:
+        g = consumer.__dict__["_pingpost_guard"] = OffsetGuard()
+    return g
+
+
 def _guard_offsets() -> None:
     from faust.transport import consumer as cmod
 
@@ -213,11 +221,7 @@ def _guard_offsets() -> None:
     if getattr(base, "_pingpost_guarded", False):
         return
 
-    def guard(self: Any) -> OffsetGuard:
-        g = self.__dict__.get("_pingpost_guard")
-        if g is None:
-            g = self.__dict__["_pingpost_guard"] = OffsetGuard()
-        return g
+    guard = guard_of
 
     orig_new_offset = base._new_offset
 
@@ -377,7 +381,7 @@ class Watchdog:
 def partition_state(consumer: Any, tp: Any) -> dict[str, Any]:
     """What Faust, the guard and aiokafka know of one partition (for the watchdog's report;
     aiokafka's state is read from another thread: a snapshot, not a transaction)."""
-    g = consumer.__dict__.get("_pingpost_guard") or OffsetGuard()
+    g = guard_of(consumer)
     active = consumer._active_partitions
     out: dict[str, Any] = {
         "faust_active": active is None or tp in active,
@@ -425,8 +429,15 @@ async def watch_partitions(app: Any, dog: Watchdog, now: float) -> list[Any]:
     ends = await consumer.highwaters(*tps)
     if app.rebalancing:
         return []
-    g = consumer.__dict__.get("_pingpost_guard") or OffsetGuard()
-    healed = []
+    g = guard_of(consumer)
+    healed: list[Any] = []
+
+    async def restart(tp: Any, offset: int) -> None:
+        consumer.resume_partitions({tp})
+        await consumer.seek(tp, offset)
+        watch.restart(tp, now)
+        healed.append(tp)
+
     for tp in sorted(tps):
         if tp in consumer._buffered_partitions:
             watch.since.pop(tp, None)  # back-pressure from a full stream buffer: not a stall
@@ -448,10 +459,7 @@ async def watch_partitions(app: Any, dog: Watchdog, now: float) -> list[Any]:
                       partition_state(consumer, tp))
             commits.restart(tp, now)
             if not inflight:
-                consumer.resume_partitions({tp})
-                await consumer.seek(tp, committed)
-                watch.restart(tp, now)
-                healed.append(tp)
+                await restart(tp, committed)
                 continue
         nxt = g.expected.get(tp)
         if nxt is None:
@@ -463,8 +471,5 @@ async def watch_partitions(app: Any, dog: Watchdog, now: float) -> list[Any]:
                   "delivered for %.0f s outside a rebalance; seeking it to %d to restart its "
                   "fetch. State: %s", tp, ends[tp] - nxt, nxt, ends[tp], watch.stall_s, nxt,
                   partition_state(consumer, tp))
-        consumer.resume_partitions({tp})
-        await consumer.seek(tp, nxt)
-        watch.restart(tp, now)
-        healed.append(tp)
+        await restart(tp, nxt)
     return healed
