@@ -4,8 +4,14 @@ Token auth (``Authorization: Bearer``), a body size limit, the same validation a
 path (:func:`streams.leads.validate_lead`), then the lead is published to the leads topic as
 Avro single-object encoding with key = lead_id, and ``202 {"lead_id"}`` is returned once the
 broker has acknowledged it (acks=all, idempotent producer). Nothing is published for a 4xx.
-``?wait=true`` holds the response until the lead's ``AuctionResult`` arrives on the results
-topic (read here by a group-less consumer of every partition), or ``ingest.wait_timeout_s``.
+
+Retries are safe (streams/idempotency.py): a request with an ``Idempotency-Key`` (or its own
+``lead_id``) that repeats an earlier one gets the first attempt's ``lead_id`` and outcome and
+creates no second lead. Publishing is bounded by ``ingest.publish_timeout_s``: past it the
+answer is ``503`` + ``Retry-After`` (the broker is down or slow), and ``/readyz`` answers 503
+while the broker cannot be reached. ``?wait=true`` holds the response until the lead's
+``AuctionResult`` arrives on the results topic (read here by a group-less consumer of every
+partition), or ``ingest.wait_timeout_s``.
 """
 
 from __future__ import annotations
@@ -24,6 +30,15 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import TopicPartition
 
 import schemas
+from streams.idempotency import (
+    KEY_HEADER,
+    KeyError_,
+    LeadMemory,
+    Remembered,
+    check_key,
+    fingerprint,
+    lead_id_for_key,
+)
 from streams.leads import LeadError, validate_lead
 from streams.settings import Settings
 from streams.topics import TopicNames
@@ -32,9 +47,15 @@ __all__ = ["IngestServer", "run"]
 
 log = logging.getLogger(__name__)
 
+#: The broker probe behind ``/readyz``: how often, and how long one may take.
+PROBE_INTERVAL_S = 1.0
+PROBE_TIMEOUT_S = 2.0
 
-def _json(status: int, body: dict[str, Any]) -> web.Response:
-    return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
+
+def _json(status: int, body: dict[str, Any],
+          headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps(body), content_type="application/json",
+                        headers=headers)
 
 
 class IngestServer:
@@ -44,12 +65,16 @@ class IngestServer:
         self.port = settings.ingest.port if port is None else port
         self._tokens = [(p.name, p.token.get_secret_value().encode())
                         for p in settings.ingest.producers]
-        self._waiters: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._memory = LeadMemory(max_age_s=settings.ingest.idempotency_window_s)
         self._producer: AIOKafkaProducer | None = None
         self._consumer: AIOKafkaConsumer | None = None
         self._results_task: asyncio.Task[None] | None = None
         self._runner: web.AppRunner | None = None
         self.accepted = 0
+        self.unavailable = 0
+        self.kafka_ok = True
+        self.kafka_error: str | None = None
+        self._probe_task: asyncio.Task[None] | None = None
 
     def _producer_for(self, auth: str | None) -> str | None:
         if not auth or not auth.startswith("Bearer "):
@@ -80,59 +105,172 @@ class IngestServer:
             raw = orjson.loads(body)
         except orjson.JSONDecodeError:
             return _json(400, {"error": "body is not valid JSON", "field": None})
+        key = request.headers.get(KEY_HEADER)
+        if key is not None:
+            try:
+                check_key(key)
+            except KeyError_ as exc:
+                return _json(400, {"error": f"{KEY_HEADER} {exc}", "field": KEY_HEADER})
         received = int(time.time() * 1000)
+        default_id = (lead_id_for_key(producer, key) if key is not None
+                      else str(uuid.uuid4()))
         try:
             lead = validate_lead(self.settings, raw, received_at_ms=received,
-                                 source=f"http:{producer}", lead_id=str(uuid.uuid4()))
+                                 source=f"http:{producer}", lead_id=default_id)
         except LeadError as exc:
             return _json(400, {"error": exc.message, "field": exc.field})
         wait = request.query.get("wait", "").lower() in ("1", "true", "yes")
+        # One lead per key: a repeat (same Idempotency-Key, or the same producer-supplied
+        # lead_id) gets the first attempt's answer and publishes nothing this process knows
+        # was published (streams/idempotency.py).
+        retried = key is not None or raw.get("lead_id") is not None
+        entry = self._memory.entry(lead.lead_id)
+        fp = fingerprint(raw)
+        if entry.fingerprint is None:
+            entry.fingerprint = fp
+        elif retried and entry.fingerprint != fp:
+            field = KEY_HEADER if key is not None and raw.get("lead_id") is None else "lead_id"
+            return _json(422, {"error": "a different lead was already sent with this "
+                               f"{field} (lead {lead.lead_id})", "field": field})
+        headers = {"Idempotent-Replayed": "true"} if entry.published or entry.publishing \
+            else {}
         fut: asyncio.Future[dict[str, Any]] | None = None
-        if wait:
+        if wait and entry.result is None:
             fut = asyncio.get_running_loop().create_future()
-            self._waiters[lead.lead_id] = fut
-        record = {
-            "flow": lead.flow, "lead_id": lead.lead_id,
-            "created_at": raw.get("created_at"), "fields": lead.fields,
-            "source": lead.source, "received_at_ms": received,
-        }
+            entry.waiters.append(fut)
+        if not entry.published:
+            if entry.publishing is None:
+                record = {
+                    "flow": lead.flow, "lead_id": lead.lead_id,
+                    "created_at": raw.get("created_at"), "fields": lead.fields,
+                    "source": lead.source, "received_at_ms": received,
+                }
+                entry.publishing = asyncio.ensure_future(self._publish(entry, lead.lead_id,
+                                                                       record))
+            try:
+                # Bounded: the producer would retry for its whole request timeout (tens of
+                # seconds) while the broker is down. The record may still land after we
+                # answer 503: a retry with the same key is then dropped by the redact stage.
+                await asyncio.wait_for(asyncio.shield(entry.publishing),
+                                       self.settings.ingest.publish_timeout_s)
+            except Exception as exc:  # noqa: BLE001 - timeout or the producer's error
+                if fut is not None and fut in entry.waiters:
+                    entry.waiters.remove(fut)
+                self.unavailable += 1
+                why = "timed out" if isinstance(exc, asyncio.TimeoutError) else str(exc)
+                log.warning("lead %s not published within %.1f s (%s): answered 503",
+                            lead.lead_id, self.settings.ingest.publish_timeout_s, why)
+                retry = max(1, round(self.settings.ingest.publish_timeout_s))
+                return _json(503, {
+                    "error": "the lead could not be queued in time; retry with the same "
+                             f"{KEY_HEADER} (or lead_id): a repeat never creates a second "
+                             "lead", "field": None, "lead_id": lead.lead_id,
+                }, headers={"Retry-After": str(retry)})
+        if fut is None:
+            if wait and entry.result is not None:
+                return self._outcome(lead.lead_id, entry.result, headers)
+            return _json(202, {"lead_id": lead.lead_id}, headers=headers)
+        try:
+            result = await asyncio.wait_for(asyncio.shield(fut),
+                                            self.settings.ingest.wait_timeout_s)
+        except asyncio.TimeoutError:
+            result = {}
+        finally:
+            if fut in entry.waiters:
+                entry.waiters.remove(fut)
+        if not result:
+            return _json(202, {"lead_id": lead.lead_id, "outcome": "pending", "price": None,
+                               "buyers": []}, headers=headers)
+        return self._outcome(lead.lead_id, result, headers)
+
+    async def _publish(self, entry: Remembered, lead_id: str, record: dict[str, Any]) -> None:
         assert self._producer is not None
         try:
-            await self._producer.send_and_wait(self.names.leads, schemas.encode("Lead", record),
-                                               key=lead.lead_id.encode())
-        except Exception as exc:
-            self._waiters.pop(lead.lead_id, None)
-            log.error("could not publish lead: %s", exc)
-            return _json(503, {"error": "lead could not be queued; retry", "field": None})
-        self.accepted += 1
-        if fut is None:
-            return _json(202, {"lead_id": lead.lead_id})
-        try:
-            result = await asyncio.wait_for(fut, self.settings.ingest.wait_timeout_s)
-        except asyncio.TimeoutError:
-            return _json(202, {"lead_id": lead.lead_id, "outcome": "pending", "price": None,
-                               "buyers": []})
+            await self._producer.send_and_wait(self.names.leads,
+                                               schemas.encode("Lead", record),
+                                               key=lead_id.encode())
+            entry.published = True
+            self.accepted += 1
         finally:
-            self._waiters.pop(lead.lead_id, None)
-        return _json(200, {"lead_id": lead.lead_id, "outcome": result["outcome"],
+            entry.publishing = None
+
+    @staticmethod
+    def _outcome(lead_id: str, result: dict[str, Any],
+                 headers: dict[str, str]) -> web.Response:
+        return _json(200, {"lead_id": lead_id, "outcome": result["outcome"],
                            "price": result["price_total"], "buyers": result["winners"],
-                           "reason": result["reason"]})
+                           "reason": result["reason"]}, headers=headers)
 
     async def health(self, request: web.Request) -> web.Response:
-        return _json(200, {"status": "ok", "accepted": self.accepted})
+        """Liveness (always 200 while the process serves) with the broker's state."""
+        return _json(200, {"status": "ok", "kafka": "ok" if self.kafka_ok else "unreachable",
+                           "kafka_error": self.kafka_error, "accepted": self.accepted,
+                           "unavailable": self.unavailable})
+
+    async def ready(self, request: web.Request) -> web.Response:
+        """Readiness: 503 while the broker cannot be reached (leads would get 503 too)."""
+        if self.kafka_ok:
+            return _json(200, {"status": "ready"})
+        return _json(503, {"status": "kafka unreachable", "error": self.kafka_error},
+                     headers={"Retry-After": "1"})
+
+    async def _probe_kafka(self) -> None:
+        """Ask the broker for metadata every second (bounded): the readiness answer."""
+        assert self._producer is not None
+        while True:
+            try:
+                await asyncio.wait_for(self._producer.client.fetch_all_metadata(),
+                                       PROBE_TIMEOUT_S)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - any failure means "not reachable"
+                if self.kafka_ok:
+                    log.warning("Kafka unreachable (%s): /readyz answers 503",
+                                exc or type(exc).__name__)
+                self.kafka_ok = False
+                self.kafka_error = str(exc) or type(exc).__name__
+            else:
+                if not self.kafka_ok:
+                    log.info("Kafka reachable again")
+                self.kafka_ok, self.kafka_error = True, None
+            await asyncio.sleep(PROBE_INTERVAL_S)
 
     async def _read_results(self) -> None:
+        """Every settled outcome, remembered (a repeat is answered from it) and handed to the
+        requests waiting for it."""
         assert self._consumer is not None
         async for msg in self._consumer:
-            if not self._waiters:
-                continue
             try:
                 rec = schemas.decode_as("AuctionResult", msg.value)
             except schemas.SchemaError:
                 continue
-            fut = self._waiters.get(rec["lead_id"])
-            if fut is not None and not fut.done():
-                fut.set_result(rec)
+            self._memory.settled(rec)
+
+    async def _catch_up(self, tps: list[TopicPartition]) -> None:
+        """Read the outcomes up to the results topic's current end before serving, so a
+        repeat arriving right after start-up is recognised (bounded: 30 s, then serve)."""
+        assert self._consumer is not None
+        ends = await self._consumer.end_offsets(tps)
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + 30.0
+        n = 0
+        while loop.time() < give_up:
+            behind = [tp for tp in tps if await self._consumer.position(tp) < ends[tp]]
+            if not behind:
+                break
+            batch = await self._consumer.getmany(*behind, timeout_ms=500, max_records=5000)
+            for msgs in batch.values():
+                for msg in msgs:
+                    try:
+                        self._memory.settled(schemas.decode_as("AuctionResult", msg.value))
+                        n += 1
+                    except schemas.SchemaError:
+                        continue
+        else:
+            log.warning("outcomes not fully reloaded after 30 s (%d read); serving anyway", n)
+        if n:
+            log.info("reloaded %d settled outcomes from the last %.0f s", n,
+                     self.settings.ingest.remember_outcomes_s)
 
     async def start(self) -> None:
         bootstrap = self.settings.kafka.bootstrap
@@ -151,10 +289,22 @@ class IngestServer:
         tps = [TopicPartition(self.names.results, p) for p in sorted(parts)]
         self._consumer.assign(tps)
         await self._consumer.seek_to_end(*tps)
+        back_ms = int(self.settings.ingest.remember_outcomes_s * 1000)
+        if back_ms:
+            # Outcomes settled before this process started, so a repeat of a lead another
+            # ingest process (or this one before a restart) published is answered from them.
+            since = await self._consumer.offsets_for_times(
+                {tp: int(time.time() * 1000) - back_ms for tp in tps})
+            for tp, found in since.items():
+                if found is not None:
+                    self._consumer.seek(tp, found.offset)
+            await self._catch_up(tps)
         self._results_task = asyncio.create_task(self._read_results())
         app = web.Application(client_max_size=self.settings.ingest.max_body_bytes + 1)
         app.router.add_post("/v1/leads", self.handle_lead)
         app.router.add_get("/healthz", self.health)
+        app.router.add_get("/readyz", self.ready)
+        self._probe_task = asyncio.create_task(self._probe_kafka())
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.settings.ingest.host, self.port)
@@ -165,12 +315,13 @@ class IngestServer:
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
-        if self._results_task is not None:
-            self._results_task.cancel()
-            try:
-                await self._results_task
-            except (asyncio.CancelledError, Exception):
-                pass
+        for task in (self._results_task, self._probe_task):
+            if task is not None:
+                task.cancel()
+                try:
+                    await task
+                except (asyncio.CancelledError, Exception):
+                    pass
         if self._consumer is not None:
             await self._consumer.stop()
         if self._producer is not None:

@@ -3,18 +3,25 @@
 The ping view (configured fields after transforms, no PII) goes to ``ping-requests``; the PII
 part goes to ``lead-pii``, which only the post stage reads. Invalid records go to the
 dead-letter topic with the reason and the field; processing continues.
+
+A lead id seen within ``ingest.idempotency_window_s`` at another position of the leads topic
+is a producer's retry (the same ``Idempotency-Key`` or ``lead_id``, streams/idempotency.py):
+it is dropped here, once for every ingest process and across restarts, because the ``lead_ids``
+table lives in Kafka (its changelog). The record at the same position, redelivered after a
+crash, is processed again as before (what it published may not have reached Kafka).
 """
 
 from __future__ import annotations
 
 import logging
+from collections import deque
 from typing import Any
 
 import schemas
 from streams.dedupe import identity_of
 from streams.app import Context
 from streams.leads import LeadError, ValidLead, deterministic_lead_id, redact, validate_lead
-from streams.runtime import DeadLetters
+from streams.runtime import DeadLetters, now_ms
 
 __all__ = ["register", "lead_from_record"]
 
@@ -47,6 +54,56 @@ def register(ctx: Context) -> None:
     dedupe = ctx.topic("dedupe")
     dead = DeadLetters(ctx.topic("deadletter"), "redact")
     pii_ttl_ms = int(settings.privacy.pii_ttl_s * 1000)
+    window_ms = int(settings.ingest.idempotency_window_s * 1000)
+    # lead_id -> {"at": first seen (ms), "p": partition, "o": offset} of the leads topic.
+    seen = app.Table("lead_ids", default=None, partitions=settings.kafka.partitions,
+                     key_type=str, value_type=None)
+    # Per partition, ids in the order they expire (a cache over the table, rebuilt on
+    # recovery); expired ones are removed while that partition's events are processed (a
+    # table changes only inside its partition's stream).
+    expiry: dict[int, deque[tuple[int, str]]] = {}
+    rescan = [True]
+    repeats = {"dropped": 0, "logged": 0}
+
+    @seen.on_recover
+    async def _recovered() -> None:
+        rescan[0] = True
+
+    def rebuild() -> None:
+        expiry.clear()
+        for lead_id, v in sorted(seen.data.items(), key=lambda kv: kv[1]["at"]):
+            expiry.setdefault(v["p"], deque()).append((v["at"], lead_id))
+
+    def forget_expired(partition: int, now: int) -> None:
+        q = expiry.get(partition)
+        n = 0
+        while q and q[0][0] <= now - window_ms and n < 100:
+            _, lead_id = q.popleft()
+            v = seen.get(lead_id)
+            if v is not None and v["at"] <= now - window_ms:
+                seen.pop(lead_id, None)
+            n += 1
+
+    def is_repeat(lead_id: str, partition: int, offset: int) -> bool:
+        """Whether the lead id was first seen elsewhere within the window; records it if new."""
+        now = now_ms()
+        if rescan[0]:
+            rescan[0] = False
+            rebuild()
+        forget_expired(partition, now)
+        first = seen.get(lead_id)
+        if first is not None and first["at"] > now - window_ms:
+            if (first["p"], first["o"]) == (partition, offset):
+                return False  # the same record again (a redelivery): process it again
+            repeats["dropped"] += 1
+            if repeats["dropped"] - repeats["logged"] >= 100 or repeats["logged"] == 0:
+                log.info("lead %s repeated (a producer retry): not auctioned again; %d repeats "
+                         "dropped since start", lead_id, repeats["dropped"])
+                repeats["logged"] = repeats["dropped"]
+            return True
+        seen[lead_id] = {"at": now, "p": partition, "o": offset}
+        expiry.setdefault(partition, deque()).append((now, lead_id))
+        return False
 
     @app.agent(leads, name="redact", concurrency=1)
     async def redact_agent(stream: Any) -> None:
@@ -69,6 +126,8 @@ def register(ctx: Context) -> None:
             except LeadError as exc:
                 await dead.send(event, f"invalid lead: {exc.field or 'body'}: {exc.message}",
                                 exc.field)
+                continue
+            if is_repeat(lead.lead_id, msg.partition, msg.offset):
                 continue
             await dead.guarded(event, lambda lead=lead: publish(lead), "redact")
 

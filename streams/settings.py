@@ -127,6 +127,15 @@ class IngestConfig(_Model):
     max_body_bytes: Annotated[int, Field(ge=256)] = 64 * 1024
     #: How long ``?wait=true`` holds the request for the auction outcome.
     wait_timeout_s: Annotated[float, Field(gt=0)] = 15.0
+    #: How long publishing a lead may take before ingest answers ``503`` + ``Retry-After``
+    #: (a retry with the same ``Idempotency-Key`` is safe: the lead may still land).
+    publish_timeout_s: Annotated[float, Field(gt=0, le=30)] = 2.0
+    #: How long a repeat of an ``Idempotency-Key`` (or of a producer-supplied ``lead_id``)
+    #: is recognised: the redact stage drops a lead id seen within this window.
+    idempotency_window_s: Annotated[float, Field(ge=60)] = 86_400.0
+    #: How far back an ingest process reloads settled outcomes from the results topic at
+    #: start-up, to answer repeats without publishing (0: from start-up on only).
+    remember_outcomes_s: Annotated[float, Field(ge=0)] = 900.0
 
     @field_validator("listen")
     @classmethod

@@ -18,7 +18,7 @@ __all__ = ["TABLES", "TopicSpec", "topic_specs", "TopicNames", "changelog_topic"
 #: worker starts: if Faust creates them itself at start-up, a worker can write to a table
 #: before its metadata knows the new topic and fails with PartitionsMismatch ("changelog
 #: has 0 partitions") — seen on a cold start.
-TABLES = ("auctions", "pii", "postings", "caps", "identities")
+TABLES = ("auctions", "pii", "postings", "caps", "identities", "lead_ids")
 
 
 def changelog_topic(app_id: str, table: str) -> str:
