@@ -14,8 +14,11 @@ posts + outstanding reservations + this one stay within every cap of the current
 accepted post ``commit``\\s the reservation; a rejected or failed one ``release``\\s it. A post
 whose outcome is ambiguous (timed out twice: the buyer may have taken it) is committed too —
 a budget errs on the side of the buyer. A reservation nobody commits or releases (its worker
-crashed) expires after ``HOLD_TTL_MS``; a post stage that did not hear back in time treats
-the slot as denied, so a slow owner can cost a sale, never exceed a cap.
+crashed) expires after :func:`hold_ttl_ms` (twice the buyer's post timeout plus 5 s: an
+attempt asks at most twice), and the owner then republishes the buyer's counters at once
+(an ``expire`` request it sends itself), so no worker filters the buyer on a dead hold for
+longer than that; a post stage that did not hear back in time treats the slot as denied, so
+a slow owner can cost a sale, never exceed a cap.
 
 **Check before ping.** After each change the owner publishes the buyer's counters
 (``CapState``, compacted ``cap-state`` topic); every worker follows it and does not ping a
@@ -27,14 +30,17 @@ This module is the ledger itself, pure and JSON-serialisable (it is the table's 
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable
 
 import schemas
 from streams import rules
 from streams.settings import BuyerCaps
 
-__all__ = ["HOLD_TTL_MS", "new_ledger", "reserve", "commit", "release", "counters",
-           "DONE_KEEP"]
+__all__ = ["HOLD_TTL_MS", "hold_ttl_ms", "new_ledger", "reserve", "commit", "release",
+           "expire", "counters", "DONE_KEEP"]
+
+log = logging.getLogger(__name__)
 
 #: A reservation not committed or released within this long is dropped.
 HOLD_TTL_MS = 120_000
@@ -44,6 +50,24 @@ HOLD_TTL_MS = 120_000
 #: (the buyer gets fewer leads, never more), a reserve makes a hold that expires.
 DONE_TTL_MS = HOLD_TTL_MS
 DONE_KEEP = 1000
+
+
+def hold_ttl_ms(post_timeout_ms: int) -> int:
+    """How long a buyer's reservation lives: an attempt asks the buyer at most twice, each
+    within its post timeout; 5 s of slack for the commit to reach the owner."""
+    return max(10_000, 2 * post_timeout_ms + 5_000)
+
+
+def expire(led: dict[str, Any], at_ms: int) -> bool:
+    """Drop the reservations past their expiry; whether any was dropped."""
+    n = len(led["holds"])
+    _expire(led, at_ms)
+    return len(led["holds"]) != n
+
+
+def next_expiry(led: dict[str, Any]) -> int | None:
+    """When the ledger's next reservation expires (None: no reservation)."""
+    return min((h["exp"] for h in led["holds"].values()), default=None)
 
 
 def new_ledger() -> dict[str, Any]:
@@ -145,8 +169,8 @@ class CapClient:
         self._timeout_s = timeout_s
         self.pending: dict[str, Any] = {}
 
-    async def _send(self, kind: str, buyer_id: str, lead_id: str, price: float,
-                    request_id: str) -> None:
+    async def send_request(self, kind: str, buyer_id: str, lead_id: str, price: float,
+                           request_id: str) -> None:
         from streams.runtime import now_ms
 
         await self._requests.send(key=buyer_id.encode(), value=schemas.encode("CapRequest", {
@@ -154,7 +178,8 @@ class CapClient:
             "price": float(price), "at_ms": now_ms()}))
 
     async def reserve(self, buyer_id: str, lead_id: str, price: float, *,
-                      rebalancing: Callable[[], bool] | None = None) -> tuple[bool, str]:
+                      rebalancing: Callable[[], bool] | None = None,
+                      timeout_s: float | None = None) -> tuple[bool, str]:
         """Ask the buyer's cap owner for a slot: ``(granted, reason)``; no answer within the
         timeout is a refusal. While ``rebalancing()`` is true the owner cannot answer (its
         agent is paused like every other): :class:`~streams.runtime.Requeue` is raised
@@ -170,8 +195,8 @@ class CapClient:
         fut = loop.create_future()
         self.pending[rid] = fut
         try:
-            await self._send("reserve", buyer_id, lead_id, price, rid)
-            give_up = loop.time() + self._timeout_s
+            await self.send_request("reserve", buyer_id, lead_id, price, rid)
+            give_up = loop.time() + (self._timeout_s if timeout_s is None else timeout_s)
             while not fut.done():
                 left = give_up - loop.time()
                 if left <= 0:
@@ -190,10 +215,10 @@ class CapClient:
             fut.set_result((rec["granted"], rec["reason"]))
 
     async def commit(self, buyer_id: str, lead_id: str, price: float) -> None:
-        await self._send("commit", buyer_id, lead_id, price, f"commit:{lead_id}")
+        await self.send_request("commit", buyer_id, lead_id, price, f"commit:{lead_id}")
 
     async def release(self, buyer_id: str, lead_id: str) -> None:
-        await self._send("release", buyer_id, lead_id, 0.0, f"release:{lead_id}")
+        await self.send_request("release", buyer_id, lead_id, 0.0, f"release:{lead_id}")
 
 
 class CapView:
@@ -223,6 +248,7 @@ def register(ctx: Any) -> None:
     and the view feed, in every auction worker when any buyer has caps."""
     settings = ctx.settings
     capped = {b.id: b.caps for b in settings.buyers if b.caps is not None}
+    ttls = {b.id: hold_ttl_ms(b.post_timeout_ms) for b in settings.buyers if b.caps is not None}
     if not capped:
         return
     import copy
@@ -246,11 +272,15 @@ def register(ctx: Any) -> None:
         if caps is not None:
             led = copy.deepcopy(table.get(rec["buyer_id"]) or new_ledger())
             if rec["kind"] == "reserve":
-                granted, why = reserve(led, caps, rec["lead_id"], rec["price"], rec["at_ms"])
+                granted, why = reserve(led, caps, rec["lead_id"], rec["price"], rec["at_ms"],
+                                       ttl_ms=ttls[rec["buyer_id"]])
             elif rec["kind"] == "commit":
                 commit(led, caps, rec["lead_id"], rec["price"], rec["at_ms"])
             elif rec["kind"] == "release":
                 release(led, rec["lead_id"], rec["at_ms"])
+            elif rec["kind"] == "expire":
+                expiry_sent.pop(rec["buyer_id"], None)
+                expire(led, now_ms())
             else:
                 raise ValueError(f"unknown cap request kind {rec['kind']!r}")
             table[rec["buyer_id"]] = led
@@ -274,6 +304,26 @@ def register(ctx: Any) -> None:
                 await dead.send(event, f"undecodable cap request: {exc}")
                 continue
             await dead.guarded(event, lambda r=rec: apply(r), "caps")
+
+    #: buyer -> when this worker last asked itself to expire the buyer's holds.
+    expiry_sent: dict[str, int] = {}
+
+    @app.timer(interval=1.0, name="cap-expiry")
+    async def expiry() -> None:
+        """Expired reservations release their slots at once: the owner of a ledger holding
+        one sends itself an ``expire`` request (a table changes only in its partition's
+        stream), which drops them and republishes the buyer's counters."""
+        now = now_ms()
+        for buyer_id, led in list(table.data.items()):
+            due = next_expiry(led) if led else None
+            if due is None or due > now or now - expiry_sent.get(buyer_id, 0) < 5_000:
+                continue
+            expiry_sent[buyer_id] = now
+            try:
+                await client.send_request("expire", buyer_id, "", 0.0,
+                                                f"expire:{buyer_id}:{now}")
+            except Exception as exc:  # noqa: BLE001 - the next tick tries again
+                log.warning("could not ask to expire %s's reservations: %s", buyer_id, exc)
 
     @app.agent(decisions, name="cap-decisions", concurrency=1)
     async def decisions_agent(stream: Any) -> None:

@@ -20,6 +20,8 @@ import logging
 import uuid
 from typing import Any
 
+from faust.streams import current_event
+
 import schemas
 from streams.app import Context
 from streams import rules
@@ -31,6 +33,9 @@ __all__ = ["register", "post_id_for", "next_batch", "post_body", "condition_fail
 log = logging.getLogger(__name__)
 
 _POST_NS = uuid.UUID("0d7c3a8e-2b7e-4c53-bb0e-3f4c1f7c2b55")
+
+#: When a post that timed out is asked again (after the lead settled), seconds apart.
+RECONCILE_DELAYS_S = (1.0, 4.0, 15.0)
 
 
 def post_id_for(lead_id: str, buyer_id: str) -> str:
@@ -158,13 +163,16 @@ def register(ctx: Context) -> None:
             "http_status": http_status, "sent_at_ms": sent_at, "attempt": attempt,
         }))
 
-    async def settle(order: dict[str, Any], state: dict[str, Any], reason: str) -> None:
+    async def settle(order: dict[str, Any], state: dict[str, Any], reason: str, *,
+                     keep_settled_at: bool = False) -> None:
         sold = list({s["buyer_id"]: s for s in state["sold"]}.values())
         if not sold:
             outcome = "unsold"
         else:
             outcome = "sold_exclusive" if state["mode"] == "exclusive" else "sold_shared"
         settled = now_ms()
+        if keep_settled_at and state.get("result") is not None:
+            settled = state["result"]["settled_at_ms"]  # a correction of the same outcome
         result = {
             "lead_id": order["lead_id"], "flow": order["flow"], "source": order["source"],
             "outcome": outcome, "winners": [s["buyer_id"] for s in sold],
@@ -220,7 +228,8 @@ def register(ctx: Context) -> None:
         return []
 
     async def reserve_slots(order: dict[str, Any], batch: list[dict[str, Any]],
-                            exclusive: bool, state: dict[str, Any]) -> list[dict[str, Any]]:
+                            exclusive: bool, state: dict[str, Any], flow: Any,
+                            give_up_at: int) -> list[dict[str, Any]]:
         """Reserve a slot with each capped buyer's cap owner before the lead leaves; the
         buyers refused (cap reached, no answer in time) are skipped with the reason. During
         a rebalance the owners cannot answer: the order is requeued at the end of its
@@ -231,9 +240,14 @@ def register(ctx: Context) -> None:
                   if client is not None and settings.buyer(c["buyer_id"]).caps is not None]
         if not capped:
             return batch
+        # Its own short bound, never the whole window: a slot not granted in time is denied
+        # (a slow or dead cap owner costs this buyer the lead, not the lead its window).
+        bound_ms = min(flow.cap_decision_timeout_ms,
+                       give_up_at - now_ms() - flow.min_post_budget_ms)
         answers = await asyncio.gather(
             *(client.reserve(c["buyer_id"], order["lead_id"], c["price"],
-                             rebalancing=lambda: bool(app.rebalancing)) for c in capped),
+                             rebalancing=lambda: bool(app.rebalancing),
+                             timeout_s=max(0.0, bound_ms / 1000.0)) for c in capped),
             return_exceptions=True)
         for a in answers:
             if isinstance(a, BaseException):
@@ -248,6 +262,78 @@ def register(ctx: Context) -> None:
             await emit_delivery(order, cand, 0, "skipped", 0.0, f"cap: {why}", None, now_ms(),
                                 exclusive)
         return keep
+
+    async def release_slots(lead_id: str, batch: list[dict[str, Any]]) -> None:
+        client = ctx.resources.get("caps_client")
+        for c in batch:
+            if client is not None and settings.buyer(c["buyer_id"]).caps is not None:
+                await client.release(c["buyer_id"], lead_id)
+
+    reconciling: set[asyncio.Task[None]] = set()
+
+    def start_reconcile(order: dict[str, Any], cand: dict[str, Any], n: int,
+                        body: dict[str, Any], exclusive: bool, pii_values: list[str]) -> None:
+        task = asyncio.ensure_future(
+            reconcile(order, cand, n, body, exclusive, pii_values, current_event()))
+        reconciling.add(task)
+        task.add_done_callback(reconciling.discard)
+
+    async def reconcile(order: dict[str, Any], cand: dict[str, Any], n: int,
+                        body: dict[str, Any], exclusive: bool, pii_values: list[str],
+                        event: Any) -> None:
+        """Ask a buyer whose post timed out again, with the same Idempotency-Key (it answers
+        as before, CONTRACT §3), until it answers: an acceptance that came after we gave up
+        is a sale, recorded once — its ``posts`` row (same attempt id) becomes ``accepted``
+        and the lead's result is re-emitted with the buyer among the winners. ``event`` keeps
+        the agent's event alive for the table write (see auction.record_closed). The body
+        (with PII) lives in this task's memory only, for at most ~20 s."""
+        lead_id, buyer = order["lead_id"], settings.buyer(cand["buyer_id"])
+        post_id = post_id_for(lead_id, buyer.id)
+        for delay in RECONCILE_DELAYS_S:
+            await asyncio.sleep(delay)
+            try:
+                out = await ctx.buyer_client().post(buyer, body, post_id,
+                                                    buyer.post_timeout_ms / 1000.0)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - try again later
+                log.warning("reconciling lead %s with %s failed", lead_id, buyer.id,
+                            exc_info=True)
+                continue
+            if out.status == "timeout":
+                continue
+            async with lead_locks.hold(lead_id):
+                state = postings.get(lead_id)
+                if state is None or state.get("result") is None:
+                    return  # purged or being re-run: the waterfall resolves it itself
+                state["attempts"][buyer.id] = {"status": out.status, "attempt": n}
+                if out.status == "accepted":
+                    if any(s["buyer_id"] == buyer.id for s in state["sold"]):
+                        return
+                    log.warning("lead %s: %s accepted a post after it timed out; recorded as "
+                                "a sale", lead_id, buyer.id)
+                    if not state["sold"]:
+                        state["mode"] = "exclusive" if exclusive else "shared"
+                    state["sold"].append({"buyer_id": buyer.id, "price": cand["price"]})
+                    await emit_delivery(order, cand, n, "accepted", float(out.latency_ms),
+                                        "accepted after the post timed out (reconciled)",
+                                        out.http_status, now_ms(), exclusive)
+                    await settle(order, state, "", keep_settled_at=True)
+                else:  # (its cap slot stays counted: a budget errs on the buyer's side)
+                    postings[lead_id] = state
+                    await emit_delivery(order, cand, n, out.status, float(out.latency_ms),
+                                        scrub(out.reason, pii_values), out.http_status,
+                                        now_ms(), exclusive)
+            return
+        log.warning("lead %s: %s never answered its timed-out post (%d asks)", lead_id,
+                    buyer.id, len(RECONCILE_DELAYS_S))
+        del event
+
+    async def drain_reconciling() -> None:
+        if reconciling:
+            await asyncio.wait(list(reconciling), timeout=5.0)
+
+    ctx.closers.append(drain_reconciling)
 
     async def run_order(order: dict[str, Any]) -> None:
         # One waterfall per lead at a time: a PostOrder can arrive twice (an auction close
@@ -264,8 +350,7 @@ def register(ctx: Context) -> None:
                                value=schemas.encode("AuctionResult", state["result"]))
             return
         if state is None:
-            state = {"attempts": {}, "sold": [], "mode": None, "n": 0, "result": None,
-                     "started_at_ms": now_ms()}
+            state = {"attempts": {}, "sold": [], "mode": None, "n": 0, "result": None}
         if state.get("backup"):  # bids of later waves pinged before a restart
             order = {**order, "candidates": order["candidates"] + state["backup"]}
         flow = settings.flows.get(order["flow"])
@@ -273,13 +358,18 @@ def register(ctx: Context) -> None:
             await settle(order, state, "no bids" if order["bids"] == 0 else
                          "no acceptable bid" if flow is not None else "flow not configured")
             return
-        pii = await wait_pii(lead_id, timeout_s=10.0)
+        pii = await wait_pii(lead_id, timeout_s=flow.pii_wait_ms / 1000.0)
         if pii is None:
-            await settle(order, state, "PII unavailable (lead-pii record missing)")
+            await settle(order, state, f"PII unavailable (no lead-pii record within "
+                                       f"{flow.pii_wait_ms} ms)")
             return
         # The window runs from the first attempt of the waterfall, not from the close: an
-        # order that waited out a worker failover still gets its full window.
-        give_up_at = state.get("started_at_ms", order["closed_at_ms"]) + flow.post_timeout_ms
+        # order that waited out a worker failover (or its PII) still gets its full window.
+        state.setdefault("started_at_ms", now_ms())
+        give_up_at = state["started_at_ms"] + flow.post_timeout_ms
+        min_budget = flow.min_post_budget_ms
+        #: Attempts that timed out (ambiguous): asked again after the lead settles.
+        unresolved: list[tuple[dict[str, Any], int, dict[str, Any], bool]] = []
         pii_values = [str(v) for v in pii["fields"].values() if v is not None and len(str(v)) >= 4]
         while True:
             now = now_ms()
@@ -311,13 +401,17 @@ def register(ctx: Context) -> None:
                     postings[lead_id] = state
                     order = {**order, "candidates": order["candidates"] + backup}
                     continue
-                if not batch or now >= give_up_at:
-                    break
+                if not batch or now + min_budget > give_up_at:
+                    break  # never send a post without a useful budget left
                 # Capped buyers' slots first: an attempt recorded as pending below always has
                 # its reservation, so resolving it after a crash never needs one.
-                batch = await reserve_slots(order, batch, mode == "exclusive", state)
+                batch = await reserve_slots(order, batch, mode == "exclusive", state, flow,
+                                            give_up_at)
                 if not batch:
                     continue
+                if now_ms() + min_budget > give_up_at:  # the reservations took the time
+                    await release_slots(lead_id, batch)
+                    break
                 if not state["sold"]:
                     state["mode"] = mode
                 exclusive = mode == "exclusive"
@@ -342,9 +436,16 @@ def register(ctx: Context) -> None:
                 body = post_body(order, pii["fields"], cand, post_id, exclusive)
                 # A timeout is ambiguous (the buyer may have taken the lead): ask once more
                 # with the same Idempotency-Key before falling back to the next bidder.
-                for _ in range(2):
-                    budget_ms = buyer.post_timeout_ms if resolving else min(
-                        buyer.post_timeout_ms, max(1, give_up_at - now_ms()))
+                for ask in range(2):
+                    left = give_up_at - now_ms()
+                    if resolving:
+                        budget_ms = buyer.post_timeout_ms
+                    elif ask == 0:  # checked just before: at least the minimum budget
+                        budget_ms = min(buyer.post_timeout_ms, max(min_budget, left))
+                    elif left >= min_budget:
+                        budget_ms = min(buyer.post_timeout_ms, left)
+                    else:
+                        break  # no useful budget for a second ask: reconciled later
                     out = await ctx.buyer_client().post(buyer, body, post_id,
                                                         budget_ms / 1000.0)
                     if out.status != "timeout":
@@ -364,6 +465,10 @@ def register(ctx: Context) -> None:
                 await emit_delivery(order, cand, n, out.status, float(out.latency_ms),
                                     scrub(out.reason, pii_values), out.http_status, sent,
                                     exclusive)
+                if out.status == "timeout":
+                    # The buyer may have taken the lead after we stopped waiting: ask it
+                    # again later with the same Idempotency-Key (reconcile).
+                    unresolved.append((cand, n, body, exclusive))
 
             try:
                 # TaskGroup: if one attempt fails, its siblings are cancelled rather than left
@@ -381,9 +486,12 @@ def register(ctx: Context) -> None:
         reason = "all posts rejected or failed" if state["n"] else "no acceptable bid at post time"
         if not state["sold"] and state.get("cap_skips"):
             reason += "; caps reached: " + ", ".join(state["cap_skips"])
-        if not state["sold"] and now_ms() >= give_up_at:
+        if not state["sold"] and now_ms() + min_budget > give_up_at:
             reason = f"post window of {flow.post_timeout_ms} ms exhausted"
         await settle(order, state, reason)
+        for cand, n, body, exclusive in unresolved:
+            if state["attempts"].get(cand["buyer_id"], {}).get("status") == "timeout":
+                start_reconcile(order, cand, n, body, exclusive, pii_values)
 
     @app.agent(ctx.topic("posts"), name="post", concurrency=1)
     async def post_agent(stream: Any) -> None:

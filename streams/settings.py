@@ -397,6 +397,13 @@ class FlowConfig(_Model):
     strategy: StrategyConfig = StrategyConfig()
     #: How long the post stage may keep trying the waterfall for one lead.
     post_timeout_ms: Annotated[int, Field(ge=100)] = 5000
+    #: A post is never sent with less time than this left in the post window (a buyer
+    #: cannot answer in 1 ms; it would take the lead and the answer would be lost).
+    min_post_budget_ms: Annotated[int, Field(ge=10)] = 200
+    #: How long a post waits for a capped buyer's cap owner (a slot not granted in time is
+    #: treated as denied) and for the lead's PII; neither may use up the post window.
+    cap_decision_timeout_ms: Annotated[int, Field(ge=10)] = 1000
+    pii_wait_ms: Annotated[int, Field(ge=10)] = 2000
     floors: FloorsConfig = FloorsConfig()
     #: Ping waves by tier; absent = one wave pinging every tier at once.
     waves: list[WaveConfig] | None = None
@@ -407,6 +414,9 @@ class FlowConfig(_Model):
         for name in self.required:
             if name not in self.fields:
                 raise ValueError(f"required field '{name}' is not declared in 'fields'")
+        if self.min_post_budget_ms > self.post_timeout_ms:
+            raise ValueError(f"min_post_budget_ms ({self.min_post_budget_ms}) is longer than "
+                             f"post_timeout_ms ({self.post_timeout_ms})")
         for name in self.ping_fields:
             if name not in self.fields:
                 raise ValueError(f"ping field '{name}' is not declared in 'fields'")
@@ -620,6 +630,11 @@ class SimBuyerConfig(_Model):
     error_rate: Annotated[float, Field(ge=0, le=1)] = 0.01
     post_reject_rate: Annotated[float, Field(ge=0, le=1)] = 0.1
     post_error_rate: Annotated[float, Field(ge=0, le=1)] = 0.0
+    #: Share of posts the buyer takes ``post_slow_ms`` to answer (it still decides: a post
+    #: that times out on our side may have been accepted). A retry with the same
+    #: Idempotency-Key gets the stored answer once the first has been decided.
+    post_slow_share: Annotated[float, Field(ge=0, le=1)] = 0.0
+    post_slow_ms: Annotated[float, Field(ge=0)] = 2000.0
     #: Misbehaviour for tests: garbage answers.
     mode: Literal["normal", "non_json", "http_500", "negative_price", "string_price", "slow"] = (
         "normal"

@@ -180,8 +180,10 @@ def _with_price(bid: dict[str, Any], price: Any) -> dict[str, Any]:
 def decide_post(seed: int, buyer_id: str, key: str, cfg: SimBuyerConfig) -> PostAnswer:
     """The buyer's answer to one post (by Idempotency-Key): a pure function of its arguments."""
     rng = _rng(seed, buyer_id, "post", key)
-    u_lat, u_err, u_rej, u_reason = (rng.random() for _ in range(4))
+    u_lat, u_err, u_rej, u_reason, u_slow = (rng.random() for _ in range(5))
     delay = _latency_ms(_POST_LATENCY, u_lat) / 1000.0
+    if u_slow < cfg.post_slow_share:
+        delay = cfg.post_slow_ms / 1000.0
     if u_err < cfg.post_error_rate:
         return PostAnswer(500, b"internal error", "text/plain", delay, "error")
     if u_rej < cfg.post_reject_rate:
@@ -222,6 +224,8 @@ class _Buyer:
     records: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=MAX_RECORDED))
     counts: dict[str, int] = field(default_factory=dict)
     post_answers: dict[str, PostAnswer] = field(default_factory=dict)
+    #: Idempotency-Key -> when its answer is decided (loop time): a retry waits until then.
+    post_ready_at: dict[str, float] = field(default_factory=dict)
     runner: web.AppRunner | None = None
     port: int | None = None
 
@@ -437,16 +441,23 @@ class SimulatedMarket:
             return _json_response({"error": "Idempotency-Key header required"}, 400)
         # Store before sleeping: a concurrent retry of the same key sees the same answer.
         answer = b.post_answers.get(key)
+        now = asyncio.get_running_loop().time()
         if answer is None:
             answer = decide_post(self._seed, b.id, key, b.cfg)
             if len(b.post_answers) >= MAX_POST_ANSWERS:
-                del b.post_answers[next(iter(b.post_answers))]
+                gone = next(iter(b.post_answers))
+                del b.post_answers[gone]
+                b.post_ready_at.pop(gone, None)
             b.post_answers[key] = answer
+            b.post_ready_at[key] = now + answer.delay_s
             b.count("posts_distinct")
             b.count(f"post_{answer.outcome}")
+            delay = answer.delay_s
         else:
             b.count("post_replays")
-        await self._sleep(answer.delay_s)
+            # The buyer decided once: a retry gets the stored answer as soon as it exists.
+            delay = max(0.0, b.post_ready_at.get(key, now) - now)
+        await self._sleep(delay)
         return _answer_response(answer.status, answer.body, answer.content_type)
 
     async def _on_received(self, b: _Buyer, request: web.Request) -> web.Response:

@@ -169,3 +169,20 @@ async def test_a_rebalance_hands_the_order_back_instead_of_waiting_it_out() -> N
         await client.reserve("b", "L1", 10.0, rebalancing=lambda: flag["on"])
     assert time.monotonic() - t0 < 1.0
     assert client.pending == {}
+
+
+def test_expired_holds_are_dropped_and_the_next_expiry_known() -> None:
+    from streams.caps import expire, hold_ttl_ms, new_ledger, next_expiry, reserve
+    from streams.settings import BuyerCaps
+
+    caps = BuyerCaps(leads_per_day=2)
+    led = new_ledger()
+    assert next_expiry(led) is None
+    assert reserve(led, caps, "a", 10.0, 1_000, ttl_ms=5_000) == (True, "")
+    assert reserve(led, caps, "b", 10.0, 2_000, ttl_ms=5_000) == (True, "")
+    assert reserve(led, caps, "c", 10.0, 2_500, ttl_ms=5_000)[0] is False  # full
+    assert next_expiry(led) == 6_000
+    assert expire(led, 5_999) is False
+    assert expire(led, 6_000) is True and list(led["holds"]) == ["b"]
+    assert reserve(led, caps, "c", 10.0, 6_000, ttl_ms=5_000) == (True, "")
+    assert hold_ttl_ms(3_000) == 11_000 and hold_ttl_ms(100) == 10_000
