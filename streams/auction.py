@@ -18,6 +18,7 @@ auctions (closing at once those already past their deadline). Closed entries are
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import time
 from collections import deque
@@ -25,12 +26,11 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from aiokafka.partitioner import murmur2
-from faust.streams import current_event
 
 import schemas
 from streams.app import Context
 from streams.buyer_stats import ranking_inputs
-from streams.runtime import DeadLetters, now_ms, retry_transient
+from streams.runtime import DeadLetters, Requeue, durable_set, now_ms, retry_transient
 from streams import rules
 from streams.settings import FlowConfig, StrategyConfig
 
@@ -136,6 +136,8 @@ def register(ctx: Context) -> None:
     #: Auctions closed whose order Kafka has not acknowledged yet (not in the table yet).
     closing: dict[str, asyncio.Future[None]] = {}
     purges_sent: set[str] = set()
+    #: Closed auctions whose order is still to be sent (after recovery, or a failed send).
+    unsent: dict[str, int] = {}
     markers_sent: dict[str, int] = {}  # lead -> when its last close marker was sent
     #: Auctions this worker closed, by path: on the ping round's local hand-off, or when the
     #: deciding event came back from the bids topic (deadline, recovery, another worker's...).
@@ -210,58 +212,66 @@ def register(ctx: Context) -> None:
             "skip_buyers": op.get("skip_buyers") or [],
         }
         value = schemas.encode("PostOrder", order)
-        sent = await posts_topic.send(key=lead_id.encode(), value=value)
+        # Close once (outbox): the closed state, with the order in it, is on the changelog
+        # before the order leaves. A crash before that sent nothing (the next owner closes
+        # it from scratch); a crash after finds the order in the table and re-sends those
+        # same bytes (same candidates) instead of closing again with what it knows then.
+        closed_state = {"open": None, "answers": {}, "closed_at_ms": int(closed),
+                        "seen_ms": state.get("seen_ms", int(closed)),
+                        "order": base64.b64encode(value).decode()}
+        logged = durable_set(table, lead_id, closed_state,
+                             lead_partition(lead_id, settings.kafka.partitions))
         handle = timers.pop(lead_id, None)
         if handle is not None:
             handle.cancel()
         open_index.pop(lead_id, None)
         markers_sent.pop(lead_id, None)
         closes["handoff" if handoff else "topic"] += 1
-        # Keep only what rejects late events; the bids themselves are in the bids topic.
-        closed_state = {"open": None, "answers": {}, "closed_at_ms": int(closed),
-                        "seen_ms": state.get("seen_ms", int(closed))}
-        # The order must be on Kafka before the auction is recorded as closed: the producer
-        # does not keep records of different partitions in order, and a closed auction in
-        # the table's changelog without its order (a crash in between) would ignore every
-        # redelivered bid and never post the lead (seen once in 30 churn runs with kill -9).
-        # Waiting for that acknowledgement here, under the lock every close takes, delayed
-        # the next auctions' closes (demo close-lag p99 ~21-25 ms -> ~38-41 ms): it is done
-        # aside, and events of the lead meanwhile are ignored as for a closed auction. A
-        # crash before the table write closes it again on redelivery: a second, identical
-        # order, which the post stage treats as a redelivery.
-        closing[lead_id] = asyncio.ensure_future(
-            record_closed(lead_id, sent, value, closed_state, current_event()))
+        # Waiting for the acknowledgements here, under the lock every close takes, would
+        # delay the next auctions' closes (demo close-lag p99 ~21-25 ms -> ~38-41 ms): it is
+        # done aside; the lead's events meanwhile are ignored (its auction is closed).
+        send_order(lead_id, closed_state, logged)
 
-    async def record_closed(lead_id: str, sent: Any, value: bytes,
-                            closed_state: dict[str, Any], event: Any) -> None:
-        # ``event``: the event being processed when the auction closed. The task runs in a
-        # copy of that context, where Faust keeps only a weak reference to it, and a table
-        # write takes its partition from it: holding it here keeps it alive until then.
+    def send_order(lead_id: str, closed_state: dict[str, Any], logged: Any) -> None:
+        closing[lead_id] = asyncio.ensure_future(record_closed(lead_id, closed_state, logged))
+
+    async def record_closed(lead_id: str, closed_state: dict[str, Any], logged: Any) -> None:
+        """Once the closed state (with its order) is on the changelog, send the order; once
+        that is on Kafka, drop the order from the state. ``logged``: the changelog write's
+        acknowledgement (None: already on the changelog, a re-send after recovery)."""
+        part = lead_partition(lead_id, settings.kafka.partitions)
+        value = base64.b64decode(closed_state["order"])
         try:
-            try:
-                await sent
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # the producer gave up: send it again
-                log.warning("post order of lead %s not acknowledged by Kafka (%r); sending "
-                            "it again", lead_id, exc)
+            if logged is not None:
+                try:
+                    await logged
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - not on the changelog: write again
+                    log.warning("closed state of lead %s not acknowledged by Kafka (%r); "
+                                "writing it again", lead_id, exc)
 
-                async def resend() -> None:
-                    await (await posts_topic.send(key=lead_id.encode(), value=value))
+                    async def rewrite() -> None:
+                        await durable_set(table, lead_id, closed_state, part)
 
-                await retry_transient(resend, f"post order of lead {lead_id}")
+                    await retry_transient(rewrite, f"closed state of lead {lead_id}")
+
+            async def send() -> None:
+                await (await posts_topic.send(key=lead_id.encode(), value=value))
+
+            await retry_transient(send, f"post order of lead {lead_id}")
             async with lock:
-                table[lead_id] = closed_state
+                done = {k: v for k, v in closed_state.items() if k != "order"}
+                if (table.get(lead_id) or {}).get("order") == closed_state["order"]:
+                    durable_set(table, lead_id, done, part)
                 open_index.pop(lead_id, None)  # re-added if indexes were rebuilt meanwhile
                 purge_queue.append((closed_state["closed_at_ms"], lead_id))
         except asyncio.CancelledError:
             raise
-        except Exception:  # still open in the table: the sweep closes it again
-            log.exception("post order of lead %s could not be sent; its auction will be "
-                          "closed again", lead_id)
-            state = table.get(lead_id)
-            if state is not None and state.get("open") is not None:
-                open_index[lead_id] = now_ms()
+        except Exception:  # the order stays in the table: the sweep sends it again
+            log.exception("post order of lead %s could not be sent yet; the sweep sends it "
+                          "again", lead_id)
+            unsent[lead_id] = now_ms()
         finally:
             closing.pop(lead_id, None)
 
@@ -374,6 +384,46 @@ def register(ctx: Context) -> None:
 
     ctx.resources["auction_apply_local"] = apply_local
 
+    def assigned_here(lead_id: str) -> bool:
+        part = lead_partition(lead_id, settings.kafka.partitions)
+        return any(tp.partition == part and tp.topic == bids_topic_name
+                   for tp in app.assignor.assigned_actives())
+
+    async def mark_open(rec: dict[str, Any]) -> bool:
+        """Record a ping round's ``AuctionOpen`` in the table, durably, before any ping
+        leaves. A ping request redelivered after a crash then finds its auction in the
+        recovered table and pings nobody again: the round's answers come from the bids
+        topic, its timer closes it. (Before, the open marker reached the table only through
+        the bids topic, and a redelivered request processed before the new owner had read it
+        pinged every buyer again.) During a rebalance, or on a worker that is not the lead's
+        owner (a request delivered around a rebalance), the request is handed back
+        (``Requeue``, nothing sent yet) for the partition's owner. Faust's ``in_recovery``
+        is not asked: it stays true while standby tables recover, and a stream runs only
+        once its partition's active tables are recovered. Returns False when the auction
+        exists already (do not ping)."""
+        lead_id = rec["lead_id"]
+        async with lock:
+            if app.rebalancing:
+                raise Requeue(f"lead {lead_id}: ping round during a rebalance")
+            if not assigned_here(lead_id):
+                raise Requeue(f"lead {lead_id}: this worker does not own its auction")
+            state = table.get(lead_id)
+            if lead_id in closing or state is not None and (
+                    state.get("open") is not None or state.get("closed_at_ms") is not None):
+                return False
+            if state is None:
+                state = {"open": None, "answers": {}, "closed_at_ms": None,
+                         "seen_ms": now_ms()}
+            state["open"] = rec
+            logged = durable_set(table, lead_id, state,
+                                 lead_partition(lead_id, settings.kafka.partitions))
+            open_index[lead_id] = rec["deadline_at_ms"]
+            arm(lead_id, rec["deadline_at_ms"])
+        await logged
+        return True
+
+    ctx.resources["auction_mark_open"] = mark_open
+
     @app.agent(bids_topic, name="auction", concurrency=1)
     async def auction_agent(stream: Any) -> None:
         async for event in stream.events():
@@ -393,6 +443,8 @@ def register(ctx: Context) -> None:
         for lead_id, state in list(table.items()):
             if state is None:
                 continue
+            if state.get("order") is not None and lead_id not in closing:
+                unsent[lead_id] = 0  # closed before a crash or move; its order may be unsent
             if state.get("closed_at_ms") is None and state.get("open") is not None:
                 open_index[lead_id] = state["open"]["deadline_at_ms"]
             else:
@@ -423,6 +475,13 @@ def register(ctx: Context) -> None:
             rescan[0] = False
             rebuild_indexes()
         now = now_ms()
+        for lead_id, failed_at in list(unsent.items()):
+            if now - failed_at < 1000 or lead_id in closing:
+                continue
+            del unsent[lead_id]
+            state = table.get(lead_id)
+            if state is not None and state.get("order") is not None:
+                send_order(lead_id, state, None)
         for lead_id, deadline in list(open_index.items()):
             if lead_id in timers or now - markers_sent.get(lead_id, 0) < 2000:
                 continue  # armed, or a marker is on its way (under lag: don't pile them up)

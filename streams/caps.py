@@ -170,12 +170,12 @@ class CapClient:
         self.pending: dict[str, Any] = {}
 
     async def send_request(self, kind: str, buyer_id: str, lead_id: str, price: float,
-                           request_id: str) -> None:
+                           request_id: str, expires_at_ms: int | None = None) -> None:
         from streams.runtime import now_ms
 
         await self._requests.send(key=buyer_id.encode(), value=schemas.encode("CapRequest", {
             "request_id": request_id, "kind": kind, "buyer_id": buyer_id, "lead_id": lead_id,
-            "price": float(price), "at_ms": now_ms()}))
+            "price": float(price), "at_ms": now_ms(), "expires_at_ms": expires_at_ms}))
 
     async def reserve(self, buyer_id: str, lead_id: str, price: float, *,
                       rebalancing: Callable[[], bool] | None = None,
@@ -188,15 +188,17 @@ class CapClient:
         import asyncio
         import uuid
 
-        from streams.runtime import Requeue
+        from streams.runtime import Requeue, now_ms
 
         rid = str(uuid.uuid4())
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         self.pending[rid] = fut
         try:
-            await self.send_request("reserve", buyer_id, lead_id, price, rid)
-            give_up = loop.time() + (self._timeout_s if timeout_s is None else timeout_s)
+            wait_s = self._timeout_s if timeout_s is None else timeout_s
+            await self.send_request("reserve", buyer_id, lead_id, price, rid,
+                                    expires_at_ms=now_ms() + int(wait_s * 1000))
+            give_up = loop.time() + wait_s
             while not fut.done():
                 left = give_up - loop.time()
                 if left <= 0:
@@ -271,7 +273,12 @@ def register(ctx: Any) -> None:
         granted, why = True, ""
         if caps is not None:
             led = copy.deepcopy(table.get(rec["buyer_id"]) or new_ledger())
-            if rec["kind"] == "reserve":
+            expired = rec.get("expires_at_ms") is not None and now_ms() > rec["expires_at_ms"]
+            if rec["kind"] == "reserve" and expired:
+                # Nobody waits for this answer any more: a hold now would only block the
+                # buyer until it expired (a slow owner under load leaked them).
+                granted, why = False, "the reservation request expired before the owner saw it"
+            elif rec["kind"] == "reserve":
                 granted, why = reserve(led, caps, rec["lead_id"], rec["price"], rec["at_ms"],
                                        ttl_ms=ttls[rec["buyer_id"]])
             elif rec["kind"] == "commit":

@@ -208,13 +208,20 @@ def register(ctx: Context) -> None:
         deadline = opened + flow.deadline_ms
         pinged = [{"buyer_id": b.id, "tier": b.tier, "ping_id": ping_id_for(req["lead_id"], b.id)}
                   for b in targets]
-        await send_bid({
+        open_rec = {
             "lead_id": req["lead_id"], "flow": req["flow"], "source": req["source"],
             "received_at_ms": req["received_at_ms"], "created_at_ms": req["created_at_ms"],
             "opened_at_ms": opened, "deadline_at_ms": deadline,
             "ping_fields": req["ping_fields"], "pinged": pinged,
             "skip_buyers": req.get("skip_buyers") or [],
-        }, "AuctionOpen")
+        }
+        # The round is in the auction table, durably, before a ping leaves: a redelivery
+        # of this request after a crash pings nobody twice (see auction.mark_open).
+        mark_open = ctx.resources.get("auction_mark_open")
+        if mark_open is not None and not await mark_open(open_rec):
+            log.info("lead %s already auctioned; not pinging again", req["lead_id"])
+            return
+        await send_bid(open_rec, "AuctionOpen")
         for buyer, reason in filtered:
             await send_bid(_bid_record(req, buyer, ping_id_for(req["lead_id"], buyer.id),
                                        opened, None, "filtered", reason))

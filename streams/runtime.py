@@ -25,7 +25,7 @@ from faust.types import EventT, StreamT
 import schemas
 
 __all__ = ["InFlight", "DeadLetters", "KeyedLocks", "Requeue", "now_ms", "is_transient",
-           "retry_transient"]
+           "retry_transient", "durable_set"]
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,18 @@ async def retry_transient(work: Callable[[], Awaitable[Any]], what: str,
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
     raise AssertionError("unreachable")
+
+
+def durable_set(table: Any, key: str, value: Any, partition: int) -> Any:
+    """Set ``table[key]`` and return the acknowledgement of its changelog record (awaitable).
+
+    Faust's ``table[key] = value`` sends the changelog record "soon" and gives no handle on
+    it, and only inside the stream of the key's partition. This writes the local store and
+    the changelog record of ``partition`` (the key's partition: every lead-keyed table is
+    co-partitioned with its topics) directly, so a caller can wait until the state is
+    durable before acting on it (an outbox), and can do so from a timer too."""
+    table.data[key] = value
+    return table.send_changelog(partition, key, value)
 
 
 class DeadLetters:

@@ -401,9 +401,11 @@ class FlowConfig(_Model):
     #: cannot answer in 1 ms; it would take the lead and the answer would be lost).
     min_post_budget_ms: Annotated[int, Field(ge=10)] = 200
     #: How long a post waits for a capped buyer's cap owner (a slot not granted in time is
-    #: treated as denied) and for the lead's PII; neither may use up the post window.
+    #: treated as denied: it never uses up the post window) and for the lead's PII (the
+    #: window starts once the PII is there; longer only after a rebalance, while the new
+    #: owner reads the lead-pii topic).
     cap_decision_timeout_ms: Annotated[int, Field(ge=10)] = 1000
-    pii_wait_ms: Annotated[int, Field(ge=10)] = 2000
+    pii_wait_ms: Annotated[int, Field(ge=10)] = 10_000
     floors: FloorsConfig = FloorsConfig()
     #: Ping waves by tier; absent = one wave pinging every tier at once.
     waves: list[WaveConfig] | None = None

@@ -11,12 +11,14 @@ after a rebalance. Every lead must settle, once.
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 import os
 import signal
 import threading
 import time
 from typing import Iterator
 
+import orjson
 import pytest
 
 import schemas
@@ -86,12 +88,19 @@ def test_every_lead_is_auctioned_exactly_once(churned: tuple[Pipeline, list[str]
     counts = dict(p.rows("SELECT lead_id, count() FROM {db}.auctions FINAL "
                          "WHERE lead_id IN %(ids)s GROUP BY lead_id", ids=ids))
     assert set(counts) == set(ids)
-    # Every result event tells the same story for its lead, however often it was redelivered.
-    seen: dict[str, tuple[str, tuple[str, ...]]] = {}
+    # Every result event tells the same story for its lead, however often it was redelivered
+    # — except that a post which timed out and was accepted after all adds its buyer to the
+    # winners (reconciled: streams/post.py): winners only ever grow, and the last result is
+    # what the auctions table holds.
+    seen: dict[str, set[str]] = {}
     for rec in asyncio.run(p.read_topic(p.names.results)):
         r = schemas.decode_as("AuctionResult", rec.value)
-        story = (r["outcome"], tuple(sorted(r["winners"])))
-        assert seen.setdefault(r["lead_id"], story) == story, r["lead_id"]
+        before = seen.setdefault(r["lead_id"], set(r["winners"]))
+        assert before <= set(r["winners"]), (r["lead_id"], before, r["winners"])
+        seen[r["lead_id"]] = set(r["winners"])
+    winners = dict(p.rows("SELECT lead_id, winners FROM {db}.auctions FINAL "
+                          "WHERE lead_id IN %(ids)s", ids=ids))
+    assert {k: set(v) for k, v in winners.items()} == seen
 
 
 def test_the_workers_really_churned(churned: tuple[Pipeline, list[str]]) -> None:
@@ -123,3 +132,21 @@ def test_the_cap_holds_through_the_churn(churned: tuple[Pipeline, list[str]]) ->
     logs = "".join(f.read_text(errors="replace")
                    for f in (p.root / "run" / "logs").glob("worker*.log"))
     print(f"posts requeued during rebalances: {logs.count('requeued')}")
+
+
+def test_each_auction_closes_once_and_no_buyer_is_pinged_twice(
+        churned: tuple[Pipeline, list[str]]) -> None:
+    """Through the crash and the rebalances: one post order per lead (a re-sent order is
+    the same order: same candidates), and no buyer received the same ping twice."""
+    p, ids = churned
+    orders: dict[str, set[bytes]] = {}
+    for rec in asyncio.run(p.read_topic(p.names.posts)):
+        o = schemas.decode_as("PostOrder", rec.value)
+        orders.setdefault(o["lead_id"], set()).add(rec.value)
+    assert set(orders) == set(ids)
+    twice = {lead: len(v) for lead, v in orders.items() if len(v) > 1}
+    assert not twice, f"{len(twice)} leads closed more than once: {list(twice.items())[:5]}"
+    for buyer in BUYERS:
+        pings = [orjson.loads(r["body"])["ping_id"] for r in p.received(buyer, "ping")]
+        repeated = {k: n for k, n in Counter(pings).items() if n > 1}
+        assert not repeated, (buyer, len(repeated))

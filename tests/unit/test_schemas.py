@@ -159,7 +159,7 @@ RECORDS: dict[str, dict[str, Any]] = {
         "reason": "invalid lead: zip: has an invalid format", "field": "zip", "at_ms": T0 + 5,
     },
     "CapRequest": {"request_id": "r1", "kind": "reserve", "buyer_id": "b1", "lead_id": "l1",
-                   "price": 42.5, "at_ms": 1_700_000_000_000},
+                   "price": 42.5, "at_ms": 1_700_000_000_000, "expires_at_ms": 1_700_000_001_000},
     "CapDecision": {"request_id": "r1", "buyer_id": "b1", "lead_id": "l1", "granted": False,
                     "reason": "cap leads_per_day 10 reached"},
     "CapState": {"buyer_id": "b1", "hour": "2026-01-01T10+00:00", "day": "2026-01-01",
