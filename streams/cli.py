@@ -391,7 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     w = sub.add_parser("worker", help="run a Faust worker")
     w.add_argument("--role", choices=["auction", "sink", "metrics"], default="auction")
-    w.add_argument("--web-port", type=int, default=0, help="Faust web port (0: off)")
+    w.add_argument("--web-port", type=int, default=None,
+                   help="Faust web port (0: off; default: worker.web_port)")
     w.add_argument("--loglevel", default="info")
     w.set_defaults(func=cmd_worker)
 

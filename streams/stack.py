@@ -24,7 +24,7 @@ from connectors.kafka_runtime import KafkaBroker, create_topics
 from streams.settings import Settings
 from streams.topics import topic_specs
 
-__all__ = ["Stack", "StackError"]
+__all__ = ["Stack", "StackError", "web_port_for"]
 
 
 class StackError(RuntimeError):
@@ -63,6 +63,25 @@ async def _group_stable(bootstrap: str, group: str, members: int) -> bool:
             if g[1] == group and g[2] == "Stable" and len(g[5]) >= members:
                 return True
     return False
+
+
+def web_port_for(base: int, name: str) -> int:
+    """The Faust web port of the worker the stack runs as ``name`` (``worker.web_port`` is
+    ``base``): ``worker`` at ``base``, ``workerN`` at ``base + N - 1``, ``sink`` at
+    ``base - 2``, ``metrics`` at ``base - 1``; 0 (off) for any other name, when ``base`` is 0,
+    or when the port would fall outside 1..65535. Each worker on the host gets its own port,
+    and a restarted worker gets its old one back."""
+    if name == "sink":
+        port = base - 2
+    elif name == "metrics":
+        port = base - 1
+    elif name == "worker":
+        port = base
+    elif name.startswith("worker") and name[6:].isdigit() and int(name[6:]) >= 2:
+        port = base + int(name[6:]) - 1
+    else:
+        return 0
+    return port if base and 1 <= port <= 65535 else 0
 
 
 @dataclass
@@ -110,6 +129,8 @@ class Stack:
 
     def spawn(self, name: str, args: list[str], env: dict[str, str] | None = None,
               nice: int = 0) -> int:
+        if args[:1] == ["worker"] and "--web-port" not in args:
+            args = [*args, "--web-port", str(web_port_for(self.settings.worker.web_port, name))]
         if self.running(name):
             return self._pid(name)  # type: ignore[return-value]
         old = self._procs.pop(name, None)
