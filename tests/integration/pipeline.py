@@ -107,8 +107,10 @@ class Pipeline:
 
     # -- ingest ----------------------------------------------------------------------
     def post(self, body: Any, *, wait: bool = False, token: str | None = TOKEN,
-             raw: bytes | None = None) -> httpx.Response:
+             raw: bytes | None = None, content_type: str | None = None) -> httpx.Response:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
+        if content_type is not None:
+            headers["Content-Type"] = content_type
         params = {"wait": "true"} if wait else {}
         if raw is not None:
             return httpx.post(self.url, content=raw, headers=headers, params=params, timeout=30)
