@@ -120,6 +120,12 @@ def _clip(text: str, limit: int = MAX_REASON_CHARS) -> str:
     return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
+def _price_text(price: float) -> str:
+    """A price for a reason: ``45.00``, or ``1e+308`` when two decimals would be a wall of
+    digits (at most ~13 characters either way)."""
+    return f"{price:.2f}" if abs(price) < 1e9 else f"{price:.6g}"
+
+
 def _is_number(v: Any) -> bool:
     # bool is an int subclass; a JSON ``true`` is not a price.
     return isinstance(v, (int, float)) and not isinstance(v, bool)
@@ -230,11 +236,12 @@ def parse_ping_response(
         if not math.isfinite(price):  # unreachable via orjson today; cheap insurance
             raise _Invalid("price is not finite")
         if price < 0:
-            raise _Invalid(f"price {price:.2f} is negative")
+            raise _Invalid(f"price {_price_text(price)} is negative")
         if price > max_price:
-            raise _Invalid(f"price {price:.2f} above max_price {max_price:.2f} (absurd)")
+            raise _Invalid(f"price {_price_text(price)} above max_price {_price_text(max_price)} "
+                          "(absurd)")
         if price < min_price:
-            raise _Invalid(f"price {price:.2f} below min_price {min_price:.2f}")
+            raise _Invalid(f"price {_price_text(price)} below min_price {_price_text(min_price)}")
 
         exclusive = _opt_bool(doc, mapping.exclusive, "exclusive") or False
         conditions = _parse_conditions(_lookup(doc, mapping.conditions))

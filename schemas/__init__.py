@@ -1,10 +1,16 @@
 """Event schemas (one ``.avsc`` per event) and the Avro single-object codec.
 
-Every Kafka value pingpost writes or reads is Avro *single-object encoding* (Avro spec):
-``C3 01`` marker, the schema's 8-byte little-endian CRC-64-AVRO fingerprint, then the binary
-body. A producer in any language with an Avro library can publish a lead without a schema
-registry, and a consumer can tell which event a record holds from its first ten bytes.
-fastavro does the hot-path encoding; ``avro`` checks compatibility in the tests.
+Every value on pingpost's event topics (``<prefix>.leads``, ``.bids``, ``.deliveries``, ...:
+the topics of :func:`streams.topics.topic_specs` other than changelogs) is Avro
+*single-object encoding* (Avro spec): ``C3 01`` marker, the schema's 8-byte little-endian
+CRC-64-AVRO fingerprint, then the binary body. A producer in any language with an Avro library
+can publish a lead without a schema registry, and a consumer can tell which event a record
+holds from its first ten bytes. fastavro does the hot-path encoding; ``avro`` checks
+compatibility in the tests.
+
+Not Avro: the changelog topics of the Faust tables (``<app_id>-<table>-changelog``) hold
+Faust's own JSON (key and value: the table's key string and state dict), and Faust's internal
+topics are Faust's. They are the workers' private state, not an interface.
 """
 
 from __future__ import annotations

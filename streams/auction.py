@@ -86,15 +86,15 @@ def decide(bids: list[dict[str, Any]], ping_fields: dict[str, Any], strategy: St
            payment: Mapping[str, float] | None = None) -> Decision:
     """The acceptable bids, best first, and how the lead is sold.
 
-    Best is by price (``strategy.rank_by: price``; ties: higher score, earlier answer, buyer
-    id) or by score (``w_price·price/max + w_accept·acceptance + w_pay·payment_speed``, with
-    ``acceptance`` the buyers' observed post acceptance rates and ``payment`` their configured
-    payment speeds). The best bid wins exclusively if it asks for exclusivity, else the lead is
-    shared to the top ``shared_max`` non-exclusive bids, each at its own price;
-    ``exclusive_only`` sells exclusively to the best bid whatever it asked, ``shared_only``
-    never honours a request for exclusivity (those bids are dropped). With ``flow`` the flow's
-    floors apply (a bid below its floor, or an exclusive bid below the exclusive minimum, is
-    not acceptable)."""
+    Best is by price (``strategy.rank_by: price``; ties: earlier answer, then buyer id) or
+    by score (``w_price·price/max + w_accept·acceptance + w_pay·payment_speed``, with
+    ``acceptance`` the buyers' observed post acceptance rates and ``payment`` their
+    configured payment speeds). The best bid wins exclusively if it asks for exclusivity,
+    else the lead is shared to the top ``shared_max`` non-exclusive bids, each at its own
+    price; ``exclusive_only`` sells exclusively to the best bid whatever it asked,
+    ``shared_only`` never honours a request for exclusivity (those bids are dropped). With
+    ``flow`` the flow's floors apply (a bid below its floor, or an exclusive bid below the
+    exclusive minimum, is not acceptable)."""
     cands = []
     for b in bids:
         ok, _ = acceptable(b, ping_fields, strategy, lead_created_ms, at_ms, flow=flow)

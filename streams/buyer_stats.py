@@ -214,7 +214,8 @@ def ranking_inputs(ctx: Any, flow: Any) -> dict[str, Any]:
     if payment is None:
         payment = ctx.resources["payment_speeds"] = {b.id: b.payment_speed
                                                      for b in ctx.settings.buyers}
-    return {"acceptance": counter.rates(prior.rate, prior.weight) if counter else None,
+    scored = counter is not None and flow.strategy.rank_by == "score"
+    return {"acceptance": counter.rates(prior.rate, prior.weight) if scored else None,
             "payment": payment}
 
 

@@ -36,6 +36,10 @@ DEFAULT_CONFIG = "config/demo.yaml"
 RUN_DIR = Path(os.environ.get("PINGPOST_RUN_DIR", ".run"))
 
 
+class CliError(Exception):
+    """A failure the user fixes, not a bug: printed as one line, exit status 1."""
+
+
 def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(args.config or os.environ.get("PINGPOST_CONFIG") or DEFAULT_CONFIG)
 
@@ -148,10 +152,24 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _up(st: Any, **kwargs: Any) -> None:
+    """``st.up``; when it fails, stop what it started and raise a one-line :class:`CliError`
+    (the component's log path is in it)."""
+    from streams.stack import StackError
+
+    try:
+        st.up(**kwargs)
+    except StackError as exc:
+        stopped = st.abort()
+        first = str(exc).splitlines()[0].rstrip(":")
+        raise CliError(first + (f" (stopped what this run started: {', '.join(stopped)})"
+                                if stopped else "")) from None
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     s = _settings(args)
     st = _stack(args, s)
-    st.up(with_buyers=not args.no_buyers, workers=args.workers)
+    _up(st, with_buyers=not args.no_buyers, workers=args.workers)
     _print_status(st)
     return 0
 
@@ -173,13 +191,35 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sync_client(s: Settings, **kwargs: Any) -> Any:
+def _no_warehouse(args: argparse.Namespace, s: Settings, exc: Exception) -> CliError:
+    text = str(exc)
+    why = "connection refused" if "Connection refused" in text else text.splitlines()[0][:200]
+    return CliError(f"no ClickHouse answers at {s.clickhouse.url} (clickhouse.url in "
+                    f"{_config_path(args)}): "
+                    f"{why}. Start the local stack with `pingpost up` (or only the warehouse "
+                    "with `pingpost warehouse`), or point clickhouse.url at a running ClickHouse")
+
+
+def _sync_client(args: argparse.Namespace, s: Settings, **kwargs: Any) -> Any:
     """A synchronous clickhouse-connect client for the CLI (never used inside an agent)."""
     import clickhouse_connect
+    from clickhouse_connect.driver.exceptions import OperationalError
 
     from connectors.clickhouse import _client_kwargs
 
-    return clickhouse_connect.get_client(**_client_kwargs(s.clickhouse), **kwargs)
+    # Connecting: the libraries' own warnings about a refused connection would only repeat
+    # the one line said below.
+    quiet = [logging.getLogger(n) for n in ("urllib3", "clickhouse_connect")]
+    levels = [q.level for q in quiet]
+    for q in quiet:
+        q.setLevel(logging.ERROR)
+    try:
+        return clickhouse_connect.get_client(**_client_kwargs(s.clickhouse), **kwargs)
+    except OperationalError as exc:
+        raise _no_warehouse(args, s, exc) from None
+    finally:
+        for q, level in zip(quiet, levels):
+            q.setLevel(level)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -191,8 +231,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"pingpost report: {exc}", file=sys.stderr)
         return 2
+    from clickhouse_connect.driver.exceptions import OperationalError
+
     s = _settings(args)
-    client = _sync_client(s)
+    client = _sync_client(args, s)
     try:
         summary = build_report(client, s.clickhouse.database, since=since, until=until)
         if args.html:
@@ -203,6 +245,8 @@ def cmd_report(args: argparse.Namespace) -> int:
             print(f"HTML report: {path}")
         else:
             print_report(summary)
+    except OperationalError as exc:  # the warehouse went away meanwhile
+        raise _no_warehouse(args, s, exc) from None
     finally:
         client.close()
     return 0
@@ -216,7 +260,7 @@ def cmd_sql(args: argparse.Namespace) -> int:
     from clickhouse_connect.driver.exceptions import ClickHouseError
 
     s = _settings(args)
-    client = _sync_client(s, database=s.clickhouse.database)
+    client = _sync_client(args, s, database=s.clickhouse.database)
     try:
         res = client.query(args.query)
     except ClickHouseError as exc:
@@ -291,7 +335,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     st = _stack(args, s)
     console.rule("[bold]pingpost demo")
     st.say = lambda m: console.print(f"[cyan]•[/] {m}")
-    st.up()
+    _up(st)
     console.print(f"[cyan]•[/] stack up in {time.monotonic() - t0:.1f}s")
     token = s.ingest.producers[0].token.get_secret_value()
     leads = generate_leads(args.leads, seed=args.seed)
@@ -300,7 +344,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if run.rejected:
         console.print(f"[red]{len(run.rejected)} leads rejected by ingest[/], e.g. "
                       f"{run.rejected[0]}")
-    client = _sync_client(s)
+    client = _sync_client(args, s)
     db = s.clickhouse.database
     ids = run.lead_ids
     deadline = time.monotonic() + args.timeout
@@ -391,7 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     w = sub.add_parser("worker", help="run a Faust worker")
     w.add_argument("--role", choices=["auction", "sink", "metrics"], default="auction")
-    w.add_argument("--web-port", type=int, default=0, help="Faust web port (0: off)")
+    w.add_argument("--web-port", type=int, default=None,
+                   help="Faust web port (0: off; default: worker.web_port)")
     w.add_argument("--loglevel", default="info")
     w.set_defaults(func=cmd_worker)
 
@@ -439,6 +484,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"pingpost: {exc}", file=sys.stderr)
         return 2
+    except CliError as exc:
+        print(f"pingpost {args.command}: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

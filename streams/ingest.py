@@ -58,6 +58,25 @@ def _json(status: int, body: dict[str, Any],
                         headers=headers)
 
 
+def _not_json(content_type: str | None) -> str | None:
+    """Why a request's Content-Type is not JSON (None: it is). ``application/json`` or
+    ``application/<x>+json``, any case, with an optional ``charset`` that must be UTF-8. A
+    request without a Content-Type is read as JSON (lenient for minimal clients)."""
+    if content_type is None:
+        return None
+    mime, *params = (p.strip() for p in content_type.split(";"))
+    mime = mime.lower()
+    if mime != "application/json" and not (mime.startswith("application/")
+                                           and mime.endswith("+json")):
+        return f"Content-Type must be application/json, not '{mime[:100]}'"
+    for param in params:
+        key, _, value = param.partition("=")
+        if key.strip().lower() == "charset" and \
+                value.strip().strip('"').lower() not in ("utf-8", "utf8"):
+            return "JSON must be UTF-8 (charset=utf-8)"
+    return None
+
+
 class IngestServer:
     def __init__(self, settings: Settings, *, port: int | None = None) -> None:
         self.settings = settings
@@ -90,6 +109,8 @@ class IngestServer:
         producer = self._producer_for(request.headers.get("Authorization"))
         if producer is None:
             return _json(401, {"error": "missing or unknown producer token", "field": None})
+        if (why := _not_json(request.headers.get("Content-Type"))) is not None:
+            return _json(415, {"error": why, "field": None})
         limit = self.settings.ingest.max_body_bytes
         if request.content_length is not None and request.content_length > limit:
             return _json(413, {"error": f"body larger than {limit} bytes", "field": None})

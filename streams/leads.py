@@ -40,6 +40,9 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _MAX_CLOCK_SKEW_MS = 5 * 60 * 1000
 _MAX_LEAD_AGE_MS = 366 * 24 * 3600 * 1000
 _META = ("flow", "lead_id", "created_at")
+#: Control characters (Unicode Cc: C0, DEL, C1) refused in every string value of a lead;
+#: tab, line feed and carriage return are allowed (free text such as an address).
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 #: Values shorter than this are not treated as identifying when scanning ping values for PII
 #: (a two-letter state would otherwise "contain" an initial).
 _MIN_PII_MATCH = 5
@@ -136,6 +139,11 @@ def validate_lead(
     none of its own (HTTP generates a uuid4, Kafka derives one from the record position)."""
     if not isinstance(raw, Mapping):
         raise LeadError("the lead must be a JSON object")
+    for name, value in raw.items():
+        bad = _CONTROL.search(value) if isinstance(value, str) else None
+        if bad is not None:
+            raise LeadError(f"contains a control character (U+{ord(bad.group()):04X}); only "
+                            "tab, line feed and carriage return are allowed", name)
     flow_name = raw.get("flow")
     if flow_name is None:
         raise LeadError("is required", "flow")

@@ -21,7 +21,7 @@ import schemas
 from connectors.buyers import PingOutcome
 from streams import rules
 from streams.app import Context
-from streams.auction import acceptable
+from streams.auction import acceptable, conditions_reason
 from streams.runtime import DeadLetters, InFlight, now_ms
 from streams.settings import BuyerConfig, Settings
 
@@ -144,10 +144,14 @@ async def ping_buyer(ctx: Context, req: dict[str, Any], buyer: BuyerConfig, ping
                                             min_price=flow.strategy.min_price)
         record = _bid_record(req, buyer, ping_id, sent, out)
         if out.status == "bid" and out.price is not None:
-            # The ping row says why a bid cannot win; the auction applies the same rule.
+            # The ping row says why a bid cannot win (below its floor, or its own conditions
+            # fail: states, consent, max age at its answer); the auction applies the same
+            # rules at close, when the lead is only older.
             record["reason"] = rules.below_floor_reason(
                 flow, out.price, req["ping_fields"], sent,
-                exclusive=out.exclusive or out.conditions.exclusive_required) or ""
+                exclusive=out.exclusive or out.conditions.exclusive_required) or (
+                conditions_reason(record["conditions"], req["ping_fields"],
+                                  req["created_at_ms"], record["answered_at_ms"]) or "")
     ack = await bids.send(key=record["lead_id"].encode(), value=schemas.encode("Bid", record))
     if records is not None:
         records.append(("Bid", record, ack))

@@ -424,22 +424,22 @@ def rank(candidates: list[dict[str, Any]], *, rank_by: str,
          default_payment: float = 0.5) -> list[dict[str, Any]]:
     """Candidates best first, deterministically.
 
-    ``price``: price desc, then score desc, then earlier ``answered_at_ms``, then buyer_id.
+    ``price``: price desc, then earlier ``answered_at_ms``, then buyer_id (no score: a tie
+    never depends on acceptance history or payment speed).
     ``score``: score desc, then earlier ``answered_at_ms``, then buyer_id.
     Returns the same dicts (not copies, not mutated: they stay valid ``Candidate`` records);
     use :func:`scores` for the scores themselves.
     """
     if rank_by not in ("price", "score"):
         raise ValueError(f"rank_by must be 'price' or 'score', not {rank_by!r}")
+    if rank_by == "price":
+        return sorted(candidates, key=lambda c: (-float(c["price"]), c["answered_at_ms"],
+                                                 c["buyer_id"]))
     sc = scores(candidates, weights=weights, acceptance=acceptance, payment=payment,
                 default_acceptance=default_acceptance, default_payment=default_payment)
 
     def key(c: dict[str, Any]) -> tuple[Any, ...]:
-        s = sc[c["buyer_id"]]
-        tail = (c["answered_at_ms"], c["buyer_id"])
-        if rank_by == "price":
-            return (-float(c["price"]), -s, *tail)
-        return (-s, *tail)
+        return (-sc[c["buyer_id"]], c["answered_at_ms"], c["buyer_id"])
 
     return sorted(candidates, key=key)
 

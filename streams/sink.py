@@ -3,9 +3,10 @@
 Runs as its own consumer group (``pingpost worker --role sink``) so a slow or absent warehouse
 never stalls an auction. Rows are buffered per table and inserted in batches (at
 ``clickhouse.batch_rows`` rows or every ``clickhouse.batch_seconds``); the events of a batch
-are acked only after ClickHouse accepted it. A failed insert is retried with backoff while
-the events stay unacked (and the buffer bounds how far the consumer reads ahead). Redelivered
-events become identical rows that ``ReplacingMergeTree`` collapses (query with ``FINAL``).
+are acked only after ClickHouse accepted it. A failed insert is retried with a short capped
+backoff (0.25 s doubling to 2 s, :class:`WarehouseRetry`) while the events stay unacked (and
+the buffer bounds how far the consumer reads ahead). Redelivered events become identical rows
+that ``ReplacingMergeTree`` collapses (query with ``FINAL``).
 Raw PII never reaches this stage: it reads only redacted topics.
 """
 
@@ -13,16 +14,60 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Awaitable, Callable, TypeVar
 
 import schemas
 from connectors.clickhouse import ClickHouseUnavailable, Warehouse, connect, migrate
 from streams.app import Context
 
-__all__ = ["register", "to_row"]
+__all__ = ["WarehouseRetry", "register", "to_row"]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class WarehouseRetry:
+    """Run a warehouse call until it succeeds, through an outage of any length.
+
+    Retries a retriable :class:`ClickHouseUnavailable` after ``first_s``, doubling up to
+    ``max_s`` (so delivery resumes within ``max_s`` of the warehouse's return, never 15 s
+    later); a non-retriable one is raised. Quiet: the first failure is logged at once, then
+    one line per ``log_every_s`` with the count of failed attempts, and one line when it
+    succeeds again.
+    """
+
+    def __init__(self, what: str, *, first_s: float = 0.25, max_s: float = 2.0,
+                 log_every_s: float = 30.0, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], Awaitable[Any]] | None = None) -> None:
+        self.what, self.first_s, self.max_s, self.log_every_s = what, first_s, max_s, log_every_s
+        self.clock, self.sleep = clock, sleep
+
+    async def run(self, call: Callable[[], Awaitable[T]]) -> T:
+        delay, failures, since, logged = self.first_s, 0, 0.0, None
+        while True:
+            try:
+                result = await call()
+            except ClickHouseUnavailable as exc:
+                if not exc.retriable:
+                    raise
+                now = self.clock()
+                if not failures:
+                    since = now
+                failures += 1
+                if logged is None or now - logged >= self.log_every_s:
+                    logged = now
+                    log.warning("%s failed (%s); %d attempt(s) in %.0f s, retrying every "
+                                "%.2g s at most", self.what, exc, failures, now - since,
+                                self.max_s)
+                await (self.sleep or asyncio.sleep)(delay)
+                delay = min(delay * 2, self.max_s)
+                continue
+            if failures:
+                log.warning("%s succeeded again after %d failed attempt(s) in %.0f s",
+                            self.what, failures, self.clock() - since)
+            return result
 
 
 def _ts(ms: int | float) -> datetime:
@@ -85,18 +130,14 @@ def register(ctx: Context) -> None:
     max_buffered = cfg.batch_rows * 4
     stream_box: list[Any] = []
 
+    async def connected() -> Warehouse:
+        wh = await connect(cfg)
+        await migrate(wh)
+        return wh
+
     async def warehouse() -> Warehouse:
         if not wh_box:
-            delay = 0.5
-            while True:
-                try:
-                    wh = await connect(cfg)
-                    await migrate(wh)
-                    break
-                except ClickHouseUnavailable as exc:
-                    log.warning("ClickHouse not ready (%s); retrying in %.1fs", exc, delay)
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 15.0)
+            wh = await WarehouseRetry("connecting to ClickHouse").run(connected)
             wh_box.append(wh)
             ctx.closers.append(wh.close)
         return wh_box[0]
@@ -121,20 +162,15 @@ def register(ctx: Context) -> None:
             batch, events = dict(rows), list(pending)
             rows.clear()
             pending.clear()
-            delay = 0.5
             for table, table_rows in batch.items():
-                while True:
-                    try:
-                        await (await warehouse()).insert(table, table_rows)
-                        break
-                    except ClickHouseUnavailable as exc:
-                        if not exc.retriable:
-                            await insert_row_by_row(table, table_rows, exc)
-                            break
-                        log.warning("insert into %s failed (%s); retrying in %.1fs", table, exc,
-                                    delay)
-                        await asyncio.sleep(delay)
-                        delay = min(delay * 2, 15.0)
+                async def insert(table: str = table, table_rows: list[list[Any]] = table_rows
+                                 ) -> None:
+                    await (await warehouse()).insert(table, table_rows)
+
+                try:
+                    await WarehouseRetry(f"insert into {table}").run(insert)
+                except ClickHouseUnavailable as exc:  # not retriable
+                    await insert_row_by_row(table, table_rows, exc)
             for ev in events:
                 await stream_box[0].ack(ev)
             room.set()

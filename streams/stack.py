@@ -24,7 +24,7 @@ from connectors.kafka_runtime import KafkaBroker, create_topics
 from streams.settings import Settings
 from streams.topics import topic_specs
 
-__all__ = ["Stack", "StackError"]
+__all__ = ["Stack", "StackError", "web_port_for"]
 
 
 class StackError(RuntimeError):
@@ -65,6 +65,39 @@ async def _group_stable(bootstrap: str, group: str, members: int) -> bool:
     return False
 
 
+def _port_taken(host: str, port: int) -> bool:
+    """Whether another process listens on ``host:port`` (a bind as the server would do it,
+    with SO_REUSEADDR, fails)."""
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def web_port_for(base: int, name: str) -> int:
+    """The Faust web port of the worker the stack runs as ``name`` (``worker.web_port`` is
+    ``base``): ``worker`` at ``base``, ``workerN`` at ``base + N - 1``, ``sink`` at
+    ``base - 2``, ``metrics`` at ``base - 1``; 0 (off) for any other name, when ``base`` is 0,
+    or when the port would fall outside 1..65535. Each worker on the host gets its own port,
+    and a restarted worker gets its old one back."""
+    if name == "sink":
+        port = base - 2
+    elif name == "metrics":
+        port = base - 1
+    elif name == "worker":
+        port = base
+    elif name.startswith("worker") and name[6:].isdigit() and int(name[6:]) >= 2:
+        port = base + int(name[6:]) - 1
+    else:
+        return 0
+    return port if base and 1 <= port <= 65535 else 0
+
+
 @dataclass
 class Stack:
     settings: Settings
@@ -73,6 +106,9 @@ class Stack:
     kafka_port: int = 9092
     say: Callable[[str], None] = print
     _procs: dict[str, "subprocess.Popen[bytes]"] = field(default_factory=dict)
+    #: What this Stack object started (components in start order; "kafka" if it started the
+    #: broker): what :meth:`abort` stops when ``up`` fails half-way.
+    started: list[str] = field(default_factory=list)
 
     @property
     def pid_dir(self) -> Path:
@@ -110,6 +146,8 @@ class Stack:
 
     def spawn(self, name: str, args: list[str], env: dict[str, str] | None = None,
               nice: int = 0) -> int:
+        if args[:1] == ["worker"] and "--web-port" not in args:
+            args = [*args, "--web-port", str(web_port_for(self.settings.worker.web_port, name))]
         if self.running(name):
             return self._pid(name)  # type: ignore[return-value]
         old = self._procs.pop(name, None)
@@ -127,6 +165,7 @@ class Stack:
         # Workers keep their Faust data directory under the run dir, not the caller's cwd.
         full_env["PINGPOST_RUN_DIR"] = str(self.run_dir)
         full_env.update(env or {})
+        self.started.append(name)
         proc = subprocess.Popen(
             [sys.executable, "-m", "streams.cli", "--config", str(self.config_path), *args],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -194,11 +233,16 @@ class Stack:
     def up(self, *, with_buyers: bool = True, embedded_warehouse: bool = True,
            start_kafka: bool = True, workers: int = 1, with_metrics: bool = True) -> None:
         s = self.settings
+        if not self.running("ingest") and _port_taken(s.ingest.host, s.ingest.port):
+            raise StackError(f"ingest port {s.ingest.port} is already in use by another process "
+                             f"(ingest.listen: {s.ingest.listen}); stop that process or set "
+                             f"ingest.listen to a free port in {self.config_path}")
         if start_kafka:
             broker = self.broker()
             if not broker.is_running():
                 self.say(f"starting Kafka on {broker.bootstrap} "
                          "(the first run fetches its jars with Maven)")
+                self.started.append("kafka")
             broker.start(wait=True, timeout=120)
         asyncio.run(create_topics(s.kafka.bootstrap, [(t.name, t.partitions, t.config)
                                                       for t in topic_specs(s)]))
@@ -255,6 +299,21 @@ class Stack:
         if with_metrics and s.metrics.port:
             self.wait_until("metrics", lambda: _http_ok(
                 f"http://{s.metrics.host}:{s.metrics.port}/healthz"), 90)
+
+    def abort(self) -> list[str]:
+        """Stop what this Stack object started, newest first (after ``up`` failed half-way:
+        nothing it started is left running); returns the names stopped."""
+        stopped = []
+        for name in reversed(self.started):
+            if name == "kafka":
+                broker = self.broker()
+                if broker.is_running():
+                    broker.stop()
+                    stopped.append(name)
+            elif self.stop(name):
+                stopped.append(name)
+        self.started.clear()
+        return stopped
 
     def _migrate(self) -> None:
         from connectors.clickhouse import connect, migrate

@@ -3,7 +3,8 @@
 Topics are created explicitly (``pingpost topics create`` / start-up), never by broker
 auto-create. All lead-keyed topics share one partition count so Faust co-partitions them: the
 auction table, the PII table and the post table of a lead live on the same worker.
-Values are Avro single-object encoded (``schemas``); keys are the lead_id as UTF-8.
+Event values are Avro single-object encoded (``schemas``); keys are the lead_id as UTF-8.
+The Faust tables' changelog topics declared here hold Faust's JSON instead.
 """
 
 from __future__ import annotations

@@ -19,6 +19,8 @@ def demo_config(tmp_path: Path) -> tuple[Path, int]:
     cfg["clickhouse"]["url"] = f"http://127.0.0.1:{warehouse}"
     cfg["warehouse"]["port"] = warehouse
     cfg["ingest"]["listen"] = f"127.0.0.1:{ingest}"
+    # Faust's web servers off: the demo's ports (6064-6066) may be taken by another run.
+    cfg.setdefault("worker", {})["web_port"] = 0
     for buyer, port in zip(cfg["buyers"], buyer_ports):
         buyer["ping_url"] = f"http://127.0.0.1:{port}/ping"
         buyer["post_url"] = f"http://127.0.0.1:{port}/post"

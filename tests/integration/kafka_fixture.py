@@ -41,6 +41,27 @@ def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
             sock.close()
 
 
+def free_port_block(count: int, host: str = "127.0.0.1") -> int:
+    """The first of ``count`` consecutive ports that were all free a moment ago."""
+    import random
+
+    for _ in range(100):
+        start = random.randint(20_000, 60_000)
+        sockets = []
+        try:
+            for port in range(start, start + count):
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                sockets.append(sock)
+                sock.bind((host, port))
+            return start
+        except OSError:
+            continue
+        finally:
+            for sock in sockets:
+                sock.close()
+    raise RuntimeError(f"no {count} consecutive free ports found")
+
+
 def start_test_broker(data_dir: Path, attempts: int = 3) -> KafkaBroker:
     """Start a broker on fresh free ports in ``data_dir``; fail the test if impossible."""
     last_error: Exception | None = None

@@ -45,7 +45,7 @@ class Pipeline:
     def __init__(self, root: Path, kafka_bootstrap: str, warehouse_url: str,
                  buyers: dict[str, dict[str, Any]], *, flow: dict[str, Any] | None = None,
                  workers: int = 1, metrics: dict[str, Any] | None = None,
-                 alerts: list[dict[str, Any]] | None = None) -> None:
+                 alerts: list[dict[str, Any]] | None = None, web_port: int = 0) -> None:
         self.name = "t" + uuid.uuid4().hex[:8]
         ports = free_ports(len(buyers) + 2)
         self.ingest_port = ports[0]
@@ -68,7 +68,7 @@ class Pipeline:
             "ingest": {"listen": f"127.0.0.1:{self.ingest_port}", "max_body_bytes": 4096,
                        "producers": [{"name": "tests", "token": TOKEN}],
                        "wait_timeout_s": 20},
-            "worker": {"web_port": 0},
+            "worker": {"web_port": web_port},
             "flows": {"solar": flow or SOLAR_FLOW},
             "buyers": buyer_cfgs,
             "simulator": {"seed": 11, "buyers": sims},
@@ -107,8 +107,10 @@ class Pipeline:
 
     # -- ingest ----------------------------------------------------------------------
     def post(self, body: Any, *, wait: bool = False, token: str | None = TOKEN,
-             raw: bytes | None = None) -> httpx.Response:
+             raw: bytes | None = None, content_type: str | None = None) -> httpx.Response:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
+        if content_type is not None:
+            headers["Content-Type"] = content_type
         params = {"wait": "true"} if wait else {}
         if raw is not None:
             return httpx.post(self.url, content=raw, headers=headers, params=params, timeout=30)

@@ -212,6 +212,29 @@ def test_no_pii_in_pings_topics_or_tables(market: Pipeline, sold_run: dict[str, 
         assert not any(v in dump for v in pii), f"PII in table {table}"
 
 
+def test_event_topics_hold_avro_and_table_changelogs_json(market: Pipeline,
+                                                          sold_run: dict[str, Any]) -> None:
+    """What schemas/__init__.py and the README say: pingpost's event topics carry Avro
+    single-object records of their declared events; the Faust tables' changelogs carry
+    Faust's JSON. (The leads topic is left out: other tests publish garbage to it.)"""
+    from streams.topics import topic_specs
+
+    changelogs = 0
+    for spec in topic_specs(market.settings):
+        if spec.name == market.names.leads:
+            continue
+        for rec in asyncio.run(market.read_topic(spec.name)):
+            if spec.events:
+                assert rec.value[:2] == schemas.MARKER, spec.name
+                assert schemas.decode(rec.value)[0] in spec.events, spec.name
+            elif rec.value is not None:  # a changelog (None: a deleted key)
+                assert rec.value[:2] != schemas.MARKER, spec.name
+                orjson.loads(rec.value)
+                orjson.loads(rec.key)
+                changelogs += 1
+    assert changelogs, "no changelog record read"
+
+
 def test_ping_body_has_deadline_budget(market: Pipeline, sold_run: dict[str, Any]) -> None:
     pings = market.received("alpha", "ping")
     assert pings
@@ -229,6 +252,8 @@ def test_ping_body_has_deadline_budget(market: Pipeline, sold_run: dict[str, Any
     ("no_token", 401, None),
     ("wrong_token", 401, None),
     ("oversized", 413, None),
+    ("text_plain", 415, None),
+    ("nul_in_value", 400, "first_name"),
 ])
 def test_ingest_rejects_bad_input_and_publishes_nothing(market: Pipeline, kind: str,
                                                         expected: int, field: str | None) -> None:
@@ -246,9 +271,14 @@ def test_ingest_rejects_bad_input_and_publishes_nothing(market: Pipeline, kind: 
         r = market.post(lead, token=None)
     elif kind == "wrong_token":
         r = market.post(lead, token="not-the-token")
+    elif kind == "text_plain":
+        r = market.post(None, raw=orjson.dumps(lead), content_type="text/plain")
+    elif kind == "nul_in_value":
+        r = market.post({**lead, "first_name": "Ada\u0000"})
     else:
         r = market.post({**lead, "address": "x" * 5000})
     assert r.status_code == expected, r.text
+    assert r.headers["Content-Type"].startswith("application/json")
     if expected == 400:
         assert r.json()["field"] == field and r.json()["error"]
     assert asyncio.run(market.end_offsets(market.names.leads)) == before
@@ -279,6 +309,9 @@ def test_kafka_path_auctions_valid_leads_and_dead_letters_bad_ones(market: Pipel
     asyncio.run(market.produce(market.names.leads, good))  # no key, no lead_id
     asyncio.run(market.produce(market.names.leads, bad, key=b"bad-1"))
     asyncio.run(market.produce(market.names.leads, b"\x00garbage", key=b"bad-2"))
+    nul = schemas.encode("Lead", {"flow": "solar", "fields": {**fields, "address": "1\x00 Main"},
+                                  "source": "kafka-test"})
+    asyncio.run(market.produce(market.names.leads, nul, key=b"bad-3"))
     rows = wait_for(lambda: market.rows(
         "SELECT lead_id FROM {db}.auctions FINAL WHERE source = 'kafka-test'"), 60,
         "the Kafka-published lead to settle")
@@ -290,3 +323,8 @@ def test_kafka_path_auctions_valid_leads_and_dead_letters_bad_ones(market: Pipel
     assert len(dead) >= 2, reasons
     assert any(f == "zip" for _, f in dead), reasons
     assert "single-object" in reasons or "undecodable" in reasons, reasons
+    # a control character is refused as over HTTP, naming the field
+    wait_for(lambda: market.rows(
+        "SELECT reason FROM {db}.dead_letters FINAL WHERE stage = 'redact' "
+        "AND field = 'address' AND reason LIKE '%control character%'"), 60,
+        "the dead letter of the lead with a NUL")

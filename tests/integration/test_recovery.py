@@ -16,10 +16,12 @@ import threading
 from collections import defaultdict
 from typing import Any, Iterator
 
+import httpx
 import pytest
 
 import schemas
 from streams.demo import generate_leads
+from tests.integration.kafka_fixture import free_port_block
 from tests.integration.pipeline import Pipeline, wait_for
 
 pytestmark = pytest.mark.integration
@@ -38,8 +40,9 @@ N = 300
 @pytest.fixture(scope="module")
 def crashed(kafka_bootstrap: str, warehouse_url: str,
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Pipeline, list[str]]]:
+    # Faust's web servers on: sink, metrics (not run here), worker, worker2 on 4 free ports.
     p = Pipeline(tmp_path_factory.mktemp("recovery"), kafka_bootstrap, warehouse_url, BUYERS,
-                 workers=2)
+                 workers=2, web_port=free_port_block(4) + 2)
     try:
         p.start()
         leads = generate_leads(N, seed=303)
@@ -112,3 +115,14 @@ def test_no_double_sale_after_the_crash(crashed: tuple[Pipeline, list[str]]) -> 
     for lid, (outcome, ws) in winners.items():
         if outcome == "sold_exclusive":
             assert accepted[lid] == set(ws)
+
+
+def test_each_worker_serves_on_its_own_web_port(crashed: tuple[Pipeline, list[str]]) -> None:
+    """``worker.web_port`` reaches the workers ``pingpost up`` starts, one port each (the
+    restarted worker got its port back)."""
+    p, _ = crashed
+    base = p.settings.worker.web_port
+    for name, port in [("worker", base), ("worker2", base + 1), ("sink", base - 2)]:
+        assert p.stack.running(name)
+        resp = httpx.get(f"http://127.0.0.1:{port}/", timeout=5)
+        assert resp.status_code == 200, (name, port, resp.status_code)

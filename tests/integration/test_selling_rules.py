@@ -331,6 +331,26 @@ def test_bid_conditions_and_response_mapping_decide_who_gets_the_lead(
         assert req["json"]["state"] == "TX" and req["json"]["consent"] is True
 
 
+def test_a_higher_bid_lost_on_its_conditions_says_why_in_clickhouse(
+        conditioned: tuple[Pipeline, dict[str, dict[str, Any]]]) -> None:
+    p, leads = conditioned
+    rows = p.rows("SELECT lead_id, buyer_id, status, reason FROM {db}.pings FINAL "
+                  "WHERE buyer_id IN ('picky', 'crm') AND lead_id IN %(ids)s", ids=list(leads))
+    assert len(rows) == 2 * len(leads)
+    for lead_id, buyer, status, reason in rows:
+        lead = leads[lead_id]
+        assert status == "bid"
+        if buyer == "picky" and lead["state"] != "TX":
+            want = "lead state outside the bid's states"
+        elif buyer == "picky" and not lead["consent"]:
+            want = "bid requires consent"
+        elif buyer == "crm" and "created_at" in lead:
+            want = "lead older than the bid's max_age_minutes (5"  # 5 or 5.0
+        else:
+            want = ""
+        assert reason.startswith(want) and bool(reason) == bool(want), (buyer, lead, reason)
+
+
 def test_a_buyer_outside_its_schedule_is_never_pinged(
         conditioned: tuple[Pipeline, dict[str, dict[str, Any]]]) -> None:
     p, leads = conditioned

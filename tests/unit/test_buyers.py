@@ -242,6 +242,19 @@ def test_parse_ping_price_bounds() -> None:
     assert status == "error" and "below min_price" in reason
 
 
+@pytest.mark.parametrize(("price", "text"), [
+    (1e308, "price 1e+308 above max_price 100.00 (absurd)"),
+    (1.7976931348623157e308, "price 1.79769e+308 above max_price 100.00 (absurd)"),
+    (-1e308, "price -1e+308 is negative"),
+    (123456789012.5, "price 1.23457e+11 above max_price 100.00 (absurd)"),
+    (150.5, "price 150.50 above max_price 100.00 (absurd)"),
+])
+def test_an_absurd_price_is_readable_in_the_reason(price: float, text: str) -> None:
+    status, _, _, _, _, reason = parse_ping_response(200, js({"price": price}),
+                                                     ResponseMapping(), max_price=100.0)
+    assert (status, reason) == ("error", text)
+
+
 # (case id, http status, body, mapping, expected status, expected reason fragment)
 POST_CASES: list[tuple[str, int, bytes, PostResponseMapping, str, str]] = [
     ("accepted-true", 200, js({"accepted": True}), PostResponseMapping(), "accepted", ""),

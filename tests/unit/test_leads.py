@@ -221,6 +221,28 @@ def test_non_object_lead(raw: Any) -> None:
     assert err.field is None
 
 
+@pytest.mark.parametrize(("field", "value", "code"), [
+    ("first_name", "Ada\x00", "U+0000"),
+    ("address", "1 Main St\x1b[2J", "U+001B"),
+    ("email", "ada@example.com\x7f", "U+007F"),
+    ("last_name", "Love\x85lace", "U+0085"),
+    ("state", "C\x00A", "U+0000"),  # before the enum/pattern check: the reason is the NUL
+    ("flow", "solar\x00", "U+0000"),
+    ("lead_id", "id\x01", "U+0001"),
+])
+def test_control_characters_are_refused_naming_the_field(field: str, value: str,
+                                                         code: str) -> None:
+    err = lead_error(lead(**{field: value}))
+    assert err.field == field
+    assert "control character" in err.message and code in err.message
+    assert value not in err.message  # the value (maybe PII) is not echoed
+
+
+def test_tab_and_newlines_are_allowed_in_free_text() -> None:
+    v = validate(lead(address="1 Main St\r\nApt 2\tBeverly Hills"))
+    assert v.fields["address"] == "1 Main St\r\nApt 2\tBeverly Hills"
+
+
 def test_lead_id_boundary_length() -> None:
     assert validate(lead(lead_id="x" * 128)).lead_id == "x" * 128
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from streams.auction import decide
+from streams.auction import acceptable, decide
 from streams.ping import plan_pings
 from streams.settings import parse_settings
 
@@ -105,3 +105,49 @@ def test_an_answer_is_never_recorded_later_than_now() -> None:
     rec = _bid_record(req, buyer, "p", sent - 1_000, PingOutcome(status="bid", latency_ms=300.0,
                                                                  price=10.0))
     assert rec["answered_at_ms"] == sent - 700
+
+
+@pytest.mark.parametrize(("conditions", "fields", "age_min", "reason"), [
+    ({"states": ("TX",)}, {}, 0, "lead state outside the bid's states"),
+    ({"require_consent": True}, {"consent": False}, 0, "bid requires consent"),
+    ({"max_age_minutes": 5}, {}, 10, "lead older than the bid's max_age_minutes (5)"),
+    ({"states": ("CA",), "require_consent": True, "max_age_minutes": 5}, {}, 1, ""),
+])
+def test_a_bid_that_fails_its_own_conditions_says_why_on_its_ping_row(
+        conditions: dict[str, Any], fields: dict[str, Any], age_min: int, reason: str) -> None:
+    """The reason lands in the Bid record the sink turns into the ``pings`` row."""
+    import asyncio
+    from types import SimpleNamespace
+
+    import schemas
+    from connectors.buyers import Conditions, PingOutcome
+    from streams.ping import ping_buyer
+    from streams.runtime import now_ms
+    from streams.sink import to_row
+
+    s = settings(floors={"base": 40.0})
+    buyer = next(b for b in s.buyers if b.id == "sunrise")
+    out = PingOutcome(status="bid", latency_ms=20.0, price=90.0,
+                      conditions=Conditions(**conditions))
+    sent: list[bytes] = []
+
+    class Client:
+        async def ping(self, *_: Any, **__: Any) -> PingOutcome:
+            return out
+
+    class Topic:
+        async def send(self, key: bytes, value: bytes) -> None:
+            sent.append(value)
+
+    ctx = SimpleNamespace(settings=s, topic=lambda name: Topic(), buyer_client=Client)
+    created = now_ms() - age_min * 60_000
+    req = {"lead_id": "L1", "flow": "solar", "created_at_ms": created,
+           "ping_fields": {**PING, **fields}}
+    rec = asyncio.run(ping_buyer(ctx, req, buyer, "p1", now_ms() + 500))
+    assert rec["reason"] == reason
+    table, row = to_row("Bid", schemas.decode_as("Bid", sent[0]))
+    assert table == "pings" and reason in row and row[8:10] == ["bid", 90.0]
+    # the auction agrees: the same bid is acceptable exactly when the row has no reason
+    ok, why = acceptable(rec, req["ping_fields"], s.flows["solar"].strategy, created,
+                         rec["answered_at_ms"], flow=s.flows["solar"])
+    assert (ok, why) == (reason == "", reason)

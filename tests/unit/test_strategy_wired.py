@@ -4,14 +4,17 @@ acceptance counter that feeds the score."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
+import yaml
 
 from streams.auction import decide
-from streams.buyer_stats import AcceptanceCounter
+from streams.buyer_stats import AcceptanceCounter, ranking_inputs
 from streams.post import next_batch
-from streams.settings import StrategyConfig
+from streams.settings import StrategyConfig, parse_settings
 
 PING = {"state": "CA", "consent": True}
 
@@ -48,8 +51,10 @@ PAY = {"a": 0.1, "b": 1.0}
     (StrategyConfig(shared_only=True), [bid("a", 100, exclusive=True), bid("b", 90),
                                         bid("c", 80)], "shared", ["b", "c"]),
     (StrategyConfig(shared_only=True), [bid("a", 100, exclusive=True)], "none", []),
-    # price ties: higher score first, then the earlier answer, then buyer id
-    (StrategyConfig(), [bid("a", 90, at=1), bid("b", 90, at=2)], "shared", ["b", "a"]),
+    # price ties: the earlier answer, then buyer id (never the score: b's better
+    # acceptance and payment do not count)
+    (StrategyConfig(), [bid("a", 90, at=1), bid("b", 90, at=2)], "shared", ["a", "b"]),
+    (StrategyConfig(), [bid("b", 90, at=1), bid("a", 90, at=2)], "shared", ["b", "a"]),
     (StrategyConfig(), [bid("c", 90, at=2), bid("d", 90, at=1)], "shared", ["d", "c"]),
     (StrategyConfig(), [bid("f", 90, at=1), bid("e", 90, at=1)], "shared", ["e", "f"]),
 ])
@@ -67,6 +72,33 @@ def test_new_buyers_start_at_the_prior() -> None:
     d = decide([bid("old", 80), bid("new", 80)], PING, s, 0, 1000, acceptance={"old": 0.2},
                payment={})
     assert ids(d) == ["new", "old"]
+
+
+def test_price_ties_ignore_acceptance_when_another_flow_ranks_by_score() -> None:
+    """The demo config plus a second flow ranked by score: every auction worker then keeps
+    acceptance history, and the price-ranked flow's ties must still go to the earlier
+    answer, then the buyer id, as the auction and post stages call ``decide``."""
+    raw = yaml.safe_load(Path("config/demo.yaml").read_text())
+    scored = yaml.safe_load(yaml.safe_dump(raw["flows"]["solar"]))
+    scored["strategy"] = {"rank_by": "score"}
+    raw["flows"]["roofing"] = scored
+    for b in raw["buyers"]:
+        b["flows"] = [*b["flows"], "roofing"]
+    settings = parse_settings(raw, env={})
+    price_flow = settings.flows["solar"]
+    assert price_flow.strategy.rank_by == "price"
+    counter = AcceptanceCounter()
+    for i in range(20):  # sunrise accepts everything, greenleaf nothing
+        counter.add(f"s{i}", "sunrise", "accepted", 1_000 + i)
+        counter.add(f"g{i}", "greenleaf", "rejected", 1_000 + i)
+    ctx = SimpleNamespace(settings=settings, resources={"acceptance": counter})
+    bids = [bid("sunrise", 90, at=20), bid("greenleaf", 90, at=10)]
+    d = decide(bids, PING, price_flow.strategy, 0, 1000, **ranking_inputs(ctx, price_flow))
+    assert ids(d) == ["greenleaf", "sunrise"]
+    # and the score flow does use the history
+    sf = settings.flows["roofing"]
+    d = decide(bids, PING, sf.strategy, 0, 1000, **ranking_inputs(ctx, sf))
+    assert ids(d) == ["sunrise", "greenleaf"]
 
 
 def order_of(mode: str, cands: list[dict[str, Any]]) -> dict[str, Any]:
