@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -137,3 +138,79 @@ async def test_dead_letters_record_and_log_no_pii(settings: Settings,
         assert not _leaks(orjson.dumps(rec, default=str)), rec
     assert "cannot encode" in caplog.text and "Traceback" in caplog.text
     assert not _leaks(caplog.text), caplog.text
+
+
+def test_pii_topics_are_deleted_hour_by_hour_and_leads_retention_is_configurable(
+        settings: Settings) -> None:
+    from streams.topics import TopicNames, changelog_topic, topic_specs
+
+    n = TopicNames.from_settings(settings)
+    specs = {t.name: t.config for t in topic_specs(settings)}
+    pii_topics = (n.leads, n.lead_pii, changelog_topic(settings.kafka.app_id, "pii"))
+    for name in pii_topics:
+        assert specs[name]["segment.ms"] == "3600000", name
+    assert specs[n.leads]["retention.ms"] == str(24 * 3600 * 1000)  # the default: one day
+    assert specs[n.lead_pii]["retention.ms"] == str(24 * 3600 * 1000)
+    short = settings.model_copy(update={"privacy": settings.privacy.model_copy(
+        update={"leads_retention_hours": 6})})
+    assert {t.name: t.config for t in topic_specs(short)}[n.leads]["retention.ms"] == \
+        str(6 * 3600 * 1000)
+
+
+def _open_bits(root: Path) -> list[str]:
+    """Every path under ``root`` (itself included) with a group or other permission bit."""
+    paths = [root, *root.rglob("*")]
+    return [f"{p} {oct(p.stat().st_mode & 0o777)}" for p in paths if p.stat().st_mode & 0o077]
+
+
+@pytest.fixture
+def lax_umask() -> Any:
+    """The usual 022: what the code creates must be private without relying on the umask."""
+    old = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def test_the_run_dir_and_what_the_stack_creates_are_owner_only(
+        settings: Settings, tmp_path: Path, lax_umask: None) -> None:
+    from streams.stack import Stack
+
+    run = tmp_path / "run"
+    run.mkdir(mode=0o755)  # left world-readable by an older version
+    os.chmod(run, 0o755)
+    (run / "kafka").mkdir()
+    stack = Stack(settings, Path("config/demo.yaml").resolve(), run, say=lambda m: None)
+    stack.spawn("probe", ["--help"])  # a real CLI process: creates its pid file and log
+    stack.stop("probe")
+    assert (run / "logs" / "probe.log").exists()
+    assert not _open_bits(run / "logs") and not _open_bits(run / "pids")
+    assert run.stat().st_mode & 0o777 == 0o700
+
+
+def test_data_dirs_are_owner_only(settings: Settings, tmp_path: Path, lax_umask: None,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from connectors.kafka_runtime import KafkaBroker
+    from connectors.warehouse import _DataDirLock
+    from streams.app import create_app
+
+    broker = KafkaBroker(data_dir=tmp_path / "kafka")
+    monkeypatch.setattr(broker, "_launch", lambda: None)  # the directory, not the JVM
+    broker.start(wait=False)
+    assert broker.data_dir is not None and broker.data_dir.stat().st_mode & 0o777 == 0o700
+    lock = _DataDirLock(tmp_path / "warehouse")
+    lock.acquire()
+    try:
+        assert not _open_bits(tmp_path / "warehouse")
+    finally:
+        lock.release()
+    app = create_app(settings, "sink", data_root=tmp_path / "faust")
+    assert Path(app.conf.datadir).stat().st_mode & 0o777 == 0o700
+
+
+def test_every_cli_process_creates_files_owner_only(lax_umask: None) -> None:
+    from streams.cli import main
+
+    assert main(["--config", "config/demo.yaml", "check-config"]) == 0
+    assert os.umask(0o022) == 0o077
