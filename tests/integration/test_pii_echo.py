@@ -221,7 +221,8 @@ def test_no_pii_outside_its_documented_places(echo_run: dict[str, Any]) -> None:
         leaks += [f"table {table}: {v}" for v in hits(dump, pats)]
     for log in sorted((p.root / "run" / "logs").glob("*.log")):
         leaks += [f"log {log.name}: {v}" for v in hits(log.read_text(errors="replace"), pats)]
-    assert not leaks, leaks
+    places = sorted({leak.rsplit(": ", 1)[0] for leak in leaks})
+    assert not leaks, f"{len(leaks)} PII values in {places}; e.g. {leaks[:5]}"
 
 
 def test_dead_letters_keep_what_an_operator_needs(echo_run: dict[str, Any]) -> None:
