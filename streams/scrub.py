@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Mapping
+from functools import lru_cache
 from typing import Any, Final
 
 __all__ = ["REDACTED", "looks_like_contact", "safe_ref", "scrub"]
@@ -56,64 +57,118 @@ def _phrase(text: str) -> str | None:
     return _bounded(r"[\W_]+".join(re.escape(w) for w in words))
 
 
-def _phone(digits: str) -> str:
-    national = digits[1:] if len(digits) == 11 and digits[0] == "1" else digits
-    body = _SEP.join(national)
-    if len(national) == 10:  # NANP: the country code is optional
-        return rf"(?<!\d)(?:(?:\+\s*)?1{_SEP})?\(?{body}(?!\d)"
-    return rf"(?<!\d)\+?{body}(?!\d)"
+#: A run of digits with at most 3 separator characters between two of them.
+_DIGIT_RUN: Final = re.compile(r"\d(?:" + _SEP + r"\d)*")
 
 
-def _patterns(value: Any) -> list[tuple[int, str]]:
-    """(weight, regex) for one PII value: the weight is the length of the text it stands
-    for, and longer forms are tried first (a whole address before its words)."""
+def _national(digits: str) -> str:
+    return digits[1:] if len(digits) == 11 and digits[0] == "1" else digits
+
+
+def _phone_spans(text: str, numbers: set[str]) -> list[tuple[int, int]]:
+    """Where in ``text`` each number (its national digits) is written, whatever separates its
+    digits; with its country code ``1`` (NANP), a ``+`` and an opening ``(`` before it. A
+    number is matched whole: its digits are not part of a longer number. (No regex per
+    number: compiling one with separators between every digit costs milliseconds.)"""
+    spans = []
+    for m in _DIGIT_RUN.finditer(text):
+        pos = [m.start() + i for i, ch in enumerate(m.group()) if ch.isdigit()]
+        ds = "".join(text[i] for i in pos)
+
+        def apart(i: int, pos: list[int] = pos) -> bool:  # digits i-1 and i are separated
+            return i == 0 or i == len(pos) or pos[i] - pos[i - 1] > 1
+
+        for nat in numbers:
+            start = ds.find(nat)
+            while start != -1:
+                end = start + len(nat)
+                cc = (len(nat) == 10 and start >= 1 and ds[start - 1] == "1"
+                      and apart(start - 1))
+                if (apart(start) or cc) and apart(end):
+                    lo = pos[start - 1] if cc else pos[start]
+                    while lo > 0 and text[lo - 1] in "+(":
+                        lo -= 1
+                    spans.append((lo, pos[end - 1] + 1))
+                start = ds.find(nat, start + 1)
+    return spans
+
+
+#: (weight, regex, anchor, is_number): the weight is the length of the text the regex stands
+#: for (longer forms are tried first: a whole address before its words); every match contains
+#: the anchor (lower-cased), so a text without it skips the regex — compiling one costs
+#: milliseconds, matching microseconds. A number (is_number; no regex) is found by its
+#: national digits in the text's digit runs.
+_Pattern = tuple[int, str, str, bool]
+
+
+def _first_word(text: str) -> str:
+    return next((w for w in _WORD_SPLIT.split(text) if w), "").lower()
+
+
+def _patterns(value: Any) -> list[_Pattern]:
+    """The patterns of one PII value."""
     if value is None or isinstance(value, bool):
         return []
     s = str(value).strip()
     if len(s) < 2:
         return []
-    out: list[tuple[int, str]] = []
+    out: list[_Pattern] = []
     digits = re.sub(r"\D", "", s)
+    national = _national(digits)
     if _PHONE_LIKE.fullmatch(s) and _MIN_DIGITS <= len(digits) <= _MAX_DIGITS:
-        return [(len(s), _phone(digits))]
+        return [(len(s), "", national, True)]
     if "@" in s and not any(c.isspace() for c in s):
         local, _, domain = s.rpartition("@")
-        out.append((len(s), re.escape(local) + "(?:@|%40)" + re.escape(domain)))
+        out.append((len(s), re.escape(local) + "(?:@|%40)" + re.escape(domain),
+                    local.lower(), False))
         if len(local) >= 4:
             p = _phrase(local)
             if p:
-                out.append((len(local), p))
+                out.append((len(local), p, _first_word(local), False))
         return out
     whole = _phrase(s)
     if whole:
-        out.append((len(s), whole))
+        out.append((len(s), whole, _first_word(s), False))
     parts = [p.strip() for p in _PART_SPLIT.split(s)]
     if len(parts) > 1:
         for part in parts:
             if len(part) >= _MIN_WORD and (p := _phrase(part)):
-                out.append((len(part), p))
+                out.append((len(part), p, _first_word(part), False))
     words = [w for w in _WORD_SPLIT.split(s) if w]
     if len(words) > 1:
         for w in words:
             if len(w) >= _MIN_WORD and any(c.isalpha() for c in w):
-                out.append((len(w), _bounded(re.escape(w))))
+                out.append((len(w), _bounded(re.escape(w)), w.lower(), False))
     if len(digits) >= _MIN_DIGITS:  # a long number inside text (a card, an account id)
-        out.append((len(digits), _phone(digits)))
+        out.append((len(digits), "", national, True))
     return out
 
 
-def _compile(values: Iterable[Any]) -> re.Pattern[str] | None:
+@lru_cache(maxsize=256)
+def _compiled(patterns: tuple[str, ...]) -> re.Pattern[str]:
+    return re.compile("|".join(f"(?:{p})" for p in patterns), re.IGNORECASE)
+
+
+def _compile(values: Iterable[Any], text: str) -> tuple[re.Pattern[str] | None, set[str]]:
+    """One regex of the patterns whose anchor ``text`` holds (None: no such value), and the
+    numbers whose digits it holds."""
+    low = text.lower()
+    digits = re.sub(r"\D", "", text)
     seen: set[str] = set()
+    numbers: set[str] = set()
     weighted: list[tuple[int, str]] = []
     for v in values:
-        for w, p in _patterns(v):
-            if p not in seen:
+        for w, p, anchor, is_number in _patterns(v):
+            if is_number:
+                if anchor in digits:
+                    numbers.add(anchor)
+            elif p not in seen and anchor in low:
                 seen.add(p)
                 weighted.append((w, p))
     if not weighted:
-        return None
+        return None, numbers
     weighted.sort(key=lambda wp: -wp[0])
-    return re.compile("|".join(f"(?:{p})" for _, p in weighted), re.IGNORECASE)
+    return _compiled(tuple(p for _, p in weighted)), numbers
 
 
 def scrub(text: str, values: Mapping[str, Any] | Iterable[Any]) -> str:
@@ -124,8 +179,19 @@ def scrub(text: str, values: Mapping[str, Any] | Iterable[Any]) -> str:
     if text.endswith("…"):
         text = _CLIPPED_TAIL.sub("…", text)
     vals = values.values() if isinstance(values, Mapping) else values
-    pattern = _compile(vals)
-    return text if pattern is None else pattern.sub(REDACTED, text)
+    pattern, numbers = _compile(vals, text)
+    if pattern is not None:
+        text = pattern.sub(REDACTED, text)
+    if numbers:
+        merged: list[list[int]] = []
+        for lo, hi in sorted(_phone_spans(text, numbers)):
+            if merged and lo <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], hi)
+            else:
+                merged.append([lo, hi])
+        for lo, hi in reversed(merged):
+            text = text[:lo] + REDACTED + text[hi:]
+    return text
 
 
 def looks_like_contact(text: str) -> bool:

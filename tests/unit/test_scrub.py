@@ -62,6 +62,8 @@ def test_scrub_removes_every_form_of_every_value(text: str, expected: str) -> No
     ({"ssn": "123-45-6789"}, "ssn 123456789", f"ssn {R}"),
     ({"phone": "+442071838750"}, "ring +44 20 7183 8750", f"ring {R}"),
     ({"zip": 90210}, "zip 90210 and 902100", f"zip {R} and 902100"),
+    ({"phone": "5558000237", "account": "acct 80002371234"}, "5558000237 1234 / 80002371234",
+     f"{R} 1234 / {R}"),
     ({"name": "José Núñez"}, "JOSÉ NÚÑEZ and núñez", f"{R} and {R}"),
     ({"name": "O'Brien"}, "o brien / O'BRIEN", f"{R} / {R}"),
     ({"first_name": "Li"}, "Li said no; lint ok", f"{R} said no; lint ok"),
