@@ -456,7 +456,9 @@ class KafkaBroker:
         or is not ready within ``timeout`` seconds (jar resolution not included), and
         :class:`KafkaPortInUseError` if a port is taken by another process.
         """
-        self._dir.mkdir(parents=True, exist_ok=True)
+        # Owner only: the log segments hold PII (the leads and lead-pii topics).
+        self._dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self._dir, 0o700)
         with _file_lock(self._dir / "broker.lock"):
             pid = self.pid()
             if pid is not None:

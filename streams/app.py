@@ -125,7 +125,8 @@ def create_app(settings: Settings, role: Role = "auction", *, web_port: int | No
     app_id = k.app_id if role == "auction" else f"{k.app_id}-{role}"
     port = settings.worker.web_port if web_port is None else web_port
     datadir = (data_root or Path(tempfile.gettempdir()) / "pingpost-faust") / app_id
-    datadir.mkdir(parents=True, exist_ok=True)
+    datadir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(datadir, 0o700)  # owner only, like everything a worker keeps
     app = faust.App(
         app_id,
         datadir=str(datadir),

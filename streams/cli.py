@@ -476,6 +476,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Every process of the stack (and the broker it launches) creates files readable by
+    # their owner only: the run dir holds PII (broker log segments, Faust data, logs) and
+    # secrets. Explicit modes on the directories back this up where code creates them.
+    os.umask(0o077)
     args = build_parser().parse_args(argv)
     if args.command != "worker":
         logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -15,18 +15,20 @@ import asyncio
 import logging
 import os
 import uuid
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import schemas
 from connectors.buyers import PingOutcome
 from streams import rules
 from streams.app import Context
 from streams.auction import acceptable, conditions_reason
+from streams.leads import pii_hash
 from streams.runtime import DeadLetters, InFlight, now_ms
+from streams.scrub import safe_ref, scrub
 from streams.settings import BuyerConfig, Settings
 
 __all__ = ["register", "plan_pings", "plan_for", "ping_body", "ping_buyer", "ping_id_for",
-           "MIN_WAVE_MS"]
+           "pii_check", "MIN_WAVE_MS"]
 
 log = logging.getLogger(__name__)
 
@@ -124,11 +126,26 @@ def plan_for(ctx: Context, req: dict[str, Any], at_ms: int
         skip_buyers=req.get("skip_buyers"))
 
 
+def pii_check(settings: Settings, req: dict[str, Any],
+              pii: Mapping[str, Any] | None = None) -> Callable[[str], bool]:
+    """Whether a token a buyer sent is one of the lead's PII values: by value when the caller
+    knows them (the post stage), else by keyed hash against the request's ``pii_hashes``
+    (pings never see PII, but a buyer may echo what it knows)."""
+    if pii:
+        return lambda token: scrub(token, pii) != token
+    hashes = req.get("pii_hashes") or {}
+    key = settings.privacy.hash_key.get_secret_value().encode()
+    return lambda token: any(pii_hash(key, f, token) == h for f, h in hashes.items())
+
+
 async def ping_buyer(ctx: Context, req: dict[str, Any], buyer: BuyerConfig, ping_id: str,
-                     stop_at_ms: int, records: Sent | None = None) -> dict[str, Any]:
+                     stop_at_ms: int, records: Sent | None = None, *,
+                     pii: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Ping one buyer for ``req`` (lead_id, flow, ping_fields) with the time left until
     ``stop_at_ms``; send and return its outcome (a ``Bid`` record, floor reason included).
-    ``records`` collects the record with the future of its Kafka acknowledgement."""
+    ``records`` collects the record with the future of its Kafka acknowledgement. The
+    buyer's own ``buyer_id`` is recorded only if it cannot be PII (``pii``: the lead's PII
+    values, when the caller has them)."""
     settings = ctx.settings
     flow = settings.flows[req["flow"]]
     bids = ctx.topic("bids")
@@ -143,6 +160,8 @@ async def ping_buyer(ctx: Context, req: dict[str, Any], buyer: BuyerConfig, ping
                                             max_price=flow.strategy.max_price,
                                             min_price=flow.strategy.min_price)
         record = _bid_record(req, buyer, ping_id, sent, out)
+        if out.buyer_ref is not None:
+            record["buyer_ref"] = safe_ref(out.buyer_ref, pii_check(settings, req, pii))
         if out.status == "bid" and out.price is not None:
             # The ping row says why a bid cannot win (below its floor, or its own conditions
             # fail: states, consent, max age at its answer); the auction applies the same

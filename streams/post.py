@@ -27,6 +27,7 @@ from streams.app import Context
 from streams import rules
 from streams.auction import conditions_reason
 from streams.runtime import DeadLetters, InFlight, KeyedLocks, is_transient, now_ms
+from streams.scrub import scrub
 
 __all__ = ["register", "post_id_for", "next_batch", "post_body", "condition_failure"]
 
@@ -79,17 +80,6 @@ def next_batch(order: dict[str, Any], tried: set[str], sold: list[str], sold_mod
     return "shared", shared[:shared_max], skipped
 
 
-def scrub(text: str, pii_values: list[str]) -> str:
-    """Remove the lead's PII values from a buyer's free-text reason before it is recorded
-    (buyers echo things like "duplicate: ada@example.com"); the reason lands in ClickHouse."""
-    out = text
-    for v in pii_values:
-        if v and v.lower() in out.lower():
-            start = out.lower().index(v.lower())
-            out = out[:start] + "[redacted]" + out[start + len(v):]
-    return out
-
-
 def post_body(order: dict[str, Any], pii: dict[str, Any], cand: dict[str, Any], post_id: str,
               exclusive: bool) -> dict[str, Any]:
     """CONTRACT §3: PII fields, the ping values bid on (ping data wins), and the ids."""
@@ -104,7 +94,7 @@ def register(ctx: Context) -> None:
     app, settings = ctx.app, ctx.settings
     parts = settings.kafka.partitions
     deliveries, results = ctx.topic("deliveries"), ctx.topic("results")
-    dead = DeadLetters(ctx.topic("deadletter"), "post")
+    dead = DeadLetters(ctx.topic("deadletter"), "post", settings)
     inflight = InFlight("post", settings.worker.max_inflight, dead)
     pii_table = app.Table("pii", default=None, partitions=parts, key_type=str, value_type=None)
     postings = app.Table("postings", default=None, partitions=parts, key_type=str,
@@ -215,8 +205,9 @@ def register(ctx: Context) -> None:
             if give_up_at - now < MIN_WAVE_MS:
                 break
             stop = min(give_up_at, now + wave.timeout_ms)
+            known = (pii_table.get(order["lead_id"]) or {}).get("fields")
             outcomes = await asyncio.gather(*(
-                ping_buyer(ctx, order, b, ping_id_for(order["lead_id"], b.id), stop)
+                ping_buyer(ctx, order, b, ping_id_for(order["lead_id"], b.id), stop, pii=known)
                 for b in members))
             d = decide(list(outcomes), order["ping_fields"], flow.strategy,
                        order["created_at_ms"], now_ms(), flow=flow,
@@ -370,7 +361,7 @@ def register(ctx: Context) -> None:
         min_budget = flow.min_post_budget_ms
         #: Attempts that timed out (ambiguous): asked again after the lead settles.
         unresolved: list[tuple[dict[str, Any], int, dict[str, Any], bool]] = []
-        pii_values = [str(v) for v in pii["fields"].values() if v is not None and len(str(v)) >= 4]
+        pii_values = list(pii["fields"].values())  # buyer text is scrubbed of every form of each
         while True:
             now = now_ms()
             # An attempt recorded as pending was sent before a crash and its answer was lost:

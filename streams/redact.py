@@ -52,7 +52,7 @@ def register(ctx: Context) -> None:
     app, settings = ctx.app, ctx.settings
     leads, pii_topic, requests = ctx.topic("leads"), ctx.topic("lead_pii"), ctx.topic("ping_requests")
     dedupe = ctx.topic("dedupe")
-    dead = DeadLetters(ctx.topic("deadletter"), "redact")
+    dead = DeadLetters(ctx.topic("deadletter"), "redact", settings)
     pii_ttl_ms = int(settings.privacy.pii_ttl_s * 1000)
     window_ms = int(settings.ingest.idempotency_window_s * 1000)
     # lead_id -> {"at": first seen (ms), "p": partition, "o": offset} of the leads topic.

@@ -88,14 +88,35 @@ def durable_set(table: Any, key: str, value: Any, partition: int) -> Any:
 
 
 class DeadLetters:
-    """Routes records a stage cannot process to the dead-letter topic, with the reason."""
+    """Routes records a stage cannot process to the dead-letter topic, with the reason.
 
-    def __init__(self, topic: Any, stage: str) -> None:
+    A dead letter never holds a raw PII value (``streams.privacy``): a lead or a lead's PII
+    record is kept as a PII-free view plus keyed hashes, an undecodable record as its length
+    and keyed hash only; the reason and the log line are scrubbed of the record's PII values.
+    ``settings`` gives the flows' PII fields and the hash key (by default those of the app
+    the topic belongs to)."""
+
+    def __init__(self, topic: Any, stage: str, settings: Any = None) -> None:
         self.topic = topic
         self.stage = stage
+        self.settings = settings
+
+    def _safe(self, value: Any) -> Any:
+        from streams.privacy import dead_letter_payload
+
+        settings = self.settings
+        if settings is None:  # the Context that create_app attaches to its app
+            ctx = getattr(getattr(self.topic, "app", None), "pingpost_context", None)
+            settings = getattr(ctx, "settings", None)
+        return dead_letter_payload(value, settings)
 
     async def send(self, event: EventT, reason: str, field: str | None = None) -> None:
+        from streams.scrub import scrub
+
         msg = event.message
+        safe = self._safe(msg.value)
+        if safe.pii_values:
+            reason = scrub(reason, safe.pii_values)
         record = {
             "id": f"{msg.topic}:{msg.partition}:{msg.offset}",
             "stage": self.stage,
@@ -103,10 +124,14 @@ class DeadLetters:
             "partition": msg.partition,
             "offset": msg.offset,
             "key": msg.key if isinstance(msg.key, (bytes, type(None))) else str(msg.key).encode(),
-            "payload": msg.value if isinstance(msg.value, bytes) else repr(msg.value).encode(),
+            "payload": safe.payload,
             "reason": reason[:1000],
             "field": field,
             "at_ms": now_ms(),
+            "payload_redacted": safe.redacted,
+            "payload_length": safe.length,
+            "payload_hmac": safe.hmac,
+            "pii_hashes": safe.pii_hashes,
         }
         value = schemas.encode("DeadLetter", record)
         await retry_transient(lambda: self.topic.send(key=msg.key, value=value),
@@ -124,9 +149,13 @@ class DeadLetters:
         except (asyncio.CancelledError, Requeue):
             raise
         except Exception as exc:
+            from streams.scrub import scrub
+
             msg = event.message
+            secret = self._safe(msg.value).pii_values  # an error message may quote a value
             log.error("%s failed on %s:%s:%s\n%s", what, msg.topic, msg.partition,
-                      msg.offset, traceback.format_exc())
+                      msg.offset, scrub(traceback.format_exc(), secret) if secret
+                      else traceback.format_exc())
             await self.send(event, f"{what}: {type(exc).__name__}: {exc}")
             return False
 

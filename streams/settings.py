@@ -661,6 +661,10 @@ class PrivacyConfig(_Model):
     hash_key: SecretStr = SecretStr("pingpost-dev-hash-key")
     #: How long the post stage keeps a lead's PII if the lead is never settled.
     pii_ttl_s: Annotated[float, Field(gt=0)] = 3600.0
+    #: Retention of the leads topic, which holds every lead whole, PII included (the redact
+    #: stage reads it within seconds). A lead not redacted by then — every auction worker
+    #: down for longer — is lost, so keep it above the longest outage you plan to ride out.
+    leads_retention_hours: Annotated[float, Field(ge=1, le=24 * 30)] = 24.0
 
 
 class Settings(_Model):

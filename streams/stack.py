@@ -118,6 +118,15 @@ class Stack:
     def log_dir(self) -> Path:
         return self.run_dir / "logs"
 
+    def private_run_dir(self) -> None:
+        """Create the run dir (and its pids/ and logs/) readable by their owner only, and
+        take group/other access away from one an older version left world-readable:
+        everything below it — the broker's log segments, the warehouse, Faust's data, logs —
+        holds PII or secrets."""
+        for d in (self.run_dir, self.pid_dir, self.log_dir):
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(d, 0o700)
+
     def broker(self) -> KafkaBroker:
         return KafkaBroker(port=self.kafka_port, data_dir=self.run_dir / "kafka",
                            num_partitions=self.settings.kafka.partitions)
@@ -157,9 +166,9 @@ class Stack:
             except subprocess.TimeoutExpired:
                 logging.getLogger(__name__).warning(
                     "%s (pid %d) did not exit; replacing it anyway", name, old.pid)
-        self.pid_dir.mkdir(parents=True, exist_ok=True)
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_dir / f"{name}.log", "ab")
+        self.private_run_dir()
+        log = open(os.open(self.log_dir / f"{name}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+                           0o600), "ab")
         full_env = dict(os.environ)
         full_env["PINGPOST_CONFIG"] = str(self.config_path)
         # Workers keep their Faust data directory under the run dir, not the caller's cwd.
@@ -237,6 +246,7 @@ class Stack:
             raise StackError(f"ingest port {s.ingest.port} is already in use by another process "
                              f"(ingest.listen: {s.ingest.listen}); stop that process or set "
                              f"ingest.listen to a free port in {self.config_path}")
+        self.private_run_dir()
         if start_kafka:
             broker = self.broker()
             if not broker.is_running():

@@ -26,6 +26,7 @@ def changelog_topic(app_id: str, table: str) -> str:
     return f"{app_id}-{table}-changelog"
 
 DAY_MS = 24 * 3600 * 1000
+HOUR_MS = 3600 * 1000
 
 
 @dataclass(frozen=True)
@@ -77,15 +78,21 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
     n = TopicNames.from_settings(settings)
     parts = settings.kafka.partitions
     week = {"retention.ms": str(7 * DAY_MS)}
+    # Topics holding raw PII are deleted segment by segment: hour-long segments, so nothing
+    # outlives its retention by more than an hour (Kafka's default segment is 7 days).
+    hour_segments = {"segment.ms": str(HOUR_MS)}
+    leads_ms = int(settings.privacy.leads_retention_hours * HOUR_MS)
     return [
-        TopicSpec(n.leads, ("Lead",), parts, week, "leads in, from producers and HTTP ingest"),
+        TopicSpec(n.leads, ("Lead",), parts, {"retention.ms": str(leads_ms), **hour_segments},
+                  "leads in, from producers and HTTP ingest; PII-bearing (whole leads), kept "
+                  "privacy.leads_retention_hours"),
         TopicSpec(n.ping_requests, ("PingRequest",), parts, week, "accepted leads, ping view only"),
         # PII: compacted, one day at most (the post stage's table forgets it once settled).
         TopicSpec(
             n.lead_pii,
             ("LeadPii",),
             parts,
-            {"cleanup.policy": "compact,delete", "retention.ms": str(DAY_MS)},
+            {"cleanup.policy": "compact,delete", "retention.ms": str(DAY_MS), **hour_segments},
             "PII of accepted leads; read only by the post stage",
         ),
         TopicSpec(n.bids, ("AuctionOpen", "Bid", "AuctionClose"), parts, week,
@@ -112,7 +119,7 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
                     # The PII table's changelog holds PII: compacted and also deleted after a
                     # day, in hour-long segments so deletion is not held back by a big segment.
                     {"cleanup.policy": "compact,delete", "retention.ms": str(DAY_MS),
-                     "segment.ms": str(3600 * 1000)} if t == "pii"
+                     **hour_segments} if t == "pii"
                     else {"cleanup.policy": "compact"},
                     f"changelog of the Faust table '{t}'")
           for t in TABLES),

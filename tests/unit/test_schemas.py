@@ -157,6 +157,8 @@ RECORDS: dict[str, dict[str, Any]] = {
         "id": "pingpost.leads:2:991", "stage": "redact", "topic": "pingpost.leads",
         "partition": 2, "offset": 991, "key": b"lead-0002", "payload": b"\xc3\x01garbage\x00",
         "reason": "invalid lead: zip: has an invalid format", "field": "zip", "at_ms": T0 + 5,
+        "payload_redacted": True, "payload_length": 213, "payload_hmac": "ab" * 32,
+        "pii_hashes": {"email": "cd" * 32},
     },
     "CapRequest": {"request_id": "r1", "kind": "reserve", "buyer_id": "b1", "lead_id": "l1",
                    "price": 42.5, "at_ms": 1_700_000_000_000, "expires_at_ms": 1_700_000_001_000},

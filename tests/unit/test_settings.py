@@ -175,6 +175,8 @@ ERRORS: list[tuple[str, Mutator, list[str]]] = [
      ["flows.solar.fields.zip.type"]),
     ("shared_max zero", _flow(strategy={"shared_max": 0}), ["flows.solar.strategy.shared_max"]),
     ("partitions zero", _set(["kafka", "partitions"], 0), ["kafka.partitions"]),
+    ("leads retention under an hour", _set(["privacy", "leads_retention_hours"], 0.5),
+     ["privacy.leads_retention_hours"]),
     ("bad topic prefix", _set(["kafka", "topic_prefix"], "ping post!"), ["kafka.topic_prefix"]),
     ("bad database name", _set(["clickhouse", "database"], "ping-post"),
      ["clickhouse.database"]),
