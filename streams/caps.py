@@ -31,7 +31,7 @@ This module is the ledger itself, pure and JSON-serialisable (it is the table's 
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 import schemas
 from streams import rules
@@ -168,6 +168,10 @@ class CapClient:
         self._requests = requests
         self._timeout_s = timeout_s
         self.pending: dict[str, Any] = {}
+        #: Set by the stage: applies a request in-process when this worker owns the buyer's
+        #: ledger right now (``(granted, reason)``), else None (go through the caps topic).
+        self.local: Callable[[str, str, str, float], Awaitable[tuple[bool, str] | None]] | \
+            None = None
 
     async def send_request(self, kind: str, buyer_id: str, lead_id: str, price: float,
                            request_id: str, expires_at_ms: int | None = None) -> None:
@@ -190,6 +194,10 @@ class CapClient:
 
         from streams.runtime import Requeue, now_ms
 
+        if self.local is not None:
+            here = await self.local("reserve", buyer_id, lead_id, price)
+            if here is not None:
+                return here
         rid = str(uuid.uuid4())
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
@@ -217,10 +225,12 @@ class CapClient:
             fut.set_result((rec["granted"], rec["reason"]))
 
     async def commit(self, buyer_id: str, lead_id: str, price: float) -> None:
-        await self.send_request("commit", buyer_id, lead_id, price, f"commit:{lead_id}")
+        if self.local is None or await self.local("commit", buyer_id, lead_id, price) is None:
+            await self.send_request("commit", buyer_id, lead_id, price, f"commit:{lead_id}")
 
     async def release(self, buyer_id: str, lead_id: str) -> None:
-        await self.send_request("release", buyer_id, lead_id, 0.0, f"release:{lead_id}")
+        if self.local is None or await self.local("release", buyer_id, lead_id, 0.0) is None:
+            await self.send_request("release", buyer_id, lead_id, 0.0, f"release:{lead_id}")
 
 
 class CapView:
@@ -253,10 +263,13 @@ def register(ctx: Any) -> None:
     ttls = {b.id: hold_ttl_ms(b.post_timeout_ms) for b in settings.buyers if b.caps is not None}
     if not capped:
         return
+    import asyncio
     import copy
 
+    from aiokafka.partitioner import murmur2
+
     from streams.buyer_stats import follow_topic
-    from streams.runtime import DeadLetters, now_ms
+    from streams.runtime import DeadLetters, durable_set, now_ms
 
     app = ctx.app
     requests, decisions, states = ctx.topic("caps"), ctx.topic("cap_decisions"), ctx.topic("cap_state")
@@ -268,9 +281,28 @@ def register(ctx: Any) -> None:
     ctx.resources["caps_client"] = client
     ctx.resources["caps_view"] = view
 
-    async def apply(rec: dict[str, Any]) -> None:
+    caps_topic = requests.get_topic_name()
+    parts = settings.kafka.partitions
+    #: One request at a time per worker, whether it came through the caps topic or in-process.
+    lock = asyncio.Lock()
+
+    def buyer_partition(buyer_id: str) -> int:
+        return (murmur2(buyer_id.encode()) & 0x7FFFFFFF) % parts
+
+    def owns_buyer(buyer_id: str) -> bool:
+        """Whether this worker owns the buyer's ledger right now (not mid-rebalance)."""
+        if app.rebalancing:
+            return False
+        part = buyer_partition(buyer_id)
+        return any(tp.topic == caps_topic and tp.partition == part
+                   for tp in app.assignor.assigned_actives())
+
+    async def apply(rec: dict[str, Any], local: bool = False) -> tuple[bool, str, Any]:
+        """Apply one request to the buyer's ledger: ``(granted, reason, changelog ack)``.
+        From the caps topic (``local`` False) the answer to a reservation goes out as a
+        ``CapDecision``; in-process, the caller gets it and waits for the changelog ack."""
         caps = capped.get(rec["buyer_id"])
-        granted, why = True, ""
+        granted, why, logged = True, "", None
         if caps is not None:
             led = copy.deepcopy(table.get(rec["buyer_id"]) or new_ledger())
             expired = rec.get("expires_at_ms") is not None and now_ms() > rec["expires_at_ms"]
@@ -290,17 +322,43 @@ def register(ctx: Any) -> None:
                 expire(led, now_ms())
             else:
                 raise ValueError(f"unknown cap request kind {rec['kind']!r}")
-            table[rec["buyer_id"]] = led
+            if local:
+                logged = durable_set(table, rec["buyer_id"], led,
+                                     buyer_partition(rec["buyer_id"]))
+            else:
+                table[rec["buyer_id"]] = led
             hour, day, c = counters(led, caps, now_ms())
             await states.send(key=rec["buyer_id"].encode(), value=schemas.encode("CapState", {
                 "buyer_id": rec["buyer_id"], "hour": hour, "day": day,
                 "leads_hour": c.leads_hour, "leads_day": c.leads_day,
                 "spend_day": c.spend_day, "at_ms": now_ms()}))
-        if rec["kind"] == "reserve":
+        if rec["kind"] == "reserve" and not local:
             await decisions.send(key=rec["lead_id"].encode(), value=schemas.encode(
                 "CapDecision", {"request_id": rec["request_id"], "buyer_id": rec["buyer_id"],
                                 "lead_id": rec["lead_id"], "granted": granted,
                                 "reason": why}))
+        return granted, why, logged
+
+    async def apply_here(kind: str, buyer_id: str, lead_id: str,
+                         price: float) -> tuple[bool, str] | None:
+        """A request applied in-process when this worker owns the buyer's ledger: no round
+        trip through two topics (in the demo that trip took ~1.2 s at the median, the
+        owner's agent sharing the worker with every other stage). The ledger change is on
+        the changelog before the answer is used. None: not the owner right now."""
+        if buyer_id not in capped or not owns_buyer(buyer_id):
+            return None
+        async with lock:
+            if not owns_buyer(buyer_id):
+                return None
+            granted, why, logged = await apply(
+                {"request_id": f"{kind}:{lead_id}", "kind": kind, "buyer_id": buyer_id,
+                 "lead_id": lead_id, "price": float(price), "at_ms": now_ms(),
+                 "expires_at_ms": None}, local=True)
+        if logged is not None and kind == "reserve":
+            await logged  # a slot granted is durable before the lead is posted on it
+        return granted, why
+
+    client.local = apply_here
 
     @app.agent(requests, name="caps", concurrency=1)
     async def caps_agent(stream: Any) -> None:
@@ -310,7 +368,8 @@ def register(ctx: Any) -> None:
             except schemas.SchemaError as exc:
                 await dead.send(event, f"undecodable cap request: {exc}")
                 continue
-            await dead.guarded(event, lambda r=rec: apply(r), "caps")
+            async with lock:
+                await dead.guarded(event, lambda r=rec: apply(r), "caps")
 
     #: buyer -> when this worker last asked itself to expire the buyer's holds.
     expiry_sent: dict[str, int] = {}
@@ -327,8 +386,9 @@ def register(ctx: Any) -> None:
                 continue
             expiry_sent[buyer_id] = now
             try:
-                await client.send_request("expire", buyer_id, "", 0.0,
-                                                f"expire:{buyer_id}:{now}")
+                if await apply_here("expire", buyer_id, "", 0.0) is None:
+                    await client.send_request("expire", buyer_id, "", 0.0,
+                                              f"expire:{buyer_id}:{now}")
             except Exception as exc:  # noqa: BLE001 - the next tick tries again
                 log.warning("could not ask to expire %s's reservations: %s", buyer_id, exc)
 

@@ -238,8 +238,9 @@ def register(ctx: Context) -> None:
             "ping_fields": req["ping_fields"], "pinged": pinged,
             "skip_buyers": req.get("skip_buyers") or [],
         }
-        # The round is in the auction table, durably, before a ping leaves: a redelivery
-        # of this request after a crash pings nobody twice (see auction.mark_open).
+        # The round is in the auction table (and on its way to the changelog) before a ping
+        # leaves: a redelivery of this request after a crash pings nobody twice (see
+        # auction.mark_open).
         mark_open = ctx.resources.get("auction_mark_open")
         if mark_open is not None and not await mark_open(open_rec):
             log.info("lead %s already auctioned; not pinging again", req["lead_id"])
