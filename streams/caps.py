@@ -14,8 +14,7 @@ posts + outstanding reservations + this one stay within every cap of the current
 accepted post ``commit``\\s the reservation; a rejected or failed one ``release``\\s it. A post
 whose outcome is ambiguous (timed out twice: the buyer may have taken it) is committed too —
 a budget errs on the side of the buyer. A reservation nobody commits or releases (its worker
-crashed) expires after :func:`hold_ttl_ms` (twice the buyer's post timeout plus 5 s: an
-attempt asks at most twice), and the owner then republishes the buyer's counters at once
+crashed) expires after :func:`hold_ttl_ms` (120 s), and the owner then republishes the buyer's counters at once
 (an ``expire`` request it sends itself), so no worker filters the buyer on a dead hold for
 longer than that; a post stage that did not hear back in time treats the slot as denied, so
 a slow owner can cost a sale, never exceed a cap.
@@ -52,10 +51,15 @@ DONE_TTL_MS = HOLD_TTL_MS
 DONE_KEEP = 1000
 
 
-def hold_ttl_ms(post_timeout_ms: int) -> int:
-    """How long a buyer's reservation lives: an attempt asks the buyer at most twice, each
-    within its post timeout; 5 s of slack for the commit to reach the owner."""
-    return max(10_000, 2 * post_timeout_ms + 5_000)
+def hold_ttl_ms(post_timeout_ms: int, floor_ms: int = HOLD_TTL_MS) -> int:
+    """How long a buyer's reservation lives: at least ``floor_ms`` (``worker.cap_hold_s``,
+    120 s by default), and longer
+    than an attempt can take (it asks the buyer at most twice). Not shorter: a post recorded
+    as pending when its worker crashed is resolved by the next owner, after a restart and a
+    recovery, and counted then whatever the ledger says — had its hold expired meanwhile,
+    the slot could have gone to another lead and the cap been exceeded (seen at 11 s: 126
+    of 120 in the churn test)."""
+    return max(floor_ms, 2 * post_timeout_ms + 5_000)
 
 
 def expire(led: dict[str, Any], at_ms: int) -> bool:
@@ -260,7 +264,9 @@ def register(ctx: Any) -> None:
     and the view feed, in every auction worker when any buyer has caps."""
     settings = ctx.settings
     capped = {b.id: b.caps for b in settings.buyers if b.caps is not None}
-    ttls = {b.id: hold_ttl_ms(b.post_timeout_ms) for b in settings.buyers if b.caps is not None}
+    floor = int(settings.worker.cap_hold_s * 1000)
+    ttls = {b.id: hold_ttl_ms(b.post_timeout_ms, floor) for b in settings.buyers
+            if b.caps is not None}
     if not capped:
         return
     import asyncio

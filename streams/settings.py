@@ -157,6 +157,9 @@ class WorkerConfig(_Model):
     max_inflight: Annotated[int, Field(ge=1)] = 1000
     #: Faust's web port (0 disables; several workers on one host need distinct ports).
     web_port: Annotated[int, Field(ge=0, le=65535)] = 6066
+    #: How long a capped buyer's reservation lives when nobody commits or releases it (its
+    #: worker crashed): at least this, and longer than two of the buyer's post timeouts.
+    cap_hold_s: Annotated[float, Field(ge=1)] = 120.0
     #: How long a closed auction stays in the auction table to reject late/redelivered bids.
     closed_retention_s: Annotated[float, Field(gt=0)] = 600.0
 
@@ -637,6 +640,9 @@ class SimBuyerConfig(_Model):
     #: Idempotency-Key gets the stored answer once the first has been decided.
     post_slow_share: Annotated[float, Field(ge=0, le=1)] = 0.0
     post_slow_ms: Annotated[float, Field(ge=0)] = 2000.0
+    #: A buyer that repeats the lead's PII (names, email, phone in several spellings,
+    #: address) in every rejection reason and error body it returns (the chaos bench).
+    echo_pii: bool = False
     #: Misbehaviour for tests: garbage answers.
     mode: Literal["normal", "non_json", "http_500", "negative_price", "string_price", "slow"] = (
         "normal"

@@ -208,6 +208,25 @@ def _json_response(data: Any, status: int = 200) -> web.Response:
     return web.Response(status=status, body=orjson.dumps(data), content_type=_JSON)
 
 
+def pii_echo(post: dict[str, Any]) -> str:
+    """The lead's PII as a careless buyer repeats it: names, the email upper-cased, the phone
+    as digits and as (555) 800-0237 / +1 555-800-0237, the address, some twice."""
+    first, last = str(post.get("first_name", "")), str(post.get("last_name", ""))
+    email, address = str(post.get("email", "")), str(post.get("address", ""))
+    digits = "".join(ch for ch in str(post.get("phone", "")) if ch.isdigit())[-10:]
+    a, b, c = digits[:3], digits[3:6], digits[6:]
+    return (f"{first} {last} ({last.upper()}) {email.upper()} / {email} tel 1{digits} "
+            f"({a}) {b}-{c} +1 {a}-{b}-{c} at {address}; again {first} {address}")
+
+
+def _echo_response(answer: PostAnswer, post: dict[str, Any]) -> web.Response:
+    echo = pii_echo(post)
+    if answer.outcome == "rejected":
+        return web.Response(status=200, content_type="application/json", body=orjson.dumps(
+            {"accepted": False, "reason": f"duplicate of {echo}"}))
+    return web.Response(status=answer.status, text=f"error for {echo}")
+
+
 def _answer_response(status: int, body: bytes, content_type: str | None) -> web.Response:
     if status == 204:
         return web.Response(status=204)
@@ -458,6 +477,8 @@ class SimulatedMarket:
             # The buyer decided once: a retry gets the stored answer as soon as it exists.
             delay = max(0.0, b.post_ready_at.get(key, now) - now)
         await self._sleep(delay)
+        if b.cfg.echo_pii and answer.outcome != "accepted" and isinstance(body, dict):
+            return _echo_response(answer, body)
         return _answer_response(answer.status, answer.body, answer.content_type)
 
     async def _on_received(self, b: _Buyer, request: web.Request) -> web.Response:

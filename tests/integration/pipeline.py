@@ -45,7 +45,8 @@ class Pipeline:
     def __init__(self, root: Path, kafka_bootstrap: str, warehouse_url: str,
                  buyers: dict[str, dict[str, Any]], *, flow: dict[str, Any] | None = None,
                  workers: int = 1, metrics: dict[str, Any] | None = None,
-                 alerts: list[dict[str, Any]] | None = None, web_port: int = 0) -> None:
+                 alerts: list[dict[str, Any]] | None = None, web_port: int = 0,
+                 worker: dict[str, Any] | None = None) -> None:
         self.name = "t" + uuid.uuid4().hex[:8]
         ports = free_ports(len(buyers) + 2)
         self.ingest_port = ports[0]
@@ -68,7 +69,7 @@ class Pipeline:
             "ingest": {"listen": f"127.0.0.1:{self.ingest_port}", "max_body_bytes": 4096,
                        "producers": [{"name": "tests", "token": TOKEN}],
                        "wait_timeout_s": 20},
-            "worker": {"web_port": web_port},
+            "worker": {"web_port": web_port, **(worker or {})},
             "flows": {"solar": flow or SOLAR_FLOW},
             "buyers": buyer_cfgs,
             "simulator": {"seed": 11, "buyers": sims},

@@ -21,6 +21,7 @@ pytestmark = pytest.mark.integration
 SIM = {"bid_probability": 1.0, "latency_ms": {"median": 10, "p99": 40}, "late_share": 0.0,
        "error_rate": 0.0, "post_reject_rate": 0.0, "exclusive_share": 0.0, "conditions": {}}
 CAP = 3
+HOLD_S = 8.0  # the default is 120 s: short here so the test does not wait two minutes
 BUYERS: dict[str, dict[str, Any]] = {
     "capped": {"caps": {"leads_per_day": CAP}, "post_timeout_ms": 1000,
                "sim": {**SIM, "price": {"median": 300, "p99": 320}}},
@@ -31,7 +32,8 @@ BUYERS: dict[str, dict[str, Any]] = {
 @pytest.fixture(scope="module")
 def market(kafka_bootstrap: str, warehouse_url: str,
            tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
-    p = Pipeline(tmp_path_factory.mktemp("holds"), kafka_bootstrap, warehouse_url, BUYERS)
+    p = Pipeline(tmp_path_factory.mktemp("holds"), kafka_bootstrap, warehouse_url, BUYERS,
+                 worker={"cap_hold_s": HOLD_S})
     try:
         p.start()
         yield p
@@ -62,7 +64,7 @@ def test_leaked_holds_expire_and_the_buyer_gets_its_cap(market: Pipeline) -> Non
     freed = wait_for(lambda: [s for s in _states(market)
                               if s["at_ms"] > filled_at and s["leads_day"] == 1], 60,
                      "the expired holds to be released and republished")
-    ttl = hold_ttl_ms(BUYERS["capped"]["post_timeout_ms"])
+    ttl = hold_ttl_ms(BUYERS["capped"]["post_timeout_ms"], int(HOLD_S * 1000))
     assert freed[0]["at_ms"] - now <= ttl + 3_000, (freed[0]["at_ms"] - now, ttl)
     # ...and the buyer receives its full cap: CAP - 1 more leads.
     answers = asyncio.run(market.post_many(generate_leads(CAP + 2, seed=702), wait=True,

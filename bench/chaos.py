@@ -1,0 +1,528 @@
+"""Chaos bench (issue 10, item 8): the whole stack under the faults an operator meets, and the
+money and PII invariants checked afterwards.
+
+    .venv/bin/python bench/chaos.py                      # the full run (~4 min)
+    .venv/bin/python bench/chaos.py --leads 300 --rate 30 --no-broker --no-warehouse
+
+It starts its own stack (own Kafka broker, warehouse, run dir and ports, under
+``.run/chaos/``): two auction workers, the sink, ingest, and the demo market of
+``config/demo.yaml`` — plus a buyer that answers posts after its timeout (the buyer still
+decides: reconciliation territory) and one that repeats the lead's PII in every rejection and
+error it returns. A producer pushes leads at ``--rate`` with an ``Idempotency-Key`` each; it
+gives up on an answer after 10 s and retries with the same key (after ``Retry-After`` on a 429
+or 503), as a real producer would. Meanwhile:
+
+- an auction worker is killed (``kill -9``) every ``--kill-every`` seconds and restarted;
+- the broker is killed for ``--broker-down`` seconds, then restarted on its data;
+- the warehouse is killed for ``--warehouse-down`` seconds, then restarted;
+- for ``--overload-s`` seconds the producer offers ``--overload`` times the rate.
+
+Then it waits until every accepted lead is settled in ClickHouse and checks:
+
+- every accepted lead has exactly one outcome, and no other lead exists (0 duplicates);
+- no lead is sold twice to one buyer, nor beyond its exclusivity or ``shared_max``;
+- the sales recorded equal the posts the buyers accepted (the simulator decides each post by
+  its Idempotency-Key, so its acceptances are known exactly);
+- the capped buyer never gets more than its cap in an hour;
+- one post order per lead (a re-sent order is the same bytes);
+- no PII value (in any of the spellings the echoing buyer uses) outside the leads topic,
+  ``lead-pii``, the PII table's changelog and the posts to winners: every other topic, every
+  table, every log;
+- how long the last lead took to settle after the last push, receipt → ping open p50/p99 of
+  the accepted leads, and leads unsold for a platform reason.
+
+It prints a table and exits 1 if an invariant failed. ``run()`` is what the test suite's short
+version calls (tests/integration/test_chaos.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import re
+import signal
+import socket
+import sys
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import schemas  # noqa: E402
+from streams.demo import generate_leads  # noqa: E402
+from streams.settings import load_settings  # noqa: E402
+from streams.simulator import decide_post  # noqa: E402
+from streams.stack import Stack  # noqa: E402
+from streams.topics import TABLES, TopicNames, changelog_topic  # noqa: E402
+
+#: Unsold reasons that are the platform's fault, not the market's.
+PLATFORM_REASONS = ("post window", "PII unavailable", "internal error", "did not answer",
+                    "expired", "flow not configured")
+TOKEN = "chaos-producer-token"
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+@dataclass
+class Options:
+    leads: int = 3000
+    rate: float = 30.0
+    workers: int = 2
+    kill_every: float = 12.0
+    broker_down: float = 20.0
+    warehouse_down: float = 60.0
+    overload: float = 2.0
+    overload_s: float = 10.0
+    settle_timeout: float = 240.0
+    run_dir: Path = REPO / ".run" / "chaos"
+    seed: int = 1234
+    quiet: bool = False
+
+
+@dataclass
+class Producer:
+    """What the producer saw: one lead id per key, and every answer."""
+
+    accepted: dict[str, str] = field(default_factory=dict)  # key -> lead_id
+    answers: Counter[str] = field(default_factory=Counter)
+    pushed_until: float = 0.0
+    slowest_503_s: float = 0.0
+    mismatched: int = 0  # a repeat of a key answered with another lead id
+
+
+def build_config(opts: Options) -> tuple[Path, dict[str, Any]]:
+    raw = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
+    sim = raw["simulator"]["buyers"]
+    buyers = raw["buyers"]
+    # A buyer that answers half its posts after its post timeout (it still decides), and one
+    # that echoes the lead's PII in its rejections and errors.
+    added = {"laggard": {"post_slow_share": 0.5, "post_slow_ms": 4000},
+             "echoer": {"echo_pii": True, "post_reject_rate": 0.5, "post_error_rate": 0.2}}
+    for bid, spec in added.items():
+        buyers.append({"id": bid, "flows": ["solar"], "tier": "standard", "timeout_ms": 500,
+                       "post_timeout_ms": 1500})
+        sim[bid] = {"bid_probability": 0.6, "price": {"median": 50, "p99": 95},
+                    "exclusive_share": 0.2, "latency_ms": {"median": 40, "p99": 200},
+                    "post_reject_rate": 0.1, **spec}
+    ports = free_ports(4 + len(sim))
+    kafka, ch, ingest, metrics = ports[:4]
+    for (bid, spec), port in zip(sim.items(), ports[4:]):
+        spec["port"] = port
+        for cfg in buyers:
+            if cfg["id"] == bid:
+                cfg["ping_url"] = f"http://127.0.0.1:{port}/ping"
+                cfg["post_url"] = f"http://127.0.0.1:{port}/post"
+    raw["kafka"].update(bootstrap=f"127.0.0.1:{kafka}", topic_prefix="chaos", app_id="chaos")
+    raw["clickhouse"].update(url=f"http://127.0.0.1:{ch}", database="chaos", batch_seconds=0.5)
+    raw["warehouse"] = {"data_dir": str(opts.run_dir / "warehouse"), "port": ch}
+    raw["ingest"].update(listen=f"127.0.0.1:{ingest}",
+                         producers=[{"name": "chaos", "token": TOKEN}])
+    raw["worker"] = {"web_port": 0}
+    raw["metrics"]["listen"] = f"127.0.0.1:{metrics}"
+    raw["alerts"] = []
+    opts.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = opts.run_dir / "chaos.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path, raw
+
+
+async def produce(url: str, leads: list[dict[str, Any]], opts: Options, prod: Producer,
+                  t0: float, say: Any) -> None:
+    """Offer the leads on schedule; each is retried with its key until accepted."""
+    sem = asyncio.Semaphore(400)
+    over_from, over_to = 0.35 * len(leads), 0.35 * len(leads) + opts.overload_s * opts.rate \
+        * opts.overload
+
+    def due(i: int) -> float:  # seconds after t0
+        if i < over_from:
+            return i / opts.rate
+        if i < over_to:
+            return over_from / opts.rate + (i - over_from) / (opts.rate * opts.overload)
+        return over_from / opts.rate + (over_to - over_from) / (opts.rate * opts.overload) \
+            + (i - over_to) / opts.rate
+
+    async with httpx.AsyncClient(timeout=10.0) as client:
+        async def one(i: int, lead: dict[str, Any]) -> None:
+            key = f"chaos-{opts.seed}-{i}"
+            async with sem:
+                while True:
+                    started = time.monotonic()
+                    try:
+                        r = await client.post(url, json=lead, headers={
+                            "Authorization": f"Bearer {TOKEN}", "Idempotency-Key": key})
+                    except httpx.HTTPError as exc:
+                        prod.answers[type(exc).__name__] += 1
+                        await asyncio.sleep(1.0)
+                        continue
+                    prod.answers[str(r.status_code)] += 1
+                    if r.status_code in (200, 202):
+                        lead_id = r.json()["lead_id"]
+                        if prod.accepted.setdefault(key, lead_id) != lead_id:
+                            prod.mismatched += 1
+                        return
+                    if r.status_code in (429, 503):
+                        if r.status_code == 503:
+                            prod.slowest_503_s = max(prod.slowest_503_s,
+                                                     time.monotonic() - started)
+                        await asyncio.sleep(min(5.0, float(r.headers.get("Retry-After", 1))))
+                        continue
+                    raise RuntimeError(f"lead {i}: unexpected {r.status_code} {r.text}")
+
+        tasks = []
+        for i, lead in enumerate(leads):
+            wait = t0 + due(i) - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            tasks.append(asyncio.create_task(one(i, lead)))
+            if i % 500 == 499:
+                say(f"  offered {i + 1} leads; answers so far {dict(prod.answers)}")
+        await asyncio.gather(*tasks)
+    prod.pushed_until = time.monotonic()
+
+
+async def faults(stack: Stack, opts: Options, t0: float, stop: asyncio.Event,
+                 log: list[str], say: Any) -> None:
+    """Kill a worker every ``kill_every`` s; one broker outage; one warehouse outage."""
+    duration = opts.leads / opts.rate
+    broker_at = 0.45 * duration if opts.broker_down else None
+    warehouse_at = 0.2 * duration if opts.warehouse_down else None
+    rnd = random.Random(opts.seed)
+    next_kill = t0 + opts.kill_every if opts.kill_every else None
+    workers = ["worker" if i == 0 else f"worker{i + 1}" for i in range(opts.workers)]
+
+    def note(text: str) -> None:
+        log.append(f"{time.monotonic() - t0:6.1f}s {text}")
+        say(f"  fault: {text}")
+
+    while not stop.is_set():
+        now = time.monotonic()
+        if next_kill is not None and now >= next_kill:
+            name = rnd.choice(workers)
+            pid = stack._pid(name)  # noqa: SLF001
+            if pid is not None:
+                os.kill(pid, signal.SIGKILL)
+                note(f"kill -9 {name}")
+                while stack.running(name):
+                    await asyncio.sleep(0.1)
+                stack.spawn(name, ["worker", "--role", "auction"])
+            next_kill = now + opts.kill_every
+        if broker_at is not None and now - t0 >= broker_at:
+            broker_at = None
+            broker = stack.broker()
+            pid = broker.pid()
+            if pid is not None:
+                os.kill(pid, signal.SIGKILL)
+                note(f"kill -9 the broker for {opts.broker_down:.0f} s")
+                await asyncio.sleep(opts.broker_down)
+                await asyncio.to_thread(broker.start, True, 120)
+                note("broker back")
+        if warehouse_at is not None and now - t0 >= warehouse_at:
+            warehouse_at = None
+            pid = stack._pid("warehouse")  # noqa: SLF001
+            if pid is not None:
+                os.kill(pid, signal.SIGKILL)
+                note(f"kill -9 the warehouse for {opts.warehouse_down:.0f} s")
+                back = time.monotonic() + opts.warehouse_down
+                while time.monotonic() < back and not stop.is_set():
+                    await asyncio.sleep(0.5)
+                ch = stack.settings.clickhouse.url.rstrip("/")
+                stack.spawn("warehouse", ["warehouse", "--data-dir",
+                                          str(opts.run_dir / "warehouse"), "--port",
+                                          ch.rsplit(":", 1)[1]], nice=10)
+                note("warehouse back")
+        await asyncio.sleep(0.2)
+
+
+def read_topic(bootstrap: str, topic: str) -> list[Any]:
+    from aiokafka import AIOKafkaConsumer
+    from aiokafka.structs import TopicPartition
+
+    async def go() -> list[Any]:
+        c = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=None,
+                             enable_auto_commit=False)
+        await c.start()
+        try:
+            parts = c.partitions_for_topic(topic) or set()
+            c.unsubscribe()
+            tps = [TopicPartition(topic, p) for p in parts]
+            if not tps:
+                return []
+            c.assign(tps)
+            await c.seek_to_beginning(*tps)
+            ends = await c.end_offsets(tps)
+            out: list[Any] = []
+            left = {tp for tp in tps if ends[tp] > 0}
+            while left:
+                batch = await c.getmany(*left, timeout_ms=1000)
+                for msgs in batch.values():
+                    out.extend(msgs)
+                left = {tp for tp in left if await c.position(tp) < ends[tp]}
+            return out
+        finally:
+            await c.stop()
+
+    return asyncio.run(go())
+
+
+def list_topics(bootstrap: str) -> list[str]:
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    async def go() -> list[str]:
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+        await admin.start()
+        try:
+            return list(await admin.list_topics())
+        finally:
+            await admin.close()
+
+    return asyncio.run(go())
+
+
+def pii_patterns(leads: list[dict[str, Any]]) -> list[tuple[str, re.Pattern[str]]]:
+    """Every PII value of the leads, as the echoing buyer spells it: names and the address
+    case-insensitively, the email too, the phone by its last 10 digits in any formatting."""
+    out = []
+    for lead in leads:
+        for f in ("first_name", "last_name", "email", "address"):
+            v = str(lead.get(f) or "")
+            if len(v) >= 5:
+                out.append((v, re.compile(re.escape(v), re.I)))
+        digits = "".join(ch for ch in str(lead.get("phone", "")) if ch.isdigit())[-10:]
+        if digits:
+            out.append((digits, re.compile(r"\D?".join(digits))))
+    return out
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+
+def check(settings: Any, stack: Stack, leads: list[dict[str, Any]], prod: Producer,
+          settled_after_s: float | None, fault_log: list[str]) -> list[Check]:
+    import clickhouse_connect
+
+    names = TopicNames.from_settings(settings)
+    ch_url = settings.clickhouse.url.rstrip("/")
+    client = clickhouse_connect.get_client(host="127.0.0.1", port=int(ch_url.rsplit(":", 1)[1]),
+                                           database=settings.clickhouse.database)
+    ids = sorted(set(prod.accepted.values()))
+    checks: list[Check] = []
+
+    auctions = {r[0]: r for r in client.query(
+        "SELECT lead_id, outcome, winners, reason, dateDiff('millisecond', received_at, "
+        "opened_at) FROM auctions FINAL").result_rows}
+    missing = [i for i in ids if i not in auctions]
+    extra = [i for i in auctions if i not in set(ids)]
+    checks.append(Check("every accepted lead has one outcome", not missing,
+                        f"{len(ids)} accepted, {len(missing)} without an outcome"))
+    checks.append(Check("no duplicate lead (producer retries)", not extra and not prod.mismatched,
+                        f"{len(extra)} leads nobody accepted; {prod.mismatched} keys answered "
+                        "with two ids"))
+    sold = defaultdict(list)
+    for lead_id, buyer, post_id in client.query(
+            "SELECT lead_id, buyer_id, post_id FROM posts FINAL WHERE status = 'accepted'"
+    ).result_rows:
+        sold[lead_id].append((buyer, post_id))
+    twice = sum(1 for v in sold.values() for n in Counter(b for b, _ in v).values() if n > 1)
+    shared_max = settings.flows["solar"].strategy.shared_max
+    beyond = sum(1 for lead_id, v in sold.items()
+                 if (auctions.get(lead_id, ("", "sold_shared"))[1] == "sold_exclusive"
+                     and len(v) > 1) or len(v) > shared_max)
+    checks.append(Check("no lead sold twice to one buyer", twice == 0, f"{twice} (lead, buyer)"))
+    checks.append(Check("exclusivity and shared_max held", beyond == 0,
+                        f"{beyond} leads over (reconciled late acceptances count)"))
+    # What the buyers accepted: each post the simulator received, decided by its key.
+    accepted_by_buyers: set[tuple[str, str]] = set()
+    sim = settings.simulator
+    for buyer_id, cfg in sim.buyers.items():
+        r = httpx.get(f"http://{sim.host}:{cfg.port}/__sim/received", params={"kind": "post"},
+                      timeout=60)
+        for rec in r.json():
+            body = orjson.loads(rec["body"])
+            if decide_post(sim.seed, buyer_id, body["post_id"], cfg).outcome == "accepted":
+                accepted_by_buyers.add((body["lead_id"], buyer_id))
+    recorded = {(lead_id, b) for lead_id, v in sold.items() for b, _ in v}
+    checks.append(Check("sales recorded = acceptances seen by buyers",
+                        recorded == accepted_by_buyers,
+                        f"{len(recorded)} recorded, {len(accepted_by_buyers)} accepted; "
+                        f"{len(accepted_by_buyers - recorded)} accepted but not recorded, "
+                        f"{len(recorded - accepted_by_buyers)} recorded but not accepted"))
+    capped = {b.id: b.caps for b in settings.buyers if b.caps is not None}
+    for buyer_id, caps in capped.items():
+        per_hour = client.query(
+            "SELECT toStartOfHour(sent_at) h, count() FROM posts FINAL WHERE status = "
+            "'accepted' AND buyer_id = {b:String} GROUP BY h", parameters={"b": buyer_id}
+        ).result_rows
+        worst = max((n for _, n in per_hour), default=0)
+        limit = caps.leads_per_hour or 10**9
+        checks.append(Check(f"cap of {buyer_id} never exceeded", worst <= limit,
+                            f"at most {worst} in an hour (cap {caps.leads_per_hour})"))
+    orders: dict[str, set[bytes]] = defaultdict(set)
+    for m in read_topic(settings.kafka.bootstrap, names.posts):
+        orders[schemas.decode_as("PostOrder", m.value)["lead_id"]].add(bytes(m.value))
+    multi = sum(1 for v in orders.values() if len(v) > 1)
+    checks.append(Check("one post order per lead", multi == 0 and set(ids) <= set(orders),
+                        f"{multi} leads with two different orders; "
+                        f"{len(set(ids) - set(orders))} without"))
+    # PII: every topic but the documented ones, every table, every log.
+    allowed = {names.leads, names.lead_pii, changelog_topic(settings.kafka.app_id, "pii")}
+    patterns = pii_patterns(leads)
+    hits: Counter[str] = Counter()
+
+    def scan(where: str, text: str) -> None:
+        for _, pat in patterns:
+            if pat.search(text):
+                hits[where] += 1
+
+    for topic in list_topics(settings.kafka.bootstrap):
+        if topic in allowed or not (topic.startswith("chaos") or topic in
+                                    {changelog_topic(settings.kafka.app_id, t) for t in TABLES}):
+            continue
+        blob = b"\n".join(bytes(m.value or b"") + b" " + bytes(m.key or b"")
+                          for m in read_topic(settings.kafka.bootstrap, topic))
+        scan(f"topic {topic}", blob.decode("utf-8", "replace"))
+    for (table,) in client.query("SHOW TABLES").result_rows:
+        text = "\n".join(str(r) for r in client.query(f"SELECT * FROM `{table}`").result_rows)
+        scan(f"table {table}", text)
+    for log in sorted(stack.log_dir.glob("*.log")):
+        scan(f"log {log.name}", log.read_text(errors="replace"))
+    checks.append(Check("no PII outside its places", not hits,
+                        ", ".join(f"{k}: {n}" for k, n in hits.most_common(6)) or
+                        f"{len(patterns)} values scanned in topics, tables, logs"))
+    delays = sorted(auctions[i][4] for i in ids if i in auctions)
+    platform = sum(1 for i in ids if i in auctions and auctions[i][1] == "unsold"
+                   and any(p in auctions[i][3] for p in PLATFORM_REASONS))
+    if delays:
+        p50, p99 = delays[len(delays) // 2], delays[min(len(delays) - 1, int(0.99 * len(delays)))]
+        checks.append(Check("receipt -> ping open of accepted leads (p99 <= 1 s)", p99 <= 1000,
+                            f"p50 {p50} ms, p99 {p99} ms"))
+    checks.append(Check("no lead unsold for a platform reason", platform == 0,
+                        f"{platform} leads"))
+    checks.append(Check("last lead settled <= 15 s after the last push",
+                        settled_after_s is not None and settled_after_s <= 15,
+                        "never" if settled_after_s is None else f"{settled_after_s:.1f} s"))
+    checks.append(Check("ingest answered 503 within 3 s", prod.slowest_503_s <= 3.0,
+                        f"slowest 503 {prod.slowest_503_s:.2f} s; answers {dict(prod.answers)}"))
+    client.close()
+    return checks
+
+
+def run(opts: Options, say: Any = print) -> list[Check]:
+    """Start the stack, push the leads through the faults, check the invariants."""
+    import shutil
+
+    if opts.run_dir.exists():
+        shutil.rmtree(opts.run_dir)
+    config_path, raw = build_config(opts)
+    settings = load_settings(config_path)
+    stack = Stack(settings, config_path, opts.run_dir,
+                  kafka_port=int(raw["kafka"]["bootstrap"].rsplit(":", 1)[1]),
+                  say=(lambda m: None) if opts.quiet else (lambda m: say(f"  {m}")))
+    leads = generate_leads(opts.leads, seed=opts.seed)
+    prod = Producer()
+    fault_log: list[str] = []
+    say(f"chaos: {opts.leads} leads at {opts.rate}/s, {opts.workers} auction workers, "
+        f"run dir {opts.run_dir}")
+    stack.up(workers=opts.workers, with_metrics=False)
+    try:
+        url = f"http://{settings.ingest.host}:{settings.ingest.port}/v1/leads"
+
+        async def drive() -> None:
+            t0 = time.monotonic()
+            stop = asyncio.Event()
+            chaos = asyncio.create_task(faults(stack, opts, t0, stop, fault_log, say))
+            try:
+                await produce(url, leads, opts, prod, t0, say)
+            finally:
+                stop.set()
+                await chaos
+
+        asyncio.run(drive())
+        say(f"pushed: {len(prod.accepted)} accepted; answers {dict(prod.answers)}")
+        settled_after = wait_settled(settings, sorted(set(prod.accepted.values())), prod,
+                                     opts.settle_timeout, say)
+        checks = check(settings, stack, leads, prod, settled_after, fault_log)
+    finally:
+        stack.down()
+    say("faults: " + "; ".join(fault_log))
+    width = max(len(c.name) for c in checks)
+    for c in checks:
+        say(f"  {'ok  ' if c.ok else 'FAIL'} {c.name.ljust(width)}  {c.detail}")
+    return checks
+
+
+def wait_settled(settings: Any, ids: list[str], prod: Producer, timeout: float,
+                 say: Any) -> float | None:
+    """Seconds from the last push until every accepted lead has a settled auction in
+    ClickHouse (None: not within ``timeout``)."""
+    import clickhouse_connect
+
+    ch_url = settings.clickhouse.url.rstrip("/")
+    deadline = time.monotonic() + timeout
+    last = -1
+    while time.monotonic() < deadline:
+        try:
+            client = clickhouse_connect.get_client(
+                host="127.0.0.1", port=int(ch_url.rsplit(":", 1)[1]),
+                database=settings.clickhouse.database)
+            n = client.query("SELECT count() FROM auctions FINAL WHERE lead_id IN "
+                             "{ids:Array(String)}", parameters={"ids": ids}).result_rows[0][0]
+            client.close()
+        except Exception:  # noqa: BLE001 - the warehouse may still be coming back
+            n = last
+        if n != last:
+            say(f"  settled {n} of {len(ids)}")
+            last = n
+        if n >= len(ids):
+            # the row's arrival bounds the settle time from above
+            return time.monotonic() - prod.pushed_until
+        time.sleep(1.0)
+    return None
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    o = Options()
+    p.add_argument("--leads", type=int, default=o.leads)
+    p.add_argument("--rate", type=float, default=o.rate)
+    p.add_argument("--workers", type=int, default=o.workers)
+    p.add_argument("--kill-every", type=float, default=o.kill_every, help="0: no worker kills")
+    p.add_argument("--broker-down", type=float, default=o.broker_down)
+    p.add_argument("--warehouse-down", type=float, default=o.warehouse_down)
+    p.add_argument("--no-broker", action="store_true")
+    p.add_argument("--no-warehouse", action="store_true")
+    p.add_argument("--overload", type=float, default=o.overload)
+    p.add_argument("--overload-s", type=float, default=o.overload_s)
+    p.add_argument("--seed", type=int, default=o.seed)
+    a = p.parse_args()
+    opts = Options(leads=a.leads, rate=a.rate, workers=a.workers, kill_every=a.kill_every,
+                   broker_down=0 if a.no_broker else a.broker_down,
+                   warehouse_down=0 if a.no_warehouse else a.warehouse_down,
+                   overload=a.overload, overload_s=a.overload_s, seed=a.seed)
+    checks = run(opts)
+    sys.exit(0 if all(c.ok for c in checks) else 1)
+
+
+if __name__ == "__main__":
+    main()
