@@ -127,6 +127,8 @@ class Stack:
         # Workers keep their Faust data directory under the run dir, not the caller's cwd.
         full_env["PINGPOST_RUN_DIR"] = str(self.run_dir)
         full_env.update(env or {})
+        if args[:1] == ["worker"]:  # restarted when it fails (streams/supervise.py)
+            args = ["supervise", "--", *args]
         proc = subprocess.Popen(
             [sys.executable, "-m", "streams.cli", "--config", str(self.config_path), *args],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
