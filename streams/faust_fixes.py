@@ -89,7 +89,7 @@ def apply(fetch_max_wait_ms: int | None = WORKER_FETCH_MAX_WAIT_MS) -> None:
 
 
 #: A consumer offset commit gives up after this long (see point 5).
-COMMIT_TIMEOUT_S = 20.0
+COMMIT_TIMEOUT_S = 10.0
 #: The partition watchdog's calls to the consumer give up after this long.
 WATCHDOG_CALL_TIMEOUT_S = 15.0
 
@@ -489,6 +489,8 @@ class Watchdog:
         self.deliveries = StallWatch(stall_s)
         self.commits = StallWatch(2 * stall_s)
         self.skipping_since: float | None = None
+        #: The last end-offsets call, which may outlive the round that made it.
+        self.highwaters: asyncio.Future[Any] | None = None
 
 
 def partition_state(consumer: Any, tp: Any) -> dict[str, Any]:
@@ -539,9 +541,18 @@ async def watch_partitions(app: Any, dog: Watchdog, now: float) -> list[Any]:
     commits.keep(tps)
     if not tps:
         return []
-    # Bounded: a round must not wait for ever on a stuck consumer thread (the liveness
-    # monitor handles that); the next round tries again.
-    ends = await asyncio.wait_for(consumer.highwaters(*tps), WATCHDOG_CALL_TIMEOUT_S)
+    # Bounded, and never piled up: the call runs on Faust's consumer thread, whose two
+    # workers also serve every fetch, and goes on there when this round stops waiting for
+    # it; until it ends, rounds are skipped (a stuck thread is the liveness monitor's job).
+    if dog.highwaters is not None and not dog.highwaters.done():
+        return []
+    dog.highwaters = asyncio.ensure_future(consumer.highwaters(*tps))
+    done, _ = await asyncio.wait({dog.highwaters}, timeout=WATCHDOG_CALL_TIMEOUT_S)
+    if not done:
+        log.warning("partition watchdog: the consumer's end offsets took over %.0f s; "
+                    "skipping rounds until they come", WATCHDOG_CALL_TIMEOUT_S)
+        return []
+    ends = dog.highwaters.result()
     if app.rebalancing:
         return []
     g = guard_of(consumer)

@@ -12,7 +12,7 @@ lost: events are committed only once processed, and every stage is idempotent (a
 ``kill -9``). ``pingpost up`` runs workers under ``pingpost supervise``, which restarts them.
 
 The monitor is a thread, so it also acts when the event loop itself is blocked. It probes
-the broker only while a wait is older than ``stuck_s``.
+the broker only while a wait is older than ``grace_s``.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 #: Exit status of a worker that gave up on a stuck Kafka client (EX_TEMPFAIL: try again).
 EXIT_STUCK = 75
 #: A wait on Kafka is stuck after this long...
-STUCK_S = 30.0
+STUCK_S = 20.0
 #: ...once the broker has answered for this long.
 GRACE_S = 10.0
 
@@ -78,16 +78,17 @@ class StuckCheck:
         self.ready_since: float | None = None
 
     def needs_probe(self, now: float, oldest: tuple[str, float] | None) -> bool:
-        """Whether a wait is old enough for the broker to be probed at all."""
-        if oldest is None or now - oldest[1] < self.stuck_s:
+        """Whether a wait is old enough (``grace_s``) for the broker to be probed at all:
+        from then on, when the broker came back is known by the time the wait is stuck."""
+        if oldest is None or now - oldest[1] < min(self.grace_s, self.stuck_s):
             self.ready_since = None
             return False
         return True
 
     def observe(self, now: float, oldest: tuple[str, float] | None,
                 broker_answers: Callable[[], bool]) -> str | None:
-        """A description of the stuck wait, or None. ``broker_answers`` is called only when
-        a wait is older than ``stuck_s``."""
+        """A description of the stuck wait, or None. ``broker_answers`` is called only while
+        a wait is older than ``grace_s``."""
         if not self.needs_probe(now, oldest):
             return None
         assert oldest is not None
@@ -96,7 +97,7 @@ class StuckCheck:
             return None
         if self.ready_since is None:
             self.ready_since = now
-        if now - self.ready_since < self.grace_s:
+        if now - oldest[1] < self.stuck_s or now - self.ready_since < self.grace_s:
             return None
         what, since = oldest
         return (f"{what} has waited {now - since:.0f} s, and the broker has answered for "

@@ -100,7 +100,7 @@ def test_a_wait_is_stuck_only_once_the_broker_has_answered_for_the_grace_period(
         clock.t += 5
     assert len(waits) == 0
     with waits.waiting("consumer thread: _commit"):
-        clock.t += 29
+        clock.t += 9
         assert observe() is None and up["probes"] == 0  # young: the broker is not probed
         for _ in range(60):  # the broker is down: waiting is right
             clock.t += 1
@@ -113,6 +113,13 @@ def test_a_wait_is_stuck_only_once_the_broker_has_answered_for_the_grace_period(
         verdict = observe()
     assert verdict is not None and "consumer thread: _commit has waited" in verdict
     assert check.observe(clock(), waits.oldest(), probe) is None  # the wait ended
+    # A wait that began after the broker came back is stuck only once it is stuck_s old.
+    with waits.waiting("offset commit"):
+        for _ in range(29):
+            clock.t += 1
+            assert observe() is None
+        clock.t += 1
+        assert observe() is not None
 
 
 def test_the_monitor_thread_acts_on_a_wait_that_never_ends() -> None:
