@@ -3,6 +3,7 @@
     pingpost demo                 whole local stack + simulated buyers + 1,000 leads + report
     pingpost up | down | status   the local stack (Kafka, warehouse, buyers, workers, ingest)
     pingpost worker [--role auction|sink|metrics]
+    pingpost supervise -- CMD     run a pingpost command, restart it when it fails
     pingpost ingest               HTTP ingest (POST /v1/leads)
     pingpost warehouse            the embedded ClickHouse-compatible warehouse (chDB)
     pingpost buyers simulate      the demo market of simulated buyers
@@ -80,8 +81,20 @@ def cmd_worker(args: argparse.Namespace) -> int:
     app = create_app(settings, args.role, web_port=args.web_port,
                      data_root=RUN_DIR / "faust")
     worker = faust.Worker(app, loglevel=args.loglevel, override_logging=True)
+    # A stuck Kafka client ends this process with status 75 for its supervisor to restart it.
+    from streams.liveness import start_monitor
+
+    start_monitor(settings.kafka.bootstrap)
     worker.execute_from_commandline()
     return 0
+
+
+def cmd_supervise(args: argparse.Namespace) -> int:
+    from streams.supervise import main_args, supervise
+
+    cmd = main_args(args.config, args.command_line)
+    name = " ".join(a for a in cmd[3:] if a != "--config" and a != args.config)
+    return supervise(cmd, name or "command")
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
@@ -440,6 +453,11 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--loglevel", default="info")
     w.set_defaults(func=cmd_worker)
 
+    sv = sub.add_parser("supervise", help="run a pingpost command; restart it when it fails")
+    sv.add_argument("command_line", nargs=argparse.REMAINDER,
+                    help="the command, after --, e.g. -- worker --role sink")
+    sv.set_defaults(func=cmd_supervise)
+
     i = sub.add_parser("ingest", help="run the HTTP ingest")
     i.add_argument("--port", type=int, default=None)
     i.set_defaults(func=cmd_ingest)
@@ -481,6 +499,10 @@ def main(argv: list[str] | None = None) -> int:
     # secrets. Explicit modes on the directories back this up where code creates them.
     os.umask(0o077)
     args = build_parser().parse_args(argv)
+    # Repeated Kafka client errors once per 10 s with a count, in every process.
+    from streams.quiet import install
+
+    install()
     if args.command != "worker":
         logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

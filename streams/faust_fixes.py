@@ -40,10 +40,34 @@
 4. **The consumer thread never reads "no active partition" as "all of them"** (see
    ``_view_active_partitions``), and a watchdog reports and restarts a partition that
    stops delivering or committing outside a rebalance (``watch_partitions``).
+
+5. **No wait on Kafka without a bound** (issue 10 item 7). aiokafka's ``commit()`` retries
+   retriable errors for ever (``GroupCoordinator.commit_offsets`` and
+   ``ensure_coordinator_known`` loop until the coordinator answers), and Faust runs it on its
+   consumer thread, whose method queue has two workers that also serve every fetch: a commit
+   that never returns holds a worker for good, and two held calls stop the fetches too. On
+   the product, 1 broker ``kill -9`` + restart in 3 left the sink's commit hanging: nothing
+   more reached ClickHouse until a manual restart. The commit now gives up after
+   ``COMMIT_TIMEOUT_S`` (a later commit covers its offsets, as for a commit refused after a
+   rebalance); every consumer-thread call, Faust commit and producer flush in progress is
+   recorded in ``streams.liveness.WAITS``, whose monitor makes a ``pingpost worker`` exit
+   non-zero (for its supervisor to restart it) when one outlasts its bound while the broker
+   answers.
+
+6. **No commit-livelock ERROR when nothing is wrong.** Faust's livelock check
+   (``AIOKafkaConsumerThread.verify_event_path``, every 2.5 s) reads "records waiting" from one
+   snapshot (aiokafka's highwater above its position, which holds for a moment whenever
+   records arrive) and measures "has not committed" from the partition's last commit, which
+   on an idle partition is as old as the idle period. So the first records after an idle
+   minute could log "Has not committed ... (last commit N s ago)" or "Stream has not started
+   processing" with nothing stalled. Records now count as waiting only once the backlog
+   has lasted the stream timeout, and the commit clock runs only while acked offsets wait
+   for a commit.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any, AsyncIterator
 
@@ -60,6 +84,95 @@ def apply(fetch_max_wait_ms: int | None = WORKER_FETCH_MAX_WAIT_MS) -> None:
         _shorten_worker_fetch_wait(fetch_max_wait_ms)
     _guard_offsets()
     _view_active_partitions()
+    _bound_waits()
+    _quiet_livelock_check()
+
+
+#: A consumer offset commit gives up after this long (see point 5).
+COMMIT_TIMEOUT_S = 10.0
+#: The partition watchdog's calls to the consumer give up after this long.
+WATCHDOG_CALL_TIMEOUT_S = 15.0
+
+
+def _bound_waits() -> None:
+    """Point 5: the commit bounded on the consumer thread (where it runs, so cancelling it
+    frees the thread's worker); consumer-thread calls, commits and producer flushes tracked
+    for the liveness monitor."""
+    from faust.transport import consumer as cmod
+    from faust.transport.drivers import aiokafka as driver
+
+    from streams.liveness import WAITS
+
+    cls = driver.AIOKafkaConsumerThread
+    if getattr(cls, "_pingpost_bounded", False):
+        return
+    orig_commit, orig_call = cls._commit, cls.call_thread
+    orig_faust_commit, orig_flush = cmod.Consumer.commit, driver.Producer.flush
+
+    async def _commit(self: Any, offsets: Any) -> bool:
+        try:
+            return await asyncio.wait_for(orig_commit(self, offsets), COMMIT_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            log.warning("offset commit of %d partition(s) did not complete in %.0f s (broker "
+                        "unreachable?); a later commit covers these offsets",
+                        len(offsets), COMMIT_TIMEOUT_S)
+            return False
+
+    async def call_thread(self: Any, fun: Any, *args: Any, **kwargs: Any) -> Any:
+        with WAITS.waiting(f"consumer thread: {getattr(fun, '__name__', fun)}"):
+            return await orig_call(self, fun, *args, **kwargs)
+
+    async def commit(self: Any, *args: Any, **kwargs: Any) -> bool:
+        with WAITS.waiting("offset commit"):
+            return await orig_faust_commit(self, *args, **kwargs)  # type: ignore[no-any-return]
+
+    async def flush(self: Any) -> None:
+        with WAITS.waiting("producer flush"):
+            await orig_flush(self)
+
+    cls._commit = _commit
+    cls.call_thread = call_thread
+    cmod.Consumer.commit = commit
+    driver.Producer.flush = flush
+    cls._pingpost_bounded = True
+
+
+def _quiet_livelock_check() -> None:
+    """Point 6."""
+    from aiokafka.structs import TopicPartition
+    from faust.transport.drivers import aiokafka as driver
+
+    cls = driver.AIOKafkaConsumerThread
+    if getattr(cls, "_pingpost_quiet_livelock", False):
+        return
+    orig = cls.verify_event_path
+    cls._pingpost_orig_verify_event_path = orig
+
+    def verify_event_path(self: Any, now: float, tp: Any) -> None:
+        if not self.consumer._acked.get(tp):
+            # Nothing acked waits for a commit: a commit cannot be late.
+            self.tp_last_committed_at[tp] = now
+        since = self.__dict__.setdefault("_pingpost_backlog_since", {})
+        try:
+            st = self._ensure_consumer()._fetcher._subscriptions.subscription.assignment \
+                .state_value(TopicPartition(tp.topic, tp.partition))
+            backlog = (st is not None and st.highwater is not None
+                       and st.position is not None and st.highwater > st.position)
+        except Exception:  # noqa: BLE001 - not assigned (any more): Faust's check decides
+            backlog = False
+        if backlog:
+            first = since.setdefault(tp, now)
+            if now - first < min(self.tp_stream_timeout_secs, self.tp_commit_timeout_secs):
+                # Records that arrived a moment ago: not a stall (yet). The fetch checks
+                # still run.
+                self._verify_aiokafka_event_path(now, tp)
+                return None
+        else:
+            since.pop(tp, None)
+        return orig(self, now, tp)  # type: ignore[no-any-return]
+
+    cls.verify_event_path = verify_event_path
+    cls._pingpost_quiet_livelock = True
 
 
 class ActiveView:
@@ -376,6 +489,8 @@ class Watchdog:
         self.deliveries = StallWatch(stall_s)
         self.commits = StallWatch(2 * stall_s)
         self.skipping_since: float | None = None
+        #: The last end-offsets call, which may outlive the round that made it.
+        self.highwaters: asyncio.Future[Any] | None = None
 
 
 def partition_state(consumer: Any, tp: Any) -> dict[str, Any]:
@@ -426,7 +541,18 @@ async def watch_partitions(app: Any, dog: Watchdog, now: float) -> list[Any]:
     commits.keep(tps)
     if not tps:
         return []
-    ends = await consumer.highwaters(*tps)
+    # Bounded, and never piled up: the call runs on Faust's consumer thread, whose two
+    # workers also serve every fetch, and goes on there when this round stops waiting for
+    # it; until it ends, rounds are skipped (a stuck thread is the liveness monitor's job).
+    if dog.highwaters is not None and not dog.highwaters.done():
+        return []
+    dog.highwaters = asyncio.ensure_future(consumer.highwaters(*tps))
+    done, _ = await asyncio.wait({dog.highwaters}, timeout=WATCHDOG_CALL_TIMEOUT_S)
+    if not done:
+        log.warning("partition watchdog: the consumer's end offsets took over %.0f s; "
+                    "skipping rounds until they come", WATCHDOG_CALL_TIMEOUT_S)
+        return []
+    ends = dog.highwaters.result()
     if app.rebalancing:
         return []
     g = guard_of(consumer)
@@ -434,7 +560,7 @@ async def watch_partitions(app: Any, dog: Watchdog, now: float) -> list[Any]:
 
     async def restart(tp: Any, offset: int) -> None:
         consumer.resume_partitions({tp})
-        await consumer.seek(tp, offset)
+        await asyncio.wait_for(consumer.seek(tp, offset), WATCHDOG_CALL_TIMEOUT_S)
         watch.restart(tp, now)
         healed.append(tp)
 

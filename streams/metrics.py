@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 #: How long to wait for the replay to reach the end offsets seen at start before evaluating
 #: anyway (a second metrics worker holding some partitions would otherwise stall alerts).
 CATCH_UP_TIMEOUT_S = 60.0
+#: One attempt at the start-up reads (alert states, replay targets) gives up after this long.
+STARTUP_TIMEOUT_S = 120.0
 
 #: Prometheus name and help of each exported metric (gauges over ``export_window_s``).
 PROM_METRICS: dict[str, tuple[str, str]] = {
@@ -342,7 +344,9 @@ def register(ctx: Context) -> None:
         delay = 0.5
         while True:
             try:
-                await start_up()
+                # Bounded: reading the alerts topic loops until it reaches the end offsets,
+                # which a broker outage in the middle would postpone for ever.
+                await asyncio.wait_for(start_up(), STARTUP_TIMEOUT_S)
                 return
             except Exception as exc:  # Kafka not reachable yet: the timer waits for this
                 log.warning("metrics start-up failed (%s); retrying in %.1fs", exc, delay)

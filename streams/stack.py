@@ -175,6 +175,8 @@ class Stack:
         full_env["PINGPOST_RUN_DIR"] = str(self.run_dir)
         full_env.update(env or {})
         self.started.append(name)
+        if args[:1] == ["worker"]:  # restarted when it fails (streams/supervise.py)
+            args = ["supervise", "--", *args]
         proc = subprocess.Popen(
             [sys.executable, "-m", "streams.cli", "--config", str(self.config_path), *args],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
