@@ -104,6 +104,8 @@ class Producer:
     accepted: dict[str, str] = field(default_factory=dict)  # key -> lead_id
     answers: Counter[str] = field(default_factory=Counter)
     pushed_until: float = 0.0
+    #: Wall-clock ms when the overload phase started and ended.
+    overload_ms: tuple[int, int] = (0, 0)
     slowest_503_s: float = 0.0
     mismatched: int = 0  # a repeat of a key answered with another lead id
 
@@ -187,10 +189,15 @@ async def produce(url: str, leads: list[dict[str, Any]], opts: Options, prod: Pr
                     raise RuntimeError(f"lead {i}: unexpected {r.status_code} {r.text}")
 
         tasks = []
+        over_start = 0
         for i, lead in enumerate(leads):
             wait = t0 + due(i) - time.monotonic()
             if wait > 0:
                 await asyncio.sleep(wait)
+            if i == int(over_from):
+                over_start = int(time.time() * 1000)
+            elif i == int(over_to):
+                prod.overload_ms = (over_start, int(time.time() * 1000))
             tasks.append(asyncio.create_task(one(i, lead)))
             if i % 500 == 499:
                 say(f"  offered {i + 1} leads; answers so far {dict(prod.answers)}")
@@ -202,8 +209,9 @@ async def faults(stack: Stack, opts: Options, t0: float, stop: asyncio.Event,
                  log: list[str], say: Any) -> None:
     """Kill a worker every ``kill_every`` s; one broker outage; one warehouse outage."""
     duration = opts.leads / opts.rate
-    broker_at = 0.45 * duration if opts.broker_down else None
-    warehouse_at = 0.2 * duration if opts.warehouse_down else None
+    # (The overload phase runs from 35 % of the leads: the outages stay clear of it.)
+    broker_at = 0.7 * duration if opts.broker_down else None
+    warehouse_at = 0.1 * duration if opts.warehouse_down else None
     rnd = random.Random(opts.seed)
     next_kill = t0 + opts.kill_every if opts.kill_every else None
     workers = ["worker" if i == 0 else f"worker{i + 1}" for i in range(opts.workers)]
@@ -331,7 +339,7 @@ def check(settings: Any, stack: Stack, leads: list[dict[str, Any]], prod: Produc
 
     auctions = {r[0]: r for r in client.query(
         "SELECT lead_id, outcome, winners, reason, dateDiff('millisecond', received_at, "
-        "opened_at) FROM auctions FINAL").result_rows}
+        "opened_at), toUnixTimestamp64Milli(received_at) FROM auctions FINAL").result_rows}
     missing = [i for i in ids if i not in auctions]
     extra = [i for i in auctions if i not in set(ids)]
     checks.append(Check("every accepted lead has one outcome", not missing,
@@ -363,6 +371,17 @@ def check(settings: Any, stack: Stack, leads: list[dict[str, Any]], prod: Produc
             if decide_post(sim.seed, buyer_id, body["post_id"], cfg).outcome == "accepted":
                 accepted_by_buyers.add((body["lead_id"], buyer_id))
     recorded = {(lead_id, b) for lead_id, v in sold.items() for b, _ in v}
+    # Posts that timed out are asked again after their lead settled (streams/post.py,
+    # reconcile_lead: 1 to 30 s later): give that its time before comparing.
+    deadline = time.monotonic() + 45
+    while recorded != accepted_by_buyers and time.monotonic() < deadline:
+        time.sleep(2.0)
+        sold = defaultdict(list)
+        for lead_id, buyer, post_id in client.query(
+                "SELECT lead_id, buyer_id, post_id FROM posts FINAL WHERE status = 'accepted'"
+        ).result_rows:
+            sold[lead_id].append((buyer, post_id))
+        recorded = {(lead_id, b) for lead_id, v in sold.items() for b, _ in v}
     checks.append(Check("sales recorded = acceptances seen by buyers",
                         recorded == accepted_by_buyers,
                         f"{len(recorded)} recorded, {len(accepted_by_buyers)} accepted; "
@@ -410,13 +429,23 @@ def check(settings: Any, stack: Stack, leads: list[dict[str, Any]], prod: Produc
     checks.append(Check("no PII outside its places", not hits,
                         ", ".join(f"{k}: {n}" for k, n in hits.most_common(6)) or
                         f"{len(patterns)} values scanned in topics, tables, logs"))
-    delays = sorted(auctions[i][4] for i in ids if i in auctions)
+    def pct(xs: list[int]) -> str:
+        xs = sorted(xs)
+        if not xs:
+            return "no leads"
+        return f"p50 {xs[len(xs) // 2]} ms, p99 {xs[min(len(xs) - 1, int(0.99 * len(xs)))]} ms"
+
+    everyone = [auctions[i][4] for i in ids if i in auctions]
+    lo, hi = prod.overload_ms
+    overloaded = [auctions[i][4] for i in ids if i in auctions and lo <= auctions[i][5] <= hi]
+    p99 = sorted(overloaded)[min(len(overloaded) - 1, int(0.99 * len(overloaded)))] \
+        if overloaded else 0
+    checks.append(Check("receipt -> ping open during the overload, p99 <= 1 s",
+                        bool(overloaded) and p99 <= 1000,
+                        f"{pct(overloaded)} ({len(overloaded)} leads); all accepted leads, "
+                        f"outages included: {pct(everyone)}"))
     platform = sum(1 for i in ids if i in auctions and auctions[i][1] == "unsold"
                    and any(p in auctions[i][3] for p in PLATFORM_REASONS))
-    if delays:
-        p50, p99 = delays[len(delays) // 2], delays[min(len(delays) - 1, int(0.99 * len(delays)))]
-        checks.append(Check("receipt -> ping open of accepted leads (p99 <= 1 s)", p99 <= 1000,
-                            f"p50 {p50} ms, p99 {p99} ms"))
     checks.append(Check("no lead unsold for a platform reason", platform == 0,
                         f"{platform} leads"))
     checks.append(Check("last lead settled <= 15 s after the last push",

@@ -20,13 +20,20 @@ import logging
 import uuid
 from typing import Any
 
-from faust.streams import current_event
 
 import schemas
 from streams.app import Context
 from streams import rules
-from streams.auction import conditions_reason
-from streams.runtime import DeadLetters, InFlight, KeyedLocks, is_transient, now_ms
+from streams.auction import conditions_reason, lead_partition
+from streams.runtime import (
+    DeadLetters,
+    InFlight,
+    KeyedLocks,
+    durable_pop,
+    durable_set,
+    is_transient,
+    now_ms,
+)
 from streams.scrub import scrub
 
 __all__ = ["register", "post_id_for", "next_batch", "post_body", "condition_failure"]
@@ -36,7 +43,7 @@ log = logging.getLogger(__name__)
 _POST_NS = uuid.UUID("0d7c3a8e-2b7e-4c53-bb0e-3f4c1f7c2b55")
 
 #: When a post that timed out is asked again (after the lead settled), seconds apart.
-RECONCILE_DELAYS_S = (1.0, 4.0, 15.0)
+RECONCILE_DELAYS_S = (1.0, 2.0, 4.0, 8.0, 15.0)
 
 
 def post_id_for(lead_id: str, buyer_id: str) -> str:
@@ -176,10 +183,13 @@ def register(ctx: Context) -> None:
             "bids": order["bids"], "post_attempts": state["n"],
         }
         state["result"] = result
-        postings[order["lead_id"]] = state
+        part = lead_partition(order["lead_id"], parts)
+        durable_set(postings, order["lead_id"], state, part)
         await results.send(key=order["lead_id"].encode(),
                            value=schemas.encode("AuctionResult", result))
-        pii_table.pop(order["lead_id"], None)  # PII is not kept past the sale
+        if not state.get("reconcile"):
+            # PII is not kept past the sale (nor past a reconciliation: see reconcile_lead).
+            durable_pop(pii_table, order["lead_id"], part)
 
     async def ping_later_waves(order: dict[str, Any], flow: Any,
                                give_up_at: int) -> list[dict[str, Any]]:
@@ -260,69 +270,88 @@ def register(ctx: Context) -> None:
             if client is not None and settings.buyer(c["buyer_id"]).caps is not None:
                 await client.release(c["buyer_id"], lead_id)
 
-    reconciling: set[asyncio.Task[None]] = set()
+    #: Leads whose timed-out posts this worker is asking again right now.
+    reconciling: dict[str, asyncio.Task[None]] = {}
 
-    def start_reconcile(order: dict[str, Any], cand: dict[str, Any], n: int,
-                        body: dict[str, Any], exclusive: bool, pii_values: list[str]) -> None:
-        task = asyncio.ensure_future(
-            reconcile(order, cand, n, body, exclusive, pii_values, current_event()))
-        reconciling.add(task)
-        task.add_done_callback(reconciling.discard)
+    @app.timer(interval=1.0, name="post-reconcile")
+    async def reconcile_due() -> None:
+        """Ask again, when due, the buyers whose posts timed out on settled leads (the
+        ``reconcile`` entry of their ``postings`` state: it survives a crash, the PII is kept
+        until it is done, and the lead's next owner carries on)."""
+        now = now_ms()
+        for lead_id, state in list(postings.data.items()):
+            rec = (state or {}).get("reconcile")
+            if not rec or rec["due_ms"] > now or lead_id in reconciling:
+                continue
+            task = asyncio.ensure_future(reconcile_lead(lead_id))
+            reconciling[lead_id] = task
+            task.add_done_callback(lambda _t, lead_id=lead_id: reconciling.pop(lead_id, None))
 
-    async def reconcile(order: dict[str, Any], cand: dict[str, Any], n: int,
-                        body: dict[str, Any], exclusive: bool, pii_values: list[str],
-                        event: Any) -> None:
-        """Ask a buyer whose post timed out again, with the same Idempotency-Key (it answers
-        as before, CONTRACT §3), until it answers: an acceptance that came after we gave up
-        is a sale, recorded once — its ``posts`` row (same attempt id) becomes ``accepted``
-        and the lead's result is re-emitted with the buyer among the winners. ``event`` keeps
-        the agent's event alive for the table write (see auction.record_closed). The body
-        (with PII) lives in this task's memory only, for at most ~20 s."""
-        lead_id, buyer = order["lead_id"], settings.buyer(cand["buyer_id"])
-        post_id = post_id_for(lead_id, buyer.id)
-        for delay in RECONCILE_DELAYS_S:
-            await asyncio.sleep(delay)
-            try:
-                out = await ctx.buyer_client().post(buyer, body, post_id,
-                                                    buyer.post_timeout_ms / 1000.0)
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # noqa: BLE001 - try again later
-                log.warning("reconciling lead %s with %s failed", lead_id, buyer.id,
-                            exc_info=True)
-                continue
-            if out.status == "timeout":
-                continue
-            async with lead_locks.hold(lead_id):
-                state = postings.get(lead_id)
-                if state is None or state.get("result") is None:
-                    return  # purged or being re-run: the waterfall resolves it itself
+    async def reconcile_lead(lead_id: str) -> None:
+        """Ask each buyer whose post timed out again, with the same Idempotency-Key (it
+        answers as before, CONTRACT §3): an acceptance that came after we gave up is a
+        sale, recorded once — its ``posts`` row (same attempt id) becomes ``accepted`` and
+        the lead's result is re-emitted with the buyer among the winners; a rejection is
+        recorded as such. Buyers still not answering are asked again later
+        (``RECONCILE_DELAYS_S``), then given up on."""
+        async with lead_locks.hold(lead_id):
+            state = postings.get(lead_id)
+            rec = (state or {}).get("reconcile")
+            if not rec or state.get("result") is None:
+                return
+            order = rec["order"]
+            pii = pii_table.get(lead_id)
+            pending = []
+            for item in rec["items"]:
+                cand, n, exclusive = item["cand"], item["n"], item["exclusive"]
+                buyer = settings.buyer(cand["buyer_id"])
+                post_id = post_id_for(lead_id, buyer.id)
+                if pii is None:
+                    log.warning("lead %s: its PII is gone; %s's timed-out post cannot be "
+                                "asked again", lead_id, buyer.id)
+                    continue
+                body = post_body(order, pii["fields"], cand, post_id, exclusive)
+                try:
+                    out = await ctx.buyer_client().post(buyer, body, post_id,
+                                                        buyer.post_timeout_ms / 1000.0)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # noqa: BLE001 - asked again later
+                    log.warning("reconciling lead %s with %s failed", lead_id, buyer.id,
+                                exc_info=True)
+                    pending.append(item)
+                    continue
+                if out.status == "timeout":
+                    pending.append(item)
+                    continue
                 state["attempts"][buyer.id] = {"status": out.status, "attempt": n}
-                if out.status == "accepted":
-                    if any(s["buyer_id"] == buyer.id for s in state["sold"]):
-                        return
-                    log.warning("lead %s: %s accepted a post after it timed out; recorded as "
-                                "a sale", lead_id, buyer.id)
+                if out.status == "accepted" and all(s["buyer_id"] != buyer.id
+                                                    for s in state["sold"]):
+                    log.warning("lead %s: %s accepted a post after it timed out; recorded "
+                                "as a sale", lead_id, buyer.id)
                     if not state["sold"]:
                         state["mode"] = "exclusive" if exclusive else "shared"
                     state["sold"].append({"buyer_id": buyer.id, "price": cand["price"]})
-                    await emit_delivery(order, cand, n, "accepted", float(out.latency_ms),
-                                        "accepted after the post timed out (reconciled)",
-                                        out.http_status, now_ms(), exclusive)
-                    await settle(order, state, "", keep_settled_at=True)
+                    reason = "accepted after the post timed out (reconciled)"
                 else:  # (its cap slot stays counted: a budget errs on the buyer's side)
-                    postings[lead_id] = state
-                    await emit_delivery(order, cand, n, out.status, float(out.latency_ms),
-                                        scrub(out.reason, pii_values), out.http_status,
-                                        now_ms(), exclusive)
-            return
-        log.warning("lead %s: %s never answered its timed-out post (%d asks)", lead_id,
-                    buyer.id, len(RECONCILE_DELAYS_S))
-        del event
+                    reason = scrub(out.reason, pii["fields"])
+                await emit_delivery(order, cand, n, out.status, float(out.latency_ms),
+                                    reason, out.http_status, now_ms(), exclusive)
+            tries = rec["tries"] + 1
+            if pending and tries < len(RECONCILE_DELAYS_S):
+                state["reconcile"] = {**rec, "items": pending, "tries": tries,
+                                      "due_ms": now_ms() + int(RECONCILE_DELAYS_S[tries] * 1000)}
+            else:
+                for item in pending:
+                    log.warning("lead %s: %s never answered its timed-out post (%d asks); "
+                                "the post stays a timeout", lead_id, item["cand"]["buyer_id"],
+                                tries)
+                state.pop("reconcile", None)
+            await settle(order, state, state["result"]["reason"], keep_settled_at=True)
 
     async def drain_reconciling() -> None:
         if reconciling:
-            await asyncio.wait(list(reconciling), timeout=5.0)
+            await asyncio.wait(list(reconciling.values()), timeout=5.0)
 
     ctx.closers.append(drain_reconciling)
 
@@ -360,7 +389,7 @@ def register(ctx: Context) -> None:
         give_up_at = state["started_at_ms"] + flow.post_timeout_ms
         min_budget = flow.min_post_budget_ms
         #: Attempts that timed out (ambiguous): asked again after the lead settles.
-        unresolved: list[tuple[dict[str, Any], int, dict[str, Any], bool]] = []
+        unresolved: list[tuple[dict[str, Any], int, bool]] = []
         pii_values = list(pii["fields"].values())  # buyer text is scrubbed of every form of each
         while True:
             now = now_ms()
@@ -373,15 +402,22 @@ def register(ctx: Context) -> None:
                 batch, exclusive = pending, state["mode"] == "exclusive"
             else:
                 tried = set(state["attempts"])
+                # A post that timed out is ambiguous: the buyer may have taken the lead. Its
+                # slot counts as taken — an exclusive lead does not fall back to the next
+                # bidder, a shared slot is not offered again — until reconcile_lead knows.
+                ambiguous = [b for b, a in state["attempts"].items()
+                             if a.get("status") == "timeout"]
                 mode, batch, skipped = next_batch(order, tried,
-                                                  [s["buyer_id"] for s in state["sold"]],
+                                                  [s["buyer_id"] for s in state["sold"]]
+                                                  + ambiguous,
                                                   state["mode"], flow.strategy.shared_max, now,
                                                   exclusive_only=flow.strategy.exclusive_only)
                 for cand, why in skipped:
                     state["attempts"][cand["buyer_id"]] = {"status": "skipped", "attempt": 0}
                     await emit_delivery(order, cand, 0, "skipped", 0.0, why, None, now,
                                         mode == "exclusive")
-                if not batch and not state["sold"] and now < give_up_at and flow.waves \
+                if not batch and not state["sold"] and not ambiguous and now < give_up_at \
+                        and flow.waves \
                         and not state.get("backup_done"):
                     # Every bidder said no: the waves the auction did not need (an earlier
                     # wave had an acceptable bid) are the brief's backup buyers. Ping them now.
@@ -425,9 +461,10 @@ def register(ctx: Context) -> None:
                 caps_client = ctx.resources.get("caps_client") if buyer.caps else None
                 sent = now_ms()
                 body = post_body(order, pii["fields"], cand, post_id, exclusive)
-                # A timeout is ambiguous (the buyer may have taken the lead): ask once more
-                # with the same Idempotency-Key before falling back to the next bidder.
-                for ask in range(2):
+                # A timeout is ambiguous (the buyer may have taken the lead): ask again with
+                # the same Idempotency-Key while the window leaves a useful budget; still no
+                # answer, and the slot stays the buyer's until reconcile_lead knows.
+                for ask in range(6):
                     left = give_up_at - now_ms()
                     if resolving:
                         budget_ms = buyer.post_timeout_ms
@@ -458,8 +495,8 @@ def register(ctx: Context) -> None:
                                     exclusive)
                 if out.status == "timeout":
                     # The buyer may have taken the lead after we stopped waiting: ask it
-                    # again later with the same Idempotency-Key (reconcile).
-                    unresolved.append((cand, n, body, exclusive))
+                    # again later with the same Idempotency-Key (reconcile_lead).
+                    unresolved.append((cand, n, exclusive))
 
             try:
                 # TaskGroup: if one attempt fails, its siblings are cancelled rather than left
@@ -479,10 +516,19 @@ def register(ctx: Context) -> None:
             reason += "; caps reached: " + ", ".join(state["cap_skips"])
         if not state["sold"] and now_ms() + min_budget > give_up_at:
             reason = f"post window of {flow.post_timeout_ms} ms exhausted"
+        timed_out = [b for b, a in state["attempts"].items() if a.get("status") == "timeout"]
+        if not state["sold"] and timed_out:
+            reason = (f"no answer in time from {', '.join(timed_out)} (asked again after "
+                      "settling)")
+        items = [{"cand": cand, "n": n, "exclusive": exclusive}
+                 for cand, n, exclusive in unresolved
+                 if state["attempts"].get(cand["buyer_id"], {}).get("status") == "timeout"]
+        if items:
+            # Asked again after the lead settles (reconcile_lead), from the table: a crash
+            # meanwhile hands them to the lead's next owner. The PII stays until then.
+            state["reconcile"] = {"order": order, "items": items, "tries": 0,
+                                  "due_ms": now_ms() + int(RECONCILE_DELAYS_S[0] * 1000)}
         await settle(order, state, reason)
-        for cand, n, body, exclusive in unresolved:
-            if state["attempts"].get(cand["buyer_id"], {}).get("status") == "timeout":
-                start_reconcile(order, cand, n, body, exclusive, pii_values)
 
     @app.agent(ctx.topic("posts"), name="post", concurrency=1)
     async def post_agent(stream: Any) -> None:

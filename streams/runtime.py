@@ -25,7 +25,7 @@ from faust.types import EventT, StreamT
 import schemas
 
 __all__ = ["InFlight", "DeadLetters", "KeyedLocks", "Requeue", "now_ms", "is_transient",
-           "retry_transient", "durable_set"]
+           "retry_transient", "durable_set", "durable_pop"]
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,13 @@ def durable_set(table: Any, key: str, value: Any, partition: int) -> Any:
     durable before acting on it (an outbox), and can do so from a timer too."""
     table.data[key] = value
     return table.send_changelog(partition, key, value)
+
+
+def durable_pop(table: Any, key: str, partition: int) -> Any:
+    """Remove ``table[key]`` and send its tombstone to the changelog of ``partition`` (like
+    :func:`durable_set`: also outside the key's stream, e.g. from a timer)."""
+    table.data.pop(key, None)
+    return table.send_changelog(partition, key, None, value_serializer="raw")
 
 
 class DeadLetters:
