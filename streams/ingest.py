@@ -24,6 +24,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import TopicPartition
 
 import schemas
+from streams.admission_feed import Admission
 from streams.leads import LeadError, validate_lead
 from streams.settings import Settings
 from streams.topics import TopicNames
@@ -50,6 +51,7 @@ class IngestServer:
         self._results_task: asyncio.Task[None] | None = None
         self._runner: web.AppRunner | None = None
         self.accepted = 0
+        self._admission = Admission(settings, self.names)
 
     def _producer_for(self, auth: str | None) -> str | None:
         if not auth or not auth.startswith("Bearer "):
@@ -86,6 +88,12 @@ class IngestServer:
                                  source=f"http:{producer}", lead_id=str(uuid.uuid4()))
         except LeadError as exc:
             return _json(400, {"error": exc.message, "field": exc.field})
+        retry_after = self._admission.refuse()  # over capacity: 429, never a long queue
+        if retry_after is not None:
+            return web.Response(status=429, headers={"Retry-After": str(retry_after)},
+                                content_type="application/json", body=orjson.dumps({
+                                    "error": "pipeline over capacity; retry later",
+                                    "field": None}))
         wait = request.query.get("wait", "").lower() in ("1", "true", "yes")
         fut: asyncio.Future[dict[str, Any]] | None = None
         if wait:
@@ -119,7 +127,8 @@ class IngestServer:
                            "reason": result["reason"]})
 
     async def health(self, request: web.Request) -> web.Response:
-        return _json(200, {"status": "ok", "accepted": self.accepted})
+        return _json(200, {"status": "ok", "accepted": self.accepted,
+                           "admission": self._admission.status()})
 
     async def _read_results(self) -> None:
         assert self._consumer is not None
@@ -152,6 +161,7 @@ class IngestServer:
         self._consumer.assign(tps)
         await self._consumer.seek_to_end(*tps)
         self._results_task = asyncio.create_task(self._read_results())
+        await self._admission.start()
         app = web.Application(client_max_size=self.settings.ingest.max_body_bytes + 1)
         app.router.add_post("/v1/leads", self.handle_lead)
         app.router.add_get("/healthz", self.health)
@@ -171,6 +181,7 @@ class IngestServer:
                 await self._results_task
             except (asyncio.CancelledError, Exception):
                 pass
+        await self._admission.stop()
         if self._consumer is not None:
             await self._consumer.stop()
         if self._producer is not None:

@@ -14,6 +14,7 @@ import schemas
 from streams.dedupe import identity_of
 from streams.app import Context
 from streams.leads import LeadError, ValidLead, deterministic_lead_id, redact, validate_lead
+from streams.progress import tracker
 from streams.runtime import DeadLetters
 
 __all__ = ["register", "lead_from_record"]
@@ -47,11 +48,13 @@ def register(ctx: Context) -> None:
     dedupe = ctx.topic("dedupe")
     dead = DeadLetters(ctx.topic("deadletter"), "redact")
     pii_ttl_ms = int(settings.privacy.pii_ttl_s * 1000)
+    progress = tracker(ctx)
 
     @app.agent(leads, name="redact", concurrency=1)
     async def redact_agent(stream: Any) -> None:
         async for event in stream.events():
             msg = event.message
+            progress.took("redact", msg.topic, msg.partition, msg.offset)
             try:
                 name, record = schemas.decode(event.value)
                 if name != "Lead":

@@ -127,6 +127,9 @@ class IngestConfig(_Model):
     max_body_bytes: Annotated[int, Field(ge=256)] = 64 * 1024
     #: How long ``?wait=true`` holds the request for the auction outcome.
     wait_timeout_s: Annotated[float, Field(gt=0)] = 15.0
+    #: Admission control (streams/admission.py): a lead whose predicted queue delay (accepted
+    #: → ping round open) would pass this bound is refused with 429 + Retry-After; 0: off.
+    max_queue_delay_ms: Annotated[int, Field(ge=0, le=600_000)] = 1000
 
     @field_validator("listen")
     @classmethod
