@@ -64,7 +64,10 @@ class Admission:
         await consumer.start()
         self._consumer = consumer
         try:
-            await asyncio.wait_for(consumer.topics(), KAFKA_CALL_TIMEOUT_S * 5)
+            # Metadata of every topic into the consumer's own view (``topics()`` returns a
+            # separate copy): a group-less consumer tracking no topic asks for all of them.
+            await asyncio.wait_for(consumer._client.force_metadata_update(),  # noqa: SLF001
+                                   KAFKA_CALL_TIMEOUT_S * 5)
         except Exception as exc:  # noqa: BLE001 - then every lead is admitted
             log.warning("admission control off: no topic metadata (%s)", exc)
             return
@@ -102,12 +105,12 @@ class Admission:
             now = time.monotonic()
             if now - self._logged_at >= LOG_EVERY_S:
                 st = self.estimator.status(_mono_ms())
-                log.warning("over capacity: %d leads refused with 429 in the last %.0fs "
-                            "(backlog %s leads, capacity ~%s/s, predicted queue delay %s ms > "
-                            "ingest.max_queue_delay_ms %s)",
-                            self.refused - self._refused_logged,
-                            min(LOG_EVERY_S, now - self._logged_at), st["backlog"],
-                            st["capacity"], st["predicted_delay_ms"], self.bound_ms)
+                log.warning("over capacity: refusing leads with 429 (%d since the last such "
+                            "line; backlog %s leads, capacity ~%s/s, predicted queue delay %s "
+                            "ms > %.0f ms, the admission setpoint for ingest.max_queue_delay_ms "
+                            "%s)", self.refused - self._refused_logged, st["backlog"],
+                            st["capacity"], st["predicted_delay_ms"],
+                            self.estimator.target_ms, self.bound_ms)
                 self._logged_at, self._refused_logged = now, self.refused
         return retry_after
 

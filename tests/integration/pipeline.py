@@ -45,7 +45,9 @@ class Pipeline:
     def __init__(self, root: Path, kafka_bootstrap: str, warehouse_url: str,
                  buyers: dict[str, dict[str, Any]], *, flow: dict[str, Any] | None = None,
                  workers: int = 1, metrics: dict[str, Any] | None = None,
-                 alerts: list[dict[str, Any]] | None = None) -> None:
+                 alerts: list[dict[str, Any]] | None = None,
+                 overrides: dict[str, dict[str, Any]] | None = None) -> None:
+        """``overrides``: keys merged into a config section, e.g. ``{"worker": {...}}``."""
         self.name = "t" + uuid.uuid4().hex[:8]
         ports = free_ports(len(buyers) + 2)
         self.ingest_port = ports[0]
@@ -75,6 +77,8 @@ class Pipeline:
             "metrics": {**(metrics or {}), "listen": f"127.0.0.1:{self.metrics_port}"},
             "alerts": alerts or [],
         }
+        for section, values in (overrides or {}).items():
+            self.raw[section] = {**self.raw.get(section, {}), **values}
         self.settings: Settings = parse_settings(self.raw, env={})
         self.names = TopicNames.from_settings(self.settings)
         self.root = root / self.name
