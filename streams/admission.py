@@ -6,7 +6,7 @@ ping-requests topic. Reacting to the *observed* delay overshoots: by the time th
 waiting lead has waited the bound, the leads admitted meanwhile wait about ``λ/μ`` times that
 (twice at 2x capacity). So this predicts instead, Little's law style:
 
-    queue delay of a lead admitted now ≈ Q / μ
+    queue delay of a lead admitted now ≈ (Q + 1) / μ
 
 - ``Q``, the backlog: leads accepted but not yet taken by the ping stage. Every auction worker
   reports, every ~200 ms, the offset of the last record each pre-ping stage has taken per
@@ -15,7 +15,9 @@ waiting lead has waited the bound, the leads admitted meanwhile wait about ``λ/
   waiting lead is in exactly one of those topics, so it is counted once. The workers' offsets
   are older than the end offsets, so what each took since its report (at its measured rate)
   is subtracted; between two fetches the backlog drains at the measured rate and grows by the
-  leads this ingest process admitted.
+  leads this ingest process admitted. The ``+ 1`` is the lead's own turn: a stage that
+  serves leads one at a time (or a few) frees its next slot ~1/μ later on average, which
+  matters only for a slow pipeline.
 - ``μ``, the capacity: leads the ping stage takes per second, summed over workers, measured
   over the last second. The instantaneous rate is *not* the capacity at low load (an idle
   pipeline takes one lead per second because it is offered one), so ``μ`` is estimated:
@@ -27,7 +29,7 @@ waiting lead has waited the bound, the leads admitted meanwhile wait about ``λ/
 
 A lead is refused when the predicted delay passes :data:`SETPOINT` × the bound: the actual wait
 scatters around the prediction, and it is the p99 of the actual wait that must stay under the
-bound. Throughput does not suffer: a queue of 0.6 s of work keeps every worker busy.
+bound. Throughput does not suffer: a queue of half a second of work keeps every worker busy.
 
 Reports older than :data:`STALE_MS` (by ingest's clock: worker clocks may differ) are ignored;
 a partition no fresh report covers (its worker died, a rebalance is moving it) is not counted.
@@ -68,11 +70,11 @@ RATE_WINDOW_MS = 1000.0
 #: Capacity assumed (leads/s) at least while the pipeline is not busy: the estimate's floor.
 MIN_CAPACITY = 10.0
 #: Time constant of the slow decay of the highest recent rate while not busy.
-DECAY_S = 120.0
+DECAY_S = 600.0
 #: Admission aims at this share of the bound: a lead's actual wait varies around the
 #: prediction (service times, rate changes between two measurements), and the bound is the
 #: one its p99 must not pass.
-SETPOINT = 0.6
+SETPOINT = 0.5
 #: "Busy" needs at least this many leads waiting throughout the window (a single record is
 #: too little to tell a busy pipeline from one lead between two stages).
 BUSY_MIN_BACKLOG = 2
@@ -244,9 +246,7 @@ class Estimator:
         mu = self.capacity()
         if q is None or mu is None:
             return None
-        if q < 1:
-            return 0.0
-        return math.inf if mu <= 0 else 1000.0 * q / mu
+        return math.inf if mu <= 0 else 1000.0 * (q + 1) / mu
 
     def refuse(self, now_ms: float) -> int | None:
         """None: admit the lead (and count it into the backlog); else refuse it, with the
