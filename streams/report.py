@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 __all__ = ["Report", "build_report", "headline_rows", "parse_time", "print_report", "scope_where",
-           "ch_time"]
+           "ch_time", "MARKET_REASONS", "platform_unsold"]
 
 
 @dataclass
@@ -195,6 +195,20 @@ def build_report(client: Any, database: str, lead_ids: Sequence[str] | None = No
             "accept_rate": accepted / posts if posts else 0.0, "spend": spend or 0.0,
         })
     return r
+
+
+#: Unsold for these reasons is the market's answer (a cap reached is appended to them); any
+#: other reason (a post window exhausted, PII missing, an internal error) is the platform's.
+MARKET_REASONS = ("no bids", "no acceptable bid", "all posts rejected or failed",
+                  "no acceptable bid at post time")
+
+
+def platform_unsold(reasons: Sequence[tuple[str, int]]) -> int:
+    """Leads unsold for a platform reason, from ``(reason, leads)`` (``Report.unsold_reasons``);
+    a duplicate rejected by the flow's rule is not the platform's failure either."""
+    return sum(n for reason, n in reasons
+               if reason.split("; caps reached:")[0] not in MARKET_REASONS
+               and not reason.startswith("duplicate of lead"))
 
 
 def headline_rows(r: Report) -> list[tuple[str, str]]:
