@@ -200,12 +200,15 @@ class Estimator:
         served = sum(r * (now_ms - w.seen_ms) / 1000.0 for w, r in rates if r)
         q = sum(max(0, ends[tp] - off - 1) for tp, off in taken.items() if tp in ends)
         self._backlog = max(0.0, q - served)
+        # Busy: leads waited at every fetch over the whole span the rates were measured on
+        # (a report interval more than the window: a worker's rate spans at least the window,
+        # ending at its last report). A rate measured across the start of a burst would
+        # count idle time as slowness.
+        cover = self.rate_window_ms + 1000.0 * REPORT_INTERVAL_S
         self._q_history.append((now_ms, self._backlog))
-        while self._q_history and now_ms - self._q_history[0][0] > self.rate_window_ms:
+        while len(self._q_history) > 1 and now_ms - self._q_history[1][0] >= cover:
             self._q_history.popleft()
-        # Busy: leads waited throughout a (nearly) whole window of fetches.
-        span = now_ms - self._q_history[0][0]
-        self._busy = (len(self._q_history) >= 3 and span >= 0.6 * self.rate_window_ms
+        self._busy = (now_ms - self._q_history[0][0] >= cover
                       and min(n for _, n in self._q_history) >= BUSY_MIN_BACKLOG)
         if self._rate is not None:
             if self._mu is None:

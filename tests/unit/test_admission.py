@@ -31,6 +31,10 @@ class Feed:
     est: Estimator
     t: float = 0.0
     taken: float = 0.0
+    #: Reports reach ingest this many report intervals late (the worker's timer, its producer,
+    #: ingest's fetch); the end offsets are current.
+    lag: int = 0
+    _sent: list[Report] = field(default_factory=list)
 
     def run(self, *, rate: float, backlog: int, seconds: float = 2.0) -> float:
         end = self.t + seconds * 1000
@@ -39,7 +43,9 @@ class Feed:
             self.taken += rate * 0.2
             opened = int(self.taken)
             taken = 1000 + opened  # offsets grow with what was taken
-            self.est.add_report(report("w1", int(self.t), opened, pings=taken), self.t)
+            self._sent.append(report("w1", int(self.t), opened, pings=taken))
+            if len(self._sent) > self.lag:
+                self.est.add_report(self._sent[-1 - self.lag], self.t)
             self.est.set_ends({PINGS: taken + 1 + backlog}, self.t)
         return self.t
 
@@ -153,6 +159,19 @@ def test_capacity_follows_a_busy_pipeline_down() -> None:
     t = f.run(rate=2, backlog=30)
     assert est.capacity() < admission.MIN_CAPACITY
     assert est.refuse(t) is not None  # 30 waiting at 3/s: 10 s
+
+
+def test_a_burst_after_idle_time_keeps_the_capacity_measured_before() -> None:
+    """The first second of a burst: the rate over the last second still counts the idle time
+    before it, so it is not a measurement of the capacity; the one measured while busy before
+    stands."""
+    est = Estimator(1000)
+    f = Feed(est, lag=2)
+    f.run(rate=50, backlog=30)
+    f.run(rate=2, backlog=0, seconds=10)
+    for _ in range(10):  # 2 s of burst at full speed
+        f.run(rate=50, backlog=30, seconds=0.2)
+        assert est.capacity() == pytest.approx(50, rel=0.02)
 
 
 def test_capacity_decays_slowly_when_not_busy() -> None:
