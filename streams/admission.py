@@ -68,7 +68,7 @@ STALE_MS = 3000.0
 #: The service rate is measured over this long; "busy" means busy throughout it.
 RATE_WINDOW_MS = 1000.0
 #: Capacity assumed (leads/s) at least while the pipeline is not busy: the estimate's floor.
-MIN_CAPACITY = 10.0
+MIN_CAPACITY = 20.0
 #: Time constant of the slow decay of the highest recent rate while not busy.
 DECAY_S = 600.0
 #: Admission aims at this share of the bound: a lead's actual wait varies around the

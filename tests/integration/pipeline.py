@@ -124,8 +124,13 @@ class Pipeline:
         async with httpx.AsyncClient(timeout=60) as client:
             async def one(lead: dict[str, Any]) -> dict[str, Any]:
                 async with sem:
-                    r = await client.post(self.url, json=lead, params={"wait": "true"} if wait else {},
-                                          headers={"Authorization": f"Bearer {TOKEN}"})
+                    for _ in range(60):  # a 429 (over capacity) is retried, as producers do
+                        r = await client.post(self.url, json=lead,
+                                              params={"wait": "true"} if wait else {},
+                                              headers={"Authorization": f"Bearer {TOKEN}"})
+                        if r.status_code != 429:
+                            break
+                        await asyncio.sleep(float(r.headers["Retry-After"]))
                     assert r.status_code in (200, 202), r.text
                     return r.json()  # type: ignore[no-any-return]
             return await asyncio.gather(*(one(x) for x in leads))

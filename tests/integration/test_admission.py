@@ -3,9 +3,9 @@ accepts still open their ping round within the bound (issue 10, item 5).
 
 Capacity is lowered on purpose so that a few seconds of load overload it on any machine, and
 so that it depends on the buyers more than on a shared CPU: one auction worker with
-``worker.max_inflight: 4`` runs at most four ping rounds at once, and the buyers answer in
-~300 ms, so the pipeline opens about 12 rounds a second (above the estimator's idle floor of
-10/s, so the test also covers a cold start). The test offers 3x that for 8 s, every request
+``worker.max_inflight: 8`` runs at most eight ping rounds at once, and the buyers answer in
+~300 ms, so the pipeline opens about 25 rounds a second (above the estimator's idle floor of
+20/s, so the test also covers a cold start). The test offers 3x that for 6 s, every request
 independent of the answers (an open-loop producer), then checks the answers and the
 ``auctions`` table. With admission control off
 (``ingest.max_queue_delay_ms: 0``) the same run queues: no 429, and receipt → ping open grows
@@ -30,8 +30,8 @@ pytestmark = pytest.mark.integration
 SIM = {"bid_probability": 1.0, "latency_ms": {"median": 300, "p99": 330}, "late_share": 0.0,
        "error_rate": 0.0, "post_reject_rate": 0.0, "exclusive_share": 0.0}
 BUYERS = {"slow_a": {"sim": SIM}, "slow_b": {"sim": SIM}}
-OFFERED_PER_S = 36.0
-SECONDS = 8.0
+OFFERED_PER_S = 75.0
+SECONDS = 6.0
 BOUND_MS = 1000
 
 
@@ -39,7 +39,7 @@ BOUND_MS = 1000
 def overloaded(kafka_bootstrap: str, warehouse_url: str,
                tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Pipeline, list[Any]]]:
     p = Pipeline(tmp_path_factory.mktemp("admission"), kafka_bootstrap, warehouse_url, BUYERS,
-                 overrides={"worker": {"max_inflight": 4},
+                 overrides={"worker": {"max_inflight": 8},
                             "ingest": {"max_queue_delay_ms": BOUND_MS}})
     try:
         p.start()
