@@ -55,6 +55,7 @@ EVENTS = {
     "CapRequest": "cap_request",
     "CapDecision": "cap_decision",
     "CapState": "cap_state",
+    "Progress": "progress",
 }
 _SHARED = {"pingpost.Conditions": "conditions"}
 

@@ -393,6 +393,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     extra = {
         "leads pushed / accepted": f"{len(leads):,} / {len(ids):,} in {run.push_seconds:.1f}s "
                                    f"({len(ids) / run.push_seconds:.0f}/s offered)",
+        "429 answers (over capacity), retried": f"{run.refused:,}",
         "sustained (first receipt → last settle)": f"{len(ids) / span:.1f} leads/s over {span:.1f}s"
         if span else "-",
         "PII audit of pings received by buyers": f"{leaks} leaks in {pings:,} pings",

@@ -115,11 +115,13 @@ def register(ctx: Any) -> None:
         return
     import schemas
     from streams.buyer_stats import follow_topic
+    from streams.progress import tracker
     from streams.runtime import DeadLetters, now_ms
 
     app = ctx.app
     requests, results = ctx.topic("ping_requests"), ctx.topic("results")
     dead = DeadLetters(ctx.topic("deadletter"), "dedupe")
+    progress = tracker(ctx)
     table = app.Table("identities", default=None, partitions=settings.kafka.partitions,
                       key_type=str, value_type=None)
     longest_ms = int(max(c.window_s for c in flows.values()) * 1000)
@@ -152,6 +154,8 @@ def register(ctx: Any) -> None:
     @app.agent(ctx.topic("dedupe"), name="dedupe", concurrency=1)
     async def dedupe_agent(stream: Any) -> None:
         async for event in stream.events():
+            msg = event.message
+            progress.took("dedupe", msg.topic, msg.partition, msg.offset)
             try:
                 req = schemas.decode_as("PingRequest", event.value)
             except schemas.SchemaError as exc:

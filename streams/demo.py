@@ -58,6 +58,8 @@ class DemoRun:
     lead_ids: list[str]
     rejected: list[tuple[int, str]]
     push_seconds: float
+    #: 429 answers (pipeline over capacity), each retried after its Retry-After.
+    refused: int = 0
 
 
 def schedule(n: int, rate: float, ramp_s: float) -> list[float]:
@@ -76,9 +78,11 @@ async def push_leads(url: str, token: str, leads: list[dict[str, Any]], *, rate:
                      ramp_s: float = 3.0, concurrency: int = 32,
                      console: Console | None = None) -> DemoRun:
     """POST every lead at about ``rate`` per second (after a ramp of ``ramp_s``); returns
-    the accepted lead ids in order."""
+    the accepted lead ids in order. A 429 (over capacity) is retried after its Retry-After,
+    as a producer should (at most ``MAX_429`` times per lead)."""
     ids: list[str | None] = [None] * len(leads)
     rejected: list[tuple[int, str]] = []
+    refused = 0
     sem = asyncio.Semaphore(concurrency)
     start = time.monotonic()
     headers = {"Authorization": f"Bearer {token}"}
@@ -88,18 +92,27 @@ async def push_leads(url: str, token: str, leads: list[dict[str, Any]], *, rate:
         async with httpx.AsyncClient(timeout=30.0) as client:
 
             async def one(i: int, lead: dict[str, Any]) -> None:
+                nonlocal refused
                 async with sem:
-                    for attempt in range(5):
+                    attempt = over = 0
+                    while True:
                         try:
                             resp = await client.post(url, json=lead, headers=headers)
                         except httpx.TransportError as exc:
                             if attempt == 4:
                                 rejected.append((i, f"transport error: {exc}"))
                                 return
-                            await asyncio.sleep(0.2 * (attempt + 1))
+                            attempt += 1
+                            await asyncio.sleep(0.2 * attempt)
+                            continue
+                        if resp.status_code == 429 and over < MAX_429:
+                            over += 1
+                            refused += 1
+                            await asyncio.sleep(_retry_after(resp))
                             continue
                         if resp.status_code == 503 and attempt < 4:
-                            await asyncio.sleep(0.2 * (attempt + 1))
+                            attempt += 1
+                            await asyncio.sleep(0.2 * attempt)
                             continue
                         break
                     if resp.status_code == 202:
@@ -119,4 +132,16 @@ async def push_leads(url: str, token: str, leads: list[dict[str, Any]], *, rate:
                     await asyncio.sleep(delay)
                 tasks.append(asyncio.create_task(one(i, lead)))
             await asyncio.gather(*tasks)
-    return DemoRun([x for x in ids if x is not None], rejected, time.monotonic() - start)
+    return DemoRun([x for x in ids if x is not None], rejected, time.monotonic() - start,
+                   refused)
+
+
+#: How many 429 answers a demo lead is retried through.
+MAX_429 = 20
+
+
+def _retry_after(resp: httpx.Response) -> float:
+    try:
+        return min(30.0, max(0.1, float(resp.headers.get("Retry-After", "1"))))
+    except ValueError:
+        return 1.0

@@ -39,6 +39,7 @@ from streams.idempotency import (
     fingerprint,
     lead_id_for_key,
 )
+from streams.admission_feed import Admission
 from streams.leads import LeadError, validate_lead
 from streams.settings import Settings
 from streams.topics import TopicNames
@@ -94,6 +95,7 @@ class IngestServer:
         self.kafka_ok = True
         self.kafka_error: str | None = None
         self._probe_task: asyncio.Task[None] | None = None
+        self._admission = Admission(settings, self.names)
 
     def _producer_for(self, auth: str | None) -> str | None:
         if not auth or not auth.startswith("Bearer "):
@@ -161,6 +163,17 @@ class IngestServer:
             entry.waiters.append(fut)
         if not entry.published:
             if entry.publishing is None:
+                # Over capacity: 429, never a long queue. (Only for a lead that would be
+                # published now: a repeat of one already on its way is answered as usual.)
+                retry_after = self._admission.refuse()
+                if retry_after is not None:
+                    if fut is not None:
+                        entry.waiters.remove(fut)
+                    return web.Response(status=429, headers={"Retry-After": str(retry_after)},
+                                        content_type="application/json", body=orjson.dumps({
+                                            "error": "pipeline over capacity; retry later "
+                                                     f"with the same {KEY_HEADER}",
+                                            "field": None}))
                 record = {
                     "flow": lead.flow, "lead_id": lead.lead_id,
                     "created_at": raw.get("created_at"), "fields": lead.fields,
@@ -226,7 +239,8 @@ class IngestServer:
         """Liveness (always 200 while the process serves) with the broker's state."""
         return _json(200, {"status": "ok", "kafka": "ok" if self.kafka_ok else "unreachable",
                            "kafka_error": self.kafka_error, "accepted": self.accepted,
-                           "unavailable": self.unavailable})
+                           "unavailable": self.unavailable,
+                           "admission": self._admission.status()})
 
     async def ready(self, request: web.Request) -> web.Response:
         """Readiness: 503 while the broker cannot be reached (leads would get 503 too)."""
@@ -321,6 +335,7 @@ class IngestServer:
                     self._consumer.seek(tp, found.offset)
             await self._catch_up(tps)
         self._results_task = asyncio.create_task(self._read_results())
+        await self._admission.start()
         app = web.Application(client_max_size=self.settings.ingest.max_body_bytes + 1)
         app.router.add_post("/v1/leads", self.handle_lead)
         app.router.add_get("/healthz", self.health)
@@ -343,6 +358,7 @@ class IngestServer:
                     await task
                 except (asyncio.CancelledError, Exception):
                     pass
+        await self._admission.stop()
         if self._consumer is not None:
             await self._consumer.stop()
         if self._producer is not None:

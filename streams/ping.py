@@ -23,6 +23,7 @@ from streams import rules
 from streams.app import Context
 from streams.auction import acceptable, conditions_reason
 from streams.leads import pii_hash
+from streams.progress import tracker
 from streams.runtime import DeadLetters, InFlight, now_ms
 from streams.scrub import safe_ref, scrub
 from streams.settings import BuyerConfig, Settings
@@ -182,6 +183,7 @@ def register(ctx: Context) -> None:
     bids = ctx.topic("bids")
     dead = DeadLetters(ctx.topic("deadletter"), "ping")
     inflight = InFlight("ping", settings.worker.max_inflight, dead)
+    progress = tracker(ctx)  # admission control's view of this stage (streams/admission.py)
     async def drain() -> None:
         await inflight.drain(timeout=5.0)
 
@@ -227,6 +229,7 @@ def register(ctx: Context) -> None:
         if flow is None:
             raise ValueError(f"flow '{req['flow']}' is not configured on this worker")
         opened = now_ms()
+        progress.opened(opened - req["received_at_ms"])
         targets, filtered = plan_for(ctx, req, opened)
         deadline = opened + flow.deadline_ms
         pinged = [{"buyer_id": b.id, "tier": b.tier, "ping_id": ping_id_for(req["lead_id"], b.id)}
@@ -294,3 +297,5 @@ def register(ctx: Context) -> None:
                 await manual.ack(event)
                 continue
             await inflight.submit(manual, event, lambda req=req: round_for(req))
+            msg = event.message
+            progress.took("ping", msg.topic, msg.partition, msg.offset, ping=True)

@@ -21,6 +21,7 @@ import schemas
 from streams.dedupe import identity_of
 from streams.app import Context
 from streams.leads import LeadError, ValidLead, deterministic_lead_id, redact, validate_lead
+from streams.progress import tracker
 from streams.runtime import DeadLetters, now_ms
 
 __all__ = ["register", "lead_from_record"]
@@ -54,6 +55,7 @@ def register(ctx: Context) -> None:
     dedupe = ctx.topic("dedupe")
     dead = DeadLetters(ctx.topic("deadletter"), "redact", settings)
     pii_ttl_ms = int(settings.privacy.pii_ttl_s * 1000)
+    progress = tracker(ctx)
     window_ms = int(settings.ingest.idempotency_window_s * 1000)
     # lead_id -> {"at": first seen (ms), "p": partition, "o": offset} of the leads topic.
     seen = app.Table("lead_ids", default=None, partitions=settings.kafka.partitions,
@@ -109,6 +111,7 @@ def register(ctx: Context) -> None:
     async def redact_agent(stream: Any) -> None:
         async for event in stream.events():
             msg = event.message
+            progress.took("redact", msg.topic, msg.partition, msg.offset)
             try:
                 name, record = schemas.decode(event.value)
                 if name != "Lead":

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 __all__ = ["Report", "build_report", "headline_rows", "parse_time", "print_report", "scope_where",
-           "ch_time"]
+           "ch_time", "MARKET_REASONS", "platform_unsold"]
 
 
 @dataclass
@@ -38,6 +38,10 @@ class Report:
     #: overall figure, never instead of it.
     close_lag_p99_warm: float = 0.0
     duration_p50: float = 0.0
+    #: Receipt → ping round open (``opened_at - received_at``): the queue before the ping,
+    #: which close lag does not show.
+    open_delay_p50: float = 0.0
+    open_delay_p99: float = 0.0
     sold_without_accepted_post: int = 0
     buyers: list[dict[str, Any]] = field(default_factory=list)
     unsold_reasons: list[tuple[str, int]] = field(default_factory=list)
@@ -123,11 +127,16 @@ def build_report(client: Any, database: str, lead_ids: Sequence[str] | None = No
     r = Report()
     (r.leads,) = one(f"SELECT count() FROM {db}.leads FINAL {where}")
     (r.auctions, r.sold_exclusive, r.sold_shared, r.unsold, r.revenue, r.close_lag_p50,
-     r.close_lag_p99, r.close_lag_max, r.duration_p50, r.first_received, r.last_settled) = one(
+     r.close_lag_p99, r.close_lag_max, r.duration_p50, r.open_delay_p50, r.open_delay_p99,
+     r.first_received, r.last_settled) = one(
         f"""SELECT count(), countIf(outcome = 'sold_exclusive'), countIf(outcome = 'sold_shared'),
                    countIf(outcome = 'unsold'), sum(price_total),
                    quantileExact(0.5)(close_lag_ms), quantileExact(0.99)(close_lag_ms),
                    max(close_lag_ms), quantileExact(0.5)(duration_ms),
+                   quantileExact(0.5)(toUnixTimestamp64Milli(opened_at)
+                                      - toUnixTimestamp64Milli(received_at)),
+                   quantileExact(0.99)(toUnixTimestamp64Milli(opened_at)
+                                       - toUnixTimestamp64Milli(received_at)),
                    min(received_at), max(settled_at)
             FROM {db}.auctions FINAL {where}""")
     r.sold = r.sold_exclusive + r.sold_shared
@@ -188,6 +197,20 @@ def build_report(client: Any, database: str, lead_ids: Sequence[str] | None = No
     return r
 
 
+#: Unsold for these reasons is the market's answer (a cap reached is appended to them); any
+#: other reason (a post window exhausted, PII missing, an internal error) is the platform's.
+MARKET_REASONS = ("no bids", "no acceptable bid", "all posts rejected or failed",
+                  "no acceptable bid at post time")
+
+
+def platform_unsold(reasons: Sequence[tuple[str, int]]) -> int:
+    """Leads unsold for a platform reason, from ``(reason, leads)`` (``Report.unsold_reasons``);
+    a duplicate rejected by the flow's rule is not the platform's failure either."""
+    return sum(n for reason, n in reasons
+               if reason.split("; caps reached:")[0] not in MARKET_REASONS
+               and not reason.startswith("duplicate of lead"))
+
+
 def headline_rows(r: Report) -> list[tuple[str, str]]:
     """The summary's (label, value) rows, shared by the terminal and the HTML report."""
     return [
@@ -203,6 +226,7 @@ def headline_rows(r: Report) -> list[tuple[str, str]]:
         ("revenue per lead", f"${r.revenue_per_lead:,.2f}"),
         ("revenue per ping", f"${r.revenue_per_ping:,.2f}  ({r.pings:,} pings, "
                              f"{r.filtered:,} filtered)"),
+        ("receipt → ping open p50 / p99", f"{r.open_delay_p50:.0f} / {r.open_delay_p99:.0f} ms"),
         ("auction close lag p50 / p99 / max",
          f"{r.close_lag_p50:.1f} / {r.close_lag_p99:.1f} / {r.close_lag_max:.1f} ms"),
         ("  p99 after the first 2 s", f"{r.close_lag_p99_warm:.1f} ms"),

@@ -136,6 +136,9 @@ class IngestConfig(_Model):
     #: How far back an ingest process reloads settled outcomes from the results topic at
     #: start-up, to answer repeats without publishing (0: from start-up on only).
     remember_outcomes_s: Annotated[float, Field(ge=0)] = 900.0
+    #: Admission control (streams/admission.py): a lead whose predicted queue delay (accepted
+    #: → ping round open) would pass this bound is refused with 429 + Retry-After; 0: off.
+    max_queue_delay_ms: Annotated[int, Field(ge=0, le=600_000)] = 1000
 
     @field_validator("listen")
     @classmethod

@@ -53,6 +53,7 @@ class TopicNames:
     cap_decisions: str
     cap_state: str
     dedupe: str
+    progress: str
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "TopicNames":
@@ -71,6 +72,7 @@ class TopicNames:
             cap_decisions=f"{p}.cap-decisions",
             cap_state=f"{p}.cap-state",
             dedupe=f"{p}.dedupe",
+            progress=f"{p}.progress",
         )
 
 
@@ -115,6 +117,11 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
                   "the cap owner's answers to reservations, key = lead_id"),
         TopicSpec(n.cap_state, ("CapState",), parts, {"cleanup.policy": "compact"},
                   "each buyer's cap counters after every change, key = buyer_id"),
+        # Admission control: workers' progress every ~200 ms; only the last seconds matter.
+        TopicSpec(n.progress, ("Progress",), 1,
+                  {"retention.ms": str(600_000), "segment.ms": str(600_000)},
+                  "auction workers' progress reports for ingest's admission control, "
+                  "key = worker id"),
         *(TopicSpec(changelog_topic(settings.kafka.app_id, t), (), parts,
                     # The PII table's changelog holds PII: compacted and also deleted after a
                     # day, in hour-long segments so deletion is not held back by a big segment.

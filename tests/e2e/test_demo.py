@@ -80,6 +80,7 @@ def test_demo_runs_the_whole_stack_and_reports(demo: DemoRun, ch: Client) -> Non
     assert "checks passed" in demo.stdout
     assert f"{LEADS} solar leads" in demo.stdout
     assert "0 leaks" in demo.stdout
+    assert "receipt → ping open p50 / p99" in demo.stdout  # the queue before the ping
     # The report agrees with the tables.
     (n, sold, revenue), = ch.query(
         "SELECT count(), countIf(outcome != 'unsold'), sum(price_total) "

@@ -46,7 +46,9 @@ class Pipeline:
                  buyers: dict[str, dict[str, Any]], *, flow: dict[str, Any] | None = None,
                  workers: int = 1, metrics: dict[str, Any] | None = None,
                  alerts: list[dict[str, Any]] | None = None, web_port: int = 0,
-                 worker: dict[str, Any] | None = None) -> None:
+                 worker: dict[str, Any] | None = None,
+                 overrides: dict[str, dict[str, Any]] | None = None) -> None:
+        """``overrides``: keys merged into a config section, e.g. ``{"worker": {...}}``."""
         self.name = "t" + uuid.uuid4().hex[:8]
         ports = free_ports(len(buyers) + 2)
         self.ingest_port = ports[0]
@@ -76,6 +78,8 @@ class Pipeline:
             "metrics": {**(metrics or {}), "listen": f"127.0.0.1:{self.metrics_port}"},
             "alerts": alerts or [],
         }
+        for section, values in (overrides or {}).items():
+            self.raw[section] = {**self.raw.get(section, {}), **values}
         self.settings: Settings = parse_settings(self.raw, env={})
         self.names = TopicNames.from_settings(self.settings)
         self.root = root / self.name
@@ -123,8 +127,13 @@ class Pipeline:
         async with httpx.AsyncClient(timeout=60) as client:
             async def one(lead: dict[str, Any]) -> dict[str, Any]:
                 async with sem:
-                    r = await client.post(self.url, json=lead, params={"wait": "true"} if wait else {},
-                                          headers={"Authorization": f"Bearer {TOKEN}"})
+                    for _ in range(60):  # a 429 (over capacity) is retried, as producers do
+                        r = await client.post(self.url, json=lead,
+                                              params={"wait": "true"} if wait else {},
+                                              headers={"Authorization": f"Bearer {TOKEN}"})
+                        if r.status_code != 429:
+                            break
+                        await asyncio.sleep(float(r.headers["Retry-After"]))
                     assert r.status_code in (200, 202), r.text
                     return r.json()  # type: ignore[no-any-return]
             return await asyncio.gather(*(one(x) for x in leads))

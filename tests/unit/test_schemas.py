@@ -166,6 +166,14 @@ RECORDS: dict[str, dict[str, Any]] = {
                     "reason": "cap leads_per_day 10 reached"},
     "CapState": {"buyer_id": "b1", "hour": "2026-01-01T10+00:00", "day": "2026-01-01",
                  "leads_hour": 3, "leads_day": 7, "spend_day": 300.0, "at_ms": 1_700_000_000_000},
+    "Progress": {
+        "worker": "host:123:ab12cd", "at_ms": T0,
+        "offsets": [{"stage": "redact", "topic": "pingpost.leads", "partition": 0, "offset": 41},
+                    {"stage": "ping", "topic": "pingpost.ping-requests", "partition": 3,
+                     "offset": 7}],
+        "opened": 48, "delay_count": 12, "delay_p50_ms": 9.5, "delay_p99_ms": 30.25,
+        "delay_max_ms": 31.0,
+    },
     "Alert": {
         "alert_id": f"slow_buyer|buyer:sunrise|{T0}|firing", "rule": "slow_buyer",
         "metric": "avg_response_ms", "scope": "buyer", "subject": "buyer:sunrise",
