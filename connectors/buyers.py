@@ -18,6 +18,7 @@ a secret, and never more than ~200 characters of anything the buyer sent.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import os
 import time
@@ -44,6 +45,8 @@ __all__ = [
     "parse_ping_response",
     "parse_post_response",
 ]
+
+log = logging.getLogger(__name__)
 
 PingStatus = Literal["bid", "no_bid", "timeout", "error"]
 PostStatus = Literal["accepted", "rejected", "error", "timeout"]
@@ -421,6 +424,8 @@ class AiohttpTransport:
             except aiohttp.ClientError as exc:
                 if not retried and _stale_connection(exc):
                     retried = True
+                    log.info("retrying a request on a fresh connection after %s",
+                             type(exc).__name__)
                     continue
                 raise _translate(exc) from None
 

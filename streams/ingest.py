@@ -181,6 +181,10 @@ class IngestServer:
                 }
                 entry.publishing = asyncio.ensure_future(self._publish(entry, lead.lead_id,
                                                                        record))
+                # Its failure is answered (503) by whoever waits; one nobody waits for any
+                # more (it outlived the bound) is only logged by aiokafka.
+                entry.publishing.add_done_callback(
+                    lambda t: t.cancelled() or t.exception())
             try:
                 # Bounded: the producer would retry for its whole request timeout (tens of
                 # seconds) while the broker is down. The record may still land after we

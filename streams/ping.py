@@ -33,6 +33,8 @@ __all__ = ["register", "plan_pings", "plan_for", "ping_body", "ping_buyer", "pin
 
 log = logging.getLogger(__name__)
 
+_TRACE = os.environ.get("PINGPOST_TRACE_PINGS") == "1"
+
 #: A wave that would have less than this before the deadline is not pinged at all.
 MIN_WAVE_MS = 20
 
@@ -157,6 +159,8 @@ async def ping_buyer(ctx: Context, req: dict[str, Any], buyer: BuyerConfig, ping
                              "no time left before the auction deadline")
     else:
         body = ping_body(req["ping_fields"], req["flow"], ping_id, budget)
+        if _TRACE:
+            log.info("TRACE ping %s %s %s", req["lead_id"], buyer.id, os.getpid())
         out = await ctx.buyer_client().ping(buyer, body, budget / 1000.0,
                                             max_price=flow.strategy.max_price,
                                             min_price=flow.strategy.min_price)

@@ -122,7 +122,13 @@ def test_each_worker_serves_on_its_own_web_port(crashed: tuple[Pipeline, list[st
     restarted worker got its port back)."""
     p, _ = crashed
     base = p.settings.worker.web_port
+    def answers(port: int) -> int | None:
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/", timeout=5).status_code
+        except httpx.ConnectError:
+            return None  # the restarted worker may still be starting (it was spawned last)
+
     for name, port in [("worker", base), ("worker2", base + 1), ("sink", base - 2)]:
         assert p.stack.running(name)
-        resp = httpx.get(f"http://127.0.0.1:{port}/", timeout=5)
-        assert resp.status_code == 200, (name, port, resp.status_code)
+        status = wait_for(lambda port=port: answers(port), 60, f"{name}'s web port {port}")
+        assert status == 200, (name, port, status)
