@@ -60,14 +60,12 @@ sys.path.insert(0, str(REPO))
 
 import schemas  # noqa: E402
 from streams.demo import generate_leads  # noqa: E402
+from streams.report import is_platform_reason  # noqa: E402
 from streams.settings import load_settings  # noqa: E402
 from streams.simulator import decide_post  # noqa: E402
 from streams.stack import Stack  # noqa: E402
 from streams.topics import TABLES, TopicNames, changelog_topic  # noqa: E402
 
-#: Unsold reasons that are the platform's fault, not the market's.
-PLATFORM_REASONS = ("post window", "PII unavailable", "internal error", "did not answer",
-                    "expired", "flow not configured")
 TOKEN = "chaos-producer-token"
 
 
@@ -207,22 +205,27 @@ async def produce(url: str, leads: list[dict[str, Any]], opts: Options, prod: Pr
 
 async def faults(stack: Stack, opts: Options, t0: float, stop: asyncio.Event,
                  log: list[str], say: Any) -> None:
-    """Kill a worker every ``kill_every`` s; one broker outage; one warehouse outage."""
+    """Kill a worker every ``kill_every`` s; one broker outage; one warehouse outage; each
+    on its own schedule."""
     duration = opts.leads / opts.rate
-    # (The overload phase runs from 35 % of the leads: the outages stay clear of it.)
-    broker_at = 0.7 * duration if opts.broker_down else None
-    warehouse_at = 0.1 * duration if opts.warehouse_down else None
     rnd = random.Random(opts.seed)
-    next_kill = t0 + opts.kill_every if opts.kill_every else None
     workers = ["worker" if i == 0 else f"worker{i + 1}" for i in range(opts.workers)]
 
     def note(text: str) -> None:
         log.append(f"{time.monotonic() - t0:6.1f}s {text}")
         say(f"  fault: {text}")
 
-    while not stop.is_set():
-        now = time.monotonic()
-        if next_kill is not None and now >= next_kill:
+    async def until(at_s: float) -> bool:
+        """Sleep until ``at_s`` after t0; False if the run stopped first."""
+        while time.monotonic() - t0 < at_s:
+            if stop.is_set():
+                return False
+            await asyncio.sleep(0.2)
+        return not stop.is_set()
+
+    async def kill_workers() -> None:
+        at = opts.kill_every
+        while await until(at):
             name = rnd.choice(workers)
             pid = stack._pid(name)  # noqa: SLF001
             if pid is not None:
@@ -231,32 +234,44 @@ async def faults(stack: Stack, opts: Options, t0: float, stop: asyncio.Event,
                 while stack.running(name):
                     await asyncio.sleep(0.1)
                 stack.spawn(name, ["worker", "--role", "auction"])
-            next_kill = now + opts.kill_every
-        if broker_at is not None and now - t0 >= broker_at:
-            broker_at = None
-            broker = stack.broker()
-            pid = broker.pid()
-            if pid is not None:
-                os.kill(pid, signal.SIGKILL)
-                note(f"kill -9 the broker for {opts.broker_down:.0f} s")
-                await asyncio.sleep(opts.broker_down)
-                await asyncio.to_thread(broker.start, True, 120)
-                note("broker back")
-        if warehouse_at is not None and now - t0 >= warehouse_at:
-            warehouse_at = None
-            pid = stack._pid("warehouse")  # noqa: SLF001
-            if pid is not None:
-                os.kill(pid, signal.SIGKILL)
-                note(f"kill -9 the warehouse for {opts.warehouse_down:.0f} s")
-                back = time.monotonic() + opts.warehouse_down
-                while time.monotonic() < back and not stop.is_set():
-                    await asyncio.sleep(0.5)
-                ch = stack.settings.clickhouse.url.rstrip("/")
-                stack.spawn("warehouse", ["warehouse", "--data-dir",
-                                          str(opts.run_dir / "warehouse"), "--port",
-                                          ch.rsplit(":", 1)[1]], nice=10)
-                note("warehouse back")
-        await asyncio.sleep(0.2)
+            at += opts.kill_every
+
+    async def broker_outage() -> None:
+        # (The overload phase runs from 35 % of the leads: the outages stay clear of it.)
+        if not await until(0.7 * duration):
+            return
+        broker = stack.broker()
+        pid = broker.pid()
+        if pid is None:
+            return
+        os.kill(pid, signal.SIGKILL)
+        note(f"kill -9 the broker for {opts.broker_down:.0f} s")
+        await asyncio.sleep(opts.broker_down)
+        await asyncio.to_thread(broker.start, True, 120)
+        note("broker back")
+
+    async def warehouse_outage() -> None:
+        if not await until(0.1 * duration):
+            return
+        pid = stack._pid("warehouse")  # noqa: SLF001
+        if pid is None:
+            return
+        os.kill(pid, signal.SIGKILL)
+        note(f"kill -9 the warehouse for {opts.warehouse_down:.0f} s")
+        await asyncio.sleep(opts.warehouse_down)
+        ch = stack.settings.clickhouse.url.rstrip("/")
+        stack.spawn("warehouse", ["warehouse", "--data-dir", str(opts.run_dir / "warehouse"),
+                                  "--port", ch.rsplit(":", 1)[1]], nice=10)
+        note("warehouse back")
+
+    tasks = []
+    if opts.kill_every:
+        tasks.append(kill_workers())
+    if opts.broker_down:
+        tasks.append(broker_outage())
+    if opts.warehouse_down:
+        tasks.append(warehouse_outage())
+    await asyncio.gather(*tasks)
 
 
 def read_topic(bootstrap: str, topic: str) -> list[Any]:
@@ -445,7 +460,7 @@ def check(settings: Any, stack: Stack, leads: list[dict[str, Any]], prod: Produc
                         f"{pct(overloaded)} ({len(overloaded)} leads); all accepted leads, "
                         f"outages included: {pct(everyone)}"))
     platform = sum(1 for i in ids if i in auctions and auctions[i][1] == "unsold"
-                   and any(p in auctions[i][3] for p in PLATFORM_REASONS))
+                   and is_platform_reason(auctions[i][3]))
     checks.append(Check("no lead unsold for a platform reason", platform == 0,
                         f"{platform} leads"))
     checks.append(Check("last lead settled <= 15 s after the last push",

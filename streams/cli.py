@@ -337,7 +337,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from streams.demo import generate_leads, push_leads
-    from streams.report import build_report, print_report
+    from streams.report import build_report, platform_unsold, print_report
 
     from datetime import datetime, timezone
 
@@ -405,11 +405,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                          since=started_at, summary=report, title=title, extra=extra)
     client.close()
     # Unsold because the market said no is fine; unsold because the platform failed is not.
-    market = ("no bids", "no acceptable bid", "all posts rejected or failed",
-              "no acceptable bid at post time")
-    internal = sum(n for reason, n in report.unsold_reasons
-                   if reason.split("; caps reached:")[0] not in market
-                   and not reason.startswith("duplicate of lead"))
+    internal = platform_unsold(report.unsold_reasons)
     checks = {
         "every lead has one settled auction": report.auctions == len(ids) == len(leads),
         "every sale has an accepted post": report.sold_without_accepted_post == 0,

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 __all__ = ["Report", "build_report", "headline_rows", "parse_time", "print_report", "scope_where",
-           "ch_time", "MARKET_REASONS", "platform_unsold"]
+           "ch_time", "MARKET_REASONS", "is_platform_reason", "platform_unsold"]
 
 
 @dataclass
@@ -203,12 +203,20 @@ MARKET_REASONS = ("no bids", "no acceptable bid", "all posts rejected or failed"
                   "no acceptable bid at post time")
 
 
+#: Reasons that name the market, not the platform, by their start: a duplicate rejected by
+#: the flow's rule; a buyer that did not answer its post within the window (asked again later).
+MARKET_REASON_PREFIXES = ("duplicate of lead", "no answer in time from ")
+
+
+def is_platform_reason(reason: str) -> bool:
+    """Whether an unsold lead's reason is the platform's failure (not the market's)."""
+    return (reason.split("; caps reached:")[0] not in MARKET_REASONS
+            and not reason.startswith(MARKET_REASON_PREFIXES))
+
+
 def platform_unsold(reasons: Sequence[tuple[str, int]]) -> int:
-    """Leads unsold for a platform reason, from ``(reason, leads)`` (``Report.unsold_reasons``);
-    a duplicate rejected by the flow's rule is not the platform's failure either."""
-    return sum(n for reason, n in reasons
-               if reason.split("; caps reached:")[0] not in MARKET_REASONS
-               and not reason.startswith("duplicate of lead"))
+    """Leads unsold for a platform reason, from ``(reason, leads)`` (``Report.unsold_reasons``)."""
+    return sum(n for reason, n in reasons if is_platform_reason(reason))
 
 
 def headline_rows(r: Report) -> list[tuple[str, str]]:
