@@ -59,6 +59,28 @@ def _stack(args: argparse.Namespace, settings: Settings) -> Any:
     return Stack(settings, _config_path(args), RUN_DIR.resolve(), kafka_port=_kafka_port(settings))
 
 
+def _wait_for_kafka(bootstrap: str, log_every_s: float = 10.0) -> None:
+    """Block until a broker of ``bootstrap`` answers a metadata request. A worker started (or
+    restarted by its supervisor) while the broker is down waits for it instead of failing
+    its start-up ("Unable to bootstrap"), which its supervisor would not retry."""
+    from connectors.kafka_runtime import _metadata_ready
+
+    hosts = [h.strip().rsplit(":", 1) for h in bootstrap.split(",") if h.strip()]
+    started = last_said = time.monotonic()
+    while True:
+        for host, port in hosts:
+            if _metadata_ready(host, int(port), timeout=2.0):
+                if time.monotonic() - started > 1.0:
+                    print(f"Kafka at {bootstrap} answers after "
+                          f"{time.monotonic() - started:.0f} s; starting", flush=True)
+                return
+        if time.monotonic() - last_said >= log_every_s:
+            print(f"waiting for Kafka at {bootstrap} (not reachable for "
+                  f"{time.monotonic() - started:.0f} s)", flush=True)
+            last_said = time.monotonic()
+        time.sleep(0.5)
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     import faust
 
@@ -78,6 +100,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     except ImportError:  # pragma: no cover - uvloop is a pinned dependency
         pass
+    _wait_for_kafka(settings.kafka.bootstrap)
     app = create_app(settings, args.role, web_port=args.web_port,
                      data_root=RUN_DIR / "faust")
     worker = faust.Worker(app, loglevel=args.loglevel, override_logging=True)
