@@ -29,6 +29,7 @@ from streams.runtime import (
     DeadLetters,
     InFlight,
     KeyedLocks,
+    Requeue,
     durable_pop,
     durable_set,
     is_transient,
@@ -41,6 +42,10 @@ __all__ = ["register", "post_id_for", "next_batch", "post_body", "condition_fail
 log = logging.getLogger(__name__)
 
 _POST_NS = uuid.UUID("0d7c3a8e-2b7e-4c53-bb0e-3f4c1f7c2b55")
+
+#: A post order whose PII has not arrived is handed back (requeued) for this long after the
+#: lead's receipt, then settled unsold ("PII unavailable").
+PII_REQUEUE_MS = 60_000
 
 #: When a post that timed out is asked again (after the lead settled), seconds apart.
 RECONCILE_DELAYS_S = (1.0, 2.0, 4.0, 8.0, 15.0)
@@ -379,6 +384,13 @@ def register(ctx: Context) -> None:
                          "no acceptable bid" if flow is not None else "flow not configured")
             return
         pii = await wait_pii(lead_id, timeout_s=flow.pii_wait_ms / 1000.0)
+        if pii is None and now_ms() - order["received_at_ms"] < PII_REQUEUE_MS:
+            # Its lead-pii record is on Kafka (written before the ping request) but this
+            # worker has not read it yet: after a crash or rebalance the pii agent catches up
+            # on its partitions while the post agent already runs. Hand the order back to
+            # the end of its partition rather than settle a sellable lead unsold (4 of 3,000
+            # in the chaos bench, a worker killed every 12 s).
+            raise Requeue(f"lead {lead_id}: its PII is not here yet")
         if pii is None:
             await settle(order, state, f"PII unavailable (no lead-pii record within "
                                        f"{flow.pii_wait_ms} ms)")
