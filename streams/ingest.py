@@ -51,6 +51,8 @@ log = logging.getLogger(__name__)
 #: The broker probe behind ``/readyz``: how often, and how long one may take.
 PROBE_INTERVAL_S = 1.0
 PROBE_TIMEOUT_S = 2.0
+#: How often the event-loop stall watch wakes up.
+LOOP_TICK_S = 0.25
 
 
 def _json(status: int, body: dict[str, Any],
@@ -95,6 +97,7 @@ class IngestServer:
         self.kafka_ok = True
         self.kafka_error: str | None = None
         self._probe_task: asyncio.Task[None] | None = None
+        self._loop_task: asyncio.Task[None] | None = None
         self._admission = Admission(settings, self.names)
 
     def _producer_for(self, auth: str | None) -> str | None:
@@ -253,6 +256,21 @@ class IngestServer:
         return _json(503, {"status": "kafka unreachable", "error": self.kafka_error},
                      headers={"Retry-After": "1"})
 
+    async def _watch_loop(self) -> None:
+        """Log when this process's event loop stalls (every answer, 503s included, waits
+        for it): at most one line per 10 s, with the longest stall since the last line."""
+        loop = asyncio.get_running_loop()
+        worst, said = 0.0, loop.time()
+        while True:
+            before = loop.time()
+            await asyncio.sleep(LOOP_TICK_S)
+            late = loop.time() - before - LOOP_TICK_S
+            worst = max(worst, late)
+            if worst >= 1.0 and loop.time() - said >= 10.0:
+                log.warning("ingest's event loop stalled for up to %.1f s in the last 10 s "
+                            "(answers were that late)", worst)
+                worst, said = 0.0, loop.time()
+
     async def _probe_kafka(self) -> None:
         """Ask the broker for metadata every second (bounded): the readiness answer."""
         assert self._producer is not None
@@ -345,6 +363,7 @@ class IngestServer:
         app.router.add_get("/healthz", self.health)
         app.router.add_get("/readyz", self.ready)
         self._probe_task = asyncio.create_task(self._probe_kafka())
+        self._loop_task = asyncio.create_task(self._watch_loop())
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.settings.ingest.host, self.port)
@@ -355,7 +374,7 @@ class IngestServer:
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
-        for task in (self._results_task, self._probe_task):
+        for task in (self._results_task, self._probe_task, self._loop_task):
             if task is not None:
                 task.cancel()
                 try:
