@@ -51,6 +51,8 @@ log = logging.getLogger(__name__)
 #: The broker probe behind ``/readyz``: how often, and how long one may take.
 PROBE_INTERVAL_S = 1.0
 PROBE_TIMEOUT_S = 2.0
+#: The listening socket's accept queue (the kernel caps it at net.core.somaxconn).
+LISTEN_BACKLOG = 2048
 #: How often the event-loop stall watch wakes up.
 LOOP_TICK_S = 0.25
 
@@ -111,6 +113,7 @@ class IngestServer:
         return found
 
     async def handle_lead(self, request: web.Request) -> web.Response:
+        arrived = time.monotonic()
         producer = self._producer_for(request.headers.get("Authorization"))
         if producer is None:
             return _json(401, {"error": "missing or unknown producer token", "field": None})
@@ -199,8 +202,10 @@ class IngestServer:
                     entry.waiters.remove(fut)
                 self.unavailable += 1
                 why = "timed out" if isinstance(exc, asyncio.TimeoutError) else str(exc)
-                log.warning("lead %s not published within %.1f s (%s): answered 503",
-                            lead.lead_id, self.settings.ingest.publish_timeout_s, why)
+                log.warning("lead %s not published within %.1f s (%s): answered 503 %.1f s "
+                            "after the request arrived", lead.lead_id,
+                            self.settings.ingest.publish_timeout_s, why,
+                            time.monotonic() - arrived)
                 retry = max(1, round(self.settings.ingest.publish_timeout_s))
                 return _json(503, {
                     "error": "the lead could not be queued in time; retry with the same "
@@ -366,7 +371,11 @@ class IngestServer:
         self._loop_task = asyncio.create_task(self._watch_loop())
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.settings.ingest.host, self.port)
+        # A deep accept queue: producers retrying in bursts (a broker outage, 429s) open many
+        # connections at once, and an overflowing queue costs each one TCP's SYN retries
+        # (1 s, 3 s, 7 s …) before ingest even sees it (aiohttp's default is 128).
+        site = web.TCPSite(self._runner, self.settings.ingest.host, self.port,
+                           backlog=LISTEN_BACKLOG)
         await site.start()
         if self.port == 0:
             self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
