@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import copy
-from typing import Iterator
+from typing import Any, Iterator
 
 import pytest
 
 from streams.demo import generate_leads
-from tests.integration.pipeline import SOLAR_FLOW, Pipeline
+from tests.integration.pipeline import SOLAR_FLOW, Pipeline, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -44,8 +44,14 @@ def test_bids_below_the_floor_never_win(floored: tuple[Pipeline, list[str]]) -> 
     winners = p.rows("SELECT arrayJoin(winners) FROM {db}.auctions FINAL "
                      "WHERE lead_id IN %(ids)s", ids=ids)
     assert {w for (w,) in winners} == {"rich"}
-    cheap = p.rows("SELECT status, price, reason FROM {db}.pings FINAL "
-                   "WHERE buyer_id = 'cheap' AND lead_id IN %(ids)s", ids=ids)
+    def cheap_rows() -> list[tuple[Any, ...]]:
+        return p.rows("SELECT status, price, reason FROM {db}.pings FINAL "
+                      "WHERE buyer_id = 'cheap' AND lead_id IN %(ids)s", ids=ids)
+
+    # The ping rows come through the sink from the bids topic, the settled auctions from the
+    # results topic: "settled" does not mean every ping row is in yet.
+    cheap = wait_for(lambda: (lambda r: r if len(r) >= N else None)(cheap_rows()), 30,
+                     "every ping row of 'cheap'")
     assert len(cheap) == N
     for status, price, reason in cheap:
         assert status == "bid" and price < 40
