@@ -25,12 +25,18 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from aiokafka.partitioner import murmur2
-
 import schemas
 from streams.app import Context
 from streams.buyer_stats import ranking_inputs
-from streams.runtime import DeadLetters, Requeue, durable_set, now_ms, retry_transient
+from streams.runtime import (
+    DeadLetters,
+    Requeue,
+    assigned_here,
+    durable_set,
+    key_partition,
+    now_ms,
+    retry_transient,
+)
 from streams import rules
 from streams.settings import FlowConfig, StrategyConfig
 
@@ -360,9 +366,8 @@ def register(ctx: Context) -> None:
         auction (its partition of the bids topic, hence of the ``auctions`` table)."""
         if app.rebalancing or getattr(app, "in_recovery", False):
             return False
-        part = lead_partition(lead_id, settings.kafka.partitions)
-        return any(tp.partition == part and tp.topic == bids_topic_name
-                   for tp in app.assignor.assigned_actives())
+        return assigned_here(app, bids_topic_name,
+                             lead_partition(lead_id, settings.kafka.partitions))
 
     async def apply_local(records: list[tuple[str, dict[str, Any]]]) -> bool:
         """Apply a finished ping round's records (``AuctionOpen`` first, then every answer),
@@ -390,11 +395,6 @@ def register(ctx: Context) -> None:
 
     ctx.resources["auction_apply_local"] = apply_local
 
-    def assigned_here(lead_id: str) -> bool:
-        part = lead_partition(lead_id, settings.kafka.partitions)
-        return any(tp.partition == part and tp.topic == bids_topic_name
-                   for tp in app.assignor.assigned_actives())
-
     async def mark_open(rec: dict[str, Any]) -> bool:
         """Record a ping round's ``AuctionOpen`` in the table (and its changelog) before any
         ping leaves. A ping request redelivered after a crash then finds its auction in the
@@ -411,7 +411,8 @@ def register(ctx: Context) -> None:
         async with lock:
             if app.rebalancing:
                 raise Requeue(f"lead {lead_id}: ping round during a rebalance")
-            if not assigned_here(lead_id):
+            if not assigned_here(app, bids_topic_name,
+                                 lead_partition(lead_id, settings.kafka.partitions)):
                 raise Requeue(f"lead {lead_id}: this worker does not own its auction")
             state = table.get(lead_id)
             if lead_id in closing or state is not None and (
@@ -506,9 +507,9 @@ def register(ctx: Context) -> None:
 
 
 def lead_partition(lead_id: str, partitions: int) -> int:
-    """The partition of a lead-keyed topic holding ``lead_id`` (Kafka's default partitioner:
-    murmur2 of the key bytes), hence of its auction, PII and post table entries."""
-    return (murmur2(lead_id.encode()) & 0x7FFFFFFF) % partitions
+    """The partition of a lead-keyed topic holding ``lead_id``, hence of its auction, PII
+    and post table entries."""
+    return key_partition(lead_id, partitions)
 
 
 def _log_send_failure(fut: "asyncio.Future[Any]") -> None:

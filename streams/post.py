@@ -24,7 +24,7 @@ from typing import Any
 import schemas
 from streams.app import Context
 from streams import rules
-from streams.auction import conditions_reason, lead_partition
+from streams.auction import conditions_reason
 from streams.runtime import (
     DeadLetters,
     InFlight,
@@ -33,6 +33,7 @@ from streams.runtime import (
     durable_pop,
     durable_set,
     is_transient,
+    key_partition,
     now_ms,
 )
 from streams.scrub import scrub
@@ -188,7 +189,7 @@ def register(ctx: Context) -> None:
             "bids": order["bids"], "post_attempts": state["n"],
         }
         state["result"] = result
-        part = lead_partition(order["lead_id"], parts)
+        part = key_partition(order["lead_id"], parts)
         durable_set(postings, order["lead_id"], state, part)
         await results.send(key=order["lead_id"].encode(),
                            value=schemas.encode("AuctionResult", result))
@@ -307,6 +308,7 @@ def register(ctx: Context) -> None:
             order = rec["order"]
             pii = pii_table.get(lead_id)
             pending = []
+            sold_late = False
             for item in rec["items"]:
                 cand, n, exclusive = item["cand"], item["n"], item["exclusive"]
                 buyer = settings.buyer(cand["buyer_id"])
@@ -337,6 +339,7 @@ def register(ctx: Context) -> None:
                     if not state["sold"]:
                         state["mode"] = "exclusive" if exclusive else "shared"
                     state["sold"].append({"buyer_id": buyer.id, "price": cand["price"]})
+                    sold_late = True
                     reason = "accepted after the post timed out (reconciled)"
                 else:  # (its cap slot stays counted: a budget errs on the buyer's side)
                     reason = scrub(out.reason, pii["fields"])
@@ -352,7 +355,15 @@ def register(ctx: Context) -> None:
                                 "the post stays a timeout", lead_id, item["cand"]["buyer_id"],
                                 tries)
                 state.pop("reconcile", None)
-            await settle(order, state, state["result"]["reason"], keep_settled_at=True)
+            if sold_late:  # the outcome changed: a corrected result
+                await settle(order, state, state["result"]["reason"], keep_settled_at=True)
+                return
+            # Nothing sold: the recorded result stands (re-emitting it on every try only
+            # repeated it); the progress is kept, and the PII goes once reconciling ends.
+            part = key_partition(lead_id, parts)
+            durable_set(postings, lead_id, state, part)
+            if not state.get("reconcile"):
+                durable_pop(pii_table, lead_id, part)
 
     async def drain_reconciling() -> None:
         if reconciling:

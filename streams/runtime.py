@@ -22,10 +22,12 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 
 from faust.types import EventT, StreamT
 
+from aiokafka.partitioner import murmur2
+
 import schemas
 
 __all__ = ["InFlight", "DeadLetters", "KeyedLocks", "Requeue", "now_ms", "is_transient",
-           "retry_transient", "durable_set", "durable_pop"]
+           "retry_transient", "durable_set", "durable_pop", "key_partition", "assigned_here"]
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +75,18 @@ async def retry_transient(work: Callable[[], Awaitable[Any]], what: str,
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
     raise AssertionError("unreachable")
+
+
+def key_partition(key: str, partitions: int) -> int:
+    """The partition Kafka's default partitioner (murmur2 of the key bytes) gives ``key``:
+    a lead's partition of every lead-keyed topic and table, a buyer's of the caps topic."""
+    return (murmur2(key.encode()) & 0x7FFFFFFF) % partitions
+
+
+def assigned_here(app: Any, topic: str, partition: int) -> bool:
+    """Whether ``partition`` of ``topic`` is one of this worker's active partitions now."""
+    return any(tp.partition == partition and tp.topic == topic
+               for tp in app.assignor.assigned_actives())
 
 
 def durable_set(table: Any, key: str, value: Any, partition: int) -> Any:
