@@ -108,7 +108,9 @@ class Producer:
     mismatched: int = 0  # a repeat of a key answered with another lead id
 
 
-def build_config(opts: Options) -> tuple[Path, dict[str, Any]]:
+def build_config(opts: Options) -> tuple[Path, dict[str, Any], int]:
+    """The chaos config file, its content, and the broker's controller port (not part of
+    the config: the stack is told it)."""
     raw = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
     sim = raw["simulator"]["buyers"]
     buyers = raw["buyers"]
@@ -122,9 +124,9 @@ def build_config(opts: Options) -> tuple[Path, dict[str, Any]]:
         sim[bid] = {"bid_probability": 0.6, "price": {"median": 50, "p99": 95},
                     "exclusive_share": 0.2, "latency_ms": {"median": 40, "p99": 200},
                     "post_reject_rate": 0.1, **spec}
-    ports = free_ports(4 + len(sim))
-    kafka, ch, ingest, metrics = ports[:4]
-    for (bid, spec), port in zip(sim.items(), ports[4:]):
+    ports = free_ports(5 + len(sim))
+    kafka, controller, ch, ingest, metrics = ports[:5]
+    for (bid, spec), port in zip(sim.items(), ports[5:]):
         spec["port"] = port
         for cfg in buyers:
             if cfg["id"] == bid:
@@ -141,7 +143,7 @@ def build_config(opts: Options) -> tuple[Path, dict[str, Any]]:
     opts.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     path = opts.run_dir / "chaos.yaml"
     path.write_text(yaml.safe_dump(raw))
-    return path, raw
+    return path, raw, controller
 
 
 async def produce(url: str, leads: list[dict[str, Any]], opts: Options, prod: Producer,
@@ -516,10 +518,11 @@ def run(opts: Options, say: Any = print) -> list[Check]:
 
     if opts.run_dir.exists():
         shutil.rmtree(opts.run_dir)
-    config_path, raw = build_config(opts)
+    config_path, raw, controller_port = build_config(opts)
     settings = load_settings(config_path)
     stack = Stack(settings, config_path, opts.run_dir,
                   kafka_port=int(raw["kafka"]["bootstrap"].rsplit(":", 1)[1]),
+                  kafka_controller_port=controller_port,
                   say=(lambda m: None) if opts.quiet else (lambda m: say(f"  {m}")))
     leads = generate_leads(opts.leads, seed=opts.seed)
     prod = Producer()

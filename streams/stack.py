@@ -104,6 +104,10 @@ class Stack:
     config_path: Path
     run_dir: Path
     kafka_port: int = 9092
+    #: The broker's KRaft controller port; ``None`` means ``kafka_port + 1``. A caller that
+    #: picked ``kafka_port`` as a free ephemeral port picks this one the same way: the port
+    #: next to a free one may be any client's ephemeral port (CI once lost a run to that).
+    kafka_controller_port: int | None = None
     say: Callable[[str], None] = print
     _procs: dict[str, "subprocess.Popen[bytes]"] = field(default_factory=dict)
     #: What this Stack object started (components in start order; "kafka" if it started the
@@ -128,7 +132,8 @@ class Stack:
             os.chmod(d, 0o700)
 
     def broker(self) -> KafkaBroker:
-        return KafkaBroker(port=self.kafka_port, data_dir=self.run_dir / "kafka",
+        return KafkaBroker(port=self.kafka_port, controller_port=self.kafka_controller_port,
+                           data_dir=self.run_dir / "kafka",
                            num_partitions=self.settings.kafka.partitions)
 
     # -- process helpers ---------------------------------------------------------------
