@@ -32,6 +32,8 @@ from streams.runtime import (
     DeadLetters,
     Requeue,
     assigned_here,
+    hold_unconfirmed,
+    member_confirmed,
     durable_set,
     key_partition,
     now_ms,
@@ -268,6 +270,13 @@ def register(ctx: Context) -> None:
 
                     await retry_transient(rewrite, f"closed state of lead {lead_id}")
 
+            if not member_confirmed(app):
+                # Cut off from the group: the partition may be another worker's now, which
+                # closes the auction itself. The order stays in the table (the sweep tries
+                # again once membership is confirmed).
+                unsent[lead_id] = now_ms()
+                return
+
             async def send() -> None:
                 await (await posts_topic.send(key=lead_id.encode(), value=value))
 
@@ -326,6 +335,8 @@ def register(ctx: Context) -> None:
                     other.pop(lead_id, None)
                 return
             if state.get("closed_at_ms") is None and state.get("open") is not None:
+                if not confirmed(lead_id):
+                    return  # the sweep sends the marker again (2 s)
                 await close(lead_id, state, rec["reason"])
             return
         if state is not None and state.get("closed_at_ms") is not None:
@@ -349,13 +360,22 @@ def register(ctx: Context) -> None:
         else:
             await dead.send(event, f"unexpected {name} record on the bids topic")
             return
-        if all_answered(state):
+        if all_answered(state) and confirmed(lead_id):
             await close(lead_id, state, "all_answered", handoff=event is None)
             return
         table[lead_id] = state
         if state["open"] is not None:
             open_index[lead_id] = state["open"]["deadline_at_ms"]
             arm(lead_id, state["open"]["deadline_at_ms"])
+
+    def confirmed(lead_id: str) -> bool:
+        """Whether this worker may close now: its group membership is confirmed (a worker
+        cut off from the group may have lost the lead's partition without knowing it). Not
+        closed now, the auction stays open; the sweep's close marker tries again."""
+        if member_confirmed(app):
+            return True
+        hold_unconfirmed(app, f"the close of lead {lead_id}'s auction")
+        return False
 
     # The agent and the ping stage's local hand-off (below) change auctions one at a time.
     lock = asyncio.Lock()
@@ -364,7 +384,7 @@ def register(ctx: Context) -> None:
     def owns(lead_id: str) -> bool:
         """Whether this worker is, right now and not mid-rebalance, the owner of the lead's
         auction (its partition of the bids topic, hence of the ``auctions`` table)."""
-        if app.rebalancing or getattr(app, "in_recovery", False):
+        if app.rebalancing or getattr(app, "in_recovery", False) or not member_confirmed(app):
             return False
         return assigned_here(app, bids_topic_name,
                              lead_partition(lead_id, settings.kafka.partitions))
@@ -411,6 +431,9 @@ def register(ctx: Context) -> None:
         async with lock:
             if app.rebalancing:
                 raise Requeue(f"lead {lead_id}: ping round during a rebalance")
+            if not member_confirmed(app):
+                raise Requeue(f"lead {lead_id}: this worker's group membership is not "
+                              "confirmed")
             if not assigned_here(app, bids_topic_name,
                                  lead_partition(lead_id, settings.kafka.partitions)):
                 raise Requeue(f"lead {lead_id}: this worker does not own its auction")

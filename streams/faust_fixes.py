@@ -63,6 +63,18 @@
    processing" with nothing stalled. Records now count as waiting only once the backlog
    has lasted the stream timeout, and the commit clock runs only while acked offsets wait
    for a commit.
+
+7. **A worker knows when its group membership is confirmed** (the fence of
+   ``streams.runtime.member_confirmed``). Faust's view of "my partitions" changes only when
+   this consumer rejoins; a worker cut off from the group coordinator (its consumer thread
+   stuck after a broker outage, its heartbeats failing) keeps that view after the group has
+   moved its partitions to another worker, and kept acting on them: in the short chaos run a
+   worker whose consumer was stuck closed 4 auctions 0.3 s after the new owner had read the
+   auctions changelog, which closed them again (two post orders per lead). aiokafka's
+   coordinator now records when it last had proof of membership: when a heartbeat that got
+   ``NoError`` was sent (the coordinator's session clock restarted no earlier than that),
+   or when a join completed. No upstream issue: Kafka's own answer is transactional
+   fencing, which Faust offers only as its exactly-once mode.
 """
 
 from __future__ import annotations
@@ -86,6 +98,39 @@ def apply(fetch_max_wait_ms: int | None = WORKER_FETCH_MAX_WAIT_MS) -> None:
     _view_active_partitions()
     _bound_waits()
     _quiet_livelock_check()
+    _track_membership()
+
+
+def _track_membership() -> None:
+    """Point 7: ``GroupCoordinator._pingpost_member_at`` is the monotonic time of the last
+    proof of membership (a ``NoError`` heartbeat's send time, a completed join)."""
+    import time
+
+    from aiokafka.consumer.group_coordinator import GroupCoordinator
+
+    if getattr(GroupCoordinator, "_pingpost_membership", False):
+        return
+    do_heartbeat = GroupCoordinator._do_heartbeat
+    on_join_complete = GroupCoordinator._on_join_complete
+
+    async def _do_heartbeat(self: Any) -> bool:
+        sent = time.monotonic()
+        ok: bool = await do_heartbeat(self)
+        # True is also the answer to "rebalance in progress" (which requests a rejoin): not a
+        # proof that this member keeps its partitions.
+        if ok and not self._rejoin_needed_fut.done():
+            self._pingpost_member_at = sent
+        return ok
+
+    async def _on_join_complete(self: Any, *args: Any, **kwargs: Any) -> Any:
+        started = time.monotonic()
+        result = await on_join_complete(self, *args, **kwargs)
+        self._pingpost_member_at = started
+        return result
+
+    GroupCoordinator._do_heartbeat = _do_heartbeat  # type: ignore[method-assign]
+    GroupCoordinator._on_join_complete = _on_join_complete  # type: ignore[method-assign]
+    GroupCoordinator._pingpost_membership = True  # type: ignore[attr-defined]
 
 
 #: A consumer offset commit gives up after this long (see point 5).

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from typing import Any
 
@@ -32,8 +33,10 @@ from streams.runtime import (
     Requeue,
     durable_pop,
     durable_set,
+    hold_unconfirmed,
     is_transient,
     key_partition,
+    member_confirmed,
     now_ms,
 )
 from streams.scrub import scrub
@@ -50,6 +53,9 @@ PII_REQUEUE_MS = 60_000
 
 #: When a post that timed out is asked again (after the lead settled), seconds apart.
 RECONCILE_DELAYS_S = (1.0, 2.0, 4.0, 8.0, 15.0)
+#: How long a post waits for this worker's group membership to be confirmed before the
+#: order is handed back (``confirmed_or_requeue``).
+FENCE_WAIT_S = 5.0
 
 
 def post_id_for(lead_id: str, buyer_id: str) -> str:
@@ -371,6 +377,20 @@ def register(ctx: Context) -> None:
 
     ctx.closers.append(drain_reconciling)
 
+    async def confirmed_or_requeue(lead_id: str, keep: Any) -> None:
+        """Post only while this worker's group membership is confirmed: a worker cut off
+        from the group may have lost the lead's partition, whose new owner runs the same
+        waterfall. Waits up to ``FENCE_WAIT_S`` for the proof (a late heartbeat), then hands
+        the order back (its progress is in the table) for whoever owns the partition."""
+        deadline = time.monotonic() + FENCE_WAIT_S
+        while not member_confirmed(app):
+            if time.monotonic() >= deadline:
+                hold_unconfirmed(app, f"the posts of lead {lead_id}")
+                keep()
+                raise Requeue(f"lead {lead_id}: this worker's group membership is not "
+                              "confirmed")
+            await asyncio.sleep(0.1)
+
     async def run_order(order: dict[str, Any]) -> None:
         # One waterfall per lead at a time: a PostOrder can arrive twice (an auction close
         # retried after a transient error, a redelivery) and two concurrent runs would each
@@ -406,15 +426,27 @@ def register(ctx: Context) -> None:
             await settle(order, state, f"PII unavailable (no lead-pii record within "
                                        f"{flow.pii_wait_ms} ms)")
             return
-        # The window runs from the first attempt of the waterfall, not from the close: an
-        # order that waited out a worker failover (or its PII) still gets its full window.
-        state.setdefault("started_at_ms", now_ms())
-        give_up_at = state["started_at_ms"] + flow.post_timeout_ms
+        # The window is the time spent posting: it starts at the first attempt, not at the
+        # close (an order that waited for its PII still gets its full window), and an order
+        # resumed after a crash or a move gets what was left of it when its progress was last
+        # recorded — the failover does not use it up. (Counted from the first attempt, the
+        # seconds a restart takes came out of the window of every lead it interrupted: a
+        # lead whose first buyer rejected just before a kill -9 had nothing left for its
+        # next bidder.)
+        resumed_at = now_ms()
+        spent_before = int(state.get("spent_ms", 0))
+        give_up_at = resumed_at + flow.post_timeout_ms - spent_before
+
+        def keep() -> None:
+            """Record the lead's progress (and the window it has used) in the table."""
+            state["spent_ms"] = spent_before + now_ms() - resumed_at
+            postings[lead_id] = state
         min_budget = flow.min_post_budget_ms
         #: Attempts that timed out (ambiguous): asked again after the lead settles.
         unresolved: list[tuple[dict[str, Any], int, bool]] = []
         pii_values = list(pii["fields"].values())  # buyer text is scrubbed of every form of each
         while True:
+            await confirmed_or_requeue(lead_id, keep)
             now = now_ms()
             # An attempt recorded as pending was sent before a crash and its answer was lost:
             # the buyer may have accepted. Resolve it first, with the same post_id (the
@@ -448,7 +480,7 @@ def register(ctx: Context) -> None:
                     backup = await ping_later_waves(order, flow, give_up_at)
                     state["backup_done"] = not backup
                     state["backup"] = state.get("backup", []) + backup
-                    postings[lead_id] = state
+                    keep()
                     order = {**order, "candidates": order["candidates"] + backup}
                     continue
                 if not batch or now + min_budget > give_up_at:
@@ -469,7 +501,7 @@ def register(ctx: Context) -> None:
                     state["n"] += 1
                     state["attempts"][cand["buyer_id"]] = {"status": "pending",
                                                            "attempt": state["n"]}
-                postings[lead_id] = state  # record intent before any request leaves
+                keep()  # record intent before any request leaves
                 # ...and make it durable: a crash after the request left must find it.
                 await app.producer.flush()
 
@@ -528,12 +560,12 @@ def register(ctx: Context) -> None:
                     for c in batch:
                         tg.create_task(attempt(c))
             except BaseExceptionGroup as eg:
-                postings[lead_id] = state
+                keep()
                 if not all(is_transient(e) for e in eg.exceptions):
                     # Never leave a lead unsettled: record what was sold so far.
                     await settle(order, state, f"internal error: {eg.exceptions[0]!r}"[:300])
                 raise eg.exceptions[0] from eg
-            postings[lead_id] = state
+            keep()
         reason = "all posts rejected or failed" if state["n"] else "no acceptable bid at post time"
         if not state["sold"] and state.get("cap_skips"):
             reason += "; caps reached: " + ", ".join(state["cap_skips"])

@@ -27,7 +27,8 @@ from aiokafka.partitioner import murmur2
 import schemas
 
 __all__ = ["InFlight", "DeadLetters", "KeyedLocks", "Requeue", "now_ms", "is_transient",
-           "retry_transient", "durable_set", "durable_pop", "key_partition", "assigned_here"]
+           "retry_transient", "durable_set", "durable_pop", "key_partition", "assigned_here",
+           "member_confirmed", "membership_age_s", "hold_unconfirmed"]
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,54 @@ def assigned_here(app: Any, topic: str, partition: int) -> bool:
     """Whether ``partition`` of ``topic`` is one of this worker's active partitions now."""
     return any(tp.partition == partition and tp.topic == topic
                for tp in app.assignor.assigned_actives())
+
+
+#: What is left of the group session a worker acts on: membership is confirmed while the
+#: last proof of it is younger than the session timeout less this margin (time to finish an
+#: action: close an auction and send its order, send a post).
+MEMBERSHIP_MARGIN_S = 3.0
+
+
+def membership_age_s(app: Any) -> float | None:
+    """Seconds since this worker's consumer last had proof that it is a member of its group
+    (``faust_fixes`` point 7); None without a group consumer (an app that never started one,
+    unit tests) or before the first proof."""
+    try:
+        coordinator = app.consumer._thread._consumer._coordinator
+    except AttributeError:
+        return None
+    at = getattr(coordinator, "_pingpost_member_at", None)
+    return None if at is None else time.monotonic() - at
+
+
+def member_confirmed(app: Any) -> bool:
+    """Whether this worker may act on its partitions now: its membership of the consumer
+    group was confirmed within the session timeout (less a margin). A worker cut off from
+    the group coordinator — its consumer stuck after a broker outage, its heartbeats failing
+    — keeps its view of its partitions after the group gave them to another worker; acting on
+    that view closed auctions the new owner closed again. Such a worker holds its effects
+    (closes, pings, posts) until it has proof again (or exits: ``streams.liveness``).
+    True when nothing is known (no group consumer)."""
+    age = membership_age_s(app)
+    if age is None:
+        return True
+    session_s = float(getattr(app.conf, "broker_session_timeout", 10.0))
+    return age < session_s - MEMBERSHIP_MARGIN_S
+
+
+_fence_log = logging.getLogger("streams.fence")
+
+
+def hold_unconfirmed(app: Any, what: str) -> None:
+    """Log that ``what`` is held for want of confirmed membership: once per interval with a
+    count (a cut-off worker would otherwise log every lead it holds)."""
+    if not _fence_log.filters:
+        from streams.quiet import RepeatThrottle
+
+        _fence_log.addFilter(RepeatThrottle())
+    age = membership_age_s(app)
+    _fence_log.warning("holding %s: this worker's group membership is not confirmed (last "
+                       "proof %.1f s ago)", what, -1.0 if age is None else age)
 
 
 def durable_set(table: Any, key: str, value: Any, partition: int) -> Any:
