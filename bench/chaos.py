@@ -60,6 +60,7 @@ sys.path.insert(0, str(REPO))
 
 import schemas  # noqa: E402
 from streams.demo import generate_leads  # noqa: E402
+from streams.post import post_id_for  # noqa: E402
 from streams.report import is_platform_reason  # noqa: E402
 from streams.settings import load_settings  # noqa: E402
 from streams.simulator import decide_post  # noqa: E402
@@ -426,6 +427,13 @@ def check(settings: Any, stack: Stack, leads: list[dict[str, Any]], prod: Produc
         ).result_rows:
             sold[lead_id].append((buyer, post_id))
         recorded = {(lead_id, b) for lead_id, v in sold.items() for b, _ in v}
+    if recorded != accepted_by_buyers:  # what to look for in the logs and topics
+        with open(stack.run_dir / "sales-mismatch.txt", "w") as f:
+            for lead_id, b in sorted(accepted_by_buyers - recorded):
+                f.write(f"accepted, not recorded: {lead_id} {b} post_id "
+                        f"{post_id_for(lead_id, b)}\n")
+            for lead_id, b in sorted(recorded - accepted_by_buyers):
+                f.write(f"recorded, not accepted: {lead_id} {b}\n")
     checks.append(Check("sales recorded = acceptances seen by buyers",
                         recorded == accepted_by_buyers,
                         f"{len(recorded)} recorded, {len(accepted_by_buyers)} accepted; "
