@@ -34,16 +34,12 @@ def test_invariants_hold_under_faults(tmp_path: Path) -> None:
     lines: list[str] = []
     checks = chaos.run(opts, say=lines.append)
     print("\n".join(lines))
-    # Asserted here: every invariant but these, which this dense short run (a kill every
-    # 6 s on a loaded 2-core machine) does not meet reliably yet; the full bench reports
-    # them, and issue 10 keeps them open. Never relaxed: no sale recorded that a buyer did
-    # not accept.
-    reported = {"sales recorded = acceptances seen by buyers",
-                "receipt -> ping open during the overload, p99 <= 1 s",
+    # Asserted here: every invariant (money, PII, one outcome and one order per lead) and
+    # the 503 bound, but not these latency figures, which this dense short run (a kill every
+    # 6 s, the broker back just before the last push, a 2-core machine) does not meet
+    # reliably: the full bench reports them against their goals.
+    reported = {"receipt -> ping open during the overload, p99 <= 1 s",
                 "no lead unsold for a platform reason",
                 "last lead settled <= 15 s after the last push"}
     failed = [f"{c.name}: {c.detail}" for c in checks if not c.ok and c.name not in reported]
-    sales = next(c for c in checks if c.name == "sales recorded = acceptances seen by buyers")
-    if " 0 recorded but not accepted" not in sales.detail:
-        failed.append(f"{sales.name}: {sales.detail}")
     assert not failed, "\n".join(failed)
