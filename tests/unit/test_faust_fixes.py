@@ -163,6 +163,27 @@ def test_faust_commits_from_offset_zero_only_once_it_is_done(consumers: list[Any
     assert consumer._filter_committable_offsets({tp}) == {tp: 3}
 
 
+def test_no_commit_for_a_revoked_partition_until_it_is_sought_again(consumers: list[Any]) -> None:
+    """The full chaos run's 2 unsettled leads, replayed: post orders 234 and 235 were in flight
+    when a rebalance revoked their partition (Faust forgets its committed offset), the orders
+    after them finished and acked meanwhile, and the partition came back to the same worker;
+    a commit before its seek started the run at the lowest ack (236) and committed 246 — the
+    worker was killed 2 s later and nobody ever processed 234 and 235."""
+    consumer, tp, msgs = _consumer_with_acks(consumers, 234, range(234, 246))
+    g = consumer.__dict__["_pingpost_guard"]
+    consumer._committed_offset.pop(tp, None)  # Faust, on the revocation
+    g.forget(tp)
+    for m in msgs[2:]:  # their tasks end after the revocation
+        consumer.ack(m)
+    assert consumer._filter_committable_offsets({tp}) == {}
+    g.sought_committed(tp, 234)  # assigned again: sought to the committed offset
+    consumer._committed_offset[tp] = 234
+    assert consumer._filter_committable_offsets({tp}) == {}
+    consumer.ack(msgs[0])
+    consumer.ack(msgs[1])
+    assert consumer._filter_committable_offsets({tp}) == {tp: 246}
+
+
 # -- the partition watchdog -----------------------------------------------------------------
 
 def test_stall_watch_reports_a_partition_that_stops_delivering_with_records_waiting() -> None:
