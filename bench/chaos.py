@@ -399,13 +399,15 @@ class PiiScan:
     """Finds the leads' PII in text, in every spelling the echoing buyer uses, by tokens and
     set look-ups (thousands of leads against megabytes of topics: no regex per value). Last
     names, emails and addresses are unique per generated lead; phones are matched by their
-    last ten digits whatever the separators. (First names repeat across leads and are common
+    last ten digits whatever the separators (not
+    digits inside a longer number). (First names repeat across leads and are common
     words: they are found through the unique values beside them.)"""
 
     _LAST = re.compile(r"[a-z]+-\d+x\d+")
     _EMAIL = re.compile(r"[a-z0-9._%+-]+@[a-z0-9.-]+")
     _ADDRESS = re.compile(r"\d+ [a-z]+ st #\d+")
-    _PHONE = re.compile(r"\+?1?[\s.-]?\(?\d{3}\)?[\s.-]?\d{3}[\s.-]?\d{4}")
+    # Not inside a longer number: a float's decimals (a ping's latency_ms) matched a phone.
+    _PHONE = re.compile(r"(?<![\d.])\+?1?[\s.-]?\(?\d{3}\)?[\s.-]?\d{3}[\s.-]?\d{4}(?!\d)")
 
     def __init__(self, leads: list[dict[str, Any]]) -> None:
         self.last = {str(x["last_name"]).lower() for x in leads}
@@ -722,10 +724,13 @@ def check(settings: Any, stack: Stack, leads: list[dict[str, Any]], prod: Produc
                         bool(overloaded) and p99 <= 1000,
                         f"{pct(overloaded)} ({len(overloaded)} leads); all accepted leads, "
                         f"outages included: {pct(everyone)}"))
-    platform = sum(1 for i in ids if i in auctions and auctions[i][1] == "unsold"
-                   and is_platform_reason(auctions[i][3]))
+    platform_reasons = Counter(auctions[i][3] for i in ids if i in auctions
+                               and auctions[i][1] == "unsold"
+                               and is_platform_reason(auctions[i][3]))
+    platform = sum(platform_reasons.values())
     checks.append(Check("no lead unsold for a platform reason", platform == 0,
-                        f"{platform} leads"))
+                        f"{platform} leads" + "".join(
+                            f"; {n}: {r[:160]}" for r, n in platform_reasons.most_common(3))))
     checks.append(Check("last lead settled <= 15 s after the last push",
                         settled_after_s is not None and settled_after_s <= 15,
                         "never" if settled_after_s is None else f"{settled_after_s:.1f} s"))
