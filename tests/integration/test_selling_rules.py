@@ -12,7 +12,7 @@ from typing import Any, Iterator
 import pytest
 
 from streams.demo import generate_leads
-from tests.integration.pipeline import SOLAR_FLOW, Pipeline
+from tests.integration.pipeline import SOLAR_FLOW, Pipeline, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -323,9 +323,18 @@ def test_bid_conditions_and_response_mapping_decide_who_gets_the_lead(
                  "AND lead_id IN %(ids)s", ids=ids)
     # (the simulated price is lognormal, median 100 / p99 101: ~1% of draws fall below 99)
     assert len(crm) == len(ids) and all(s == "bid" and 95 <= pr <= 105 for s, pr in crm), crm
-    posted = p.rows("SELECT status FROM {db}.posts FINAL WHERE buyer_id = 'crm' "
-                    "AND lead_id IN %(ids)s", ids=ids)
-    assert posted and {s for (s,) in posted} == {"accepted"}
+    # The sink writes posts rows from the deliveries topic, apart from the results that
+    # settled the auctions: wait for a row per lead crm won before judging them.
+    sold_to_crm = sum(1 for w in winners.values() if w == ["crm"])
+    assert sold_to_crm
+
+    def crm_posts() -> list[tuple[Any, ...]]:
+        return p.rows("SELECT status FROM {db}.posts FINAL WHERE buyer_id = 'crm' "
+                      "AND lead_id IN %(ids)s", ids=ids)
+
+    wait_for(lambda: len(crm_posts()) >= sold_to_crm, 60, "crm's posts rows in ClickHouse")
+    posted = crm_posts()
+    assert {s for (s,) in posted} == {"accepted"}
     # picky was never posted a lead its conditions exclude
     for req in p.received("picky", "post"):
         assert req["json"]["state"] == "TX" and req["json"]["consent"] is True
