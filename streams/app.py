@@ -110,11 +110,13 @@ def _watch_partitions(app: faust.App) -> None:
 
 
 def create_app(settings: Settings, role: Role = "auction", *, web_port: int | None = None,
-               data_root: Path | None = None) -> faust.App:
+               data_root: Path | None = None, instance_id: str | None = None) -> faust.App:
     """``data_root``: where Faust's data directory goes (``<data_root>/<app id>``); by default
     under the system's temporary directory, so that nothing is left in the caller's working
     directory (tables are in memory and rebuilt from their changelogs: nothing there must
-    persist)."""
+    persist). ``instance_id``: the worker's static member name in its consumer group (Kafka's
+    ``group.instance.id``; ``worker.static_membership``), unique among the running workers of
+    the role; None joins as a dynamic member."""
     if role == "auction" and (pending := unenforced_keys(settings)):
         raise ConfigError("these keys are validated but not applied by this version yet; "
                           "remove them rather than rely on them:\n  " + "\n  ".join(pending))
@@ -152,6 +154,9 @@ def create_app(settings: Settings, role: Role = "auction", *, web_port: int | No
         # A crashed worker's partitions move after this long (Faust's default is 60 s).
         broker_session_timeout=10.0,
         broker_heartbeat_interval=1.0,
+        # A static member restarted under its old name takes its partitions back without a
+        # rebalance; the surviving workers never stop (worker.static_membership).
+        consumer_group_instance_id=instance_id,
         broker_commit_interval=1.0,
         # The metrics role holds its events unacked on purpose (the uncommitted offsets are
         # its restart checkpoint, streams/metrics.py): stopping must not wait for them.

@@ -102,7 +102,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         pass
     _wait_for_kafka(settings.kafka.bootstrap)
     app = create_app(settings, args.role, web_port=args.web_port,
-                     data_root=RUN_DIR / "faust")
+                     data_root=RUN_DIR / "faust", instance_id=args.instance_id or None)
     worker = faust.Worker(app, loglevel=args.loglevel, override_logging=True)
     # A stuck Kafka client ends this process with status 75 for its supervisor to restart it.
     from streams.liveness import start_monitor
@@ -470,6 +470,10 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--role", choices=["auction", "sink", "metrics"], default="auction")
     w.add_argument("--web-port", type=int, default=None,
                    help="Faust web port (0: off; default: worker.web_port)")
+    w.add_argument("--instance-id", default=None,
+                   help="join the consumer group as this static member (Kafka's "
+                        "group.instance.id): restarted under the same id, the worker gets its "
+                        "partitions back without a rebalance; unique per running worker")
     w.add_argument("--loglevel", default="info")
     w.set_defaults(func=cmd_worker)
 

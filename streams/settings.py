@@ -160,6 +160,12 @@ class WorkerConfig(_Model):
     max_inflight: Annotated[int, Field(ge=1)] = 1000
     #: Faust's web port (0 disables; several workers on one host need distinct ports).
     web_port: Annotated[int, Field(ge=0, le=65535)] = 6066
+    #: Kafka static membership for the workers `pingpost up` supervises: each joins its group
+    #: under a stable name (its slot: ``worker``, ``worker2``, ``sink``...), so a worker that
+    #: crashed and was restarted gets its partitions back at once, without a rebalance and
+    #: without waiting for the group to expire the dead member. A worker stopped on purpose
+    #: leaves its partitions idle for the session timeout (10 s) unless it comes back.
+    static_membership: bool = True
     #: How long a capped buyer's reservation lives when nobody commits or releases it (its
     #: worker crashed): at least this, and longer than two of the buyer's post timeouts.
     cap_hold_s: Annotated[float, Field(ge=1)] = 120.0

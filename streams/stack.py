@@ -162,6 +162,9 @@ class Stack:
               nice: int = 0) -> int:
         if args[:1] == ["worker"] and "--web-port" not in args:
             args = [*args, "--web-port", str(web_port_for(self.settings.worker.web_port, name))]
+        if args[:1] == ["worker"] and self.settings.worker.static_membership \
+                and "--instance-id" not in args:
+            args = [*args, "--instance-id", name]  # the slot: a restart takes its place back
         if self.running(name):
             return self._pid(name)  # type: ignore[return-value]
         old = self._procs.pop(name, None)

@@ -41,7 +41,11 @@ N = 900
 @pytest.fixture(scope="module")
 def churned(kafka_bootstrap: str, warehouse_url: str,
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Pipeline, list[str]]]:
-    p = Pipeline(tmp_path_factory.mktemp("churn"), kafka_bootstrap, warehouse_url, BUYERS)
+    # Dynamic membership: every change below is a rebalance (a join, a clean leave, a dead
+    # member expiring), the path scale-out and scale-in take. (test_static_membership.py:
+    # a crashed worker restarted under its slot's name, without a rebalance.)
+    p = Pipeline(tmp_path_factory.mktemp("churn"), kafka_bootstrap, warehouse_url, BUYERS,
+                 worker={"static_membership": False})
     try:
         p.start()
         leads = generate_leads(N, seed=77)
