@@ -467,6 +467,7 @@ def register(ctx: Context) -> None:
         min_budget = flow.min_post_budget_ms
         #: Attempts that timed out (ambiguous): asked again after the lead settles.
         unresolved: list[tuple[dict[str, Any], int, bool]] = []
+        window_cut = False  # the window, not the buyers, ended the waterfall
         pii_values = list(pii["fields"].values())  # buyer text is scrubbed of every form of each
         while True:
             await confirmed_or_requeue(lead_id, keep)
@@ -507,7 +508,13 @@ def register(ctx: Context) -> None:
                     order = {**order, "candidates": order["candidates"] + backup}
                     continue
                 if not batch or now + min_budget > give_up_at:
-                    break  # never send a post without a useful budget left
+                    # Never send a post without a useful budget left. Cut short (a platform
+                    # reason) only if a buyer was left to try: a batch, or backup waves the
+                    # window no longer allowed (the branch above pings them otherwise).
+                    window_cut = bool(batch) or (not state["sold"] and not ambiguous
+                                                 and bool(flow.waves)
+                                                 and not state.get("backup_done"))
+                    break
                 # Capped buyers' slots first: an attempt recorded as pending below always has
                 # its reservation, so resolving it after a crash never needs one.
                 batch = await reserve_slots(order, batch, mode == "exclusive", state, flow,
@@ -516,6 +523,7 @@ def register(ctx: Context) -> None:
                     continue
                 if now_ms() + min_budget > give_up_at:  # the reservations took the time
                     await release_slots(lead_id, batch)
+                    window_cut = True
                     break
                 if not state["sold"]:
                     state["mode"] = mode
@@ -590,15 +598,10 @@ def register(ctx: Context) -> None:
                     await settle(order, state, f"internal error: {eg.exceptions[0]!r}"[:300])
                 raise eg.exceptions[0] from eg
             keep()
-        reason = "all posts rejected or failed" if state["n"] else "no acceptable bid at post time"
-        if not state["sold"] and state.get("cap_skips"):
-            reason += "; caps reached: " + ", ".join(state["cap_skips"])
-        if not state["sold"] and now_ms() + min_budget > give_up_at:
-            reason = f"post window of {flow.post_timeout_ms} ms exhausted"
         timed_out = [b for b, a in state["attempts"].items() if a.get("status") == "timeout"]
-        if not state["sold"] and timed_out:
-            reason = (f"no answer in time from {', '.join(timed_out)} (asked again after "
-                      "settling)")
+        reason = "" if state["sold"] else rules.unsold_reason(
+            posts_sent=state["n"], cap_skips=state.get("cap_skips", []), window_cut=window_cut,
+            timed_out=timed_out, post_timeout_ms=flow.post_timeout_ms)
         items = [{"cand": cand, "n": n, "exclusive": exclusive}
                  for cand, n, exclusive in unresolved
                  if state["attempts"].get(cand["buyer_id"], {}).get("status") == "timeout"]

@@ -989,3 +989,26 @@ def test_epoch_ms_and_datetime_agree() -> None:
     for minutes in range(0, 24 * 60 * 7, 37):
         at = MON_NOON + timedelta(minutes=minutes)
         assert eligibility(b, LEAD, at) == eligibility(b, LEAD, ms(at))
+
+
+# --------------------------------------------------------------------------- unsold reason
+
+
+@pytest.mark.parametrize(
+    ("posts_sent", "cap_skips", "window_cut", "timed_out", "want"),
+    [
+        (0, [], False, [], "no acceptable bid at post time"),
+        (0, ["volt"], False, [], "no acceptable bid at post time; caps reached: volt"),
+        # The only bidder rejected after an outage: its rejection, not the window.
+        (1, [], False, [], "all posts rejected or failed"),
+        (2, [], True, [], "post window of 5000 ms exhausted"),
+        (2, [], True, ["a", "b"], "no answer in time from a, b (asked again after settling)"),
+    ],
+    ids=["no bid", "caps", "ran out of buyers", "cut short", "timed out"],
+)
+def test_unsold_reason(posts_sent: int, cap_skips: list[str], window_cut: bool,
+                       timed_out: list[str], want: str) -> None:
+    from streams.rules import unsold_reason
+
+    assert unsold_reason(posts_sent=posts_sent, cap_skips=cap_skips, window_cut=window_cut,
+                         timed_out=timed_out, post_timeout_ms=5000) == want
