@@ -59,12 +59,12 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import schemas  # noqa: E402
-from streams.demo import generate_leads  # noqa: E402
-from streams.post import post_id_for  # noqa: E402
-from streams.report import is_platform_reason  # noqa: E402
+from streams.tools.demo import generate_leads  # noqa: E402
+from streams.stages.post import post_id_for  # noqa: E402
+from streams.tools.report import is_platform_reason  # noqa: E402
 from streams.settings import load_settings  # noqa: E402
-from streams.simulator import decide_post  # noqa: E402
-from streams.stack import Stack  # noqa: E402
+from streams.tools.simulator import decide_post  # noqa: E402
+from streams.tools.stack import Stack  # noqa: E402
 from streams.topics import TABLES, TopicNames, changelog_topic  # noqa: E402
 
 TOKEN = "chaos-producer-token"
@@ -515,7 +515,7 @@ def check_cap_delivered(client: Any, settings: Any, buyer_id: str, caps: Any) ->
     reach the end of (a short buyer then may just have had no more offers)."""
     from zoneinfo import ZoneInfo
 
-    from streams.caps import hold_ttl_ms
+    from streams.stages.caps import hold_ttl_ms
 
     cap = caps.leads_per_hour
     name = f"cap of {buyer_id} delivered in full"
@@ -635,7 +635,7 @@ def check(settings: Any, stack: Stack, leads: list[dict[str, Any]], prod: Produc
             if decide_post(sim.seed, buyer_id, body["post_id"], cfg).outcome == "accepted":
                 accepted_by_buyers.add((body["lead_id"], buyer_id))
     recorded = {(lead_id, b) for lead_id, v in sold.items() for b, _ in v}
-    # Posts that timed out are asked again after their lead settled (streams/post.py,
+    # Posts that timed out are asked again after their lead settled (streams/stages/post.py,
     # reconcile_lead: 1 to 30 s later): give that its time before comparing.
     deadline = time.monotonic() + 45
     while recorded != accepted_by_buyers and time.monotonic() < deadline:

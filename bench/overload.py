@@ -23,8 +23,8 @@ from typing import Any
 import aiohttp
 import clickhouse_connect
 
-from streams.demo import generate_leads
-from streams.report import MARKET_REASONS, platform_unsold
+from streams.tools.demo import generate_leads
+from streams.tools.report import MARKET_REASONS, platform_unsold
 from streams.settings import load_settings
 
 

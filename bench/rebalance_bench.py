@@ -18,9 +18,9 @@ from pathlib import Path
 
 import clickhouse_connect
 
-from streams.demo import generate_leads, push_leads
+from streams.tools.demo import generate_leads, push_leads
 from streams.settings import load_settings
-from streams.stack import Stack
+from streams.tools.stack import Stack
 
 
 def main() -> None:

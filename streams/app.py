@@ -16,59 +16,22 @@ import gc
 import logging
 import os
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import faust
 import mode
 
-from streams import faust_fixes
+from streams.context import Context
+from streams.runtime import faust_patches
 from streams.settings import ConfigError, Settings, unenforced_keys
 from streams.topics import TopicNames, topic_specs
 
-__all__ = ["Context", "create_app"]
+__all__ = ["create_app"]
 
 Role = Literal["auction", "sink", "metrics"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Context:
-    """What every stage's ``register`` gets: the app, settings, and every topic once."""
-
-    settings: Settings
-    app: faust.App
-    names: TopicNames
-    topics: dict[str, Any] = field(default_factory=dict)
-    #: Shared resources created at worker start (buyer client, ClickHouse client).
-    resources: dict[str, Any] = field(default_factory=dict)
-
-    #: Async callables run when the worker stops (drain in-flight work, close clients).
-    closers: list[Any] = field(default_factory=list)
-
-    def topic(self, attr: str) -> Any:
-        return self.topics[getattr(self.names, attr)]
-
-    def buyer_client(self) -> Any:
-        """The one buyer client of this worker (one aiohttp session, one keep-alive pool for
-        pings and posts), created on first use inside the running loop."""
-        client = self.resources.get("buyer_client")
-        if client is None:
-            from connectors.buyers import BuyerClient
-
-            client = self.resources["buyer_client"] = BuyerClient()
-            self.closers.insert(0, client.aclose)  # closers run in reverse: closed last
-        return client
-
-    async def close(self) -> None:
-        for closer in reversed(self.closers):
-            try:
-                await closer()
-            except Exception:
-                log.exception("error while closing %r", closer)
-        self.closers.clear()
 
 
 def _resources_service(ctx: Context) -> type[mode.Service]:
@@ -95,16 +58,16 @@ def _resources_service(ctx: Context) -> type[mode.Service]:
 
 def _watch_partitions(app: faust.App) -> None:
     """Every 5 s: an assigned partition with records waiting that delivered none for
-    ``faust_fixes.STALL_S`` outside a rebalance is reported and sought to restart its fetch
-    (``faust_fixes.watch_partitions``)."""
+    ``faust_patches.STALL_S`` outside a rebalance is reported and sought to restart its fetch
+    (``faust_patches.watch_partitions``)."""
     import time
 
-    dog = faust_fixes.Watchdog()
+    dog = faust_patches.Watchdog()
 
     @app.timer(interval=5.0, name="partition-watchdog")
     async def partition_watchdog() -> None:
         try:
-            await faust_fixes.watch_partitions(app, dog, time.monotonic())
+            await faust_patches.watch_partitions(app, dog, time.monotonic())
         except Exception:  # noqa: BLE001 - a check must never take the worker down
             log.warning("partition watchdog round failed", exc_info=True)
 
@@ -122,7 +85,7 @@ def create_app(settings: Settings, role: Role = "auction", *, web_port: int | No
                           "remove them rather than rely on them:\n  " + "\n  ".join(pending))
     # Auctions need every hop in a few ms; the sink and metrics roles batch and window, and
     # 100 ms keeps their idle fetches from taking CPU the auctions need.
-    faust_fixes.apply(faust_fixes.WORKER_FETCH_MAX_WAIT_MS if role == "auction" else 100)
+    faust_patches.apply(faust_patches.WORKER_FETCH_MAX_WAIT_MS if role == "auction" else 100)
     k = settings.kafka
     app_id = k.app_id if role == "auction" else f"{k.app_id}-{role}"
     port = settings.worker.web_port if web_port is None else web_port
@@ -159,7 +122,7 @@ def create_app(settings: Settings, role: Role = "auction", *, web_port: int | No
         consumer_group_instance_id=instance_id,
         broker_commit_interval=1.0,
         # The metrics role holds its events unacked on purpose (the uncommitted offsets are
-        # its restart checkpoint, streams/metrics.py): stopping must not wait for them.
+        # its restart checkpoint, streams/stages/metrics.py): stopping must not wait for them.
         stream_wait_empty=role != "metrics",
         # Faust's own stall detector (every 2.5 s) logs an ERROR when an assigned partition
         # with a backlog sees no fetch, no processing or no commit for this long; its default
@@ -180,17 +143,15 @@ def create_app(settings: Settings, role: Role = "auction", *, web_port: int | No
             internal=False,
         )
     if role == "auction":
-        from streams import auction, buyer_stats, caps, dedupe, ping, post, redact
+        from streams.stages import auction, buyer_feeds, caps, dedupe, ping, post, redact
 
-        for stage in (redact, dedupe, ping, auction, post, buyer_stats, caps):
+        for stage in (redact, dedupe, ping, auction, post, buyer_feeds, caps):
             stage.register(ctx)
     elif role == "sink":
-        from streams import sink
-
+        from streams.stages import sink
         sink.register(ctx)
     elif role == "metrics":
-        from streams import metrics
-
+        from streams.stages import metrics
         metrics.register(ctx)
     else:
         raise ValueError(f"unknown role {role!r}")

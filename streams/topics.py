@@ -105,7 +105,7 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
         TopicSpec(n.deadletter, ("DeadLetter",), parts, {"retention.ms": str(30 * DAY_MS)},
                   "records a stage could not process, with the reason"),
         # Compacted: it keeps the last state of every (rule, subject), which the metrics role
-        # reads at start-up so a restart never re-emits a transition (streams/alerts.py).
+        # reads at start-up so a restart never re-emits a transition (streams/rules/alerts.py).
         TopicSpec(n.alerts, ("Alert",), 1, {"cleanup.policy": "compact"},
                   "alert state changes, key = <rule>|<subject>"),
         TopicSpec(n.dedupe, ("PingRequest",), parts, week,

@@ -44,7 +44,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoRun]:
     tmp_path = tmp_path_factory.mktemp("demo")
     config, warehouse = demo_config(tmp_path)
     env = {**os.environ, "PINGPOST_RUN_DIR": str(tmp_path / "run"), "COLUMNS": "120"}
-    cmd = [sys.executable, "-m", "streams.cli", "--config", str(config)]
+    cmd = [sys.executable, "-m", "streams.tools.cli", "--config", str(config)]
     try:
         out = subprocess.run([*cmd, "demo", "--leads", str(LEADS), "--rate", "50"], env=env,
                              capture_output=True, text=True, timeout=600)

@@ -24,7 +24,7 @@ import clickhouse_connect
 import pytest
 
 from connectors.clickhouse import TABLE_COLUMNS
-from streams.html_report import CHART_IDS
+from streams.tools.html_report import CHART_IDS
 from tests.e2e.demo_config import demo_config
 
 pytestmark = pytest.mark.e2e
@@ -82,7 +82,7 @@ def test_html_report_renders_in_chromium(tmp_path: Path) -> None:
         f"{CHROMIUM} is missing: `make install` installs Debian's chromium package")
     config, warehouse = demo_config(tmp_path)
     env = {**os.environ, "PINGPOST_RUN_DIR": str(tmp_path / "run"), "COLUMNS": "250"}
-    cmd = [sys.executable, "-m", "streams.cli", "--config", str(config)]
+    cmd = [sys.executable, "-m", "streams.tools.cli", "--config", str(config)]
     started = datetime.now(timezone.utc) - timedelta(seconds=1)
     try:
         out = subprocess.run([*cmd, "demo", "--leads", str(LEADS), "--rate", "50"], env=env,

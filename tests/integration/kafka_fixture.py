@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from connectors.kafka_runtime import KafkaBroker, KafkaPortInUseError, KafkaRuntimeError
+from connectors.kafka_broker import KafkaBroker, KafkaPortInUseError, KafkaRuntimeError
 
 # Cold JVM start on two shared cores (the first start also formats the log dir and may
 # resolve jars, which is not counted here) is ~3 s; leave a wide margin for busy CI.

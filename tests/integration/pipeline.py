@@ -20,7 +20,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import TopicPartition
 
 from streams.settings import Settings, parse_settings
-from streams.stack import Stack
+from streams.tools.stack import Stack
 from streams.topics import TopicNames
 from tests.integration.kafka_fixture import free_ports
 

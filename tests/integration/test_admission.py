@@ -21,8 +21,8 @@ from typing import Any, Iterator
 import httpx
 import pytest
 
-from streams.demo import generate_leads
-from streams.report import build_report, headline_rows, platform_unsold
+from streams.tools.demo import generate_leads
+from streams.tools.report import build_report, headline_rows, platform_unsold
 from tests.integration.pipeline import TOKEN, Pipeline
 
 pytestmark = pytest.mark.integration

@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 import schemas
-from streams.demo import generate_leads
+from streams.tools.demo import generate_leads
 from tests.integration.pipeline import SOLAR_FLOW, TOKEN, Pipeline, wait_for
 
 pytestmark = pytest.mark.integration

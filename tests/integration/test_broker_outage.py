@@ -28,9 +28,9 @@ import yaml
 from aiokafka import AIOKafkaProducer
 
 import schemas
-from connectors.kafka_runtime import KafkaBroker, create_topics
+from connectors.kafka_broker import KafkaBroker, create_topics
 from streams.settings import parse_settings
-from streams.stack import Stack
+from streams.tools.stack import Stack
 from streams.topics import TopicNames, topic_specs
 from tests.integration.kafka_fixture import start_test_broker
 from tests.integration.pipeline import wait_for

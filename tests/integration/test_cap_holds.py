@@ -12,8 +12,8 @@ from typing import Any, Iterator
 import pytest
 
 import schemas
-from streams.caps import hold_ttl_ms
-from streams.demo import generate_leads
+from streams.stages.caps import hold_ttl_ms
+from streams.tools.demo import generate_leads
 from tests.integration.pipeline import Pipeline, wait_for
 
 pytestmark = pytest.mark.integration

@@ -10,7 +10,7 @@ from typing import Iterator
 
 import pytest
 
-from streams.demo import generate_leads
+from streams.tools.demo import generate_leads
 from tests.integration.pipeline import SOLAR_FLOW, Pipeline
 
 pytestmark = pytest.mark.integration

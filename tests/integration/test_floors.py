@@ -8,7 +8,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from streams.demo import generate_leads
+from streams.tools.demo import generate_leads
 from tests.integration.pipeline import SOLAR_FLOW, Pipeline, wait_for
 
 pytestmark = pytest.mark.integration

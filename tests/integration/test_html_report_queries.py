@@ -1,4 +1,4 @@
-"""The HTML report's queries (``streams.html_report.collect``) against the real warehouse:
+"""The HTML report's queries (``streams.tools.html_report.collect``) against the real warehouse:
 every event counted once (FINAL), the time window selects leads with all their events, alerts
 are cut by their own time, and the result renders."""
 
@@ -14,7 +14,7 @@ import clickhouse_connect
 import pytest
 
 from connectors.clickhouse import Warehouse
-from streams.html_report import CHART_IDS, collect, render, write_html_report
+from streams.tools.html_report import CHART_IDS, collect, render, write_html_report
 from tests.integration.sample_events import T0, seeded
 
 pytestmark = pytest.mark.integration

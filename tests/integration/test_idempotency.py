@@ -22,10 +22,10 @@ import httpx
 import pytest
 
 import schemas
-from connectors.kafka_runtime import KafkaBroker, create_topics
-from streams.demo import generate_leads
-from streams.idempotency import lead_id_for_key
-from streams.ingest import IngestServer
+from connectors.kafka_broker import KafkaBroker, create_topics
+from streams.tools.demo import generate_leads
+from streams.stages.ingest.idempotency import lead_id_for_key
+from streams.stages.ingest import IngestServer
 from streams.settings import parse_settings
 from streams.topics import topic_specs
 from tests.integration.kafka_fixture import start_test_broker

@@ -1,7 +1,7 @@
 """The project's own Kafka runtime, end to end against the real broker.
 
 Proves the stack we ship on works together: Kafka 4.1 (KRaft, started by
-connectors.kafka_runtime) + aiokafka 0.14 + faust-streaming 0.15.3 with the classic
+connectors.kafka_broker) + aiokafka 0.14 + faust-streaming 0.15.3 with the classic
 consumer group protocol. No sleeps as synchronisation: every wait polls a condition
 under a deadline.
 """
@@ -26,7 +26,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import UnknownTopicOrPartitionError
 from aiokafka.structs import ConsumerRecord
 
-from connectors.kafka_runtime import KafkaBroker, KafkaRuntimeError, create_topics
+from connectors.kafka_broker import KafkaBroker, KafkaRuntimeError, create_topics
 from tests.integration.kafka_fixture import start_test_broker
 
 pytestmark = pytest.mark.integration

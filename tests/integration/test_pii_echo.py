@@ -23,8 +23,8 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
 import schemas
-from streams.demo import generate_leads
-from streams.ping import ping_id_for
+from streams.tools.demo import generate_leads
+from streams.stages.ping import ping_id_for
 from streams.topics import changelog_topic
 from tests.integration.pipeline import Pipeline, wait_for
 
@@ -127,7 +127,7 @@ class EchoBuyers:
 
 
 def needles(leads: list[dict[str, Any]]) -> list[tuple[str, re.Pattern[str]]]:
-    """One pattern per PII value, independent of streams/scrub.py: names, emails and address
+    """One pattern per PII value, independent of streams/rules/scrub.py: names, emails and address
     words as lower-case substrings; phones by their 10 national digits with any separators."""
     out = []
     for x in leads:

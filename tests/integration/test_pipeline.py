@@ -18,7 +18,7 @@ import orjson
 import pytest
 
 import schemas
-from streams.demo import generate_leads
+from streams.tools.demo import generate_leads
 from tests.integration.pipeline import TOKEN, Pipeline, wait_for
 
 pytestmark = pytest.mark.integration

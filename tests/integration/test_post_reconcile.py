@@ -17,8 +17,8 @@ from typing import Any, Iterator
 import orjson
 import pytest
 
-from streams.demo import generate_leads
-from streams.simulator import decide_post
+from streams.tools.demo import generate_leads
+from streams.tools.simulator import decide_post
 from tests.integration.pipeline import SOLAR_FLOW, Pipeline, wait_for
 
 pytestmark = pytest.mark.integration

@@ -1,6 +1,6 @@
 """Workers joining, leaving and crashing while leads stream in: no lead is skipped.
 
-Each of these broke it once (streams/faust_fixes.py, streams/auction.py): a batch fetched
+Each of these broke it once (streams/runtime/faust_patches.py, streams/stages/auction.py): a batch fetched
 before a rebalance iterated after the seek back to the committed offsets (Faust took the jump
 for a hole and committed past records nobody processed); a commit past an event still in
 flight (faust-streaming #606), lost when its worker stopped; an auction recorded as closed
@@ -22,7 +22,7 @@ import orjson
 import pytest
 
 import schemas
-from streams.demo import generate_leads
+from streams.tools.demo import generate_leads
 from tests.integration.pipeline import Pipeline, wait_for
 
 pytestmark = pytest.mark.integration
@@ -94,7 +94,7 @@ def test_every_lead_is_auctioned_exactly_once(churned: tuple[Pipeline, list[str]
     assert set(counts) == set(ids)
     # Every result event tells the same story for its lead, however often it was redelivered
     # — except that a post which timed out and was accepted after all adds its buyer to the
-    # winners (reconciled: streams/post.py): winners only ever grow, and the last result is
+    # winners (reconciled: streams/stages/post.py): winners only ever grow, and the last result is
     # what the auctions table holds.
     seen: dict[str, set[str]] = {}
     for rec in asyncio.run(p.read_topic(p.names.results)):

@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 import schemas
-from streams.demo import generate_leads
+from streams.tools.demo import generate_leads
 from tests.integration.kafka_fixture import free_port_block
 from tests.integration.pipeline import Pipeline, wait_for
 

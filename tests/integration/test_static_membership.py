@@ -21,7 +21,7 @@ from typing import Iterator
 
 import pytest
 
-from streams.demo import generate_leads
+from streams.tools.demo import generate_leads
 from tests.integration.pipeline import Pipeline, wait_for
 
 pytestmark = pytest.mark.integration

@@ -1,4 +1,4 @@
-"""streams.admission: the admission estimator, table-tested, and its control loop against a
+"""streams.rules.admission: the admission estimator, table-tested, and its control loop against a
 simulated pipeline (arrivals, a FIFO served at a fixed capacity, reports every 200 ms)."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from streams import admission
-from streams.admission import Estimator, Report, report_from_record
-from streams.progress import Progress
+from streams.rules import admission
+from streams.rules.admission import Estimator, Report, report_from_record
+from streams.runtime.progress import Progress
 
 LEADS = ("p.leads", 0)
 PINGS = ("p.ping-requests", 0)

@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 
-from streams.alerts import AlertEngine, AlertState, step, steps_for
-from streams.metrics_config import AlertRule
+from streams.rules.alerts import AlertEngine, AlertState, step, steps_for
+from streams.settings.metrics import AlertRule
 from streams.settings import ConfigError, parse_settings
-from streams.sink import to_row
-from streams.windows import BUCKETS_MS, Agg, WindowedMetrics, metric_value, quantile
+from streams.stages.sink import to_row
+from streams.rules.windows import BUCKETS_MS, Agg, WindowedMetrics, metric_value, quantile
 
 W = 10  # base window (s)
 

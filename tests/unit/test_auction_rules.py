@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from streams.auction import acceptable, close_lag_ms, decide
-from streams.leads import redact, validate_lead
-from streams.ping import ping_body, ping_id_for, plan_pings
-from streams.post import condition_failure, next_batch, post_body, post_id_for
+from streams.stages.auction import acceptable, close_lag_ms, decide
+from streams.rules.leads import redact, validate_lead
+from streams.stages.ping import ping_body, ping_id_for, plan_pings
+from streams.stages.post import condition_failure, next_batch, post_body, post_id_for
 from streams.settings import StrategyConfig, load_settings, parse_settings
 
 REPO = Path(__file__).resolve().parents[2]

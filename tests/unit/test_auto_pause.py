@@ -3,8 +3,8 @@ cool-down, resumes by itself, and is judged afresh after resuming."""
 
 from __future__ import annotations
 
-from streams.buyer_stats import PauseTracker
-from streams.ping import plan_pings
+from streams.rules.buyer_stats import PauseTracker
+from streams.stages.ping import plan_pings
 from streams.settings import AutoPauseConfig
 
 from tests.unit.test_rules_wired import PING, RAW, parse_settings
@@ -67,7 +67,8 @@ def test_a_paused_buyer_is_filtered_from_the_ping_plan_with_the_reason() -> None
 
 
 def test_pause_view_follows_the_recorded_transitions() -> None:
-    from streams.buyer_stats import PauseView, Transition, pause_alert
+    from streams.rules.buyer_stats import Transition, pause_alert
+    from streams.stages.buyer_feeds import PauseView
 
     v = PauseView({"slow": CFG})
     paused = pause_alert(Transition("slow", "paused", 1_000, 0.75, 4, 31_000), CFG)

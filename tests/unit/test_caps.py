@@ -9,8 +9,8 @@ from datetime import datetime, timezone
 import pytest
 
 import schemas
-from streams import caps as C
-from streams.runtime import Requeue
+from streams.stages import caps as C
+from streams.runtime.agents import Requeue
 from streams.settings import BuyerCaps
 
 
@@ -172,7 +172,7 @@ async def test_a_rebalance_hands_the_order_back_instead_of_waiting_it_out() -> N
 
 
 def test_expired_holds_are_dropped_and_the_next_expiry_known() -> None:
-    from streams.caps import expire, hold_ttl_ms, new_ledger, next_expiry, reserve
+    from streams.stages.caps import expire, hold_ttl_ms, new_ledger, next_expiry, reserve
     from streams.settings import BuyerCaps
 
     caps = BuyerCaps(leads_per_day=2)

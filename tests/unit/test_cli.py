@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 import yaml
 
-from streams import stack as stack_mod
-from streams.cli import build_parser
+from streams.tools import stack as stack_mod
+from streams.tools.cli import build_parser
 from streams.settings import parse_settings
-from streams.stack import Stack, web_port_for
+from streams.tools.stack import Stack, web_port_for
 
 
 def _settings(**worker: Any) -> Any:
@@ -100,7 +100,7 @@ def _free_ports(n: int) -> list[int]:
 def test_no_warehouse_is_one_line_saying_where_and_how(argv: list[str], tmp_path: Path,
                                                        capsys: pytest.CaptureFixture[str]
                                                        ) -> None:
-    from streams.cli import main
+    from streams.tools.cli import main
 
     (port,) = _free_ports(1)  # nothing listens there
     config = _config(tmp_path, clickhouse=port)
@@ -116,8 +116,7 @@ def test_up_with_the_ingest_port_taken_starts_nothing_and_names_it(
         capsys: pytest.CaptureFixture[str]) -> None:
     import socket
 
-    from streams import cli
-
+    from streams.tools import cli
     def no_broker(self: Stack) -> Any:
         raise AssertionError("started Kafka although ingest cannot start")
 
@@ -142,8 +141,8 @@ def test_up_failing_half_way_stops_what_it_started(tmp_path: Path,
     """A component that fails after others started: they are stopped, one line, exit 1."""
     import subprocess
 
-    from streams import cli
-    from streams.stack import StackError
+    from streams.tools import cli
+    from streams.tools.stack import StackError
 
     real_popen = subprocess.Popen
 

@@ -8,7 +8,7 @@ import pytest
 import yaml
 from pathlib import Path
 
-from streams.dedupe import decide, identity_of, window_label
+from streams.stages.dedupe import decide, identity_of, window_label
 from streams.settings import DuplicatesConfig, parse_settings
 
 RAW = yaml.safe_load(Path("config/demo.yaml").read_text())
@@ -20,7 +20,7 @@ H = 3_600_000
 
 
 def ident(email: str, phone: str, **hashes: Any) -> str | None:
-    from streams.leads import pii_hash
+    from streams.rules.leads import pii_hash
     key = S.privacy.hash_key.get_secret_value().encode()
     pii = {"email": pii_hash(key, "email", email), "phone": pii_hash(key, "phone", phone)}
     return identity_of(S, "solar", {"email": email, "phone": phone}, {**pii, **hashes})

@@ -12,7 +12,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from streams.html_report import (
+from streams.tools.html_report import (
     CHART_IDS,
     Frame,
     HtmlReportData,
@@ -24,7 +24,7 @@ from streams.html_report import (
     svg_latency,
     svg_time,
 )
-from streams.report import Report, parse_time
+from streams.tools.report import Report, parse_time
 
 T0 = datetime(2025, 6, 1, 12, 0)
 EVIL = "<script>alert(\"x\")</script>&'b"

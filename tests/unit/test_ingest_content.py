@@ -12,7 +12,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from streams.ingest import IngestServer
+from streams.stages.ingest import IngestServer
 from streams.settings import load_settings
 from tests.unit.test_leads import SOLAR
 

@@ -1,4 +1,4 @@
-"""streams.leads: validate_lead, redact, pii hashes and deterministic lead ids."""
+"""streams.rules.leads: validate_lead, redact, pii hashes and deterministic lead ids."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from datetime import datetime, timezone
 
-from streams.leads import (
+from streams.rules.leads import (
     LeadError,
     PingView,
     ValidLead,

@@ -1,4 +1,4 @@
-"""The membership fence (streams/faust_fixes.py point 7, ``streams.runtime.member_confirmed``):
+"""The membership fence (streams/runtime/faust_patches.py point 7, ``streams.runtime.agents.member_confirmed``):
 a worker acts on its partitions only while its group membership was confirmed within the
 session timeout, less a margin. The heartbeat wrapper runs aiokafka's own ``_do_heartbeat``
 against a fake coordinator connection (the seam: ``_send_req``)."""
@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 from aiokafka.consumer.group_coordinator import GroupCoordinator
 
-from streams import faust_fixes
-from streams.runtime import MEMBERSHIP_MARGIN_S, member_confirmed, membership_age_s
+from streams.runtime import faust_patches
+from streams.runtime.agents import MEMBERSHIP_MARGIN_S, member_confirmed, membership_age_s
 
 NO_ERROR, REBALANCE_IN_PROGRESS, UNKNOWN_MEMBER_ID = 0, 27, 25
 
@@ -67,7 +67,7 @@ class FakeCoordinator:
 
 @pytest.fixture(autouse=True)
 def patched() -> None:
-    faust_fixes._track_membership()
+    faust_patches._track_membership()
 
 
 @pytest.mark.parametrize("code, proof", [(NO_ERROR, True), (REBALANCE_IN_PROGRESS, False),
@@ -98,7 +98,7 @@ def test_a_completed_join_is_a_proof(monkeypatch: pytest.MonkeyPatch) -> None:
 
         monkeypatch.setattr(GroupCoordinator, "_on_join_complete", fake)
         monkeypatch.setattr(GroupCoordinator, "_pingpost_membership", False, raising=False)
-        faust_fixes._track_membership()
+        faust_patches._track_membership()
         await GroupCoordinator._on_join_complete(c, 4, "m-1", "faust", b"")  # type: ignore[arg-type]
         assert calls and getattr(c, "_pingpost_member_at", None) is not None
 

@@ -14,10 +14,10 @@ import pytest
 
 from faust.types import TP as FaustTP
 
-from streams import faust_fixes
-from streams.liveness import EXIT_STUCK, StuckCheck, Waits, start_monitor
-from streams.quiet import RepeatThrottle, install
-from streams.supervise import Backoff, supervise
+from streams.runtime import faust_patches
+from streams.runtime.liveness import EXIT_STUCK, StuckCheck, Waits, start_monitor
+from streams.runtime.quiet import RepeatThrottle, install
+from streams.tools.supervise import Backoff, supervise
 
 
 class Clock:
@@ -76,8 +76,8 @@ def test_install_throttles_every_aiokafka_module_logger(caplog: pytest.LogCaptur
         for _ in range(100):
             logging.getLogger(name).error("Failed fetch messages from %s: %s", 1, "x")
     assert len(caplog.records) == 3
-    logging.getLogger("streams.sink").error("not throttled %s", 1)
-    logging.getLogger("streams.sink").error("not throttled %s", 1)
+    logging.getLogger("streams.stages.sink").error("not throttled %s", 1)
+    logging.getLogger("streams.stages.sink").error("not throttled %s", 1)
     assert len(caplog.records) == 5
 
 
@@ -149,8 +149,8 @@ async def test_a_consumer_commit_that_never_returns_gives_up_within_its_bound(
     ``_commit`` returns False, its offsets left to a later commit, and frees the thread."""
     from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 
-    faust_fixes.apply()
-    monkeypatch.setattr(faust_fixes, "COMMIT_TIMEOUT_S", 0.2)
+    faust_patches.apply()
+    monkeypatch.setattr(faust_patches, "COMMIT_TIMEOUT_S", 0.2)
     never = asyncio.Event()
 
     class Aio:
@@ -225,7 +225,7 @@ def test_faust_logs_a_livelock_error_for_the_first_record_after_an_idle_minute(
     """The defect, on Faust's own check (what the fix below removes)."""
     from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 
-    faust_fixes.apply()
+    faust_patches.apply()
     orig = AIOKafkaConsumerThread._pingpost_orig_verify_event_path
     errors = _idle_minute_then_one_record(orig, caplog)
     assert any("Has not committed" in e for e in errors), errors
@@ -235,7 +235,7 @@ def test_no_livelock_error_for_the_first_record_after_an_idle_minute(
         caplog: pytest.LogCaptureFixture) -> None:
     from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 
-    faust_fixes.apply()
+    faust_patches.apply()
     assert _idle_minute_then_one_record(AIOKafkaConsumerThread.verify_event_path,
                                         caplog) == []
 
@@ -244,7 +244,7 @@ def test_a_real_commit_livelock_is_still_reported(caplog: pytest.LogCaptureFixtu
     """Records waiting for longer than the timeout, acked offsets, no commit: an ERROR."""
     from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 
-    faust_fixes.apply()
+    faust_patches.apply()
     verify = AIOKafkaConsumerThread.verify_event_path
     caplog.set_level(logging.INFO)
     now = 5000.0

@@ -1,4 +1,4 @@
-"""Dead letters never hold a raw PII value (streams/privacy.py, DeadLetters)."""
+"""Dead letters never hold a raw PII value (streams/rules/privacy.py, DeadLetters)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import pytest
 import yaml
 
 import schemas
-from streams.leads import pii_hash
-from streams.privacy import dead_letter_payload
-from streams.runtime import DeadLetters
+from streams.rules.leads import pii_hash
+from streams.rules.privacy import dead_letter_payload
+from streams.runtime.agents import DeadLetters
 from streams.settings import Settings, parse_settings
 
 PII = {"first_name": "Ada", "last_name": "Lovelace", "email": "ada.lovelace@example.com",
@@ -175,7 +175,7 @@ def lax_umask() -> Any:
 
 def test_the_run_dir_and_what_the_stack_creates_are_owner_only(
         settings: Settings, tmp_path: Path, lax_umask: None) -> None:
-    from streams.stack import Stack
+    from streams.tools.stack import Stack
 
     run = tmp_path / "run"
     run.mkdir(mode=0o755)  # left world-readable by an older version
@@ -191,7 +191,7 @@ def test_the_run_dir_and_what_the_stack_creates_are_owner_only(
 
 def test_data_dirs_are_owner_only(settings: Settings, tmp_path: Path, lax_umask: None,
                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    from connectors.kafka_runtime import KafkaBroker
+    from connectors.kafka_broker import KafkaBroker
     from connectors.warehouse import _DataDirLock
     from streams.app import create_app
 
@@ -210,7 +210,7 @@ def test_data_dirs_are_owner_only(settings: Settings, tmp_path: Path, lax_umask:
 
 
 def test_every_cli_process_creates_files_owner_only(lax_umask: None) -> None:
-    from streams.cli import main
+    from streams.tools.cli import main
 
     assert main(["--config", "config/demo.yaml", "check-config"]) == 0
     assert os.umask(0o022) == 0o077

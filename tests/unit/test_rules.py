@@ -14,7 +14,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from streams.ping import plan_pings
+from streams.stages.ping import plan_pings
 from streams.rules import (
     BuyerCounters,
     acceptance_rate,

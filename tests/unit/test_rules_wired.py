@@ -1,4 +1,4 @@
-"""The rules of streams/rules.py as the stages apply them: floors in the auction's decision,
+"""The rules of streams/rules/selling.py as the stages apply them: floors in the auction's decision,
 filters and schedules in the ping plan."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 import yaml
 
-from streams.auction import acceptable, decide
-from streams.ping import plan_pings
+from streams.stages.auction import acceptable, decide
+from streams.stages.ping import plan_pings
 from streams.settings import parse_settings
 
 RAW = yaml.safe_load(Path("config/demo.yaml").read_text())
@@ -89,8 +89,8 @@ def test_an_answer_is_never_recorded_later_than_now() -> None:
     """``sent_at`` is a truncated wall-clock ms and the latency a monotonic measure; their sum
     can run ahead of the clock by a ms, which made wave 2 look sent before wave 1 answered."""
     from connectors.buyers import PingOutcome
-    from streams.ping import _bid_record
-    from streams.runtime import now_ms
+    from streams.stages.ping import _bid_record
+    from streams.runtime.agents import now_ms
     from streams.settings import BuyerConfig
 
     buyer = BuyerConfig.model_validate({"id": "b", "flows": ["solar"], "ping_url": "http://x/ping",
@@ -121,9 +121,9 @@ def test_a_bid_that_fails_its_own_conditions_says_why_on_its_ping_row(
 
     import schemas
     from connectors.buyers import Conditions, PingOutcome
-    from streams.ping import ping_buyer
-    from streams.runtime import now_ms
-    from streams.sink import to_row
+    from streams.stages.ping import ping_buyer
+    from streams.runtime.agents import now_ms
+    from streams.stages.sink import to_row
 
     s = settings(floors={"base": 40.0})
     buyer = next(b for b in s.buyers if b.id == "sunrise")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from streams.post import scrub
-from streams.runtime import KeyedLocks, is_transient
+from streams.stages.post import scrub
+from streams.runtime.agents import KeyedLocks, is_transient
 
 
 async def test_keyed_locks_serialise_one_key_and_not_others() -> None:
@@ -57,7 +57,7 @@ def test_lead_partition_matches_the_producer_partitioner() -> None:
 
     from aiokafka.partitioner import DefaultPartitioner
 
-    from streams.auction import lead_partition
+    from streams.stages.auction import lead_partition
 
     parts = list(range(6))
     seen = set()
@@ -130,7 +130,7 @@ class _Dead:
 
     async def guarded(self, event: object, work: object, what: str) -> bool:
         # the real failure policy (DeadLetters.guarded) lets Requeue through, like Cancelled
-        from streams.runtime import DeadLetters
+        from streams.runtime.agents import DeadLetters
 
         return await DeadLetters.guarded(self, event, work, what)  # type: ignore[arg-type]
 
@@ -139,7 +139,7 @@ class _Dead:
 
 
 async def test_a_requeued_event_is_published_again_then_acked() -> None:
-    from streams.runtime import InFlight, Requeue
+    from streams.runtime.agents import InFlight, Requeue
 
     log: list[str] = []
     producer, dead = _Producer(), _Dead()
@@ -157,7 +157,7 @@ async def test_a_requeued_event_is_published_again_then_acked() -> None:
 
 
 async def test_an_event_that_cannot_be_requeued_stays_unacked() -> None:
-    from streams.runtime import InFlight, Requeue
+    from streams.runtime.agents import InFlight, Requeue
 
     log: list[str] = []
     dead = _Dead()
@@ -174,7 +174,7 @@ async def test_an_event_that_cannot_be_requeued_stays_unacked() -> None:
 
 
 async def test_a_requeue_is_retried_through_a_broker_hiccup() -> None:
-    from streams.runtime import InFlight, Requeue
+    from streams.runtime.agents import InFlight, Requeue
 
     log: list[str] = []
     producer, dead = _Producer(fail=1), _Dead()
@@ -207,7 +207,7 @@ def test_an_app_leaves_nothing_in_the_working_directory(tmp_path: Path, monkeypa
 
 async def test_a_dead_letter_is_retried_through_a_broker_hiccup() -> None:
     import schemas
-    from streams.runtime import DeadLetters
+    from streams.runtime.agents import DeadLetters
 
     class Topic:
         def __init__(self) -> None:

@@ -1,4 +1,4 @@
-"""The scrubber of buyer free text (streams/scrub.py): every PII value, every common form."""
+"""The scrubber of buyer free text (streams/rules/scrub.py): every PII value, every common form."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import hashlib
 
 import pytest
 
-from streams.scrub import REDACTED, looks_like_contact, safe_ref, scrub
+from streams.rules.scrub import REDACTED, looks_like_contact, safe_ref, scrub
 
 PII = {"first_name": "Ada", "last_name": "Lovelace", "email": "Ada.Lovelace@Example.com",
        "phone": "+15558000237", "address": "1 Main St, Beverly Hills"}

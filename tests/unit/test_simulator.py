@@ -14,7 +14,7 @@ import orjson
 import pytest
 
 from streams.settings import Settings, SimBuyerConfig, parse_settings
-from streams.simulator import SimulatedMarket, decide_ping
+from streams.tools.simulator import SimulatedMarket, decide_ping
 
 FAST: dict[str, Any] = {
     "latency_ms": {"median": 0, "p99": 0},

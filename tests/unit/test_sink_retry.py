@@ -13,9 +13,9 @@ import pytest
 
 import schemas
 from connectors.clickhouse import ClickHouseUnavailable
-from streams import sink
+from streams.stages import sink
 from streams.settings import load_settings
-from streams.sink import WarehouseRetry
+from streams.stages.sink import WarehouseRetry
 from streams.topics import TopicNames
 from tests.unit.test_schemas import RECORDS
 
@@ -48,7 +48,7 @@ def test_retry_resumes_within_two_seconds_of_the_return(back_at: float,
                                                         caplog: pytest.LogCaptureFixture) -> None:
     vt = VirtualTime()
     retry = WarehouseRetry("insert into pings", clock=vt.clock, sleep=vt.sleep)
-    with caplog.at_level(logging.WARNING, logger="streams.sink"):
+    with caplog.at_level(logging.WARNING, logger="streams.stages.sink"):
         assert asyncio.run(retry.run(down_until(vt, back_at))) == "ok"
     assert back_at <= vt.now <= back_at + 2.0
     assert vt.sleeps[0] <= 0.5 and max(vt.sleeps) <= 2.0

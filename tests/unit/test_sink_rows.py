@@ -1,4 +1,4 @@
-"""streams.sink.to_row: events -> ClickHouse rows (shape, types, no PII)."""
+"""streams.stages.sink.to_row: events -> ClickHouse rows (shape, types, no PII)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 
 import schemas
 from connectors.clickhouse import TABLE_COLUMNS
-from streams.leads import redact, validate_lead
+from streams.rules.leads import redact, validate_lead
 from streams.settings import load_settings
-from streams.sink import to_row
+from streams.stages.sink import to_row
 from tests.unit.test_schemas import RECORDS, T0
 
 REPO = Path(__file__).resolve().parents[2]

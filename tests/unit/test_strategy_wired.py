@@ -11,9 +11,10 @@ from typing import Any
 import pytest
 import yaml
 
-from streams.auction import decide
-from streams.buyer_stats import AcceptanceCounter, ranking_inputs
-from streams.post import next_batch
+from streams.stages.auction import decide
+from streams.context import ranking_inputs
+from streams.rules.buyer_stats import AcceptanceCounter
+from streams.stages.post import next_batch
 from streams.settings import StrategyConfig, parse_settings
 
 PING = {"state": "CA", "consent": True}

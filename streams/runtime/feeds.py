@@ -1,0 +1,69 @@
+"""Group-less feeds: a worker reading every partition of a topic from a point in time,
+without a consumer group (nothing committed, nothing to rebalance). The acceptance, pause,
+cap and duplicate views of every auction worker follow their topics this way."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Callable
+
+import mode
+from aiokafka import AIOKafkaConsumer
+from aiokafka.structs import TopicPartition
+
+from streams.runtime.agents import now_ms
+
+__all__ = ["follow_topic"]
+
+log = logging.getLogger(__name__)
+
+
+def follow_topic(settings: Any, topic: str, since_ms: int,
+          on_record: Callable[[bytes], None], on_batch: Callable[[], Any]) -> type[mode.Service]:
+    """A service reading every partition of ``topic`` from ``since_ms`` with a group-less
+    consumer (nothing committed, nothing to rebalance), calling ``on_record`` per value and
+    ``on_batch`` after each poll (also when idle)."""
+
+    class Feed(mode.Service):
+        async def on_start(self) -> None:
+            self._consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka.bootstrap,
+                                              group_id=None, enable_auto_commit=False,
+                                              fetch_max_wait_ms=100)
+            await self._consumer.start()
+            parts = self._consumer.partitions_for_topic(topic)
+            if not parts:
+                await self._consumer._client.force_metadata_update()  # noqa: SLF001
+                parts = self._consumer.partitions_for_topic(topic) or set()
+            tps = [TopicPartition(topic, p) for p in sorted(parts)]
+            self._consumer.assign(tps)
+            starts = await self._consumer.offsets_for_times({tp: since_ms for tp in tps})
+            for tp in tps:
+                if starts.get(tp) is not None:
+                    self._consumer.seek(tp, starts[tp].offset)
+                else:
+                    await self._consumer.seek_to_end(tp)
+            log.info("feed: reading %s from %d s ago", topic, (now_ms() - since_ms) // 1000)
+
+        async def on_stop(self) -> None:
+            await self._consumer.stop()
+
+        @mode.Service.task
+        async def _read(self) -> None:
+            while not self.should_stop:
+                try:
+                    batch = await self._consumer.getmany(timeout_ms=250, max_records=2000)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # a feed must never take the worker down
+                    log.warning("feed %s: %s; retrying", topic, exc)
+                    await asyncio.sleep(1.0)
+                    continue
+                for records in batch.values():
+                    for rec in records:
+                        on_record(rec.value)
+                res = on_batch()
+                if asyncio.iscoroutine(res):
+                    await res
+
+    return Feed

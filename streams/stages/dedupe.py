@@ -1,0 +1,186 @@
+"""Duplicate leads (issue 3, rule 8).
+
+A flow with ``duplicates: {fields: [email, phone], window_s, action}`` gives each lead an
+*identity*: a keyed HMAC of the flow and the normalised values of those fields (never the
+values). Two leads with the same identity within ``window_s`` are the same person asking
+twice.
+
+**One owner per identity.** Leads are keyed by lead_id, so two duplicates can land on
+different partitions and workers. For such flows the redact stage sends the ping request to
+the ``dedupe`` topic keyed by the identity instead of straight to ``ping-requests``; the
+worker owning that partition decides, one lead at a time, from a changelogged table of
+identities. So two identical leads submitted at the same instant are ordered: the first one
+wins, the second is a duplicate. Flows without ``duplicates`` take no extra hop.
+
+- ``action: reject`` — a duplicate is not auctioned: it settles at once as ``unsold`` with the
+  reason ``duplicate of lead <id> (same email, phone) within 24h`` (the ``auctions`` row, and
+  the ``?wait=true`` answer, say so).
+- ``action: skip_buyers`` — a duplicate is auctioned, but buyers that bought one of the
+  earlier leads of that identity are not pinged (``filtered``, ``already bought this lead``).
+  Who bought comes from the settled results, which every worker follows. A duplicate whose
+  earlier lead is still being sold is rejected (its buyers are not known yet, and selling it
+  now could sell the person twice to the same buyer).
+
+A redelivered lead (same lead_id) is never a duplicate of itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+from typing import Any
+
+from streams.rules.leads import pii_hash
+from streams.settings import DuplicatesConfig, Settings
+
+__all__ = ["identity_of", "decide", "register", "window_label"]
+
+log = logging.getLogger(__name__)
+
+
+def identity_of(settings: Settings, flow: str, fields: dict[str, Any],
+                pii_hashes: dict[str, str]) -> str | None:
+    """The lead's identity for duplicate checks, or None (flow without duplicates, or an
+    identity field missing: such a lead cannot be matched)."""
+    cfg = settings.flows[flow].duplicates
+    if cfg is None:
+        return None
+    key = settings.privacy.hash_key.get_secret_value().encode()
+    parts = []
+    for name in cfg.fields:
+        h = pii_hashes.get(name)
+        if h is None:
+            v = fields.get(name)
+            if v is None or str(v).strip() == "":
+                return None
+            h = pii_hash(key, name, v)
+        parts.append(f"{name}={h}")
+    return hmac.new(key, f"{flow}|{'|'.join(parts)}".encode(), hashlib.sha256).hexdigest()
+
+
+def window_label(seconds: float) -> str:
+    if seconds % 86400 == 0:
+        return f"{int(seconds // 86400 * 24)}h" if seconds < 7 * 86400 else f"{int(seconds // 86400)}d"
+    if seconds % 3600 == 0:
+        return f"{int(seconds // 3600)}h"
+    if seconds % 60 == 0:
+        return f"{int(seconds // 60)} min"
+    return f"{seconds:g} s"
+
+
+def decide(entry: dict[str, Any] | None, lead_id: str, at_ms: int, cfg: DuplicatesConfig,
+           sold: dict[str, list[str]]) -> tuple[str, dict[str, Any], str, list[str]]:
+    """One lead against its identity's entry: ``(verdict, new_entry, reason, skip_buyers)``.
+
+    ``verdict``: ``pass`` (auction it; ``skip_buyers`` lists buyers not to ping) or ``reject``.
+    ``entry``: ``{"leads": [[lead_id, at_ms], ...]}`` — this identity's leads inside the window,
+    oldest first. ``sold``: lead_id → winners, for settled leads.
+    """
+    window_ms = int(cfg.window_s * 1000)
+    leads = [x for x in (entry or {}).get("leads", []) if at_ms - x[1] <= window_ms]
+    if any(x[0] == lead_id for x in leads):
+        return "pass", {"leads": leads}, "", _bought(leads, lead_id, sold)  # redelivered
+    # Processing order decides, not the timestamps: every lead already recorded for this
+    # identity (inside the window) came first.
+    earlier = leads
+    if not earlier:
+        return "pass", {"leads": leads + [[lead_id, at_ms]]}, "", []
+    first = earlier[0][0]
+    same = ", ".join(cfg.fields)
+    why = f"duplicate of lead {first} (same {same}) within {window_label(cfg.window_s)}"
+    if cfg.action == "reject":
+        return "reject", {"leads": leads}, why, []
+    unsettled = [x[0] for x in earlier if x[0] not in sold]
+    if unsettled:
+        return "reject", {"leads": leads}, (f"duplicate of lead {unsettled[0]} (same {same}), "
+                                            "which is still being sold"), []
+    return "pass", {"leads": leads + [[lead_id, at_ms]]}, "", _bought(leads, lead_id, sold)
+
+
+def _bought(leads: list[list[Any]], lead_id: str, sold: dict[str, list[str]]) -> list[str]:
+    out: list[str] = []
+    for other, _ in leads:
+        if other != lead_id:
+            out += [b for b in sold.get(other, []) if b not in out]
+    return out
+
+
+def register(ctx: Any) -> None:
+    """The dedupe agent (dedupe topic → identities table → ping-requests or a result) and the
+    sold-leads feed, in every auction worker when any flow checks duplicates."""
+    settings = ctx.settings
+    flows = {n: f.duplicates for n, f in settings.flows.items() if f.duplicates is not None}
+    if not flows:
+        return
+    import schemas
+    from streams.runtime.feeds import follow_topic
+    from streams.runtime.progress import tracker
+    from streams.runtime.agents import DeadLetters, now_ms
+
+    app = ctx.app
+    requests, results = ctx.topic("ping_requests"), ctx.topic("results")
+    dead = DeadLetters(ctx.topic("deadletter"), "dedupe")
+    progress = tracker(ctx)
+    table = app.Table("identities", default=None, partitions=settings.kafka.partitions,
+                      key_type=str, value_type=None)
+    longest_ms = int(max(c.window_s for c in flows.values()) * 1000)
+    sold: dict[str, list[str]] = {}  # settled lead -> winners (every worker, all partitions)
+    sold_at: list[tuple[int, str]] = []
+
+    async def handle(req: dict[str, Any]) -> None:
+        cfg = flows.get(req["flow"])
+        identity = req.get("identity")
+        if cfg is None or identity is None:
+            await requests.send(key=req["lead_id"].encode(),
+                                value=schemas.encode("PingRequest", req))
+            return
+        verdict, entry, why, skip = decide(table.get(identity), req["lead_id"],
+                                           req["received_at_ms"], cfg, sold)
+        table[identity] = entry
+        if verdict == "pass":
+            await requests.send(key=req["lead_id"].encode(), value=schemas.encode(
+                "PingRequest", {**req, "skip_buyers": skip}))
+            return
+        at = now_ms()
+        await results.send(key=req["lead_id"].encode(), value=schemas.encode("AuctionResult", {
+            "lead_id": req["lead_id"], "flow": req["flow"], "source": req["source"],
+            "outcome": "unsold", "winners": [], "prices": [], "price_total": 0.0,
+            "reason": why, "received_at_ms": req["received_at_ms"], "opened_at_ms": at,
+            "deadline_at_ms": at, "closed_at_ms": at, "settled_at_ms": at,
+            "close_reason": "duplicate", "close_lag_ms": 0.0, "pinged": 0, "bids": 0,
+            "post_attempts": 0}))
+
+    @app.agent(ctx.topic("dedupe"), name="dedupe", concurrency=1)
+    async def dedupe_agent(stream: Any) -> None:
+        async for event in stream.events():
+            msg = event.message
+            progress.took("dedupe", msg.topic, msg.partition, msg.offset)
+            try:
+                req = schemas.decode_as("PingRequest", event.value)
+            except schemas.SchemaError as exc:
+                await dead.send(event, f"undecodable ping request: {exc}")
+                continue
+            await dead.guarded(event, lambda r=req: handle(r), "dedupe")
+
+    @app.timer(interval=60.0, name="dedupe-purge")
+    async def purge() -> None:
+        """Forget identities whose leads all left the window (local partitions only)."""
+        now = now_ms()
+        for identity, entry in list(table.items()):
+            if entry is None or all(now - x[1] > longest_ms for x in entry.get("leads", [])):
+                table.pop(identity, None)
+        while sold_at and now - sold_at[0][0] > longest_ms:
+            sold.pop(sold_at.pop(0)[1], None)
+
+    def on_result(value: bytes) -> None:
+        try:
+            r = schemas.decode_as("AuctionResult", value)
+        except schemas.SchemaError:
+            return
+        if r["flow"] in flows and r["lead_id"] not in sold:
+            sold[r["lead_id"]] = list(r["winners"])
+            sold_at.append((r["settled_at_ms"], r["lead_id"]))
+
+    app.service(follow_topic(settings, ctx.names.results, now_ms() - longest_ms, on_result,
+                      lambda: None))

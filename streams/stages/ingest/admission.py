@@ -1,0 +1,159 @@
+"""Ingest's admission control on Kafka: feeds :class:`streams.rules.admission.Estimator`.
+
+A group-less consumer follows the progress topic (the workers' reports, from its end: only the
+last seconds matter) and, every :data:`~streams.rules.admission.ENDS_INTERVAL_S`, fetches the end
+offsets of the pre-ping topics (leads, dedupe, ping-requests). ``refuse()`` is what the HTTP
+handler asks, synchronously and in O(1). Every Kafka call is bounded; when the broker cannot be
+reached the estimate goes stale and leads are admitted (publishing then answers 503).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer
+from aiokafka.structs import TopicPartition
+
+import schemas
+from streams.rules.admission import ENDS_INTERVAL_S, Estimator, report_from_record
+from streams.settings import Settings
+from streams.topics import TopicNames
+
+__all__ = ["Admission"]
+
+log = logging.getLogger(__name__)
+
+#: Bound on one end-offset fetch and on start-up metadata requests (seconds).
+KAFKA_CALL_TIMEOUT_S = 2.0
+#: Refusals and feed errors are logged at most this often (seconds), with a count.
+LOG_EVERY_S = 10.0
+
+
+def _mono_ms() -> float:
+    return time.monotonic() * 1000.0
+
+
+class Admission:
+    def __init__(self, settings: Settings, names: TopicNames) -> None:
+        self.settings = settings
+        self.names = names
+        self.bound_ms = settings.ingest.max_queue_delay_ms
+        self.estimator = Estimator(self.bound_ms)
+        self.refused = 0
+        self._consumer: AIOKafkaConsumer | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._tps: list[TopicPartition] = []
+        self._refused_logged = 0
+        self._logged_at = 0.0
+        self._errors = 0
+        self._error_logged_at = 0.0
+
+    @property
+    def enabled(self) -> bool:
+        return self.bound_ms > 0
+
+    async def start(self) -> None:
+        if not self.enabled:
+            return
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.settings.kafka.bootstrap,
+                                    group_id=None, enable_auto_commit=False,
+                                    fetch_max_wait_ms=100)
+        await consumer.start()
+        self._consumer = consumer
+        try:
+            # Metadata of every topic into the consumer's own view (``topics()`` returns a
+            # separate copy): a group-less consumer tracking no topic asks for all of them.
+            await asyncio.wait_for(consumer._client.force_metadata_update(),  # noqa: SLF001
+                                   KAFKA_CALL_TIMEOUT_S * 5)
+        except Exception as exc:  # noqa: BLE001 - then every lead is admitted
+            log.warning("admission control off: no topic metadata (%s)", exc)
+            return
+        n = self.names
+        self._tps = [TopicPartition(t, p) for t in (n.leads, n.dedupe, n.ping_requests)
+                     for p in sorted(consumer.partitions_for_topic(t) or ())]
+        if not consumer.partitions_for_topic(n.progress):
+            log.warning("admission control off: topic %s does not exist (run `pingpost topics "
+                        "create`)", n.progress)
+            return
+        tp = TopicPartition(n.progress, 0)
+        consumer.assign([tp])
+        await consumer.seek_to_end(tp)
+        self._tasks = [asyncio.create_task(self._read_reports(), name="admission-reports"),
+                       asyncio.create_task(self._poll_ends(), name="admission-ends")]
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            try:
+                await t
+            except (asyncio.CancelledError, Exception):
+                pass
+        self._tasks = []
+        if self._consumer is not None:
+            await self._consumer.stop()
+            self._consumer = None
+
+    def refuse(self) -> int | None:
+        """None to admit the lead; else the Retry-After (seconds) of a 429."""
+        retry_after = self.estimator.refuse(_mono_ms())
+        if retry_after is not None:
+            self.refused += 1
+            now = time.monotonic()
+            if now - self._logged_at >= LOG_EVERY_S:
+                st = self.estimator.status(_mono_ms())
+                log.warning("over capacity: refusing leads with 429 (%d since the last such "
+                            "line; backlog %s leads, capacity ~%s/s, predicted queue delay %s "
+                            "ms > %.0f ms, the admission setpoint for ingest.max_queue_delay_ms "
+                            "%s)", self.refused - self._refused_logged, st["backlog"],
+                            st["capacity"], st["predicted_delay_ms"],
+                            self.estimator.target_ms, self.bound_ms)
+                self._logged_at, self._refused_logged = now, self.refused
+        return retry_after
+
+    def status(self) -> dict[str, Any]:
+        if not self.enabled:
+            return {"bound_ms": 0}
+        return {**self.estimator.status(_mono_ms()), "refused": self.refused}
+
+    # -- feeds -----------------------------------------------------------------------------
+    def _feed_error(self, what: str, exc: BaseException) -> None:
+        self._errors += 1
+        now = time.monotonic()
+        if now - self._error_logged_at >= LOG_EVERY_S:
+            log.warning("admission control: %s failed %d times (last: %r); leads are admitted "
+                        "while the estimate is stale", what, self._errors, exc)
+            self._error_logged_at, self._errors = now, 0
+
+    async def _read_reports(self) -> None:
+        assert self._consumer is not None
+        while True:
+            try:
+                async for msg in self._consumer:
+                    try:
+                        rec = schemas.decode_as("Progress", msg.value)
+                    except schemas.SchemaError:
+                        continue
+                    self.estimator.add_report(report_from_record(rec), _mono_ms())
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - keep following
+                self._feed_error("reading progress reports", exc)
+                await asyncio.sleep(1.0)
+
+    async def _poll_ends(self) -> None:
+        assert self._consumer is not None
+        while True:
+            try:
+                ends = await asyncio.wait_for(self._consumer.end_offsets(self._tps),
+                                              KAFKA_CALL_TIMEOUT_S)
+                self.estimator.set_ends({(tp.topic, tp.partition): off
+                                         for tp, off in ends.items()}, _mono_ms())
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - stale estimate: admit
+                self._feed_error("fetching end offsets", exc)
+            await asyncio.sleep(ENDS_INTERVAL_S)

@@ -1,0 +1,625 @@
+"""Post stage: deliver the full lead to the winner(s), walking the bids as a waterfall.
+
+For each winner event (``PostOrder``) the stage posts the ping values the buyer bid on, the
+lead's PII (from the ``pii`` table, fed by the lead-pii topic — the only place PII is read)
+and ``ping_id``/``post_id``/``price``/``exclusive``, with ``Idempotency-Key: <post_id>``.
+``post_id`` is deterministic per (lead, buyer), so a retry or a replay after a crash carries
+the same key and a buyer can never receive the same lead under two post_ids.
+
+Exclusive: one buyer at a time, in rank order, until one accepts. Shared: the top N
+non-exclusive bids at once; each slot that fails is offered to the next shared bidder. A
+candidate whose conditions no longer hold (e.g. ``max_age_minutes`` after a slow first post)
+is skipped. Progress is kept in the ``postings`` table so a redelivered order resumes instead
+of re-selling; a settled lead re-emits its recorded result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+import time
+import uuid
+from typing import Any
+
+
+import schemas
+from streams.context import Context
+from streams import rules
+from streams.stages.auction import conditions_reason
+from streams.runtime.agents import (
+    DeadLetters,
+    InFlight,
+    KeyedLocks,
+    Requeue,
+    durable_pop,
+    durable_set,
+    hold_unconfirmed,
+    is_transient,
+    key_partition,
+    member_confirmed,
+    now_ms,
+)
+from streams.rules.scrub import scrub
+
+__all__ = ["register", "post_id_for", "next_batch", "post_body", "condition_failure"]
+
+log = logging.getLogger(__name__)
+
+_POST_NS = uuid.UUID("0d7c3a8e-2b7e-4c53-bb0e-3f4c1f7c2b55")
+
+#: A post order whose PII has not arrived is handed back (requeued) for this long after its
+#: auction closed, then settled unsold ("PII unavailable"). From the close, not the receipt:
+#: after a broker outage leads reached their close 75-90 s after receipt, and 35 of 3,000
+#: were settled unsold at once, their lead-pii records written before their pings.
+PII_REQUEUE_MS = 60_000
+
+#: When a post that timed out is asked again (after the lead settled), seconds apart.
+RECONCILE_DELAYS_S = (1.0, 2.0, 4.0, 8.0, 15.0)
+#: How long a post waits for this worker's group membership to be confirmed before the
+#: order is handed back (``confirmed_or_requeue``).
+FENCE_WAIT_S = 5.0
+
+
+def post_id_for(lead_id: str, buyer_id: str) -> str:
+    return str(uuid.uuid5(_POST_NS, f"{lead_id}\x00{buyer_id}"))
+
+
+def condition_failure(c: dict[str, Any], order: dict[str, Any], at_ms: int) -> str | None:
+    """Why a candidate's bid conditions fail at post time (None: they hold)."""
+    return conditions_reason(c.get("conditions") or {}, order["ping_fields"],
+                             order["created_at_ms"], at_ms)
+
+
+def next_batch(order: dict[str, Any], tried: set[str], sold: list[str], sold_mode: str | None,
+               shared_max: int, at_ms: int, *, exclusive_only: bool = False
+               ) -> tuple[str, list[dict[str, Any]], list[tuple[dict[str, Any], str]]]:
+    """The next buyers to post to: ``(mode, batch, skipped-with-reason)``; empty batch = done.
+
+    Candidates come best first. Exclusive: one buyer at a time until one accepts; shared: the
+    top ``shared_max`` non-exclusive bids at once, a failed slot offered to the next one. The
+    best remaining bid decides the mode (a rejected exclusive winner falls back to the next
+    bidder, shared if that one did not ask for exclusivity); ``exclusive_only`` flows sell
+    every lead exclusively."""
+    remaining, skipped = [], []
+    for c in order["candidates"]:
+        if c["buyer_id"] in tried:
+            continue
+        why = condition_failure(c, order, at_ms)
+        if why is None:
+            remaining.append(c)
+        else:
+            skipped.append((c, why))
+    shared = [c for c in remaining if not rules.wants_exclusive(c)]
+    if sold:
+        if sold_mode == "exclusive":
+            return "exclusive", [], skipped
+        return "shared", shared[: max(0, shared_max - len(sold))], skipped
+    if not remaining:
+        return "none", [], skipped
+    if exclusive_only or rules.wants_exclusive(remaining[0]):
+        return "exclusive", [remaining[0]], skipped
+    return "shared", shared[:shared_max], skipped
+
+
+def post_body(order: dict[str, Any], pii: dict[str, Any], cand: dict[str, Any], post_id: str,
+              exclusive: bool) -> dict[str, Any]:
+    """CONTRACT §3: PII fields, the ping values bid on (ping data wins), and the ids."""
+    body: dict[str, Any] = dict(pii)
+    body.update(order["ping_fields"])
+    body.update(lead_id=order["lead_id"], flow=order["flow"], ping_id=cand["ping_id"],
+                post_id=post_id, price=cand["price"], exclusive=exclusive)
+    return body
+
+
+def register(ctx: Context) -> None:
+    app, settings = ctx.app, ctx.settings
+    parts = settings.kafka.partitions
+    deliveries, results = ctx.topic("deliveries"), ctx.topic("results")
+    dead = DeadLetters(ctx.topic("deadletter"), "post", settings)
+    inflight = InFlight("post", settings.worker.max_inflight, dead)
+    pii_table = app.Table("pii", default=None, partitions=parts, key_type=str, value_type=None)
+    postings = app.Table("postings", default=None, partitions=parts, key_type=str,
+                         value_type=None)
+    ctx.resources.setdefault("purge_with_auction", []).extend([pii_table, postings])
+    ctx.resources["postings_table"] = postings
+    waiters: dict[str, asyncio.Event] = {}
+    lead_locks = KeyedLocks()
+    async def drain() -> None:
+        await inflight.drain(timeout=10.0)
+
+    ctx.closers.append(drain)
+
+    @app.agent(ctx.topic("lead_pii"), name="pii", concurrency=1)
+    async def pii_agent(stream: Any) -> None:
+        async for event in stream.events():
+            try:
+                rec = schemas.decode_as("LeadPii", event.value)
+            except schemas.SchemaError as exc:
+                await dead.send(event, f"undecodable PII record: {exc}")
+                continue
+            done = postings.get(rec["lead_id"])
+            if done is not None and done.get("result") is not None:
+                continue  # replayed after the lead settled: do not resurrect its PII
+
+            async def store(rec: dict[str, Any] = rec) -> None:
+                pii_table[rec["lead_id"]] = {"fields": rec["fields"],
+                                             "expires_at_ms": rec["expires_at_ms"]}
+
+            if not await dead.guarded(event, store, "pii"):
+                continue
+            w = waiters.pop(rec["lead_id"], None)
+            if w is not None:
+                w.set()
+
+    async def wait_pii(lead_id: str, timeout_s: float) -> dict[str, Any] | None:
+        got = pii_table.get(lead_id)
+        if got is not None:
+            return got  # type: ignore[no-any-return]
+        ev = waiters.setdefault(lead_id, asyncio.Event())
+        try:
+            await asyncio.wait_for(ev.wait(), timeout_s)
+        except asyncio.TimeoutError:
+            waiters.pop(lead_id, None)
+        return pii_table.get(lead_id)  # type: ignore[no-any-return]
+
+    async def emit_delivery(order: dict[str, Any], cand: dict[str, Any], attempt: int,
+                            status: str, latency: float, reason: str, http_status: int | None,
+                            sent_at: int, exclusive: bool, *, durable: bool = True) -> None:
+        """Publish a post attempt's ``Delivery`` and, unless ``durable=False``, wait until
+        Kafka has it. The answer of a post that went out is recorded before the lead's state
+        says it was answered (callers change the state after this returns): a worker killed
+        between the two then leaves the attempt ``pending``, and whoever resumes the lead asks
+        the buyer again with the same post_id and records the answer. (Published without
+        waiting, a record still in the producer's buffer when its worker was killed could be
+        lost while the state saying "answered" reached Kafka: 2 and 7 acceptances of ~800
+        were never recorded in two short chaos runs, a broker outage ending just before a
+        kill -9.) ``durable=False`` is for skipped candidates: no buyer was asked."""
+        post_id = post_id_for(order["lead_id"], cand["buyer_id"])
+        ack = await deliveries.send(key=order["lead_id"].encode(), value=schemas.encode("Delivery", {
+            "attempt_id": f"{post_id}:{attempt}", "post_id": post_id,
+            "lead_id": order["lead_id"], "flow": order["flow"], "buyer_id": cand["buyer_id"],
+            "tier": cand["tier"], "ping_id": cand["ping_id"], "price": cand["price"],
+            "exclusive": exclusive, "status": status, "latency_ms": latency, "reason": reason,
+            "http_status": http_status, "sent_at_ms": sent_at, "attempt": attempt,
+        }))
+        if durable:
+            await ack
+
+    async def settle(order: dict[str, Any], state: dict[str, Any], reason: str, *,
+                     keep_settled_at: bool = False) -> None:
+        sold = list({s["buyer_id"]: s for s in state["sold"]}.values())
+        if not sold:
+            outcome = "unsold"
+        else:
+            outcome = "sold_exclusive" if state["mode"] == "exclusive" else "sold_shared"
+        settled = now_ms()
+        if keep_settled_at and state.get("result") is not None:
+            settled = state["result"]["settled_at_ms"]  # a correction of the same outcome
+        result = {
+            "lead_id": order["lead_id"], "flow": order["flow"], "source": order["source"],
+            "outcome": outcome, "winners": [s["buyer_id"] for s in sold],
+            "prices": [s["price"] for s in sold],
+            "price_total": round(sum(s["price"] for s in sold), 2),
+            "reason": "" if sold else reason,
+            "received_at_ms": order["received_at_ms"], "opened_at_ms": order["opened_at_ms"],
+            "deadline_at_ms": order["deadline_at_ms"], "closed_at_ms": order["closed_at_ms"],
+            "settled_at_ms": settled, "close_reason": order["close_reason"],
+            "close_lag_ms": order["close_lag_ms"], "pinged": order["pinged"],
+            "bids": order["bids"], "post_attempts": state["n"],
+        }
+        state["result"] = result
+        part = key_partition(order["lead_id"], parts)
+        durable_set(postings, order["lead_id"], state, part)
+        await results.send(key=order["lead_id"].encode(),
+                           value=schemas.encode("AuctionResult", result))
+        if not state.get("reconcile"):
+            # PII is not kept past the sale (nor past a reconciliation: see reconcile_lead).
+            durable_pop(pii_table, order["lead_id"], part)
+
+    async def ping_later_waves(order: dict[str, Any], flow: Any,
+                               give_up_at: int) -> list[dict[str, Any]]:
+        """Ping, wave by wave, the waves after the last one the auction pinged; return the
+        first wave's acceptable bids, ranked (empty: none). Their outcomes replace the
+        ``filtered`` ping rows the auction wrote for them."""
+        from streams.stages.auction import decide
+        from streams.context import ranking_inputs
+        from streams.stages.ping import MIN_WAVE_MS, ping_buyer, ping_id_for, plan_for
+
+        waves = flow.waves
+        asked = {c["buyer_id"] for c in order["candidates"]}
+        last = max((rules.wave_of(c["tier"], waves) or 0) for c in order["candidates"])
+        targets, _ = plan_for(ctx, order, now_ms())
+        for i, wave in enumerate(waves):
+            if i <= last:
+                continue
+            members = [b for b in targets
+                       if rules.wave_of(b.tier, waves) == i and b.id not in asked]
+            now = now_ms()
+            if not members:
+                continue
+            if give_up_at - now < MIN_WAVE_MS:
+                break
+            stop = min(give_up_at, now + wave.timeout_ms)
+            known = (pii_table.get(order["lead_id"]) or {}).get("fields")
+            outcomes = await asyncio.gather(*(
+                ping_buyer(ctx, order, b, ping_id_for(order["lead_id"], b.id), stop, pii=known)
+                for b in members))
+            d = decide(list(outcomes), order["ping_fields"], flow.strategy,
+                       order["created_at_ms"], now_ms(), flow=flow,
+                       **ranking_inputs(ctx, flow))
+            if d.candidates:
+                log.info("lead %s: wave %d after a failed waterfall: %d acceptable bid(s)",
+                         order["lead_id"], i + 1, len(d.candidates))
+                return d.candidates
+        return []
+
+    async def reserve_slots(order: dict[str, Any], batch: list[dict[str, Any]],
+                            exclusive: bool, state: dict[str, Any], flow: Any,
+                            give_up_at: int) -> list[dict[str, Any]]:
+        """Reserve a slot with each capped buyer's cap owner before the lead leaves; the
+        buyers refused (cap reached, no answer in time) are skipped with the reason. During
+        a rebalance the owners cannot answer: the order is requeued at the end of its
+        partition (``Requeue``) before anything of this batch is recorded, instead of
+        holding the rebalance up until the decision times out."""
+        client = ctx.resources.get("caps_client")
+        capped = [c for c in batch
+                  if client is not None and settings.buyer(c["buyer_id"]).caps is not None]
+        if not capped:
+            return batch
+        # Its own short bound, never the whole window: a slot not granted in time is denied
+        # (a slow or dead cap owner costs this buyer the lead, not the lead its window).
+        bound_ms = min(flow.cap_decision_timeout_ms,
+                       give_up_at - now_ms() - flow.min_post_budget_ms)
+        answers = await asyncio.gather(
+            *(client.reserve(c["buyer_id"], order["lead_id"], c["price"],
+                             rebalancing=lambda: bool(app.rebalancing),
+                             timeout_s=max(0.0, bound_ms / 1000.0)) for c in capped),
+            return_exceptions=True)
+        for a in answers:
+            if isinstance(a, BaseException):
+                raise a
+        keep = list(batch)
+        for cand, (granted, why) in zip(capped, answers):  # type: ignore[misc]
+            if granted:
+                continue
+            keep.remove(cand)
+            state["attempts"][cand["buyer_id"]] = {"status": "skipped", "attempt": 0}
+            state.setdefault("cap_skips", []).append(f"{cand['buyer_id']}: {why}")
+            await emit_delivery(order, cand, 0, "skipped", 0.0, f"cap: {why}", None, now_ms(),
+                                exclusive, durable=False)
+        return keep
+
+    async def release_slots(lead_id: str, batch: list[dict[str, Any]]) -> None:
+        client = ctx.resources.get("caps_client")
+        for c in batch:
+            if client is not None and settings.buyer(c["buyer_id"]).caps is not None:
+                await client.release(c["buyer_id"], lead_id)
+
+    #: Leads whose timed-out posts this worker is asking again right now.
+    reconciling: dict[str, asyncio.Task[None]] = {}
+
+    @app.timer(interval=1.0, name="post-reconcile")
+    async def reconcile_due() -> None:
+        """Ask again, when due, the buyers whose posts timed out on settled leads (the
+        ``reconcile`` entry of their ``postings`` state: it survives a crash, the PII is kept
+        until it is done, and the lead's next owner carries on)."""
+        now = now_ms()
+        for lead_id, state in list(postings.data.items()):
+            rec = (state or {}).get("reconcile")
+            if not rec or rec["due_ms"] > now or lead_id in reconciling:
+                continue
+            task = asyncio.ensure_future(reconcile_lead(lead_id))
+            reconciling[lead_id] = task
+            task.add_done_callback(lambda _t, lead_id=lead_id: reconciling.pop(lead_id, None))
+
+    async def reconcile_lead(lead_id: str) -> None:
+        """Ask each buyer whose post timed out again, with the same Idempotency-Key (it
+        answers as before, CONTRACT §3): an acceptance that came after we gave up is a
+        sale, recorded once — its ``posts`` row (same attempt id) becomes ``accepted`` and
+        the lead's result is re-emitted with the buyer among the winners; a rejection is
+        recorded as such. Buyers still not answering are asked again later
+        (``RECONCILE_DELAYS_S``), then given up on."""
+        async with lead_locks.hold(lead_id):
+            state = postings.get(lead_id)
+            rec = (state or {}).get("reconcile")
+            if not rec or state.get("result") is None:
+                return
+            # Worked on a copy, stored when done: a failure half-way (Kafka) leaves the
+            # table's state as it was, and the next try asks every item again (a late sale
+            # recorded in memory only would not be "late" any more, and its corrected result
+            # never sent).
+            state = copy.deepcopy(state)
+            rec = state["reconcile"]
+            order = rec["order"]
+            pii = pii_table.get(lead_id)
+            pending = []
+            sold_late = False
+            for item in rec["items"]:
+                cand, n, exclusive = item["cand"], item["n"], item["exclusive"]
+                buyer = settings.buyer(cand["buyer_id"])
+                post_id = post_id_for(lead_id, buyer.id)
+                if pii is None:
+                    log.warning("lead %s: its PII is gone; %s's timed-out post cannot be "
+                                "asked again", lead_id, buyer.id)
+                    continue
+                body = post_body(order, pii["fields"], cand, post_id, exclusive)
+                try:
+                    out = await ctx.buyer_client().post(buyer, body, post_id,
+                                                        buyer.post_timeout_ms / 1000.0)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # noqa: BLE001 - asked again later
+                    log.warning("reconciling lead %s with %s failed", lead_id, buyer.id,
+                                exc_info=True)
+                    pending.append(item)
+                    continue
+                if out.status == "timeout":
+                    pending.append(item)
+                    continue
+                late_sale = out.status == "accepted" and all(s["buyer_id"] != buyer.id
+                                                             for s in state["sold"])
+                # (a rejection's cap slot stays counted: a budget errs on the buyer's side)
+                reason = ("accepted after the post timed out (reconciled)" if late_sale
+                          else scrub(out.reason, pii["fields"]))
+                # On Kafka before the state that says so (emit_delivery): a failure here
+                # leaves the item to ask again.
+                await emit_delivery(order, cand, n, out.status, float(out.latency_ms),
+                                    reason, out.http_status, now_ms(), exclusive)
+                state["attempts"][buyer.id] = {"status": out.status, "attempt": n}
+                if late_sale:
+                    log.warning("lead %s: %s accepted a post after it timed out; recorded "
+                                "as a sale", lead_id, buyer.id)
+                    if not state["sold"]:
+                        state["mode"] = "exclusive" if exclusive else "shared"
+                    state["sold"].append({"buyer_id": buyer.id, "price": cand["price"]})
+                    sold_late = True
+            tries = rec["tries"] + 1
+            if pending and tries < len(RECONCILE_DELAYS_S):
+                state["reconcile"] = {**rec, "items": pending, "tries": tries,
+                                      "due_ms": now_ms() + int(RECONCILE_DELAYS_S[tries] * 1000)}
+            else:
+                for item in pending:
+                    log.warning("lead %s: %s never answered its timed-out post (%d asks); "
+                                "the post stays a timeout", lead_id, item["cand"]["buyer_id"],
+                                tries)
+                state.pop("reconcile", None)
+            if sold_late:  # the outcome changed: a corrected result
+                await settle(order, state, state["result"]["reason"], keep_settled_at=True)
+                return
+            # Nothing sold: the recorded result stands (re-emitting it on every try only
+            # repeated it); the progress is kept, and the PII goes once reconciling ends.
+            part = key_partition(lead_id, parts)
+            durable_set(postings, lead_id, state, part)
+            if not state.get("reconcile"):
+                durable_pop(pii_table, lead_id, part)
+
+    async def drain_reconciling() -> None:
+        if reconciling:
+            await asyncio.wait(list(reconciling.values()), timeout=5.0)
+
+    ctx.closers.append(drain_reconciling)
+
+    async def confirmed_or_requeue(lead_id: str, keep: Any) -> None:
+        """Post only while this worker's group membership is confirmed: a worker cut off
+        from the group may have lost the lead's partition, whose new owner runs the same
+        waterfall. Waits up to ``FENCE_WAIT_S`` for the proof (a late heartbeat), then hands
+        the order back (its progress is in the table) for whoever owns the partition."""
+        deadline = time.monotonic() + FENCE_WAIT_S
+        while not member_confirmed(app):
+            if time.monotonic() >= deadline:
+                hold_unconfirmed(app, f"the posts of lead {lead_id}")
+                keep()
+                raise Requeue(f"lead {lead_id}: this worker's group membership is not "
+                              "confirmed")
+            await asyncio.sleep(0.1)
+
+    async def run_order(order: dict[str, Any]) -> None:
+        # One waterfall per lead at a time: a PostOrder can arrive twice (an auction close
+        # retried after a transient error, a redelivery) and two concurrent runs would each
+        # walk the bids — an exclusive lead could be accepted by two buyers.
+        async with lead_locks.hold(order["lead_id"]):
+            await run_order_locked(order)
+
+    async def run_order_locked(order: dict[str, Any]) -> None:
+        lead_id = order["lead_id"]
+        state = postings.get(lead_id)
+        if state is not None and state.get("result") is not None:
+            await results.send(key=lead_id.encode(),
+                               value=schemas.encode("AuctionResult", state["result"]))
+            return
+        if state is None:
+            state = {"attempts": {}, "sold": [], "mode": None, "n": 0, "result": None}
+        if state.get("backup"):  # bids of later waves pinged before a restart
+            order = {**order, "candidates": order["candidates"] + state["backup"]}
+        flow = settings.flows.get(order["flow"])
+        if not order["candidates"] or flow is None:
+            await settle(order, state, "no bids" if order["bids"] == 0 else
+                         "no acceptable bid" if flow is not None else "flow not configured")
+            return
+        pii = await wait_pii(lead_id, timeout_s=flow.pii_wait_ms / 1000.0)
+        if pii is None and now_ms() - order["closed_at_ms"] < PII_REQUEUE_MS:
+            # Its lead-pii record is on Kafka (written before the ping request) but this
+            # worker has not read it yet: after a crash or rebalance the pii agent catches up
+            # on its partitions while the post agent already runs. Hand the order back to
+            # the end of its partition rather than settle a sellable lead unsold (4 of 3,000
+            # in the chaos bench, a worker killed every 12 s).
+            raise Requeue(f"lead {lead_id}: its PII is not here yet")
+        if pii is None:
+            await settle(order, state, f"PII unavailable (no lead-pii record within "
+                                       f"{flow.pii_wait_ms} ms)")
+            return
+        # The window is the time spent posting: it starts at the first attempt, not at the
+        # close (an order that waited for its PII still gets its full window), and an order
+        # resumed after a crash or a move gets what was left of it when its progress was last
+        # recorded — the failover does not use it up. (Counted from the first attempt, the
+        # seconds a restart takes came out of the window of every lead it interrupted: a
+        # lead whose first buyer rejected just before a kill -9 had nothing left for its
+        # next bidder.)
+        resumed_at = now_ms()
+        spent_before = int(state.get("spent_ms", 0))
+        give_up_at = resumed_at + flow.post_timeout_ms - spent_before
+
+        def keep() -> None:
+            """Record the lead's progress (and the window it has used) in the table."""
+            state["spent_ms"] = spent_before + now_ms() - resumed_at
+            postings[lead_id] = state
+        min_budget = flow.min_post_budget_ms
+        #: Attempts that timed out (ambiguous): asked again after the lead settles.
+        unresolved: list[tuple[dict[str, Any], int, bool]] = []
+        window_cut = False  # the window, not the buyers, ended the waterfall
+        pii_values = list(pii["fields"].values())  # buyer text is scrubbed of every form of each
+        while True:
+            await confirmed_or_requeue(lead_id, keep)
+            now = now_ms()
+            # An attempt recorded as pending was sent before a crash and its answer was lost:
+            # the buyer may have accepted. Resolve it first, with the same post_id (the
+            # Idempotency-Key makes the buyer answer as before), whatever the post window.
+            pending = [c for c in order["candidates"]
+                       if state["attempts"].get(c["buyer_id"], {}).get("status") == "pending"]
+            if pending:
+                batch, exclusive = pending, state["mode"] == "exclusive"
+            else:
+                tried = set(state["attempts"])
+                # A post that timed out is ambiguous: the buyer may have taken the lead. Its
+                # slot counts as taken — an exclusive lead does not fall back to the next
+                # bidder, a shared slot is not offered again — until reconcile_lead knows.
+                ambiguous = [b for b, a in state["attempts"].items()
+                             if a.get("status") == "timeout"]
+                mode, batch, skipped = next_batch(order, tried,
+                                                  [s["buyer_id"] for s in state["sold"]]
+                                                  + ambiguous,
+                                                  state["mode"], flow.strategy.shared_max, now,
+                                                  exclusive_only=flow.strategy.exclusive_only)
+                for cand, why in skipped:
+                    state["attempts"][cand["buyer_id"]] = {"status": "skipped", "attempt": 0}
+                    await emit_delivery(order, cand, 0, "skipped", 0.0, why, None, now,
+                                        mode == "exclusive", durable=False)
+                if not batch and not state["sold"] and not ambiguous and now < give_up_at \
+                        and flow.waves \
+                        and not state.get("backup_done"):
+                    # Every bidder said no: the waves the auction did not need (an earlier
+                    # wave had an acceptable bid) are the brief's backup buyers. Ping them now.
+                    # (Wave after wave: if these reject too, the next one is tried.)
+                    backup = await ping_later_waves(order, flow, give_up_at)
+                    state["backup_done"] = not backup
+                    state["backup"] = state.get("backup", []) + backup
+                    keep()
+                    order = {**order, "candidates": order["candidates"] + backup}
+                    continue
+                if not batch or now + min_budget > give_up_at:
+                    # Never send a post without a useful budget left. Cut short (a platform
+                    # reason) only if a buyer was left to try: a batch, or backup waves the
+                    # window no longer allowed (the branch above pings them otherwise).
+                    window_cut = bool(batch) or (not state["sold"] and not ambiguous
+                                                 and bool(flow.waves)
+                                                 and not state.get("backup_done"))
+                    break
+                # Capped buyers' slots first: an attempt recorded as pending below always has
+                # its reservation, so resolving it after a crash never needs one.
+                batch = await reserve_slots(order, batch, mode == "exclusive", state, flow,
+                                            give_up_at)
+                if not batch:
+                    continue
+                if now_ms() + min_budget > give_up_at:  # the reservations took the time
+                    await release_slots(lead_id, batch)
+                    window_cut = True
+                    break
+                if not state["sold"]:
+                    state["mode"] = mode
+                exclusive = mode == "exclusive"
+                for cand in batch:
+                    state["n"] += 1
+                    state["attempts"][cand["buyer_id"]] = {"status": "pending",
+                                                           "attempt": state["n"]}
+                keep()  # record intent before any request leaves
+                # ...and make it durable: a crash after the request left must find it.
+                await app.producer.flush()
+
+            async def attempt(cand: dict[str, Any], exclusive: bool = exclusive,
+                              resolving: bool = bool(pending),
+                              order: dict[str, Any] = order) -> None:
+                buyer = settings.buyer(cand["buyer_id"])
+                post_id = post_id_for(lead_id, buyer.id)
+                # (Its cap slot, if any, was reserved before the attempt was recorded; an
+                # attempt resolved after a crash is counted whatever the cap says now: if the
+                # buyer took the lead, it is sold.)
+                caps_client = ctx.resources.get("caps_client") if buyer.caps else None
+                sent = now_ms()
+                body = post_body(order, pii["fields"], cand, post_id, exclusive)
+                # A timeout is ambiguous (the buyer may have taken the lead): ask again with
+                # the same Idempotency-Key while the window leaves a useful budget; still no
+                # answer, and the slot stays the buyer's until reconcile_lead knows.
+                for ask in range(6):
+                    left = give_up_at - now_ms()
+                    if resolving:
+                        budget_ms = buyer.post_timeout_ms
+                    elif ask == 0:  # checked just before: at least the minimum budget
+                        budget_ms = min(buyer.post_timeout_ms, max(min_budget, left))
+                    elif left >= min_budget:
+                        budget_ms = min(buyer.post_timeout_ms, left)
+                    else:
+                        break  # no useful budget for a second ask: reconciled later
+                    out = await ctx.buyer_client().post(buyer, body, post_id,
+                                                        budget_ms / 1000.0)
+                    if out.status != "timeout":
+                        break
+                n = state["attempts"][buyer.id]["attempt"]
+                # On Kafka before the state that says so (emit_delivery).
+                await emit_delivery(order, cand, n, out.status, float(out.latency_ms),
+                                    scrub(out.reason, pii_values), out.http_status, sent,
+                                    exclusive)
+                state["attempts"][buyer.id] = {"status": out.status, "attempt": n}
+                if caps_client is not None:
+                    # Count it on accept — and on a timeout, which the buyer may have taken;
+                    # free the slot otherwise.
+                    if out.status in ("accepted", "timeout"):
+                        await caps_client.commit(buyer.id, lead_id, cand["price"])
+                    else:
+                        await caps_client.release(buyer.id, lead_id)
+                if out.status == "accepted" and all(s["buyer_id"] != buyer.id
+                                                    for s in state["sold"]):
+                    state["sold"].append({"buyer_id": buyer.id, "price": cand["price"]})
+                if out.status == "timeout":
+                    # The buyer may have taken the lead after we stopped waiting: ask it
+                    # again later with the same Idempotency-Key (reconcile_lead).
+                    unresolved.append((cand, n, exclusive))
+
+            try:
+                # TaskGroup: if one attempt fails, its siblings are cancelled rather than left
+                # running while the order is retried.
+                async with asyncio.TaskGroup() as tg:
+                    for c in batch:
+                        tg.create_task(attempt(c))
+            except BaseExceptionGroup as eg:
+                keep()
+                if not all(is_transient(e) for e in eg.exceptions):
+                    # Never leave a lead unsettled: record what was sold so far.
+                    await settle(order, state, f"internal error: {eg.exceptions[0]!r}"[:300])
+                raise eg.exceptions[0] from eg
+            keep()
+        timed_out = [b for b, a in state["attempts"].items() if a.get("status") == "timeout"]
+        reason = "" if state["sold"] else rules.unsold_reason(
+            posts_sent=state["n"], cap_skips=state.get("cap_skips", []), window_cut=window_cut,
+            timed_out=timed_out, post_timeout_ms=flow.post_timeout_ms)
+        items = [{"cand": cand, "n": n, "exclusive": exclusive}
+                 for cand, n, exclusive in unresolved
+                 if state["attempts"].get(cand["buyer_id"], {}).get("status") == "timeout"]
+        if items:
+            # Asked again after the lead settles (reconcile_lead), from the table: a crash
+            # meanwhile hands them to the lead's next owner. The PII stays until then.
+            state["reconcile"] = {"order": order, "items": items, "tries": 0,
+                                  "due_ms": now_ms() + int(RECONCILE_DELAYS_S[0] * 1000)}
+        await settle(order, state, reason)
+
+    @app.agent(ctx.topic("posts"), name="post", concurrency=1)
+    async def post_agent(stream: Any) -> None:
+        manual = stream.noack()
+        async for event in manual.events():
+            try:
+                order = schemas.decode_as("PostOrder", event.value)
+            except schemas.SchemaError as exc:
+                await dead.send(event, f"undecodable post order: {exc}")
+                await manual.ack(event)
+                continue
+            await inflight.submit(manual, event, lambda order=order: run_order(order))
