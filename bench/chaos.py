@@ -60,7 +60,7 @@ sys.path.insert(0, str(REPO))
 
 import schemas  # noqa: E402
 from streams.tools.demo import generate_leads  # noqa: E402
-from streams.stages.post import post_id_for  # noqa: E402
+from streams.rules.posting import post_id_for  # noqa: E402
 from streams.tools.report import is_platform_reason  # noqa: E402
 from streams.settings import load_settings  # noqa: E402
 from streams.tools.simulator import decide_post  # noqa: E402
@@ -515,7 +515,7 @@ def check_cap_delivered(client: Any, settings: Any, buyer_id: str, caps: Any) ->
     reach the end of (a short buyer then may just have had no more offers)."""
     from zoneinfo import ZoneInfo
 
-    from streams.stages.caps import hold_ttl_ms
+    from streams.rules.caps import hold_ttl_ms
 
     cap = caps.leads_per_hour
     name = f"cap of {buyer_id} delivered in full"

@@ -54,7 +54,6 @@ __all__ = [
     "schedule_reason",
     "score",
     "scores",
-    "unsold_reason",
     "wants_exclusive",
     "wave_of",
 ]
@@ -510,26 +509,3 @@ def pause_decision(outcomes: Sequence[tuple[int, str]], now_ms: int, *, window_s
 def pause_until_ms(now_ms: int, cool_down_s: float) -> int:
     """When a pause decided at ``now_ms`` ends (the buyer resumes by itself)."""
     return now_ms + int(round(cool_down_s * 1000))
-
-
-# --------------------------------------------------------------------------- post outcome
-
-
-def unsold_reason(*, posts_sent: int, cap_skips: Sequence[str], window_cut: bool,
-                  timed_out: Sequence[str], post_timeout_ms: int) -> str:
-    """Why a lead's post waterfall ended without a sale, for its auction row.
-
-    ``window_cut``: the waterfall stopped with a buyer still to try (a candidate, or backup
-    waves not yet pinged) because its post window had no useful budget left — a platform
-    reason. A waterfall that ran out of buyers is not cut, however long it took: its last
-    buyer's rejection is the reason (a lead whose only bidder rejected it after a broker
-    outage is not "window exhausted"). A timed-out post is named last: it may yet be a sale.
-    """
-    reason = "all posts rejected or failed" if posts_sent else "no acceptable bid at post time"
-    if cap_skips:
-        reason += "; caps reached: " + ", ".join(cap_skips)
-    if window_cut:
-        reason = f"post window of {post_timeout_ms} ms exhausted"
-    if timed_out:
-        reason = f"no answer in time from {', '.join(timed_out)} (asked again after settling)"
-    return reason

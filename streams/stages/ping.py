@@ -14,172 +14,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import uuid
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import schemas
-from connectors.buyers import PingOutcome
 from streams import rules
 from streams.context import Context
-from streams.stages.auction import acceptable, conditions_reason
-from streams.rules.leads import pii_hash
-from streams.runtime.progress import tracker
+from streams.rules.auction import acceptable
+from streams.rules.pinging import MIN_WAVE_MS, ping_id_for
 from streams.runtime.agents import DeadLetters, InFlight, now_ms
-from streams.rules.scrub import safe_ref, scrub
-from streams.settings import BuyerConfig, Settings
+from streams.runtime.fanout import Sent, bid_record, ping_buyer, plan_for
+from streams.runtime.progress import tracker
+from streams.settings import BuyerConfig
 
-__all__ = ["register", "plan_pings", "plan_for", "ping_body", "ping_buyer", "ping_id_for",
-           "pii_check", "MIN_WAVE_MS"]
+__all__ = ["register"]
 
 log = logging.getLogger(__name__)
-
-_TRACE = os.environ.get("PINGPOST_TRACE_PINGS") == "1"
-
-#: A wave that would have less than this before the deadline is not pinged at all.
-MIN_WAVE_MS = 20
-
-#: Records a ping round sent to the bids topic: (schema name, record, Kafka ack future).
-Sent = list[tuple[str, dict[str, Any], "asyncio.Future[Any]"]]
-
-_PING_NS = uuid.UUID("5b0e1f0e-6a52-4f5e-9d51-7d1d0c7c0a11")
-
-
-def ping_id_for(lead_id: str, buyer_id: str) -> str:
-    """Deterministic per (lead, buyer): a replayed ping round reuses the ids, so its outcomes
-    replace the first ones instead of adding rows. Opaque to buyers."""
-    return str(uuid.uuid5(_PING_NS, f"{lead_id}\x00{buyer_id}"))
-
-
-def plan_pings(
-    settings: Settings, flow: str, ping_fields: dict[str, Any], at_ms: int | None = None, *,
-    paused_until: Callable[[str], int | None] | None = None,
-    cap_counters: Callable[[BuyerConfig, int], rules.BuyerCounters | None] | None = None,
-    skip_buyers: list[str] | None = None,
-) -> tuple[list[BuyerConfig], list[tuple[BuyerConfig, str]]]:
-    """Which buyers of the flow get a ping, and why each other one does not (filters on the
-    ping fields, the buyer's schedule, an auto-pause, a tier in no wave)."""
-    at = now_ms() if at_ms is None else at_ms
-    targets: list[BuyerConfig] = []
-    filtered: list[tuple[BuyerConfig, str]] = []
-    waves = settings.flows[flow].waves if flow in settings.flows else None
-    for buyer in settings.buyers_for(flow):
-        why = rules.eligibility(
-            buyer, ping_fields, at,
-            paused_until_ms=paused_until(buyer.id) if paused_until is not None else None,
-            counters=cap_counters(buyer, at) if cap_counters is not None and buyer.caps
-            else None)
-        if why is None and skip_buyers and buyer.id in skip_buyers:
-            why = "already bought this lead (a duplicate within the flow's window)"
-        if why is None and rules.wave_of(buyer.tier, waves) is None:
-            why = f"tier '{buyer.tier}' is in no wave of flow '{flow}'"
-        if why is None:
-            targets.append(buyer)
-        else:
-            filtered.append((buyer, why))
-    return targets, filtered
-
-
-def ping_body(
-    ping_fields: dict[str, Any], flow: str, ping_id: str, tmax_ms: int
-) -> dict[str, Any]:
-    """CONTRACT §2: only the configured ping fields, plus ping_id, flow and tmax_ms."""
-    body = dict(ping_fields)
-    body.update(ping_id=ping_id, flow=flow, tmax_ms=tmax_ms)
-    return body
-
-
-def _bid_record(req: dict[str, Any], buyer: BuyerConfig, ping_id: str, sent_at: int,
-                out: PingOutcome | None, status: str | None = None, reason: str = "") -> dict[str, Any]:
-    if out is None:
-        return {
-            "lead_id": req["lead_id"], "flow": req["flow"], "ping_id": ping_id,
-            "buyer_id": buyer.id, "tier": buyer.tier, "status": status, "sent_at_ms": sent_at,
-            "answered_at_ms": sent_at, "latency_ms": 0.0, "price": None, "exclusive": False,
-            "buyer_ref": None, "conditions": {}, "reason": reason, "http_status": None,
-        }
-    c = out.conditions
-    return {
-        "lead_id": req["lead_id"], "flow": req["flow"], "ping_id": ping_id,
-        "buyer_id": buyer.id, "tier": buyer.tier, "status": out.status,
-        # sent_at is a truncated wall-clock ms and latency a monotonic measure: capped at
-        # now, the answer never looks later than what happens after it (the next wave).
-        "sent_at_ms": sent_at, "answered_at_ms": min(sent_at + int(round(out.latency_ms)),
-                                                     now_ms()),
-        "latency_ms": float(out.latency_ms), "price": out.price, "exclusive": out.exclusive,
-        "buyer_ref": out.buyer_ref,
-        "conditions": {
-            "max_age_minutes": c.max_age_minutes,
-            "states": list(c.states) if c.states is not None else None,
-            "require_consent": c.require_consent,
-            "exclusive_required": c.exclusive_required,
-        },
-        "reason": out.reason, "http_status": out.http_status,
-    }
-
-
-def plan_for(ctx: Context, req: dict[str, Any], at_ms: int
-             ) -> tuple[list[BuyerConfig], list[tuple[BuyerConfig, str]]]:
-    """:func:`plan_pings` with this worker's live state: auto-pauses, cap counters, and the
-    buyers a duplicate must skip."""
-    pauses, view = ctx.resources.get("pauses"), ctx.resources.get("caps_view")
-    return plan_pings(
-        ctx.settings, req["flow"], req["ping_fields"], at_ms,
-        paused_until=pauses.paused if pauses else None,
-        cap_counters=(lambda b, at: view.counters(b.id, b.caps, at)) if view else None,
-        skip_buyers=req.get("skip_buyers"))
-
-
-def pii_check(settings: Settings, req: dict[str, Any],
-              pii: Mapping[str, Any] | None = None) -> Callable[[str], bool]:
-    """Whether a token a buyer sent is one of the lead's PII values: by value when the caller
-    knows them (the post stage), else by keyed hash against the request's ``pii_hashes``
-    (pings never see PII, but a buyer may echo what it knows)."""
-    if pii:
-        return lambda token: scrub(token, pii) != token
-    hashes = req.get("pii_hashes") or {}
-    key = settings.privacy.hash_key.get_secret_value().encode()
-    return lambda token: any(pii_hash(key, f, token) == h for f, h in hashes.items())
-
-
-async def ping_buyer(ctx: Context, req: dict[str, Any], buyer: BuyerConfig, ping_id: str,
-                     stop_at_ms: int, records: Sent | None = None, *,
-                     pii: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Ping one buyer for ``req`` (lead_id, flow, ping_fields) with the time left until
-    ``stop_at_ms``; send and return its outcome (a ``Bid`` record, floor reason included).
-    ``records`` collects the record with the future of its Kafka acknowledgement. The
-    buyer's own ``buyer_id`` is recorded only if it cannot be PII (``pii``: the lead's PII
-    values, when the caller has them)."""
-    settings = ctx.settings
-    flow = settings.flows[req["flow"]]
-    bids = ctx.topic("bids")
-    sent = now_ms()
-    budget = min(buyer.timeout_ms, stop_at_ms - sent)
-    if budget <= 0:
-        record = _bid_record(req, buyer, ping_id, sent, None, "timeout",
-                             "no time left before the auction deadline")
-    else:
-        body = ping_body(req["ping_fields"], req["flow"], ping_id, budget)
-        if _TRACE:
-            log.info("TRACE ping %s %s %s", req["lead_id"], buyer.id, os.getpid())
-        out = await ctx.buyer_client().ping(buyer, body, budget / 1000.0,
-                                            max_price=flow.strategy.max_price,
-                                            min_price=flow.strategy.min_price)
-        record = _bid_record(req, buyer, ping_id, sent, out)
-        if out.buyer_ref is not None:
-            record["buyer_ref"] = safe_ref(out.buyer_ref, pii_check(settings, req, pii))
-        if out.status == "bid" and out.price is not None:
-            # The ping row says why a bid cannot win (below its floor, or its own conditions
-            # fail: states, consent, max age at its answer); the auction applies the same
-            # rules at close, when the lead is only older.
-            record["reason"] = rules.below_floor_reason(
-                flow, out.price, req["ping_fields"], sent,
-                exclusive=out.exclusive or out.conditions.exclusive_required) or (
-                conditions_reason(record["conditions"], req["ping_fields"],
-                                  req["created_at_ms"], record["answered_at_ms"]) or "")
-    ack = await bids.send(key=record["lead_id"].encode(), value=schemas.encode("Bid", record))
-    if records is not None:
-        records.append(("Bid", record, ack))
-    return record
 
 
 def register(ctx: Context) -> None:
@@ -187,7 +36,7 @@ def register(ctx: Context) -> None:
     bids = ctx.topic("bids")
     dead = DeadLetters(ctx.topic("deadletter"), "ping")
     inflight = InFlight("ping", settings.worker.max_inflight, dead)
-    progress = tracker(ctx)  # admission control's view of this stage (streams/rules/admission.py)
+    progress = tracker(ctx)  # admission control's view of this stage (streams.rules.admission)
     async def drain() -> None:
         await inflight.drain(timeout=5.0)
 
@@ -254,7 +103,7 @@ def register(ctx: Context) -> None:
             return
         await send_bid(open_rec, "AuctionOpen")
         for buyer, reason in filtered:
-            await send_bid(_bid_record(req, buyer, ping_id_for(req["lead_id"], buyer.id),
+            await send_bid(bid_record(req, buyer, ping_id_for(req["lead_id"], buyer.id),
                                        opened, None, "filtered", reason))
         stop_at = deadline - flow.safety_margin_ms
         if flow.waves is None:
@@ -272,7 +121,7 @@ def register(ctx: Context) -> None:
             now = now_ms()
             if stop_at - now < MIN_WAVE_MS:
                 for b, p in members:
-                    await send_bid(_bid_record(req, b, p["ping_id"], now, None, "filtered",
+                    await send_bid(bid_record(req, b, p["ping_id"], now, None, "filtered",
                                                f"not pinged: no time left for wave {i + 1} "
                                                "before the deadline"))
                 continue
@@ -285,7 +134,7 @@ def register(ctx: Context) -> None:
                 later = [(b, p) for b, p in pending
                          if (rules.wave_of(b.tier, flow.waves) or 0) > i]
                 for b, p in later:
-                    await send_bid(_bid_record(req, b, p["ping_id"], at, None, "filtered",
+                    await send_bid(bid_record(req, b, p["ping_id"], at, None, "filtered",
                                                f"not pinged: wave {i + 1} had an acceptable "
                                                "bid"))
                 return

@@ -19,14 +19,17 @@ import asyncio
 import copy
 import logging
 import time
-import uuid
 from typing import Any
 
 
 import schemas
 from streams.context import Context
 from streams import rules
-from streams.stages.auction import conditions_reason
+from streams.context import ranking_inputs
+from streams.rules.auction import decide
+from streams.rules.pinging import MIN_WAVE_MS, ping_id_for
+from streams.rules.posting import next_batch, post_body, post_id_for, unsold_reason
+from streams.runtime.fanout import ping_buyer, plan_for
 from streams.runtime.agents import (
     DeadLetters,
     InFlight,
@@ -42,11 +45,10 @@ from streams.runtime.agents import (
 )
 from streams.rules.scrub import scrub
 
-__all__ = ["register", "post_id_for", "next_batch", "post_body", "condition_failure"]
+__all__ = ["register"]
 
 log = logging.getLogger(__name__)
 
-_POST_NS = uuid.UUID("0d7c3a8e-2b7e-4c53-bb0e-3f4c1f7c2b55")
 
 #: A post order whose PII has not arrived is handed back (requeued) for this long after its
 #: auction closed, then settled unsold ("PII unavailable"). From the close, not the receipt:
@@ -59,57 +61,6 @@ RECONCILE_DELAYS_S = (1.0, 2.0, 4.0, 8.0, 15.0)
 #: How long a post waits for this worker's group membership to be confirmed before the
 #: order is handed back (``confirmed_or_requeue``).
 FENCE_WAIT_S = 5.0
-
-
-def post_id_for(lead_id: str, buyer_id: str) -> str:
-    return str(uuid.uuid5(_POST_NS, f"{lead_id}\x00{buyer_id}"))
-
-
-def condition_failure(c: dict[str, Any], order: dict[str, Any], at_ms: int) -> str | None:
-    """Why a candidate's bid conditions fail at post time (None: they hold)."""
-    return conditions_reason(c.get("conditions") or {}, order["ping_fields"],
-                             order["created_at_ms"], at_ms)
-
-
-def next_batch(order: dict[str, Any], tried: set[str], sold: list[str], sold_mode: str | None,
-               shared_max: int, at_ms: int, *, exclusive_only: bool = False
-               ) -> tuple[str, list[dict[str, Any]], list[tuple[dict[str, Any], str]]]:
-    """The next buyers to post to: ``(mode, batch, skipped-with-reason)``; empty batch = done.
-
-    Candidates come best first. Exclusive: one buyer at a time until one accepts; shared: the
-    top ``shared_max`` non-exclusive bids at once, a failed slot offered to the next one. The
-    best remaining bid decides the mode (a rejected exclusive winner falls back to the next
-    bidder, shared if that one did not ask for exclusivity); ``exclusive_only`` flows sell
-    every lead exclusively."""
-    remaining, skipped = [], []
-    for c in order["candidates"]:
-        if c["buyer_id"] in tried:
-            continue
-        why = condition_failure(c, order, at_ms)
-        if why is None:
-            remaining.append(c)
-        else:
-            skipped.append((c, why))
-    shared = [c for c in remaining if not rules.wants_exclusive(c)]
-    if sold:
-        if sold_mode == "exclusive":
-            return "exclusive", [], skipped
-        return "shared", shared[: max(0, shared_max - len(sold))], skipped
-    if not remaining:
-        return "none", [], skipped
-    if exclusive_only or rules.wants_exclusive(remaining[0]):
-        return "exclusive", [remaining[0]], skipped
-    return "shared", shared[:shared_max], skipped
-
-
-def post_body(order: dict[str, Any], pii: dict[str, Any], cand: dict[str, Any], post_id: str,
-              exclusive: bool) -> dict[str, Any]:
-    """CONTRACT §3: PII fields, the ping values bid on (ping data wins), and the ids."""
-    body: dict[str, Any] = dict(pii)
-    body.update(order["ping_fields"])
-    body.update(lead_id=order["lead_id"], flow=order["flow"], ping_id=cand["ping_id"],
-                post_id=post_id, price=cand["price"], exclusive=exclusive)
-    return body
 
 
 def register(ctx: Context) -> None:
@@ -222,9 +173,6 @@ def register(ctx: Context) -> None:
         """Ping, wave by wave, the waves after the last one the auction pinged; return the
         first wave's acceptable bids, ranked (empty: none). Their outcomes replace the
         ``filtered`` ping rows the auction wrote for them."""
-        from streams.stages.auction import decide
-        from streams.context import ranking_inputs
-        from streams.stages.ping import MIN_WAVE_MS, ping_buyer, ping_id_for, plan_for
 
         waves = flow.waves
         asked = {c["buyer_id"] for c in order["candidates"]}
@@ -599,7 +547,7 @@ def register(ctx: Context) -> None:
                 raise eg.exceptions[0] from eg
             keep()
         timed_out = [b for b, a in state["attempts"].items() if a.get("status") == "timeout"]
-        reason = "" if state["sold"] else rules.unsold_reason(
+        reason = "" if state["sold"] else unsold_reason(
             posts_sent=state["n"], cap_skips=state.get("cap_skips", []), window_cut=window_cut,
             timed_out=timed_out, post_timeout_ms=flow.post_timeout_ms)
         items = [{"cand": cand, "n": n, "exclusive": exclusive}

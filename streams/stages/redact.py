@@ -18,7 +18,7 @@ from collections import deque
 from typing import Any
 
 import schemas
-from streams.stages.dedupe import identity_of
+from streams.rules.dedupe import identity_of
 from streams.context import Context
 from streams.rules.leads import LeadError, ValidLead, deterministic_lead_id, redact, validate_lead
 from streams.runtime.progress import tracker

@@ -12,7 +12,7 @@ from typing import Any, Iterator
 import pytest
 
 import schemas
-from streams.stages.caps import hold_ttl_ms
+from streams.rules.caps import hold_ttl_ms
 from streams.tools.demo import generate_leads
 from tests.integration.pipeline import Pipeline, wait_for
 

@@ -24,7 +24,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 import schemas
 from streams.tools.demo import generate_leads
-from streams.stages.ping import ping_id_for
+from streams.rules.pinging import ping_id_for
 from streams.topics import changelog_topic
 from tests.integration.pipeline import Pipeline, wait_for
 

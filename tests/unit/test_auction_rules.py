@@ -3,17 +3,23 @@
 
 from __future__ import annotations
 
+import time
+
 import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from streams.stages.auction import acceptable, close_lag_ms, decide
+from streams.rules.auction import acceptable, close_lag_ms, decide
 from streams.rules.leads import redact, validate_lead
-from streams.stages.ping import ping_body, ping_id_for, plan_pings
-from streams.stages.post import condition_failure, next_batch, post_body, post_id_for
+from streams.rules.pinging import ping_body, ping_id_for, plan_pings
+from streams.rules.posting import condition_failure, next_batch, post_body, post_id_for
 from streams.settings import StrategyConfig, load_settings, parse_settings
+
+#: The time the plans are made at (the rules take the clock as an argument).
+NOW_MS = int(time.time() * 1000)
+
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = load_settings(REPO / "config" / "demo.yaml")
@@ -398,7 +404,7 @@ def test_ping_body_does_not_alias_ping_fields() -> None:
 def test_plan_pings_demo_state_filter(state: str | None, pinged: list[str],
                                       filtered: list[str]) -> None:
     pf = {"zip": "100"} if state is None else {"state": state, "zip": "100"}
-    targets, out = plan_pings(DEMO, "solar", pf)
+    targets, out = plan_pings(DEMO, "solar", pf, NOW_MS)
     assert [b.id for b in targets] == pinged
     assert [b.id for b, _ in out] == filtered
     for _, reason in out:
@@ -417,9 +423,9 @@ def test_plan_pings_only_buyers_of_the_flow() -> None:
         ],
     }
     s = parse_settings(raw, env={})
-    targets, filtered = plan_pings(s, "roof", {"state": "TX"})
+    targets, filtered = plan_pings(s, "roof", {"state": "TX"}, NOW_MS)
     assert [b.id for b in targets] == ["r", "both"] and filtered == []
-    targets, filtered = plan_pings(s, "solar", {"state": "CA"})
+    targets, filtered = plan_pings(s, "solar", {"state": "CA"}, NOW_MS)
     assert [b.id for b in targets] == ["s"]
     assert [(b.id, "CA" in why) for b, why in filtered] == [("both", True)]
-    assert plan_pings(s, "unknown", {"state": "CA"}) == ([], [])
+    assert plan_pings(s, "unknown", {"state": "CA"}, NOW_MS) == ([], [])

@@ -4,7 +4,7 @@ cool-down, resumes by itself, and is judged afresh after resuming."""
 from __future__ import annotations
 
 from streams.rules.buyer_stats import PauseTracker
-from streams.stages.ping import plan_pings
+from streams.rules.pinging import plan_pings
 from streams.settings import AutoPauseConfig
 
 from tests.unit.test_rules_wired import PING, RAW, parse_settings

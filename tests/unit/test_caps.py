@@ -9,7 +9,8 @@ from datetime import datetime, timezone
 import pytest
 
 import schemas
-from streams.stages import caps as C
+from streams.rules import caps as C
+from streams.stages import caps as S
 from streams.runtime.agents import Requeue
 from streams.settings import BuyerCaps
 
@@ -104,7 +105,7 @@ def test_a_hold_counts_in_the_hour_it_was_reserved() -> None:
 
 def test_cap_view_ignores_other_periods_and_older_states() -> None:
     caps = BuyerCaps(leads_per_day=10)
-    v = C.CapView()
+    v = S.CapView()
     hour, day, _ = C.counters(C.new_ledger(), caps, T)
     v.update({"buyer_id": "b", "hour": hour, "day": day, "leads_hour": 2, "leads_day": 9,
               "spend_day": 50.0, "at_ms": T})
@@ -138,7 +139,7 @@ class _Requests:
 
 async def test_a_reservation_waits_for_the_owners_decision() -> None:
     reqs = _Requests()
-    client = C.CapClient(reqs, timeout_s=2.0)
+    client = S.CapClient(reqs, timeout_s=2.0)
     task = asyncio.create_task(client.reserve("b", "L1", 10.0, rebalancing=lambda: False))
     while not reqs.sent:
         await asyncio.sleep(0)
@@ -148,7 +149,7 @@ async def test_a_reservation_waits_for_the_owners_decision() -> None:
 
 
 async def test_no_decision_in_time_is_a_refusal() -> None:
-    client = C.CapClient(_Requests(), timeout_s=0.12)
+    client = S.CapClient(_Requests(), timeout_s=0.12)
     granted, why = await client.reserve("b", "L1", 10.0, rebalancing=lambda: False)
     assert (granted, why) == (False, "the cap owner did not answer in time")
 
@@ -157,7 +158,7 @@ async def test_a_rebalance_hands_the_order_back_instead_of_waiting_it_out() -> N
     """The owner's agent is paused by the same rebalance: waiting the whole timeout would
     hold the rebalance up (measured: 5 s stalls) and refuse a slot the owner may grant."""
     flag = {"on": False}
-    client = C.CapClient(_Requests(), timeout_s=5.0)
+    client = S.CapClient(_Requests(), timeout_s=5.0)
 
     async def rebalance_soon() -> None:
         await asyncio.sleep(0.1)
@@ -172,7 +173,7 @@ async def test_a_rebalance_hands_the_order_back_instead_of_waiting_it_out() -> N
 
 
 def test_expired_holds_are_dropped_and_the_next_expiry_known() -> None:
-    from streams.stages.caps import expire, hold_ttl_ms, new_ledger, next_expiry, reserve
+    from streams.rules.caps import expire, hold_ttl_ms, new_ledger, next_expiry, reserve
     from streams.settings import BuyerCaps
 
     caps = BuyerCaps(leads_per_day=2)

@@ -8,7 +8,7 @@ import pytest
 import yaml
 from pathlib import Path
 
-from streams.stages.dedupe import decide, identity_of, window_label
+from streams.rules.dedupe import decide, identity_of, window_label
 from streams.settings import DuplicatesConfig, parse_settings
 
 RAW = yaml.safe_load(Path("config/demo.yaml").read_text())

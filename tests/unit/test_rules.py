@@ -5,6 +5,8 @@ Every case is a row of a table; the clock is always passed in (no sleeps, no wal
 
 from __future__ import annotations
 
+import time
+
 import copy
 import itertools
 from datetime import datetime, timedelta, timezone
@@ -14,7 +16,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from streams.stages.ping import plan_pings
+from streams.rules.pinging import plan_pings
 from streams.rules import (
     BuyerCounters,
     acceptance_rate,
@@ -43,6 +45,10 @@ from streams.settings import (
     load_settings,
     parse_settings,
 )
+
+#: The time the plans are made at (the rules take the clock as an argument).
+NOW_MS = int(time.time() * 1000)
+
 
 REPO = Path(__file__).resolve().parents[2]
 LA = ZoneInfo("America/Los_Angeles")
@@ -157,7 +163,7 @@ def test_demo_config_loads_and_new_keys_keep_todays_behaviour() -> None:
 def test_eligibility_agrees_with_todays_plan_pings_on_the_demo(state: str | None) -> None:
     s = load_settings(REPO / "config" / "demo.yaml")
     pf = lead(state=state)
-    targets, filtered = plan_pings(s, "solar", pf)
+    targets, filtered = plan_pings(s, "solar", pf, NOW_MS)
     eligible = [b.id for b in s.buyers_for("solar")
                 if eligibility(b, pf, MON_NOON, flow="solar") is None]
     assert eligible == [b.id for b in targets]
@@ -1008,7 +1014,7 @@ def test_epoch_ms_and_datetime_agree() -> None:
 )
 def test_unsold_reason(posts_sent: int, cap_skips: list[str], window_cut: bool,
                        timed_out: list[str], want: str) -> None:
-    from streams.rules import unsold_reason
+    from streams.rules.posting import unsold_reason
 
     assert unsold_reason(posts_sent=posts_sent, cap_skips=cap_skips, window_cut=window_cut,
                          timed_out=timed_out, post_timeout_ms=5000) == want

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 import yaml
 
-from streams.stages.auction import acceptable, decide
-from streams.stages.ping import plan_pings
+from streams.rules.auction import acceptable, decide
+from streams.rules.pinging import plan_pings
 from streams.settings import parse_settings
 
 RAW = yaml.safe_load(Path("config/demo.yaml").read_text())
@@ -89,7 +89,7 @@ def test_an_answer_is_never_recorded_later_than_now() -> None:
     """``sent_at`` is a truncated wall-clock ms and the latency a monotonic measure; their sum
     can run ahead of the clock by a ms, which made wave 2 look sent before wave 1 answered."""
     from connectors.buyers import PingOutcome
-    from streams.stages.ping import _bid_record
+    from streams.runtime.fanout import bid_record as _bid_record
     from streams.runtime.agents import now_ms
     from streams.settings import BuyerConfig
 
@@ -121,7 +121,7 @@ def test_a_bid_that_fails_its_own_conditions_says_why_on_its_ping_row(
 
     import schemas
     from connectors.buyers import Conditions, PingOutcome
-    from streams.stages.ping import ping_buyer
+    from streams.runtime.fanout import ping_buyer
     from streams.runtime.agents import now_ms
     from streams.stages.sink import to_row
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from streams.stages.post import scrub
+from streams.rules.scrub import scrub
 from streams.runtime.agents import KeyedLocks, is_transient
 
 

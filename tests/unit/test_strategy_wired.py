@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 import yaml
 
-from streams.stages.auction import decide
+from streams.rules.auction import decide
 from streams.context import ranking_inputs
 from streams.rules.buyer_stats import AcceptanceCounter
-from streams.stages.post import next_batch
+from streams.rules.posting import next_batch
 from streams.settings import StrategyConfig, parse_settings
 
 PING = {"state": "CA", "consent": True}
