@@ -30,10 +30,57 @@ from typing import Any, Final, Literal, Protocol
 import aiohttp
 import orjson
 
-from streams.settings import BuyerConfig, PostResponseMapping, ResponseMapping
+
+
+# What this client reads of a buyer's configuration. Structural: ``streams.settings``'
+# ``BuyerConfig`` and its mappings fit them, and connectors import nothing from streams/.
+
+
+class ResponseMapping(Protocol):
+    """Where a buyer's ping response keeps each value (dotted paths into the JSON)."""
+
+    @property
+    def bid(self) -> str: ...
+    @property
+    def price(self) -> str: ...
+    @property
+    def exclusive(self) -> str: ...
+    @property
+    def buyer_id(self) -> str: ...
+    @property
+    def conditions(self) -> str: ...
+
+
+class PostResponseMapping(Protocol):
+    """Where a buyer's post response keeps its answer."""
+
+    @property
+    def accepted(self) -> str: ...
+    @property
+    def status(self) -> str: ...
+    @property
+    def reason(self) -> str: ...
+
+
+class BuyerConfig(Protocol):
+    """A buyer's endpoints, headers and response mappings."""
+
+    @property
+    def ping_url(self) -> str: ...
+    @property
+    def post_url(self) -> str: ...
+    @property
+    def headers(self) -> Mapping[str, Any]: ...
+    @property
+    def response(self) -> ResponseMapping: ...
+    @property
+    def post_response(self) -> PostResponseMapping: ...
 
 __all__ = [
     "AiohttpTransport",
+    "BuyerConfig",
+    "PostResponseMapping",
+    "ResponseMapping",
     "BuyerClient",
     "BuyerTransportError",
     "Conditions",

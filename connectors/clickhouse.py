@@ -19,10 +19,27 @@ from urllib.parse import urlparse
 
 import clickhouse_connect
 from clickhouse_connect.driver.exceptions import ClickHouseError, DatabaseError, OperationalError
+from typing import Protocol
 
-from streams.settings import ClickHouseConfig
 
-__all__ = ["ClickHouseUnavailable", "MIGRATIONS", "Warehouse", "connect", "migrate", "TABLE_COLUMNS"]
+class Secret(Protocol):
+    def get_secret_value(self) -> str: ...
+
+
+class ClickHouseConfig(Protocol):
+    """What the client reads of its configuration (``streams.settings.ClickHouseConfig``
+    fits it; connectors import nothing from streams/)."""
+
+    @property
+    def url(self) -> str: ...
+    @property
+    def database(self) -> str: ...
+    @property
+    def username(self) -> str: ...
+    @property
+    def password(self) -> Secret: ...
+
+__all__ = ["ClickHouseConfig", "ClickHouseUnavailable", "MIGRATIONS", "Warehouse", "connect", "migrate", "TABLE_COLUMNS"]
 
 log = logging.getLogger(__name__)
 
