@@ -23,7 +23,7 @@ import faust
 import mode
 
 from streams.context import Context
-from streams.runtime import faust_patches
+from streams.runtime import faust_patches, watchdog
 from streams.settings import ConfigError, Settings, unenforced_keys
 from streams.topics import TopicNames, topic_specs
 
@@ -54,22 +54,6 @@ def _resources_service(ctx: Context) -> type[mode.Service]:
             await ctx.close()
 
     return Resources
-
-
-def _watch_partitions(app: faust.App) -> None:
-    """Every 5 s: an assigned partition with records waiting that delivered none for
-    ``faust_patches.STALL_S`` outside a rebalance is reported and sought to restart its fetch
-    (``faust_patches.watch_partitions``)."""
-    import time
-
-    dog = faust_patches.Watchdog()
-
-    @app.timer(interval=5.0, name="partition-watchdog")
-    async def partition_watchdog() -> None:
-        try:
-            await faust_patches.watch_partitions(app, dog, time.monotonic())
-        except Exception:  # noqa: BLE001 - a check must never take the worker down
-            log.warning("partition watchdog round failed", exc_info=True)
 
 
 def create_app(settings: Settings, role: Role = "auction", *, web_port: int | None = None,
@@ -156,7 +140,7 @@ def create_app(settings: Settings, role: Role = "auction", *, web_port: int | No
     else:
         raise ValueError(f"unknown role {role!r}")
     if role in ("auction", "sink"):
-        _watch_partitions(app)
+        watchdog.install(app)
     app.service(_resources_service(ctx))
     app.pingpost_context = ctx  # type: ignore[attr-defined]
     return app

@@ -42,7 +42,7 @@
 
 4. **The consumer thread never reads "no active partition" as "all of them"** (see
    ``_view_active_partitions``), and a watchdog reports and restarts a partition that
-   stops delivering or committing outside a rebalance (``watch_partitions``).
+   stops delivering or committing outside a rebalance (``streams.runtime.watchdog``).
 
 5. **No wait on Kafka without a bound** (issue 10 item 7). aiokafka's ``commit()`` retries
    retriable errors for ever (``GroupCoordinator.commit_offsets`` and
@@ -84,9 +84,57 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any, AsyncIterator
 
+__all__ = ["COMMIT_TIMEOUT_S", "DELETE_WHEN", "PatchVersionError", "WATCHDOG_CALL_TIMEOUT_S",
+           "WORKER_FETCH_MAX_WAIT_MS", "WRITTEN_FOR", "OffsetGuard", "apply", "check_versions",
+           "contiguous_commit", "guard_of", "guarded"]
+
 log = logging.getLogger(__name__)
+
+#: The exact versions these patches were written and tested against (pyproject pins them).
+#: Any other version may have moved what they replace: ``apply`` refuses it.
+WRITTEN_FOR = {"faust-streaming": "0.15.3", "aiokafka": "0.14.0", "mode-streaming": "0.7.1"}
+
+#: When each patch can go: the upstream issue or PR whose release makes it unnecessary.
+DELETE_WHEN = {
+    1: "faust-streaming makes the worker consumer's fetch_max_wait_ms configurable "
+       "(hard-coded 1500 in faust/transport/drivers/aiokafka.py; no upstream issue yet)",
+    2: "faust-streaming #216 / #221 fixed (a batch fetched before a rebalance iterated after "
+       "the seek to the committed offsets)",
+    3: "faust-streaming #606 fixed (PR #707 merged and released)",
+    4: "faust-streaming reads an empty active-partition set as 'none' (no upstream issue yet)",
+    5: "aiokafka bounds commit_offsets / ensure_coordinator_known (no upstream issue yet)",
+    6: "faust-streaming's verify_event_path stops measuring idle time as 'not committed' "
+       "(no upstream issue yet)",
+    7: "Faust offers group fencing outside exactly-once mode (no upstream issue)",
+}
+
+
+class PatchVersionError(RuntimeError):
+    """The installed faust-streaming / aiokafka / mode-streaming are not the versions the
+    patches were written for."""
+
+
+def check_versions() -> None:
+    """Raise :class:`PatchVersionError` unless the installed versions are ``WRITTEN_FOR``."""
+    wrong = []
+    for dist, want in WRITTEN_FOR.items():
+        try:
+            have = version(dist)
+        except PackageNotFoundError:
+            have = "not installed"
+        if have != want:
+            wrong.append(f"{dist} {have} (written for {want})")
+    if wrong:
+        raise PatchVersionError(
+            "streams/runtime/faust_patches.py replaces private methods of faust-streaming, "
+            "aiokafka and mode-streaming, and refuses to patch other versions than it was "
+            "written for: " + ", ".join(wrong) + ". Install the versions pinned in "
+            "pyproject.toml, or re-check every patch against the new ones "
+            "(tests/unit/test_faust_patches_guard.py snapshots what they touch) and update "
+            "WRITTEN_FOR.")
 
 #: The worker consumer's fetch wait (see point 1).
 WORKER_FETCH_MAX_WAIT_MS = 10
@@ -94,7 +142,9 @@ WORKER_FETCH_MAX_WAIT_MS = 10
 
 def apply(fetch_max_wait_ms: int | None = WORKER_FETCH_MAX_WAIT_MS) -> None:
     """Apply the fixes; ``fetch_max_wait_ms=None`` keeps Faust's fetch wait (roles that are
-    not latency-critical: an idle fetch every 10 ms costs CPU the auctions need)."""
+    not latency-critical: an idle fetch every 10 ms costs CPU the auctions need). Refuses
+    (:class:`PatchVersionError`) on versions other than ``WRITTEN_FOR``."""
+    check_versions()
     if fetch_max_wait_ms is not None:
         _shorten_worker_fetch_wait(fetch_max_wait_ms)
     _guard_offsets()
@@ -498,157 +548,3 @@ def contiguous_commit(acked: list[int], acked_index: set[int], holes: list[tuple
     return end if end > start else None
 
 
-#: A partition with records waiting and none delivered for this long, outside a rebalance,
-#: is reported and sought to its next offset (the watchdog below).
-STALL_S = 20.0
-
-
-class StallWatch:
-    """Which assigned partitions have records waiting and have delivered none for ``stall_s``
-    (pure bookkeeping: the caller observes, this decides)."""
-
-    def __init__(self, stall_s: float = STALL_S) -> None:
-        self.stall_s = stall_s
-        self.since: dict[Any, tuple[int, float]] = {}  # tp -> (next offset, since when)
-
-    def observe(self, tp: Any, next_offset: int | None, end: int | None, now: float) -> bool:
-        """``next_offset``: the next offset the consumer would deliver; ``end``: the
-        partition's end offset. True when records wait and nothing moved for ``stall_s``."""
-        if next_offset is None or end is None or end <= next_offset:
-            self.since.pop(tp, None)
-            return False
-        prev = self.since.get(tp)
-        if prev is None or prev[0] != next_offset:
-            self.since[tp] = (next_offset, now)
-            return False
-        return now - prev[1] >= self.stall_s
-
-    def restart(self, tp: Any, now: float) -> None:
-        if tp in self.since:
-            self.since[tp] = (self.since[tp][0], now)
-
-    def keep(self, tps: set[Any]) -> None:
-        for tp in list(self.since):
-            if tp not in tps:
-                del self.since[tp]
-
-
-class Watchdog:
-    """The watchdog's state between rounds: deliveries and commits watched per partition,
-    and since when rounds have been skipped (a rebalance or recovery that does not end)."""
-
-    def __init__(self, stall_s: float = STALL_S) -> None:
-        self.stall_s = stall_s
-        self.deliveries = StallWatch(stall_s)
-        self.commits = StallWatch(2 * stall_s)
-        self.skipping_since: float | None = None
-        #: The last end-offsets call, which may outlive the round that made it.
-        self.highwaters: asyncio.Future[Any] | None = None
-
-
-def partition_state(consumer: Any, tp: Any) -> dict[str, Any]:
-    """What Faust, the guard and aiokafka know of one partition (for the watchdog's report;
-    aiokafka's state is read from another thread: a snapshot, not a transaction)."""
-    g = guard_of(consumer)
-    active = consumer._active_partitions
-    out: dict[str, Any] = {
-        "faust_active": active is None or tp in active,
-        "faust_paused": tp in consumer._paused_partitions,
-        "faust_buffered": tp in consumer._buffered_partitions,
-        "read_offset": consumer._read_offset.get(tp),
-        "committed": consumer._committed_offset.get(tp),
-        "guard_expected": g.expected.get(tp), "guard_fenced": tp in g.fenced,
-    }
-    try:
-        aio = consumer._thread._consumer
-        st = aio._subscription.subscription.assignment.state_value(tp)
-        out.update(aiokafka_position=st._position, aiokafka_paused=st.paused,
-                   aiokafka_awaiting_reset=st.awaiting_reset,
-                   aiokafka_prefetched=tp in aio._fetcher._records)
-    except Exception as exc:  # noqa: BLE001 - a diagnostic: report what cannot be read
-        out["aiokafka"] = f"unreadable: {exc!r}"
-    return out
-
-
-async def watch_partitions(app: Any, dog: Watchdog, now: float) -> list[Any]:
-    """One round of the partition watchdog: every assigned, non-changelog partition with
-    records waiting that has delivered none for ``dog.stall_s`` outside a rebalance is
-    reported (an ERROR with its full state) and sought to the next offset it should deliver,
-    which restarts its fetch. Faust's own stall detector only logs; a partition silently left
-    unfetched after a rebalance held its leads until the next one (README, Known issues).
-    Returns the partitions sought."""
-    consumer = app.consumer
-    if app.rebalancing or getattr(app, "in_recovery", False) or not consumer.flow_active:
-        if dog.skipping_since is None:
-            dog.skipping_since = now
-        elif now - dog.skipping_since >= 3 * dog.stall_s:
-            log.error("partition watchdog: no check for %.0f s (rebalancing=%s, in_recovery=%s,"
-                      " flow_active=%s)", now - dog.skipping_since, app.rebalancing,
-                      getattr(app, "in_recovery", False), consumer.flow_active)
-            dog.skipping_since = now
-        return []
-    dog.skipping_since = None
-    watch, commits = dog.deliveries, dog.commits
-    tps = {tp for tp in consumer.assignment() if guarded(tp.topic)}
-    watch.keep(tps)
-    commits.keep(tps)
-    if not tps:
-        return []
-    # Bounded, and never piled up: the call runs on Faust's consumer thread, whose two
-    # workers also serve every fetch, and goes on there when this round stops waiting for
-    # it; until it ends, rounds are skipped (a stuck thread is the liveness monitor's job).
-    if dog.highwaters is not None and not dog.highwaters.done():
-        return []
-    dog.highwaters = asyncio.ensure_future(consumer.highwaters(*tps))
-    done, _ = await asyncio.wait({dog.highwaters}, timeout=WATCHDOG_CALL_TIMEOUT_S)
-    if not done:
-        log.warning("partition watchdog: the consumer's end offsets took over %.0f s; "
-                    "skipping rounds until they come", WATCHDOG_CALL_TIMEOUT_S)
-        return []
-    ends = dog.highwaters.result()
-    if app.rebalancing:
-        return []
-    g = guard_of(consumer)
-    healed: list[Any] = []
-
-    async def restart(tp: Any, offset: int) -> None:
-        consumer.resume_partitions({tp})
-        await asyncio.wait_for(consumer.seek(tp, offset), WATCHDOG_CALL_TIMEOUT_S)
-        watch.restart(tp, now)
-        healed.append(tp)
-
-    for tp in sorted(tps):
-        if tp in consumer._buffered_partitions:
-            watch.since.pop(tp, None)  # back-pressure from a full stream buffer: not a stall
-            continue
-        committed = consumer._committed_offset.get(tp)
-        if commits.observe(tp, committed, ends.get(tp), now):
-            assert committed is not None
-            # Not committed for this long with records after it. An event still in flight
-            # explains it (reported only). With none in flight, records were lost between
-            # the fetch and the agents: read them again from the committed offset (a
-            # redelivery at worst; every stage is idempotent).
-            inflight = any(getattr(m, "tp", None) == tp
-                           for m in list(consumer._unacked_messages))
-            log.error("partition %s: committed offset %d has not moved for %.0f s with %d "
-                      "record(s) after it, %s. State: %s", tp, committed,
-                      commits.stall_s, ends[tp] - committed,
-                      "an event in flight" if inflight else
-                      f"none in flight: seeking it back to {committed}",
-                      partition_state(consumer, tp))
-            commits.restart(tp, now)
-            if not inflight:
-                await restart(tp, committed)
-                continue
-        nxt = g.expected.get(tp)
-        if nxt is None:
-            nxt = committed
-        if not watch.observe(tp, nxt, ends.get(tp), now):
-            continue
-        assert nxt is not None
-        log.error("partition %s: %d record(s) waiting (next offset %d, end %d) and none "
-                  "delivered for %.0f s outside a rebalance; seeking it to %d to restart its "
-                  "fetch. State: %s", tp, ends[tp] - nxt, nxt, ends[tp], watch.stall_s, nxt,
-                  partition_state(consumer, tp))
-        await restart(tp, nxt)
-    return healed

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from streams.runtime.faust_patches import PatchVersionError
 from streams.settings import ConfigError, Settings, load_settings
 
 __all__ = ["main"]
@@ -533,6 +534,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except ConfigError as exc:
         print(f"pingpost: {exc}", file=sys.stderr)
+        return 2
+    except PatchVersionError as exc:
+        print(f"pingpost {args.command}: {exc}", file=sys.stderr)
         return 2
     except CliError as exc:
         print(f"pingpost {args.command}: {exc}", file=sys.stderr)

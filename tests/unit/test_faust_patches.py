@@ -187,7 +187,7 @@ def test_no_commit_for_a_revoked_partition_until_it_is_sought_again(consumers: l
 # -- the partition watchdog -----------------------------------------------------------------
 
 def test_stall_watch_reports_a_partition_that_stops_delivering_with_records_waiting() -> None:
-    from streams.runtime.faust_patches import StallWatch
+    from streams.runtime.watchdog import StallWatch
 
     w = StallWatch(stall_s=20)
     assert not w.observe(TP, 10, 15, now=0)     # first sight
@@ -232,7 +232,7 @@ class _WatchedConsumer:
 async def test_the_watchdog_seeks_only_a_stalled_partition_outside_a_rebalance() -> None:
     from faust.types import TP as FTP
 
-    from streams.runtime.faust_patches import Watchdog, watch_partitions
+    from streams.runtime.watchdog import Watchdog, watch_partitions
 
     stuck, moving, full = FTP("p.leads", 4), FTP("p.leads", 1), FTP("p.bids", 2)
     changelog = FTP("p-auctions-changelog", 4)
@@ -262,7 +262,7 @@ async def test_the_watchdog_rereads_a_partition_whose_commit_stalls_with_nothing
     does not move: records were lost on the way to the agents; read them again."""
     from faust.types import TP as FTP
 
-    from streams.runtime.faust_patches import Watchdog, watch_partitions
+    from streams.runtime.watchdog import Watchdog, watch_partitions
 
     lost, busy = FTP("p.leads", 2), FTP("p.posts", 2)
     c = _WatchedConsumer({lost, busy}, {lost: 160, busy: 90})
