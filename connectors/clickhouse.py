@@ -39,7 +39,8 @@ class ClickHouseConfig(Protocol):
     @property
     def password(self) -> Secret: ...
 
-__all__ = ["ClickHouseConfig", "ClickHouseUnavailable", "MIGRATIONS", "Warehouse", "connect", "migrate", "TABLE_COLUMNS"]
+__all__ = ["ClickHouseConfig", "ClickHouseUnavailable", "MIGRATIONS", "ClickHouseClient", "connect",
+           "migrate", "TABLE_COLUMNS"]
 
 log = logging.getLogger(__name__)
 
@@ -324,7 +325,7 @@ def _client_kwargs(cfg: ClickHouseConfig) -> dict[str, Any]:
     }
 
 
-class Warehouse:
+class ClickHouseClient:
     """A thin async facade over clickhouse-connect with translated errors."""
 
     def __init__(self, client: Any, database: str) -> None:
@@ -361,13 +362,14 @@ def _translate(exc: Exception) -> ClickHouseUnavailable:
                                  type(exc).__name__, retriable)
 
 
-async def connect(cfg: ClickHouseConfig, *, attempts: int = 1, delay_s: float = 1.0) -> Warehouse:
+async def connect(cfg: ClickHouseConfig, *, attempts: int = 1,
+                  delay_s: float = 1.0) -> ClickHouseClient:
     """Connect to ClickHouse at ``cfg.url`` (retrying ``attempts`` times for start-up races)."""
     last: Exception | None = None
     for i in range(attempts):
         try:
             client = await clickhouse_connect.get_async_client(**_client_kwargs(cfg))
-            return Warehouse(client, cfg.database)
+            return ClickHouseClient(client, cfg.database)
         except (OperationalError, DatabaseError, ClickHouseError, OSError) as exc:
             last = exc
             if i + 1 < attempts:
@@ -375,7 +377,7 @@ async def connect(cfg: ClickHouseConfig, *, attempts: int = 1, delay_s: float = 
     raise ClickHouseUnavailable(f"cannot connect to ClickHouse at {cfg.url}: {last}", True)
 
 
-async def migrate(wh: Warehouse) -> list[int]:
+async def migrate(wh: ClickHouseClient) -> list[int]:
     """Apply pending migrations in order; returns the versions applied now."""
     db = wh.database
     await wh.command(f"CREATE DATABASE IF NOT EXISTS {db}")

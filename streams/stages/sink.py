@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 from typing import Any, Awaitable, Callable, TypeVar
 
 import schemas
-from connectors.clickhouse import ClickHouseUnavailable, Warehouse, connect, migrate
+from connectors.clickhouse import ClickHouseClient, ClickHouseUnavailable, connect, migrate
 from streams.context import Context
 
 __all__ = ["WarehouseRetry", "register", "to_row"]
@@ -124,18 +124,18 @@ def register(ctx: Context) -> None:
     rows: dict[str, list[list[Any]]] = {}
     pending: list[Any] = []  # events whose rows are buffered, acked after the insert
     lock = asyncio.Lock()
-    wh_box: list[Warehouse] = []
+    wh_box: list[ClickHouseClient] = []
     room = asyncio.Event()
     room.set()
     max_buffered = cfg.batch_rows * 4
     stream_box: list[Any] = []
 
-    async def connected() -> Warehouse:
+    async def connected() -> ClickHouseClient:
         wh = await connect(cfg)
         await migrate(wh)
         return wh
 
-    async def warehouse() -> Warehouse:
+    async def warehouse() -> ClickHouseClient:
         if not wh_box:
             wh = await WarehouseRetry("connecting to ClickHouse").run(connected)
             wh_box.append(wh)

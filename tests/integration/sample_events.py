@@ -11,13 +11,13 @@ from __future__ import annotations
 import uuid
 from datetime import datetime, timedelta
 
-from connectors.clickhouse import Warehouse, connect, migrate
+from connectors.clickhouse import ClickHouseClient, connect, migrate
 from streams.settings import ClickHouseConfig
 
 T0 = datetime(2025, 6, 1, 12, 0, 0)
 
 
-async def seeded(url: str) -> Warehouse:
+async def seeded(url: str) -> ClickHouseClient:
     """A fresh database with the migrated schema and a few events (one of them twice)."""
     wh = await connect(ClickHouseConfig(url=url, database=f"grafana_{uuid.uuid4().hex[:8]}"))
     await migrate(wh)

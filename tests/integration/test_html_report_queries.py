@@ -13,7 +13,7 @@ from typing import Any
 import clickhouse_connect
 import pytest
 
-from connectors.clickhouse import Warehouse
+from connectors.clickhouse import ClickHouseClient
 from streams.tools.html_report import CHART_IDS, collect, render, write_html_report
 from tests.integration.sample_events import T0, seeded
 
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-async def wh(warehouse_url: str) -> AsyncIterator[Warehouse]:
+async def wh(warehouse_url: str) -> AsyncIterator[ClickHouseClient]:
     w = await seeded(warehouse_url)
     try:
         yield w
@@ -38,7 +38,7 @@ def client(warehouse_url: str) -> Iterator[Any]:
     c.close()
 
 
-async def test_everything_each_event_once(wh: Warehouse, client: Any) -> None:
+async def test_everything_each_event_once(wh: ClickHouseClient, client: Any) -> None:
     d = collect(client, wh.database)
     r = d.summary
     assert (r.leads, r.auctions, r.sold_exclusive, r.unsold) == (2, 2, 1, 1)
@@ -56,7 +56,7 @@ async def test_everything_each_event_once(wh: Warehouse, client: Any) -> None:
     assert "no alerts" not in page
 
 
-async def test_time_window_selects_leads_and_alerts(wh: Warehouse, client: Any) -> None:
+async def test_time_window_selects_leads_and_alerts(wh: ClickHouseClient, client: Any) -> None:
     cut = (T0 + timedelta(minutes=1)).replace(tzinfo=timezone.utc)
     early = collect(client, wh.database, until=cut)
     assert (early.summary.leads, early.summary.revenue, early.summary.pings) == (1, 60.0, 2)
@@ -71,7 +71,7 @@ async def test_time_window_selects_leads_and_alerts(wh: Warehouse, client: Any) 
     assert "no alerts in this range" in page
 
 
-async def test_lead_ids_scope_and_write(wh: Warehouse, client: Any, tmp_path: Path) -> None:
+async def test_lead_ids_scope_and_write(wh: ClickHouseClient, client: Any, tmp_path: Path) -> None:
     out = write_html_report(client, wh.database, tmp_path / "sub" / "r.html", lead_ids=["l1"],
                             title="one lead")
     page = out.read_text()

@@ -2,7 +2,7 @@
 
 A realistic set of raw events (several minutes, flows and buyers; pings of every status,
 posts accepted/rejected/failed, auctions sold and unsold) goes in through the project's own
-``Warehouse.insert``; each metric of each table is checked against a computation in plain
+``ClickHouseClient.insert``; each metric of each table is checked against a computation in plain
 Python from the rows inserted. Then part of the events is inserted again in other batches
 (what the at-least-once sink does after a crash) and every metric must be unchanged.
 
@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 from pydantic import SecretStr
 
-from connectors.clickhouse import MIGRATIONS, TABLE_COLUMNS, Warehouse, connect, migrate
+from connectors.clickhouse import MIGRATIONS, TABLE_COLUMNS, ClickHouseClient, connect, migrate
 from streams.settings import ClickHouseConfig
 
 pytestmark = pytest.mark.integration
@@ -43,7 +43,7 @@ PING_STATUSES = ["bid", "bid", "bid", "no_bid", "no_bid", "timeout", "error", "f
 
 
 @pytest.fixture
-async def wh(warehouse_url: str) -> AsyncIterator[Warehouse]:
+async def wh(warehouse_url: str) -> AsyncIterator[ClickHouseClient]:
     """A migrated database of its own on the session warehouse."""
     name = f"m_{uuid.uuid4().hex[:10]}"
     cfg = ClickHouseConfig(url=warehouse_url, database=name, password=SecretStr(""))
@@ -57,12 +57,12 @@ async def wh(warehouse_url: str) -> AsyncIterator[Warehouse]:
         await warehouse.close()
 
 
-async def wait_views(wh: Warehouse) -> None:
+async def wait_views(wh: ClickHouseClient) -> None:
     for view in REFRESHABLE_VIEWS:
         await wh.command(f"SYSTEM WAIT VIEW {wh.database}.{view}")
 
 
-async def refresh(wh: Warehouse, views: Iterable[str] = REFRESHABLE_VIEWS) -> None:
+async def refresh(wh: ClickHouseClient, views: Iterable[str] = REFRESHABLE_VIEWS) -> None:
     for view in views:
         await wh.command(f"SYSTEM REFRESH VIEW {wh.database}.{view}")
         await wh.command(f"SYSTEM WAIT VIEW {wh.database}.{view}")
@@ -174,7 +174,7 @@ def make_events(start: datetime, minutes: int, leads_per_minute: int, seed: int)
     return ev
 
 
-async def insert(wh: Warehouse, table: str, rows: list[dict[str, Any]]) -> None:
+async def insert(wh: ClickHouseClient, table: str, rows: list[dict[str, Any]]) -> None:
     await wh.insert(table, [[r[c] for c in TABLE_COLUMNS[table]] for r in rows])
 
 
@@ -286,7 +286,7 @@ def expected_buyer_minute(ev: Events) -> dict[tuple[str, datetime], dict[str, An
     return out
 
 
-async def stored(wh: Warehouse, table: str, key: str,
+async def stored(wh: ClickHouseClient, table: str, key: str,
                  columns: Iterable[str]) -> dict[tuple[str, datetime], dict[str, Any]]:
     cols = list(columns)
     rows = await wh.query_rows(
@@ -327,7 +327,7 @@ BUYER_COLUMNS = ["pings_sent", "pings_filtered", "bids", "no_bids", "timeouts", 
                  "avg_bid", "timeout_rate", "error_rate", "accept_rate"]
 
 
-async def check_views(wh: Warehouse, ev: Events) -> None:
+async def check_views(wh: ClickHouseClient, ev: Events) -> None:
     assert_metrics_equal("flow_minute", await stored(wh, "flow_minute", "flow", FLOW_COLUMNS),
                          expected_flow_minute(ev))
     assert_metrics_equal("buyer_minute",
@@ -346,7 +346,7 @@ def regroup(rows: list[dict[str, Any]], rng: random.Random, pick: Callable[[int]
 # --------------------------------------------------------------------------- tests
 
 
-async def test_metric_views_match_raw_events_and_ignore_redelivery(wh: Warehouse) -> None:
+async def test_metric_views_match_raw_events_and_ignore_redelivery(wh: ClickHouseClient) -> None:
     now = datetime.now(UTC)
     recent = make_events(minute(now) - timedelta(minutes=6), minutes=5, leads_per_minute=14,
                          seed=1)
@@ -387,7 +387,7 @@ async def test_metric_views_match_raw_events_and_ignore_redelivery(wh: Warehouse
     assert n_flow == len(expected_flow_minute(ev))
 
 
-async def test_recent_refresh_leaves_minutes_older_than_its_window(wh: Warehouse) -> None:
+async def test_recent_refresh_leaves_minutes_older_than_its_window(wh: ClickHouseClient) -> None:
     now = datetime.now(UTC)
     ev = make_events(minute(now) - timedelta(hours=5), minutes=1, leads_per_minute=4, seed=4)
     ev.pings += make_events(minute(now) - timedelta(minutes=3), minutes=1,
@@ -403,7 +403,7 @@ async def test_recent_refresh_leaves_minutes_older_than_its_window(wh: Warehouse
 
 
 async def test_resent_ping_with_other_outcome_counts_once_in_its_last_version(
-        wh: Warehouse) -> None:
+        wh: ClickHouseClient) -> None:
     """A crash between a ping and its ack re-sends the ping: same ping_id, maybe another
     status and minute. FINAL keeps the version inserted last; the metrics follow it."""
     now = datetime.now(UTC)
@@ -426,7 +426,7 @@ async def test_resent_ping_with_other_outcome_counts_once_in_its_last_version(
                          expected_flow_minute(ev))
 
 
-async def test_migrate_is_rerunnable(wh: Warehouse) -> None:
+async def test_migrate_is_rerunnable(wh: ClickHouseClient) -> None:
     assert await migrate(wh) == []
     # Even with its bookkeeping lost, every statement is idempotent (IF NOT EXISTS).
     await wh.command(f"TRUNCATE TABLE {wh.database}.schema_migrations")

@@ -192,14 +192,14 @@ def test_the_run_dir_and_what_the_stack_creates_are_owner_only(
 def test_data_dirs_are_owner_only(settings: Settings, tmp_path: Path, lax_umask: None,
                                   monkeypatch: pytest.MonkeyPatch) -> None:
     from connectors.kafka_broker import KafkaBroker
-    from connectors.warehouse import _DataDirLock
+    from connectors.warehouse.lock import DataDirLock
     from streams.app import create_app
 
     broker = KafkaBroker(data_dir=tmp_path / "kafka")
     monkeypatch.setattr(broker, "_launch", lambda: None)  # the directory, not the JVM
     broker.start(wait=False)
     assert broker.data_dir is not None and broker.data_dir.stat().st_mode & 0o777 == 0o700
-    lock = _DataDirLock(tmp_path / "warehouse")
+    lock = DataDirLock(tmp_path / "warehouse")
     lock.acquire()
     try:
         assert not _open_bits(tmp_path / "warehouse")

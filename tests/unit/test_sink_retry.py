@@ -90,7 +90,7 @@ class FakeApp:
         return register
 
 
-class FakeWarehouse:
+class FakeClickHouseClient:
     def __init__(self, vt: VirtualTime, back_at: float) -> None:
         self.vt, self.back_at = vt, back_at
         self.inserted: list[tuple[str, float]] = []
@@ -126,10 +126,10 @@ def test_the_sink_delivers_within_two_seconds_of_the_warehouse_return(
     vt = VirtualTime()
     monkeypatch.setattr(sink.asyncio, "sleep", vt.sleep)
     settings = load_settings(REPO / "config" / "demo.yaml")
-    wh = FakeWarehouse(vt, back_at=0.0)
+    wh = FakeClickHouseClient(vt, back_at=0.0)
     connected_at: list[float] = []
 
-    async def connect(_cfg: Any) -> FakeWarehouse:
+    async def connect(_cfg: Any) -> FakeClickHouseClient:
         if vt.now < 16.0:
             raise ClickHouseUnavailable("cannot connect to ClickHouse", True)
         connected_at.append(vt.now)

@@ -1,0 +1,52 @@
+"""The embedded warehouse: one process owns a chDB data directory and speaks ClickHouse's HTTP.
+
+chDB is the real ClickHouse engine in-process, but only one process can open a data
+directory. So the project runs this small server as the single owner of the directory,
+and everything else (stream processors, CLI, tests) talks to it with the stock
+``clickhouse-connect`` client (sync or async) exactly as it would talk to a ClickHouse
+server. Start it with::
+
+    python -m connectors.warehouse --data-dir ./warehouse-data --port 8123
+
+What it implements of the ClickHouse HTTP interface, and why:
+
+* ``GET /ping`` and ``GET /`` without a query answer ``Ok.``.
+* ``GET|POST /``: SQL is the ``query`` URL parameter, then a newline, then the body (the
+  server's own rule), or the ``query`` field of a ``multipart/form-data`` body (the client
+  switches to that when bound parameters are long).
+* Request bodies: chunked transfer encoding (aiohttp), and ``Content-Encoding`` lz4, zstd,
+  gzip, deflate. clickhouse-connect compresses every insert block as a separate lz4/zstd
+  frame, so the decoder restarts after each frame; decoding only the first frame silently
+  drops rows.
+* ``INSERT ... FORMAT X`` followed by data is split into the statement and the data; the
+  data is decoded and streamed through chDB's ``Session.send_insert(...).append().finish()``
+  as it arrives (inline data in ``query()`` breaks on some byte patterns, and streaming
+  keeps memory flat).
+* ``param_x`` -> chDB query parameters; ``database`` -> ``USE``; other unknown parameters
+  are ClickHouse settings, applied with ``SET`` for that request only. Transport-only
+  parameters (``session_id``, ``query_id``, ``compress``...) are consumed here.
+* Responses: the output format the SQL asks for is passed through untouched; ``X-ClickHouse-
+  Summary/Format/Timezone/Query-Id/Server-Display-Name`` headers; the response is compressed
+  when the client sends ``Accept-Encoding`` (clickhouse-connect does, with lz4/zstd/gzip/
+  deflate). ``wait_end_of_query=1`` (what ``client.query()`` sends) buffers the result, so
+  every error is an HTTP error; streaming requests (``query_*_stream``) stream blocks and
+  report a late error in ClickHouse's tagged ``__exception__`` trailer.
+* Errors are HTTP 500 with ``X-ClickHouse-Exception-Code`` and ClickHouse's own text
+  (``Code: N. DB::Exception: ... (NAME)``). Never 429/503/504: the client retries those.
+
+It is sessionless like ClickHouse's HTTP interface without ``session_id``: every request
+starts from the default database and default settings (``SET``/``USE`` statements affect
+only their own request). There is no authentication; it binds to loopback by default.
+
+Modules, by concern: ``server`` (the :class:`EmbeddedWarehouse` and its HTTP handlers), ``engine``
+(the chDB session pool and engine calls), ``sql`` (statement scanning), ``compression`` (request
+and response bodies), ``lock`` (data-dir ownership), ``errors``, ``cli`` (the process entry).
+"""
+
+from __future__ import annotations
+
+from connectors.warehouse.cli import main, run
+from connectors.warehouse.errors import DataDirInUseError, WarehouseError
+from connectors.warehouse.server import EmbeddedWarehouse
+
+__all__ = ["DataDirInUseError", "EmbeddedWarehouse", "WarehouseError", "main", "run"]

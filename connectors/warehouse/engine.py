@@ -1,0 +1,416 @@
+"""The chDB side: a pool of chDB sessions on the one data directory, leased one request at a time,
+and the blocking engine calls (query, stream, insert) that run in its worker threads."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, Protocol, TypeVar, cast
+
+from connectors.warehouse.compression import BodyDecoder, IdentityDecoder, ResponseEncoder
+from connectors.warehouse.errors import ClickHouseError, DataDirInUseError, WarehouseError
+from connectors.warehouse.lock import chdb_holder_pid
+from connectors.warehouse.sql import quote_identifier, quote_string
+
+__all__ = [
+    "DEFAULT_DATABASE",
+    "Lease",
+    "RequestState",
+    "SessionPool",
+    "cancel_insert",
+    "cancel_stream",
+    "feed_insert",
+    "fetch",
+    "query_summary",
+    "run_query",
+    "start_insert",
+    "start_stream",
+]
+
+logger = logging.getLogger("pingpost.warehouse")
+
+T = TypeVar("T")
+
+
+# The slice of chDB's (unannotated) Python API this module uses, typed at the boundary.
+class _QueryResult(Protocol):
+    def bytes(self) -> bytes: ...
+    def rows_read(self) -> int: ...
+    def bytes_read(self) -> int: ...
+    def storage_rows_read(self) -> int: ...
+    def storage_bytes_read(self) -> int: ...
+    def rows_written(self) -> int: ...
+    def bytes_written(self) -> int: ...
+    def elapsed(self) -> float: ...
+
+
+class _StreamingResult(Protocol):
+    def fetch(self) -> _QueryResult | None: ...
+    def cancel(self) -> None: ...
+
+
+class _InsertResult(Protocol):
+    rows_written: int
+    bytes_written: int
+    elapsed: float
+
+
+class _StreamingInserter(Protocol):
+    def append(self, data: bytes) -> None: ...
+    def finish(self) -> _InsertResult: ...
+    def cancel(self) -> None: ...
+
+
+class _Session(Protocol):
+    def query(
+        self, sql: str | bytes, fmt: str = ..., udf_path: str = ..., params: dict[str, str] | None = ...
+    ) -> _QueryResult: ...
+    def send_query(
+        self, sql: str | bytes, fmt: str = ..., params: dict[str, str] | None = ...
+    ) -> _StreamingResult: ...
+    def send_insert(self, query: str, fmt: str = ...) -> _StreamingInserter: ...
+    def close(self) -> None: ...
+
+
+DEFAULT_DATABASE: Final = "default"
+
+
+# --------------------------------------------------------------------------- session pool
+
+
+@dataclass(eq=False)
+class _Slot:
+    """One chDB Session plus what this server last did to its state."""
+
+    session: _Session | None
+    database: str | None = DEFAULT_DATABASE  # None: unknown (a USE statement ran)
+    settings: dict[str, str] = field(default_factory=dict)  # non-default settings in force
+    dirty: bool = False  # state unknown (a SET statement ran, a reset failed): reopen
+
+
+@dataclass(frozen=True, slots=True)
+class _QueryOutput:
+    body: bytes
+    summary: dict[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class RequestState:
+    database: str
+    settings: dict[str, str]
+
+
+class SessionPool:
+    """Sessions on the one data directory, each used by one request at a time.
+
+    A chDB Session runs one query at a time and keeps USE/SET state, so a request leases a
+    whole Session. Blocking chDB calls run in a thread pool sized like the session pool
+    (chDB releases the GIL while it works, so queries on different sessions run in parallel).
+    """
+
+    def __init__(self, data_dir: Path, size: int) -> None:
+        self.data_dir = data_dir
+        self.size = size
+        self.executor = ThreadPoolExecutor(max_workers=size, thread_name_prefix="warehouse-chdb")
+        self.slots: list[_Slot] = []
+        self.version = ""
+        self.timezone = "UTC"
+        self.default_settings: dict[str, str] = {}
+        self._free: asyncio.Queue[_Slot] = asyncio.Queue()
+        self._releasing: set[asyncio.Task[None]] = set()
+
+    # -- blocking, run in the executor
+
+    def _open_session(self) -> _Session:
+        from chdb.session import Session as ChdbSession  # late: loading the engine takes a while
+
+        try:
+            return cast(_Session, ChdbSession(str(self.data_dir)))  # type: ignore[no-untyped-call]
+        except Exception as exc:
+            if "EmbeddedServer" in str(exc) or "Cannot lock file" in str(exc):
+                # chDB's message is empty; the real reason (lock held) only goes to stderr.
+                raise DataDirInUseError(
+                    self.data_dir, chdb_holder_pid(self.data_dir), "another process using chDB"
+                ) from None
+            raise WarehouseError(f"cannot open chDB data directory {self.data_dir}: {exc}") from exc
+
+    def open_blocking(self) -> None:
+        for _ in range(self.size):
+            self.slots.append(_Slot(self._open_session()))
+        first = self.slots[0].session
+        assert first is not None
+        version, tz = (
+            first.query("SELECT version(), timezone()", "TabSeparated")
+            .bytes()
+            .decode()
+            .rstrip("\n")
+            .split("\t")
+        )
+        self.version, self.timezone = version, tz
+        rows = first.query("SELECT name, value FROM system.settings", "TabSeparated").bytes().decode()
+        for line in rows.splitlines():
+            name, _, value = line.partition("\t")
+            self.default_settings[name] = value
+
+    def close_blocking(self) -> None:
+        for slot in self.slots:
+            if slot.session is not None:
+                with contextlib.suppress(Exception):
+                    slot.session.close()
+                slot.session = None
+        self.slots.clear()
+
+    def _reopen(self, slot: _Slot) -> _Session:
+        if slot.session is not None:
+            with contextlib.suppress(Exception):
+                slot.session.close()
+            slot.session = None
+        slot.session = self._open_session()
+        slot.database, slot.settings, slot.dirty = DEFAULT_DATABASE, {}, False
+        return slot.session
+
+    def prepare(self, slot: _Slot, state: RequestState) -> _Session:
+        """Bring a leased session to the request's database and settings, defaults elsewhere.
+
+        Settings are diffed against what the session already has, so a client that sends
+        the same settings on every request (clickhouse-connect does) costs no extra calls.
+        """
+        wanted = {k: v for k, v in state.settings.items() if self.default_settings.get(k) != v}
+        session = self._reopen(slot) if slot.dirty or slot.session is None else slot.session
+        stale = [k for k in slot.settings if k not in wanted]
+        if stale:
+            try:
+                session.query("SET " + ", ".join(f"{k} = DEFAULT" for k in stale), "TabSeparated")
+                for k in stale:
+                    del slot.settings[k]
+            except Exception:
+                # e.g. readonly=2 (every GET) forbids resetting readonly: start afresh.
+                session = self._reopen(slot)
+        try:
+            changes = {k: v for k, v in wanted.items() if slot.settings.get(k) != v}
+            if changes:
+                session.query(
+                    "SET " + ", ".join(f"{k} = {quote_string(v)}" for k, v in changes.items()),
+                    "TabSeparated",
+                )
+                slot.settings.update(changes)
+            if slot.database != state.database:
+                session.query(f"USE {quote_identifier(state.database)}", "TabSeparated")
+                slot.database = state.database
+        except Exception as exc:
+            slot.dirty = True  # a partly applied SET or USE: reopen before the next request
+            raise ClickHouseError.from_engine(exc) from exc
+        return session
+
+    @staticmethod
+    def after_statement(slot: _Slot, keyword: str) -> None:
+        if keyword == "SET":
+            slot.dirty = True  # names are hard to parse back out; a fresh session is cheap
+        elif keyword == "USE":
+            slot.database = None
+
+    # -- async leasing
+
+    async def open(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self.executor, self.open_blocking)
+        except BaseException:
+            await loop.run_in_executor(self.executor, self.close_blocking)
+            raise
+        for slot in self.slots:
+            self._free.put_nowait(slot)
+
+    async def acquire(self) -> Lease:
+        return Lease(self, await self._free.get())
+
+    def _give_back(
+        self, slot: _Slot, inflight: Future[Any] | None, cleanup: Callable[[], None] | None
+    ) -> None:
+        if cleanup is None and (inflight is None or inflight.done()):
+            self._free.put_nowait(slot)
+            return
+
+        async def finish() -> None:
+            # A cancelled request may leave a chDB call running in its thread (cancelling
+            # the awaiting task does not stop it): the session is only free once that call
+            # returned and the request's cleanup (cancel an insert or a stream) ran.
+            try:
+                if inflight is not None and not inflight.done():
+                    await asyncio.wait([asyncio.wrap_future(inflight)])
+                if cleanup is not None:
+                    try:
+                        await asyncio.get_running_loop().run_in_executor(self.executor, cleanup)
+                    except Exception:
+                        logger.debug("session cleanup failed; reopening it", exc_info=True)
+                        slot.dirty = True
+            finally:
+                self._free.put_nowait(slot)
+
+        task = asyncio.get_running_loop().create_task(finish())
+        self._releasing.add(task)
+        task.add_done_callback(self._releasing.discard)
+
+    async def close(self) -> None:
+        if self._releasing:
+            await asyncio.gather(*self._releasing, return_exceptions=True)
+        await asyncio.get_running_loop().run_in_executor(self.executor, self.close_blocking)
+        self.executor.shutdown(wait=True)
+
+
+class Lease:
+    """Exclusive use of one pooled session for the duration of one request."""
+
+    def __init__(self, pool: SessionPool, slot: _Slot) -> None:
+        self.pool = pool
+        self.slot = slot
+        self._inflight: Future[Any] | None = None
+        self._cleanup: Callable[[], None] | None = None
+        self._released = False
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        # Keep the thread's own future: an asyncio wrapper reads "done" once cancelled
+        # even though the chDB call is still running.
+        self._inflight = self.pool.executor.submit(fn, *args)
+        return await asyncio.wrap_future(self._inflight)
+
+    def on_release(self, cleanup: Callable[[], None] | None) -> None:
+        self._cleanup = cleanup
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self.pool._give_back(self.slot, self._inflight, self._cleanup)
+
+
+# --------------------------------------------------------------------------- engine calls
+# Everything below runs in a worker thread with the session leased.
+
+
+def query_summary(
+    *,
+    read_rows: int = 0,
+    read_bytes: int = 0,
+    written_rows: int = 0,
+    written_bytes: int = 0,
+    result_rows: int = 0,
+    result_bytes: int = 0,
+    elapsed: float = 0.0,
+) -> dict[str, str]:
+    # ClickHouse sends every counter as a string.
+    return {
+        "read_rows": str(read_rows),
+        "read_bytes": str(read_bytes),
+        "written_rows": str(written_rows),
+        "written_bytes": str(written_bytes),
+        "total_rows_to_read": str(read_rows),
+        "result_rows": str(result_rows),
+        "result_bytes": str(result_bytes),
+        "elapsed_ns": str(int(elapsed * 1e9)),
+    }
+
+
+def _result_summary(result: Any) -> dict[str, str]:
+    return query_summary(
+        read_rows=result.storage_rows_read(),
+        read_bytes=result.storage_bytes_read(),
+        written_rows=result.rows_written(),
+        written_bytes=result.bytes_written(),
+        result_rows=result.rows_read(),
+        result_bytes=result.bytes_read(),
+        elapsed=result.elapsed(),
+    )
+
+
+def run_query(
+    pool: SessionPool,
+    slot: _Slot,
+    state: RequestState,
+    sql: bytes,
+    fmt: str,
+    params: dict[str, str],
+    keyword: str,
+) -> _QueryOutput:
+    session = pool.prepare(slot, state)
+    try:
+        result = session.query(sql, fmt, params=params)
+    except Exception as exc:
+        raise ClickHouseError.from_engine(exc) from exc
+    finally:
+        pool.after_statement(slot, keyword)
+    return _QueryOutput(result.bytes(), _result_summary(result))
+
+
+def start_stream(
+    pool: SessionPool, slot: _Slot, state: RequestState, sql: bytes, fmt: str, params: dict[str, str]
+) -> _StreamingResult:
+    session = pool.prepare(slot, state)
+    try:
+        return session.send_query(sql, fmt, params=params)
+    except Exception as exc:
+        raise ClickHouseError.from_engine(exc) from exc
+
+
+def fetch(stream: _StreamingResult, encoder: ResponseEncoder | None) -> tuple[bytes, int, int] | None:
+    """Next block as (bytes ready to send, rows, storage rows read); None at the end."""
+    try:
+        result = stream.fetch()
+    except Exception as exc:
+        raise ClickHouseError.from_engine(exc) from exc
+    if result is None:
+        return None
+    body = result.bytes()
+    if encoder is not None:
+        body = encoder.compress(body)
+    return body, result.rows_read(), result.storage_rows_read()
+
+
+def cancel_stream(stream: _StreamingResult) -> None:
+    stream.cancel()
+
+
+def start_insert(
+    pool: SessionPool, slot: _Slot, state: RequestState, statement: str, fmt: str
+) -> _StreamingInserter:
+    session = pool.prepare(slot, state)
+    try:
+        return session.send_insert(statement, fmt)
+    except Exception as exc:
+        raise ClickHouseError.from_engine(exc) from exc
+
+
+def feed_insert(
+    inserter: _StreamingInserter,
+    decoder: BodyDecoder | IdentityDecoder,
+    decoded: bytes,
+    raw: list[bytes],
+    last: bool,
+) -> dict[str, str] | None:
+    """Decode ``raw`` body chunks and append them; on ``last`` also commit the insert."""
+    data = decoded + b"".join(decoder.decompress(chunk) for chunk in raw)
+    if last:
+        decoder.finish()
+    try:
+        if data:
+            inserter.append(data)
+        if not last:
+            return None
+        result = inserter.finish()
+    except Exception as exc:
+        raise ClickHouseError.from_engine(exc) from exc
+    return query_summary(
+        written_rows=result.rows_written,
+        written_bytes=result.bytes_written,
+        result_rows=result.rows_written,
+        result_bytes=result.bytes_written,
+        elapsed=result.elapsed,
+    )
+
+
+def cancel_insert(inserter: _StreamingInserter) -> None:
+    inserter.cancel()  # no-op once finished

@@ -1,0 +1,526 @@
+"""The HTTP side: :class:`EmbeddedWarehouse` (lifecycle: lock, session pool, aiohttp site) and its
+handlers, which turn ClickHouse HTTP requests into engine calls and engine output into responses."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from aiohttp import BodyPartReader, web
+
+from connectors.warehouse.compression import (
+    BodyDecoder,
+    IdentityDecoder,
+    ResponseEncoder,
+    choose_encoding,
+)
+from connectors.warehouse.engine import (
+    DEFAULT_DATABASE,
+    Lease,
+    RequestState,
+    SessionPool,
+    cancel_insert,
+    cancel_stream,
+    feed_insert,
+    fetch,
+    query_summary,
+    run_query,
+    start_insert,
+    start_stream,
+)
+from connectors.warehouse.errors import (
+    BAD_ARGUMENTS,
+    NETWORK_ERROR,
+    NOT_IMPLEMENTED,
+    STD_EXCEPTION,
+    ClickHouseError,
+    WarehouseError,
+)
+from connectors.warehouse.lock import DataDirLock
+from connectors.warehouse.sql import PLAIN, InsertSplit, classify, leading_keyword, output_format
+
+__all__ = ["EmbeddedWarehouse"]
+
+logger = logging.getLogger("pingpost.warehouse")
+
+DEFAULT_FORMAT: Final = "TabSeparated"
+
+# Request parameters that steer the HTTP exchange, not the engine. chDB rejects most of them
+# as unknown settings, and the HTTP-only ones it knows are meaningless without ClickHouse's
+# HTTP server. ``user``/``password`` are ignored: there is no authentication.
+_TRANSPORT_PARAMS: Final = frozenset(
+    {
+        "query",
+        "database",
+        "default_format",
+        "query_id",
+        "session_id",
+        "session_timeout",
+        "session_check",
+        "close_session",
+        "wait_end_of_query",
+        "client_protocol_version",
+        "compress",
+        "decompress",
+        "user",
+        "password",
+        "quota_key",
+        "role",
+        "buffer_size",
+        "stacktrace",
+        "send_progress_in_http_headers",
+        "http_headers_progress_interval_ms",
+        "enable_http_compression",
+        "cancel_http_readonly_queries_on_client_close",
+        "http_wait_end_of_query",
+        "http_response_buffer_size",
+        "add_http_cors_header",
+    }
+)
+
+# chDB's send_query yields every block as a self-contained document in the requested format;
+# concatenated blocks are a valid response only for formats without a header or footer.
+_STREAMABLE_FORMATS: Final = frozenset(
+    {
+        "native",
+        "tabseparated",
+        "tsv",
+        "tabseparatedraw",
+        "tsvraw",
+        "csv",
+        "rowbinary",
+        "jsoneachrow",
+        "jsoncompacteachrow",
+    }
+)
+
+# Leading keywords of statements that produce a result set. ClickHouse sends
+# X-ClickHouse-Format only for those, and clickhouse-connect's command() relies on it to
+# tell "empty result" from "statement without result".
+_RESULT_KEYWORDS: Final = frozenset(
+    {"SELECT", "WITH", "SHOW", "DESCRIBE", "DESC", "EXISTS", "EXPLAIN", "CHECK", "KILL", "("}
+)
+_STREAM_KEYWORDS: Final = frozenset({"SELECT", "WITH", "("})
+
+_SETTING_NAME_RE: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+# Sizes. A non-INSERT request is SQL text and is buffered whole; inserts stream.
+_MAX_QUERY_BYTES: Final = 64 * 1024 * 1024
+_MAX_STATEMENT_BYTES: Final = 256 * 1024  # ClickHouse's max_query_size: where data must start
+_INSERT_BATCH_BYTES: Final = 1024 * 1024  # compressed bytes handed to a worker at a time
+_STREAM_PREFETCH_BYTES: Final = 1024 * 1024  # results up to this size get Content-Length
+_INLINE_ENCODE_BYTES: Final = 64 * 1024  # compress smaller bodies on the event loop
+
+
+_PING_BODY: Final = b"Ok.\n"
+
+
+@dataclass(slots=True)
+class _ParsedRequest:
+    query_id: str
+    state: RequestState
+    bind: dict[str, str]
+    default_format: str
+    wait_end_of_query: bool
+    encoding: str | None
+    prefix: bytes
+    body: AsyncIterator[bytes] | None
+    decoder: BodyDecoder | IdentityDecoder
+
+
+async def _no_body() -> AsyncIterator[bytes]:
+    return
+    yield b""  # pragma: no cover - makes this an async generator
+
+
+def _content_type(fmt: str) -> str:
+    lower = fmt.lower()
+    if lower.startswith("json") or lower.startswith("ndjson"):
+        return "application/json; charset=UTF-8"
+    if lower.startswith(
+        (
+            "tabseparated",
+            "tsv",
+            "csv",
+            "pretty",
+            "vertical",
+            "markdown",
+            "values",
+            "xml",
+            "template",
+            "custom",
+        )
+    ):
+        return "text/plain; charset=UTF-8"
+    return "application/octet-stream"
+
+
+def _exception_trailer(error: ClickHouseError, tag: str) -> bytes:
+    """ClickHouse's (v25.11+) marker for an error after the response has started."""
+    message = error.text.encode()
+    return (
+        b"__exception__\r\n"
+        + tag.encode()
+        + b"\r\n"
+        + message
+        + b"\n"
+        + str(len(message)).encode()
+        + b" "
+        + tag.encode()
+        + b"\r\n__exception__\r\n"
+    )
+
+
+class EmbeddedWarehouse:
+    """A ClickHouse-HTTP-compatible server over one chDB data directory.
+
+    ``await start()`` takes the directory lock, opens ``pool_size`` chDB sessions and starts
+    listening; ``await stop()`` stops accepting, lets in-flight requests finish (up to
+    ``shutdown_timeout`` seconds), closes the sessions and releases the lock.
+    """
+
+    def __init__(
+        self,
+        data_dir: str | os.PathLike[str],
+        host: str = "127.0.0.1",
+        port: int = 8123,
+        pool_size: int = 4,
+        *,
+        shutdown_timeout: float = 30.0,
+    ) -> None:
+        if pool_size < 1:
+            raise ValueError("pool_size must be at least 1")
+        self.data_dir = Path(data_dir).resolve()
+        self.host = host
+        self.port = port
+        self.pool_size = pool_size
+        self.shutdown_timeout = shutdown_timeout
+        self.display_name = socket.gethostname()
+        self._lock = DataDirLock(self.data_dir)
+        self._pool: SessionPool | None = None
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    async def __aenter__(self) -> EmbeddedWarehouse:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        self._lock.acquire()  # before chDB touches the directory
+        try:
+            self._pool = SessionPool(self.data_dir, self.pool_size)
+            await self._pool.open()
+            app = web.Application(client_max_size=_MAX_QUERY_BYTES)
+            app.router.add_get("/ping", self._handle_ping)
+            app.router.add_route("*", "/", self._handle_root)
+            # No access log: it would cost more than a SELECT 1. Request lines may carry
+            # settings and bound parameters, so allow up to ClickHouse's 1 MiB URI limit.
+            # aiohttp turns Nagle off on every accepted socket (BaseProtocol.connection_made).
+            # auto_decompress off: we decode lz4/zstd too and must see every frame ourselves.
+            self._runner = web.AppRunner(
+                app,
+                access_log=None,
+                handle_signals=False,
+                shutdown_timeout=self.shutdown_timeout,
+                auto_decompress=False,
+                max_line_size=1024 * 1024,
+                max_field_size=64 * 1024,
+            )
+            await self._runner.setup()
+            site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
+            try:
+                await site.start()
+            except OSError as exc:
+                raise WarehouseError(
+                    f"cannot listen on {self.host}:{self.port}: {exc.strerror or exc}"
+                ) from exc
+            self.port = self._runner.addresses[0][1]  # the real one when port=0
+        except BaseException:
+            await self._teardown()
+            raise
+
+    async def stop(self) -> None:
+        await self._teardown()
+
+    async def _teardown(self) -> None:
+        try:
+            if self._runner is not None:
+                # Closes the listener, then waits for in-flight requests to finish.
+                await self._runner.cleanup()
+                self._runner = None
+            if self._pool is not None:
+                await self._pool.close()
+                self._pool = None
+        finally:
+            self._lock.release()
+
+    # -- handlers
+
+    async def _handle_ping(self, request: web.Request) -> web.Response:
+        return web.Response(body=_PING_BODY, content_type="text/plain", charset="UTF-8")
+
+    async def _handle_root(self, request: web.Request) -> web.StreamResponse:
+        if request.method not in ("GET", "POST", "HEAD"):
+            return web.Response(status=405, text="Method not allowed\n")
+        if request.method in ("GET", "HEAD") and "query" not in request.query:
+            return await self._handle_ping(request)
+        query_id = request.query.get("query_id") or str(uuid.uuid4())
+        try:
+            parsed = await self._parse(request, query_id)
+            return await self._execute(request, parsed)
+        except ClickHouseError as exc:
+            return self._error_response(exc, query_id)
+        except ConnectionError as exc:
+            # The client went away mid-request (the lease's cleanup cancelled any insert);
+            # nobody reads this answer, but it keeps aiohttp from logging a traceback.
+            logger.debug("client of query %s went away: %s", query_id, exc)
+            return self._error_response(ClickHouseError.server(NETWORK_ERROR, str(exc)), query_id)
+        except Exception as exc:
+            logger.exception("unexpected error in query %s", query_id)
+            return self._error_response(
+                ClickHouseError.server(STD_EXCEPTION, f"{type(exc).__name__}: {exc}"), query_id
+            )
+
+    async def _parse(self, request: web.Request, query_id: str) -> _ParsedRequest:
+        params: dict[str, str] = dict(request.query)  # the last of repeated keys wins
+        body: AsyncIterator[bytes] | None = request.content.iter_any() if request.body_exists else None
+        if request.content_type == "multipart/form-data":
+            params.update(await self._form_fields(request))
+            body = None
+        settings: dict[str, str] = {}
+        bind: dict[str, str] = {}
+        for key, value in params.items():
+            if key.startswith("param_"):
+                bind[key[len("param_") :]] = value
+            elif key in _TRANSPORT_PARAMS:
+                if key in ("compress", "decompress") and value not in ("", "0", "false", "False"):
+                    # ClickHouse's native block compression needs CityHash checksums; no
+                    # client we serve uses it (clickhouse-connect uses Content-Encoding).
+                    raise ClickHouseError.server(
+                        NOT_IMPLEMENTED,
+                        f"{key}=1 (ClickHouse native block compression) is not supported;"
+                        " use Content-Encoding",
+                    )
+            elif not _SETTING_NAME_RE.match(key):
+                raise ClickHouseError.server(BAD_ARGUMENTS, f"Invalid setting name {key!r}")
+            else:
+                settings[key] = value
+        if request.method == "GET":
+            settings["readonly"] = "2"  # as ClickHouse: a GET must not change data
+        encoding = request.headers.get("Content-Encoding", "").strip().lower()
+        decoder: BodyDecoder | IdentityDecoder = (
+            IdentityDecoder() if encoding in ("", "identity") else BodyDecoder(encoding)
+        )
+        accept = request.headers.get("Accept-Encoding", "")
+        compress_response = params.get("enable_http_compression", "1") not in ("0", "false", "False")
+        query = params.get("query", "")
+        return _ParsedRequest(
+            query_id=query_id,
+            state=RequestState(database=params.get("database") or DEFAULT_DATABASE, settings=settings),
+            bind=bind,
+            default_format=params.get("default_format") or DEFAULT_FORMAT,
+            wait_end_of_query=params.get("wait_end_of_query", "0") in ("1", "true", "True"),
+            encoding=choose_encoding(accept) if compress_response and accept else None,
+            prefix=(query.encode() + b"\n") if query else b"",
+            body=body,
+            decoder=decoder,
+        )
+
+    @staticmethod
+    async def _form_fields(request: web.Request) -> dict[str, str]:
+        fields: dict[str, str] = {}
+        reader = await request.multipart()
+        async for part in reader:
+            if not isinstance(part, BodyPartReader) or part.name is None:
+                continue
+            if part.filename is not None:
+                raise ClickHouseError.server(
+                    NOT_IMPLEMENTED, "External data (file form fields) is not supported"
+                )
+            fields[part.name] = (await part.read()).decode("utf-8")
+        return fields
+
+    async def _execute(self, request: web.Request, req: _ParsedRequest) -> web.StreamResponse:
+        assert self._pool is not None
+        head = bytearray(req.prefix)
+        body = req.body if req.body is not None else _no_body()
+        finished = False
+        while True:
+            decision = classify(head, final=finished)
+            if decision is None and len(head) > _MAX_STATEMENT_BYTES:
+                decision = PLAIN  # no data section this far in: let the engine parse it all
+            if decision is not None:
+                break
+            chunk = await anext(body, None)
+            if chunk is None:
+                req.decoder.finish()
+                finished = True
+            else:
+                head += req.decoder.decompress(chunk)
+        if isinstance(decision, InsertSplit):
+            return await self._insert(req, decision, head, body if not finished else _no_body())
+        if not finished:
+            async for chunk in body:
+                head += req.decoder.decompress(chunk)
+                if len(head) > _MAX_QUERY_BYTES:
+                    raise ClickHouseError.server(
+                        BAD_ARGUMENTS, f"Query is larger than {_MAX_QUERY_BYTES} bytes"
+                    )
+            req.decoder.finish()
+        return await self._query(request, req, bytes(head))
+
+    def _headers(self, req: _ParsedRequest, summary: dict[str, str], fmt: str | None) -> dict[str, str]:
+        headers = {
+            "X-ClickHouse-Query-Id": req.query_id,
+            "X-ClickHouse-Server-Display-Name": self.display_name,
+            "X-ClickHouse-Timezone": req.state.settings.get("session_timezone")
+            or (self._pool.timezone if self._pool else "UTC"),
+            "X-ClickHouse-Summary": json.dumps(summary, separators=(",", ":")),
+        }
+        if fmt is not None:
+            headers["X-ClickHouse-Format"] = fmt
+            headers["Content-Type"] = _content_type(fmt)
+        else:
+            headers["Content-Type"] = "text/plain; charset=UTF-8"
+        return headers
+
+    async def _insert(
+        self, req: _ParsedRequest, split: InsertSplit, head: bytearray, body: AsyncIterator[bytes]
+    ) -> web.StreamResponse:
+        assert self._pool is not None
+        pool = self._pool
+        lease = await pool.acquire()
+        try:
+            inserter = await lease.call(
+                start_insert, pool, lease.slot, req.state, split.statement, split.fmt
+            )
+            lease.on_release(lambda: cancel_insert(inserter))
+            decoded = bytes(head[split.data_start :])
+            raw: list[bytes] = []
+            size = 0
+            async for chunk in body:
+                raw.append(chunk)
+                size += len(chunk)
+                if size >= _INSERT_BATCH_BYTES:
+                    await lease.call(feed_insert, inserter, req.decoder, decoded, raw, False)
+                    decoded, raw, size = b"", [], 0
+            summary = await lease.call(feed_insert, inserter, req.decoder, decoded, raw, True)
+        finally:
+            lease.release()
+        assert summary is not None
+        return web.Response(body=b"", headers=self._headers(req, summary, None))
+
+    async def _query(self, request: web.Request, req: _ParsedRequest, sql: bytes) -> web.StreamResponse:
+        assert self._pool is not None
+        pool = self._pool
+        keyword = leading_keyword(sql)
+        fmt = output_format(sql, req.default_format)
+        result_fmt = fmt if keyword in _RESULT_KEYWORDS else None
+        lease = await pool.acquire()
+        try:
+            if (
+                not req.wait_end_of_query
+                and keyword in _STREAM_KEYWORDS
+                and fmt.lower() in _STREAMABLE_FORMATS
+            ):
+                return await self._stream(request, req, lease, sql, fmt)
+            encoder = ResponseEncoder(req.encoding) if req.encoding else None
+            output = await lease.call(run_query, pool, lease.slot, req.state, sql, fmt, req.bind, keyword)
+            body = output.body
+            if encoder is not None:
+                body = (
+                    encoder.whole(body)
+                    if len(body) <= _INLINE_ENCODE_BYTES
+                    else await lease.call(encoder.whole, body)
+                )
+        finally:
+            lease.release()
+        if result_fmt is None and output.body:
+            result_fmt = fmt  # a statement we did not recognise returned rows
+        headers = self._headers(req, output.summary, result_fmt)
+        if encoder is not None:
+            headers["Content-Encoding"] = encoder.encoding
+        return web.Response(body=body, headers=headers)
+
+    async def _stream(
+        self, request: web.Request, req: _ParsedRequest, lease: Lease, sql: bytes, fmt: str
+    ) -> web.StreamResponse:
+        """Send blocks as chDB produces them; small results still get one plain response."""
+        assert self._pool is not None
+        stream = await lease.call(start_stream, self._pool, lease.slot, req.state, sql, fmt, req.bind)
+        lease.on_release(lambda: cancel_stream(stream))
+        encoder = ResponseEncoder(req.encoding) if req.encoding else None
+        started = time.monotonic()
+        pending: list[bytes] = []
+        size = rows = read_rows = 0
+        done = False
+        while size < _STREAM_PREFETCH_BYTES:  # errors here are still plain HTTP errors
+            block = await lease.call(fetch, stream, encoder)
+            if block is None:
+                done = True
+                break
+            pending.append(block[0])
+            size += len(block[0])
+            rows += block[1]
+            read_rows += block[2]
+        summary = query_summary(read_rows=read_rows, result_rows=rows, elapsed=time.monotonic() - started)
+        headers = self._headers(req, summary, fmt)
+        if encoder is not None:
+            headers["Content-Encoding"] = encoder.encoding
+        if done:
+            tail = encoder.finish() if encoder is not None else b""
+            return web.Response(body=b"".join(pending) + tail, headers=headers)
+        tag = uuid.uuid4().hex[:16]
+        headers["X-ClickHouse-Exception-Tag"] = tag
+        response = web.StreamResponse(headers=headers)
+        await response.prepare(request)
+        try:
+            for data in pending:
+                await response.write(data)
+            while True:
+                try:
+                    block = await lease.call(fetch, stream, encoder)
+                except ClickHouseError as exc:
+                    # Headers are gone: report the error inside the body, the way ClickHouse does.
+                    trailer = _exception_trailer(exc, tag)
+                    await response.write(encoder.compress(trailer) if encoder is not None else trailer)
+                    break
+                if block is None:
+                    break
+                await response.write(block[0])
+            if encoder is not None:
+                await response.write(encoder.finish())
+            await response.write_eof()
+        except ConnectionError:
+            logger.debug("client of query %s went away mid-stream", req.query_id)
+        return response
+
+    def _error_response(self, error: ClickHouseError, query_id: str) -> web.Response:
+        version = self._pool.version if self._pool else ""
+        logger.debug("query %s failed: %s", query_id, error.text)
+        return web.Response(
+            status=500,  # not 429/503/504: clickhouse-connect retries those
+            body=f"{error.text} (version {version})\n".encode(),
+            headers={
+                "X-ClickHouse-Exception-Code": str(error.code),
+                "X-ClickHouse-Query-Id": query_id,
+                "X-ClickHouse-Server-Display-Name": self.display_name,
+                "Content-Type": "text/plain; charset=UTF-8",
+            },
+        )
