@@ -206,14 +206,14 @@ def _parse_conditions(raw: Any) -> Conditions:
     if not isinstance(raw, dict):
         raise _Invalid("invalid conditions: not an object")
 
-    age = _MISSING
+    age: float | None = None
     for key in ("max_age_minutes", "max_age"):  # contract: max_age is an alias
         v = raw.get(key)
         if v is None:
             continue
         if not _is_number(v) or not math.isfinite(v) or v <= 0:
             raise _Invalid(f"invalid conditions: {key} is not a positive number")
-        if age is not _MISSING and float(v) != age:
+        if age is not None and float(v) != age:
             raise _Invalid("invalid conditions: max_age and max_age_minutes disagree")
         age = float(v)
 
@@ -236,7 +236,7 @@ def _parse_conditions(raw: Any) -> Conditions:
 
     # Unknown keys are ignored: buyers may send more than we act on.
     return Conditions(
-        max_age_minutes=None if age is _MISSING else age,
+        max_age_minutes=age,
         states=states,
         require_consent=flags["require_consent"],
         exclusive_required=flags["exclusive_required"],

@@ -17,7 +17,7 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import faust
 import mode
@@ -76,6 +76,13 @@ def create_app(settings: Settings, role: Role = "auction", *, web_port: int | No
     datadir = (data_root or Path(tempfile.gettempdir()) / "pingpost-faust") / app_id
     datadir.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(datadir, 0o700)  # owner only, like everything a worker keeps
+    # Faust's own stall detector (every 2.5 s) logs an ERROR when an assigned partition with a
+    # backlog sees no fetch, no processing or no commit for this long; its default (5 min)
+    # hides a stuck partition of an auction worker for far too long (README, Known issues).
+    # The metrics role keeps events unacked on purpose: default there.
+    stall_timeouts: dict[str, Any] = (
+        {"stream_processing_timeout": 30.0, "broker_commit_livelock_soft_timeout": 30.0}
+        if role == "auction" else {})
     app = faust.App(
         app_id,
         datadir=str(datadir),
@@ -108,12 +115,7 @@ def create_app(settings: Settings, role: Role = "auction", *, web_port: int | No
         # The metrics role holds its events unacked on purpose (the uncommitted offsets are
         # its restart checkpoint, streams/stages/metrics.py): stopping must not wait for them.
         stream_wait_empty=role != "metrics",
-        # Faust's own stall detector (every 2.5 s) logs an ERROR when an assigned partition
-        # with a backlog sees no fetch, no processing or no commit for this long; its default
-        # (5 min) hides a stuck partition of an auction worker for far too long (README,
-        # Known issues). The metrics role keeps events unacked on purpose: default there.
-        **({"stream_processing_timeout": 30.0, "broker_commit_livelock_soft_timeout": 30.0}
-           if role == "auction" else {}),
+        **stall_timeouts,
     )
     ctx = Context(settings, app, TopicNames.from_settings(settings))
     for spec in topic_specs(settings):
@@ -142,5 +144,5 @@ def create_app(settings: Settings, role: Role = "auction", *, web_port: int | No
     if role in ("auction", "sink"):
         watchdog.install(app)
     app.service(_resources_service(ctx))
-    app.pingpost_context = ctx  # type: ignore[attr-defined]
+    app.pingpost_context = ctx  # type: ignore[attr-defined]  # ours, read by DeadLetters
     return app

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import faust
 
 from streams.settings import FlowConfig, Settings
 from streams.topics import TopicNames
+
+if TYPE_CHECKING:
+    from streams.rules.buyer_stats import AcceptanceCounter
 
 __all__ = ["Context", "ranking_inputs"]
 
@@ -62,11 +65,12 @@ def ranking_inputs(ctx: Context, flow: FlowConfig) -> dict[str, Any]:
     """``decide``'s ``acceptance`` and ``payment`` for ``flow`` in this worker: observed
     acceptance rates (None when the flow does not rank by score) and configured payment
     speeds."""
-    counter, prior = ctx.resources.get("acceptance"), flow.strategy.acceptance_prior
+    counter: AcceptanceCounter | None = ctx.resources.get("acceptance")
+    prior = flow.strategy.acceptance_prior
     payment = ctx.resources.get("payment_speeds")
     if payment is None:
         payment = ctx.resources["payment_speeds"] = {b.id: b.payment_speed
                                                      for b in ctx.settings.buyers}
-    scored = counter is not None and flow.strategy.rank_by == "score"
-    return {"acceptance": counter.rates(prior.rate, prior.weight) if scored else None,
-            "payment": payment}
+    acceptance = (counter.rates(prior.rate, prior.weight)
+                  if counter is not None and flow.strategy.rank_by == "score" else None)
+    return {"acceptance": acceptance, "payment": payment}

@@ -172,6 +172,7 @@ class AlertEngine:
         out = []
         for rule in self.rules:
             span = self.span_ms(rule)
+            subjects: set[Subject]
             if rule.id is not None:
                 subjects = {(rule.scope, rule.id)}
             else:

@@ -140,9 +140,12 @@ def pause_alert(t: Transition, cfg: AutoPauseConfig) -> dict[str, Any]:
     """The ``Alert`` record of a pause transition (firing = paused, resolved = resumed)."""
     state = "firing" if t.state == "paused" else "resolved"
     subject = f"buyer:{t.buyer_id}"
-    msg = (f"buyer {t.buyer_id} paused: {t.failure_rate:.0%} of {t.pings} pings timed out or "
-           f"failed; resumes at {rules._iso(t.until_ms)}"  # noqa: SLF001
-           if t.state == "paused" else f"buyer {t.buyer_id} resumed after its cool-down")
+    if t.state == "paused":
+        assert t.until_ms is not None, "a pause always ends (PauseTracker.evaluate)"
+        msg = (f"buyer {t.buyer_id} paused: {t.failure_rate:.0%} of {t.pings} pings timed out "
+               f"or failed; resumes at {rules._iso(t.until_ms)}")  # noqa: SLF001
+    else:
+        msg = f"buyer {t.buyer_id} resumed after its cool-down"
     return {"alert_id": f"{PAUSE_RULE}|{subject}|{t.at_ms}|{state}", "rule": PAUSE_RULE,
             "metric": "failure_rate", "scope": "buyer", "subject": subject, "state": state,
             "value": t.failure_rate if t.state == "paused" else None,

@@ -20,6 +20,7 @@ import time
 import traceback
 from typing import Any, AsyncIterator, Awaitable, Callable
 
+import faust
 from faust.types import EventT, StreamT
 
 from aiokafka.partitioner import murmur2
@@ -28,7 +29,7 @@ import schemas
 
 __all__ = ["InFlight", "DeadLetters", "KeyedLocks", "Requeue", "now_ms", "is_transient",
            "retry_transient", "durable_set", "durable_pop", "key_partition", "assigned_here",
-           "member_confirmed", "membership_age_s", "hold_unconfirmed"]
+           "member_confirmed", "membership_age_s", "hold_unconfirmed", "Job", "timer", "task"]
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,30 @@ async def retry_transient(work: Callable[[], Awaitable[Any]], what: str,
 def key_partition(key: str, partitions: int) -> int:
     """The partition Kafka's default partitioner (murmur2 of the key bytes) gives ``key``:
     a lead's partition of every lead-keyed topic and table, a buyer's of the caps topic."""
-    return (murmur2(key.encode()) & 0x7FFFFFFF) % partitions
+    hashed: int = murmur2(key.encode())
+    return (hashed & 0x7FFFFFFF) % partitions
+
+
+#: The body of a timer or a start-up task (``timer``, ``task``).
+Job = Callable[[], Awaitable[None]]
+
+
+def timer(app: faust.App, interval: float, *, name: str) -> Callable[[Job], Job]:
+    """``@app.timer(interval=interval, name=name)``, typed: Faust hides ``App.timer`` from
+    the type checker (``@no_type_check``), which leaves every function it decorates untyped.
+    What Faust's decorator returns (a wrapper running the job) is returned as is."""
+    decorate: Callable[[Job], Job] = app.timer(interval=interval, name=name)
+    return decorate
+
+
+def task(app: faust.App) -> Callable[[Job], Job]:
+    """``@app.task``, typed (as :func:`timer`): the job runs once when the worker starts."""
+
+    def decorate(job: Job) -> Job:
+        started: Job = app.task(job)
+        return started
+
+    return decorate
 
 
 def assigned_here(app: Any, topic: str, partition: int) -> bool:
@@ -180,7 +204,7 @@ class DeadLetters:
             settings = getattr(ctx, "settings", None)
         return dead_letter_payload(value, settings)
 
-    async def send(self, event: EventT, reason: str, field: str | None = None) -> None:
+    async def send(self, event: EventT[Any], reason: str, field: str | None = None) -> None:
         from streams.rules.scrub import scrub
 
         msg = event.message
@@ -208,7 +232,7 @@ class DeadLetters:
                               f"dead-letter {record['id']}")
         log.warning("dead-lettered %s (%s): %s", record["id"], self.stage, reason)
 
-    async def guarded(self, event: EventT, work: Callable[[], Awaitable[Any]],
+    async def guarded(self, event: EventT[Any], work: Callable[[], Awaitable[Any]],
                       what: str) -> bool:
         """The per-event failure policy in one place: run ``work``, retrying transient
         errors; on any other failure dead-letter the event with the reason. True if the
@@ -268,7 +292,7 @@ class InFlight:
         return len(self._tasks)
 
     async def submit(
-        self, stream: StreamT, event: EventT, work: Callable[[], Awaitable[None]]
+        self, stream: StreamT[Any], event: EventT[Any], work: Callable[[], Awaitable[None]]
     ) -> None:
         await self._sem.acquire()  # backpressure: the agent stops reading when full
         task = asyncio.create_task(self._run(stream, event, work), name=f"{self.name}")
@@ -276,7 +300,7 @@ class InFlight:
         task.add_done_callback(self._tasks.discard)
 
     async def _run(
-        self, stream: StreamT, event: EventT, work: Callable[[], Awaitable[None]]
+        self, stream: StreamT[Any], event: EventT[Any], work: Callable[[], Awaitable[None]]
     ) -> None:
         try:
             await self.dead.guarded(event, work, self.name)

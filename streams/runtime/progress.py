@@ -81,13 +81,13 @@ def tracker(ctx: Any) -> Progress:
     if progress is not None:
         return progress
     import schemas
-    from streams.runtime.agents import now_ms
+    from streams.runtime.agents import now_ms, timer
 
     progress = ctx.resources["progress"] = Progress(
         f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}")
     topic, app = ctx.topic("progress"), ctx.app
 
-    @app.timer(interval=REPORT_INTERVAL_S, name="progress-report")
+    @timer(app, REPORT_INTERVAL_S, name="progress-report")
     async def report() -> None:
         try:
             assigned = {(tp.topic, tp.partition) for tp in app.consumer.assignment()}

@@ -13,6 +13,7 @@ from typing import Any
 
 import faust
 
+from streams.runtime.agents import timer
 from streams.runtime.faust_patches import WATCHDOG_CALL_TIMEOUT_S, guard_of, guarded
 
 __all__ = ["STALL_S", "StallWatch", "Watchdog", "install", "partition_state",
@@ -181,7 +182,7 @@ def install(app: faust.App) -> None:
     """Run :func:`watch_partitions` every 5 s in ``app``'s worker."""
     dog = Watchdog()
 
-    @app.timer(interval=5.0, name="partition-watchdog")
+    @timer(app, 5.0, name="partition-watchdog")
     async def partition_watchdog() -> None:
         try:
             await watch_partitions(app, dog, time.monotonic())

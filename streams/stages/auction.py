@@ -22,6 +22,7 @@ import base64
 import logging
 import time
 from collections import deque
+from functools import partial
 from typing import Any
 
 import schemas
@@ -38,6 +39,7 @@ from streams.runtime.agents import (
     key_partition,
     now_ms,
     retry_transient,
+    timer,
 )
 
 __all__ = ["register"]
@@ -380,8 +382,7 @@ def register(ctx: Context) -> None:
                 await dead.send(event, f"undecodable bids-topic record: {exc}")
                 continue
             async with lock:
-                await dead.guarded(event, lambda n=name, r=rec, e=event: handle(n, r, e),
-                                   "auction")
+                await dead.guarded(event, partial(handle, name, rec, event), "auction")
 
     def rebuild_indexes() -> None:
         open_index.clear()
@@ -406,7 +407,7 @@ def register(ctx: Context) -> None:
                      "the bids topic); %d open", total, closes["handoff"], closes["topic"],
                      len(open_index))
 
-    @app.timer(interval=10.0, name="auction-stats")
+    @timer(app, 10.0, name="auction-stats")
     async def stats() -> None:
         log_closes()
 
@@ -415,7 +416,7 @@ def register(ctx: Context) -> None:
 
     ctx.closers.append(final_stats)
 
-    @app.timer(interval=0.5, name="auction-sweep")
+    @timer(app, 0.5, name="auction-sweep")
     async def sweep() -> None:
         """Re-arm timers after recovery/rebalance and purge old closed auctions."""
         if rescan[0]:

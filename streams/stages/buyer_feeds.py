@@ -20,7 +20,7 @@ the rates agree up to a few ms of lag; a new buyer starts at the flow's prior
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import schemas
 from streams.rules.buyer_stats import PAUSE_RULE, AcceptanceCounter
@@ -28,12 +28,15 @@ from streams.runtime.agents import now_ms
 from streams.runtime.feeds import follow_topic
 from streams.settings import AutoPauseConfig
 
+if TYPE_CHECKING:
+    from streams.context import Context
+
 __all__ = ["PauseView", "register"]
 
 log = logging.getLogger(__name__)
 
 
-def register(ctx: Any) -> None:
+def register(ctx: Context) -> None:
     """Start the acceptance feed if any flow ranks by score, and the pause feed if any buyer
     has ``auto_pause``."""
     settings = ctx.settings

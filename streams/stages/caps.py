@@ -31,7 +31,8 @@ The ledger itself, pure and JSON-serialisable (it is the table's value), is
 from __future__ import annotations
 
 import logging
-from typing import Any, Awaitable, Callable
+from functools import partial
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 import schemas
 from streams import rules
@@ -46,6 +47,9 @@ from streams.rules.caps import (
     reserve,
 )
 from streams.settings import BuyerCaps
+
+if TYPE_CHECKING:
+    from streams.context import Context
 
 __all__ = ["CapClient", "CapView", "register"]
 
@@ -99,7 +103,7 @@ class CapClient:
                 return here
         rid = str(uuid.uuid4())
         loop = asyncio.get_running_loop()
-        fut = loop.create_future()
+        fut: asyncio.Future[tuple[bool, str]] = loop.create_future()
         self.pending[rid] = fut
         try:
             wait_s = self._timeout_s if timeout_s is None else timeout_s
@@ -114,7 +118,7 @@ class CapClient:
                 if not fut.done() and rebalancing is not None and rebalancing():
                     raise Requeue(f"a cap decision for {buyer_id} cannot come during a "
                                     "rebalance")
-            return fut.result()  # type: ignore[no-any-return]
+            return fut.result()
         finally:
             self.pending.pop(rid, None)
 
@@ -154,7 +158,7 @@ class CapView:
             spend_day=s["spend_day"] if s["day"] == day else 0.0)
 
 
-def register(ctx: Any) -> None:
+def register(ctx: Context) -> None:
     """The owner agent (caps topic → ledger table → decisions + states), the decisions agent
     and the view feed, in every auction worker when any buyer has caps."""
     settings = ctx.settings
@@ -168,7 +172,8 @@ def register(ctx: Any) -> None:
     import copy
 
     from streams.runtime.feeds import follow_topic
-    from streams.runtime.agents import DeadLetters, assigned_here, durable_set, key_partition, now_ms
+    from streams.runtime.agents import (DeadLetters, assigned_here, durable_set, key_partition,
+                                        now_ms, timer)
 
     app = ctx.app
     requests, decisions, states = ctx.topic("caps"), ctx.topic("cap_decisions"), ctx.topic("cap_state")
@@ -265,12 +270,12 @@ def register(ctx: Any) -> None:
                 await dead.send(event, f"undecodable cap request: {exc}")
                 continue
             async with lock:
-                await dead.guarded(event, lambda r=rec: apply(r), "caps")
+                await dead.guarded(event, partial(apply, rec), "caps")
 
     #: buyer -> when this worker last asked itself to expire the buyer's holds.
     expiry_sent: dict[str, int] = {}
 
-    @app.timer(interval=1.0, name="cap-expiry")
+    @timer(app, 1.0, name="cap-expiry")
     async def expiry() -> None:
         """Expired reservations release their slots at once: the owner of a ledger holding
         one applies an ``expire`` request in-process (through the caps topic when it cannot,

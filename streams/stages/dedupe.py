@@ -27,16 +27,20 @@ A redelivered lead (same lead_id) is never a duplicate of itself.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 from streams.rules.dedupe import decide
+
+if TYPE_CHECKING:
+    from streams.context import Context
 
 __all__ = ["register"]
 
 log = logging.getLogger(__name__)
 
 
-def register(ctx: Any) -> None:
+def register(ctx: Context) -> None:
     """The dedupe agent (dedupe topic → identities table → ping-requests or a result) and the
     sold-leads feed, in every auction worker when any flow checks duplicates."""
     settings = ctx.settings
@@ -46,7 +50,7 @@ def register(ctx: Any) -> None:
     import schemas
     from streams.runtime.feeds import follow_topic
     from streams.runtime.progress import tracker
-    from streams.runtime.agents import DeadLetters, now_ms
+    from streams.runtime.agents import DeadLetters, now_ms, timer
 
     app = ctx.app
     requests, results = ctx.topic("ping_requests"), ctx.topic("results")
@@ -91,9 +95,9 @@ def register(ctx: Any) -> None:
             except schemas.SchemaError as exc:
                 await dead.send(event, f"undecodable ping request: {exc}")
                 continue
-            await dead.guarded(event, lambda r=req: handle(r), "dedupe")
+            await dead.guarded(event, partial(handle, req), "dedupe")
 
-    @app.timer(interval=60.0, name="dedupe-purge")
+    @timer(app, 60.0, name="dedupe-purge")
     async def purge() -> None:
         """Forget identities whose leads all left the window (local partitions only)."""
         now = now_ms()

@@ -38,7 +38,7 @@ from streams.rules.buyer_stats import PAUSE_RULE, PauseTracker, pause_alert
 from streams.rules.alerts import AlertEngine, Transition, subject_key
 from streams.context import Context
 from streams.settings.metrics import METRICS
-from streams.runtime.agents import now_ms, retry_transient
+from streams.runtime.agents import now_ms, retry_transient, task, timer
 from streams.rules.windows import WindowedMetrics, metric_value
 
 __all__ = ["register", "MetricsCollector", "PROM_METRICS"]
@@ -209,7 +209,7 @@ def register(ctx: Context) -> None:
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(MetricsCollector(store, engine, mc.export_window_s * 1000, grace_ms,
-                                       status))  # type: ignore[arg-type]
+                                       status))
     transitions = Counter("pingpost_alert_transitions", "alert transitions emitted",
                           ["rule", "state"], registry=registry)
     webhook_failures = Counter("pingpost_alert_webhook_failures",
@@ -339,7 +339,7 @@ def register(ctx: Context) -> None:
                 _, event = queue.popleft()
                 await stream_box[0].ack(event)
 
-    @app.task
+    @task(app)
     async def restore() -> None:
         delay = 0.5
         while True:
@@ -353,7 +353,7 @@ def register(ctx: Context) -> None:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
 
-    @app.timer(interval=min(1.0, mc.window_s / 4), name="metrics-evaluate")
+    @timer(app, min(1.0, mc.window_s / 4), name="metrics-evaluate")
     async def evaluate() -> None:
         if status["targets"] is None:
             return  # restore() has not finished: nothing may be evaluated yet
@@ -391,7 +391,7 @@ def register(ctx: Context) -> None:
             end += w
         store.expire(status["evaluated_until"] - keep_ms)
 
-    @app.timer(interval=0.5, name="auto-pause")
+    @timer(app, 0.5, name="auto-pause")
     async def auto_pause() -> None:
         """Pause/resume buyers (issue 3, rule 10): once caught up, so a replay after a restart
         never decides on partial data; each transition on the alerts topic before it counts."""
@@ -418,7 +418,7 @@ def register(ctx: Context) -> None:
             transitions.labels(PAUSE_RULE, rec["state"]).inc()
             log.warning("%s", rec["message"])
 
-    @app.task
+    @task(app)
     async def serve_metrics() -> None:
         if mc.port == 0:
             return

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from functools import partial
 from typing import Any
 
 import schemas
@@ -149,6 +150,6 @@ def register(ctx: Context) -> None:
                 await dead.send(event, f"undecodable ping request: {exc}")
                 await manual.ack(event)
                 continue
-            await inflight.submit(manual, event, lambda req=req: round_for(req))
+            await inflight.submit(manual, event, partial(round_for, req))
             msg = event.message
             progress.took("ping", msg.topic, msg.partition, msg.offset, ping=True)

@@ -19,6 +19,7 @@ import asyncio
 import copy
 import logging
 import time
+from functools import partial
 from typing import Any
 
 
@@ -42,6 +43,7 @@ from streams.runtime.agents import (
     key_partition,
     member_confirmed,
     now_ms,
+    timer,
 )
 from streams.rules.scrub import scrub
 
@@ -104,15 +106,16 @@ def register(ctx: Context) -> None:
                 w.set()
 
     async def wait_pii(lead_id: str, timeout_s: float) -> dict[str, Any] | None:
-        got = pii_table.get(lead_id)
+        got: dict[str, Any] | None = pii_table.get(lead_id)
         if got is not None:
-            return got  # type: ignore[no-any-return]
+            return got
         ev = waiters.setdefault(lead_id, asyncio.Event())
         try:
             await asyncio.wait_for(ev.wait(), timeout_s)
         except asyncio.TimeoutError:
             waiters.pop(lead_id, None)
-        return pii_table.get(lead_id)  # type: ignore[no-any-return]
+        late: dict[str, Any] | None = pii_table.get(lead_id)
+        return late
 
     async def emit_delivery(order: dict[str, Any], cand: dict[str, Any], attempt: int,
                             status: str, latency: float, reason: str, http_status: int | None,
@@ -211,8 +214,9 @@ def register(ctx: Context) -> None:
         partition (``Requeue``) before anything of this batch is recorded, instead of
         holding the rebalance up until the decision times out."""
         client = ctx.resources.get("caps_client")
-        capped = [c for c in batch
-                  if client is not None and settings.buyer(c["buyer_id"]).caps is not None]
+        if client is None:
+            return batch
+        capped = [c for c in batch if settings.buyer(c["buyer_id"]).caps is not None]
         if not capped:
             return batch
         # Its own short bound, never the whole window: a slot not granted in time is denied
@@ -224,11 +228,13 @@ def register(ctx: Context) -> None:
                              rebalancing=lambda: bool(app.rebalancing),
                              timeout_s=max(0.0, bound_ms / 1000.0)) for c in capped),
             return_exceptions=True)
+        decisions: list[tuple[bool, str]] = []
         for a in answers:
             if isinstance(a, BaseException):
                 raise a
+            decisions.append(a)
         keep = list(batch)
-        for cand, (granted, why) in zip(capped, answers):  # type: ignore[misc]
+        for cand, (granted, why) in zip(capped, decisions):
             if granted:
                 continue
             keep.remove(cand)
@@ -247,7 +253,10 @@ def register(ctx: Context) -> None:
     #: Leads whose timed-out posts this worker is asking again right now.
     reconciling: dict[str, asyncio.Task[None]] = {}
 
-    @app.timer(interval=1.0, name="post-reconcile")
+    def reconciled(lead_id: str, _task: asyncio.Task[None]) -> None:
+        reconciling.pop(lead_id, None)
+
+    @timer(app, 1.0, name="post-reconcile")
     async def reconcile_due() -> None:
         """Ask again, when due, the buyers whose posts timed out on settled leads (the
         ``reconcile`` entry of their ``postings`` state: it survives a crash, the PII is kept
@@ -259,7 +268,7 @@ def register(ctx: Context) -> None:
                 continue
             task = asyncio.ensure_future(reconcile_lead(lead_id))
             reconciling[lead_id] = task
-            task.add_done_callback(lambda _t, lead_id=lead_id: reconciling.pop(lead_id, None))
+            task.add_done_callback(partial(reconciled, lead_id))
 
     async def reconcile_lead(lead_id: str) -> None:
         """Ask each buyer whose post timed out again, with the same Idempotency-Key (it
@@ -269,9 +278,9 @@ def register(ctx: Context) -> None:
         recorded as such. Buyers still not answering are asked again later
         (``RECONCILE_DELAYS_S``), then given up on."""
         async with lead_locks.hold(lead_id):
-            state = postings.get(lead_id)
+            state: dict[str, Any] | None = postings.get(lead_id)
             rec = (state or {}).get("reconcile")
-            if not rec or state.get("result") is None:
+            if state is None or not rec or state.get("result") is None:
                 return
             # Worked on a copy, stored when done: a failure half-way (Kafka) leaves the
             # table's state as it was, and the next try asks every item again (a late sale
@@ -570,4 +579,4 @@ def register(ctx: Context) -> None:
                 await dead.send(event, f"undecodable post order: {exc}")
                 await manual.ack(event)
                 continue
-            await inflight.submit(manual, event, lambda order=order: run_order(order))
+            await inflight.submit(manual, event, partial(run_order, order))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from functools import partial
 from typing import Any
 
 import schemas
@@ -132,7 +133,7 @@ def register(ctx: Context) -> None:
                 continue
             if is_repeat(lead.lead_id, msg.partition, msg.offset):
                 continue
-            await dead.guarded(event, lambda lead=lead: publish(lead), "redact")
+            await dead.guarded(event, partial(publish, lead), "redact")
 
     async def publish(lead: ValidLead) -> None:
         view = redact(settings, lead)

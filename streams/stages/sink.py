@@ -21,6 +21,7 @@ from typing import Any, Awaitable, Callable, TypeVar
 import schemas
 from connectors.clickhouse import ClickHouseClient, ClickHouseUnavailable, connect, migrate
 from streams.context import Context
+from streams.runtime.agents import timer
 
 __all__ = ["WarehouseRetry", "register", "to_row"]
 
@@ -200,6 +201,6 @@ def register(ctx: Context) -> None:
                 room.clear()
                 await room.wait()
 
-    @app.timer(interval=cfg.batch_seconds, name="sink-flush")
+    @timer(app, cfg.batch_seconds, name="sink-flush")
     async def periodic_flush() -> None:
         await flush()

@@ -270,7 +270,7 @@ def _slots(series: Sequence[tuple[datetime, Any]], bucket_s: int) -> list[tuple[
         return []
     by_t = {_utc(t): v for t, v in series}
     t, end = min(by_t), max(by_t)
-    out = []
+    out: list[tuple[datetime, Any]] = []
     while t <= end and len(out) <= MAX_BUCKETS * 4:
         out.append((t, by_t.get(t)))
         t += timedelta(seconds=bucket_s)
@@ -402,7 +402,7 @@ def latency_bins(rows: Sequence[tuple[int, str, int]], deadlines: Sequence[tuple
     """Histogram of (ms, category, count) rows: ``(bin width, axis max, [(bin start,
     {category: count})])``. The axis always reaches past the largest deadline so its marker
     is inside the plot."""
-    hi = max((ms for ms, _, c in rows if c > 0), default=0) + 1
+    hi: float = max((ms for ms, _, c in rows if c > 0), default=0) + 1
     hi = max(hi, max((d for _, d in deadlines), default=0.0) * 1.05)
     top, _ = nice_axis(hi)
     width = max(nice_step(top / 50), 1.0)

@@ -77,11 +77,12 @@ def scope_where(database: str, lead_ids: Sequence[str] | None = None,
                 ) -> tuple[str, dict[str, Any]]:
     """``("WHERE ...", params)`` selecting the leads of a report in any lead-keyed table
     (``""`` for everything)."""
-    conds, params = [], {}
+    conds: list[str] = []
+    params: dict[str, Any] = {}
     if lead_ids is not None:
         conds.append("lead_id IN %(ids)s")
         params["ids"] = list(lead_ids)
-    window = []
+    window: list[str] = []
     if since is not None:
         window.append("received_at >= toDateTime64(%(since)s, 3, 'UTC')")
         params["since"] = ch_time(since)
@@ -122,7 +123,8 @@ def build_report(client: Any, database: str, lead_ids: Sequence[str] | None = No
     where, params = scope_where(db, lead_ids, since, until)
 
     def one(sql: str) -> Sequence[Any]:
-        return client.query(sql, parameters=params).result_rows[0]  # type: ignore[no-any-return]
+        row: Sequence[Any] = client.query(sql, parameters=params).result_rows[0]
+        return row
 
     r = Report()
     (r.leads,) = one(f"SELECT count() FROM {db}.leads FINAL {where}")
@@ -155,15 +157,15 @@ def build_report(client: Any, database: str, lead_ids: Sequence[str] | None = No
             WHERE a.outcome != 'unsold' {and_where}
               AND a.lead_id NOT IN (SELECT lead_id FROM {db}.posts FINAL
                                     WHERE status = 'accepted')""")
-    r.unsold_reasons = [tuple(x) for x in client.query(  # type: ignore[misc]
+    r.unsold_reasons = [tuple(x) for x in client.query(
         f"SELECT reason, count() AS n FROM {db}.auctions FINAL "
         f"{where or 'WHERE 1'} AND outcome = 'unsold' GROUP BY reason ORDER BY n DESC",
         parameters=params).result_rows]
-    r.tiers = [tuple(x) for x in client.query(  # type: ignore[misc]
+    r.tiers = [tuple(x) for x in client.query(
         f"SELECT tier, count(), sum(price) FROM {db}.posts FINAL "
         f"{where or 'WHERE 1'} AND status = 'accepted' GROUP BY tier ORDER BY sum(price) DESC",
         parameters=params).result_rows]
-    r.waterfall = [tuple(x) for x in client.query(  # type: ignore[misc]
+    r.waterfall = [tuple(x) for x in client.query(
         f"SELECT post_attempts, count() FROM {db}.auctions FINAL {where} "
         f"GROUP BY post_attempts ORDER BY post_attempts", parameters=params).result_rows]
     rows = client.query(
@@ -276,11 +278,14 @@ def print_report(r: Report, console: Console | None = None, *, title: str = "pin
         for col in ("tier", "sales", "revenue", "", "post attempts", "leads"):
             g.add_column(col, justify="left" if col == "tier" else "right")
         for i in range(max(len(r.tiers), len(r.waterfall))):
-            t = r.tiers[i] if i < len(r.tiers) else ("", None, None)
-            w = r.waterfall[i] if i < len(r.waterfall) else (None, None)
-            g.add_row(t[0], "" if t[1] is None else f"{t[1]:,}",
-                      "" if t[2] is None else f"${t[2]:,.2f}", "",
-                      "" if w[0] is None else str(w[0]), "" if w[1] is None else f"{w[1]:,}")
+            tier: tuple[str, int | None, float | None] = (
+                r.tiers[i] if i < len(r.tiers) else ("", None, None))
+            depth: tuple[int | None, int | None] = (
+                r.waterfall[i] if i < len(r.waterfall) else (None, None))
+            g.add_row(tier[0], "" if tier[1] is None else f"{tier[1]:,}",
+                      "" if tier[2] is None else f"${tier[2]:,.2f}", "",
+                      "" if depth[0] is None else str(depth[0]),
+                      "" if depth[1] is None else f"{depth[1]:,}")
         c.print(g)
     if r.unsold_reasons:
         u = Table(title="why unsold", title_justify="left")

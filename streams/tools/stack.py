@@ -17,6 +17,7 @@ import sys
 import time
 import urllib.request
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -34,7 +35,8 @@ class StackError(RuntimeError):
 def _http_ok(url: str, timeout: float = 1.0) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (loopback)
-            return 200 <= resp.status < 300
+            status: int = resp.status
+            return 200 <= status < 300
     except OSError:
         return False
 
@@ -166,6 +168,8 @@ class Stack:
                 and "--instance-id" not in args:
             args = [*args, "--instance-id", name]  # the slot: a restart takes its place back
         if self.running(name):
+            # A second read of the pid file: None if the process exited since running() read
+            # it (no caller uses the pid).
             return self._pid(name)  # type: ignore[return-value]
         old = self._procs.pop(name, None)
         if old is not None:  # reap a process that died (e.g. was killed) before replacing it
@@ -284,7 +288,7 @@ class Stack:
             self.spawn("buyers", ["buyers", "simulate"], env)
             for b in s.simulator.buyers.values():
                 url = f"http://{s.simulator.host}:{b.port}/__sim/stats"
-                self.wait_until("buyers", lambda url=url: _http_ok(url), 30)
+                self.wait_until("buyers", partial(_http_ok, url), 30)
         started: list[tuple[str, int]] = []
         for i in range(workers):
             name = "worker" if i == 0 else f"worker{i + 1}"
@@ -312,8 +316,8 @@ class Stack:
         # sent now start their ping round at once, and no worker is still starting up (a
         # Faust start costs a second or two of CPU the first auctions would feel).
         for name, offset in started:
-            self.wait_until(name, lambda name=name, offset=offset: self._logged(
-                name, offset, "[^Worker]: Ready"), 120)
+            self.wait_until(name, partial(self._logged, name, offset,
+                                             "[^Worker]: Ready"), 120)
         self.wait_until("worker", lambda: asyncio.run(_group_stable(
             s.kafka.bootstrap, s.kafka.app_id, members=workers)), 90)
         if with_metrics and s.metrics.port:

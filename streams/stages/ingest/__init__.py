@@ -380,6 +380,8 @@ class IngestServer:
                            backlog=LISTEN_BACKLOG)
         await site.start()
         if self.port == 0:
+            # aiohttp types its private _server as AbstractServer | None; start() made it
+            # the asyncio.Server listening on the port asked for.
             self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 
     async def stop(self) -> None:
