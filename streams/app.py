@@ -126,8 +126,8 @@ def create_app(settings: Settings, role: Role = "auction", *, web_port: int | No
         stream_wait_empty=role != "metrics",
         # Faust's own stall detector (every 2.5 s) logs an ERROR when an assigned partition
         # with a backlog sees no fetch, no processing or no commit for this long; its default
-        # (5 min) hides a stuck partition of an auction worker for far too long (README,
-        # Known issues). The metrics role keeps events unacked on purpose: default there.
+        # (5 min) hides a stuck partition of an auction worker for far too long
+        # (docs/known-issues.md). The metrics role keeps events unacked on purpose: default there.
         **({"stream_processing_timeout": 30.0, "broker_commit_livelock_soft_timeout": 30.0}
            if role == "auction" else {}),
     )
