@@ -78,7 +78,7 @@ def create_app(settings: Settings, role: Role = "auction", *, web_port: int | No
     os.chmod(datadir, 0o700)  # owner only, like everything a worker keeps
     # Faust's own stall detector (every 2.5 s) logs an ERROR when an assigned partition with a
     # backlog sees no fetch, no processing or no commit for this long; its default (5 min)
-    # hides a stuck partition of an auction worker for far too long (README, Known issues).
+    # hides a stuck partition of an auction worker for far too long (docs/known-issues.md).
     # The metrics role keeps events unacked on purpose: default there.
     stall_timeouts: dict[str, Any] = (
         {"stream_processing_timeout": 30.0, "broker_commit_livelock_soft_timeout": 30.0}

@@ -304,7 +304,7 @@ def _view_active_partitions() -> None:
     records of *every* partition when that set is empty at that moment, and Faust then drops
     those of the partitions it does not consider active, after aiokafka advanced their
     position: they are not delivered until the next seek. Suspected for the churn test's
-    stalled partitions (README, Known issues). The thread now reads the set through
+    stalled partitions (docs/known-issues.md). The thread now reads the set through
     :class:`ActiveView`. (A copy taken when Faust asks also removed the stale records the
     offset guard re-seeks, which come from Faust resuming partitions before it seeks them;
     but a partition resumed meanwhile then waited for the running fetch's 1 s timeout: the
@@ -487,7 +487,7 @@ def _guard_offsets() -> None:
                     # Every rebalance ends with a seek of each assigned partition to its
                     # committed offset: this one was missed, and its records are not
                     # processed until the next rebalance. A suspect for the open "partition
-                    # left unfetched" issue (README, Known issues): made loud if it happens.
+                    # left unfetched" issue (docs/known-issues.md): made loud if it happens.
                     g.fence_alarmed.add(tp)
                     log.error("partition %s is assigned and the rebalance is over, but it was "
                               "never sought to its committed offset: its records (offset %d) "

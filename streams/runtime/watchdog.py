@@ -99,7 +99,7 @@ async def watch_partitions(app: Any, dog: Watchdog, now: float) -> list[Any]:
     records waiting that has delivered none for ``dog.stall_s`` outside a rebalance is
     reported (an ERROR with its full state) and sought to the next offset it should deliver,
     which restarts its fetch. Faust's own stall detector only logs; a partition silently left
-    unfetched after a rebalance held its leads until the next one (README, Known issues).
+    unfetched after a rebalance held its leads until the next one (docs/known-issues.md).
     Returns the partitions sought."""
     consumer = app.consumer
     if app.rebalancing or getattr(app, "in_recovery", False) or not consumer.flow_active:

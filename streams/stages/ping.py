@@ -43,7 +43,7 @@ def register(ctx: Context) -> None:
 
     ctx.closers.append(drain)
 
-    # PINGPOST_HANDOFF=0 turns the hand-off off (to measure what it buys; see README Numbers).
+    # PINGPOST_HANDOFF=0 turns the hand-off off (to measure what it buys; see docs/numbers.md).
     handoff = os.environ.get("PINGPOST_HANDOFF", "1") == "1"
 
     async def round_for(req: dict[str, Any]) -> None:

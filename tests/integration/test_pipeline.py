@@ -214,7 +214,7 @@ def test_no_pii_in_pings_topics_or_tables(market: Pipeline, sold_run: dict[str, 
 
 def test_event_topics_hold_avro_and_table_changelogs_json(market: Pipeline,
                                                           sold_run: dict[str, Any]) -> None:
-    """What schemas/__init__.py and the README say: pingpost's event topics carry Avro
+    """What schemas/__init__.py and docs/guarantees.md say: pingpost's event topics carry Avro
     single-object records of their declared events; the Faust tables' changelogs carry
     Faust's JSON. (The leads topic is left out: other tests publish garbage to it.)"""
     from streams.topics import topic_specs
