@@ -53,21 +53,36 @@ async def fan_out(ports: list[int], concurrency: int, seconds: float) -> None:
 
     buyers = [
         BuyerConfig.model_validate(
-            {"id": f"b{i}", "flows": ["solar"], "ping_url": f"http://127.0.0.1:{p}/ping",
-             "post_url": f"http://127.0.0.1:{p}/post", "headers": {"X-Api-Key": "bench-key"}}
+            {
+                "id": f"b{i}",
+                "flows": ["solar"],
+                "ping_url": f"http://127.0.0.1:{p}/ping",
+                "post_url": f"http://127.0.0.1:{p}/post",
+                "headers": {"X-Api-Key": "bench-key"},
+            }
         )
         for i, p in enumerate(ports)
     ]
-    body = {"ping_id": "p", "flow": "solar", "tmax_ms": 700, "state": "CA", "zip": "902",
-            "homeowner": True, "electric_bill": "$200-300", "credit_range": "700+"}
+    body = {
+        "ping_id": "p",
+        "flow": "solar",
+        "tmax_ms": 700,
+        "state": "CA",
+        "zip": "902",
+        "homeowner": True,
+        "electric_bill": "$200-300",
+        "credit_range": "700+",
+    }
     latencies: list[float] = []
     statuses: collections.Counter[str] = collections.Counter()
 
     async with BuyerClient(AiohttpTransport()) as client:
         # warm the keep-alive pool so connection set-up is not in the numbers
         await asyncio.gather(
-            *(client.ping(buyers[i % len(buyers)], body, 2.0, max_price=1e4)
-              for i in range(concurrency))
+            *(
+                client.ping(buyers[i % len(buyers)], body, 2.0, max_price=1e4)
+                for i in range(concurrency)
+            )
         )
         stop = time.monotonic() + seconds
 
@@ -109,7 +124,9 @@ def main() -> None:
 
     server = subprocess.Popen(
         [sys.executable, __file__, "--serve", str(args.buyers)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert server.stdout is not None

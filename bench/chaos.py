@@ -58,14 +58,14 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import schemas  # noqa: E402
-from streams.tools.demo import generate_leads  # noqa: E402
-from streams.rules.posting import post_id_for  # noqa: E402
-from streams.tools.report import is_platform_reason  # noqa: E402
-from streams.settings import load_settings  # noqa: E402
-from streams.tools.simulator import decide_post  # noqa: E402
-from streams.tools.stack import Stack  # noqa: E402
-from streams.topics import TABLES, TopicNames, changelog_topic  # noqa: E402
+import schemas
+from streams.rules.posting import post_id_for
+from streams.settings import load_settings
+from streams.tools.demo import generate_leads
+from streams.tools.report import is_platform_reason
+from streams.tools.simulator import decide_post
+from streams.tools.stack import Stack
+from streams.topics import TABLES, TopicNames, changelog_topic
 
 TOKEN = "chaos-producer-token"
 
@@ -143,14 +143,28 @@ def build_config(opts: Options) -> tuple[Path, dict[str, Any], int]:
                 cfg["caps"]["leads_per_hour"] = opts.cap_per_hour
     # A buyer that answers half its posts after its post timeout (it still decides), and one
     # that echoes the lead's PII in its rejections and errors.
-    added = {"laggard": {"post_slow_share": 0.5, "post_slow_ms": 4000},
-             "echoer": {"echo_pii": True, "post_reject_rate": 0.5, "post_error_rate": 0.2}}
+    added = {
+        "laggard": {"post_slow_share": 0.5, "post_slow_ms": 4000},
+        "echoer": {"echo_pii": True, "post_reject_rate": 0.5, "post_error_rate": 0.2},
+    }
     for bid, spec in added.items():
-        buyers.append({"id": bid, "flows": ["solar"], "tier": "standard", "timeout_ms": 500,
-                       "post_timeout_ms": 1500})
-        sim[bid] = {"bid_probability": 0.6, "price": {"median": 50, "p99": 95},
-                    "exclusive_share": 0.2, "latency_ms": {"median": 40, "p99": 200},
-                    "post_reject_rate": 0.1, **spec}
+        buyers.append(
+            {
+                "id": bid,
+                "flows": ["solar"],
+                "tier": "standard",
+                "timeout_ms": 500,
+                "post_timeout_ms": 1500,
+            }
+        )
+        sim[bid] = {
+            "bid_probability": 0.6,
+            "price": {"median": 50, "p99": 95},
+            "exclusive_share": 0.2,
+            "latency_ms": {"median": 40, "p99": 200},
+            "post_reject_rate": 0.1,
+            **spec,
+        }
     ports = free_ports(5 + len(sim))
     kafka, controller, ch, ingest, metrics = ports[:5]
     for (bid, spec), port in zip(sim.items(), ports[5:]):
@@ -162,8 +176,9 @@ def build_config(opts: Options) -> tuple[Path, dict[str, Any], int]:
     raw["kafka"].update(bootstrap=f"127.0.0.1:{kafka}", topic_prefix="chaos", app_id="chaos")
     raw["clickhouse"].update(url=f"http://127.0.0.1:{ch}", database="chaos", batch_seconds=0.5)
     raw["warehouse"] = {"data_dir": str(opts.run_dir / "warehouse"), "port": ch}
-    raw["ingest"].update(listen=f"127.0.0.1:{ingest}",
-                         producers=[{"name": "chaos", "token": TOKEN}])
+    raw["ingest"].update(
+        listen=f"127.0.0.1:{ingest}", producers=[{"name": "chaos", "token": TOKEN}]
+    )
     raw["worker"] = {"web_port": 0}
     raw["metrics"]["listen"] = f"127.0.0.1:{metrics}"
     raw["alerts"] = []
@@ -173,33 +188,44 @@ def build_config(opts: Options) -> tuple[Path, dict[str, Any], int]:
     return path, raw, controller
 
 
-async def produce(url: str, leads: list[dict[str, Any]], opts: Options, prod: Producer,
-                  t0: float, say: Any) -> None:
+async def produce(
+    url: str, leads: list[dict[str, Any]], opts: Options, prod: Producer, t0: float, say: Any
+) -> None:
     """Offer the leads on schedule; each is retried with its key until accepted."""
     sem = asyncio.Semaphore(400)
-    over_from, over_to = 0.35 * len(leads), 0.35 * len(leads) + opts.overload_s * opts.rate \
-        * opts.overload
+    over_from, over_to = (
+        0.35 * len(leads),
+        0.35 * len(leads) + opts.overload_s * opts.rate * opts.overload,
+    )
 
     def due(i: int) -> float:  # seconds after t0
         if i < over_from:
             return i / opts.rate
         if i < over_to:
             return over_from / opts.rate + (i - over_from) / (opts.rate * opts.overload)
-        return over_from / opts.rate + (over_to - over_from) / (opts.rate * opts.overload) \
+        return (
+            over_from / opts.rate
+            + (over_to - over_from) / (opts.rate * opts.overload)
             + (i - over_to) / opts.rate
+        )
 
     # As many connections as requests in flight: time spent waiting for a pooled connection
     # is the client's, not ingest's (it counted in the 503 timings).
-    async with httpx.AsyncClient(timeout=10.0, limits=httpx.Limits(
-            max_connections=400, max_keepalive_connections=400)) as client:
+    async with httpx.AsyncClient(
+        timeout=10.0, limits=httpx.Limits(max_connections=400, max_keepalive_connections=400)
+    ) as client:
+
         async def one(i: int, lead: dict[str, Any]) -> None:
             key = f"chaos-{opts.seed}-{i}"
             async with sem:
                 while True:
                     started = time.monotonic()
                     try:
-                        r = await client.post(url, json=lead, headers={
-                            "Authorization": f"Bearer {TOKEN}", "Idempotency-Key": key})
+                        r = await client.post(
+                            url,
+                            json=lead,
+                            headers={"Authorization": f"Bearer {TOKEN}", "Idempotency-Key": key},
+                        )
                     except httpx.HTTPError as exc:
                         prod.answers[type(exc).__name__] += 1
                         await asyncio.sleep(1.0)
@@ -212,8 +238,7 @@ async def produce(url: str, leads: list[dict[str, Any]], opts: Options, prod: Pr
                         return
                     if r.status_code in (429, 503):
                         if r.status_code == 503:
-                            prod.slowest_503_s = max(prod.slowest_503_s,
-                                                     time.monotonic() - started)
+                            prod.slowest_503_s = max(prod.slowest_503_s, time.monotonic() - started)
                         await asyncio.sleep(min(5.0, float(r.headers.get("Retry-After", 1))))
                         continue
                     raise RuntimeError(f"lead {i}: unexpected {r.status_code} {r.text}")
@@ -246,22 +271,30 @@ def watch_clickhouse(settings: Any, watch: BrokerWatch) -> None:
         started = time.time()
         try:
             if client is None:
-                client = clickhouse_connect.get_client(host="127.0.0.1", port=port,
-                                                       database=settings.clickhouse.database)
+                client = clickhouse_connect.get_client(
+                    host="127.0.0.1", port=port, database=settings.clickhouse.database
+                )
             rows = client.query("SELECT DISTINCT lead_id FROM auctions").result_rows
             now = int(time.time() * 1000)
             for (lead_id,) in rows:
                 watch.first_seen.setdefault(lead_id, now)
             watch.polls += 1
             watch.last_poll_ms = now
-        except Exception:  # noqa: BLE001 - the warehouse may be down (its own outage)
+        except Exception:
             watch.failed_polls += 1
             client = None
         watch.stop.wait(max(0.0, POLL_S - (time.time() - started)))
 
 
-async def faults(stack: Stack, opts: Options, t0: float, stop: asyncio.Event,
-                 log: list[str], say: Any, watch: BrokerWatch | None = None) -> None:
+async def faults(
+    stack: Stack,
+    opts: Options,
+    t0: float,
+    stop: asyncio.Event,
+    log: list[str],
+    say: Any,
+    watch: BrokerWatch | None = None,
+) -> None:
     """Kill a worker every ``kill_every`` s; one broker outage; one warehouse outage; each
     on its own schedule."""
     duration = opts.leads / opts.rate
@@ -292,7 +325,7 @@ async def faults(stack: Stack, opts: Options, t0: float, stop: asyncio.Event,
                 at += opts.kill_every
                 continue
             name = rnd.choice(workers)
-            pid = stack._pid(name)  # noqa: SLF001
+            pid = stack._pid(name)
             if pid is not None:
                 os.kill(pid, signal.SIGKILL)
                 note(f"kill -9 {name}")
@@ -322,22 +355,33 @@ async def faults(stack: Stack, opts: Options, t0: float, stop: asyncio.Event,
 
             watch.back_ms = int(time.time() * 1000)
             watch.stop = threading.Event()
-            threading.Thread(target=watch_clickhouse, args=(stack.settings, watch),
-                             daemon=True, name="ch-watch").start()
+            threading.Thread(
+                target=watch_clickhouse, args=(stack.settings, watch), daemon=True, name="ch-watch"
+            ).start()
 
     async def warehouse_outage() -> None:
         if not await until(0.1 * duration):
             return
-        pid = stack._pid("warehouse")  # noqa: SLF001
+        pid = stack._pid("warehouse")
         if pid is None:
             return
         os.kill(pid, signal.SIGKILL)
         note(f"kill -9 the warehouse for {opts.warehouse_down:.0f} s")
         await asyncio.sleep(opts.warehouse_down)
         ch = stack.settings.clickhouse.url.rstrip("/")
-        await asyncio.to_thread(stack.spawn, "warehouse",
-                                ["warehouse", "--data-dir", str(opts.run_dir / "warehouse"),
-                                 "--port", ch.rsplit(":", 1)[1]], None, 10)
+        await asyncio.to_thread(
+            stack.spawn,
+            "warehouse",
+            [
+                "warehouse",
+                "--data-dir",
+                str(opts.run_dir / "warehouse"),
+                "--port",
+                ch.rsplit(":", 1)[1],
+            ],
+            None,
+            10,
+        )
         note("warehouse back")
 
     tasks = []
@@ -355,8 +399,9 @@ def read_topic(bootstrap: str, topic: str) -> list[Any]:
     from aiokafka.structs import TopicPartition
 
     async def go() -> list[Any]:
-        c = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=None,
-                             enable_auto_commit=False)
+        c = AIOKafkaConsumer(
+            topic, bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False
+        )
         await c.start()
         try:
             parts = c.partitions_for_topic(topic) or set()
@@ -421,8 +466,7 @@ class PiiScan:
         n = sum(1 for m in self._LAST.findall(low) if m in self.last)
         n += sum(1 for m in self._EMAIL.findall(low) if m in self.emails)
         n += sum(1 for m in self._ADDRESS.findall(low) if m in self.addresses)
-        n += sum(1 for m in self._PHONE.findall(text)
-                 if re.sub(r"\D", "", m)[-10:] in self.phones)
+        n += sum(1 for m in self._PHONE.findall(text) if re.sub(r"\D", "", m)[-10:] in self.phones)
         return n
 
 
@@ -437,7 +481,7 @@ def guarded(name: str, fn: Any, *args: Any) -> Check:
     """A check whose own failure is a failed check, not a lost run."""
     try:
         return fn(*args)  # type: ignore[no-any-return]
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         return Check(name, False, f"the check itself failed: {exc!r}")
 
 
@@ -458,8 +502,11 @@ def check_broker_return(settings: Any, watch: BrokerWatch) -> Check:
     names = TopicNames.from_settings(settings)
     settled: dict[str, int] = {}
     for m in read_topic(settings.kafka.bootstrap, names.results):
-        lead_id = bytes(m.key).decode() if m.key else \
-            schemas.decode_as("AuctionResult", m.value)["lead_id"]
+        lead_id = (
+            bytes(m.key).decode()
+            if m.key
+            else schemas.decode_as("AuctionResult", m.value)["lead_id"]
+        )
         at = max(int(m.timestamp), watch.back_ms)
         settled[lead_id] = min(settled.get(lead_id, at), at)
     end = watch.last_poll_ms
@@ -476,15 +523,20 @@ def check_broker_return(settings: Any, watch: BrokerWatch) -> Check:
             last_lag = max(last_lag, seen)  # lagging until this poll, at the latest
     figure = (last_lag - watch.back_ms) / 1000
     first_poll = min(watch.first_seen.values(), default=watch.back_ms)
-    lacking = sum(1 for lead_id, at in settled.items() if at == watch.back_ms
-                  and watch.first_seen.get(lead_id, end + 1) > first_poll)
-    detail = (f"{figure:.1f} s after the broker's return ClickHouse stopped lagging more "
-              f"than {SINK_SLACK_MS / 1000:.0f} s behind the results topic; {backlog} leads "
-              f"settled before the return ({lacking} not in ClickHouse then), "
-              f"{len(settled) - backlog} after; restart took "
-              f"{(watch.back_ms - watch.restart_ms) / 1000:.1f} s (launch to ready); "
-              f"{watch.polls} polls over {(end - watch.back_ms) / 1000:.0f} s "
-              f"({watch.failed_polls} failed)")
+    lacking = sum(
+        1
+        for lead_id, at in settled.items()
+        if at == watch.back_ms and watch.first_seen.get(lead_id, end + 1) > first_poll
+    )
+    detail = (
+        f"{figure:.1f} s after the broker's return ClickHouse stopped lagging more "
+        f"than {SINK_SLACK_MS / 1000:.0f} s behind the results topic; {backlog} leads "
+        f"settled before the return ({lacking} not in ClickHouse then), "
+        f"{len(settled) - backlog} after; restart took "
+        f"{(watch.back_ms - watch.restart_ms) / 1000:.1f} s (launch to ready); "
+        f"{watch.polls} polls over {(end - watch.back_ms) / 1000:.0f} s "
+        f"({watch.failed_polls} failed)"
+    )
     if never:
         detail = f"{never} settled leads never seen in ClickHouse while watched; " + detail
     return Check(name, never == 0 and figure <= 30.0, detail)
@@ -527,13 +579,20 @@ def check_cap_delivered(client: Any, settings: Any, buyer_id: str, caps: Any) ->
     off = ZoneInfo(caps.timezone).utcoffset(__import__("datetime").datetime.now())
     posts = client.query(
         "SELECT lead_id, status, toUnixTimestamp64Milli(sent_at) FROM posts FINAL "
-        "WHERE buyer_id = {b:String}", parameters={"b": buyer_id}).result_rows
-    skips = sorted(r[0] for r in client.query(
-        "SELECT toUnixTimestamp64Milli(sent_at) FROM pings FINAL WHERE buyer_id = {b:String} "
-        "AND status = 'filtered' AND reason LIKE 'cap leads_per_hour%'",
-        parameters={"b": buyer_id}).result_rows)
-    last_ping = client.query("SELECT max(toUnixTimestamp64Milli(sent_at)) FROM pings"
-                             ).result_rows[0][0]
+        "WHERE buyer_id = {b:String}",
+        parameters={"b": buyer_id},
+    ).result_rows
+    skips = sorted(
+        r[0]
+        for r in client.query(
+            "SELECT toUnixTimestamp64Milli(sent_at) FROM pings FINAL WHERE buyer_id = {b:String} "
+            "AND status = 'filtered' AND reason LIKE 'cap leads_per_hour%'",
+            parameters={"b": buyer_id},
+        ).result_rows
+    )
+    last_ping = client.query("SELECT max(toUnixTimestamp64Milli(sent_at)) FROM pings").result_rows[
+        0
+    ][0]
     hour_ms = 3_600_000
     by_hour: dict[int, list[tuple[str, str, int]]] = defaultdict(list)
     for lead_id, status, at in posts:
@@ -557,8 +616,9 @@ def check_cap_delivered(client: Any, settings: Any, buyer_id: str, caps: Any) ->
             parts.append(f"{label} {len(accepted)} accepted, never skipped for its cap")
             continue
 
-        def occupied(t: int, counted_at: dict[str, int] = counted_at,
-                     rows: list[tuple[str, str, int]] = rows) -> tuple[int, int]:
+        def occupied(
+            t: int, counted_at: dict[str, int] = counted_at, rows: list[tuple[str, str, int]] = rows
+        ) -> tuple[int, int]:
             taken = {lid for lid, at in counted_at.items() if at <= t + 1000}
             flying = {lid for lid, _, at in rows if t - w_ms <= at <= t + 1000} - taken
             return len(taken), len(flying)
@@ -582,54 +642,87 @@ def check_cap_delivered(client: Any, settings: Any, buyer_id: str, caps: Any) ->
             f"(skipped for its cap {len(hs)} times, "
             f"{time.strftime('%H:%M:%S', time.gmtime(hs[0] / 1000))}-"
             f"{time.strftime('%H:%M:%S', time.gmtime(hs[-1] / 1000))}, "
-            + (f"{flying_end} in flight at the last" if judged else
-               "not to the hour's end: total not judged")
+            + (
+                f"{flying_end} in flight at the last"
+                if judged
+                else "not to the hour's end: total not judged"
+            )
             + f"); {len(unexplained)} skips unexplained, longest run {longest / 1000:.0f} s "
-            f"(hold TTL {ttl / 1000:.0f} s)")
+            f"(hold TTL {ttl / 1000:.0f} s)"
+        )
     return Check(name, ok, "; ".join(parts) or "no posts")
 
 
-def check(settings: Any, stack: Stack, leads: list[dict[str, Any]], prod: Producer,
-          settled_after_s: float | None, fault_log: list[str],
-          watch: BrokerWatch | None = None) -> list[Check]:
+def check(
+    settings: Any,
+    stack: Stack,
+    leads: list[dict[str, Any]],
+    prod: Producer,
+    settled_after_s: float | None,
+    fault_log: list[str],
+    watch: BrokerWatch | None = None,
+) -> list[Check]:
     import clickhouse_connect
 
     names = TopicNames.from_settings(settings)
     ch_url = settings.clickhouse.url.rstrip("/")
-    client = clickhouse_connect.get_client(host="127.0.0.1", port=int(ch_url.rsplit(":", 1)[1]),
-                                           database=settings.clickhouse.database)
+    client = clickhouse_connect.get_client(
+        host="127.0.0.1", port=int(ch_url.rsplit(":", 1)[1]), database=settings.clickhouse.database
+    )
     ids = sorted(set(prod.accepted.values()))
     checks: list[Check] = []
 
-    auctions = {r[0]: r for r in client.query(
-        "SELECT lead_id, outcome, winners, reason, dateDiff('millisecond', received_at, "
-        "opened_at), toUnixTimestamp64Milli(received_at) FROM auctions FINAL").result_rows}
+    auctions = {
+        r[0]: r
+        for r in client.query(
+            "SELECT lead_id, outcome, winners, reason, dateDiff('millisecond', received_at, "
+            "opened_at), toUnixTimestamp64Milli(received_at) FROM auctions FINAL"
+        ).result_rows
+    }
     missing = [i for i in ids if i not in auctions]
     extra = [i for i in auctions if i not in set(ids)]
-    checks.append(Check("every accepted lead has one outcome", not missing,
-                        f"{len(ids)} accepted, {len(missing)} without an outcome"))
-    checks.append(Check("no duplicate lead (producer retries)", not extra and not prod.mismatched,
-                        f"{len(extra)} leads nobody accepted; {prod.mismatched} keys answered "
-                        "with two ids"))
+    checks.append(
+        Check(
+            "every accepted lead has one outcome",
+            not missing,
+            f"{len(ids)} accepted, {len(missing)} without an outcome",
+        )
+    )
+    checks.append(
+        Check(
+            "no duplicate lead (producer retries)",
+            not extra and not prod.mismatched,
+            f"{len(extra)} leads nobody accepted; {prod.mismatched} keys answered with two ids",
+        )
+    )
     sold = defaultdict(list)
     for lead_id, buyer, post_id in client.query(
-            "SELECT lead_id, buyer_id, post_id FROM posts FINAL WHERE status = 'accepted'"
+        "SELECT lead_id, buyer_id, post_id FROM posts FINAL WHERE status = 'accepted'"
     ).result_rows:
         sold[lead_id].append((buyer, post_id))
     twice = sum(1 for v in sold.values() for n in Counter(b for b, _ in v).values() if n > 1)
     shared_max = settings.flows["solar"].strategy.shared_max
-    beyond = sum(1 for lead_id, v in sold.items()
-                 if (auctions.get(lead_id, ("", "sold_shared"))[1] == "sold_exclusive"
-                     and len(v) > 1) or len(v) > shared_max)
+    beyond = sum(
+        1
+        for lead_id, v in sold.items()
+        if (auctions.get(lead_id, ("", "sold_shared"))[1] == "sold_exclusive" and len(v) > 1)
+        or len(v) > shared_max
+    )
     checks.append(Check("no lead sold twice to one buyer", twice == 0, f"{twice} (lead, buyer)"))
-    checks.append(Check("exclusivity and shared_max held", beyond == 0,
-                        f"{beyond} leads over (reconciled late acceptances count)"))
+    checks.append(
+        Check(
+            "exclusivity and shared_max held",
+            beyond == 0,
+            f"{beyond} leads over (reconciled late acceptances count)",
+        )
+    )
     # What the buyers accepted: each post the simulator received, decided by its key.
     accepted_by_buyers: set[tuple[str, str]] = set()
     sim = settings.simulator
     for buyer_id, cfg in sim.buyers.items():
-        r = httpx.get(f"http://{sim.host}:{cfg.port}/__sim/received", params={"kind": "post"},
-                      timeout=60)
+        r = httpx.get(
+            f"http://{sim.host}:{cfg.port}/__sim/received", params={"kind": "post"}, timeout=60
+        )
         for rec in r.json():
             body = orjson.loads(rec["body"])
             if decide_post(sim.seed, buyer_id, body["post_id"], cfg).outcome == "accepted":
@@ -642,44 +735,73 @@ def check(settings: Any, stack: Stack, leads: list[dict[str, Any]], prod: Produc
         time.sleep(2.0)
         sold = defaultdict(list)
         for lead_id, buyer, post_id in client.query(
-                "SELECT lead_id, buyer_id, post_id FROM posts FINAL WHERE status = 'accepted'"
+            "SELECT lead_id, buyer_id, post_id FROM posts FINAL WHERE status = 'accepted'"
         ).result_rows:
             sold[lead_id].append((buyer, post_id))
         recorded = {(lead_id, b) for lead_id, v in sold.items() for b, _ in v}
     if recorded != accepted_by_buyers:  # what to look for in the logs and topics
         with open(stack.run_dir / "sales-mismatch.txt", "w") as f:
             for lead_id, b in sorted(accepted_by_buyers - recorded):
-                f.write(f"accepted, not recorded: {lead_id} {b} post_id "
-                        f"{post_id_for(lead_id, b)}\n")
+                f.write(
+                    f"accepted, not recorded: {lead_id} {b} post_id {post_id_for(lead_id, b)}\n"
+                )
             for lead_id, b in sorted(recorded - accepted_by_buyers):
                 f.write(f"recorded, not accepted: {lead_id} {b}\n")
-    checks.append(Check("sales recorded = acceptances seen by buyers",
-                        recorded == accepted_by_buyers,
-                        f"{len(recorded)} recorded, {len(accepted_by_buyers)} accepted; "
-                        f"{len(accepted_by_buyers - recorded)} accepted but not recorded, "
-                        f"{len(recorded - accepted_by_buyers)} recorded but not accepted"))
+    checks.append(
+        Check(
+            "sales recorded = acceptances seen by buyers",
+            recorded == accepted_by_buyers,
+            f"{len(recorded)} recorded, {len(accepted_by_buyers)} accepted; "
+            f"{len(accepted_by_buyers - recorded)} accepted but not recorded, "
+            f"{len(recorded - accepted_by_buyers)} recorded but not accepted",
+        )
+    )
     capped = {b.id: b.caps for b in settings.buyers if b.caps is not None}
     for buyer_id, caps in capped.items():
         per_hour = client.query(
             "SELECT toStartOfHour(sent_at) h, count() FROM posts FINAL WHERE status = "
-            "'accepted' AND buyer_id = {b:String} GROUP BY h", parameters={"b": buyer_id}
+            "'accepted' AND buyer_id = {b:String} GROUP BY h",
+            parameters={"b": buyer_id},
         ).result_rows
         worst = max((n for _, n in per_hour), default=0)
         limit = caps.leads_per_hour or 10**9
-        checks.append(Check(f"cap of {buyer_id} never exceeded", worst <= limit,
-                            f"at most {worst} in an hour (cap {caps.leads_per_hour})"))
-        checks.append(guarded(f"cap of {buyer_id} delivered in full", check_cap_delivered,
-                              client, settings, buyer_id, caps))
+        checks.append(
+            Check(
+                f"cap of {buyer_id} never exceeded",
+                worst <= limit,
+                f"at most {worst} in an hour (cap {caps.leads_per_hour})",
+            )
+        )
+        checks.append(
+            guarded(
+                f"cap of {buyer_id} delivered in full",
+                check_cap_delivered,
+                client,
+                settings,
+                buyer_id,
+                caps,
+            )
+        )
     if watch is not None and watch.back_ms:
-        checks.append(guarded("broker return -> ClickHouse holds every settled lead <= 30 s",
-                              check_broker_return, settings, watch))
+        checks.append(
+            guarded(
+                "broker return -> ClickHouse holds every settled lead <= 30 s",
+                check_broker_return,
+                settings,
+                watch,
+            )
+        )
     orders: dict[str, set[bytes]] = defaultdict(set)
     for m in read_topic(settings.kafka.bootstrap, names.posts):
         orders[schemas.decode_as("PostOrder", m.value)["lead_id"]].add(bytes(m.value))
     multi = sum(1 for v in orders.values() if len(v) > 1)
-    checks.append(Check("one post order per lead", multi == 0 and set(ids) <= set(orders),
-                        f"{multi} leads with two different orders; "
-                        f"{len(set(ids) - set(orders))} without"))
+    checks.append(
+        Check(
+            "one post order per lead",
+            multi == 0 and set(ids) <= set(orders),
+            f"{multi} leads with two different orders; {len(set(ids) - set(orders))} without",
+        )
+    )
     # PII: every topic but the documented ones, every table, every log.
     allowed = {names.leads, names.lead_pii, changelog_topic(settings.kafka.app_id, "pii")}
     pii = PiiScan(leads)
@@ -691,11 +813,15 @@ def check(settings: Any, stack: Stack, leads: list[dict[str, Any]], prod: Produc
             hits[where] += n
 
     for topic in list_topics(settings.kafka.bootstrap):
-        if topic in allowed or not (topic.startswith("chaos") or topic in
-                                    {changelog_topic(settings.kafka.app_id, t) for t in TABLES}):
+        if topic in allowed or not (
+            topic.startswith("chaos")
+            or topic in {changelog_topic(settings.kafka.app_id, t) for t in TABLES}
+        ):
             continue
-        blob = b"\n".join(bytes(m.value or b"") + b" " + bytes(m.key or b"")
-                           for m in read_topic(settings.kafka.bootstrap, topic))
+        blob = b"\n".join(
+            bytes(m.value or b"") + b" " + bytes(m.key or b"")
+            for m in read_topic(settings.kafka.bootstrap, topic)
+        )
         scan(f"topic {topic}", blob.decode("utf-8", "replace"))
     for (table,) in client.query("SHOW TABLES").result_rows:
         text = "\n".join(str(r) for r in client.query(f"SELECT * FROM `{table}`").result_rows)
@@ -703,12 +829,21 @@ def check(settings: Any, stack: Stack, leads: list[dict[str, Any]], prod: Produc
     for log in sorted(stack.log_dir.glob("*.log")):
         scan(f"log {log.name}", log.read_text(errors="replace"))
     # The scan must be able to find PII: it does, in the leads topic.
-    found = pii.hits(b"\n".join(bytes(m.value) for m in read_topic(
-        settings.kafka.bootstrap, names.leads)).decode("utf-8", "replace"))
-    checks.append(Check("no PII outside its places", not hits and found > 0,
-                        ", ".join(f"{k}: {n}" for k, n in hits.most_common(6)) or
-                        f"{pii.values} values looked for in topics, tables, logs "
-                        f"({found} found in the leads topic, where they belong)"))
+    found = pii.hits(
+        b"\n".join(
+            bytes(m.value) for m in read_topic(settings.kafka.bootstrap, names.leads)
+        ).decode("utf-8", "replace")
+    )
+    checks.append(
+        Check(
+            "no PII outside its places",
+            not hits and found > 0,
+            ", ".join(f"{k}: {n}" for k, n in hits.most_common(6))
+            or f"{pii.values} values looked for in topics, tables, logs "
+            f"({found} found in the leads topic, where they belong)",
+        )
+    )
+
     def pct(xs: list[int]) -> str:
         xs = sorted(xs)
         if not xs:
@@ -718,35 +853,62 @@ def check(settings: Any, stack: Stack, leads: list[dict[str, Any]], prod: Produc
     everyone = [auctions[i][4] for i in ids if i in auctions]
     lo, hi = prod.overload_ms
     overloaded = [auctions[i][4] for i in ids if i in auctions and lo <= auctions[i][5] <= hi]
-    p99 = sorted(overloaded)[min(len(overloaded) - 1, int(0.99 * len(overloaded)))] \
-        if overloaded else 0
-    checks.append(Check("receipt -> ping open during the overload, p99 <= 1 s",
-                        bool(overloaded) and p99 <= 1000,
-                        f"{pct(overloaded)} ({len(overloaded)} leads); all accepted leads, "
-                        f"outages included: {pct(everyone)}"))
-    platform_reasons = Counter(auctions[i][3] for i in ids if i in auctions
-                               and auctions[i][1] == "unsold"
-                               and is_platform_reason(auctions[i][3]))
+    p99 = (
+        sorted(overloaded)[min(len(overloaded) - 1, int(0.99 * len(overloaded)))]
+        if overloaded
+        else 0
+    )
+    checks.append(
+        Check(
+            "receipt -> ping open during the overload, p99 <= 1 s",
+            bool(overloaded) and p99 <= 1000,
+            f"{pct(overloaded)} ({len(overloaded)} leads); all accepted leads, "
+            f"outages included: {pct(everyone)}",
+        )
+    )
+    platform_reasons = Counter(
+        auctions[i][3]
+        for i in ids
+        if i in auctions and auctions[i][1] == "unsold" and is_platform_reason(auctions[i][3])
+    )
     platform = sum(platform_reasons.values())
-    checks.append(Check("no lead unsold for a platform reason", platform == 0,
-                        f"{platform} leads" + "".join(
-                            f"; {n}: {r[:160]}" for r, n in platform_reasons.most_common(3))))
-    checks.append(Check("last lead settled <= 15 s after the last push",
-                        settled_after_s is not None and settled_after_s <= 15,
-                        "never" if settled_after_s is None else f"{settled_after_s:.1f} s"))
+    checks.append(
+        Check(
+            "no lead unsold for a platform reason",
+            platform == 0,
+            f"{platform} leads"
+            + "".join(f"; {n}: {r[:160]}" for r, n in platform_reasons.most_common(3)),
+        )
+    )
+    checks.append(
+        Check(
+            "last lead settled <= 15 s after the last push",
+            settled_after_s is not None and settled_after_s <= 15,
+            "never" if settled_after_s is None else f"{settled_after_s:.1f} s",
+        )
+    )
     # Server side, from ingest's log, from the moment ingest had the whole request (the
     # producer's own clock also counts its connection pool and its event loop: seen up to
     # 17 s while ingest answered every 503 in 2.1 s; and a body the producer was slow to
     # send: 4.0 s from the headers, once, while ingest's own loop never stalled).
-    times = [(float(a), float(b)) for a, b in re.findall(
-        r"answered 503 ([0-9.]+) s after the request arrived \(([0-9.]+) s after its body",
-        (stack.log_dir / "ingest.log").read_text(errors="replace"))]
+    times = [
+        (float(a), float(b))
+        for a, b in re.findall(
+            r"answered 503 ([0-9.]+) s after the request arrived \(([0-9.]+) s after its body",
+            (stack.log_dir / "ingest.log").read_text(errors="replace"),
+        )
+    ]
     served = [b for _, b in times]
-    checks.append(Check("ingest answered 503 within 3 s", max(served, default=0.0) <= 3.0,
-                        f"{len(served)} answered in at most {max(served, default=0.0):.1f} s "
-                        f"from the whole request ({max((a for a, _ in times), default=0.0):.1f}"
-                        f" s from its headers; the producer saw up to "
-                        f"{prod.slowest_503_s:.1f} s); answers {dict(prod.answers)}"))
+    checks.append(
+        Check(
+            "ingest answered 503 within 3 s",
+            max(served, default=0.0) <= 3.0,
+            f"{len(served)} answered in at most {max(served, default=0.0):.1f} s "
+            f"from the whole request ({max((a for a, _ in times), default=0.0):.1f}"
+            f" s from its headers; the producer saw up to "
+            f"{prod.slowest_503_s:.1f} s); answers {dict(prod.answers)}",
+        )
+    )
     client.close()
     return checks
 
@@ -759,16 +921,22 @@ def run(opts: Options, say: Any = print) -> list[Check]:
         shutil.rmtree(opts.run_dir)
     config_path, raw, controller_port = build_config(opts)
     settings = load_settings(config_path)
-    stack = Stack(settings, config_path, opts.run_dir,
-                  kafka_port=int(raw["kafka"]["bootstrap"].rsplit(":", 1)[1]),
-                  kafka_controller_port=controller_port,
-                  say=(lambda m: None) if opts.quiet else (lambda m: say(f"  {m}")))
+    stack = Stack(
+        settings,
+        config_path,
+        opts.run_dir,
+        kafka_port=int(raw["kafka"]["bootstrap"].rsplit(":", 1)[1]),
+        kafka_controller_port=controller_port,
+        say=(lambda m: None) if opts.quiet else (lambda m: say(f"  {m}")),
+    )
     leads = generate_leads(opts.leads, seed=opts.seed)
     prod = Producer()
     watch = BrokerWatch()
     fault_log: list[str] = []
-    say(f"chaos: {opts.leads} leads at {opts.rate}/s, {opts.workers} auction workers, "
-        f"run dir {opts.run_dir}")
+    say(
+        f"chaos: {opts.leads} leads at {opts.rate}/s, {opts.workers} auction workers, "
+        f"run dir {opts.run_dir}"
+    )
     stack.up(workers=opts.workers, with_metrics=False)
     try:
         url = f"http://{settings.ingest.host}:{settings.ingest.port}/v1/leads"
@@ -776,8 +944,7 @@ def run(opts: Options, say: Any = print) -> list[Check]:
         async def drive() -> None:
             t0 = time.monotonic()
             stop = asyncio.Event()
-            chaos = asyncio.create_task(faults(stack, opts, t0, stop, fault_log, say,
-                                                watch))
+            chaos = asyncio.create_task(faults(stack, opts, t0, stop, fault_log, say, watch))
             try:
                 await produce(url, leads, opts, prod, t0, say)
             finally:
@@ -786,8 +953,9 @@ def run(opts: Options, say: Any = print) -> list[Check]:
 
         asyncio.run(drive())
         say(f"pushed: {len(prod.accepted)} accepted; answers {dict(prod.answers)}")
-        settled_after = wait_settled(settings, sorted(set(prod.accepted.values())), prod,
-                                     opts.settle_timeout, say)
+        settled_after = wait_settled(
+            settings, sorted(set(prod.accepted.values())), prod, opts.settle_timeout, say
+        )
         if watch.stop is not None:
             time.sleep(SINK_SLACK_MS / 1000 + 2 * POLL_S)  # the last leads' rows, polled
             watch.stop.set()
@@ -801,8 +969,9 @@ def run(opts: Options, say: Any = print) -> list[Check]:
     return checks
 
 
-def wait_settled(settings: Any, ids: list[str], prod: Producer, timeout: float,
-                 say: Any) -> float | None:
+def wait_settled(
+    settings: Any, ids: list[str], prod: Producer, timeout: float, say: Any
+) -> float | None:
     """Seconds from the last push until every accepted lead has a settled auction in
     ClickHouse (None: not within ``timeout``)."""
     import clickhouse_connect
@@ -813,12 +982,16 @@ def wait_settled(settings: Any, ids: list[str], prod: Producer, timeout: float,
     while time.monotonic() < deadline:
         try:
             client = clickhouse_connect.get_client(
-                host="127.0.0.1", port=int(ch_url.rsplit(":", 1)[1]),
-                database=settings.clickhouse.database)
-            n = client.query("SELECT count() FROM auctions FINAL WHERE lead_id IN "
-                             "{ids:Array(String)}", parameters={"ids": ids}).result_rows[0][0]
+                host="127.0.0.1",
+                port=int(ch_url.rsplit(":", 1)[1]),
+                database=settings.clickhouse.database,
+            )
+            n = client.query(
+                "SELECT count() FROM auctions FINAL WHERE lead_id IN {ids:Array(String)}",
+                parameters={"ids": ids},
+            ).result_rows[0][0]
             client.close()
-        except Exception:  # noqa: BLE001 - the warehouse may still be coming back
+        except Exception:
             n = last
         if n != last:
             say(f"  settled {n} of {len(ids)}")
@@ -845,15 +1018,28 @@ def main() -> None:
     p.add_argument("--overload-s", type=float, default=o.overload_s)
     p.add_argument("--seed", type=int, default=o.seed)
     p.add_argument("--run-dir", type=Path, default=o.run_dir)
-    p.add_argument("--cap", type=int, default=None,
-                   help="the capped buyer's leads_per_hour (default: config/demo.yaml's)")
+    p.add_argument(
+        "--cap",
+        type=int,
+        default=None,
+        help="the capped buyer's leads_per_hour (default: config/demo.yaml's)",
+    )
     p.add_argument("--settle-timeout", type=float, default=o.settle_timeout)
     a = p.parse_args()
-    opts = Options(leads=a.leads, rate=a.rate, workers=a.workers, kill_every=a.kill_every,
-                   broker_down=0 if a.no_broker else a.broker_down,
-                   warehouse_down=0 if a.no_warehouse else a.warehouse_down,
-                   overload=a.overload, overload_s=a.overload_s, seed=a.seed,
-                   run_dir=a.run_dir, settle_timeout=a.settle_timeout, cap_per_hour=a.cap)
+    opts = Options(
+        leads=a.leads,
+        rate=a.rate,
+        workers=a.workers,
+        kill_every=a.kill_every,
+        broker_down=0 if a.no_broker else a.broker_down,
+        warehouse_down=0 if a.no_warehouse else a.warehouse_down,
+        overload=a.overload,
+        overload_s=a.overload_s,
+        seed=a.seed,
+        run_dir=a.run_dir,
+        settle_timeout=a.settle_timeout,
+        cap_per_hour=a.cap,
+    )
     checks = run(opts)
     sys.exit(0 if all(c.ok for c in checks) else 1)
 

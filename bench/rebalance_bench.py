@@ -18,8 +18,8 @@ from pathlib import Path
 
 import clickhouse_connect
 
-from streams.tools.demo import generate_leads, push_leads
 from streams.settings import load_settings
+from streams.tools.demo import generate_leads, push_leads
 from streams.tools.stack import Stack
 
 
@@ -30,8 +30,13 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=30.0)
     args = ap.parse_args()
     s = load_settings(args.config)
-    stack = Stack(s, Path(args.config).resolve(), Path(".run").resolve(), say=lambda m: None,
-                  kafka_port=int(s.kafka.bootstrap.rsplit(":", 1)[1]))
+    stack = Stack(
+        s,
+        Path(args.config).resolve(),
+        Path(".run").resolve(),
+        say=lambda m: None,
+        kafka_port=int(s.kafka.bootstrap.rsplit(":", 1)[1]),
+    )
     if not stack.running("worker"):
         raise SystemExit("start the stack first: pingpost up --workers 2")
     n = int(args.rate * args.seconds)
@@ -54,11 +59,15 @@ def main() -> None:
         return pushed.lead_ids
 
     ids = asyncio.run(run())
-    ch = clickhouse_connect.get_client(host="127.0.0.1", port=int(s.clickhouse.url.rsplit(":", 1)[1]))
+    ch = clickhouse_connect.get_client(
+        host="127.0.0.1", port=int(s.clickhouse.url.rsplit(":", 1)[1])
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        done = ch.query(f"SELECT count() FROM {s.clickhouse.database}.auctions FINAL "
-                        "WHERE lead_id IN %(ids)s", parameters={"ids": ids}).result_rows[0][0]
+        done = ch.query(
+            f"SELECT count() FROM {s.clickhouse.database}.auctions FINAL WHERE lead_id IN %(ids)s",
+            parameters={"ids": ids},
+        ).result_rows[0][0]
         if done == len(ids):
             break
         time.sleep(1)
@@ -66,20 +75,25 @@ def main() -> None:
         f"SELECT toUnixTimestamp64Milli(received_at), close_lag_ms, "
         f"toUnixTimestamp64Milli(opened_at) - toUnixTimestamp64Milli(received_at) "
         f"FROM {s.clickhouse.database}.auctions FINAL WHERE lead_id IN %(ids)s",
-        parameters={"ids": ids}).result_rows
+        parameters={"ids": ids},
+    ).result_rows
     t0 = min(r[0] for r in rows)
     print(f"{len(rows)} of {len(ids)} leads settled")
     print(" s  leads  close-lag p50/max ms  queue p50/max ms")
     for sec in range(int(args.seconds) + 1):
         xs = [r for r in rows if sec * 1000 <= r[0] - t0 < (sec + 1) * 1000]
         if xs:
-            print(f"{sec:2d}  {len(xs):5d}  {statistics.median(r[1] for r in xs):8.0f} "
-                  f"{max(r[1] for r in xs):6.0f}  {statistics.median(r[2] for r in xs):9.0f} "
-                  f"{max(r[2] for r in xs):6.0f}")
+            print(
+                f"{sec:2d}  {len(xs):5d}  {statistics.median(r[1] for r in xs):8.0f} "
+                f"{max(r[1] for r in xs):6.0f}  {statistics.median(r[2] for r in xs):9.0f} "
+                f"{max(r[2] for r in xs):6.0f}"
+            )
     lags = sorted(r[1] for r in rows)
     queue = sorted(r[2] for r in rows)
-    print(f"overall close lag p50 {lags[len(lags) // 2]:.0f} ms, p99 "
-          f"{lags[int(len(lags) * 0.99)]:.0f} ms; queue p99 {queue[int(len(queue) * 0.99)]:.0f} ms")
+    print(
+        f"overall close lag p50 {lags[len(lags) // 2]:.0f} ms, p99 "
+        f"{lags[int(len(lags) * 0.99)]:.0f} ms; queue p99 {queue[int(len(queue) * 0.99)]:.0f} ms"
+    )
 
 
 if __name__ == "__main__":

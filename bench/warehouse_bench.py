@@ -118,10 +118,14 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=500, help="SELECT 1 samples")
     args = parser.parse_args()
     with contextlib.ExitStack() as stack:
-        url = args.url or stack.enter_context(warehouse(stack.enter_context(tempfile.TemporaryDirectory())))
+        url = args.url or stack.enter_context(
+            warehouse(stack.enter_context(tempfile.TemporaryDirectory()))
+        )
         parts = urllib.parse.urlsplit(url)
         for compress in ("lz4", False):
-            client = clickhouse_connect.get_client(host=parts.hostname, port=parts.port, compress=compress)
+            client = clickhouse_connect.get_client(
+                host=parts.hostname, port=parts.port, compress=compress
+            )
             stack.callback(client.close)
             db = f"bench_{uuid.uuid4().hex[:8]}"
             client.command(f"CREATE DATABASE {db}")

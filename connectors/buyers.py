@@ -30,8 +30,6 @@ from typing import Any, Final, Literal, Protocol
 import aiohttp
 import orjson
 
-
-
 # What this client reads of a buyer's configuration. Structural: ``streams.settings``'
 # ``BuyerConfig`` and its mappings fit them, and connectors import nothing from streams/.
 
@@ -75,6 +73,7 @@ class BuyerConfig(Protocol):
     def response(self) -> ResponseMapping: ...
     @property
     def post_response(self) -> PostResponseMapping: ...
+
 
 __all__ = [
     "AiohttpTransport",
@@ -288,8 +287,9 @@ def parse_ping_response(
         if price < 0:
             raise _Invalid(f"price {_price_text(price)} is negative")
         if price > max_price:
-            raise _Invalid(f"price {_price_text(price)} above max_price {_price_text(max_price)} "
-                          "(absurd)")
+            raise _Invalid(
+                f"price {_price_text(price)} above max_price {_price_text(max_price)} (absurd)"
+            )
         if price < min_price:
             raise _Invalid(f"price {_price_text(price)} below min_price {_price_text(min_price)}")
 
@@ -402,8 +402,7 @@ def _translate(exc: aiohttp.ClientError) -> BuyerTransportError:
 def _stale_connection(exc: BaseException) -> bool:
     """A reused keep-alive socket the buyer had already closed (not a refused connect)."""
     return isinstance(exc, aiohttp.ServerDisconnectedError) or (
-        isinstance(exc, aiohttp.ClientOSError)
-        and not isinstance(exc, aiohttp.ClientConnectorError)
+        isinstance(exc, aiohttp.ClientOSError) and not isinstance(exc, aiohttp.ClientConnectorError)
     )
 
 
@@ -471,8 +470,9 @@ class AiohttpTransport:
             except aiohttp.ClientError as exc:
                 if not retried and _stale_connection(exc):
                     retried = True
-                    log.info("retrying a request on a fresh connection after %s",
-                             type(exc).__name__)
+                    log.info(
+                        "retrying a request on a fresh connection after %s", type(exc).__name__
+                    )
                     continue
                 raise _translate(exc) from None
 

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any, Protocol
 from urllib.parse import urlparse
 
 import clickhouse_connect
 from clickhouse_connect.driver.exceptions import ClickHouseError, DatabaseError, OperationalError
-from typing import Protocol
 
 
 class Secret(Protocol):
@@ -39,8 +39,16 @@ class ClickHouseConfig(Protocol):
     @property
     def password(self) -> Secret: ...
 
-__all__ = ["ClickHouseConfig", "ClickHouseUnavailable", "MIGRATIONS", "ClickHouseClient", "connect",
-           "migrate", "TABLE_COLUMNS"]
+
+__all__ = [
+    "ClickHouseConfig",
+    "ClickHouseUnavailable",
+    "MIGRATIONS",
+    "ClickHouseClient",
+    "connect",
+    "migrate",
+    "TABLE_COLUMNS",
+]
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +174,7 @@ def _metric_statements() -> list[str]:
             no_bids UInt64, timeouts UInt64, errors UInt64, bid_sum Float64,
             pings_posted UInt64, posts UInt64, posts_accepted UInt64,
             leads UInt64, leads_sold UInt64, revenue Float64,
-            {', '.join(f'{c} Nullable(Float64)' for c in rates.split(', '))},
+            {", ".join(f"{c} Nullable(Float64)" for c in rates.split(", "))},
             revenue_per_lead Nullable(Float64),
             refreshed_at DateTime64(3, 'UTC')
         ) ENGINE = ReplacingMergeTree(refreshed_at)
@@ -187,20 +195,26 @@ def _metric_statements() -> list[str]:
         ) ENGINE = ReplacingMergeTree(refreshed_at)
         PARTITION BY toYYYYMM(minute) ORDER BY (buyer_id, minute)""",
     ]
-    for table, select in (("flow_minute", _FLOW_MINUTE_SELECT),
-                          ("buyer_minute", _BUYER_MINUTE_SELECT)):
+    for table, select in (
+        ("flow_minute", _FLOW_MINUTE_SELECT),
+        ("buyer_minute", _BUYER_MINUTE_SELECT),
+    ):
         for suffix, schedule, since in _METRIC_REFRESHES:
             statements.append(
                 f"CREATE MATERIALIZED VIEW IF NOT EXISTS {{db}}.{table}_mv_{suffix}"
                 f" REFRESH {schedule} APPEND TO {{db}}.{table} AS"
-                + select.replace("@SINCE@", since))
+                + select.replace("@SINCE@", since)
+            )
     return statements
 
 
 #: (version, description, statements). ``{db}`` is the configured database. Append only.
 MIGRATIONS: list[tuple[int, str, list[str]]] = [
-    (1, "event tables", [
-        """CREATE TABLE IF NOT EXISTS {db}.leads (
+    (
+        1,
+        "event tables",
+        [
+            """CREATE TABLE IF NOT EXISTS {db}.leads (
             lead_id String,
             flow LowCardinality(String),
             source LowCardinality(String),
@@ -210,7 +224,7 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             pii_hashes Map(String, String)
         ) ENGINE = ReplacingMergeTree
         PARTITION BY toYYYYMM(received_at) ORDER BY lead_id""",
-        """CREATE TABLE IF NOT EXISTS {db}.pings (
+            """CREATE TABLE IF NOT EXISTS {db}.pings (
             ping_id String,
             lead_id String,
             flow LowCardinality(String),
@@ -226,7 +240,7 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             http_status Nullable(UInt16)
         ) ENGINE = ReplacingMergeTree
         PARTITION BY toYYYYMM(sent_at) ORDER BY ping_id""",
-        """CREATE TABLE IF NOT EXISTS {db}.auctions (
+            """CREATE TABLE IF NOT EXISTS {db}.auctions (
             lead_id String,
             flow LowCardinality(String),
             source LowCardinality(String),
@@ -248,7 +262,7 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             post_attempts UInt16
         ) ENGINE = ReplacingMergeTree
         PARTITION BY toYYYYMM(closed_at) ORDER BY lead_id""",
-        """CREATE TABLE IF NOT EXISTS {db}.posts (
+            """CREATE TABLE IF NOT EXISTS {db}.posts (
             attempt_id String,
             post_id String,
             lead_id String,
@@ -266,7 +280,7 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             attempt UInt16
         ) ENGINE = ReplacingMergeTree
         PARTITION BY toYYYYMM(sent_at) ORDER BY attempt_id""",
-        """CREATE TABLE IF NOT EXISTS {db}.alerts (
+            """CREATE TABLE IF NOT EXISTS {db}.alerts (
             rule String,
             subject String,
             state LowCardinality(String),
@@ -275,7 +289,7 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             message String
         ) ENGINE = ReplacingMergeTree
         PARTITION BY toYYYYMM(at) ORDER BY (rule, subject, at, state)""",
-        """CREATE TABLE IF NOT EXISTS {db}.dead_letters (
+            """CREATE TABLE IF NOT EXISTS {db}.dead_letters (
             id String,
             stage LowCardinality(String),
             topic String,
@@ -286,24 +300,79 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             at DateTime64(3, 'UTC')
         ) ENGINE = ReplacingMergeTree
         PARTITION BY toYYYYMM(at) ORDER BY id""",
-    ]),
-    (2, "metric tables flow_minute and buyer_minute, filled by refreshable views over FINAL",
-     _metric_statements()),
+        ],
+    ),
+    (
+        2,
+        "metric tables flow_minute and buyer_minute, filled by refreshable views over FINAL",
+        _metric_statements(),
+    ),
 ]
 
 #: Column order of each event table as the sink inserts it.
 TABLE_COLUMNS: dict[str, list[str]] = {
-    "leads": ["lead_id", "flow", "source", "received_at", "created_at", "ping_fields",
-              "pii_hashes"],
-    "pings": ["ping_id", "lead_id", "flow", "buyer_id", "tier", "sent_at", "answered_at",
-              "latency_ms", "status", "price", "exclusive", "reason", "http_status"],
-    "auctions": ["lead_id", "flow", "source", "outcome", "winners", "prices", "price_total",
-                 "reason", "received_at", "opened_at", "deadline_at", "closed_at",
-                 "settled_at", "duration_ms", "close_reason", "close_lag_ms", "pinged", "bids",
-                 "post_attempts"],
-    "posts": ["attempt_id", "post_id", "lead_id", "flow", "buyer_id", "tier", "ping_id",
-              "price", "exclusive", "status", "latency_ms", "reason", "http_status", "sent_at",
-              "attempt"],
+    "leads": [
+        "lead_id",
+        "flow",
+        "source",
+        "received_at",
+        "created_at",
+        "ping_fields",
+        "pii_hashes",
+    ],
+    "pings": [
+        "ping_id",
+        "lead_id",
+        "flow",
+        "buyer_id",
+        "tier",
+        "sent_at",
+        "answered_at",
+        "latency_ms",
+        "status",
+        "price",
+        "exclusive",
+        "reason",
+        "http_status",
+    ],
+    "auctions": [
+        "lead_id",
+        "flow",
+        "source",
+        "outcome",
+        "winners",
+        "prices",
+        "price_total",
+        "reason",
+        "received_at",
+        "opened_at",
+        "deadline_at",
+        "closed_at",
+        "settled_at",
+        "duration_ms",
+        "close_reason",
+        "close_lag_ms",
+        "pinged",
+        "bids",
+        "post_attempts",
+    ],
+    "posts": [
+        "attempt_id",
+        "post_id",
+        "lead_id",
+        "flow",
+        "buyer_id",
+        "tier",
+        "ping_id",
+        "price",
+        "exclusive",
+        "status",
+        "latency_ms",
+        "reason",
+        "http_status",
+        "sent_at",
+        "attempt",
+    ],
     "alerts": ["rule", "subject", "state", "value", "at", "message"],
     "dead_letters": ["id", "stage", "topic", "partition", "offset", "reason", "field", "at"],
 }
@@ -347,8 +416,9 @@ class ClickHouseClient:
 
     async def insert(self, table: str, rows: Sequence[Sequence[Any]]) -> None:
         try:
-            await self.client.insert(table, rows, column_names=TABLE_COLUMNS[table],
-                                     database=self.database)
+            await self.client.insert(
+                table, rows, column_names=TABLE_COLUMNS[table], database=self.database
+            )
         except (DatabaseError, OperationalError, ClickHouseError) as exc:
             raise _translate(exc) from exc
 
@@ -358,12 +428,14 @@ class ClickHouseClient:
 
 def _translate(exc: Exception) -> ClickHouseUnavailable:
     retriable = isinstance(exc, OperationalError) or "Connection" in type(exc).__name__
-    return ClickHouseUnavailable(str(exc).strip().splitlines()[0][:500] if str(exc) else
-                                 type(exc).__name__, retriable)
+    return ClickHouseUnavailable(
+        str(exc).strip().splitlines()[0][:500] if str(exc) else type(exc).__name__, retriable
+    )
 
 
-async def connect(cfg: ClickHouseConfig, *, attempts: int = 1,
-                  delay_s: float = 1.0) -> ClickHouseClient:
+async def connect(
+    cfg: ClickHouseConfig, *, attempts: int = 1, delay_s: float = 1.0
+) -> ClickHouseClient:
     """Connect to ClickHouse at ``cfg.url`` (retrying ``attempts`` times for start-up races)."""
     last: Exception | None = None
     for i in range(attempts):
@@ -384,7 +456,8 @@ async def migrate(wh: ClickHouseClient) -> list[int]:
     await wh.command(
         f"CREATE TABLE IF NOT EXISTS {db}.schema_migrations (version UInt32, description String,"
         f" applied_at DateTime64(3, 'UTC') DEFAULT now64(3)) ENGINE = ReplacingMergeTree"
-        f" ORDER BY version")
+        f" ORDER BY version"
+    )
     done = {r[0] for r in await wh.query_rows(f"SELECT version FROM {db}.schema_migrations FINAL")}
     applied = []
     for version, desc, statements in MIGRATIONS:
@@ -392,8 +465,11 @@ async def migrate(wh: ClickHouseClient) -> list[int]:
             continue
         for stmt in statements:
             await wh.command(stmt.format(db=db))
-        await wh.command(f"INSERT INTO {db}.schema_migrations (version, description) VALUES"
-                         f" ({version}, {{d:String}})", d=desc)
+        await wh.command(
+            f"INSERT INTO {db}.schema_migrations (version, description) VALUES"
+            f" ({version}, {{d:String}})",
+            d=desc,
+        )
         applied.append(version)
         log.info("applied ClickHouse migration %d: %s", version, desc)
     return applied

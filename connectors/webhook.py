@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import httpx
 
@@ -43,18 +44,24 @@ FailureHook = Callable[[WebhookDelivery, str], Awaitable[None]]
 
 
 class WebhookSender:
-    def __init__(self, *, timeout_s: float, attempts: int, backoff_s: float,
-                 on_failure: FailureHook | None = None,
-                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        timeout_s: float,
+        attempts: int,
+        backoff_s: float,
+        on_failure: FailureHook | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
         self.attempts = attempts
         self.backoff_s = backoff_s
         self.on_failure = on_failure
         # httpx logs every request's full URL at INFO; a webhook URL is a secret (it often
         # carries the token), so that logger stays at WARNING in a process that sends them.
-        logging.getLogger("httpx").setLevel(max(logging.WARNING,
-                                                logging.getLogger("httpx").level))
-        self._client = httpx.AsyncClient(timeout=httpx.Timeout(timeout_s), transport=transport,
-                                         follow_redirects=False)
+        logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger("httpx").level))
+        self._client = httpx.AsyncClient(
+            timeout=httpx.Timeout(timeout_s), transport=transport, follow_redirects=False
+        )
         self._queue: asyncio.Queue[WebhookDelivery] = asyncio.Queue(MAX_QUEUED)
         self._task: asyncio.Task[None] | None = None
         self.delivered = 0
@@ -67,8 +74,11 @@ class WebhookSender:
             self._queue.put_nowait(delivery)
         except asyncio.QueueFull:
             self.failed += 1
-            log.error("alert webhook of rule %s dropped: %d deliveries already queued",
-                      delivery.rule, MAX_QUEUED)
+            log.error(
+                "alert webhook of rule %s dropped: %d deliveries already queued",
+                delivery.rule,
+                MAX_QUEUED,
+            )
             if self.on_failure is not None:
                 asyncio.ensure_future(self.on_failure(delivery, "dropped: webhook queue full"))
 
@@ -90,8 +100,8 @@ class WebhookSender:
         for attempt in range(1, self.attempts + 1):
             try:
                 resp = await self._client.post(
-                    d.url, json=d.payload,
-                    headers={**d.headers, "Idempotency-Key": d.alert_id})
+                    d.url, json=d.payload, headers={**d.headers, "Idempotency-Key": d.alert_id}
+                )
                 if 200 <= resp.status_code < 300:
                     self.delivered += 1
                     return
@@ -103,8 +113,14 @@ class WebhookSender:
             except httpx.HTTPError as exc:  # connection refused, reset, DNS, ...
                 reason = type(exc).__name__
             if attempt < self.attempts:
-                log.warning("alert webhook of rule %s failed (%s), attempt %d/%d; retrying in "
-                            "%.1fs", d.rule, reason, attempt, self.attempts, delay)
+                log.warning(
+                    "alert webhook of rule %s failed (%s), attempt %d/%d; retrying in %.1fs",
+                    d.rule,
+                    reason,
+                    attempt,
+                    self.attempts,
+                    delay,
+                )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, MAX_BACKOFF_S)
         self.failed += 1
@@ -117,7 +133,7 @@ class WebhookSender:
         """Wait (at most ``timeout``) for queued deliveries."""
         try:
             await asyncio.wait_for(self._queue.join(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
 
     async def aclose(self) -> None:

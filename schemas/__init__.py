@@ -81,9 +81,10 @@ def _inline(node: Any, seen: set[str], directory: Path | None = None) -> Any:
     if isinstance(node, list):
         return [_inline(n, seen, directory) for n in node]
     if isinstance(node, dict):
-        return {k: (_inline(v, seen, directory) if k in ("type", "items", "values", "fields")
-                    else v)
-                for k, v in node.items()}
+        return {
+            k: (_inline(v, seen, directory) if k in ("type", "items", "values", "fields") else v)
+            for k, v in node.items()
+        }
     return node
 
 

@@ -56,8 +56,14 @@ def _resources_service(ctx: Context) -> type[mode.Service]:
     return Resources
 
 
-def create_app(settings: Settings, role: Role = "auction", *, web_port: int | None = None,
-               data_root: Path | None = None, instance_id: str | None = None) -> faust.App:
+def create_app(
+    settings: Settings,
+    role: Role = "auction",
+    *,
+    web_port: int | None = None,
+    data_root: Path | None = None,
+    instance_id: str | None = None,
+) -> faust.App:
     """``data_root``: where Faust's data directory goes (``<data_root>/<app id>``); by default
     under the system's temporary directory, so that nothing is left in the caller's working
     directory (tables are in memory and rebuilt from their changelogs: nothing there must
@@ -65,8 +71,10 @@ def create_app(settings: Settings, role: Role = "auction", *, web_port: int | No
     ``group.instance.id``; ``worker.static_membership``), unique among the running workers of
     the role; None joins as a dynamic member."""
     if role == "auction" and (pending := unenforced_keys(settings)):
-        raise ConfigError("these keys are validated but not applied by this version yet; "
-                          "remove them rather than rely on them:\n  " + "\n  ".join(pending))
+        raise ConfigError(
+            "these keys are validated but not applied by this version yet; "
+            "remove them rather than rely on them:\n  " + "\n  ".join(pending)
+        )
     # Auctions need every hop in a few ms; the sink and metrics roles batch and window, and
     # 100 ms keeps their idle fetches from taking CPU the auctions need.
     faust_patches.apply(faust_patches.WORKER_FETCH_MAX_WAIT_MS if role == "auction" else 100)
@@ -82,7 +90,9 @@ def create_app(settings: Settings, role: Role = "auction", *, web_port: int | No
     # The metrics role keeps events unacked on purpose: default there.
     stall_timeouts: dict[str, Any] = (
         {"stream_processing_timeout": 30.0, "broker_commit_livelock_soft_timeout": 30.0}
-        if role == "auction" else {})
+        if role == "auction"
+        else {}
+    )
     app = faust.App(
         app_id,
         datadir=str(datadir),
@@ -135,9 +145,11 @@ def create_app(settings: Settings, role: Role = "auction", *, web_port: int | No
             stage.register(ctx)
     elif role == "sink":
         from streams.stages import sink
+
         sink.register(ctx)
     elif role == "metrics":
         from streams.stages import metrics
+
         metrics.register(ctx)
     else:
         raise ValueError(f"unknown role {role!r}")

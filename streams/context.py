@@ -69,8 +69,12 @@ def ranking_inputs(ctx: Context, flow: FlowConfig) -> dict[str, Any]:
     prior = flow.strategy.acceptance_prior
     payment = ctx.resources.get("payment_speeds")
     if payment is None:
-        payment = ctx.resources["payment_speeds"] = {b.id: b.payment_speed
-                                                     for b in ctx.settings.buyers}
-    acceptance = (counter.rates(prior.rate, prior.weight)
-                  if counter is not None and flow.strategy.rank_by == "score" else None)
+        payment = ctx.resources["payment_speeds"] = {
+            b.id: b.payment_speed for b in ctx.settings.buyers
+        }
+    acceptance = (
+        counter.rates(prior.rate, prior.weight)
+        if counter is not None and flow.strategy.rank_by == "score"
+        else None
+    )
     return {"acceptance": acceptance, "payment": payment}

@@ -25,6 +25,7 @@ TABLES = ("auctions", "pii", "postings", "caps", "identities", "lead_ids")
 def changelog_topic(app_id: str, table: str) -> str:
     return f"{app_id}-{table}-changelog"
 
+
 DAY_MS = 24 * 3600 * 1000
 HOUR_MS = 3600 * 1000
 
@@ -56,7 +57,7 @@ class TopicNames:
     progress: str
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "TopicNames":
+    def from_settings(cls, settings: Settings) -> TopicNames:
         p = settings.kafka.topic_prefix
         return cls(
             leads=f"{p}.leads",
@@ -85,9 +86,14 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
     hour_segments = {"segment.ms": str(HOUR_MS)}
     leads_ms = int(settings.privacy.leads_retention_hours * HOUR_MS)
     return [
-        TopicSpec(n.leads, ("Lead",), parts, {"retention.ms": str(leads_ms), **hour_segments},
-                  "leads in, from producers and HTTP ingest; PII-bearing (whole leads), kept "
-                  "privacy.leads_retention_hours"),
+        TopicSpec(
+            n.leads,
+            ("Lead",),
+            parts,
+            {"retention.ms": str(leads_ms), **hour_segments},
+            "leads in, from producers and HTTP ingest; PII-bearing (whole leads), kept "
+            "privacy.leads_retention_hours",
+        ),
         TopicSpec(n.ping_requests, ("PingRequest",), parts, week, "accepted leads, ping view only"),
         # PII: compacted, one day at most (the post stage's table forgets it once settled).
         TopicSpec(
@@ -97,37 +103,81 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
             {"cleanup.policy": "compact,delete", "retention.ms": str(DAY_MS), **hour_segments},
             "PII of accepted leads; read only by the post stage",
         ),
-        TopicSpec(n.bids, ("AuctionOpen", "Bid", "AuctionClose"), parts, week,
-                  "ping rounds: open marker, one outcome per ping, close markers"),
+        TopicSpec(
+            n.bids,
+            ("AuctionOpen", "Bid", "AuctionClose"),
+            parts,
+            week,
+            "ping rounds: open marker, one outcome per ping, close markers",
+        ),
         TopicSpec(n.posts, ("PostOrder",), parts, week, "winner events: ranked bids to post"),
         TopicSpec(n.deliveries, ("Delivery",), parts, week, "post attempts and answers"),
         TopicSpec(n.results, ("AuctionResult",), parts, week, "settled outcome per lead"),
-        TopicSpec(n.deadletter, ("DeadLetter",), parts, {"retention.ms": str(30 * DAY_MS)},
-                  "records a stage could not process, with the reason"),
+        TopicSpec(
+            n.deadletter,
+            ("DeadLetter",),
+            parts,
+            {"retention.ms": str(30 * DAY_MS)},
+            "records a stage could not process, with the reason",
+        ),
         # Compacted: it keeps the last state of every (rule, subject), which the metrics role
         # reads at start-up so a restart never re-emits a transition (streams/rules/alerts.py).
-        TopicSpec(n.alerts, ("Alert",), 1, {"cleanup.policy": "compact"},
-                  "alert state changes, key = <rule>|<subject>"),
-        TopicSpec(n.dedupe, ("PingRequest",), parts, week,
-                  "ping requests of flows with duplicate checks, key = identity hash (one owner "
-                  "per person)"),
-        TopicSpec(n.caps, ("CapRequest",), parts, week,
-                  "cap reservations, commits and releases, key = buyer_id (one owner per buyer)"),
-        TopicSpec(n.cap_decisions, ("CapDecision",), parts, week,
-                  "the cap owner's answers to reservations, key = lead_id"),
-        TopicSpec(n.cap_state, ("CapState",), parts, {"cleanup.policy": "compact"},
-                  "each buyer's cap counters after every change, key = buyer_id"),
+        TopicSpec(
+            n.alerts,
+            ("Alert",),
+            1,
+            {"cleanup.policy": "compact"},
+            "alert state changes, key = <rule>|<subject>",
+        ),
+        TopicSpec(
+            n.dedupe,
+            ("PingRequest",),
+            parts,
+            week,
+            "ping requests of flows with duplicate checks, key = identity hash (one owner "
+            "per person)",
+        ),
+        TopicSpec(
+            n.caps,
+            ("CapRequest",),
+            parts,
+            week,
+            "cap reservations, commits and releases, key = buyer_id (one owner per buyer)",
+        ),
+        TopicSpec(
+            n.cap_decisions,
+            ("CapDecision",),
+            parts,
+            week,
+            "the cap owner's answers to reservations, key = lead_id",
+        ),
+        TopicSpec(
+            n.cap_state,
+            ("CapState",),
+            parts,
+            {"cleanup.policy": "compact"},
+            "each buyer's cap counters after every change, key = buyer_id",
+        ),
         # Admission control: workers' progress every ~200 ms; only the last seconds matter.
-        TopicSpec(n.progress, ("Progress",), 1,
-                  {"retention.ms": str(600_000), "segment.ms": str(600_000)},
-                  "auction workers' progress reports for ingest's admission control, "
-                  "key = worker id"),
-        *(TopicSpec(changelog_topic(settings.kafka.app_id, t), (), parts,
-                    # The PII table's changelog holds PII: compacted and also deleted after a
-                    # day, in hour-long segments so deletion is not held back by a big segment.
-                    {"cleanup.policy": "compact,delete", "retention.ms": str(DAY_MS),
-                     **hour_segments} if t == "pii"
-                    else {"cleanup.policy": "compact"},
-                    f"changelog of the Faust table '{t}'")
-          for t in TABLES),
+        TopicSpec(
+            n.progress,
+            ("Progress",),
+            1,
+            {"retention.ms": str(600_000), "segment.ms": str(600_000)},
+            "auction workers' progress reports for ingest's admission control, key = worker id",
+        ),
+        *(
+            TopicSpec(
+                changelog_topic(settings.kafka.app_id, t),
+                (),
+                parts,
+                # The PII table's changelog holds PII: compacted and also deleted after a
+                # day, in hour-long segments so deletion is not held back by a big segment.
+                {"cleanup.policy": "compact,delete", "retention.ms": str(DAY_MS), **hour_segments}
+                if t == "pii"
+                else {"cleanup.policy": "compact"},
+                f"changelog of the Faust table '{t}'",
+            )
+            for t in TABLES
+        ),
     ]

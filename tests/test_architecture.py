@@ -45,7 +45,7 @@ def test_no_import_circle() -> None:
         state[m] = 1
         for n in sorted(edges.get(m, ())):
             if state.get(n) == 1:
-                circles.append(path[path.index(n):] + [n] if n in path else [m, n])
+                circles.append(path[path.index(n) :] + [n] if n in path else [m, n])
             elif n not in state:
                 visit(n, path + [n])
         state[m] = 2
@@ -54,8 +54,11 @@ def test_no_import_circle() -> None:
         if m not in state:
             visit(m, [m])
     # A package importing its own submodules (re-exports) is not a circle of the code.
-    circles = [c for c in circles if not all(x == c[0] or x.startswith(c[0] + ".")
-                                             or c[0].startswith(x + ".") for x in c)]
+    circles = [
+        c
+        for c in circles
+        if not all(x == c[0] or x.startswith(c[0] + ".") or c[0].startswith(x + ".") for x in c)
+    ]
     assert circles == [], "\n".join(" -> ".join(c) for c in circles)
 
 

@@ -58,18 +58,26 @@ def main(argv: list[str] | None = None) -> int:
         description="Embedded ClickHouse warehouse: owns a chDB data directory"
         " and serves ClickHouse's HTTP interface.",
     )
-    parser.add_argument("--data-dir", required=True, help="chDB data directory (created if missing)")
+    parser.add_argument(
+        "--data-dir", required=True, help="chDB data directory (created if missing)"
+    )
     parser.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default: loopback; there is no auth)"
     )
-    parser.add_argument("--port", type=int, default=8123, help="HTTP port (default 8123, 0 picks a free one)")
+    parser.add_argument(
+        "--port", type=int, default=8123, help="HTTP port (default 8123, 0 picks a free one)"
+    )
     parser.add_argument(
         "--pool-size", type=int, default=4, help="chDB sessions = concurrent queries (default 4)"
     )
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument(
+        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+        level=args.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
     )
     try:
         run(args.data_dir, args.host, args.port, args.pool_size)

@@ -21,7 +21,9 @@ class BodyDecoder:
         self.encoding = encoding
         self._active: Any = None
         if encoding not in ("lz4", "zstd", "gzip", "x-gzip", "deflate"):
-            raise ClickHouseError.server(NOT_IMPLEMENTED, f"Unsupported Content-Encoding: {encoding!r}")
+            raise ClickHouseError.server(
+                NOT_IMPLEMENTED, f"Unsupported Content-Encoding: {encoding!r}"
+            )
 
     def _new_frame(self, first: bytes) -> Any:
         if self.encoding == "lz4":
@@ -31,7 +33,9 @@ class BodyDecoder:
         if self.encoding in ("gzip", "x-gzip"):
             return zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
         # HTTP "deflate" is zlib-wrapped (RFC 9110), but some clients send raw deflate.
-        zlib_header = len(first) >= 2 and first[0] & 0x0F == 8 and (first[0] << 8 | first[1]) % 31 == 0
+        zlib_header = (
+            len(first) >= 2 and first[0] & 0x0F == 8 and (first[0] << 8 | first[1]) % 31 == 0
+        )
         return zlib.decompressobj(wbits=zlib.MAX_WBITS if zlib_header else -zlib.MAX_WBITS)
 
     def decompress(self, data: bytes) -> bytes:
@@ -57,7 +61,9 @@ class BodyDecoder:
 
     def finish(self) -> None:
         if self._active is not None:  # a frame started but never ended
-            raise ClickHouseError.server(CANNOT_DECOMPRESS, f"Truncated {self.encoding} request body")
+            raise ClickHouseError.server(
+                CANNOT_DECOMPRESS, f"Truncated {self.encoding} request body"
+            )
 
 
 class IdentityDecoder:

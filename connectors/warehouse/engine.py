@@ -68,7 +68,11 @@ class _StreamingInserter(Protocol):
 
 class _Session(Protocol):
     def query(
-        self, sql: str | bytes, fmt: str = ..., udf_path: str = ..., params: dict[str, str] | None = ...
+        self,
+        sql: str | bytes,
+        fmt: str = ...,
+        udf_path: str = ...,
+        params: dict[str, str] | None = ...,
     ) -> _QueryResult: ...
     def send_query(
         self, sql: str | bytes, fmt: str = ..., params: dict[str, str] | None = ...
@@ -152,7 +156,9 @@ class SessionPool:
             .split("\t")
         )
         self.version, self.timezone = version, tz
-        rows = first.query("SELECT name, value FROM system.settings", "TabSeparated").bytes().decode()
+        rows = (
+            first.query("SELECT name, value FROM system.settings", "TabSeparated").bytes().decode()
+        )
         for line in rows.splitlines():
             name, _, value = line.partition("\t")
             self.default_settings[name] = value
@@ -347,7 +353,12 @@ def run_query(
 
 
 def start_stream(
-    pool: SessionPool, slot: _Slot, state: RequestState, sql: bytes, fmt: str, params: dict[str, str]
+    pool: SessionPool,
+    slot: _Slot,
+    state: RequestState,
+    sql: bytes,
+    fmt: str,
+    params: dict[str, str],
 ) -> _StreamingResult:
     session = pool.prepare(slot, state)
     try:
@@ -356,7 +367,9 @@ def start_stream(
         raise ClickHouseError.from_engine(exc) from exc
 
 
-def fetch(stream: _StreamingResult, encoder: ResponseEncoder | None) -> tuple[bytes, int, int] | None:
+def fetch(
+    stream: _StreamingResult, encoder: ResponseEncoder | None
+) -> tuple[bytes, int, int] | None:
     """Next block as (bytes ready to send, rows, storage rows read); None at the end."""
     try:
         result = stream.fetch()

@@ -35,7 +35,9 @@ class WarehouseError(RuntimeError):
 class DataDirInUseError(WarehouseError):
     """Another process already owns the data directory."""
 
-    def __init__(self, data_dir: Path, pid: int | None, holder: str = "another warehouse process") -> None:
+    def __init__(
+        self, data_dir: Path, pid: int | None, holder: str = "another warehouse process"
+    ) -> None:
         self.data_dir = data_dir
         self.pid = pid
         who = f"{holder} (pid {pid})" if pid is not None else f"{holder} (pid unknown)"

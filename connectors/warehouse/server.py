@@ -299,7 +299,9 @@ class EmbeddedWarehouse:
 
     async def _parse(self, request: web.Request, query_id: str) -> _ParsedRequest:
         params: dict[str, str] = dict(request.query)  # the last of repeated keys wins
-        body: AsyncIterator[bytes] | None = request.content.iter_any() if request.body_exists else None
+        body: AsyncIterator[bytes] | None = (
+            request.content.iter_any() if request.body_exists else None
+        )
         if request.content_type == "multipart/form-data":
             params.update(await self._form_fields(request))
             body = None
@@ -328,11 +330,17 @@ class EmbeddedWarehouse:
             IdentityDecoder() if encoding in ("", "identity") else BodyDecoder(encoding)
         )
         accept = request.headers.get("Accept-Encoding", "")
-        compress_response = params.get("enable_http_compression", "1") not in ("0", "false", "False")
+        compress_response = params.get("enable_http_compression", "1") not in (
+            "0",
+            "false",
+            "False",
+        )
         query = params.get("query", "")
         return _ParsedRequest(
             query_id=query_id,
-            state=RequestState(database=params.get("database") or DEFAULT_DATABASE, settings=settings),
+            state=RequestState(
+                database=params.get("database") or DEFAULT_DATABASE, settings=settings
+            ),
             bind=bind,
             default_format=params.get("default_format") or DEFAULT_FORMAT,
             wait_end_of_query=params.get("wait_end_of_query", "0") in ("1", "true", "True"),
@@ -385,7 +393,9 @@ class EmbeddedWarehouse:
             req.decoder.finish()
         return await self._query(request, req, bytes(head))
 
-    def _headers(self, req: _ParsedRequest, summary: dict[str, str], fmt: str | None) -> dict[str, str]:
+    def _headers(
+        self, req: _ParsedRequest, summary: dict[str, str], fmt: str | None
+    ) -> dict[str, str]:
         headers = {
             "X-ClickHouse-Query-Id": req.query_id,
             "X-ClickHouse-Server-Display-Name": self.display_name,
@@ -426,7 +436,9 @@ class EmbeddedWarehouse:
         assert summary is not None
         return web.Response(body=b"", headers=self._headers(req, summary, None))
 
-    async def _query(self, request: web.Request, req: _ParsedRequest, sql: bytes) -> web.StreamResponse:
+    async def _query(
+        self, request: web.Request, req: _ParsedRequest, sql: bytes
+    ) -> web.StreamResponse:
         assert self._pool is not None
         pool = self._pool
         keyword = leading_keyword(sql)
@@ -441,7 +453,9 @@ class EmbeddedWarehouse:
             ):
                 return await self._stream(request, req, lease, sql, fmt)
             encoder = ResponseEncoder(req.encoding) if req.encoding else None
-            output = await lease.call(run_query, pool, lease.slot, req.state, sql, fmt, req.bind, keyword)
+            output = await lease.call(
+                run_query, pool, lease.slot, req.state, sql, fmt, req.bind, keyword
+            )
             body = output.body
             if encoder is not None:
                 body = (
@@ -463,7 +477,9 @@ class EmbeddedWarehouse:
     ) -> web.StreamResponse:
         """Send blocks as chDB produces them; small results still get one plain response."""
         assert self._pool is not None
-        stream = await lease.call(start_stream, self._pool, lease.slot, req.state, sql, fmt, req.bind)
+        stream = await lease.call(
+            start_stream, self._pool, lease.slot, req.state, sql, fmt, req.bind
+        )
         lease.on_release(lambda: cancel_stream(stream))
         encoder = ResponseEncoder(req.encoding) if req.encoding else None
         started = time.monotonic()
@@ -479,7 +495,9 @@ class EmbeddedWarehouse:
             size += len(block[0])
             rows += block[1]
             read_rows += block[2]
-        summary = query_summary(read_rows=read_rows, result_rows=rows, elapsed=time.monotonic() - started)
+        summary = query_summary(
+            read_rows=read_rows, result_rows=rows, elapsed=time.monotonic() - started
+        )
         headers = self._headers(req, summary, fmt)
         if encoder is not None:
             headers["Content-Encoding"] = encoder.encoding
@@ -499,7 +517,9 @@ class EmbeddedWarehouse:
                 except ClickHouseError as exc:
                     # Headers are gone: report the error inside the body, the way ClickHouse does.
                     trailer = _exception_trailer(exc, tag)
-                    await response.write(encoder.compress(trailer) if encoder is not None else trailer)
+                    await response.write(
+                        encoder.compress(trailer) if encoder is not None else trailer
+                    )
                     break
                 if block is None:
                     break

@@ -50,12 +50,23 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
-__all__ = ["Estimator", "Report", "report_from_record", "REPORT_INTERVAL_S", "ENDS_INTERVAL_S",
-           "STALE_MS", "RATE_WINDOW_MS", "MIN_CAPACITY", "DECAY_S", "SETPOINT",
-           "MAX_RETRY_AFTER_S"]
+__all__ = [
+    "Estimator",
+    "Report",
+    "report_from_record",
+    "REPORT_INTERVAL_S",
+    "ENDS_INTERVAL_S",
+    "STALE_MS",
+    "RATE_WINDOW_MS",
+    "MIN_CAPACITY",
+    "DECAY_S",
+    "SETPOINT",
+    "MAX_RETRY_AFTER_S",
+]
 
 #: Topic-partition as ``(topic, partition)``.
 TP = tuple[str, int]
@@ -106,11 +117,15 @@ class Report:
 def report_from_record(rec: Mapping[str, Any]) -> Report:
     """A decoded ``Progress`` record as a :class:`Report`."""
     return Report(
-        worker=rec["worker"], at_ms=rec["at_ms"],
+        worker=rec["worker"],
+        at_ms=rec["at_ms"],
         taken={(o["topic"], o["partition"]): o["offset"] for o in rec["offsets"]},
-        opened=rec["opened"], delay_count=rec["delay_count"],
-        delay_p50_ms=rec["delay_p50_ms"], delay_p99_ms=rec["delay_p99_ms"],
-        delay_max_ms=rec["delay_max_ms"])
+        opened=rec["opened"],
+        delay_count=rec["delay_count"],
+        delay_p50_ms=rec["delay_p50_ms"],
+        delay_p99_ms=rec["delay_p99_ms"],
+        delay_max_ms=rec["delay_max_ms"],
+    )
 
 
 @dataclass
@@ -142,9 +157,16 @@ class Estimator:
 
     Every method takes ``now_ms`` from one monotonic clock of the caller (ingest's)."""
 
-    def __init__(self, bound_ms: float, *, stale_ms: float = STALE_MS,
-                 rate_window_ms: float = RATE_WINDOW_MS, min_capacity: float = MIN_CAPACITY,
-                 decay_s: float = DECAY_S, setpoint: float = SETPOINT) -> None:
+    def __init__(
+        self,
+        bound_ms: float,
+        *,
+        stale_ms: float = STALE_MS,
+        rate_window_ms: float = RATE_WINDOW_MS,
+        min_capacity: float = MIN_CAPACITY,
+        decay_s: float = DECAY_S,
+        setpoint: float = SETPOINT,
+    ) -> None:
         self.bound_ms = bound_ms
         self.target_ms = bound_ms * setpoint
         self.stale_ms = stale_ms
@@ -175,8 +197,9 @@ class Estimator:
 
     def set_ends(self, ends: Mapping[TP, int], now_ms: float) -> None:
         """End offsets just fetched: recompute the backlog and update the capacity."""
-        for name in [n for n, w in self._workers.items()
-                     if now_ms - w.seen_ms > 10 * self.stale_ms]:
+        for name in [
+            n for n, w in self._workers.items() if now_ms - w.seen_ms > 10 * self.stale_ms
+        ]:
             del self._workers[name]  # long gone: forget it
         fresh = self._fresh(now_ms)
         self._local = 0
@@ -208,8 +231,10 @@ class Estimator:
         self._q_history.append((now_ms, self._backlog))
         while len(self._q_history) > 1 and now_ms - self._q_history[1][0] >= cover:
             self._q_history.popleft()
-        self._busy = (now_ms - self._q_history[0][0] >= cover
-                      and min(n for _, n in self._q_history) >= BUSY_MIN_BACKLOG)
+        self._busy = (
+            now_ms - self._q_history[0][0] >= cover
+            and min(n for _, n in self._q_history) >= BUSY_MIN_BACKLOG
+        )
         if self._rate is not None:
             if self._mu is None:
                 self._mu = self._rate
@@ -237,8 +262,12 @@ class Estimator:
         """Leads waiting for their ping round now (None: nothing to predict from): the last
         fetch's backlog, less what was served since (at the measured rate, for at most two
         fetch intervals), plus what this process admitted since."""
-        if self._backlog is None or self._ends_at is None \
-                or now_ms - self._ends_at > self.stale_ms or not self._fresh(now_ms):
+        if (
+            self._backlog is None
+            or self._ends_at is None
+            or now_ms - self._ends_at > self.stale_ms
+            or not self._fresh(now_ms)
+        ):
             return None
         since_s = min(now_ms - self._ends_at, 2000.0 * ENDS_INTERVAL_S) / 1000.0
         return max(0.0, self._backlog - (self._rate or 0.0) * since_s) + self._local
@@ -277,8 +306,10 @@ class Estimator:
             "rate": None if self._rate is None else round(self._rate, 1),
             "capacity": None if mu is None else round(mu, 1),
             "busy": self._busy,
-            "predicted_delay_ms": None if delay is None else
-            (round(delay, 1) if math.isfinite(delay) else "inf"),
-            "reported_delay_p99_ms": max((w.last.delay_p99_ms for w in fresh
-                                          if w.last.delay_count), default=None),
+            "predicted_delay_ms": None
+            if delay is None
+            else (round(delay, 1) if math.isfinite(delay) else "inf"),
+            "reported_delay_p99_ms": max(
+                (w.last.delay_p99_ms for w in fresh if w.last.delay_count), default=None
+            ),
         }

@@ -25,11 +25,19 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from streams.settings.metrics import AlertRule
 from streams.rules.windows import Subject, WindowedMetrics, metric_value, samples_for
+from streams.settings.metrics import AlertRule
 
-__all__ = ["AlertEngine", "AlertState", "Transition", "breaches", "recovered", "step",
-           "steps_for", "subject_key"]
+__all__ = [
+    "AlertEngine",
+    "AlertState",
+    "Transition",
+    "breaches",
+    "recovered",
+    "step",
+    "steps_for",
+    "subject_key",
+]
 
 State = Literal["firing", "resolved"]
 
@@ -50,8 +58,11 @@ def _compare(value: float, op: str, threshold: float) -> bool:
 
 
 def breaches(rule: AlertRule, value: float | None, samples: int) -> bool:
-    return value is not None and samples >= rule.min_samples and _compare(
-        value, rule.comparison, rule.threshold)
+    return (
+        value is not None
+        and samples >= rule.min_samples
+        and _compare(value, rule.comparison, rule.threshold)
+    )
 
 
 def recovered(rule: AlertRule, value: float | None, samples: int) -> bool:
@@ -94,19 +105,28 @@ class Transition:
         window = f"{_fmt(r.window or 0)}s" if r.window else "one window"
         if self.state == "firing":
             head = f"{r.message} — " if r.message else ""
-            return (f"{head}{shown} {r.comparison} {_fmt(r.threshold)} over {window} "
-                    f"({self.samples} samples)")
+            return (
+                f"{head}{shown} {r.comparison} {_fmt(r.threshold)} over {window} "
+                f"({self.samples} samples)"
+            )
         return f"resolved: {shown} past {_fmt(r.resolve_at)} over {window} ({self.samples} samples)"
 
     def record(self, window_s: int) -> dict[str, Any]:
         """The ``Alert`` event (schemas/alert.avsc)."""
         r = self.rule
         return {
-            "alert_id": self.alert_id, "rule": r.name, "metric": r.metric,
-            "scope": self.subject[0], "subject": subject_key(self.subject),
-            "state": self.state, "value": self.value, "threshold": r.threshold,
-            "comparison": r.comparison, "samples": self.samples,
-            "window_s": float(r.window or window_s), "at_ms": self.at_ms,
+            "alert_id": self.alert_id,
+            "rule": r.name,
+            "metric": r.metric,
+            "scope": self.subject[0],
+            "subject": subject_key(self.subject),
+            "state": self.state,
+            "value": self.value,
+            "threshold": r.threshold,
+            "comparison": r.comparison,
+            "samples": self.samples,
+            "window_s": float(r.window or window_s),
+            "at_ms": self.at_ms,
             "message": self.describe(),
         }
 
@@ -115,8 +135,9 @@ def _fmt(v: float) -> str:
     return f"{v:.4g}" if math.isfinite(v) else str(v)
 
 
-def step(rule: AlertRule, st: AlertState, value: float | None, samples: int, at_ms: int,
-         window_s: int) -> State | None:
+def step(
+    rule: AlertRule, st: AlertState, value: float | None, samples: int, at_ms: int, window_s: int
+) -> State | None:
     """Advance one evaluation; returns the transition's new state, or None."""
     st.value = value
     if not st.firing:
@@ -148,8 +169,13 @@ class AlertEngine:
 
     def max_streak_ms(self) -> int:
         """The longest run of evaluations a decision depends on."""
-        steps = max([max(steps_for(r.for_, self.window_s),
-                         steps_for(r.resolve_after, self.window_s)) for r in self.rules] or [1])
+        steps = max(
+            [
+                max(steps_for(r.for_, self.window_s), steps_for(r.resolve_after, self.window_s))
+                for r in self.rules
+            ]
+            or [1]
+        )
         return steps * self.window_s * 1000
 
     def seed(self, rule_name: str, subject: Subject, state: str, at_ms: int) -> None:
@@ -179,8 +205,11 @@ class AlertEngine:
                 subjects = store.subjects(end_ms, span, rule.scope)
                 # Subjects without data now but with state (firing or mid-streak) still step:
                 # that is how an idle subject resolves.
-                subjects |= {s for (name, s), st in self.states.items()
-                             if name == rule.name and (st.firing or st.streak)}
+                subjects |= {
+                    s
+                    for (name, s), st in self.states.items()
+                    if name == rule.name and (st.firing or st.streak)
+                }
             for subject in sorted(subjects):
                 st = self.states.get((rule.name, subject))
                 if st is not None and end_ms <= st.last_at_ms:

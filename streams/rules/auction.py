@@ -3,8 +3,9 @@ checks the ping and post stages repeat (a bid's floor and its own conditions).""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from streams.rules import selling as rules
 from streams.settings import FlowConfig, StrategyConfig
@@ -19,9 +20,15 @@ class Decision:
     candidates: list[dict[str, Any]]  # ranked acceptable bids (Candidate records)
 
 
-def acceptable(bid: dict[str, Any], ping_fields: dict[str, Any], strategy: StrategyConfig,
-               lead_created_ms: int, at_ms: int, *,
-               flow: FlowConfig | None = None) -> tuple[bool, str]:
+def acceptable(
+    bid: dict[str, Any],
+    ping_fields: dict[str, Any],
+    strategy: StrategyConfig,
+    lead_created_ms: int,
+    at_ms: int,
+    *,
+    flow: FlowConfig | None = None,
+) -> tuple[bool, str]:
     """Whether a bid may win, judged against the flow's floors (when ``flow`` is given) and
     its own conditions at ``at_ms``."""
     if bid.get("status") != "bid" or bid.get("price") is None:
@@ -30,16 +37,18 @@ def acceptable(bid: dict[str, Any], ping_fields: dict[str, Any], strategy: Strat
     if price < strategy.min_price:
         return False, f"price {price} below floor {strategy.min_price}"
     if flow is not None:
-        why = rules.below_floor_reason(flow, price, ping_fields, at_ms,
-                                       exclusive=rules.wants_exclusive(bid))
+        why = rules.below_floor_reason(
+            flow, price, ping_fields, at_ms, exclusive=rules.wants_exclusive(bid)
+        )
         if why is not None:
             return False, why
     why = conditions_reason(bid.get("conditions") or {}, ping_fields, lead_created_ms, at_ms)
     return (False, why) if why is not None else (True, "")
 
 
-def conditions_reason(conditions: dict[str, Any], ping_fields: dict[str, Any],
-                      lead_created_ms: int, at_ms: int) -> str | None:
+def conditions_reason(
+    conditions: dict[str, Any], ping_fields: dict[str, Any], lead_created_ms: int, at_ms: int
+) -> str | None:
     """Why a bid's own conditions (CONTRACT §2) fail for this lead at ``at_ms``; None if they
     hold. Checked at close and again before each post (a slow first post can age the lead)."""
     c = conditions
@@ -53,10 +62,17 @@ def conditions_reason(conditions: dict[str, Any], ping_fields: dict[str, Any],
     return None
 
 
-def decide(bids: list[dict[str, Any]], ping_fields: dict[str, Any], strategy: StrategyConfig,
-           lead_created_ms: int, at_ms: int, *, flow: FlowConfig | None = None,
-           acceptance: Mapping[str, float] | None = None,
-           payment: Mapping[str, float] | None = None) -> Decision:
+def decide(
+    bids: list[dict[str, Any]],
+    ping_fields: dict[str, Any],
+    strategy: StrategyConfig,
+    lead_created_ms: int,
+    at_ms: int,
+    *,
+    flow: FlowConfig | None = None,
+    acceptance: Mapping[str, float] | None = None,
+    payment: Mapping[str, float] | None = None,
+) -> Decision:
     """The acceptable bids, best first, and how the lead is sold.
 
     Best is by price (``strategy.rank_by: price``; ties: earlier answer, then buyer id) or
@@ -72,25 +88,38 @@ def decide(bids: list[dict[str, Any]], ping_fields: dict[str, Any], strategy: St
     for b in bids:
         ok, _ = acceptable(b, ping_fields, strategy, lead_created_ms, at_ms, flow=flow)
         if ok:
-            cands.append({
-                "buyer_id": b["buyer_id"], "tier": b["tier"], "ping_id": b["ping_id"],
-                "price": float(b["price"]), "exclusive": bool(b["exclusive"]),
-                "conditions": b.get("conditions") or {}, "answered_at_ms": b["answered_at_ms"],
-            })
+            cands.append(
+                {
+                    "buyer_id": b["buyer_id"],
+                    "tier": b["tier"],
+                    "ping_id": b["ping_id"],
+                    "price": float(b["price"]),
+                    "exclusive": bool(b["exclusive"]),
+                    "conditions": b.get("conditions") or {},
+                    "answered_at_ms": b["answered_at_ms"],
+                }
+            )
     if strategy.shared_only:
         cands = [c for c in cands if not rules.wants_exclusive(c)]
-    ranked = rules.rank(cands, rank_by=strategy.rank_by, weights=strategy.weights,
-                        acceptance=acceptance or {}, payment=payment or {},
-                        default_acceptance=strategy.acceptance_prior.rate)
-    mode = rules.choose_mode(ranked, exclusive_only=strategy.exclusive_only,
-                             shared_only=strategy.shared_only)
+    ranked = rules.rank(
+        cands,
+        rank_by=strategy.rank_by,
+        weights=strategy.weights,
+        acceptance=acceptance or {},
+        payment=payment or {},
+        default_acceptance=strategy.acceptance_prior.rate,
+    )
+    mode = rules.choose_mode(
+        ranked, exclusive_only=strategy.exclusive_only, shared_only=strategy.shared_only
+    )
     if mode == "none":
         return Decision("none", 0, [])
     return Decision(mode, 1 if mode == "exclusive" else strategy.shared_max, ranked)
 
 
-def close_lag_ms(reason: str, closed_at_ms: float, deadline_at_ms: int,
-                 last_answer_ms: int | None) -> float:
+def close_lag_ms(
+    reason: str, closed_at_ms: float, deadline_at_ms: int, last_answer_ms: int | None
+) -> float:
     """Close time minus the deadline, or minus the last answer when all answered early."""
     if reason == "all_answered" and last_answer_ms is not None:
         return max(0.0, closed_at_ms - last_answer_ms)

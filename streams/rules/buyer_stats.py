@@ -11,8 +11,15 @@ from typing import Any
 from streams.rules import selling as rules
 from streams.settings import AutoPauseConfig
 
-__all__ = ["AcceptanceCounter", "PAUSE_RULE", "POSTED", "PauseTracker", "Transition",
-           "WINDOW_S", "pause_alert"]
+__all__ = [
+    "AcceptanceCounter",
+    "PAUSE_RULE",
+    "POSTED",
+    "PauseTracker",
+    "Transition",
+    "WINDOW_S",
+    "pause_alert",
+]
 
 
 #: How far back acceptance is counted (a buyer's recent behaviour, not its history).
@@ -52,8 +59,10 @@ class AcceptanceCounter:
                 self.accepted[buyer] -= 1
 
     def rates(self, prior_rate: float, prior_weight: float) -> dict[str, float]:
-        return {b: rules.acceptance_rate(self.accepted.get(b, 0), n, prior_rate, prior_weight)
-                for b, n in self.posted.items()}
+        return {
+            b: rules.acceptance_rate(self.accepted.get(b, 0), n, prior_rate, prior_weight)
+            for b, n in self.posted.items()
+        }
 
 
 @dataclass(frozen=True)
@@ -105,14 +114,19 @@ class PauseTracker:
                     self._since[buyer_id] = now
                     out.append(Transition(buyer_id, "resumed", now, 0.0, 0, None))
                 continue
-            if rules.pause_decision(window, now, window_s=cfg.window_s,
-                                    min_pings=cfg.min_pings,
-                                    max_failure_rate=cfg.max_failure_rate):
+            if rules.pause_decision(
+                window,
+                now,
+                window_s=cfg.window_s,
+                min_pings=cfg.min_pings,
+                max_failure_rate=cfg.max_failure_rate,
+            ):
                 failed = sum(1 for _, st in window if st in rules.FAILED_PING_STATUSES)
                 until = rules.pause_until_ms(now, cfg.cool_down_s)
                 self.paused_until[buyer_id] = until
-                out.append(Transition(buyer_id, "paused", now, failed / len(window),
-                                      len(window), until))
+                out.append(
+                    Transition(buyer_id, "paused", now, failed / len(window), len(window), until)
+                )
         return out
 
     def paused(self, buyer_id: str) -> int | None:
@@ -142,12 +156,24 @@ def pause_alert(t: Transition, cfg: AutoPauseConfig) -> dict[str, Any]:
     subject = f"buyer:{t.buyer_id}"
     if t.state == "paused":
         assert t.until_ms is not None, "a pause always ends (PauseTracker.evaluate)"
-        msg = (f"buyer {t.buyer_id} paused: {t.failure_rate:.0%} of {t.pings} pings timed out "
-               f"or failed; resumes at {rules._iso(t.until_ms)}")  # noqa: SLF001
+        msg = (
+            f"buyer {t.buyer_id} paused: {t.failure_rate:.0%} of {t.pings} pings timed out "
+            f"or failed; resumes at {rules._iso(t.until_ms)}"
+        )
     else:
         msg = f"buyer {t.buyer_id} resumed after its cool-down"
-    return {"alert_id": f"{PAUSE_RULE}|{subject}|{t.at_ms}|{state}", "rule": PAUSE_RULE,
-            "metric": "failure_rate", "scope": "buyer", "subject": subject, "state": state,
-            "value": t.failure_rate if t.state == "paused" else None,
-            "threshold": cfg.max_failure_rate, "comparison": ">", "samples": t.pings,
-            "window_s": cfg.window_s, "at_ms": t.at_ms, "message": msg}
+    return {
+        "alert_id": f"{PAUSE_RULE}|{subject}|{t.at_ms}|{state}",
+        "rule": PAUSE_RULE,
+        "metric": "failure_rate",
+        "scope": "buyer",
+        "subject": subject,
+        "state": state,
+        "value": t.failure_rate if t.state == "paused" else None,
+        "threshold": cfg.max_failure_rate,
+        "comparison": ">",
+        "samples": t.pings,
+        "window_s": cfg.window_s,
+        "at_ms": t.at_ms,
+        "message": msg,
+    }

@@ -10,8 +10,18 @@ from typing import Any
 from streams.rules import selling as rules
 from streams.settings import BuyerCaps
 
-__all__ = ["DONE_KEEP", "HOLD_TTL_MS", "commit", "counters", "expire", "hold_ttl_ms",
-           "new_ledger", "next_expiry", "release", "reserve"]
+__all__ = [
+    "DONE_KEEP",
+    "HOLD_TTL_MS",
+    "commit",
+    "counters",
+    "expire",
+    "hold_ttl_ms",
+    "new_ledger",
+    "next_expiry",
+    "release",
+    "reserve",
+]
 
 
 #: A reservation not committed or released within this long is dropped.
@@ -70,25 +80,39 @@ def _prune(led: dict[str, Any], hour: str, day: str, now_ms: int) -> None:
     led["hours"] = {k: v for k, v in led["hours"].items() if k in keep_h}
     led["days"] = {k: v for k, v in led["days"].items() if k in keep_d}
     led["spend"] = {k: v for k, v in led["spend"].items() if k in keep_d}
-    while led["done"] and (len(led["done"]) > DONE_KEEP
-                           or next(iter(led["done"].values()))[1] < now_ms - DONE_TTL_MS):
+    while led["done"] and (
+        len(led["done"]) > DONE_KEEP or next(iter(led["done"].values()))[1] < now_ms - DONE_TTL_MS
+    ):
         del led["done"][next(iter(led["done"]))]
 
 
-def counters(led: dict[str, Any], caps: BuyerCaps, at_ms: int) -> tuple[str, str, rules.BuyerCounters]:
+def counters(
+    led: dict[str, Any], caps: BuyerCaps, at_ms: int
+) -> tuple[str, str, rules.BuyerCounters]:
     """The current (hour, day) keys and what counts against the caps there: accepted posts
     plus outstanding reservations."""
     hour, day = rules.cap_periods(caps, at_ms)
     holds = [h for h in led["holds"].values() if h["exp"] > at_ms]
-    return hour, day, rules.BuyerCounters(
-        leads_hour=led["hours"].get(hour, 0) + sum(1 for h in holds if h["hour"] == hour),
-        leads_day=led["days"].get(day, 0) + sum(1 for h in holds if h["day"] == day),
-        spend_day=led["spend"].get(day, 0.0) + sum(h["price"] for h in holds if h["day"] == day),
+    return (
+        hour,
+        day,
+        rules.BuyerCounters(
+            leads_hour=led["hours"].get(hour, 0) + sum(1 for h in holds if h["hour"] == hour),
+            leads_day=led["days"].get(day, 0) + sum(1 for h in holds if h["day"] == day),
+            spend_day=led["spend"].get(day, 0.0)
+            + sum(h["price"] for h in holds if h["day"] == day),
+        ),
     )
 
 
-def reserve(led: dict[str, Any], caps: BuyerCaps, lead_id: str, price: float, at_ms: int,
-            ttl_ms: int = HOLD_TTL_MS) -> tuple[bool, str]:
+def reserve(
+    led: dict[str, Any],
+    caps: BuyerCaps,
+    lead_id: str,
+    price: float,
+    at_ms: int,
+    ttl_ms: int = HOLD_TTL_MS,
+) -> tuple[bool, str]:
     """Hold a slot for posting ``lead_id`` at ``price``: ``(granted, reason)``."""
     _expire(led, at_ms)
     if lead_id in led["holds"]:

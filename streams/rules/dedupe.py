@@ -15,8 +15,9 @@ from streams.settings import DuplicatesConfig, Settings
 __all__ = ["decide", "identity_of", "window_label"]
 
 
-def identity_of(settings: Settings, flow: str, fields: dict[str, Any],
-                pii_hashes: dict[str, str]) -> str | None:
+def identity_of(
+    settings: Settings, flow: str, fields: dict[str, Any], pii_hashes: dict[str, str]
+) -> str | None:
     """The lead's identity for duplicate checks, or None (flow without duplicates, or an
     identity field missing: such a lead cannot be matched)."""
     cfg = settings.flows[flow].duplicates
@@ -37,7 +38,9 @@ def identity_of(settings: Settings, flow: str, fields: dict[str, Any],
 
 def window_label(seconds: float) -> str:
     if seconds % 86400 == 0:
-        return f"{int(seconds // 86400 * 24)}h" if seconds < 7 * 86400 else f"{int(seconds // 86400)}d"
+        return (
+            f"{int(seconds // 86400 * 24)}h" if seconds < 7 * 86400 else f"{int(seconds // 86400)}d"
+        )
     if seconds % 3600 == 0:
         return f"{int(seconds // 3600)}h"
     if seconds % 60 == 0:
@@ -45,8 +48,13 @@ def window_label(seconds: float) -> str:
     return f"{seconds:g} s"
 
 
-def decide(entry: dict[str, Any] | None, lead_id: str, at_ms: int, cfg: DuplicatesConfig,
-           sold: dict[str, list[str]]) -> tuple[str, dict[str, Any], str, list[str]]:
+def decide(
+    entry: dict[str, Any] | None,
+    lead_id: str,
+    at_ms: int,
+    cfg: DuplicatesConfig,
+    sold: dict[str, list[str]],
+) -> tuple[str, dict[str, Any], str, list[str]]:
     """One lead against its identity's entry: ``(verdict, new_entry, reason, skip_buyers)``.
 
     ``verdict``: ``pass`` (auction it; ``skip_buyers`` lists buyers not to ping) or ``reject``.
@@ -69,8 +77,12 @@ def decide(entry: dict[str, Any] | None, lead_id: str, at_ms: int, cfg: Duplicat
         return "reject", {"leads": leads}, why, []
     unsettled = [x[0] for x in earlier if x[0] not in sold]
     if unsettled:
-        return "reject", {"leads": leads}, (f"duplicate of lead {unsettled[0]} (same {same}), "
-                                            "which is still being sold"), []
+        return (
+            "reject",
+            {"leads": leads},
+            (f"duplicate of lead {unsettled[0]} (same {same}), which is still being sold"),
+            [],
+        )
     return "pass", {"leads": leads + [[lead_id, at_ms]]}, "", _bought(leads, lead_id, sold)
 
 

@@ -14,9 +14,10 @@ import hmac
 import math
 import re
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
-from typing import Any, Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from streams.settings import FlowConfig, PingField, Settings
 
@@ -33,9 +34,8 @@ Scalar = bool | int | float | str | None
 
 _LEAD_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 #: RFC 3339 date-time (section 5.6): full date, 'T' (any case), full time, offset.
-_RFC3339 = re.compile(
-    r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})")
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})")
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 #: A lead created in the future would pass every max_age condition; allow only clock skew.
 _MAX_CLOCK_SKEW_MS = 5 * 60 * 1000
 _MAX_LEAD_AGE_MS = 366 * 24 * 3600 * 1000
@@ -84,8 +84,7 @@ def _parse_time(value: Any) -> int:
     if not isinstance(value, str):
         raise LeadError("must be an RFC 3339 timestamp string", "created_at")
     if not _RFC3339.fullmatch(value):
-        raise LeadError("is not an RFC 3339 timestamp (e.g. 2026-01-31T12:00:00Z)",
-                        "created_at")
+        raise LeadError("is not an RFC 3339 timestamp (e.g. 2026-01-31T12:00:00Z)", "created_at")
     try:
         dt = datetime.fromisoformat(value.upper().replace("Z", "+00:00"))
     except ValueError:
@@ -143,8 +142,11 @@ def validate_lead(
     for name, value in raw.items():
         bad = _CONTROL.search(value) if isinstance(value, str) else None
         if bad is not None:
-            raise LeadError(f"contains a control character (U+{ord(bad.group()):04X}); only "
-                            "tab, line feed and carriage return are allowed", name)
+            raise LeadError(
+                f"contains a control character (U+{ord(bad.group()):04X}); only "
+                "tab, line feed and carriage return are allowed",
+                name,
+            )
     flow_name = raw.get("flow")
     if flow_name is None:
         raise LeadError("is required", "flow")
@@ -182,8 +184,11 @@ def validate_lead(
         if fields.get(name) is None:
             raise LeadError("is required", name)
 
-    pii_values = [str(fields[n]).lower() for n in flow.pii_fields
-                  if fields.get(n) is not None and len(str(fields[n])) >= _MIN_PII_MATCH]
+    pii_values = [
+        str(fields[n]).lower()
+        for n in flow.pii_fields
+        if fields.get(n) is not None and len(str(fields[n])) >= _MIN_PII_MATCH
+    ]
     for name, spec in flow.ping_fields.items():
         value = _transform(fields.get(name), spec)
         if isinstance(value, str) and any(p in value.lower() for p in pii_values):

@@ -4,7 +4,8 @@ caps, waves), the ping body of CONTRACT §2, and the PII check for what a buyer 
 from __future__ import annotations
 
 import uuid
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from streams.rules import selling as rules
 from streams.rules.leads import pii_hash
@@ -28,7 +29,11 @@ def ping_id_for(lead_id: str, buyer_id: str) -> str:
 
 
 def plan_pings(
-    settings: Settings, flow: str, ping_fields: dict[str, Any], at_ms: int, *,
+    settings: Settings,
+    flow: str,
+    ping_fields: dict[str, Any],
+    at_ms: int,
+    *,
     paused_until: Callable[[str], int | None] | None = None,
     cap_counters: Callable[[BuyerConfig, int], rules.BuyerCounters | None] | None = None,
     skip_buyers: list[str] | None = None,
@@ -41,10 +46,12 @@ def plan_pings(
     waves = settings.flows[flow].waves if flow in settings.flows else None
     for buyer in settings.buyers_for(flow):
         why = rules.eligibility(
-            buyer, ping_fields, at,
+            buyer,
+            ping_fields,
+            at,
             paused_until_ms=paused_until(buyer.id) if paused_until is not None else None,
-            counters=cap_counters(buyer, at) if cap_counters is not None and buyer.caps
-            else None)
+            counters=cap_counters(buyer, at) if cap_counters is not None and buyer.caps else None,
+        )
         if why is None and skip_buyers and buyer.id in skip_buyers:
             why = "already bought this lead (a duplicate within the flow's window)"
         if why is None and rules.wave_of(buyer.tier, waves) is None:
@@ -56,17 +63,16 @@ def plan_pings(
     return targets, filtered
 
 
-def ping_body(
-    ping_fields: dict[str, Any], flow: str, ping_id: str, tmax_ms: int
-) -> dict[str, Any]:
+def ping_body(ping_fields: dict[str, Any], flow: str, ping_id: str, tmax_ms: int) -> dict[str, Any]:
     """CONTRACT §2: only the configured ping fields, plus ping_id, flow and tmax_ms."""
     body = dict(ping_fields)
     body.update(ping_id=ping_id, flow=flow, tmax_ms=tmax_ms)
     return body
 
 
-def pii_check(settings: Settings, req: dict[str, Any],
-              pii: Mapping[str, Any] | None = None) -> Callable[[str], bool]:
+def pii_check(
+    settings: Settings, req: dict[str, Any], pii: Mapping[str, Any] | None = None
+) -> Callable[[str], bool]:
     """Whether a token a buyer sent is one of the lead's PII values: by value when the caller
     knows them (the post stage), else by keyed hash against the request's ``pii_hashes``
     (pings never see PII, but a buyer may echo what it knows)."""

@@ -4,7 +4,8 @@ CONTRACT §3, post ids, and why a waterfall ended unsold."""
 from __future__ import annotations
 
 import uuid
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from streams.rules import selling as rules
 from streams.rules.auction import conditions_reason
@@ -21,13 +22,21 @@ def post_id_for(lead_id: str, buyer_id: str) -> str:
 
 def condition_failure(c: dict[str, Any], order: dict[str, Any], at_ms: int) -> str | None:
     """Why a candidate's bid conditions fail at post time (None: they hold)."""
-    return conditions_reason(c.get("conditions") or {}, order["ping_fields"],
-                             order["created_at_ms"], at_ms)
+    return conditions_reason(
+        c.get("conditions") or {}, order["ping_fields"], order["created_at_ms"], at_ms
+    )
 
 
-def next_batch(order: dict[str, Any], tried: set[str], sold: list[str], sold_mode: str | None,
-               shared_max: int, at_ms: int, *, exclusive_only: bool = False
-               ) -> tuple[str, list[dict[str, Any]], list[tuple[dict[str, Any], str]]]:
+def next_batch(
+    order: dict[str, Any],
+    tried: set[str],
+    sold: list[str],
+    sold_mode: str | None,
+    shared_max: int,
+    at_ms: int,
+    *,
+    exclusive_only: bool = False,
+) -> tuple[str, list[dict[str, Any]], list[tuple[dict[str, Any], str]]]:
     """The next buyers to post to: ``(mode, batch, skipped-with-reason)``; empty batch = done.
 
     Candidates come best first. Exclusive: one buyer at a time until one accepts; shared: the
@@ -56,18 +65,31 @@ def next_batch(order: dict[str, Any], tried: set[str], sold: list[str], sold_mod
     return "shared", shared[:shared_max], skipped
 
 
-def post_body(order: dict[str, Any], pii: dict[str, Any], cand: dict[str, Any], post_id: str,
-              exclusive: bool) -> dict[str, Any]:
+def post_body(
+    order: dict[str, Any], pii: dict[str, Any], cand: dict[str, Any], post_id: str, exclusive: bool
+) -> dict[str, Any]:
     """CONTRACT §3: PII fields, the ping values bid on (ping data wins), and the ids."""
     body: dict[str, Any] = dict(pii)
     body.update(order["ping_fields"])
-    body.update(lead_id=order["lead_id"], flow=order["flow"], ping_id=cand["ping_id"],
-                post_id=post_id, price=cand["price"], exclusive=exclusive)
+    body.update(
+        lead_id=order["lead_id"],
+        flow=order["flow"],
+        ping_id=cand["ping_id"],
+        post_id=post_id,
+        price=cand["price"],
+        exclusive=exclusive,
+    )
     return body
 
 
-def unsold_reason(*, posts_sent: int, cap_skips: Sequence[str], window_cut: bool,
-                  timed_out: Sequence[str], post_timeout_ms: int) -> str:
+def unsold_reason(
+    *,
+    posts_sent: int,
+    cap_skips: Sequence[str],
+    window_cut: bool,
+    timed_out: Sequence[str],
+    post_timeout_ms: int,
+) -> str:
     """Why a lead's post waterfall ended without a sale, for its auction row.
 
     ``window_cut``: the waterfall stopped with a buyer still to try (a candidate, or backup

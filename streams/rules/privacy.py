@@ -53,8 +53,11 @@ class SafePayload:
 def _key(settings: Settings | None) -> bytes:
     # Without settings (a unit test's bare DeadLetters) the hashes are still keyed, just not
     # with the operator's key.
-    return (settings.privacy.hash_key.get_secret_value() if settings is not None
-            else "pingpost-dead-letter").encode()
+    return (
+        settings.privacy.hash_key.get_secret_value()
+        if settings is not None
+        else "pingpost-dead-letter"
+    ).encode()
 
 
 def _clip(value: Any) -> Any:
@@ -63,18 +66,23 @@ def _clip(value: Any) -> Any:
     return value
 
 
-def _lead_view(rec: dict[str, Any], settings: Settings | None, key: bytes
-               ) -> tuple[dict[str, Any], dict[str, str], tuple[Any, ...]]:
+def _lead_view(
+    rec: dict[str, Any], settings: Settings | None, key: bytes
+) -> tuple[dict[str, Any], dict[str, str], tuple[Any, ...]]:
     fields: dict[str, Any] = dict(rec.get("fields") or {})
     flow = settings.flows.get(rec.get("flow") or "") if settings is not None else None
-    keep = (set() if flow is None
-            else {n for n in flow.fields if n not in set(flow.pii_fields)})
+    keep = set() if flow is None else {n for n in flow.fields if n not in set(flow.pii_fields)}
     withheld = {n: v for n, v in fields.items() if n not in keep}
     secret = tuple(v for v in withheld.values() if v is not None)
-    shown = {n: _clip(scrub(v, secret) if isinstance(v, str) else v)
-             for n, v in sorted(fields.items()) if n in keep}
-    meta = {k: _clip(scrub(rec[k], secret)) if isinstance(rec.get(k), str) else rec.get(k)
-            for k in ("flow", "lead_id", "created_at", "source", "received_at_ms")}
+    shown = {
+        n: _clip(scrub(v, secret) if isinstance(v, str) else v)
+        for n, v in sorted(fields.items())
+        if n in keep
+    }
+    meta = {
+        k: _clip(scrub(rec[k], secret)) if isinstance(rec.get(k), str) else rec.get(k)
+        for k in ("flow", "lead_id", "created_at", "source", "received_at_ms")
+    }
     view = {"event": "Lead", **meta, "fields": shown, "withheld": sorted(withheld)}
     hashes = {n: pii_hash(key, n, v) for n, v in withheld.items() if v is not None}
     return view, hashes, secret
@@ -96,7 +104,12 @@ def dead_letter_payload(raw: Any, settings: Settings | None = None) -> SafePaylo
     else:  # LeadPii: every field is PII
         pii = {n: v for n, v in (rec.get("fields") or {}).items()}
         secret = tuple(v for v in pii.values() if v is not None)
-        view = {"event": name, "lead_id": rec.get("lead_id"), "flow": rec.get("flow"),
-                "expires_at_ms": rec.get("expires_at_ms"), "withheld": sorted(pii)}
+        view = {
+            "event": name,
+            "lead_id": rec.get("lead_id"),
+            "flow": rec.get("flow"),
+            "expires_at_ms": rec.get("expires_at_ms"),
+            "withheld": sorted(pii),
+        }
         hashes = {n: pii_hash(key, n, v) for n, v in pii.items() if v is not None}
     return SafePayload(orjson.dumps(view), True, len(data), digest, hashes, secret)

@@ -82,8 +82,7 @@ def _phone_spans(text: str, numbers: set[str]) -> list[tuple[int, int]]:
             start = ds.find(nat)
             while start != -1:
                 end = start + len(nat)
-                cc = (len(nat) == 10 and start >= 1 and ds[start - 1] == "1"
-                      and apart(start - 1))
+                cc = len(nat) == 10 and start >= 1 and ds[start - 1] == "1" and apart(start - 1)
                 if (apart(start) or cc) and apart(end):
                     lo = pos[start - 1] if cc else pos[start]
                     while lo > 0 and text[lo - 1] in "+(":
@@ -119,8 +118,9 @@ def _patterns(value: Any) -> list[_Pattern]:
         return [(len(s), "", national, True)]
     if "@" in s and not any(c.isspace() for c in s):
         local, _, domain = s.rpartition("@")
-        out.append((len(s), re.escape(local) + "(?:@|%40)" + re.escape(domain),
-                    local.lower(), False))
+        out.append(
+            (len(s), re.escape(local) + "(?:@|%40)" + re.escape(domain), local.lower(), False)
+        )
         if len(local) >= 4:
             p = _phrase(local)
             if p:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -74,7 +74,7 @@ def _aware(at: datetime | int) -> datetime:
     if isinstance(at, bool):
         raise TypeError("at must be an aware datetime or epoch milliseconds, not bool")
     if isinstance(at, int):
-        return datetime.fromtimestamp(at / 1000.0, tz=timezone.utc)
+        return datetime.fromtimestamp(at / 1000.0, tz=UTC)
     if not isinstance(at, datetime):
         raise TypeError(f"at must be an aware datetime or epoch milliseconds, not {type(at)}")
     if at.tzinfo is None or at.utcoffset() is None:
@@ -90,7 +90,7 @@ def _epoch_ms(at: datetime | int) -> int:
 
 def _iso(ms: int) -> str:
     try:
-        dt = datetime.fromtimestamp(ms / 1000.0, tz=timezone.utc)
+        dt = datetime.fromtimestamp(ms / 1000.0, tz=UTC)
     except (OverflowError, OSError, ValueError):
         return f"epoch ms {ms}"  # "forever" sentinels must not crash a reason
     return dt.strftime("%Y-%m-%dT%H:%M:%S") + f".{ms % 1000:03d}Z"
@@ -127,8 +127,7 @@ def schedule_reason(buyer: BuyerConfig, at: datetime | int) -> str | None:
     sch = buyer.schedule
     if sch is None or in_window(sch, at):
         return None
-    return (f"outside schedule ({_local_label(sch, at)}; schedule {','.join(sch.days)} "
-            f"{sch.hours})")
+    return f"outside schedule ({_local_label(sch, at)}; schedule {','.join(sch.days)} {sch.hours})"
 
 
 # --------------------------------------------------------------------------- filters
@@ -168,8 +167,7 @@ def _member(v: Any, values: Sequence[Any]) -> bool:
 
 
 def _is_number(v: Any) -> bool:
-    return (isinstance(v, (int, float)) and not isinstance(v, bool)
-            and math.isfinite(float(v)))
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
 
 
 def field_filter_reason(name: str, flt: FieldFilter, value: Any) -> str | None:
@@ -240,13 +238,11 @@ def caps_reason(caps: BuyerCaps | None, counters: BuyerCounters | None) -> str |
     if caps.leads_per_day is not None and c.leads_day >= caps.leads_per_day:
         return f"cap leads_per_day {caps.leads_per_day} reached"
     if caps.spend_per_day is not None and c.spend_day >= caps.spend_per_day - _EPS:
-        return (f"cap spend_per_day {caps.spend_per_day:.2f} reached "
-                f"(spent {c.spend_day:.2f})")
+        return f"cap spend_per_day {caps.spend_per_day:.2f} reached (spent {c.spend_day:.2f})"
     return None
 
 
-def cap_allows(caps: BuyerCaps | None, counters: BuyerCounters | None,
-               price: float) -> str | None:
+def cap_allows(caps: BuyerCaps | None, counters: BuyerCounters | None, price: float) -> str | None:
     """Reserve-before-post: why one more lead at ``price`` would exceed a cap (None: fits).
 
     ``leads + 1 <= cap`` and ``spend_day + price <= spend_per_day``.
@@ -259,17 +255,25 @@ def cap_allows(caps: BuyerCaps | None, counters: BuyerCounters | None,
     if caps.leads_per_day is not None and c.leads_day + 1 > caps.leads_per_day:
         return f"cap leads_per_day {caps.leads_per_day} reached"
     if caps.spend_per_day is not None and c.spend_day + price > caps.spend_per_day + _EPS:
-        return (f"cap spend_per_day {caps.spend_per_day:.2f} would be exceeded "
-                f"(spent {c.spend_day:.2f} + price {price:.2f})")
+        return (
+            f"cap spend_per_day {caps.spend_per_day:.2f} would be exceeded "
+            f"(spent {c.spend_day:.2f} + price {price:.2f})"
+        )
     return None
 
 
 # --------------------------------------------------------------------------- eligibility
 
 
-def eligibility(buyer: BuyerConfig, lead_fields: Mapping[str, Any], at: datetime | int, *,
-                paused_until_ms: int | None = None, counters: BuyerCounters | None = None,
-                flow: str | None = None) -> str | None:
+def eligibility(
+    buyer: BuyerConfig,
+    lead_fields: Mapping[str, Any],
+    at: datetime | int,
+    *,
+    paused_until_ms: int | None = None,
+    counters: BuyerCounters | None = None,
+    flow: str | None = None,
+) -> str | None:
     """Whether to ping ``buyer`` for a lead: None if eligible, else the reason.
 
     ``lead_fields`` are the ping fields (what the ping stage holds). Checked in this order:
@@ -322,8 +326,9 @@ def _quality(flow: FlowConfig, lead_fields: Mapping[str, Any]) -> float:
     return math.prod(matched)
 
 
-def floor_breakdown(flow: FlowConfig, lead_fields: Mapping[str, Any], at: datetime | int, *,
-                    exclusive: bool) -> Floor:
+def floor_breakdown(
+    flow: FlowConfig, lead_fields: Mapping[str, Any], at: datetime | int, *, exclusive: bool
+) -> Floor:
     """The floor for this lead at ``at`` with its parts (see :func:`floor_for`)."""
     f = flow.floors
     quality = _quality(flow, lead_fields)
@@ -336,24 +341,30 @@ def floor_breakdown(flow: FlowConfig, lead_fields: Mapping[str, Any], at: dateti
     return Floor(f.base, quality, premium, exmin, value)
 
 
-def floor_for(flow: FlowConfig, lead_fields: Mapping[str, Any], at: datetime | int, *,
-              exclusive: bool) -> float:
+def floor_for(
+    flow: FlowConfig, lead_fields: Mapping[str, Any], at: datetime | int, *, exclusive: bool
+) -> float:
     """Minimum acceptable price: ``base × quality × premium`` (quality: the product of the
     matching quality rules' multipliers, or ``quality.default`` if none matches; premium inside
     business hours), and for exclusive sales at least ``exclusive_min``. No floors: 0."""
     return floor_breakdown(flow, lead_fields, at, exclusive=exclusive).value
 
 
-def below_floor_reason(flow: FlowConfig, price: float, lead_fields: Mapping[str, Any],
-                       at: datetime | int, *, exclusive: bool) -> str | None:
+def below_floor_reason(
+    flow: FlowConfig,
+    price: float,
+    lead_fields: Mapping[str, Any],
+    at: datetime | int,
+    *,
+    exclusive: bool,
+) -> str | None:
     """Why ``price`` is below the applicable floor (None: it is not)."""
     fl = floor_breakdown(flow, lead_fields, at, exclusive=exclusive)
     if price + _EPS >= fl.value:
         return None
     plain = round(fl.base * fl.quality * fl.premium, 6)
     if fl.exclusive_min is not None and fl.exclusive_min > plain:
-        return (f"exclusive price {price:.2f} below exclusive minimum "
-                f"{fl.exclusive_min:.2f}")
+        return f"exclusive price {price:.2f} below exclusive minimum {fl.exclusive_min:.2f}"
     kind = "exclusive price" if exclusive else "price"
     return f"{kind} {price:.2f} below floor {fl.value:.2f} ({fl.explain()})"
 
@@ -361,8 +372,9 @@ def below_floor_reason(flow: FlowConfig, price: float, lead_fields: Mapping[str,
 # --------------------------------------------------------------------------- scoring
 
 
-def acceptance_rate(accepted: int, posted: int, prior_rate: float = 0.7,
-                    prior_weight: float = 10) -> float:
+def acceptance_rate(
+    accepted: int, posted: int, prior_rate: float = 0.7, prior_weight: float = 10
+) -> float:
     """A buyer's post acceptance rate with a Bayesian prior: a new buyer starts at
     ``prior_rate`` and its own record takes over as posts accumulate
     (``(accepted + rate·weight) / (posted + weight)``)."""
@@ -378,16 +390,24 @@ def acceptance_rate(accepted: int, posted: int, prior_rate: float = 0.7,
 def _weights(w: ScoreWeights | Mapping[str, float]) -> tuple[float, float, float]:
     if isinstance(w, ScoreWeights):
         return w.price, w.acceptance, w.payment
-    return (float(w.get("price", 0.0)), float(w.get("acceptance", 0.0)),
-            float(w.get("payment", 0.0)))
+    return (
+        float(w.get("price", 0.0)),
+        float(w.get("acceptance", 0.0)),
+        float(w.get("payment", 0.0)),
+    )
 
 
 def _unit(x: float) -> float:
     return min(1.0, max(0.0, float(x)))
 
 
-def score(price: float, max_price_in_auction: float, acceptance_rate: float,
-          payment_speed: float, weights: ScoreWeights | Mapping[str, float]) -> float:
+def score(
+    price: float,
+    max_price_in_auction: float,
+    acceptance_rate: float,
+    payment_speed: float,
+    weights: ScoreWeights | Mapping[str, float],
+) -> float:
     """``w_price·price/max + w_accept·acceptance_rate + w_pay·payment_speed``.
 
     The price is normalised by the auction's highest acceptable price (so the top bid has 1.0
@@ -398,10 +418,15 @@ def score(price: float, max_price_in_auction: float, acceptance_rate: float,
     return wp * norm + wa * _unit(acceptance_rate) + wy * _unit(payment_speed)
 
 
-def scores(candidates: Sequence[Mapping[str, Any]], *,
-           weights: ScoreWeights | Mapping[str, float], acceptance: Mapping[str, float],
-           payment: Mapping[str, float], default_acceptance: float | None = None,
-           default_payment: float = 0.5) -> dict[str, float]:
+def scores(
+    candidates: Sequence[Mapping[str, Any]],
+    *,
+    weights: ScoreWeights | Mapping[str, float],
+    acceptance: Mapping[str, float],
+    payment: Mapping[str, float],
+    default_acceptance: float | None = None,
+    default_payment: float = 0.5,
+) -> dict[str, float]:
     """Each candidate's score (by buyer_id), prices normalised by the candidates' maximum.
 
     A buyer missing from ``acceptance`` gets ``default_acceptance`` (default: the prior,
@@ -411,17 +436,30 @@ def scores(candidates: Sequence[Mapping[str, Any]], *,
         default_acceptance = AcceptancePrior().rate
     top = max((float(c["price"]) for c in candidates), default=0.0)
     return {
-        c["buyer_id"]: round(score(float(c["price"]), top,
-                                   acceptance.get(c["buyer_id"], default_acceptance),
-                                   payment.get(c["buyer_id"], default_payment), weights), 9)
+        c["buyer_id"]: round(
+            score(
+                float(c["price"]),
+                top,
+                acceptance.get(c["buyer_id"], default_acceptance),
+                payment.get(c["buyer_id"], default_payment),
+                weights,
+            ),
+            9,
+        )
         for c in candidates
     }
 
 
-def rank(candidates: list[dict[str, Any]], *, rank_by: str,
-         weights: ScoreWeights | Mapping[str, float], acceptance: Mapping[str, float],
-         payment: Mapping[str, float], default_acceptance: float | None = None,
-         default_payment: float = 0.5) -> list[dict[str, Any]]:
+def rank(
+    candidates: list[dict[str, Any]],
+    *,
+    rank_by: str,
+    weights: ScoreWeights | Mapping[str, float],
+    acceptance: Mapping[str, float],
+    payment: Mapping[str, float],
+    default_acceptance: float | None = None,
+    default_payment: float = 0.5,
+) -> list[dict[str, Any]]:
     """Candidates best first, deterministically.
 
     ``price``: price desc, then earlier ``answered_at_ms``, then buyer_id (no score: a tie
@@ -433,10 +471,17 @@ def rank(candidates: list[dict[str, Any]], *, rank_by: str,
     if rank_by not in ("price", "score"):
         raise ValueError(f"rank_by must be 'price' or 'score', not {rank_by!r}")
     if rank_by == "price":
-        return sorted(candidates, key=lambda c: (-float(c["price"]), c["answered_at_ms"],
-                                                 c["buyer_id"]))
-    sc = scores(candidates, weights=weights, acceptance=acceptance, payment=payment,
-                default_acceptance=default_acceptance, default_payment=default_payment)
+        return sorted(
+            candidates, key=lambda c: (-float(c["price"]), c["answered_at_ms"], c["buyer_id"])
+        )
+    sc = scores(
+        candidates,
+        weights=weights,
+        acceptance=acceptance,
+        payment=payment,
+        default_acceptance=default_acceptance,
+        default_payment=default_payment,
+    )
 
     def key(c: dict[str, Any]) -> tuple[Any, ...]:
         return (-sc[c["buyer_id"]], c["answered_at_ms"], c["buyer_id"])
@@ -449,8 +494,9 @@ def wants_exclusive(c: Mapping[str, Any]) -> bool:
     return bool(c.get("exclusive") or (c.get("conditions") or {}).get("exclusive_required"))
 
 
-def choose_mode(ranked: Sequence[Mapping[str, Any]], *, exclusive_only: bool,
-                shared_only: bool) -> str:
+def choose_mode(
+    ranked: Sequence[Mapping[str, Any]], *, exclusive_only: bool, shared_only: bool
+) -> str:
     """How the lead is sold: ``exclusive``, ``shared`` or ``none``.
 
     - default: exclusive if the best bid asks for exclusivity, else shared;
@@ -486,8 +532,14 @@ def wave_of(tier: str, waves: Sequence[WaveConfig] | None) -> int | None:
 # --------------------------------------------------------------------------- auto-pause
 
 
-def pause_decision(outcomes: Sequence[tuple[int, str]], now_ms: int, *, window_s: float,
-                   min_pings: int, max_failure_rate: float) -> bool:
+def pause_decision(
+    outcomes: Sequence[tuple[int, str]],
+    now_ms: int,
+    *,
+    window_s: float,
+    min_pings: int,
+    max_failure_rate: float,
+) -> bool:
     """Whether to pause a buyer now, from its recent ping outcomes ``(at_ms, status)``.
 
     The window is ``(now - window_s, now]``. Pings are bid/no_bid/timeout/error (a

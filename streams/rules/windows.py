@@ -24,13 +24,41 @@ from typing import Any
 
 from streams.settings.metrics import METRICS
 
-__all__ = ["Agg", "BUCKETS_MS", "Subject", "WindowedMetrics", "metric_value", "quantile",
-           "samples_for"]
+__all__ = [
+    "Agg",
+    "BUCKETS_MS",
+    "Subject",
+    "WindowedMetrics",
+    "metric_value",
+    "quantile",
+    "samples_for",
+]
 
 #: Upper bounds of the latency histogram's buckets (ms); the last bucket is open-ended.
 #: Dense around the usual 500-750 ms ping deadlines, where the alerts look.
-BUCKETS_MS: tuple[float, ...] = (5, 10, 20, 30, 50, 75, 100, 150, 200, 300, 400, 500, 600, 750,
-                                 1000, 1500, 2000, 3000, 5000, 10000, math.inf)
+BUCKETS_MS: tuple[float, ...] = (
+    5,
+    10,
+    20,
+    30,
+    50,
+    75,
+    100,
+    150,
+    200,
+    300,
+    400,
+    500,
+    600,
+    750,
+    1000,
+    1500,
+    2000,
+    3000,
+    5000,
+    10000,
+    math.inf,
+)
 
 Subject = tuple[str, str]  # ("buyer", "sunrise") | ("flow", "solar")
 
@@ -39,7 +67,7 @@ Subject = tuple[str, str]  # ("buyer", "sunrise") | ("flow", "solar")
 class Agg:
     """Counters of one subject over one window (or a merge of several)."""
 
-    pings: int = 0          # sent: every status but `filtered`
+    pings: int = 0  # sent: every status but `filtered`
     bids: int = 0
     no_bids: int = 0
     timeouts: int = 0
@@ -48,15 +76,15 @@ class Agg:
     bid_price_sum: float = 0.0
     latency_sum_ms: float = 0.0
     hist: list[int] = field(default_factory=lambda: [0] * len(BUCKETS_MS))
-    posts: int = 0          # post attempts (not `skipped`)
+    posts: int = 0  # post attempts (not `skipped`)
     accepted: int = 0
     rejected: int = 0
     post_failures: int = 0  # error + timeout
-    revenue: float = 0.0    # buyer: accepted post prices; flow: price_total of settled leads
-    leads: int = 0          # flow: settled auctions
+    revenue: float = 0.0  # buyer: accepted post prices; flow: price_total of settled leads
+    leads: int = 0  # flow: settled auctions
     sold: int = 0
 
-    def merge(self, other: "Agg") -> None:
+    def merge(self, other: Agg) -> None:
         for f in fields(self):
             if f.name == "hist":
                 self.hist = [a + b for a, b in zip(self.hist, other.hist)]

@@ -18,18 +18,34 @@ import contextlib
 import logging
 import time
 import traceback
-from typing import Any, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import faust
-from faust.types import EventT, StreamT
-
 from aiokafka.partitioner import murmur2
+from faust.types import EventT, StreamT
 
 import schemas
 
-__all__ = ["InFlight", "DeadLetters", "KeyedLocks", "Requeue", "now_ms", "is_transient",
-           "retry_transient", "durable_set", "durable_pop", "key_partition", "assigned_here",
-           "member_confirmed", "membership_age_s", "hold_unconfirmed", "Job", "timer", "task"]
+__all__ = [
+    "InFlight",
+    "DeadLetters",
+    "KeyedLocks",
+    "Requeue",
+    "now_ms",
+    "is_transient",
+    "retry_transient",
+    "durable_set",
+    "durable_pop",
+    "key_partition",
+    "assigned_here",
+    "member_confirmed",
+    "membership_age_s",
+    "hold_unconfirmed",
+    "Job",
+    "timer",
+    "task",
+]
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +72,16 @@ def is_transient(exc: BaseException) -> bool:
         return True
     if isinstance(exc, KafkaError):
         return bool(getattr(exc, "retriable", False)) or type(exc).__name__ in (
-            "KafkaTimeoutError", "KafkaConnectionError", "NodeNotReadyError")
+            "KafkaTimeoutError",
+            "KafkaConnectionError",
+            "NodeNotReadyError",
+        )
     return False
 
 
-async def retry_transient(work: Callable[[], Awaitable[Any]], what: str,
-                          attempts: int = 8, first_delay: float = 0.1) -> Any:
+async def retry_transient(
+    work: Callable[[], Awaitable[Any]], what: str, attempts: int = 8, first_delay: float = 0.1
+) -> Any:
     """Run ``work``; on a transient error wait (0.1 s, doubling) and run it again. Work
     passed here is idempotent (deterministic ids, table-recorded progress), so a rerun
     after a partial effect is safe. The last error propagates to the failure policy."""
@@ -72,8 +92,14 @@ async def retry_transient(work: Callable[[], Awaitable[Any]], what: str,
         except Exception as exc:
             if attempt == attempts - 1 or not is_transient(exc):
                 raise
-            log.warning("%s: transient %s (%s); retry %d in %.1fs", what, type(exc).__name__,
-                        str(exc).splitlines()[0][:200], attempt + 1, delay)
+            log.warning(
+                "%s: transient %s (%s); retry %d in %.1fs",
+                what,
+                type(exc).__name__,
+                str(exc).splitlines()[0][:200],
+                attempt + 1,
+                delay,
+            )
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
     raise AssertionError("unreachable")
@@ -110,8 +136,9 @@ def task(app: faust.App) -> Callable[[Job], Job]:
 
 def assigned_here(app: Any, topic: str, partition: int) -> bool:
     """Whether ``partition`` of ``topic`` is one of this worker's active partitions now."""
-    return any(tp.partition == partition and tp.topic == topic
-               for tp in app.assignor.assigned_actives())
+    return any(
+        tp.partition == partition and tp.topic == topic for tp in app.assignor.assigned_actives()
+    )
 
 
 #: What is left of the group session a worker acts on: membership is confirmed while the
@@ -158,8 +185,11 @@ def hold_unconfirmed(app: Any, what: str) -> None:
 
         _fence_log.addFilter(RepeatThrottle())
     age = membership_age_s(app)
-    _fence_log.warning("holding %s: this worker's group membership is not confirmed (last "
-                       "proof %.1f s ago)", what, -1.0 if age is None else age)
+    _fence_log.warning(
+        "holding %s: this worker's group membership is not confirmed (last proof %.1f s ago)",
+        what,
+        -1.0 if age is None else age,
+    )
 
 
 def durable_set(table: Any, key: str, value: Any, partition: int) -> Any:
@@ -228,12 +258,14 @@ class DeadLetters:
             "pii_hashes": safe.pii_hashes,
         }
         value = schemas.encode("DeadLetter", record)
-        await retry_transient(lambda: self.topic.send(key=msg.key, value=value),
-                              f"dead-letter {record['id']}")
+        await retry_transient(
+            lambda: self.topic.send(key=msg.key, value=value), f"dead-letter {record['id']}"
+        )
         log.warning("dead-lettered %s (%s): %s", record["id"], self.stage, reason)
 
-    async def guarded(self, event: EventT[Any], work: Callable[[], Awaitable[Any]],
-                      what: str) -> bool:
+    async def guarded(
+        self, event: EventT[Any], work: Callable[[], Awaitable[Any]], what: str
+    ) -> bool:
         """The per-event failure policy in one place: run ``work``, retrying transient
         errors; on any other failure dead-letter the event with the reason. True if the
         work succeeded. A failure to dead-letter propagates (the caller must not ack)."""
@@ -247,9 +279,14 @@ class DeadLetters:
 
             msg = event.message
             secret = self._safe(msg.value).pii_values  # an error message may quote a value
-            log.error("%s failed on %s:%s:%s\n%s", what, msg.topic, msg.partition,
-                      msg.offset, scrub(traceback.format_exc(), secret) if secret
-                      else traceback.format_exc())
+            log.error(
+                "%s failed on %s:%s:%s\n%s",
+                what,
+                msg.topic,
+                msg.partition,
+                msg.offset,
+                scrub(traceback.format_exc(), secret) if secret else traceback.format_exc(),
+            )
             await self.send(event, f"{what}: {type(exc).__name__}: {exc}")
             return False
 
@@ -311,17 +348,32 @@ class InFlight:
         except Requeue as why:
             msg = event.message
             try:
-                await retry_transient(lambda: event.app.producer.send_and_wait(
-                    msg.topic, msg.key, msg.value, msg.partition, None, None),
-                    f"requeue {msg.topic}:{msg.partition}:{msg.offset}", attempts=6)
+                await retry_transient(
+                    lambda: event.app.producer.send_and_wait(
+                        msg.topic, msg.key, msg.value, msg.partition, None, None
+                    ),
+                    f"requeue {msg.topic}:{msg.partition}:{msg.offset}",
+                    attempts=6,
+                )
             except Exception:  # Kafka down: keep the event unacked, it will be redelivered
-                log.exception("could not requeue %s:%s:%s; leaving it unacked: the partition's "
-                              "offset is not committed past it until a restart or rebalance "
-                              "redelivers it", msg.topic, msg.partition, msg.offset)
+                log.exception(
+                    "could not requeue %s:%s:%s; leaving it unacked: the partition's "
+                    "offset is not committed past it until a restart or rebalance "
+                    "redelivers it",
+                    msg.topic,
+                    msg.partition,
+                    msg.offset,
+                )
                 self._sem.release()
                 return
-            log.info("%s: requeued %s:%s:%s at the end of its partition (%s)", self.name,
-                     msg.topic, msg.partition, msg.offset, why)
+            log.info(
+                "%s: requeued %s:%s:%s at the end of its partition (%s)",
+                self.name,
+                msg.topic,
+                msg.partition,
+                msg.offset,
+                why,
+            )
             self._sem.release()
             await stream.ack(event)
             return

@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import schemas
 from connectors.buyers import PingOutcome
@@ -35,24 +36,48 @@ _TRACE = os.environ.get("PINGPOST_TRACE_PINGS") == "1"
 Sent = list[tuple[str, dict[str, Any], "asyncio.Future[Any]"]]
 
 
-def bid_record(req: dict[str, Any], buyer: BuyerConfig, ping_id: str, sent_at: int,
-                out: PingOutcome | None, status: str | None = None, reason: str = "") -> dict[str, Any]:
+def bid_record(
+    req: dict[str, Any],
+    buyer: BuyerConfig,
+    ping_id: str,
+    sent_at: int,
+    out: PingOutcome | None,
+    status: str | None = None,
+    reason: str = "",
+) -> dict[str, Any]:
     if out is None:
         return {
-            "lead_id": req["lead_id"], "flow": req["flow"], "ping_id": ping_id,
-            "buyer_id": buyer.id, "tier": buyer.tier, "status": status, "sent_at_ms": sent_at,
-            "answered_at_ms": sent_at, "latency_ms": 0.0, "price": None, "exclusive": False,
-            "buyer_ref": None, "conditions": {}, "reason": reason, "http_status": None,
+            "lead_id": req["lead_id"],
+            "flow": req["flow"],
+            "ping_id": ping_id,
+            "buyer_id": buyer.id,
+            "tier": buyer.tier,
+            "status": status,
+            "sent_at_ms": sent_at,
+            "answered_at_ms": sent_at,
+            "latency_ms": 0.0,
+            "price": None,
+            "exclusive": False,
+            "buyer_ref": None,
+            "conditions": {},
+            "reason": reason,
+            "http_status": None,
         }
     c = out.conditions
     return {
-        "lead_id": req["lead_id"], "flow": req["flow"], "ping_id": ping_id,
-        "buyer_id": buyer.id, "tier": buyer.tier, "status": out.status,
+        "lead_id": req["lead_id"],
+        "flow": req["flow"],
+        "ping_id": ping_id,
+        "buyer_id": buyer.id,
+        "tier": buyer.tier,
+        "status": out.status,
         # sent_at is a truncated wall-clock ms and latency a monotonic measure: capped at
         # now, the answer never looks later than what happens after it (the next wave).
-        "sent_at_ms": sent_at, "answered_at_ms": min(sent_at + int(round(out.latency_ms)),
-                                                     now_ms()),
-        "latency_ms": float(out.latency_ms), "price": out.price, "exclusive": out.exclusive,
+        "sent_at_ms": sent_at,
+        "answered_at_ms": min(sent_at + int(round(out.latency_ms)), now_ms()),
+        "latency_ms": float(out.latency_ms),
+        "price": out.price,
+        "exclusive": out.exclusive,
         "buyer_ref": out.buyer_ref,
         "conditions": {
             "max_age_minutes": c.max_age_minutes,
@@ -60,25 +85,38 @@ def bid_record(req: dict[str, Any], buyer: BuyerConfig, ping_id: str, sent_at: i
             "require_consent": c.require_consent,
             "exclusive_required": c.exclusive_required,
         },
-        "reason": out.reason, "http_status": out.http_status,
+        "reason": out.reason,
+        "http_status": out.http_status,
     }
 
 
-def plan_for(ctx: Context, req: dict[str, Any], at_ms: int
-             ) -> tuple[list[BuyerConfig], list[tuple[BuyerConfig, str]]]:
+def plan_for(
+    ctx: Context, req: dict[str, Any], at_ms: int
+) -> tuple[list[BuyerConfig], list[tuple[BuyerConfig, str]]]:
     """:func:`plan_pings` with this worker's live state: auto-pauses, cap counters, and the
     buyers a duplicate must skip."""
     pauses, view = ctx.resources.get("pauses"), ctx.resources.get("caps_view")
     return plan_pings(
-        ctx.settings, req["flow"], req["ping_fields"], at_ms,
+        ctx.settings,
+        req["flow"],
+        req["ping_fields"],
+        at_ms,
         paused_until=pauses.paused if pauses else None,
         cap_counters=(lambda b, at: view.counters(b.id, b.caps, at)) if view else None,
-        skip_buyers=req.get("skip_buyers"))
+        skip_buyers=req.get("skip_buyers"),
+    )
 
 
-async def ping_buyer(ctx: Context, req: dict[str, Any], buyer: BuyerConfig, ping_id: str,
-                     stop_at_ms: int, records: Sent | None = None, *,
-                     pii: Mapping[str, Any] | None = None) -> dict[str, Any]:
+async def ping_buyer(
+    ctx: Context,
+    req: dict[str, Any],
+    buyer: BuyerConfig,
+    ping_id: str,
+    stop_at_ms: int,
+    records: Sent | None = None,
+    *,
+    pii: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     """Ping one buyer for ``req`` (lead_id, flow, ping_fields) with the time left until
     ``stop_at_ms``; send and return its outcome (a ``Bid`` record, floor reason included).
     ``records`` collects the record with the future of its Kafka acknowledgement. The
@@ -90,15 +128,20 @@ async def ping_buyer(ctx: Context, req: dict[str, Any], buyer: BuyerConfig, ping
     sent = now_ms()
     budget = min(buyer.timeout_ms, stop_at_ms - sent)
     if budget <= 0:
-        record = bid_record(req, buyer, ping_id, sent, None, "timeout",
-                             "no time left before the auction deadline")
+        record = bid_record(
+            req, buyer, ping_id, sent, None, "timeout", "no time left before the auction deadline"
+        )
     else:
         body = ping_body(req["ping_fields"], req["flow"], ping_id, budget)
         if _TRACE:
             log.info("TRACE ping %s %s %s", req["lead_id"], buyer.id, os.getpid())
-        out = await ctx.buyer_client().ping(buyer, body, budget / 1000.0,
-                                            max_price=flow.strategy.max_price,
-                                            min_price=flow.strategy.min_price)
+        out = await ctx.buyer_client().ping(
+            buyer,
+            body,
+            budget / 1000.0,
+            max_price=flow.strategy.max_price,
+            min_price=flow.strategy.min_price,
+        )
         record = bid_record(req, buyer, ping_id, sent, out)
         if out.buyer_ref is not None:
             record["buyer_ref"] = safe_ref(out.buyer_ref, pii_check(settings, req, pii))
@@ -107,10 +150,20 @@ async def ping_buyer(ctx: Context, req: dict[str, Any], buyer: BuyerConfig, ping
             # fail: states, consent, max age at its answer); the auction applies the same
             # rules at close, when the lead is only older.
             record["reason"] = rules.below_floor_reason(
-                flow, out.price, req["ping_fields"], sent,
-                exclusive=out.exclusive or out.conditions.exclusive_required) or (
-                conditions_reason(record["conditions"], req["ping_fields"],
-                                  req["created_at_ms"], record["answered_at_ms"]) or "")
+                flow,
+                out.price,
+                req["ping_fields"],
+                sent,
+                exclusive=out.exclusive or out.conditions.exclusive_required,
+            ) or (
+                conditions_reason(
+                    record["conditions"],
+                    req["ping_fields"],
+                    req["created_at_ms"],
+                    record["answered_at_ms"],
+                )
+                or ""
+            )
     ack = await bids.send(key=record["lead_id"].encode(), value=schemas.encode("Bid", record))
     if records is not None:
         records.append(("Bid", record, ack))

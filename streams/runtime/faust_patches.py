@@ -84,12 +84,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any, AsyncIterator
+from typing import Any
 
-__all__ = ["COMMIT_TIMEOUT_S", "DELETE_WHEN", "PatchVersionError", "WATCHDOG_CALL_TIMEOUT_S",
-           "WORKER_FETCH_MAX_WAIT_MS", "WRITTEN_FOR", "OffsetGuard", "apply", "check_versions",
-           "contiguous_commit", "guard_of", "guarded"]
+__all__ = [
+    "COMMIT_TIMEOUT_S",
+    "DELETE_WHEN",
+    "PatchVersionError",
+    "WATCHDOG_CALL_TIMEOUT_S",
+    "WORKER_FETCH_MAX_WAIT_MS",
+    "WRITTEN_FOR",
+    "OffsetGuard",
+    "apply",
+    "check_versions",
+    "contiguous_commit",
+    "guard_of",
+    "guarded",
+]
 
 log = logging.getLogger(__name__)
 
@@ -100,14 +112,14 @@ WRITTEN_FOR = {"faust-streaming": "0.15.3", "aiokafka": "0.14.0", "mode-streamin
 #: When each patch can go: the upstream issue or PR whose release makes it unnecessary.
 DELETE_WHEN = {
     1: "faust-streaming makes the worker consumer's fetch_max_wait_ms configurable "
-       "(hard-coded 1500 in faust/transport/drivers/aiokafka.py; no upstream issue yet)",
+    "(hard-coded 1500 in faust/transport/drivers/aiokafka.py; no upstream issue yet)",
     2: "faust-streaming #216 / #221 fixed (a batch fetched before a rebalance iterated after "
-       "the seek to the committed offsets)",
+    "the seek to the committed offsets)",
     3: "faust-streaming #606 fixed (PR #707 merged and released)",
     4: "faust-streaming reads an empty active-partition set as 'none' (no upstream issue yet)",
     5: "aiokafka bounds commit_offsets / ensure_coordinator_known (no upstream issue yet)",
     6: "faust-streaming's verify_event_path stops measuring idle time as 'not committed' "
-       "(no upstream issue yet)",
+    "(no upstream issue yet)",
     7: "Faust offers group fencing outside exactly-once mode (no upstream issue)",
 }
 
@@ -134,7 +146,9 @@ def check_versions() -> None:
             "written for: " + ", ".join(wrong) + ". Install the versions pinned in "
             "pyproject.toml, or re-check every patch against the new ones "
             "(tests/unit/test_faust_patches_guard.py snapshots what they touch) and update "
-            "WRITTEN_FOR.")
+            "WRITTEN_FOR."
+        )
+
 
 #: The worker consumer's fetch wait (see point 1).
 WORKER_FETCH_MAX_WAIT_MS = 10
@@ -211,10 +225,13 @@ def _bound_waits() -> None:
     async def _commit(self: Any, offsets: Any) -> bool:
         try:
             return await asyncio.wait_for(orig_commit(self, offsets), COMMIT_TIMEOUT_S)
-        except asyncio.TimeoutError:
-            log.warning("offset commit of %d partition(s) did not complete in %.0f s (broker "
-                        "unreachable?); a later commit covers these offsets",
-                        len(offsets), COMMIT_TIMEOUT_S)
+        except TimeoutError:
+            log.warning(
+                "offset commit of %d partition(s) did not complete in %.0f s (broker "
+                "unreachable?); a later commit covers these offsets",
+                len(offsets),
+                COMMIT_TIMEOUT_S,
+            )
             return False
 
     async def call_thread(self: Any, fun: Any, *args: Any, **kwargs: Any) -> Any:
@@ -255,11 +272,18 @@ def _quiet_livelock_check() -> None:
             self.tp_last_committed_at[tp] = now
         since = self.__dict__.setdefault("_pingpost_backlog_since", {})
         try:
-            st = self._ensure_consumer()._fetcher._subscriptions.subscription.assignment \
-                .state_value(TopicPartition(tp.topic, tp.partition))
-            backlog = (st is not None and st.highwater is not None
-                       and st.position is not None and st.highwater > st.position)
-        except Exception:  # noqa: BLE001 - not assigned (any more): Faust's check decides
+            st = (
+                self._ensure_consumer()._fetcher._subscriptions.subscription.assignment.state_value(
+                    TopicPartition(tp.topic, tp.partition)
+                )
+            )
+            backlog = (
+                st is not None
+                and st.highwater is not None
+                and st.position is not None
+                and st.highwater > st.position
+            )
+        except Exception:
             backlog = False
         if backlog:
             first = since.setdefault(tp, now)
@@ -413,8 +437,14 @@ class OffsetGuard:
             if self.jumps.get(tp) != (exp, offset):
                 self.jumps[tp] = (exp, offset)
                 return self.RESEEK
-            log.warning("partition %s: offsets %d..%d do not exist (compacted or expired); "
-                        "continuing at %d", tp, exp, offset - 1, offset)
+            log.warning(
+                "partition %s: offsets %d..%d do not exist (compacted or expired); "
+                "continuing at %d",
+                tp,
+                exp,
+                offset - 1,
+                offset,
+            )
             self.holes.setdefault(tp, []).append((exp, offset - 1))
         if exp is None:
             self.base.setdefault(tp, offset)
@@ -457,8 +487,9 @@ def _guard_offsets() -> None:
         head = self._committed_offset[tp]
         if head is None:
             head = g.base.get(tp)
-        return contiguous_commit(self._acked[tp], self._acked_index[tp],
-                                 g.holes.setdefault(tp, []), head)
+        return contiguous_commit(
+            self._acked[tp], self._acked_index[tp], g.holes.setdefault(tp, []), head
+        )
 
     orig_getmany = base.getmany
     orig_seek = base.seek
@@ -480,22 +511,39 @@ def _guard_offsets() -> None:
             elif verdict == OffsetGuard.DROP and tp in g.fenced:
                 if tp not in g.fence_logged:
                     g.fence_logged.add(tp)
-                    log.info("partition %s: revoked and not sought since; dropping offset %d "
-                             "(a batch fetched before the revocation)", tp, message.offset)
-                elif tp not in g.fence_alarmed and not self.app.rebalancing \
-                        and tp in self.assignment():
+                    log.info(
+                        "partition %s: revoked and not sought since; dropping offset %d "
+                        "(a batch fetched before the revocation)",
+                        tp,
+                        message.offset,
+                    )
+                elif (
+                    tp not in g.fence_alarmed
+                    and not self.app.rebalancing
+                    and tp in self.assignment()
+                ):
                     # Every rebalance ends with a seek of each assigned partition to its
                     # committed offset: this one was missed, and its records are not
                     # processed until the next rebalance. A suspect for the open "partition
                     # left unfetched" issue (docs/known-issues.md): made loud if it happens.
                     g.fence_alarmed.add(tp)
-                    log.error("partition %s is assigned and the rebalance is over, but it was "
-                              "never sought to its committed offset: its records (offset %d) "
-                              "are not processed; restart this worker", tp, message.offset)
+                    log.error(
+                        "partition %s is assigned and the rebalance is over, but it was "
+                        "never sought to its committed offset: its records (offset %d) "
+                        "are not processed; restart this worker",
+                        tp,
+                        message.offset,
+                    )
             elif verdict == OffsetGuard.RESEEK:
                 exp = g.expected[tp]
-                log.warning("partition %s: got offset %d, expected %d (a batch fetched before "
-                            "a rebalance); seeking back to %d", tp, message.offset, exp, exp)
+                log.warning(
+                    "partition %s: got offset %d, expected %d (a batch fetched before "
+                    "a rebalance); seeking back to %d",
+                    tp,
+                    message.offset,
+                    exp,
+                    exp,
+                )
                 reseeking.add(tp)
                 await self.seek(tp, exp)
 
@@ -525,8 +573,9 @@ def _guard_offsets() -> None:
     base._pingpost_guarded = True  # type: ignore[attr-defined]
 
 
-def contiguous_commit(acked: list[int], acked_index: set[int], holes: list[tuple[int, int]],
-                      head: int | None) -> int | None:
+def contiguous_commit(
+    acked: list[int], acked_index: set[int], holes: list[tuple[int, int]], head: int | None
+) -> int | None:
     """The offset to commit for a partition (point 3), or None: the end of the run of acked
     offsets — and of ``holes``, ``[first, last]`` ranges known not to exist — that starts
     at ``head``, the committed offset (None: unknown, the lowest acked offset or hole starts
@@ -549,9 +598,7 @@ def contiguous_commit(acked: list[int], acked_index: set[int], holes: list[tuple
     # Everything below ``end`` is either committed now or was committed before.
     gone = [o for o in acked if o < end]
     if gone:
-        acked[:] = acked[len(gone):]
+        acked[:] = acked[len(gone) :]
         acked_index.difference_update(gone)
     holes[:] = [h for h in holes if h[1] >= end]
     return end if end > start else None
-
-

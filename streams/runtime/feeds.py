@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import mode
 from aiokafka import AIOKafkaConsumer
@@ -19,21 +20,29 @@ __all__ = ["follow_topic"]
 log = logging.getLogger(__name__)
 
 
-def follow_topic(settings: Any, topic: str, since_ms: int,
-          on_record: Callable[[bytes], None], on_batch: Callable[[], Any]) -> type[mode.Service]:
+def follow_topic(
+    settings: Any,
+    topic: str,
+    since_ms: int,
+    on_record: Callable[[bytes], None],
+    on_batch: Callable[[], Any],
+) -> type[mode.Service]:
     """A service reading every partition of ``topic`` from ``since_ms`` with a group-less
     consumer (nothing committed, nothing to rebalance), calling ``on_record`` per value and
     ``on_batch`` after each poll (also when idle)."""
 
     class Feed(mode.Service):
         async def on_start(self) -> None:
-            self._consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka.bootstrap,
-                                              group_id=None, enable_auto_commit=False,
-                                              fetch_max_wait_ms=100)
+            self._consumer = AIOKafkaConsumer(
+                bootstrap_servers=settings.kafka.bootstrap,
+                group_id=None,
+                enable_auto_commit=False,
+                fetch_max_wait_ms=100,
+            )
             await self._consumer.start()
             parts = self._consumer.partitions_for_topic(topic)
             if not parts:
-                await self._consumer._client.force_metadata_update()  # noqa: SLF001
+                await self._consumer._client.force_metadata_update()
                 parts = self._consumer.partitions_for_topic(topic) or set()
             tps = [TopicPartition(topic, p) for p in sorted(parts)]
             self._consumer.assign(tps)

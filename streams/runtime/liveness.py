@@ -23,10 +23,18 @@ import logging
 import os
 import threading
 import time
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
-__all__ = ["EXIT_STUCK", "STUCK_S", "GRACE_S", "Waits", "WAITS", "StuckCheck", "broker_ready",
-           "start_monitor"]
+__all__ = [
+    "EXIT_STUCK",
+    "STUCK_S",
+    "GRACE_S",
+    "Waits",
+    "WAITS",
+    "StuckCheck",
+    "broker_ready",
+    "start_monitor",
+]
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +93,9 @@ class StuckCheck:
             return False
         return True
 
-    def observe(self, now: float, oldest: tuple[str, float] | None,
-                broker_answers: Callable[[], bool]) -> str | None:
+    def observe(
+        self, now: float, oldest: tuple[str, float] | None, broker_answers: Callable[[], bool]
+    ) -> str | None:
         """A description of the stuck wait, or None. ``broker_answers`` is called only while
         a wait is older than ``grace_s``."""
         if not self.needs_probe(now, oldest):
@@ -100,8 +109,10 @@ class StuckCheck:
         if now - oldest[1] < self.stuck_s or now - self.ready_since < self.grace_s:
             return None
         what, since = oldest
-        return (f"{what} has waited {now - since:.0f} s, and the broker has answered for "
-                f"{now - self.ready_since:.0f} s")
+        return (
+            f"{what} has waited {now - since:.0f} s, and the broker has answered for "
+            f"{now - self.ready_since:.0f} s"
+        )
 
 
 def broker_ready(bootstrap: str, timeout: float = 2.0) -> bool:
@@ -121,23 +132,33 @@ def broker_ready(bootstrap: str, timeout: float = 2.0) -> bool:
 
 
 def _exit_stuck(reason: str) -> None:
-    log.critical("the Kafka client is stuck: %s; exiting with status %d for the supervisor "
-                 "to restart this worker (processed events are committed, the rest are "
-                 "read again)", reason, EXIT_STUCK)
+    log.critical(
+        "the Kafka client is stuck: %s; exiting with status %d for the supervisor "
+        "to restart this worker (processed events are committed, the rest are "
+        "read again)",
+        reason,
+        EXIT_STUCK,
+    )
     for handler in logging.getLogger().handlers:
         with contextlib.suppress(Exception):
             handler.flush()
     os._exit(EXIT_STUCK)
 
 
-def start_monitor(bootstrap: str, waits: Waits = WAITS, check: StuckCheck | None = None,
-                  interval: float = 1.0,
-                  on_stuck: Callable[[str], None] = _exit_stuck,
-                  probe: Callable[[], bool] | None = None) -> threading.Event:
+def start_monitor(
+    bootstrap: str,
+    waits: Waits = WAITS,
+    check: StuckCheck | None = None,
+    interval: float = 1.0,
+    on_stuck: Callable[[str], None] = _exit_stuck,
+    probe: Callable[[], bool] | None = None,
+) -> threading.Event:
     """Start the monitor thread (a daemon); returns an event that stops it when set."""
     # Environment overrides, for operators and for the tests that wedge a worker on purpose.
-    check = check or StuckCheck(float(os.environ.get("PINGPOST_STUCK_S", STUCK_S)),
-                                float(os.environ.get("PINGPOST_STUCK_GRACE_S", GRACE_S)))
+    check = check or StuckCheck(
+        float(os.environ.get("PINGPOST_STUCK_S", STUCK_S)),
+        float(os.environ.get("PINGPOST_STUCK_GRACE_S", GRACE_S)),
+    )
     probe = probe or (lambda: broker_ready(bootstrap))
     stop = threading.Event()
 
@@ -145,7 +166,7 @@ def start_monitor(bootstrap: str, waits: Waits = WAITS, check: StuckCheck | None
         while not stop.wait(interval):
             try:
                 verdict = check.observe(waits.clock(), waits.oldest(), probe)
-            except Exception:  # noqa: BLE001 - the monitor must outlive its own errors
+            except Exception:
                 log.warning("liveness check failed", exc_info=True)
                 continue
             if verdict:
@@ -153,6 +174,11 @@ def start_monitor(bootstrap: str, waits: Waits = WAITS, check: StuckCheck | None
                 return
 
     threading.Thread(target=run, name="pingpost-liveness", daemon=True).start()
-    log.info("liveness monitor: a wait on Kafka of %.0f s while the broker answers for "
-             "%.0f s ends this worker (status %d)", check.stuck_s, check.grace_s, EXIT_STUCK)
+    log.info(
+        "liveness monitor: a wait on Kafka of %.0f s while the broker answers for "
+        "%.0f s ends this worker (status %d)",
+        check.stuck_s,
+        check.grace_s,
+        EXIT_STUCK,
+    )
     return stop

@@ -39,8 +39,9 @@ class Progress:
         self._dirty = True
         self._sent_at = 0
 
-    def took(self, stage: str, topic: str, partition: int, offset: int, *,
-             ping: bool = False) -> None:
+    def took(
+        self, stage: str, topic: str, partition: int, offset: int, *, ping: bool = False
+    ) -> None:
         """``stage`` took the record at ``offset``; ``ping``: a ping request (counted)."""
         self._taken[(topic, partition)] = (stage, offset)
         if ping:
@@ -65,10 +66,14 @@ class Progress:
         delays, self._delays = sorted(self._delays), []
         self._dirty, self._sent_at = False, at_ms
         return {
-            "worker": self.worker, "at_ms": at_ms,
-            "offsets": [{"stage": stage, "topic": tp[0], "partition": tp[1], "offset": off}
-                        for tp, (stage, off) in sorted(self._taken.items())],
-            "opened": self._opened, "delay_count": len(delays),
+            "worker": self.worker,
+            "at_ms": at_ms,
+            "offsets": [
+                {"stage": stage, "topic": tp[0], "partition": tp[1], "offset": off}
+                for tp, (stage, off) in sorted(self._taken.items())
+            ],
+            "opened": self._opened,
+            "delay_count": len(delays),
             "delay_p50_ms": float(_quantile(delays, 0.5)) if delays else 0.0,
             "delay_p99_ms": float(_quantile(delays, 0.99)) if delays else 0.0,
             "delay_max_ms": float(delays[-1]) if delays else 0.0,
@@ -84,22 +89,22 @@ def tracker(ctx: Any) -> Progress:
     from streams.runtime.agents import now_ms, timer
 
     progress = ctx.resources["progress"] = Progress(
-        f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}")
+        f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+    )
     topic, app = ctx.topic("progress"), ctx.app
 
     @timer(app, REPORT_INTERVAL_S, name="progress-report")
     async def report() -> None:
         try:
             assigned = {(tp.topic, tp.partition) for tp in app.consumer.assignment()}
-        except Exception:  # noqa: BLE001 - no consumer yet
+        except Exception:
             assigned = None
         rec = progress.record(now_ms(), assigned)
         if rec is None:
             return
         try:
-            await topic.send(key=progress.worker.encode(),
-                             value=schemas.encode("Progress", rec))
-        except Exception as exc:  # noqa: BLE001 - a report must never take the worker down
+            await topic.send(key=progress.worker.encode(), value=schemas.encode("Progress", rec))
+        except Exception as exc:
             log.debug("progress report not sent: %s", exc)
 
     return progress

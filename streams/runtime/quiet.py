@@ -17,8 +17,8 @@ import logging
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 __all__ = ["RepeatThrottle", "install", "INTERVAL_S", "THROTTLED_PACKAGES"]
 
@@ -35,8 +35,12 @@ class RepeatThrottle(logging.Filter):
 
     MAX_KINDS = 2000
 
-    def __init__(self, interval: float = INTERVAL_S, min_level: int = logging.WARNING,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        interval: float = INTERVAL_S,
+        min_level: int = logging.WARNING,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         super().__init__()
         self.interval = interval
         self.min_level = min_level
@@ -60,15 +64,17 @@ class RepeatThrottle(logging.Filter):
             self._kinds[key] = [now, 0]
         if kind is not None and kind[1]:
             # No '%' added: the record is still formatted with its own args.
-            record.msg = (f"{msg} [and {int(kind[1])} more like this in the last "
-                          f"{now - kind[0]:.0f} s, not logged]")
+            record.msg = (
+                f"{msg} [and {int(kind[1])} more like this in the last "
+                f"{now - kind[0]:.0f} s, not logged]"
+            )
         return True
 
     def _prune(self, now: float) -> None:
         for key in [k for k, (since, _) in self._kinds.items() if now - since >= self.interval]:
             del self._kinds[key]
         if len(self._kinds) >= self.MAX_KINDS:  # all recent: forget the oldest half
-            for key in sorted(self._kinds, key=lambda k: self._kinds[k][0])[:self.MAX_KINDS // 2]:
+            for key in sorted(self._kinds, key=lambda k: self._kinds[k][0])[: self.MAX_KINDS // 2]:
                 del self._kinds[key]
 
 

@@ -16,8 +16,7 @@ import faust
 from streams.runtime.agents import timer
 from streams.runtime.faust_patches import WATCHDOG_CALL_TIMEOUT_S, guard_of, guarded
 
-__all__ = ["STALL_S", "StallWatch", "Watchdog", "install", "partition_state",
-           "watch_partitions"]
+__all__ = ["STALL_S", "StallWatch", "Watchdog", "install", "partition_state", "watch_partitions"]
 
 log = logging.getLogger(__name__)
 
@@ -81,15 +80,19 @@ def partition_state(consumer: Any, tp: Any) -> dict[str, Any]:
         "faust_buffered": tp in consumer._buffered_partitions,
         "read_offset": consumer._read_offset.get(tp),
         "committed": consumer._committed_offset.get(tp),
-        "guard_expected": g.expected.get(tp), "guard_fenced": tp in g.fenced,
+        "guard_expected": g.expected.get(tp),
+        "guard_fenced": tp in g.fenced,
     }
     try:
         aio = consumer._thread._consumer
         st = aio._subscription.subscription.assignment.state_value(tp)
-        out.update(aiokafka_position=st._position, aiokafka_paused=st.paused,
-                   aiokafka_awaiting_reset=st.awaiting_reset,
-                   aiokafka_prefetched=tp in aio._fetcher._records)
-    except Exception as exc:  # noqa: BLE001 - a diagnostic: report what cannot be read
+        out.update(
+            aiokafka_position=st._position,
+            aiokafka_paused=st.paused,
+            aiokafka_awaiting_reset=st.awaiting_reset,
+            aiokafka_prefetched=tp in aio._fetcher._records,
+        )
+    except Exception as exc:
         out["aiokafka"] = f"unreadable: {exc!r}"
     return out
 
@@ -106,9 +109,14 @@ async def watch_partitions(app: Any, dog: Watchdog, now: float) -> list[Any]:
         if dog.skipping_since is None:
             dog.skipping_since = now
         elif now - dog.skipping_since >= 3 * dog.stall_s:
-            log.error("partition watchdog: no check for %.0f s (rebalancing=%s, in_recovery=%s,"
-                      " flow_active=%s)", now - dog.skipping_since, app.rebalancing,
-                      getattr(app, "in_recovery", False), consumer.flow_active)
+            log.error(
+                "partition watchdog: no check for %.0f s (rebalancing=%s, in_recovery=%s,"
+                " flow_active=%s)",
+                now - dog.skipping_since,
+                app.rebalancing,
+                getattr(app, "in_recovery", False),
+                consumer.flow_active,
+            )
             dog.skipping_since = now
         return []
     dog.skipping_since = None
@@ -126,8 +134,11 @@ async def watch_partitions(app: Any, dog: Watchdog, now: float) -> list[Any]:
     dog.highwaters = asyncio.ensure_future(consumer.highwaters(*tps))
     done, _ = await asyncio.wait({dog.highwaters}, timeout=WATCHDOG_CALL_TIMEOUT_S)
     if not done:
-        log.warning("partition watchdog: the consumer's end offsets took over %.0f s; "
-                    "skipping rounds until they come", WATCHDOG_CALL_TIMEOUT_S)
+        log.warning(
+            "partition watchdog: the consumer's end offsets took over %.0f s; "
+            "skipping rounds until they come",
+            WATCHDOG_CALL_TIMEOUT_S,
+        )
         return []
     ends = dog.highwaters.result()
     if app.rebalancing:
@@ -152,14 +163,19 @@ async def watch_partitions(app: Any, dog: Watchdog, now: float) -> list[Any]:
             # explains it (reported only). With none in flight, records were lost between
             # the fetch and the agents: read them again from the committed offset (a
             # redelivery at worst; every stage is idempotent).
-            inflight = any(getattr(m, "tp", None) == tp
-                           for m in list(consumer._unacked_messages))
-            log.error("partition %s: committed offset %d has not moved for %.0f s with %d "
-                      "record(s) after it, %s. State: %s", tp, committed,
-                      commits.stall_s, ends[tp] - committed,
-                      "an event in flight" if inflight else
-                      f"none in flight: seeking it back to {committed}",
-                      partition_state(consumer, tp))
+            inflight = any(getattr(m, "tp", None) == tp for m in list(consumer._unacked_messages))
+            log.error(
+                "partition %s: committed offset %d has not moved for %.0f s with %d "
+                "record(s) after it, %s. State: %s",
+                tp,
+                committed,
+                commits.stall_s,
+                ends[tp] - committed,
+                "an event in flight"
+                if inflight
+                else f"none in flight: seeking it back to {committed}",
+                partition_state(consumer, tp),
+            )
             commits.restart(tp, now)
             if not inflight:
                 await restart(tp, committed)
@@ -170,10 +186,18 @@ async def watch_partitions(app: Any, dog: Watchdog, now: float) -> list[Any]:
         if not watch.observe(tp, nxt, ends.get(tp), now):
             continue
         assert nxt is not None
-        log.error("partition %s: %d record(s) waiting (next offset %d, end %d) and none "
-                  "delivered for %.0f s outside a rebalance; seeking it to %d to restart its "
-                  "fetch. State: %s", tp, ends[tp] - nxt, nxt, ends[tp], watch.stall_s, nxt,
-                  partition_state(consumer, tp))
+        log.error(
+            "partition %s: %d record(s) waiting (next offset %d, end %d) and none "
+            "delivered for %.0f s outside a rebalance; seeking it to %d to restart its "
+            "fetch. State: %s",
+            tp,
+            ends[tp] - nxt,
+            nxt,
+            ends[tp],
+            watch.stall_s,
+            nxt,
+            partition_state(consumer, tp),
+        )
         await restart(tp, nxt)
     return healed
 
@@ -186,5 +210,5 @@ def install(app: faust.App) -> None:
     async def partition_watchdog() -> None:
         try:
             await watch_partitions(app, dog, time.monotonic())
-        except Exception:  # noqa: BLE001 - a check must never take the worker down
+        except Exception:
             log.warning("partition watchdog round failed", exc_info=True)

@@ -208,7 +208,7 @@ class PingField(_Model):
     rename: str | None = None
 
     @model_validator(mode="after")
-    def _prefix_len(self) -> "PingField":
+    def _prefix_len(self) -> PingField:
         if self.transform == "prefix" and self.length is None:
             raise ValueError("transform 'prefix' needs 'length'")
         return self
@@ -245,8 +245,9 @@ def _check_timezone(v: str) -> str:
     try:
         ZoneInfo(v)
     except (ZoneInfoNotFoundError, ValueError):
-        raise ValueError(f"unknown time zone '{v}' (use an IANA name such as "
-                         "'America/New_York')") from None
+        raise ValueError(
+            f"unknown time zone '{v}' (use an IANA name such as 'America/New_York')"
+        ) from None
     return v
 
 
@@ -296,7 +297,7 @@ class QualityRule(_Model):
     multiplier: Annotated[float, Field(gt=0)]
 
     @model_validator(mode="after")
-    def _one_test(self) -> "QualityRule":
+    def _one_test(self) -> QualityRule:
         if (self.equals is None) == (self.in_ is None):
             raise ValueError("give exactly one of 'equals' or 'in'")
         return self
@@ -329,7 +330,7 @@ class ScoreWeights(_Model):
     payment: Annotated[float, Field(ge=0)] = 0.2
 
     @model_validator(mode="after")
-    def _some(self) -> "ScoreWeights":
+    def _some(self) -> ScoreWeights:
         if self.price + self.acceptance + self.payment <= 0:
             raise ValueError("at least one of price, acceptance, payment must be positive")
         return self
@@ -384,13 +385,13 @@ class StrategyConfig(_Model):
     shared_only: bool = False
 
     @model_validator(mode="after")
-    def _prices(self) -> "StrategyConfig":
+    def _prices(self) -> StrategyConfig:
         if self.min_price > self.max_price:
             raise ValueError("min_price is above max_price: nothing could ever sell")
         return self
 
     @model_validator(mode="after")
-    def _modes(self) -> "StrategyConfig":
+    def _modes(self) -> StrategyConfig:
         if self.exclusive_only and self.shared_only:
             raise ValueError("exclusive_only and shared_only are both true: set at most one")
         return self
@@ -424,13 +425,15 @@ class FlowConfig(_Model):
     duplicates: DuplicatesConfig | None = None
 
     @model_validator(mode="after")
-    def _consistent(self) -> "FlowConfig":
+    def _consistent(self) -> FlowConfig:
         for name in self.required:
             if name not in self.fields:
                 raise ValueError(f"required field '{name}' is not declared in 'fields'")
         if self.min_post_budget_ms > self.post_timeout_ms:
-            raise ValueError(f"min_post_budget_ms ({self.min_post_budget_ms}) is longer than "
-                             f"post_timeout_ms ({self.post_timeout_ms})")
+            raise ValueError(
+                f"min_post_budget_ms ({self.min_post_budget_ms}) is longer than "
+                f"post_timeout_ms ({self.post_timeout_ms})"
+            )
         for name in self.ping_fields:
             if name not in self.fields:
                 raise ValueError(f"ping field '{name}' is not declared in 'fields'")
@@ -450,35 +453,46 @@ class FlowConfig(_Model):
             if out in self.pii_fields:
                 raise ValueError(f"ping field '{name}' is renamed to the PII field '{out}'")
             if out in sent or (out != name and out in self.ping_fields):
-                raise ValueError(f"ping field '{name}' is renamed to '{out}', which another "
-                                 "ping field already uses")
+                raise ValueError(
+                    f"ping field '{name}' is renamed to '{out}', which another "
+                    "ping field already uses"
+                )
             sent[out] = name
         if self.safety_margin_ms >= self.deadline_ms:
             raise ValueError("safety_margin_ms must be smaller than deadline_ms")
         return self
 
     @model_validator(mode="after")
-    def _rules(self) -> "FlowConfig":
+    def _rules(self) -> FlowConfig:
         visible = ping_visible_fields(self)
         q = self.floors.quality
         for i, rule in enumerate(q.rules if q is not None else []):
             key = f"floors.quality.rules[{i}]"
             if rule.field not in visible:
-                why = ("a PII field, never visible at auction time" if rule.field in self.pii_fields
-                       else "not a ping field of this flow")
-                raise ValueError(f"{key}.field: '{rule.field}' is {why}; quality rules see the "
-                                 f"ping values (ping fields: {', '.join(sorted(visible)) or '-'})")
-            _check_values(visible[rule.field], rule.values(), f"{key}.{'in' if rule.in_ else 'equals'}")
+                why = (
+                    "a PII field, never visible at auction time"
+                    if rule.field in self.pii_fields
+                    else "not a ping field of this flow"
+                )
+                raise ValueError(
+                    f"{key}.field: '{rule.field}' is {why}; quality rules see the "
+                    f"ping values (ping fields: {', '.join(sorted(visible)) or '-'})"
+                )
+            _check_values(
+                visible[rule.field], rule.values(), f"{key}.{'in' if rule.in_ else 'equals'}"
+            )
         if self.waves is not None:
             if not self.waves:
-                raise ValueError("waves: list at least one wave (omit 'waves' to ping every "
-                                 "tier at once)")
+                raise ValueError(
+                    "waves: list at least one wave (omit 'waves' to ping every tier at once)"
+                )
             first: dict[str, int] = {}
             for i, wave in enumerate(self.waves):
                 for tier in wave.tiers:
                     if tier in first:
-                        raise ValueError(f"waves[{i}].tiers: tier '{tier}' is already in "
-                                         f"waves[{first[tier]}]")
+                        raise ValueError(
+                            f"waves[{i}].tiers: tier '{tier}' is already in waves[{first[tier]}]"
+                        )
                     first[tier] = i
         if self.duplicates is not None:
             seen: set[str] = set()
@@ -497,15 +511,22 @@ RESERVED_FIELDS = frozenset(
 )
 
 
-def ping_visible_fields(flow: "FlowConfig") -> dict[str, tuple[FieldSpec, Transform]]:
+def ping_visible_fields(flow: FlowConfig) -> dict[str, tuple[FieldSpec, Transform]]:
     """The names a ping (and the auction) sees -- after ``rename`` -- with the declared spec
     of the source field and its transform (``zip3`` turns ``90210`` into ``902``)."""
-    return {spec.rename or name: (flow.fields[name], spec.transform)
-            for name, spec in flow.ping_fields.items() if name in flow.fields}
+    return {
+        spec.rename or name: (flow.fields[name], spec.transform)
+        for name, spec in flow.ping_fields.items()
+        if name in flow.fields
+    }
 
 
 _PY_TYPES: dict[str, tuple[type, ...]] = {
-    "string": (str,), "boolean": (bool,), "integer": (int,), "number": (int, float)}
+    "string": (str,),
+    "boolean": (bool,),
+    "integer": (int,),
+    "number": (int, float),
+}
 
 
 def _check_values(target: tuple[FieldSpec, Transform], values: list[Any], key: str) -> None:
@@ -515,8 +536,10 @@ def _check_values(target: tuple[FieldSpec, Transform], values: list[Any], key: s
     want = (str,) if transform in ("zip3", "prefix") else _PY_TYPES[spec.type]
     for v in values:
         if isinstance(v, bool) != (bool in want) or not isinstance(v, want):
-            raise ValueError(f"{key}: {v!r} can never match a {spec.type} field"
-                             + (f" after transform {transform}" if transform != "keep" else ""))
+            raise ValueError(
+                f"{key}: {v!r} can never match a {spec.type} field"
+                + (f" after transform {transform}" if transform != "keep" else "")
+            )
         if spec.enum is not None and transform == "keep" and v not in spec.enum:
             raise ValueError(f"{key}: {v!r} is not one of the field's values {spec.enum}")
 
@@ -548,7 +571,7 @@ class FieldFilter(_Model):
     max: float | None = None
 
     @model_validator(mode="after")
-    def _ops(self) -> "FieldFilter":
+    def _ops(self) -> FieldFilter:
         if all(v is None for v in (self.in_, self.not_in, self.eq, self.min, self.max)):
             raise ValueError("give at least one of 'in', 'not_in', 'eq', 'min', 'max'")
         if self.in_ is not None and self.eq is not None:
@@ -697,12 +720,12 @@ class Settings(_Model):
     alerts: list[AlertRule] = []
 
     @model_validator(mode="after")
-    def _alerts(self) -> "Settings":
+    def _alerts(self) -> Settings:
         check_alert_refs(self.alerts, self.metrics, {b.id for b in self.buyers}, set(self.flows))
         return self
 
     @model_validator(mode="after")
-    def _cross(self) -> "Settings":
+    def _cross(self) -> Settings:
         seen: set[str] = set()
         for i, b in enumerate(self.buyers):
             if b.id in seen:
@@ -717,7 +740,7 @@ class Settings(_Model):
         return self
 
     @model_validator(mode="after")
-    def _buyer_filters(self) -> "Settings":
+    def _buyer_filters(self) -> Settings:
         for i, b in enumerate(self.buyers):
             for name, flt in b.filters.fields.items():
                 key = f"buyers[{i}].filters.fields.{name}"
@@ -727,8 +750,10 @@ class Settings(_Model):
                         continue  # reported by _cross
                     visible = ping_visible_fields(flow)
                     if name not in visible:
-                        raise ValueError(f"{key}: '{name}' is not a ping field of flow "
-                                         f"'{flow_name}'; filters see the ping values")
+                        raise ValueError(
+                            f"{key}: '{name}' is not a ping field of flow "
+                            f"'{flow_name}'; filters see the ping values"
+                        )
                     if flt.in_ is not None:
                         _check_values(visible[name], list(flt.in_), f"{key}.in")
                     if flt.not_in is not None:
@@ -737,10 +762,13 @@ class Settings(_Model):
                         _check_values(visible[name], [flt.eq], f"{key}.eq")
                     spec, transform = visible[name]
                     if (flt.min is not None or flt.max is not None) and (
-                            spec.type not in ("integer", "number") or transform != "keep"):
-                        raise ValueError(f"{key}: min/max need a number field sent unchanged "
-                                         f"(in flow '{flow_name}' it is a {spec.type}"
-                                         f"{', transform ' + transform if transform != 'keep' else ''})")
+                        spec.type not in ("integer", "number") or transform != "keep"
+                    ):
+                        raise ValueError(
+                            f"{key}: min/max need a number field sent unchanged "
+                            f"(in flow '{flow_name}' it is a {spec.type}"
+                            f"{', transform ' + transform if transform != 'keep' else ''})"
+                        )
         return self
 
     def buyer(self, buyer_id: str) -> BuyerConfig:
@@ -761,13 +789,16 @@ _NOT_YET_ENFORCED_STRATEGY: tuple[str, ...] = ()
 _NOT_YET_ENFORCED_BUYER: tuple[str, ...] = ()
 
 
-def unenforced_keys(settings: "Settings") -> list[str]:
+def unenforced_keys(settings: Settings) -> list[str]:
     """Config keys set in the file that this version validates but does not apply yet."""
     out = []
     for name, flow in settings.flows.items():
         out += [f"flows.{name}.{k}" for k in _NOT_YET_ENFORCED_FLOW if k in flow.model_fields_set]
-        out += [f"flows.{name}.strategy.{k}" for k in _NOT_YET_ENFORCED_STRATEGY
-                if k in flow.strategy.model_fields_set]
+        out += [
+            f"flows.{name}.strategy.{k}"
+            for k in _NOT_YET_ENFORCED_STRATEGY
+            if k in flow.strategy.model_fields_set
+        ]
     for i, b in enumerate(settings.buyers):
         out += [f"buyers[{i}].{k}" for k in _NOT_YET_ENFORCED_BUYER if k in b.model_fields_set]
     return out

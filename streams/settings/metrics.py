@@ -41,22 +41,22 @@ class _Model(BaseModel):
 #: Every metric a rule (and /metrics) knows, with the count that must reach a rule's
 #: ``min_samples`` in its window before the rule may fire (an idle buyer never fires).
 METRICS: dict[str, str] = {
-    "pings": "pings",                    # pings sent (not counting `filtered`)
-    "bid_rate": "pings",                 # bids / pings
-    "response_rate": "pings",            # (bids + no-bids) / pings
+    "pings": "pings",  # pings sent (not counting `filtered`)
+    "bid_rate": "pings",  # bids / pings
+    "response_rate": "pings",  # (bids + no-bids) / pings
     "timeout_rate": "pings",
     "error_rate": "pings",
-    "avg_bid": "bids",                   # average price of bids
-    "avg_response_ms": "pings",          # mean latency of every ping sent
-    "response_p50_ms": "pings",          # from a fixed-bucket histogram (see metrics.py)
+    "avg_bid": "bids",  # average price of bids
+    "avg_response_ms": "pings",  # mean latency of every ping sent
+    "response_p50_ms": "pings",  # from a fixed-bucket histogram (see metrics.py)
     "response_p95_ms": "pings",
     "response_p99_ms": "pings",
-    "posts": "posts",                    # post attempts (not `skipped`)
-    "accept_rate": "posts",              # accepted / posts
-    "revenue": "pings",                  # buyer: accepted post prices; flow: sold price_total
+    "posts": "posts",  # post attempts (not `skipped`)
+    "accept_rate": "posts",  # accepted / posts
+    "revenue": "pings",  # buyer: accepted post prices; flow: sold price_total
     "revenue_per_ping": "pings",
-    "leads": "leads",                    # flow only: settled auctions
-    "sell_rate": "leads",                # flow only: sold / settled
+    "leads": "leads",  # flow only: settled auctions
+    "sell_rate": "leads",  # flow only: sold / settled
 }
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -110,10 +110,12 @@ class MetricsConfig(_Model):
         return v
 
     @model_validator(mode="after")
-    def _export(self) -> "MetricsConfig":
+    def _export(self) -> MetricsConfig:
         if self.export_window_s % self.window_s:
-            raise ValueError(f"export_window_s: {self.export_window_s}s is not a multiple of "
-                             f"window_s ({self.window_s}s)")
+            raise ValueError(
+                f"export_window_s: {self.export_window_s}s is not a multiple of "
+                f"window_s ({self.window_s}s)"
+            )
         return self
 
     @property
@@ -199,17 +201,21 @@ class AlertRule(_Model):
         return v
 
     @model_validator(mode="after")
-    def _consistent(self) -> "AlertRule":
+    def _consistent(self) -> AlertRule:
         if self.metric in ("leads", "sell_rate") and self.scope != "flow":
             raise ValueError(f"metric '{self.metric}' exists for flows only (scope: flow)")
         r = self.resolve_threshold
         if r is not None:
             if self.comparison in ("<", "<=") and r < self.threshold:
-                raise ValueError(f"resolve_threshold {r} is below threshold {self.threshold}: "
-                                 "for a '<' rule it must be at or above it")
+                raise ValueError(
+                    f"resolve_threshold {r} is below threshold {self.threshold}: "
+                    "for a '<' rule it must be at or above it"
+                )
             if self.comparison in (">", ">=") and r > self.threshold:
-                raise ValueError(f"resolve_threshold {r} is above threshold {self.threshold}: "
-                                 "for a '>' rule it must be at or below it")
+                raise ValueError(
+                    f"resolve_threshold {r} is above threshold {self.threshold}: "
+                    "for a '>' rule it must be at or below it"
+                )
         return self
 
     @property
@@ -221,8 +227,9 @@ class AlertRule(_Model):
         return self.for_ if self.resolve_for is None else self.resolve_for
 
 
-def check_alert_refs(alerts: list[AlertRule], metrics: MetricsConfig, buyer_ids: set[str],
-                     flows: set[str]) -> None:
+def check_alert_refs(
+    alerts: list[AlertRule], metrics: MetricsConfig, buyer_ids: set[str], flows: set[str]
+) -> None:
     """Cross-checks against the rest of the file; raises ValueError naming the key."""
     seen: set[str] = set()
     w = metrics.window_s
@@ -235,12 +242,12 @@ def check_alert_refs(alerts: list[AlertRule], metrics: MetricsConfig, buyer_ids:
             known = buyer_ids if rule.scope == "buyer" else flows
             if rule.id not in known:
                 raise ValueError(f"{key}.id: no {rule.scope} '{rule.id}'")
-        for attr, label in (("window", "window"), ("for_", "for"),
-                            ("resolve_for", "resolve_for")):
+        for attr, label in (("window", "window"), ("for_", "for"), ("resolve_for", "resolve_for")):
             v = getattr(rule, attr)
             if v is None:
                 continue
             steps = v / w
             if abs(steps - round(steps)) > 1e-9 or (attr == "window" and round(steps) < 1):
-                raise ValueError(f"{key}.{label}: {v:g}s is not a multiple of "
-                                 f"metrics.window_s ({w}s)")
+                raise ValueError(
+                    f"{key}.{label}: {v:g}s is not a multiple of metrics.window_s ({w}s)"
+                )

@@ -26,17 +26,16 @@ from functools import partial
 from typing import Any
 
 import schemas
-from streams.context import Context
-from streams.context import ranking_inputs
+from streams.context import Context, ranking_inputs
 from streams.rules.auction import Decision, close_lag_ms, decide
 from streams.runtime.agents import (
     DeadLetters,
     Requeue,
     assigned_here,
-    hold_unconfirmed,
-    member_confirmed,
     durable_set,
+    hold_unconfirmed,
     key_partition,
+    member_confirmed,
     now_ms,
     retry_transient,
     timer,
@@ -52,8 +51,13 @@ def register(ctx: Context) -> None:
     bids_topic, posts_topic = ctx.topic("bids"), ctx.topic("posts")
     dead = DeadLetters(ctx.topic("deadletter"), "auction")
     retention_ms = int(settings.worker.closed_retention_s * 1000)
-    table = app.Table("auctions", default=None, partitions=settings.kafka.partitions,
-                      key_type=str, value_type=None)
+    table = app.Table(
+        "auctions",
+        default=None,
+        partitions=settings.kafka.partitions,
+        key_type=str,
+        value_type=None,
+    )
     ctx.resources["auctions_table"] = table
     timers: dict[str, asyncio.TimerHandle] = {}
     #: Auctions closed whose order Kafka has not acknowledged yet (not in the table yet).
@@ -83,8 +87,11 @@ def register(ctx: Context) -> None:
         moved away. Faust's memory store drops only keys it restored from the changelog;
         keys written live would stay: stale open auctions re-armed forever, stale PII kept
         in memory. Local deletes only (no changelog write): the new owner has the truth."""
-        active = {tp.partition for tp in app.assignor.assigned_actives()
-                  if tp.topic == bids_topic.get_topic_name()}
+        active = {
+            tp.partition
+            for tp in app.assignor.assigned_actives()
+            if tp.topic == bids_topic.get_topic_name()
+        }
         parts = settings.kafka.partitions
         tables = [table, *ctx.resources.get("purge_with_auction", ())]
         for t in tables:
@@ -99,18 +106,19 @@ def register(ctx: Context) -> None:
             markers_sent[lead_id] = now_ms()
         rec = {"lead_id": lead_id, "reason": reason, "at_ms": now_ms()}
         fut = asyncio.ensure_future(
-            bids_topic.send(key=lead_id.encode(), value=schemas.encode("AuctionClose", rec)))
+            bids_topic.send(key=lead_id.encode(), value=schemas.encode("AuctionClose", rec))
+        )
         fut.add_done_callback(_log_send_failure)
 
     def arm(lead_id: str, deadline_ms: int, reason: str = "deadline") -> None:
         if lead_id in timers:
             return
         delay = max(0.0, deadline_ms / 1000.0 - time.time())
-        timers[lead_id] = asyncio.get_running_loop().call_later(
-            delay, send_marker, lead_id, reason)
+        timers[lead_id] = asyncio.get_running_loop().call_later(delay, send_marker, lead_id, reason)
 
-    async def close(lead_id: str, state: dict[str, Any], reason: str,
-                    handoff: bool = False) -> None:
+    async def close(
+        lead_id: str, state: dict[str, Any], reason: str, handoff: bool = False
+    ) -> None:
         op = state["open"]
         flow = settings.flows.get(op["flow"])
         closed = time.time() * 1000
@@ -118,18 +126,32 @@ def register(ctx: Context) -> None:
         if flow is None:
             decision = Decision("none", 0, [])
         else:
-            decision = decide(answers, op["ping_fields"], flow.strategy,
-                              op["created_at_ms"], int(closed), flow=flow,
-                              **ranking_inputs(ctx, flow))
+            decision = decide(
+                answers,
+                op["ping_fields"],
+                flow.strategy,
+                op["created_at_ms"],
+                int(closed),
+                flow=flow,
+                **ranking_inputs(ctx, flow),
+            )
         last = max((a["answered_at_ms"] for a in answers), default=None)
         lag = close_lag_ms(reason, closed, op["deadline_at_ms"], last)
         order = {
-            "lead_id": lead_id, "flow": op["flow"], "source": op["source"],
-            "mode": decision.mode, "slots": decision.slots, "candidates": decision.candidates,
-            "ping_fields": op["ping_fields"], "received_at_ms": op["received_at_ms"],
-            "created_at_ms": op["created_at_ms"], "opened_at_ms": op["opened_at_ms"],
-            "deadline_at_ms": op["deadline_at_ms"], "closed_at_ms": int(closed),
-            "close_reason": reason, "close_lag_ms": round(lag, 3),
+            "lead_id": lead_id,
+            "flow": op["flow"],
+            "source": op["source"],
+            "mode": decision.mode,
+            "slots": decision.slots,
+            "candidates": decision.candidates,
+            "ping_fields": op["ping_fields"],
+            "received_at_ms": op["received_at_ms"],
+            "created_at_ms": op["created_at_ms"],
+            "opened_at_ms": op["opened_at_ms"],
+            "deadline_at_ms": op["deadline_at_ms"],
+            "closed_at_ms": int(closed),
+            "close_reason": reason,
+            "close_lag_ms": round(lag, 3),
             "pinged": len(op["pinged"]),
             "bids": sum(1 for a in answers if a["status"] == "bid"),
             "skip_buyers": op.get("skip_buyers") or [],
@@ -143,11 +165,16 @@ def register(ctx: Context) -> None:
         # different orders in the chaos bench, a worker killed every 12 s. Waiting for the
         # changelog delays the order by its acknowledgement, 20-500 ms under load, not the
         # close: the demo's throughput and close lag were unchanged, measured.)
-        closed_state = {"open": None, "answers": {}, "closed_at_ms": int(closed),
-                        "seen_ms": state.get("seen_ms", int(closed)),
-                        "order": base64.b64encode(value).decode()}
-        changelog_ack = durable_set(table, lead_id, closed_state,
-                                    lead_partition(lead_id, settings.kafka.partitions))
+        closed_state = {
+            "open": None,
+            "answers": {},
+            "closed_at_ms": int(closed),
+            "seen_ms": state.get("seen_ms", int(closed)),
+            "order": base64.b64encode(value).decode(),
+        }
+        changelog_ack = durable_set(
+            table, lead_id, closed_state, lead_partition(lead_id, settings.kafka.partitions)
+        )
         handle = timers.pop(lead_id, None)
         if handle is not None:
             handle.cancel()
@@ -161,10 +188,10 @@ def register(ctx: Context) -> None:
 
     def send_order(lead_id: str, closed_state: dict[str, Any], changelog_ack: Any) -> None:
         closing[lead_id] = asyncio.ensure_future(
-            record_closed(lead_id, closed_state, changelog_ack))
+            record_closed(lead_id, closed_state, changelog_ack)
+        )
 
-    async def record_closed(lead_id: str, closed_state: dict[str, Any],
-                            changelog_ack: Any) -> None:
+    async def record_closed(lead_id: str, closed_state: dict[str, Any], changelog_ack: Any) -> None:
         """Once the closed state (with its order) is on the changelog (``changelog_ack``; None:
         it is, a re-send after recovery), send the order; once Kafka has it, drop it from the
         closed state."""
@@ -176,9 +203,12 @@ def register(ctx: Context) -> None:
                     await changelog_ack
                 except asyncio.CancelledError:
                     raise
-                except Exception as exc:  # noqa: BLE001 - not on the changelog: write again
-                    log.warning("closed state of lead %s not acknowledged by Kafka (%r); "
-                                "writing it again", lead_id, exc)
+                except Exception as exc:
+                    log.warning(
+                        "closed state of lead %s not acknowledged by Kafka (%r); writing it again",
+                        lead_id,
+                        exc,
+                    )
 
                     async def rewrite() -> None:
                         await durable_set(table, lead_id, closed_state, part)
@@ -205,8 +235,9 @@ def register(ctx: Context) -> None:
         except asyncio.CancelledError:
             raise
         except Exception:  # the order stays in the table: the sweep sends it again
-            log.exception("post order of lead %s could not be sent yet; the sweep sends it "
-                          "again", lead_id)
+            log.exception(
+                "post order of lead %s could not be sent yet; the sweep sends it again", lead_id
+            )
             unsent[lead_id] = now_ms()
         finally:
             closing.pop(lead_id, None)
@@ -238,7 +269,8 @@ def register(ctx: Context) -> None:
                 postings = ctx.resources.get("postings_table")
                 posting = postings.get(lead_id) if postings is not None else None
                 if state.get("closed_at_ms") is not None and (
-                        posting is None or posting.get("result") is None):
+                    posting is None or posting.get("result") is None
+                ):
                     # Closed but its post waterfall has not settled (post stage lagging or
                     # recovering): purging now would lose its PII and its progress.
                     purge_queue.append((now_ms(), lead_id))
@@ -265,13 +297,24 @@ def register(ctx: Context) -> None:
             state["open"] = rec
         elif name == "Bid":
             if rec["status"] == "filtered" and not (
-                    state["open"] is not None
-                    and any(p["ping_id"] == rec["ping_id"] for p in state["open"]["pinged"])):
+                state["open"] is not None
+                and any(p["ping_id"] == rec["ping_id"] for p in state["open"]["pinged"])
+            ):
                 return  # never planned (filters, schedule): nothing to wait for
             # (a planned buyer of a wave that was not needed answers `filtered`)
             state["answers"][rec["ping_id"]] = {
-                k: rec[k] for k in ("buyer_id", "tier", "ping_id", "status", "price",
-                                    "exclusive", "conditions", "answered_at_ms")}
+                k: rec[k]
+                for k in (
+                    "buyer_id",
+                    "tier",
+                    "ping_id",
+                    "status",
+                    "price",
+                    "exclusive",
+                    "conditions",
+                    "answered_at_ms",
+                )
+            }
         else:
             await dead.send(event, f"unexpected {name} record on the bids topic")
             return
@@ -301,8 +344,9 @@ def register(ctx: Context) -> None:
         auction (its partition of the bids topic, hence of the ``auctions`` table)."""
         if app.rebalancing or getattr(app, "in_recovery", False) or not member_confirmed(app):
             return False
-        return assigned_here(app, bids_topic_name,
-                             lead_partition(lead_id, settings.kafka.partitions))
+        return assigned_here(
+            app, bids_topic_name, lead_partition(lead_id, settings.kafka.partitions)
+        )
 
     async def apply_local(records: list[tuple[str, dict[str, Any]]]) -> bool:
         """Apply a finished ping round's records (``AuctionOpen`` first, then every answer),
@@ -323,8 +367,11 @@ def register(ctx: Context) -> None:
             except asyncio.CancelledError:
                 raise
             except Exception:  # the bids topic delivers the same records: the agent retries
-                log.warning("local hand-off of lead %s failed; the bids topic will close it",
-                            lead_id, exc_info=True)
+                log.warning(
+                    "local hand-off of lead %s failed; the bids topic will close it",
+                    lead_id,
+                    exc_info=True,
+                )
                 return False
         return True
 
@@ -347,26 +394,27 @@ def register(ctx: Context) -> None:
             if app.rebalancing:
                 raise Requeue(f"lead {lead_id}: ping round during a rebalance")
             if not member_confirmed(app):
-                raise Requeue(f"lead {lead_id}: this worker's group membership is not "
-                              "confirmed")
-            if not assigned_here(app, bids_topic_name,
-                                 lead_partition(lead_id, settings.kafka.partitions)):
+                raise Requeue(f"lead {lead_id}: this worker's group membership is not confirmed")
+            if not assigned_here(
+                app, bids_topic_name, lead_partition(lead_id, settings.kafka.partitions)
+            ):
                 raise Requeue(f"lead {lead_id}: this worker does not own its auction")
             state = table.get(lead_id)
-            if lead_id in closing or state is not None and (
-                    state.get("open") is not None or state.get("closed_at_ms") is not None):
+            if (
+                lead_id in closing
+                or state is not None
+                and (state.get("open") is not None or state.get("closed_at_ms") is not None)
+            ):
                 return False
             if state is None:
-                state = {"open": None, "answers": {}, "closed_at_ms": None,
-                         "seen_ms": now_ms()}
+                state = {"open": None, "answers": {}, "closed_at_ms": None, "seen_ms": now_ms()}
             state["open"] = rec
             # Not waited for: in the demo the changelog's acknowledgement took 20-100 ms at
             # the median under load (500 ms at p99), and waiting for it before pinging
             # halved throughput. The record is ordered before every later change of the
             # key (one producer buffer) and on Kafka within ms: only a crash inside those ms
             # can still ping a round's buyers twice.
-            durable_set(table, lead_id, state,
-                        lead_partition(lead_id, settings.kafka.partitions))
+            durable_set(table, lead_id, state, lead_partition(lead_id, settings.kafka.partitions))
             open_index[lead_id] = rec["deadline_at_ms"]
             arm(lead_id, rec["deadline_at_ms"])
         return True
@@ -403,9 +451,14 @@ def register(ctx: Context) -> None:
         total = closes["handoff"] + closes["topic"]
         if total != logged[0]:
             logged[0] = total
-            log.info("auctions closed since start: %d (%d on the ping round's hand-off, %d from "
-                     "the bids topic); %d open", total, closes["handoff"], closes["topic"],
-                     len(open_index))
+            log.info(
+                "auctions closed since start: %d (%d on the ping round's hand-off, %d from "
+                "the bids topic); %d open",
+                total,
+                closes["handoff"],
+                closes["topic"],
+                len(open_index),
+            )
 
     @timer(app, 10.0, name="auction-stats")
     async def stats() -> None:
@@ -449,7 +502,6 @@ def lead_partition(lead_id: str, partitions: int) -> int:
     return key_partition(lead_id, partitions)
 
 
-def _log_send_failure(fut: "asyncio.Future[Any]") -> None:
+def _log_send_failure(fut: asyncio.Future[Any]) -> None:
     if not fut.cancelled() and fut.exception() is not None:
         log.error("could not send auction marker: %s", fut.exception())
-

@@ -51,8 +51,15 @@ def register(ctx: Context) -> None:
                 return  # the post stage dead-letters what it cannot read
             counter.add(d["attempt_id"], d["buyer_id"], d["status"], d["sent_at_ms"])
 
-        ctx.app.service(follow_topic(settings, ctx.names.deliveries, now_ms() - counter.window_ms,
-                              on_delivery, lambda: counter.expire(now_ms())))
+        ctx.app.service(
+            follow_topic(
+                settings,
+                ctx.names.deliveries,
+                now_ms() - counter.window_ms,
+                on_delivery,
+                lambda: counter.expire(now_ms()),
+            )
+        )
 
     configs = {b.id: b.auto_pause for b in settings.buyers if b.auto_pause is not None}
     if configs:
@@ -93,5 +100,3 @@ class PauseView:
 
     def paused(self, buyer_id: str) -> int | None:
         return self.paused_until.get(buyer_id)
-
-

@@ -31,8 +31,9 @@ The ledger itself, pure and JSON-serialisable (it is the table's value), is
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from functools import partial
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 import schemas
 from streams import rules
@@ -73,20 +74,46 @@ class CapClient:
         self.pending: dict[str, Any] = {}
         #: Set by the stage: applies a request in-process when this worker owns the buyer's
         #: ledger right now (``(granted, reason)``), else None (go through the caps topic).
-        self.local: Callable[[str, str, str, float], Awaitable[tuple[bool, str] | None]] | \
-            None = None
+        self.local: Callable[[str, str, str, float], Awaitable[tuple[bool, str] | None]] | None = (
+            None
+        )
 
-    async def send_request(self, kind: str, buyer_id: str, lead_id: str, price: float,
-                           request_id: str, expires_at_ms: int | None = None) -> None:
+    async def send_request(
+        self,
+        kind: str,
+        buyer_id: str,
+        lead_id: str,
+        price: float,
+        request_id: str,
+        expires_at_ms: int | None = None,
+    ) -> None:
         from streams.runtime.agents import now_ms
 
-        await self._requests.send(key=buyer_id.encode(), value=schemas.encode("CapRequest", {
-            "request_id": request_id, "kind": kind, "buyer_id": buyer_id, "lead_id": lead_id,
-            "price": float(price), "at_ms": now_ms(), "expires_at_ms": expires_at_ms}))
+        await self._requests.send(
+            key=buyer_id.encode(),
+            value=schemas.encode(
+                "CapRequest",
+                {
+                    "request_id": request_id,
+                    "kind": kind,
+                    "buyer_id": buyer_id,
+                    "lead_id": lead_id,
+                    "price": float(price),
+                    "at_ms": now_ms(),
+                    "expires_at_ms": expires_at_ms,
+                },
+            ),
+        )
 
-    async def reserve(self, buyer_id: str, lead_id: str, price: float, *,
-                      rebalancing: Callable[[], bool] | None = None,
-                      timeout_s: float | None = None) -> tuple[bool, str]:
+    async def reserve(
+        self,
+        buyer_id: str,
+        lead_id: str,
+        price: float,
+        *,
+        rebalancing: Callable[[], bool] | None = None,
+        timeout_s: float | None = None,
+    ) -> tuple[bool, str]:
         """Ask the buyer's cap owner for a slot: ``(granted, reason)``; no answer within the
         timeout is a refusal. While ``rebalancing()`` is true the owner cannot answer (its
         agent is paused like every other): :class:`~streams.runtime.agents.Requeue` is raised
@@ -107,8 +134,14 @@ class CapClient:
         self.pending[rid] = fut
         try:
             wait_s = self._timeout_s if timeout_s is None else timeout_s
-            await self.send_request("reserve", buyer_id, lead_id, price, rid,
-                                    expires_at_ms=now_ms() + int(wait_s * 1000))
+            await self.send_request(
+                "reserve",
+                buyer_id,
+                lead_id,
+                price,
+                rid,
+                expires_at_ms=now_ms() + int(wait_s * 1000),
+            )
             give_up = loop.time() + wait_s
             while not fut.done():
                 left = give_up - loop.time()
@@ -116,8 +149,7 @@ class CapClient:
                     return False, "the cap owner did not answer in time"
                 await asyncio.wait({fut}, timeout=min(left, REBALANCE_CHECK_S))
                 if not fut.done() and rebalancing is not None and rebalancing():
-                    raise Requeue(f"a cap decision for {buyer_id} cannot come during a "
-                                    "rebalance")
+                    raise Requeue(f"a cap decision for {buyer_id} cannot come during a rebalance")
             return fut.result()
         finally:
             self.pending.pop(rid, None)
@@ -155,7 +187,8 @@ class CapView:
         return rules.BuyerCounters(
             leads_hour=s["leads_hour"] if s["hour"] == hour else 0,
             leads_day=s["leads_day"] if s["day"] == day else 0,
-            spend_day=s["spend_day"] if s["day"] == day else 0.0)
+            spend_day=s["spend_day"] if s["day"] == day else 0.0,
+        )
 
 
 def register(ctx: Context) -> None:
@@ -164,22 +197,34 @@ def register(ctx: Context) -> None:
     settings = ctx.settings
     capped = {b.id: b.caps for b in settings.buyers if b.caps is not None}
     floor = int(settings.worker.cap_hold_s * 1000)
-    ttls = {b.id: hold_ttl_ms(b.post_timeout_ms, floor) for b in settings.buyers
-            if b.caps is not None}
+    ttls = {
+        b.id: hold_ttl_ms(b.post_timeout_ms, floor) for b in settings.buyers if b.caps is not None
+    }
     if not capped:
         return
     import asyncio
     import copy
 
+    from streams.runtime.agents import (
+        DeadLetters,
+        assigned_here,
+        durable_set,
+        key_partition,
+        now_ms,
+        timer,
+    )
     from streams.runtime.feeds import follow_topic
-    from streams.runtime.agents import (DeadLetters, assigned_here, durable_set, key_partition,
-                                        now_ms, timer)
 
     app = ctx.app
-    requests, decisions, states = ctx.topic("caps"), ctx.topic("cap_decisions"), ctx.topic("cap_state")
+    requests, decisions, states = (
+        ctx.topic("caps"),
+        ctx.topic("cap_decisions"),
+        ctx.topic("cap_state"),
+    )
     dead = DeadLetters(ctx.topic("deadletter"), "caps")
-    table = app.Table("caps", default=None, partitions=settings.kafka.partitions,
-                      key_type=str, value_type=None)
+    table = app.Table(
+        "caps", default=None, partitions=settings.kafka.partitions, key_type=str, value_type=None
+    )
     client = CapClient(requests)
     view = CapView()
     ctx.resources["caps_client"] = client
@@ -195,8 +240,7 @@ def register(ctx: Context) -> None:
 
     def owns_buyer(buyer_id: str) -> bool:
         """Whether this worker owns the buyer's ledger right now (not mid-rebalance)."""
-        return not app.rebalancing and assigned_here(app, caps_topic,
-                                                     buyer_partition(buyer_id))
+        return not app.rebalancing and assigned_here(app, caps_topic, buyer_partition(buyer_id))
 
     async def apply(rec: dict[str, Any], local: bool = False) -> tuple[bool, str, Any]:
         """Apply one request to the buyer's ledger: ``(granted, reason, changelog ack)``.
@@ -212,8 +256,14 @@ def register(ctx: Context) -> None:
                 # buyer until it expired (a slow owner under load leaked them).
                 granted, why = False, "the reservation request expired before the owner saw it"
             elif rec["kind"] == "reserve":
-                granted, why = reserve(led, caps, rec["lead_id"], rec["price"], rec["at_ms"],
-                                       ttl_ms=ttls[rec["buyer_id"]])
+                granted, why = reserve(
+                    led,
+                    caps,
+                    rec["lead_id"],
+                    rec["price"],
+                    rec["at_ms"],
+                    ttl_ms=ttls[rec["buyer_id"]],
+                )
             elif rec["kind"] == "commit":
                 commit(led, caps, rec["lead_id"], rec["price"], rec["at_ms"])
             elif rec["kind"] == "release":
@@ -224,24 +274,44 @@ def register(ctx: Context) -> None:
             else:
                 raise ValueError(f"unknown cap request kind {rec['kind']!r}")
             if local:
-                logged = durable_set(table, rec["buyer_id"], led,
-                                     buyer_partition(rec["buyer_id"]))
+                logged = durable_set(table, rec["buyer_id"], led, buyer_partition(rec["buyer_id"]))
             else:
                 table[rec["buyer_id"]] = led
             hour, day, c = counters(led, caps, now_ms())
-            await states.send(key=rec["buyer_id"].encode(), value=schemas.encode("CapState", {
-                "buyer_id": rec["buyer_id"], "hour": hour, "day": day,
-                "leads_hour": c.leads_hour, "leads_day": c.leads_day,
-                "spend_day": c.spend_day, "at_ms": now_ms()}))
+            await states.send(
+                key=rec["buyer_id"].encode(),
+                value=schemas.encode(
+                    "CapState",
+                    {
+                        "buyer_id": rec["buyer_id"],
+                        "hour": hour,
+                        "day": day,
+                        "leads_hour": c.leads_hour,
+                        "leads_day": c.leads_day,
+                        "spend_day": c.spend_day,
+                        "at_ms": now_ms(),
+                    },
+                ),
+            )
         if rec["kind"] == "reserve" and not local:
-            await decisions.send(key=rec["lead_id"].encode(), value=schemas.encode(
-                "CapDecision", {"request_id": rec["request_id"], "buyer_id": rec["buyer_id"],
-                                "lead_id": rec["lead_id"], "granted": granted,
-                                "reason": why}))
+            await decisions.send(
+                key=rec["lead_id"].encode(),
+                value=schemas.encode(
+                    "CapDecision",
+                    {
+                        "request_id": rec["request_id"],
+                        "buyer_id": rec["buyer_id"],
+                        "lead_id": rec["lead_id"],
+                        "granted": granted,
+                        "reason": why,
+                    },
+                ),
+            )
         return granted, why, logged
 
-    async def apply_here(kind: str, buyer_id: str, lead_id: str,
-                         price: float) -> tuple[bool, str] | None:
+    async def apply_here(
+        kind: str, buyer_id: str, lead_id: str, price: float
+    ) -> tuple[bool, str] | None:
         """A request applied in-process when this worker owns the buyer's ledger: no round
         trip through two topics (in the demo that trip took ~1.2 s at the median, the
         owner's agent sharing the worker with every other stage). The ledger change is on
@@ -252,9 +322,17 @@ def register(ctx: Context) -> None:
             if not owns_buyer(buyer_id):
                 return None
             granted, why, logged = await apply(
-                {"request_id": f"{kind}:{lead_id}", "kind": kind, "buyer_id": buyer_id,
-                 "lead_id": lead_id, "price": float(price), "at_ms": now_ms(),
-                 "expires_at_ms": None}, local=True)
+                {
+                    "request_id": f"{kind}:{lead_id}",
+                    "kind": kind,
+                    "buyer_id": buyer_id,
+                    "lead_id": lead_id,
+                    "price": float(price),
+                    "at_ms": now_ms(),
+                    "expires_at_ms": None,
+                },
+                local=True,
+            )
         if logged is not None and kind == "reserve":
             await logged  # a slot granted is durable before the lead is posted on it
         return granted, why
@@ -288,9 +366,10 @@ def register(ctx: Context) -> None:
             expiry_sent[buyer_id] = now
             try:
                 if await apply_here("expire", buyer_id, "", 0.0) is None:
-                    await client.send_request("expire", buyer_id, "", 0.0,
-                                              f"expire:{buyer_id}:{now}")
-            except Exception as exc:  # noqa: BLE001 - the next tick tries again
+                    await client.send_request(
+                        "expire", buyer_id, "", 0.0, f"expire:{buyer_id}:{now}"
+                    )
+            except Exception as exc:
                 log.warning("could not ask to expire %s's reservations: %s", buyer_id, exc)
 
     @app.agent(decisions, name="cap-decisions", concurrency=1)

@@ -48,16 +48,21 @@ def register(ctx: Context) -> None:
     if not flows:
         return
     import schemas
+    from streams.runtime.agents import DeadLetters, now_ms, timer
     from streams.runtime.feeds import follow_topic
     from streams.runtime.progress import tracker
-    from streams.runtime.agents import DeadLetters, now_ms, timer
 
     app = ctx.app
     requests, results = ctx.topic("ping_requests"), ctx.topic("results")
     dead = DeadLetters(ctx.topic("deadletter"), "dedupe")
     progress = tracker(ctx)
-    table = app.Table("identities", default=None, partitions=settings.kafka.partitions,
-                      key_type=str, value_type=None)
+    table = app.Table(
+        "identities",
+        default=None,
+        partitions=settings.kafka.partitions,
+        key_type=str,
+        value_type=None,
+    )
     longest_ms = int(max(c.window_s for c in flows.values()) * 1000)
     sold: dict[str, list[str]] = {}  # settled lead -> winners (every worker, all partitions)
     sold_at: list[tuple[int, str]] = []
@@ -66,24 +71,47 @@ def register(ctx: Context) -> None:
         cfg = flows.get(req["flow"])
         identity = req.get("identity")
         if cfg is None or identity is None:
-            await requests.send(key=req["lead_id"].encode(),
-                                value=schemas.encode("PingRequest", req))
+            await requests.send(
+                key=req["lead_id"].encode(), value=schemas.encode("PingRequest", req)
+            )
             return
-        verdict, entry, why, skip = decide(table.get(identity), req["lead_id"],
-                                           req["received_at_ms"], cfg, sold)
+        verdict, entry, why, skip = decide(
+            table.get(identity), req["lead_id"], req["received_at_ms"], cfg, sold
+        )
         table[identity] = entry
         if verdict == "pass":
-            await requests.send(key=req["lead_id"].encode(), value=schemas.encode(
-                "PingRequest", {**req, "skip_buyers": skip}))
+            await requests.send(
+                key=req["lead_id"].encode(),
+                value=schemas.encode("PingRequest", {**req, "skip_buyers": skip}),
+            )
             return
         at = now_ms()
-        await results.send(key=req["lead_id"].encode(), value=schemas.encode("AuctionResult", {
-            "lead_id": req["lead_id"], "flow": req["flow"], "source": req["source"],
-            "outcome": "unsold", "winners": [], "prices": [], "price_total": 0.0,
-            "reason": why, "received_at_ms": req["received_at_ms"], "opened_at_ms": at,
-            "deadline_at_ms": at, "closed_at_ms": at, "settled_at_ms": at,
-            "close_reason": "duplicate", "close_lag_ms": 0.0, "pinged": 0, "bids": 0,
-            "post_attempts": 0}))
+        await results.send(
+            key=req["lead_id"].encode(),
+            value=schemas.encode(
+                "AuctionResult",
+                {
+                    "lead_id": req["lead_id"],
+                    "flow": req["flow"],
+                    "source": req["source"],
+                    "outcome": "unsold",
+                    "winners": [],
+                    "prices": [],
+                    "price_total": 0.0,
+                    "reason": why,
+                    "received_at_ms": req["received_at_ms"],
+                    "opened_at_ms": at,
+                    "deadline_at_ms": at,
+                    "closed_at_ms": at,
+                    "settled_at_ms": at,
+                    "close_reason": "duplicate",
+                    "close_lag_ms": 0.0,
+                    "pinged": 0,
+                    "bids": 0,
+                    "post_attempts": 0,
+                },
+            ),
+        )
 
     @app.agent(ctx.topic("dedupe"), name="dedupe", concurrency=1)
     async def dedupe_agent(stream: Any) -> None:
@@ -116,5 +144,6 @@ def register(ctx: Context) -> None:
             sold[r["lead_id"]] = list(r["winners"])
             sold_at.append((r["settled_at_ms"], r["lead_id"]))
 
-    app.service(follow_topic(settings, ctx.names.results, now_ms() - longest_ms, on_result,
-                      lambda: None))
+    app.service(
+        follow_topic(settings, ctx.names.results, now_ms() - longest_ms, on_result, lambda: None)
+    )

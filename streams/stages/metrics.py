@@ -28,18 +28,19 @@ import asyncio
 import logging
 import time
 from collections import deque
+from datetime import UTC
 from typing import Any
 
 import orjson
 from aiohttp import web
 
 import schemas
-from streams.rules.buyer_stats import PAUSE_RULE, PauseTracker, pause_alert
-from streams.rules.alerts import AlertEngine, Transition, subject_key
 from streams.context import Context
-from streams.settings.metrics import METRICS
-from streams.runtime.agents import now_ms, retry_transient, task, timer
+from streams.rules.alerts import AlertEngine, Transition, subject_key
+from streams.rules.buyer_stats import PAUSE_RULE, PauseTracker, pause_alert
 from streams.rules.windows import WindowedMetrics, metric_value
+from streams.runtime.agents import now_ms, retry_transient, task, timer
+from streams.settings.metrics import METRICS
 
 __all__ = ["register", "MetricsCollector", "PROM_METRICS"]
 
@@ -74,8 +75,14 @@ class MetricsCollector:
     """A prometheus-client collector reading the windows at scrape time (in the event loop:
     /metrics is served by aiohttp on the worker's loop, so no lock is needed)."""
 
-    def __init__(self, store: WindowedMetrics, engine: AlertEngine, export_ms: int,
-                 grace_ms: int, status: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        store: WindowedMetrics,
+        engine: AlertEngine,
+        export_ms: int,
+        grace_ms: int,
+        status: dict[str, Any],
+    ) -> None:
         self.store, self.engine = store, engine
         self.export_ms, self.grace_ms = export_ms, grace_ms
         self.status = status
@@ -86,10 +93,15 @@ class MetricsCollector:
         w = self.store.window_ms
         end = (now_ms() - self.grace_ms) // w * w  # last closed window
         labels = ["scope", "id"]
-        fams = {m: GaugeMetricFamily(name, f"{doc} (last {self.export_ms // 1000}s)",
-                                     labels=labels) for m, (name, doc) in PROM_METRICS.items()}
-        q = GaugeMetricFamily("pingpost_response_time_ms", "ping response time quantiles from "
-                              "a fixed-bucket histogram (ms)", labels=[*labels, "quantile"])
+        fams = {
+            m: GaugeMetricFamily(name, f"{doc} (last {self.export_ms // 1000}s)", labels=labels)
+            for m, (name, doc) in PROM_METRICS.items()
+        }
+        q = GaugeMetricFamily(
+            "pingpost_response_time_ms",
+            "ping response time quantiles from a fixed-bucket histogram (ms)",
+            labels=[*labels, "quantile"],
+        )
         for subject in sorted(self.store.subjects(end, self.export_ms)):
             agg = self.store.aggregate(subject, end, self.export_ms)
             for metric, fam in fams.items():
@@ -104,29 +116,36 @@ class MetricsCollector:
                     q.add_metric([*subject, quant], value)
         yield from fams.values()
         yield q
-        firing = GaugeMetricFamily("pingpost_alert_firing", "1 while an alert is firing",
-                                   labels=["rule", "subject"])
+        firing = GaugeMetricFamily(
+            "pingpost_alert_firing", "1 while an alert is firing", labels=["rule", "subject"]
+        )
         for rule, subject, _ in self.engine.firing():
             firing.add_metric([rule, subject_key(subject)], 1.0)
         yield firing
-        yield GaugeMetricFamily("pingpost_metrics_evaluated_until_seconds",
-                                "end of the last window the alert rules evaluated (epoch s)",
-                                value=(self.status.get("evaluated_until") or 0) / 1000)
-        yield GaugeMetricFamily("pingpost_metrics_caught_up",
-                                "1 once the replay after start reached the end offsets",
-                                value=1.0 if self.status.get("caught_up") else 0.0)
+        yield GaugeMetricFamily(
+            "pingpost_metrics_evaluated_until_seconds",
+            "end of the last window the alert rules evaluated (epoch s)",
+            value=(self.status.get("evaluated_until") or 0) / 1000,
+        )
+        yield GaugeMetricFamily(
+            "pingpost_metrics_caught_up",
+            "1 once the replay after start reached the end offsets",
+            value=1.0 if self.status.get("caught_up") else 0.0,
+        )
 
 
-async def _replay_targets(bootstrap: str, group: str, topics: list[str]
-                          ) -> tuple[dict[Any, int], set[Any]]:
+async def _replay_targets(
+    bootstrap: str, group: str, topics: list[str]
+) -> tuple[dict[Any, int], set[Any]]:
     """Per partition, the last offset this worker must read before evaluating (the end
     offset now, where the group's position is behind it), and the partitions it resumes
     from a committed offset (their events before it were acked: their history is partial)."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
     from aiokafka.admin import AIOKafkaAdminClient
 
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None,
-                                enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False
+    )
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await consumer.start()
     await admin.start()
@@ -135,7 +154,7 @@ async def _replay_targets(bootstrap: str, group: str, topics: list[str]
         for topic in topics:
             parts = consumer.partitions_for_topic(topic)
             if not parts:
-                await consumer._client.force_metadata_update()  # noqa: SLF001
+                await consumer._client.force_metadata_update()
                 parts = consumer.partitions_for_topic(topic) or set()
             tps += [TopicPartition(topic, p) for p in parts]
         ends = await consumer.end_offsets(tps)
@@ -188,8 +207,14 @@ def register(ctx: Context) -> None:
     mc = settings.metrics
     n = ctx.names
     source_topics = [n.bids, n.deliveries, n.results]
-    source = app.topic(*source_topics, key_type=bytes, value_type=bytes, key_serializer="raw",
-                       value_serializer="raw", partitions=settings.kafka.partitions)
+    source = app.topic(
+        *source_topics,
+        key_type=bytes,
+        value_type=bytes,
+        key_serializer="raw",
+        value_serializer="raw",
+        partitions=settings.kafka.partitions,
+    )
     alerts_topic = ctx.topic("alerts")
     deadletter = ctx.topic("deadletter")
     store = WindowedMetrics(mc.window_s)
@@ -201,34 +226,58 @@ def register(ctx: Context) -> None:
     keep_ms = max(horizon_ms, mc.export_window_s * 1000 + w)
     held: dict[tuple[str, int], deque[tuple[int, Any]]] = {}
     seen: dict[tuple[str, int], int] = {}
-    status: dict[str, Any] = {"caught_up": False, "evaluated_until": None, "targets": None,
-                              "first_event_ms": {}, "started": time.monotonic()}
+    status: dict[str, Any] = {
+        "caught_up": False,
+        "evaluated_until": None,
+        "targets": None,
+        "first_event_ms": {},
+        "started": time.monotonic(),
+    }
     stream_box: list[Any] = []
 
     from prometheus_client import CollectorRegistry, Counter
 
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(MetricsCollector(store, engine, mc.export_window_s * 1000, grace_ms,
-                                       status))
-    transitions = Counter("pingpost_alert_transitions", "alert transitions emitted",
-                          ["rule", "state"], registry=registry)
-    webhook_failures = Counter("pingpost_alert_webhook_failures",
-                               "alert webhooks that failed every attempt", ["rule"],
-                               registry=registry)
-    events = Counter("pingpost_metrics_events", "events counted by the metrics role",
-                     ["event"], registry=registry)
+    registry.register(MetricsCollector(store, engine, mc.export_window_s * 1000, grace_ms, status))
+    transitions = Counter(
+        "pingpost_alert_transitions",
+        "alert transitions emitted",
+        ["rule", "state"],
+        registry=registry,
+    )
+    webhook_failures = Counter(
+        "pingpost_alert_webhook_failures",
+        "alert webhooks that failed every attempt",
+        ["rule"],
+        registry=registry,
+    )
+    events = Counter(
+        "pingpost_metrics_events",
+        "events counted by the metrics role",
+        ["event"],
+        registry=registry,
+    )
     pause_cfgs = {b.id: b.auto_pause for b in settings.buyers if b.auto_pause is not None}
     pauses = PauseTracker(pause_cfgs)
 
     async def on_webhook_failure(d: Any, reason: str) -> None:
         webhook_failures.labels(d.rule).inc()
-        record = {"id": f"{d.alert_id}:webhook", "stage": "alerts", "topic": n.alerts,
-                  "partition": 0, "offset": -1, "key": d.alert_id.encode(),
-                  "payload": orjson.dumps(d.payload), "reason": f"rule {d.rule}: {reason}",
-                  "field": None, "at_ms": now_ms()}
+        record = {
+            "id": f"{d.alert_id}:webhook",
+            "stage": "alerts",
+            "topic": n.alerts,
+            "partition": 0,
+            "offset": -1,
+            "key": d.alert_id.encode(),
+            "payload": orjson.dumps(d.payload),
+            "reason": f"rule {d.rule}: {reason}",
+            "field": None,
+            "at_ms": now_ms(),
+        }
         try:
-            await deadletter.send(key=d.alert_id.encode(),
-                                  value=schemas.encode("DeadLetter", record))
+            await deadletter.send(
+                key=d.alert_id.encode(), value=schemas.encode("DeadLetter", record)
+            )
         except Exception:
             log.exception("could not record the webhook failure of %s", d.alert_id)
 
@@ -238,8 +287,11 @@ def register(ctx: Context) -> None:
             from connectors.webhook import WebhookSender
 
             sender = ctx.resources["webhooks"] = WebhookSender(
-                timeout_s=mc.webhook_timeout_s, attempts=mc.webhook_attempts,
-                backoff_s=mc.webhook_backoff_s, on_failure=on_webhook_failure)
+                timeout_s=mc.webhook_timeout_s,
+                attempts=mc.webhook_attempts,
+                backoff_s=mc.webhook_backoff_s,
+                on_failure=on_webhook_failure,
+            )
 
             async def close() -> None:
                 await sender.drain(timeout=5.0)
@@ -260,16 +312,26 @@ def register(ctx: Context) -> None:
         await retry_transient(send, "alert")
         transitions.labels(t.rule.name, t.state).inc()
         (log.warning if t.state == "firing" else log.info)(
-            "ALERT %s %s %s: %s", t.state.upper(), t.rule.name, subject_key(t.subject),
-            record["message"])
+            "ALERT %s %s %s: %s",
+            t.state.upper(),
+            t.rule.name,
+            subject_key(t.subject),
+            record["message"],
+        )
         if t.rule.webhook is not None:
             from connectors.webhook import WebhookDelivery
 
             wh = t.rule.webhook
             payload = {**record, "at": _iso(t.at_ms)}
-            webhooks().submit(WebhookDelivery(
-                t.rule.name, t.alert_id, wh.url.get_secret_value(),
-                {k: v.get_secret_value() for k, v in wh.headers.items()}, payload))
+            webhooks().submit(
+                WebhookDelivery(
+                    t.rule.name,
+                    t.alert_id,
+                    wh.url.get_secret_value(),
+                    {k: v.get_secret_value() for k, v in wh.headers.items()},
+                    payload,
+                )
+            )
 
     @app.agent(source, name="metrics", concurrency=1)
     async def metrics_agent(stream: Any) -> None:
@@ -283,14 +345,20 @@ def register(ctx: Context) -> None:
             try:
                 name, rec = schemas.decode(event.value)
                 if name == "Bid" and pause_cfgs:
-                    pauses.add(rec["buyer_id"], rec["ping_id"], rec["status"],
-                               rec["answered_at_ms"])
+                    pauses.add(
+                        rec["buyer_id"], rec["ping_id"], rec["status"], rec["answered_at_ms"]
+                    )
                 t = store.add(name, rec)
                 if t is not None:
                     events.labels(name).inc()
             except Exception as exc:  # a bad record must not stop the metrics
-                log.error("metrics cannot count %s:%s:%s (skipped): %s", msg.topic,
-                          msg.partition, msg.offset, exc)
+                log.error(
+                    "metrics cannot count %s:%s:%s (skipped): %s",
+                    msg.topic,
+                    msg.partition,
+                    msg.offset,
+                    exc,
+                )
             if t is None:
                 await manual.ack(event)
                 continue
@@ -305,9 +373,11 @@ def register(ctx: Context) -> None:
         if all(seen.get(tp, -1) >= end for tp, end in targets.items()):
             return True
         if time.monotonic() - status["started"] > CATCH_UP_TIMEOUT_S:
-            log.warning("metrics replay did not reach the end offsets within %.0fs (is a "
-                        "second metrics worker running?); evaluating anyway",
-                        CATCH_UP_TIMEOUT_S)
+            log.warning(
+                "metrics replay did not reach the end offsets within %.0fs (is a "
+                "second metrics worker running?); evaluating anyway",
+                CATCH_UP_TIMEOUT_S,
+            )
             return True
         return False
 
@@ -325,10 +395,14 @@ def register(ctx: Context) -> None:
             engine.seed(rec["rule"], (kind, ident), rec["state"], rec["at_ms"])
         firing = engine.firing()
         if firing:
-            log.info("restored %d firing alert(s): %s", len(firing),
-                     ", ".join(f"{r} {subject_key(s)}" for r, s, _ in firing))
+            log.info(
+                "restored %d firing alert(s): %s",
+                len(firing),
+                ", ".join(f"{r} {subject_key(s)}" for r, s, _ in firing),
+            )
         status["targets"], status["resumed"] = await _replay_targets(
-            bootstrap, app.conf.id, source_topics)
+            bootstrap, app.conf.id, source_topics
+        )
         status["started"] = time.monotonic()
 
     async def ack_older_than(cutoff: int) -> None:
@@ -370,11 +444,16 @@ def register(ctx: Context) -> None:
             # of those are partial. (2 windows of margin: commits trail acks, events arrive
             # out of order.) A new group reads from the beginning: nothing is partial.
             first = closed_end
-            replayed = [t for tp, t in status["first_event_ms"].items()
-                        if tp in status["targets"] and tp in status["resumed"]]
+            replayed = [
+                t
+                for tp, t in status["first_event_ms"].items()
+                if tp in status["targets"] and tp in status["resumed"]
+            ]
             if replayed:
-                first = max(store.start_of(min(replayed)) + 2 * w + engine.max_span_ms(),
-                            closed_end - horizon_ms + engine.max_span_ms() + w)
+                first = max(
+                    store.start_of(min(replayed)) + 2 * w + engine.max_span_ms(),
+                    closed_end - horizon_ms + engine.max_span_ms() + w,
+                )
             status["evaluated_until"] = until = first - w
             log.info("metrics caught up; evaluating windows from %s", _iso(until + w))
         end = until + w
@@ -401,8 +480,10 @@ def register(ctx: Context) -> None:
             rec = pause_alert(t, pause_cfgs[t.buyer_id])
 
             async def send(rec: dict[str, Any] = rec) -> None:
-                fut = await alerts_topic.send(key=f"{PAUSE_RULE}|{rec['subject']}".encode(),
-                                              value=schemas.encode("Alert", rec))
+                fut = await alerts_topic.send(
+                    key=f"{PAUSE_RULE}|{rec['subject']}".encode(),
+                    value=schemas.encode("Alert", rec),
+                )
                 await fut
 
             try:
@@ -429,8 +510,9 @@ def register(ctx: Context) -> None:
             return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
         async def health(request: web.Request) -> web.Response:
-            return web.json_response({"caught_up": status["caught_up"],
-                                      "evaluated_until_ms": status["evaluated_until"]})
+            return web.json_response(
+                {"caught_up": status["caught_up"], "evaluated_until_ms": status["evaluated_until"]}
+            )
 
         web_app = web.Application()
         web_app.router.add_get("/metrics", metrics_page)
@@ -443,9 +525,9 @@ def register(ctx: Context) -> None:
 
 
 def _iso(ms: int) -> str:
-    from datetime import datetime, timezone
+    from datetime import datetime
 
-    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).isoformat(timespec="milliseconds")
+    return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat(timespec="milliseconds")
 
 
 assert set(PROM_METRICS) | set(_QUANTILES.values()) == set(METRICS)

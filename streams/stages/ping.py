@@ -38,6 +38,7 @@ def register(ctx: Context) -> None:
     dead = DeadLetters(ctx.topic("deadletter"), "ping")
     inflight = InFlight("ping", settings.worker.max_inflight, dead)
     progress = tracker(ctx)  # admission control's view of this stage (streams.rules.admission)
+
     async def drain() -> None:
         await inflight.drain(timeout=5.0)
 
@@ -57,20 +58,26 @@ def register(ctx: Context) -> None:
         # not after the last bid's trip through the bids topic.
         try:
             await asyncio.gather(*(ack for _, _, ack in sent))
-        except Exception as exc:  # noqa: BLE001 - not acknowledged: only the topic may close
-            log.warning("lead %s: Kafka did not acknowledge its ping round (%s); its auction "
-                        "closes from the bids topic or at its deadline", req["lead_id"], exc)
+        except Exception as exc:
+            log.warning(
+                "lead %s: Kafka did not acknowledge its ping round (%s); its auction "
+                "closes from the bids topic or at its deadline",
+                req["lead_id"],
+                exc,
+            )
             return
         await apply_local([(name, rec) for name, rec, _ in sent])
 
     async def ping_round(req: dict[str, Any], sent: Sent) -> None:
         async def send_bid(record: dict[str, Any], name: str = "Bid") -> None:
-            ack = await bids.send(key=record["lead_id"].encode(),
-                                  value=schemas.encode(name, record))
+            ack = await bids.send(
+                key=record["lead_id"].encode(), value=schemas.encode(name, record)
+            )
             sent.append((name, record, ack))
 
-        async def ping_one(req: dict[str, Any], buyer: BuyerConfig, ping_id: str,
-                           stop_at_ms: int) -> dict[str, Any]:
+        async def ping_one(
+            req: dict[str, Any], buyer: BuyerConfig, ping_id: str, stop_at_ms: int
+        ) -> dict[str, Any]:
             return await ping_buyer(ctx, req, buyer, ping_id, stop_at_ms, sent)
 
         auctions = ctx.resources.get("auctions_table")
@@ -86,13 +93,20 @@ def register(ctx: Context) -> None:
         progress.opened(opened - req["received_at_ms"])
         targets, filtered = plan_for(ctx, req, opened)
         deadline = opened + flow.deadline_ms
-        pinged = [{"buyer_id": b.id, "tier": b.tier, "ping_id": ping_id_for(req["lead_id"], b.id)}
-                  for b in targets]
+        pinged = [
+            {"buyer_id": b.id, "tier": b.tier, "ping_id": ping_id_for(req["lead_id"], b.id)}
+            for b in targets
+        ]
         open_rec = {
-            "lead_id": req["lead_id"], "flow": req["flow"], "source": req["source"],
-            "received_at_ms": req["received_at_ms"], "created_at_ms": req["created_at_ms"],
-            "opened_at_ms": opened, "deadline_at_ms": deadline,
-            "ping_fields": req["ping_fields"], "pinged": pinged,
+            "lead_id": req["lead_id"],
+            "flow": req["flow"],
+            "source": req["source"],
+            "received_at_ms": req["received_at_ms"],
+            "created_at_ms": req["created_at_ms"],
+            "opened_at_ms": opened,
+            "deadline_at_ms": deadline,
+            "ping_fields": req["ping_fields"],
+            "pinged": pinged,
             "skip_buyers": req.get("skip_buyers") or [],
         }
         # The round is in the auction table (and on its way to the changelog) before a ping
@@ -104,12 +118,22 @@ def register(ctx: Context) -> None:
             return
         await send_bid(open_rec, "AuctionOpen")
         for buyer, reason in filtered:
-            await send_bid(bid_record(req, buyer, ping_id_for(req["lead_id"], buyer.id),
-                                       opened, None, "filtered", reason))
+            await send_bid(
+                bid_record(
+                    req,
+                    buyer,
+                    ping_id_for(req["lead_id"], buyer.id),
+                    opened,
+                    None,
+                    "filtered",
+                    reason,
+                )
+            )
         stop_at = deadline - flow.safety_margin_ms
         if flow.waves is None:
-            await asyncio.gather(*(ping_one(req, b, p["ping_id"], stop_at)
-                                   for b, p in zip(targets, pinged)))
+            await asyncio.gather(
+                *(ping_one(req, b, p["ping_id"], stop_at) for b, p in zip(targets, pinged))
+            )
             return
         # Waves: ping the first wave's tiers; a later wave only if the earlier ones produced
         # no acceptable bid, and never past the deadline. Buyers of a wave not pinged get a
@@ -122,22 +146,42 @@ def register(ctx: Context) -> None:
             now = now_ms()
             if stop_at - now < MIN_WAVE_MS:
                 for b, p in members:
-                    await send_bid(bid_record(req, b, p["ping_id"], now, None, "filtered",
-                                               f"not pinged: no time left for wave {i + 1} "
-                                               "before the deadline"))
+                    await send_bid(
+                        bid_record(
+                            req,
+                            b,
+                            p["ping_id"],
+                            now,
+                            None,
+                            "filtered",
+                            f"not pinged: no time left for wave {i + 1} before the deadline",
+                        )
+                    )
                 continue
             wave_stop = min(stop_at, now + wave.timeout_ms)
-            outcomes = await asyncio.gather(*(ping_one(req, b, p["ping_id"], wave_stop)
-                                              for b, p in members))
+            outcomes = await asyncio.gather(
+                *(ping_one(req, b, p["ping_id"], wave_stop) for b, p in members)
+            )
             at = now_ms()
-            if any(acceptable(o, req["ping_fields"], flow.strategy, req["created_at_ms"], at,
-                              flow=flow)[0] for o in outcomes):
-                later = [(b, p) for b, p in pending
-                         if (rules.wave_of(b.tier, flow.waves) or 0) > i]
+            if any(
+                acceptable(
+                    o, req["ping_fields"], flow.strategy, req["created_at_ms"], at, flow=flow
+                )[0]
+                for o in outcomes
+            ):
+                later = [(b, p) for b, p in pending if (rules.wave_of(b.tier, flow.waves) or 0) > i]
                 for b, p in later:
-                    await send_bid(bid_record(req, b, p["ping_id"], at, None, "filtered",
-                                               f"not pinged: wave {i + 1} had an acceptable "
-                                               "bid"))
+                    await send_bid(
+                        bid_record(
+                            req,
+                            b,
+                            p["ping_id"],
+                            at,
+                            None,
+                            "filtered",
+                            f"not pinged: wave {i + 1} had an acceptable bid",
+                        )
+                    )
                 return
 
     @app.agent(ctx.topic("ping_requests"), name="ping", concurrency=1)

@@ -22,15 +22,13 @@ import time
 from functools import partial
 from typing import Any
 
-
 import schemas
-from streams.context import Context
 from streams import rules
-from streams.context import ranking_inputs
+from streams.context import Context, ranking_inputs
 from streams.rules.auction import decide
 from streams.rules.pinging import MIN_WAVE_MS, ping_id_for
 from streams.rules.posting import next_batch, post_body, post_id_for, unsold_reason
-from streams.runtime.fanout import ping_buyer, plan_for
+from streams.rules.scrub import scrub
 from streams.runtime.agents import (
     DeadLetters,
     InFlight,
@@ -45,7 +43,7 @@ from streams.runtime.agents import (
     now_ms,
     timer,
 )
-from streams.rules.scrub import scrub
+from streams.runtime.fanout import ping_buyer, plan_for
 
 __all__ = ["register"]
 
@@ -72,12 +70,12 @@ def register(ctx: Context) -> None:
     dead = DeadLetters(ctx.topic("deadletter"), "post", settings)
     inflight = InFlight("post", settings.worker.max_inflight, dead)
     pii_table = app.Table("pii", default=None, partitions=parts, key_type=str, value_type=None)
-    postings = app.Table("postings", default=None, partitions=parts, key_type=str,
-                         value_type=None)
+    postings = app.Table("postings", default=None, partitions=parts, key_type=str, value_type=None)
     ctx.resources.setdefault("purge_with_auction", []).extend([pii_table, postings])
     ctx.resources["postings_table"] = postings
     waiters: dict[str, asyncio.Event] = {}
     lead_locks = KeyedLocks()
+
     async def drain() -> None:
         await inflight.drain(timeout=10.0)
 
@@ -96,8 +94,10 @@ def register(ctx: Context) -> None:
                 continue  # replayed after the lead settled: do not resurrect its PII
 
             async def store(rec: dict[str, Any] = rec) -> None:
-                pii_table[rec["lead_id"]] = {"fields": rec["fields"],
-                                             "expires_at_ms": rec["expires_at_ms"]}
+                pii_table[rec["lead_id"]] = {
+                    "fields": rec["fields"],
+                    "expires_at_ms": rec["expires_at_ms"],
+                }
 
             if not await dead.guarded(event, store, "pii"):
                 continue
@@ -112,14 +112,24 @@ def register(ctx: Context) -> None:
         ev = waiters.setdefault(lead_id, asyncio.Event())
         try:
             await asyncio.wait_for(ev.wait(), timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             waiters.pop(lead_id, None)
         late: dict[str, Any] | None = pii_table.get(lead_id)
         return late
 
-    async def emit_delivery(order: dict[str, Any], cand: dict[str, Any], attempt: int,
-                            status: str, latency: float, reason: str, http_status: int | None,
-                            sent_at: int, exclusive: bool, *, durable: bool = True) -> None:
+    async def emit_delivery(
+        order: dict[str, Any],
+        cand: dict[str, Any],
+        attempt: int,
+        status: str,
+        latency: float,
+        reason: str,
+        http_status: int | None,
+        sent_at: int,
+        exclusive: bool,
+        *,
+        durable: bool = True,
+    ) -> None:
         """Publish a post attempt's ``Delivery`` and, unless ``durable=False``, wait until
         Kafka has it. The answer of a post that went out is recorded before the lead's state
         says it was answered (callers change the state after this returns): a worker killed
@@ -130,18 +140,35 @@ def register(ctx: Context) -> None:
         were never recorded in two short chaos runs, a broker outage ending just before a
         kill -9.) ``durable=False`` is for skipped candidates: no buyer was asked."""
         post_id = post_id_for(order["lead_id"], cand["buyer_id"])
-        ack = await deliveries.send(key=order["lead_id"].encode(), value=schemas.encode("Delivery", {
-            "attempt_id": f"{post_id}:{attempt}", "post_id": post_id,
-            "lead_id": order["lead_id"], "flow": order["flow"], "buyer_id": cand["buyer_id"],
-            "tier": cand["tier"], "ping_id": cand["ping_id"], "price": cand["price"],
-            "exclusive": exclusive, "status": status, "latency_ms": latency, "reason": reason,
-            "http_status": http_status, "sent_at_ms": sent_at, "attempt": attempt,
-        }))
+        ack = await deliveries.send(
+            key=order["lead_id"].encode(),
+            value=schemas.encode(
+                "Delivery",
+                {
+                    "attempt_id": f"{post_id}:{attempt}",
+                    "post_id": post_id,
+                    "lead_id": order["lead_id"],
+                    "flow": order["flow"],
+                    "buyer_id": cand["buyer_id"],
+                    "tier": cand["tier"],
+                    "ping_id": cand["ping_id"],
+                    "price": cand["price"],
+                    "exclusive": exclusive,
+                    "status": status,
+                    "latency_ms": latency,
+                    "reason": reason,
+                    "http_status": http_status,
+                    "sent_at_ms": sent_at,
+                    "attempt": attempt,
+                },
+            ),
+        )
         if durable:
             await ack
 
-    async def settle(order: dict[str, Any], state: dict[str, Any], reason: str, *,
-                     keep_settled_at: bool = False) -> None:
+    async def settle(
+        order: dict[str, Any], state: dict[str, Any], reason: str, *, keep_settled_at: bool = False
+    ) -> None:
         sold = list({s["buyer_id"]: s for s in state["sold"]}.values())
         if not sold:
             outcome = "unsold"
@@ -151,28 +178,38 @@ def register(ctx: Context) -> None:
         if keep_settled_at and state.get("result") is not None:
             settled = state["result"]["settled_at_ms"]  # a correction of the same outcome
         result = {
-            "lead_id": order["lead_id"], "flow": order["flow"], "source": order["source"],
-            "outcome": outcome, "winners": [s["buyer_id"] for s in sold],
+            "lead_id": order["lead_id"],
+            "flow": order["flow"],
+            "source": order["source"],
+            "outcome": outcome,
+            "winners": [s["buyer_id"] for s in sold],
             "prices": [s["price"] for s in sold],
             "price_total": round(sum(s["price"] for s in sold), 2),
             "reason": "" if sold else reason,
-            "received_at_ms": order["received_at_ms"], "opened_at_ms": order["opened_at_ms"],
-            "deadline_at_ms": order["deadline_at_ms"], "closed_at_ms": order["closed_at_ms"],
-            "settled_at_ms": settled, "close_reason": order["close_reason"],
-            "close_lag_ms": order["close_lag_ms"], "pinged": order["pinged"],
-            "bids": order["bids"], "post_attempts": state["n"],
+            "received_at_ms": order["received_at_ms"],
+            "opened_at_ms": order["opened_at_ms"],
+            "deadline_at_ms": order["deadline_at_ms"],
+            "closed_at_ms": order["closed_at_ms"],
+            "settled_at_ms": settled,
+            "close_reason": order["close_reason"],
+            "close_lag_ms": order["close_lag_ms"],
+            "pinged": order["pinged"],
+            "bids": order["bids"],
+            "post_attempts": state["n"],
         }
         state["result"] = result
         part = key_partition(order["lead_id"], parts)
         durable_set(postings, order["lead_id"], state, part)
-        await results.send(key=order["lead_id"].encode(),
-                           value=schemas.encode("AuctionResult", result))
+        await results.send(
+            key=order["lead_id"].encode(), value=schemas.encode("AuctionResult", result)
+        )
         if not state.get("reconcile"):
             # PII is not kept past the sale (nor past a reconciliation: see reconcile_lead).
             durable_pop(pii_table, order["lead_id"], part)
 
-    async def ping_later_waves(order: dict[str, Any], flow: Any,
-                               give_up_at: int) -> list[dict[str, Any]]:
+    async def ping_later_waves(
+        order: dict[str, Any], flow: Any, give_up_at: int
+    ) -> list[dict[str, Any]]:
         """Ping, wave by wave, the waves after the last one the auction pinged; return the
         first wave's acceptable bids, ranked (empty: none). Their outcomes replace the
         ``filtered`` ping rows the auction wrote for them."""
@@ -184,8 +221,9 @@ def register(ctx: Context) -> None:
         for i, wave in enumerate(waves):
             if i <= last:
                 continue
-            members = [b for b in targets
-                       if rules.wave_of(b.tier, waves) == i and b.id not in asked]
+            members = [
+                b for b in targets if rules.wave_of(b.tier, waves) == i and b.id not in asked
+            ]
             now = now_ms()
             if not members:
                 continue
@@ -193,21 +231,39 @@ def register(ctx: Context) -> None:
                 break
             stop = min(give_up_at, now + wave.timeout_ms)
             known = (pii_table.get(order["lead_id"]) or {}).get("fields")
-            outcomes = await asyncio.gather(*(
-                ping_buyer(ctx, order, b, ping_id_for(order["lead_id"], b.id), stop, pii=known)
-                for b in members))
-            d = decide(list(outcomes), order["ping_fields"], flow.strategy,
-                       order["created_at_ms"], now_ms(), flow=flow,
-                       **ranking_inputs(ctx, flow))
+            outcomes = await asyncio.gather(
+                *(
+                    ping_buyer(ctx, order, b, ping_id_for(order["lead_id"], b.id), stop, pii=known)
+                    for b in members
+                )
+            )
+            d = decide(
+                list(outcomes),
+                order["ping_fields"],
+                flow.strategy,
+                order["created_at_ms"],
+                now_ms(),
+                flow=flow,
+                **ranking_inputs(ctx, flow),
+            )
             if d.candidates:
-                log.info("lead %s: wave %d after a failed waterfall: %d acceptable bid(s)",
-                         order["lead_id"], i + 1, len(d.candidates))
+                log.info(
+                    "lead %s: wave %d after a failed waterfall: %d acceptable bid(s)",
+                    order["lead_id"],
+                    i + 1,
+                    len(d.candidates),
+                )
                 return d.candidates
         return []
 
-    async def reserve_slots(order: dict[str, Any], batch: list[dict[str, Any]],
-                            exclusive: bool, state: dict[str, Any], flow: Any,
-                            give_up_at: int) -> list[dict[str, Any]]:
+    async def reserve_slots(
+        order: dict[str, Any],
+        batch: list[dict[str, Any]],
+        exclusive: bool,
+        state: dict[str, Any],
+        flow: Any,
+        give_up_at: int,
+    ) -> list[dict[str, Any]]:
         """Reserve a slot with each capped buyer's cap owner before the lead leaves; the
         buyers refused (cap reached, no answer in time) are skipped with the reason. During
         a rebalance the owners cannot answer: the order is requeued at the end of its
@@ -221,13 +277,22 @@ def register(ctx: Context) -> None:
             return batch
         # Its own short bound, never the whole window: a slot not granted in time is denied
         # (a slow or dead cap owner costs this buyer the lead, not the lead its window).
-        bound_ms = min(flow.cap_decision_timeout_ms,
-                       give_up_at - now_ms() - flow.min_post_budget_ms)
+        bound_ms = min(
+            flow.cap_decision_timeout_ms, give_up_at - now_ms() - flow.min_post_budget_ms
+        )
         answers = await asyncio.gather(
-            *(client.reserve(c["buyer_id"], order["lead_id"], c["price"],
-                             rebalancing=lambda: bool(app.rebalancing),
-                             timeout_s=max(0.0, bound_ms / 1000.0)) for c in capped),
-            return_exceptions=True)
+            *(
+                client.reserve(
+                    c["buyer_id"],
+                    order["lead_id"],
+                    c["price"],
+                    rebalancing=lambda: bool(app.rebalancing),
+                    timeout_s=max(0.0, bound_ms / 1000.0),
+                )
+                for c in capped
+            ),
+            return_exceptions=True,
+        )
         decisions: list[tuple[bool, str]] = []
         for a in answers:
             if isinstance(a, BaseException):
@@ -240,8 +305,18 @@ def register(ctx: Context) -> None:
             keep.remove(cand)
             state["attempts"][cand["buyer_id"]] = {"status": "skipped", "attempt": 0}
             state.setdefault("cap_skips", []).append(f"{cand['buyer_id']}: {why}")
-            await emit_delivery(order, cand, 0, "skipped", 0.0, f"cap: {why}", None, now_ms(),
-                                exclusive, durable=False)
+            await emit_delivery(
+                order,
+                cand,
+                0,
+                "skipped",
+                0.0,
+                f"cap: {why}",
+                None,
+                now_ms(),
+                exclusive,
+                durable=False,
+            )
         return keep
 
     async def release_slots(lead_id: str, batch: list[dict[str, Any]]) -> None:
@@ -297,49 +372,78 @@ def register(ctx: Context) -> None:
                 buyer = settings.buyer(cand["buyer_id"])
                 post_id = post_id_for(lead_id, buyer.id)
                 if pii is None:
-                    log.warning("lead %s: its PII is gone; %s's timed-out post cannot be "
-                                "asked again", lead_id, buyer.id)
+                    log.warning(
+                        "lead %s: its PII is gone; %s's timed-out post cannot be asked again",
+                        lead_id,
+                        buyer.id,
+                    )
                     continue
                 body = post_body(order, pii["fields"], cand, post_id, exclusive)
                 try:
-                    out = await ctx.buyer_client().post(buyer, body, post_id,
-                                                        buyer.post_timeout_ms / 1000.0)
+                    out = await ctx.buyer_client().post(
+                        buyer, body, post_id, buyer.post_timeout_ms / 1000.0
+                    )
                 except asyncio.CancelledError:
                     raise
-                except Exception:  # noqa: BLE001 - asked again later
-                    log.warning("reconciling lead %s with %s failed", lead_id, buyer.id,
-                                exc_info=True)
+                except Exception:
+                    log.warning(
+                        "reconciling lead %s with %s failed", lead_id, buyer.id, exc_info=True
+                    )
                     pending.append(item)
                     continue
                 if out.status == "timeout":
                     pending.append(item)
                     continue
-                late_sale = out.status == "accepted" and all(s["buyer_id"] != buyer.id
-                                                             for s in state["sold"])
+                late_sale = out.status == "accepted" and all(
+                    s["buyer_id"] != buyer.id for s in state["sold"]
+                )
                 # (a rejection's cap slot stays counted: a budget errs on the buyer's side)
-                reason = ("accepted after the post timed out (reconciled)" if late_sale
-                          else scrub(out.reason, pii["fields"]))
+                reason = (
+                    "accepted after the post timed out (reconciled)"
+                    if late_sale
+                    else scrub(out.reason, pii["fields"])
+                )
                 # On Kafka before the state that says so (emit_delivery): a failure here
                 # leaves the item to ask again.
-                await emit_delivery(order, cand, n, out.status, float(out.latency_ms),
-                                    reason, out.http_status, now_ms(), exclusive)
+                await emit_delivery(
+                    order,
+                    cand,
+                    n,
+                    out.status,
+                    float(out.latency_ms),
+                    reason,
+                    out.http_status,
+                    now_ms(),
+                    exclusive,
+                )
                 state["attempts"][buyer.id] = {"status": out.status, "attempt": n}
                 if late_sale:
-                    log.warning("lead %s: %s accepted a post after it timed out; recorded "
-                                "as a sale", lead_id, buyer.id)
+                    log.warning(
+                        "lead %s: %s accepted a post after it timed out; recorded as a sale",
+                        lead_id,
+                        buyer.id,
+                    )
                     if not state["sold"]:
                         state["mode"] = "exclusive" if exclusive else "shared"
                     state["sold"].append({"buyer_id": buyer.id, "price": cand["price"]})
                     sold_late = True
             tries = rec["tries"] + 1
             if pending and tries < len(RECONCILE_DELAYS_S):
-                state["reconcile"] = {**rec, "items": pending, "tries": tries,
-                                      "due_ms": now_ms() + int(RECONCILE_DELAYS_S[tries] * 1000)}
+                state["reconcile"] = {
+                    **rec,
+                    "items": pending,
+                    "tries": tries,
+                    "due_ms": now_ms() + int(RECONCILE_DELAYS_S[tries] * 1000),
+                }
             else:
                 for item in pending:
-                    log.warning("lead %s: %s never answered its timed-out post (%d asks); "
-                                "the post stays a timeout", lead_id, item["cand"]["buyer_id"],
-                                tries)
+                    log.warning(
+                        "lead %s: %s never answered its timed-out post (%d asks); "
+                        "the post stays a timeout",
+                        lead_id,
+                        item["cand"]["buyer_id"],
+                        tries,
+                    )
                 state.pop("reconcile", None)
             if sold_late:  # the outcome changed: a corrected result
                 await settle(order, state, state["result"]["reason"], keep_settled_at=True)
@@ -367,8 +471,7 @@ def register(ctx: Context) -> None:
             if time.monotonic() >= deadline:
                 hold_unconfirmed(app, f"the posts of lead {lead_id}")
                 keep()
-                raise Requeue(f"lead {lead_id}: this worker's group membership is not "
-                              "confirmed")
+                raise Requeue(f"lead {lead_id}: this worker's group membership is not confirmed")
             await asyncio.sleep(0.1)
 
     async def run_order(order: dict[str, Any]) -> None:
@@ -382,8 +485,9 @@ def register(ctx: Context) -> None:
         lead_id = order["lead_id"]
         state = postings.get(lead_id)
         if state is not None and state.get("result") is not None:
-            await results.send(key=lead_id.encode(),
-                               value=schemas.encode("AuctionResult", state["result"]))
+            await results.send(
+                key=lead_id.encode(), value=schemas.encode("AuctionResult", state["result"])
+            )
             return
         if state is None:
             state = {"attempts": {}, "sold": [], "mode": None, "n": 0, "result": None}
@@ -391,8 +495,15 @@ def register(ctx: Context) -> None:
             order = {**order, "candidates": order["candidates"] + state["backup"]}
         flow = settings.flows.get(order["flow"])
         if not order["candidates"] or flow is None:
-            await settle(order, state, "no bids" if order["bids"] == 0 else
-                         "no acceptable bid" if flow is not None else "flow not configured")
+            await settle(
+                order,
+                state,
+                "no bids"
+                if order["bids"] == 0
+                else "no acceptable bid"
+                if flow is not None
+                else "flow not configured",
+            )
             return
         pii = await wait_pii(lead_id, timeout_s=flow.pii_wait_ms / 1000.0)
         if pii is None and now_ms() - order["closed_at_ms"] < PII_REQUEUE_MS:
@@ -403,8 +514,9 @@ def register(ctx: Context) -> None:
             # in the chaos bench, a worker killed every 12 s).
             raise Requeue(f"lead {lead_id}: its PII is not here yet")
         if pii is None:
-            await settle(order, state, f"PII unavailable (no lead-pii record within "
-                                       f"{flow.pii_wait_ms} ms)")
+            await settle(
+                order, state, f"PII unavailable (no lead-pii record within {flow.pii_wait_ms} ms)"
+            )
             return
         # The window is the time spent posting: it starts at the first attempt, not at the
         # close (an order that waited for its PII still gets its full window), and an order
@@ -421,6 +533,7 @@ def register(ctx: Context) -> None:
             """Record the lead's progress (and the window it has used) in the table."""
             state["spent_ms"] = spent_before + now_ms() - resumed_at
             postings[lead_id] = state
+
         min_budget = flow.min_post_budget_ms
         #: Attempts that timed out (ambiguous): asked again after the lead settles.
         unresolved: list[tuple[dict[str, Any], int, bool]] = []
@@ -432,8 +545,11 @@ def register(ctx: Context) -> None:
             # An attempt recorded as pending was sent before a crash and its answer was lost:
             # the buyer may have accepted. Resolve it first, with the same post_id (the
             # Idempotency-Key makes the buyer answer as before), whatever the post window.
-            pending = [c for c in order["candidates"]
-                       if state["attempts"].get(c["buyer_id"], {}).get("status") == "pending"]
+            pending = [
+                c
+                for c in order["candidates"]
+                if state["attempts"].get(c["buyer_id"], {}).get("status") == "pending"
+            ]
             if pending:
                 batch, exclusive = pending, state["mode"] == "exclusive"
             else:
@@ -441,20 +557,40 @@ def register(ctx: Context) -> None:
                 # A post that timed out is ambiguous: the buyer may have taken the lead. Its
                 # slot counts as taken — an exclusive lead does not fall back to the next
                 # bidder, a shared slot is not offered again — until reconcile_lead knows.
-                ambiguous = [b for b, a in state["attempts"].items()
-                             if a.get("status") == "timeout"]
-                mode, batch, skipped = next_batch(order, tried,
-                                                  [s["buyer_id"] for s in state["sold"]]
-                                                  + ambiguous,
-                                                  state["mode"], flow.strategy.shared_max, now,
-                                                  exclusive_only=flow.strategy.exclusive_only)
+                ambiguous = [
+                    b for b, a in state["attempts"].items() if a.get("status") == "timeout"
+                ]
+                mode, batch, skipped = next_batch(
+                    order,
+                    tried,
+                    [s["buyer_id"] for s in state["sold"]] + ambiguous,
+                    state["mode"],
+                    flow.strategy.shared_max,
+                    now,
+                    exclusive_only=flow.strategy.exclusive_only,
+                )
                 for cand, why in skipped:
                     state["attempts"][cand["buyer_id"]] = {"status": "skipped", "attempt": 0}
-                    await emit_delivery(order, cand, 0, "skipped", 0.0, why, None, now,
-                                        mode == "exclusive", durable=False)
-                if not batch and not state["sold"] and not ambiguous and now < give_up_at \
-                        and flow.waves \
-                        and not state.get("backup_done"):
+                    await emit_delivery(
+                        order,
+                        cand,
+                        0,
+                        "skipped",
+                        0.0,
+                        why,
+                        None,
+                        now,
+                        mode == "exclusive",
+                        durable=False,
+                    )
+                if (
+                    not batch
+                    and not state["sold"]
+                    and not ambiguous
+                    and now < give_up_at
+                    and flow.waves
+                    and not state.get("backup_done")
+                ):
                     # Every bidder said no: the waves the auction did not need (an earlier
                     # wave had an acceptable bid) are the brief's backup buyers. Ping them now.
                     # (Wave after wave: if these reject too, the next one is tried.)
@@ -468,14 +604,18 @@ def register(ctx: Context) -> None:
                     # Never send a post without a useful budget left. Cut short (a platform
                     # reason) only if a buyer was left to try: a batch, or backup waves the
                     # window no longer allowed (the branch above pings them otherwise).
-                    window_cut = bool(batch) or (not state["sold"] and not ambiguous
-                                                 and bool(flow.waves)
-                                                 and not state.get("backup_done"))
+                    window_cut = bool(batch) or (
+                        not state["sold"]
+                        and not ambiguous
+                        and bool(flow.waves)
+                        and not state.get("backup_done")
+                    )
                     break
                 # Capped buyers' slots first: an attempt recorded as pending below always has
                 # its reservation, so resolving it after a crash never needs one.
-                batch = await reserve_slots(order, batch, mode == "exclusive", state, flow,
-                                            give_up_at)
+                batch = await reserve_slots(
+                    order, batch, mode == "exclusive", state, flow, give_up_at
+                )
                 if not batch:
                     continue
                 if now_ms() + min_budget > give_up_at:  # the reservations took the time
@@ -487,15 +627,20 @@ def register(ctx: Context) -> None:
                 exclusive = mode == "exclusive"
                 for cand in batch:
                     state["n"] += 1
-                    state["attempts"][cand["buyer_id"]] = {"status": "pending",
-                                                           "attempt": state["n"]}
+                    state["attempts"][cand["buyer_id"]] = {
+                        "status": "pending",
+                        "attempt": state["n"],
+                    }
                 keep()  # record intent before any request leaves
                 # ...and make it durable: a crash after the request left must find it.
                 await app.producer.flush()
 
-            async def attempt(cand: dict[str, Any], exclusive: bool = exclusive,
-                              resolving: bool = bool(pending),
-                              order: dict[str, Any] = order) -> None:
+            async def attempt(
+                cand: dict[str, Any],
+                exclusive: bool = exclusive,
+                resolving: bool = bool(pending),
+                order: dict[str, Any] = order,
+            ) -> None:
                 buyer = settings.buyer(cand["buyer_id"])
                 post_id = post_id_for(lead_id, buyer.id)
                 # (Its cap slot, if any, was reserved before the attempt was recorded; an
@@ -517,15 +662,22 @@ def register(ctx: Context) -> None:
                         budget_ms = min(buyer.post_timeout_ms, left)
                     else:
                         break  # no useful budget for a second ask: reconciled later
-                    out = await ctx.buyer_client().post(buyer, body, post_id,
-                                                        budget_ms / 1000.0)
+                    out = await ctx.buyer_client().post(buyer, body, post_id, budget_ms / 1000.0)
                     if out.status != "timeout":
                         break
                 n = state["attempts"][buyer.id]["attempt"]
                 # On Kafka before the state that says so (emit_delivery).
-                await emit_delivery(order, cand, n, out.status, float(out.latency_ms),
-                                    scrub(out.reason, pii_values), out.http_status, sent,
-                                    exclusive)
+                await emit_delivery(
+                    order,
+                    cand,
+                    n,
+                    out.status,
+                    float(out.latency_ms),
+                    scrub(out.reason, pii_values),
+                    out.http_status,
+                    sent,
+                    exclusive,
+                )
                 state["attempts"][buyer.id] = {"status": out.status, "attempt": n}
                 if caps_client is not None:
                     # Count it on accept — and on a timeout, which the buyer may have taken;
@@ -534,8 +686,9 @@ def register(ctx: Context) -> None:
                         await caps_client.commit(buyer.id, lead_id, cand["price"])
                     else:
                         await caps_client.release(buyer.id, lead_id)
-                if out.status == "accepted" and all(s["buyer_id"] != buyer.id
-                                                    for s in state["sold"]):
+                if out.status == "accepted" and all(
+                    s["buyer_id"] != buyer.id for s in state["sold"]
+                ):
                     state["sold"].append({"buyer_id": buyer.id, "price": cand["price"]})
                 if out.status == "timeout":
                     # The buyer may have taken the lead after we stopped waiting: ask it
@@ -556,17 +709,31 @@ def register(ctx: Context) -> None:
                 raise eg.exceptions[0] from eg
             keep()
         timed_out = [b for b, a in state["attempts"].items() if a.get("status") == "timeout"]
-        reason = "" if state["sold"] else unsold_reason(
-            posts_sent=state["n"], cap_skips=state.get("cap_skips", []), window_cut=window_cut,
-            timed_out=timed_out, post_timeout_ms=flow.post_timeout_ms)
-        items = [{"cand": cand, "n": n, "exclusive": exclusive}
-                 for cand, n, exclusive in unresolved
-                 if state["attempts"].get(cand["buyer_id"], {}).get("status") == "timeout"]
+        reason = (
+            ""
+            if state["sold"]
+            else unsold_reason(
+                posts_sent=state["n"],
+                cap_skips=state.get("cap_skips", []),
+                window_cut=window_cut,
+                timed_out=timed_out,
+                post_timeout_ms=flow.post_timeout_ms,
+            )
+        )
+        items = [
+            {"cand": cand, "n": n, "exclusive": exclusive}
+            for cand, n, exclusive in unresolved
+            if state["attempts"].get(cand["buyer_id"], {}).get("status") == "timeout"
+        ]
         if items:
             # Asked again after the lead settles (reconcile_lead), from the table: a crash
             # meanwhile hands them to the lead's next owner. The PII stays until then.
-            state["reconcile"] = {"order": order, "items": items, "tries": 0,
-                                  "due_ms": now_ms() + int(RECONCILE_DELAYS_S[0] * 1000)}
+            state["reconcile"] = {
+                "order": order,
+                "items": items,
+                "tries": 0,
+                "due_ms": now_ms() + int(RECONCILE_DELAYS_S[0] * 1000),
+            }
         await settle(order, state, reason)
 
     @app.agent(ctx.topic("posts"), name="post", concurrency=1)

@@ -19,11 +19,11 @@ from functools import partial
 from typing import Any
 
 import schemas
-from streams.rules.dedupe import identity_of
 from streams.context import Context
+from streams.rules.dedupe import identity_of
 from streams.rules.leads import LeadError, ValidLead, deterministic_lead_id, redact, validate_lead
-from streams.runtime.progress import tracker
 from streams.runtime.agents import DeadLetters, now_ms
+from streams.runtime.progress import tracker
 
 __all__ = ["register", "lead_from_record"]
 
@@ -52,15 +52,24 @@ def _received_at(claimed: int | None, kafka_timestamp_s: float) -> int:
 
 def register(ctx: Context) -> None:
     app, settings = ctx.app, ctx.settings
-    leads, pii_topic, requests = ctx.topic("leads"), ctx.topic("lead_pii"), ctx.topic("ping_requests")
+    leads, pii_topic, requests = (
+        ctx.topic("leads"),
+        ctx.topic("lead_pii"),
+        ctx.topic("ping_requests"),
+    )
     dedupe = ctx.topic("dedupe")
     dead = DeadLetters(ctx.topic("deadletter"), "redact", settings)
     pii_ttl_ms = int(settings.privacy.pii_ttl_s * 1000)
     progress = tracker(ctx)
     window_ms = int(settings.ingest.idempotency_window_s * 1000)
     # lead_id -> {"at": first seen (ms), "p": partition, "o": offset} of the leads topic.
-    seen = app.Table("lead_ids", default=None, partitions=settings.kafka.partitions,
-                     key_type=str, value_type=None)
+    seen = app.Table(
+        "lead_ids",
+        default=None,
+        partitions=settings.kafka.partitions,
+        key_type=str,
+        value_type=None,
+    )
     # Per partition, ids in the order they expire (a cache over the table, rebuilt on
     # recovery); expired ones are removed while that partition's events are processed (a
     # table changes only inside its partition's stream).
@@ -100,8 +109,12 @@ def register(ctx: Context) -> None:
                 return False  # the same record again (a redelivery): process it again
             repeats["dropped"] += 1
             if repeats["dropped"] - repeats["logged"] >= 100 or repeats["logged"] == 0:
-                log.info("lead %s repeated (a producer retry): not auctioned again; %d repeats "
-                         "dropped since start", lead_id, repeats["dropped"])
+                log.info(
+                    "lead %s repeated (a producer retry): not auctioned again; %d repeats "
+                    "dropped since start",
+                    lead_id,
+                    repeats["dropped"],
+                )
                 repeats["logged"] = repeats["dropped"]
             return True
         seen[lead_id] = {"at": now, "p": partition, "o": offset}
@@ -128,8 +141,9 @@ def register(ctx: Context) -> None:
                 await dead.send(event, f"undecodable lead: {exc}")
                 continue
             except LeadError as exc:
-                await dead.send(event, f"invalid lead: {exc.field or 'body'}: {exc.message}",
-                                exc.field)
+                await dead.send(
+                    event, f"invalid lead: {exc.field or 'body'}: {exc.message}", exc.field
+                )
                 continue
             if is_repeat(lead.lead_id, msg.partition, msg.offset):
                 continue
@@ -139,17 +153,33 @@ def register(ctx: Context) -> None:
         view = redact(settings, lead)
         key = lead.lead_id.encode()
         # PII first: by the time a post order exists, the post stage can find the PII.
-        await pii_topic.send(key=key, value=schemas.encode("LeadPii", {
-            "lead_id": lead.lead_id, "flow": lead.flow, "fields": view.pii,
-            "expires_at_ms": lead.received_at_ms + pii_ttl_ms,
-        }))
+        await pii_topic.send(
+            key=key,
+            value=schemas.encode(
+                "LeadPii",
+                {
+                    "lead_id": lead.lead_id,
+                    "flow": lead.flow,
+                    "fields": view.pii,
+                    "expires_at_ms": lead.received_at_ms + pii_ttl_ms,
+                },
+            ),
+        )
         identity = identity_of(settings, lead.flow, lead.fields, view.pii_hashes)
-        request = schemas.encode("PingRequest", {
-            "lead_id": lead.lead_id, "flow": lead.flow, "source": lead.source,
-            "received_at_ms": lead.received_at_ms, "created_at_ms": lead.created_at_ms,
-            "ping_fields": view.ping_fields, "pii_hashes": view.pii_hashes,
-            "identity": identity, "skip_buyers": [],
-        })
+        request = schemas.encode(
+            "PingRequest",
+            {
+                "lead_id": lead.lead_id,
+                "flow": lead.flow,
+                "source": lead.source,
+                "received_at_ms": lead.received_at_ms,
+                "created_at_ms": lead.created_at_ms,
+                "ping_fields": view.ping_fields,
+                "pii_hashes": view.pii_hashes,
+                "identity": identity,
+                "skip_buyers": [],
+            },
+        )
         if identity is None:
             await requests.send(key=key, value=request)
         else:  # a flow with duplicate checks: the identity's owner decides first

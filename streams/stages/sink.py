@@ -15,8 +15,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from datetime import datetime, timezone
-from typing import Any, Awaitable, Callable, TypeVar
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any, TypeVar
 
 import schemas
 from connectors.clickhouse import ClickHouseClient, ClickHouseUnavailable, connect, migrate
@@ -39,9 +40,16 @@ class WarehouseRetry:
     succeeds again.
     """
 
-    def __init__(self, what: str, *, first_s: float = 0.25, max_s: float = 2.0,
-                 log_every_s: float = 30.0, clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], Awaitable[Any]] | None = None) -> None:
+    def __init__(
+        self,
+        what: str,
+        *,
+        first_s: float = 0.25,
+        max_s: float = 2.0,
+        log_every_s: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[Any]] | None = None,
+    ) -> None:
         self.what, self.first_s, self.max_s, self.log_every_s = what, first_s, max_s, log_every_s
         self.clock, self.sleep = clock, sleep
 
@@ -59,20 +67,29 @@ class WarehouseRetry:
                 failures += 1
                 if logged is None or now - logged >= self.log_every_s:
                     logged = now
-                    log.warning("%s failed (%s); %d attempt(s) in %.0f s, retrying every "
-                                "%.2g s at most", self.what, exc, failures, now - since,
-                                self.max_s)
+                    log.warning(
+                        "%s failed (%s); %d attempt(s) in %.0f s, retrying every %.2g s at most",
+                        self.what,
+                        exc,
+                        failures,
+                        now - since,
+                        self.max_s,
+                    )
                 await (self.sleep or asyncio.sleep)(delay)
                 delay = min(delay * 2, self.max_s)
                 continue
             if failures:
-                log.warning("%s succeeded again after %d failed attempt(s) in %.0f s",
-                            self.what, failures, self.clock() - since)
+                log.warning(
+                    "%s succeeded again after %d failed attempt(s) in %.0f s",
+                    self.what,
+                    failures,
+                    self.clock() - since,
+                )
             return result
 
 
 def _ts(ms: int | float) -> datetime:
-    return datetime.fromtimestamp(ms / 1000.0, tz=timezone.utc)
+    return datetime.fromtimestamp(ms / 1000.0, tz=UTC)
 
 
 def _s(v: Any) -> str:
@@ -84,34 +101,94 @@ def _s(v: Any) -> str:
 def to_row(name: str, r: dict[str, Any]) -> tuple[str, list[Any]] | None:
     """Map one decoded event to ``(table, row)``; None for events with no table."""
     if name == "PingRequest":
-        return "leads", [r["lead_id"], r["flow"], r["source"], _ts(r["received_at_ms"]),
-                         _ts(r["created_at_ms"]),
-                         {k: _s(v) for k, v in r["ping_fields"].items()}, r["pii_hashes"]]
+        return "leads", [
+            r["lead_id"],
+            r["flow"],
+            r["source"],
+            _ts(r["received_at_ms"]),
+            _ts(r["created_at_ms"]),
+            {k: _s(v) for k, v in r["ping_fields"].items()},
+            r["pii_hashes"],
+        ]
     if name == "Bid":
-        return "pings", [r["ping_id"], r["lead_id"], r["flow"], r["buyer_id"], r["tier"],
-                         _ts(r["sent_at_ms"]), _ts(r["answered_at_ms"]), r["latency_ms"],
-                         r["status"], r["price"], r["exclusive"], r["reason"], r["http_status"]]
+        return "pings", [
+            r["ping_id"],
+            r["lead_id"],
+            r["flow"],
+            r["buyer_id"],
+            r["tier"],
+            _ts(r["sent_at_ms"]),
+            _ts(r["answered_at_ms"]),
+            r["latency_ms"],
+            r["status"],
+            r["price"],
+            r["exclusive"],
+            r["reason"],
+            r["http_status"],
+        ]
     if name == "Delivery":
         if r["status"] == "skipped":
             return None  # a bid whose conditions failed at post time: no post was attempted
-        return "posts", [r["attempt_id"], r["post_id"], r["lead_id"], r["flow"], r["buyer_id"],
-                         r["tier"], r["ping_id"], r["price"], r["exclusive"], r["status"],
-                         r["latency_ms"], r["reason"], r["http_status"], _ts(r["sent_at_ms"]),
-                         r["attempt"]]
+        return "posts", [
+            r["attempt_id"],
+            r["post_id"],
+            r["lead_id"],
+            r["flow"],
+            r["buyer_id"],
+            r["tier"],
+            r["ping_id"],
+            r["price"],
+            r["exclusive"],
+            r["status"],
+            r["latency_ms"],
+            r["reason"],
+            r["http_status"],
+            _ts(r["sent_at_ms"]),
+            r["attempt"],
+        ]
     if name == "AuctionResult":
-        return "auctions", [r["lead_id"], r["flow"], r["source"], r["outcome"], r["winners"],
-                            r["prices"], r["price_total"], r["reason"], _ts(r["received_at_ms"]),
-                            _ts(r["opened_at_ms"]), _ts(r["deadline_at_ms"]),
-                            _ts(r["closed_at_ms"]), _ts(r["settled_at_ms"]),
-                            float(r["closed_at_ms"] - r["opened_at_ms"]), r["close_reason"],
-                            r["close_lag_ms"], r["pinged"], r["bids"], r["post_attempts"]]
+        return "auctions", [
+            r["lead_id"],
+            r["flow"],
+            r["source"],
+            r["outcome"],
+            r["winners"],
+            r["prices"],
+            r["price_total"],
+            r["reason"],
+            _ts(r["received_at_ms"]),
+            _ts(r["opened_at_ms"]),
+            _ts(r["deadline_at_ms"]),
+            _ts(r["closed_at_ms"]),
+            _ts(r["settled_at_ms"]),
+            float(r["closed_at_ms"] - r["opened_at_ms"]),
+            r["close_reason"],
+            r["close_lag_ms"],
+            r["pinged"],
+            r["bids"],
+            r["post_attempts"],
+        ]
     if name == "Alert":
         value = r["value"]
-        return "alerts", [r["rule"], r["subject"], r["state"],
-                          float("nan") if value is None else value, _ts(r["at_ms"]), r["message"]]
+        return "alerts", [
+            r["rule"],
+            r["subject"],
+            r["state"],
+            float("nan") if value is None else value,
+            _ts(r["at_ms"]),
+            r["message"],
+        ]
     if name == "DeadLetter":
-        return "dead_letters", [r["id"], r["stage"], r["topic"], r["partition"], r["offset"],
-                                r["reason"], r["field"], _ts(r["at_ms"])]
+        return "dead_letters", [
+            r["id"],
+            r["stage"],
+            r["topic"],
+            r["partition"],
+            r["offset"],
+            r["reason"],
+            r["field"],
+            _ts(r["at_ms"]),
+        ]
     return None
 
 
@@ -119,9 +196,19 @@ def register(ctx: Context) -> None:
     app, settings = ctx.app, ctx.settings
     cfg = settings.clickhouse
     n = ctx.names
-    source = app.topic(n.ping_requests, n.bids, n.deliveries, n.results, n.deadletter, n.alerts,
-                       key_type=bytes, value_type=bytes, key_serializer="raw",
-                       value_serializer="raw", partitions=settings.kafka.partitions)
+    source = app.topic(
+        n.ping_requests,
+        n.bids,
+        n.deliveries,
+        n.results,
+        n.deadletter,
+        n.alerts,
+        key_type=bytes,
+        value_type=bytes,
+        key_serializer="raw",
+        value_serializer="raw",
+        partitions=settings.kafka.partitions,
+    )
     rows: dict[str, list[list[Any]]] = {}
     pending: list[Any] = []  # events whose rows are buffered, acked after the insert
     lock = asyncio.Lock()
@@ -143,13 +230,16 @@ def register(ctx: Context) -> None:
             ctx.closers.append(wh.close)
         return wh_box[0]
 
-    async def insert_row_by_row(table: str, table_rows: list[list[Any]],
-                                first: Exception) -> None:
+    async def insert_row_by_row(table: str, table_rows: list[list[Any]], first: Exception) -> None:
         """ClickHouse refused the batch for a reason a retry cannot fix: insert row by row so
         one bad row does not block the others; rows it refuses are logged, never retried
         forever."""
-        log.error("ClickHouse refused a batch of %d rows for %s (%s); inserting row by row",
-                  len(table_rows), table, first)
+        log.error(
+            "ClickHouse refused a batch of %d rows for %s (%s); inserting row by row",
+            len(table_rows),
+            table,
+            first,
+        )
         for row in table_rows:
             try:
                 await (await warehouse()).insert(table, [row])
@@ -164,8 +254,10 @@ def register(ctx: Context) -> None:
             rows.clear()
             pending.clear()
             for table, table_rows in batch.items():
-                async def insert(table: str = table, table_rows: list[list[Any]] = table_rows
-                                 ) -> None:
+
+                async def insert(
+                    table: str = table, table_rows: list[list[Any]] = table_rows
+                ) -> None:
                     await (await warehouse()).insert(table, table_rows)
 
                 try:
@@ -186,8 +278,13 @@ def register(ctx: Context) -> None:
                 name, rec = schemas.decode(event.value)
                 mapped = to_row(name, rec)
             except Exception as exc:  # one bad record must not wedge the sink's partition
-                log.error("sink cannot map %s:%s:%s (skipped): %s", event.message.topic,
-                          event.message.partition, event.message.offset, exc)
+                log.error(
+                    "sink cannot map %s:%s:%s (skipped): %s",
+                    event.message.topic,
+                    event.message.partition,
+                    event.message.offset,
+                    exc,
+                )
                 mapped = None
             if mapped is None:
                 await manual.ack(event)

@@ -26,6 +26,7 @@ import logging
 import os
 import sys
 import time
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
@@ -72,12 +73,18 @@ def _wait_for_kafka(bootstrap: str, log_every_s: float = 10.0) -> None:
         for host, port in hosts:
             if _metadata_ready(host, int(port), timeout=2.0):
                 if time.monotonic() - started > 1.0:
-                    print(f"Kafka at {bootstrap} answers after "
-                          f"{time.monotonic() - started:.0f} s; starting", flush=True)
+                    print(
+                        f"Kafka at {bootstrap} answers after "
+                        f"{time.monotonic() - started:.0f} s; starting",
+                        flush=True,
+                    )
                 return
         if time.monotonic() - last_said >= log_every_s:
-            print(f"waiting for Kafka at {bootstrap} (not reachable for "
-                  f"{time.monotonic() - started:.0f} s)", flush=True)
+            print(
+                f"waiting for Kafka at {bootstrap} (not reachable for "
+                f"{time.monotonic() - started:.0f} s)",
+                flush=True,
+            )
             last_said = time.monotonic()
         time.sleep(0.5)
 
@@ -102,8 +109,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
     except ImportError:  # pragma: no cover - uvloop is a pinned dependency
         pass
     _wait_for_kafka(settings.kafka.bootstrap)
-    app = create_app(settings, args.role, web_port=args.web_port,
-                     data_root=RUN_DIR / "faust", instance_id=args.instance_id or None)
+    app = create_app(
+        settings,
+        args.role,
+        web_port=args.web_port,
+        data_root=RUN_DIR / "faust",
+        instance_id=args.instance_id or None,
+    )
     worker = faust.Worker(app, loglevel=args.loglevel, override_logging=True)
     # A stuck Kafka client ends this process with status 75 for its supervisor to restart it.
     from streams.runtime.liveness import start_monitor
@@ -133,8 +145,12 @@ def cmd_warehouse(args: argparse.Namespace) -> int:
 
     s = _settings(args)
     try:
-        run(args.data_dir or s.warehouse.data_dir, host=s.warehouse.host,
-            port=args.port or s.warehouse.port, pool_size=s.warehouse.pool_size)
+        run(
+            args.data_dir or s.warehouse.data_dir,
+            host=s.warehouse.host,
+            port=args.port or s.warehouse.port,
+            pool_size=s.warehouse.pool_size,
+        )
     except WarehouseError as exc:
         print(f"pingpost warehouse: {exc}", file=sys.stderr)
         return 3
@@ -165,8 +181,9 @@ def cmd_topics(args: argparse.Namespace) -> int:
     from streams.topics import topic_specs
 
     s = _settings(args)
-    created = asyncio.run(create_topics(s.kafka.bootstrap, [(t.name, t.partitions, t.config)
-                                                           for t in topic_specs(s)]))
+    created = asyncio.run(
+        create_topics(s.kafka.bootstrap, [(t.name, t.partitions, t.config) for t in topic_specs(s)])
+    )
     for name, new in created.items():
         print(f"{name}: {'created' if new else 'exists'}")
     return 0
@@ -199,8 +216,9 @@ def _up(st: Any, **kwargs: Any) -> None:
     except StackError as exc:
         stopped = st.abort()
         first = str(exc).splitlines()[0].rstrip(":")
-        raise CliError(first + (f" (stopped what this run started: {', '.join(stopped)})"
-                                if stopped else "")) from None
+        raise CliError(
+            first + (f" (stopped what this run started: {', '.join(stopped)})" if stopped else "")
+        ) from None
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -231,10 +249,12 @@ def cmd_status(args: argparse.Namespace) -> int:
 def _no_warehouse(args: argparse.Namespace, s: Settings, exc: Exception) -> CliError:
     text = str(exc)
     why = "connection refused" if "Connection refused" in text else text.splitlines()[0][:200]
-    return CliError(f"no ClickHouse answers at {s.clickhouse.url} (clickhouse.url in "
-                    f"{_config_path(args)}): "
-                    f"{why}. Start the local stack with `pingpost up` (or only the warehouse "
-                    "with `pingpost warehouse`), or point clickhouse.url at a running ClickHouse")
+    return CliError(
+        f"no ClickHouse answers at {s.clickhouse.url} (clickhouse.url in "
+        f"{_config_path(args)}): "
+        f"{why}. Start the local stack with `pingpost up` (or only the warehouse "
+        "with `pingpost warehouse`), or point clickhouse.url at a running ClickHouse"
+    )
 
 
 def _sync_client(args: argparse.Namespace, s: Settings, **kwargs: Any) -> Any:
@@ -277,8 +297,9 @@ def cmd_report(args: argparse.Namespace) -> int:
         if args.html:
             from streams.tools.html_report import write_html_report
 
-            path = write_html_report(client, s.clickhouse.database, args.html, since=since,
-                                     until=until, summary=summary)
+            path = write_html_report(
+                client, s.clickhouse.database, args.html, since=since, until=until, summary=summary
+            )
             print(f"HTML report: {path}")
         else:
             print_report(summary)
@@ -291,10 +312,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_sql(args: argparse.Namespace) -> int:
     """Run SQL against the configured ClickHouse and print the result as a table."""
+    from clickhouse_connect.driver.exceptions import ClickHouseError
     from rich.console import Console
     from rich.table import Table
-
-    from clickhouse_connect.driver.exceptions import ClickHouseError
 
     s = _settings(args)
     client = _sync_client(args, s, database=s.clickhouse.database)
@@ -330,12 +350,19 @@ def _pii_audit(s: Settings, leads: list[dict[str, Any]]) -> tuple[int, int]:
                 pii_values.add(str(lead[f]).lower())
     pings = leaks = 0
     for b in s.simulator.buyers.values():
-        got = httpx.get(f"http://{s.simulator.host}:{b.port}/__sim/received",
-                        params={"kind": "ping"}, timeout=30).json()
+        got = httpx.get(
+            f"http://{s.simulator.host}:{b.port}/__sim/received",
+            params={"kind": "ping"},
+            timeout=30,
+        ).json()
         for req in got:
             pings += 1
-            blob = (req.get("body", "") + req.get("path", "") + str(req.get("query", ""))
-                    + str(req.get("headers", {}))).lower()
+            blob = (
+                req.get("body", "")
+                + req.get("path", "")
+                + str(req.get("query", ""))
+                + str(req.get("headers", {}))
+            ).lower()
             if any(v in blob for v in pii_values):
                 leaks += 1
     return pings, leaks
@@ -357,17 +384,17 @@ def _demo_html(console: Any, client: Any, db: str, path: Path, **kwargs: Any) ->
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from datetime import datetime
+
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from streams.tools.demo import generate_leads, push_leads
     from streams.tools.report import build_report, platform_unsold, print_report
 
-    from datetime import datetime, timezone
-
     console = Console()
     t0 = time.monotonic()
-    started_at = datetime.now(timezone.utc)
+    started_at = datetime.now(UTC)
     s = _settings(args)
     st = _stack(args, s)
     console.rule("[bold]pingpost demo")
@@ -379,29 +406,39 @@ def cmd_demo(args: argparse.Namespace) -> int:
     url = f"http://{s.ingest.host}:{s.ingest.port}/v1/leads"
     run = asyncio.run(push_leads(url, token, leads, rate=args.rate, console=console))
     if run.rejected:
-        console.print(f"[red]{len(run.rejected)} leads rejected by ingest[/], e.g. "
-                      f"{run.rejected[0]}")
+        console.print(
+            f"[red]{len(run.rejected)} leads rejected by ingest[/], e.g. {run.rejected[0]}"
+        )
     client = _sync_client(args, s)
     db = s.clickhouse.database
     ids = run.lead_ids
     deadline = time.monotonic() + args.timeout
     settled = 0
-    with Progress(TextColumn("waiting for auctions to settle"), BarColumn(),
-                  MofNCompleteColumn(), TimeElapsedColumn(), console=console) as progress:
+    with Progress(
+        TextColumn("waiting for auctions to settle"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    ) as progress:
         task = progress.add_task("settle", total=len(ids))
         while time.monotonic() < deadline:
-            settled = client.query(f"SELECT count() FROM {db}.auctions FINAL "
-                                   f"WHERE lead_id IN %(ids)s", parameters={"ids": ids}
-                                   ).result_rows[0][0]
+            settled = client.query(
+                f"SELECT count() FROM {db}.auctions FINAL WHERE lead_id IN %(ids)s",
+                parameters={"ids": ids},
+            ).result_rows[0][0]
             progress.update(task, completed=settled)
             if settled >= len(ids):
                 break
             time.sleep(0.5)
     if settled < len(ids):
-        dead = client.query(f"SELECT stage, any(reason), count() FROM {db}.dead_letters FINAL "
-                            "GROUP BY stage").result_rows
-        console.print(f"[red]only {settled} of {len(ids)} auctions settled within "
-                      f"{args.timeout}s[/]; logs are in {st.log_dir}")
+        dead = client.query(
+            f"SELECT stage, any(reason), count() FROM {db}.dead_letters FINAL GROUP BY stage"
+        ).result_rows
+        console.print(
+            f"[red]only {settled} of {len(ids)} auctions settled within "
+            f"{args.timeout}s[/]; logs are in {st.log_dir}"
+        )
         for stage, reason, n in dead:
             console.print(f"  {n} records dead-lettered by {stage}, e.g.: {reason[:300]}")
         client.close()
@@ -409,24 +446,38 @@ def cmd_demo(args: argparse.Namespace) -> int:
     report = build_report(client, db, ids)
     (dead_letters,) = client.query(
         f"SELECT count() FROM {db}.dead_letters FINAL WHERE at >= %(t)s",
-        parameters={"t": started_at}).result_rows[0]
-    span = ((report.last_settled - report.first_received).total_seconds()
-            if report.first_received and report.last_settled else 0.0)
+        parameters={"t": started_at},
+    ).result_rows[0]
+    span = (
+        (report.last_settled - report.first_received).total_seconds()
+        if report.first_received and report.last_settled
+        else 0.0
+    )
     pings, leaks = _pii_audit(s, leads) if s.simulator.buyers else (0, 0)
     wall = time.monotonic() - t0
     extra = {
         "leads pushed / accepted": f"{len(leads):,} / {len(ids):,} in {run.push_seconds:.1f}s "
-                                   f"({len(ids) / run.push_seconds:.0f}/s offered)",
+        f"({len(ids) / run.push_seconds:.0f}/s offered)",
         "429 answers (over capacity), retried": f"{run.refused:,}",
         "sustained (first receipt → last settle)": f"{len(ids) / span:.1f} leads/s over {span:.1f}s"
-        if span else "-",
+        if span
+        else "-",
         "PII audit of pings received by buyers": f"{leaks} leaks in {pings:,} pings",
         "demo wall time": f"{wall:.1f}s",
     }
     title = f"pingpost demo — {len(ids):,} solar leads"
     print_report(report, console, title=title, extra=extra)
-    html_ok = _demo_html(console, client, db, RUN_DIR / "report.html", lead_ids=ids,
-                         since=started_at, summary=report, title=title, extra=extra)
+    html_ok = _demo_html(
+        console,
+        client,
+        db,
+        RUN_DIR / "report.html",
+        lead_ids=ids,
+        since=started_at,
+        summary=report,
+        title=title,
+        extra=extra,
+    )
     client.close()
     # Unsold because the market said no is fine; unsold because the platform failed is not.
     internal = platform_unsold(report.unsold_reasons)
@@ -442,14 +493,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for what, passed in checks.items():
         console.print(f"  {'[green]✓[/]' if passed else '[red]✗[/]'} {what}")
     console.print("[green]checks passed[/]" if ok else "[red]checks FAILED[/]")
-    console.print(f"The stack is still running (logs in {st.log_dir}). Explore with "
-                  "`.venv/bin/pingpost report`; stop it with [bold]make down[/].")
+    console.print(
+        f"The stack is still running (logs in {st.log_dir}). Explore with "
+        "`.venv/bin/pingpost report`; stop it with [bold]make down[/]."
+    )
     return 0 if ok else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pingpost", description="real-time ping-post lead "
-                                "distribution on Kafka")
+    p = argparse.ArgumentParser(
+        prog="pingpost", description="real-time ping-post lead distribution on Kafka"
+    )
     p.add_argument("--config", help="YAML config (default $PINGPOST_CONFIG or config/demo.yaml)")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -469,18 +523,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     w = sub.add_parser("worker", help="run a Faust worker")
     w.add_argument("--role", choices=["auction", "sink", "metrics"], default="auction")
-    w.add_argument("--web-port", type=int, default=None,
-                   help="Faust web port (0: off; default: worker.web_port)")
-    w.add_argument("--instance-id", default=None,
-                   help="join the consumer group as this static member (Kafka's "
-                        "group.instance.id): restarted under the same id, the worker gets its "
-                        "partitions back without a rebalance; unique per running worker")
+    w.add_argument(
+        "--web-port",
+        type=int,
+        default=None,
+        help="Faust web port (0: off; default: worker.web_port)",
+    )
+    w.add_argument(
+        "--instance-id",
+        default=None,
+        help="join the consumer group as this static member (Kafka's "
+        "group.instance.id): restarted under the same id, the worker gets its "
+        "partitions back without a rebalance; unique per running worker",
+    )
     w.add_argument("--loglevel", default="info")
     w.set_defaults(func=cmd_worker)
 
     sv = sub.add_parser("supervise", help="run a pingpost command; restart it when it fails")
-    sv.add_argument("command_line", nargs=argparse.REMAINDER,
-                    help="the command, after --, e.g. -- worker --role sink")
+    sv.add_argument(
+        "command_line",
+        nargs=argparse.REMAINDER,
+        help="the command, after --, e.g. -- worker --role sink",
+    )
     sv.set_defaults(func=cmd_supervise)
 
     i = sub.add_parser("ingest", help="run the HTTP ingest")
@@ -507,8 +571,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("migrate", help="apply ClickHouse migrations").set_defaults(func=cmd_migrate)
     r = sub.add_parser("report", help="print the report from ClickHouse, or write it as HTML")
     r.add_argument("--html", metavar="PATH", help="write a self-contained HTML report here")
-    r.add_argument("--since", help="leads received from (ISO 8601, UTC if no offset, or a "
-                   "duration ago: 15m, 2h, 7d); default: the beginning")
+    r.add_argument(
+        "--since",
+        help="leads received from (ISO 8601, UTC if no offset, or a "
+        "duration ago: 15m, 2h, 7d); default: the beginning",
+    )
     r.add_argument("--until", help="leads received before (same forms); default: now")
     r.set_defaults(func=cmd_report)
     sub.add_parser("check-config", help="validate the config").set_defaults(func=cmd_check_config)
@@ -529,7 +596,9 @@ def main(argv: list[str] | None = None) -> int:
 
     install()
     if args.command != "worker":
-        logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(
+            level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
     try:
         return int(args.func(args) or 0)
     except ConfigError as exc:

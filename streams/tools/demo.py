@@ -20,12 +20,53 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 __all__ = ["generate_leads", "push_leads", "DemoRun"]
 
 _STATES = ["CA", "TX", "AZ", "NV", "FL", "NY", "NJ", "CO", "MA", "NC"]
-_ZIP_PREFIX = {"CA": "90", "TX": "75", "AZ": "85", "NV": "89", "FL": "33", "NY": "10",
-               "NJ": "07", "CO": "80", "MA": "02", "NC": "27"}
-_FIRST = ["Ada", "Grace", "Alan", "Edsger", "Barbara", "Donald", "Frances", "Ken", "Radia",
-          "Tim", "Margaret", "Linus", "Hedy", "John", "Katherine", "Dennis"]
-_LAST = ["Lovelace", "Hopper", "Turing", "Dijkstra", "Liskov", "Knuth", "Allen", "Thompson",
-         "Perlman", "Berners-Lee", "Hamilton", "Torvalds", "Lamarr", "Backus", "Johnson"]
+_ZIP_PREFIX = {
+    "CA": "90",
+    "TX": "75",
+    "AZ": "85",
+    "NV": "89",
+    "FL": "33",
+    "NY": "10",
+    "NJ": "07",
+    "CO": "80",
+    "MA": "02",
+    "NC": "27",
+}
+_FIRST = [
+    "Ada",
+    "Grace",
+    "Alan",
+    "Edsger",
+    "Barbara",
+    "Donald",
+    "Frances",
+    "Ken",
+    "Radia",
+    "Tim",
+    "Margaret",
+    "Linus",
+    "Hedy",
+    "John",
+    "Katherine",
+    "Dennis",
+]
+_LAST = [
+    "Lovelace",
+    "Hopper",
+    "Turing",
+    "Dijkstra",
+    "Liskov",
+    "Knuth",
+    "Allen",
+    "Thompson",
+    "Perlman",
+    "Berners-Lee",
+    "Hamilton",
+    "Torvalds",
+    "Lamarr",
+    "Backus",
+    "Johnson",
+]
 
 
 def generate_leads(n: int, seed: int = 7) -> list[dict[str, Any]]:
@@ -35,21 +76,27 @@ def generate_leads(n: int, seed: int = 7) -> list[dict[str, Any]]:
     for i in range(n):
         state = rnd.choice(_STATES)
         first, last = rnd.choice(_FIRST), rnd.choice(_LAST)
-        leads.append({
-            "flow": "solar",
-            "state": state,
-            "zip": _ZIP_PREFIX[state] + f"{rnd.randrange(1000):03d}",
-            "homeowner": rnd.random() < 0.9,
-            "electric_bill": rnd.choice(["$0-100", "$100-200", "$200-300", "$300-400", "$400+"]),
-            "credit_range": rnd.choice(["<600", "600-649", "650-699", "700+"]),
-            "property_type": rnd.choice(["single_family", "single_family", "condo", "townhouse"]),
-            "consent": True,
-            "first_name": first,
-            "last_name": f"{last}-{seed}x{i}",
-            "email": f"{first.lower()}.{last.lower()}.{seed}x{i}@example.com",
-            "phone": f"+1{rnd.randrange(201, 989)}{rnd.randrange(200, 999)}{i % 10000:04d}",
-            "address": f"{rnd.randrange(1, 9999)} {rnd.choice(['Main', 'Oak', 'Pine', 'Sun'])} St #{i}",
-        })
+        leads.append(
+            {
+                "flow": "solar",
+                "state": state,
+                "zip": _ZIP_PREFIX[state] + f"{rnd.randrange(1000):03d}",
+                "homeowner": rnd.random() < 0.9,
+                "electric_bill": rnd.choice(
+                    ["$0-100", "$100-200", "$200-300", "$300-400", "$400+"]
+                ),
+                "credit_range": rnd.choice(["<600", "600-649", "650-699", "700+"]),
+                "property_type": rnd.choice(
+                    ["single_family", "single_family", "condo", "townhouse"]
+                ),
+                "consent": True,
+                "first_name": first,
+                "last_name": f"{last}-{seed}x{i}",
+                "email": f"{first.lower()}.{last.lower()}.{seed}x{i}@example.com",
+                "phone": f"+1{rnd.randrange(201, 989)}{rnd.randrange(200, 999)}{i % 10000:04d}",
+                "address": f"{rnd.randrange(1, 9999)} {rnd.choice(['Main', 'Oak', 'Pine', 'Sun'])} St #{i}",
+            }
+        )
     return leads
 
 
@@ -74,9 +121,16 @@ def schedule(n: int, rate: float, ramp_s: float) -> list[float]:
     return times
 
 
-async def push_leads(url: str, token: str, leads: list[dict[str, Any]], *, rate: float,
-                     ramp_s: float = 3.0, concurrency: int = 32,
-                     console: Console | None = None) -> DemoRun:
+async def push_leads(
+    url: str,
+    token: str,
+    leads: list[dict[str, Any]],
+    *,
+    rate: float,
+    ramp_s: float = 3.0,
+    concurrency: int = 32,
+    console: Console | None = None,
+) -> DemoRun:
     """POST every lead at about ``rate`` per second (after a ramp of ``ramp_s``); returns
     the accepted lead ids in order. A 429 (over capacity) is retried after its Retry-After,
     as a producer should (at most ``MAX_429`` times per lead)."""
@@ -86,8 +140,14 @@ async def push_leads(url: str, token: str, leads: list[dict[str, Any]], *, rate:
     sem = asyncio.Semaphore(concurrency)
     start = time.monotonic()
     headers = {"Authorization": f"Bearer {token}"}
-    with Progress(TextColumn("pushing leads"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=console, transient=False) as progress:
+    with Progress(
+        TextColumn("pushing leads"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    ) as progress:
         task = progress.add_task("push", total=len(leads))
         async with httpx.AsyncClient(timeout=30.0) as client:
 
@@ -132,8 +192,7 @@ async def push_leads(url: str, token: str, leads: list[dict[str, Any]], *, rate:
                     await asyncio.sleep(delay)
                 tasks.append(asyncio.create_task(one(i, lead)))
             await asyncio.gather(*tasks)
-    return DemoRun([x for x in ids if x is not None], rejected, time.monotonic() - start,
-                   refused)
+    return DemoRun([x for x in ids if x is not None], rejected, time.monotonic() - start, refused)
 
 
 #: How many 429 answers a demo lead is retried through.

@@ -148,15 +148,21 @@ def decide_ping(
         "conditions": dict(cfg.conditions),
     }
     if cfg.response_shape == "nested":
-        bid = {"offer": {"wants": True, "cpl": bid["price"], "excl": bid["exclusive"],
-                         "terms": bid["conditions"]}, "buyer_id": bid["buyer_id"]}
+        bid = {
+            "offer": {
+                "wants": True,
+                "cpl": bid["price"],
+                "excl": bid["exclusive"],
+                "terms": bid["conditions"],
+            },
+            "buyer_id": bid["buyer_id"],
+        }
     if cfg.mode == "non_json":
         return PingAnswer(200, b"<html>oops", "text/html", delay, "garbage", late)
     if cfg.mode == "http_500":
         return PingAnswer(500, b"internal error", "text/plain", delay, "error", late)
     if cfg.mode == "negative_price":
-        return PingAnswer(200, orjson.dumps(_with_price(bid, -5)), _JSON, delay, "garbage",
-                          late)
+        return PingAnswer(200, orjson.dumps(_with_price(bid, -5)), _JSON, delay, "garbage", late)
     if cfg.mode == "string_price":
         body = orjson.dumps(_with_price(bid, "cheap"))
         return PingAnswer(200, body, _JSON, delay, "garbage", late)
@@ -187,7 +193,9 @@ def decide_post(seed: int, buyer_id: str, key: str, cfg: SimBuyerConfig) -> Post
     if u_err < cfg.post_error_rate:
         return PostAnswer(500, b"internal error", "text/plain", delay, "error")
     if u_rej < cfg.post_reject_rate:
-        reason = _REJECT_REASONS[min(int(u_reason * len(_REJECT_REASONS)), len(_REJECT_REASONS) - 1)]
+        reason = _REJECT_REASONS[
+            min(int(u_reason * len(_REJECT_REASONS)), len(_REJECT_REASONS) - 1)
+        ]
         doc: dict[str, Any] = {"accepted": False, "reason": reason}
         if cfg.response_shape == "nested":
             doc = {"result": {"ok": False, "why": reason}}
@@ -215,15 +223,20 @@ def pii_echo(post: dict[str, Any]) -> str:
     email, address = str(post.get("email", "")), str(post.get("address", ""))
     digits = "".join(ch for ch in str(post.get("phone", "")) if ch.isdigit())[-10:]
     a, b, c = digits[:3], digits[3:6], digits[6:]
-    return (f"{first} {last} ({last.upper()}) {email.upper()} / {email} tel 1{digits} "
-            f"({a}) {b}-{c} +1 {a}-{b}-{c} at {address}; again {first} {address}")
+    return (
+        f"{first} {last} ({last.upper()}) {email.upper()} / {email} tel 1{digits} "
+        f"({a}) {b}-{c} +1 {a}-{b}-{c} at {address}; again {first} {address}"
+    )
 
 
 def _echo_response(answer: PostAnswer, post: dict[str, Any]) -> web.Response:
     echo = pii_echo(post)
     if answer.outcome == "rejected":
-        return web.Response(status=200, content_type="application/json", body=orjson.dumps(
-            {"accepted": False, "reason": f"duplicate of {echo}"}))
+        return web.Response(
+            status=200,
+            content_type="application/json",
+            body=orjson.dumps({"accepted": False, "reason": f"duplicate of {echo}"}),
+        )
     return web.Response(status=answer.status, text=f"error for {echo}")
 
 
@@ -300,7 +313,8 @@ class SimulatedMarket:
             await site.start()
         except OSError as exc:
             raise OSError(
-                exc.errno, f"buyer {b.id}: cannot listen on {self._host}:{b.cfg.port}: {exc.strerror}"
+                exc.errno,
+                f"buyer {b.id}: cannot listen on {self._host}:{b.cfg.port}: {exc.strerror}",
             ) from exc
         b.port = int(runner.addresses[0][1])
 

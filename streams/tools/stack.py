@@ -16,10 +16,10 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Callable
 
 from connectors.kafka_broker import KafkaBroker, create_topics
 from streams.settings import Settings
@@ -34,7 +34,7 @@ class StackError(RuntimeError):
 
 def _http_ok(url: str, timeout: float = 1.0) -> bool:
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (loopback)
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
             status: int = resp.status
             return 200 <= status < 300
     except OSError:
@@ -111,7 +111,7 @@ class Stack:
     #: next to a free one may be any client's ephemeral port (CI once lost a run to that).
     kafka_controller_port: int | None = None
     say: Callable[[str], None] = print
-    _procs: dict[str, "subprocess.Popen[bytes]"] = field(default_factory=dict)
+    _procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     #: What this Stack object started (components in start order; "kafka" if it started the
     #: broker): what :meth:`abort` stops when ``up`` fails half-way.
     started: list[str] = field(default_factory=list)
@@ -134,9 +134,12 @@ class Stack:
             os.chmod(d, 0o700)
 
     def broker(self) -> KafkaBroker:
-        return KafkaBroker(port=self.kafka_port, controller_port=self.kafka_controller_port,
-                           data_dir=self.run_dir / "kafka",
-                           num_partitions=self.settings.kafka.partitions)
+        return KafkaBroker(
+            port=self.kafka_port,
+            controller_port=self.kafka_controller_port,
+            data_dir=self.run_dir / "kafka",
+            num_partitions=self.settings.kafka.partitions,
+        )
 
     # -- process helpers ---------------------------------------------------------------
     def _pid(self, name: str) -> int | None:
@@ -160,12 +163,16 @@ class Stack:
     def running(self, name: str) -> bool:
         return self._pid(name) is not None
 
-    def spawn(self, name: str, args: list[str], env: dict[str, str] | None = None,
-              nice: int = 0) -> int:
+    def spawn(
+        self, name: str, args: list[str], env: dict[str, str] | None = None, nice: int = 0
+    ) -> int:
         if args[:1] == ["worker"] and "--web-port" not in args:
             args = [*args, "--web-port", str(web_port_for(self.settings.worker.web_port, name))]
-        if args[:1] == ["worker"] and self.settings.worker.static_membership \
-                and "--instance-id" not in args:
+        if (
+            args[:1] == ["worker"]
+            and self.settings.worker.static_membership
+            and "--instance-id" not in args
+        ):
             args = [*args, "--instance-id", name]  # the slot: a restart takes its place back
         if self.running(name):
             # A second read of the pid file: None if the process exited since running() read
@@ -177,10 +184,13 @@ class Stack:
                 old.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 logging.getLogger(__name__).warning(
-                    "%s (pid %d) did not exit; replacing it anyway", name, old.pid)
+                    "%s (pid %d) did not exit; replacing it anyway", name, old.pid
+                )
         self.private_run_dir()
-        log = open(os.open(self.log_dir / f"{name}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND,
-                           0o600), "ab")
+        log = open(
+            os.open(self.log_dir / f"{name}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600),
+            "ab",
+        )
         full_env = dict(os.environ)
         full_env["PINGPOST_CONFIG"] = str(self.config_path)
         # Workers keep their Faust data directory under the run dir, not the caller's cwd.
@@ -191,8 +201,12 @@ class Stack:
             args = ["supervise", "--", *args]
         proc = subprocess.Popen(
             [sys.executable, "-m", "streams.tools.cli", "--config", str(self.config_path), *args],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True, env=full_env, cwd=os.getcwd(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env=full_env,
+            cwd=os.getcwd(),
             preexec_fn=(lambda: os.nice(nice)) if nice else None,
         )
         log.close()
@@ -206,11 +220,15 @@ class Stack:
             if ready():
                 return
             if not self.running(name):
-                raise StackError(f"{name} exited during start-up; see {self.log_dir / (name + '.log')}:\n"
-                                 + self.tail(name))
+                raise StackError(
+                    f"{name} exited during start-up; see {self.log_dir / (name + '.log')}:\n"
+                    + self.tail(name)
+                )
             time.sleep(0.1)
-        raise StackError(f"{name} not ready after {timeout:.0f}s; see "
-                         f"{self.log_dir / (name + '.log')}:\n" + self.tail(name))
+        raise StackError(
+            f"{name} not ready after {timeout:.0f}s; see "
+            f"{self.log_dir / (name + '.log')}:\n" + self.tail(name)
+        )
 
     def _logged(self, name: str, offset: int, text: str) -> bool:
         """Whether ``name``'s log has ``text`` past byte ``offset`` (this start's output)."""
@@ -253,33 +271,56 @@ class Stack:
     # -- components --------------------------------------------------------------------
     COMPONENTS = ("warehouse", "buyers", "worker", "sink", "metrics", "ingest")
 
-    def up(self, *, with_buyers: bool = True, embedded_warehouse: bool = True,
-           start_kafka: bool = True, workers: int = 1, with_metrics: bool = True) -> None:
+    def up(
+        self,
+        *,
+        with_buyers: bool = True,
+        embedded_warehouse: bool = True,
+        start_kafka: bool = True,
+        workers: int = 1,
+        with_metrics: bool = True,
+    ) -> None:
         s = self.settings
         if not self.running("ingest") and _port_taken(s.ingest.host, s.ingest.port):
-            raise StackError(f"ingest port {s.ingest.port} is already in use by another process "
-                             f"(ingest.listen: {s.ingest.listen}); stop that process or set "
-                             f"ingest.listen to a free port in {self.config_path}")
+            raise StackError(
+                f"ingest port {s.ingest.port} is already in use by another process "
+                f"(ingest.listen: {s.ingest.listen}); stop that process or set "
+                f"ingest.listen to a free port in {self.config_path}"
+            )
         self.private_run_dir()
         if start_kafka:
             broker = self.broker()
             if not broker.is_running():
-                self.say(f"starting Kafka on {broker.bootstrap} "
-                         "(the first run fetches its jars with Maven)")
+                self.say(
+                    f"starting Kafka on {broker.bootstrap} "
+                    "(the first run fetches its jars with Maven)"
+                )
                 self.started.append("kafka")
             broker.start(wait=True, timeout=120)
-        asyncio.run(create_topics(s.kafka.bootstrap, [(t.name, t.partitions, t.config)
-                                                      for t in topic_specs(s)]))
+        asyncio.run(
+            create_topics(
+                s.kafka.bootstrap, [(t.name, t.partitions, t.config) for t in topic_specs(s)]
+            )
+        )
         env: dict[str, str] = {}
         ch = s.clickhouse.url.rstrip("/")
         if embedded_warehouse:
             if not self.running("warehouse"):
                 self.say(f"starting the warehouse (chDB) on {ch}")
-            self.spawn("warehouse", ["warehouse", "--data-dir", str(self.run_dir / "warehouse"),
-                                     "--port", str(_port_of(ch))], env,
-                       # On a shared host, analytics must not take CPU from auctions:
-                       # measured close-lag p99 117 ms → 17 ms with the warehouse niced.
-                       nice=10)
+            self.spawn(
+                "warehouse",
+                [
+                    "warehouse",
+                    "--data-dir",
+                    str(self.run_dir / "warehouse"),
+                    "--port",
+                    str(_port_of(ch)),
+                ],
+                env,
+                # On a shared host, analytics must not take CPU from auctions:
+                # measured close-lag p99 117 ms → 17 ms with the warehouse niced.
+                nice=10,
+            )
             self.wait_until("warehouse", lambda: _http_ok(f"{ch}/ping"), 60)
         self._migrate()
         if with_buyers and s.simulator.buyers:
@@ -310,19 +351,23 @@ class Stack:
                 started.append(("metrics", log.stat().st_size if log.exists() else 0))
             self.spawn("metrics", ["worker", "--role", "metrics"], env, nice=10)
         self.spawn("ingest", ["ingest"], env)
-        self.wait_until("ingest", lambda: _http_ok(
-            f"http://{s.ingest.host}:{s.ingest.port}/healthz"), 60)
+        self.wait_until(
+            "ingest", lambda: _http_ok(f"http://{s.ingest.host}:{s.ingest.port}/healthz"), 60
+        )
         # Ready means a worker owns its partitions and finished restoring its tables: leads
         # sent now start their ping round at once, and no worker is still starting up (a
         # Faust start costs a second or two of CPU the first auctions would feel).
         for name, offset in started:
-            self.wait_until(name, partial(self._logged, name, offset,
-                                             "[^Worker]: Ready"), 120)
-        self.wait_until("worker", lambda: asyncio.run(_group_stable(
-            s.kafka.bootstrap, s.kafka.app_id, members=workers)), 90)
+            self.wait_until(name, partial(self._logged, name, offset, "[^Worker]: Ready"), 120)
+        self.wait_until(
+            "worker",
+            lambda: asyncio.run(_group_stable(s.kafka.bootstrap, s.kafka.app_id, members=workers)),
+            90,
+        )
         if with_metrics and s.metrics.port:
-            self.wait_until("metrics", lambda: _http_ok(
-                f"http://{s.metrics.host}:{s.metrics.port}/healthz"), 90)
+            self.wait_until(
+                "metrics", lambda: _http_ok(f"http://{s.metrics.host}:{s.metrics.port}/healthz"), 90
+            )
 
     def abort(self) -> list[str]:
         """Stop what this Stack object started, newest first (after ``up`` failed half-way:
@@ -352,8 +397,13 @@ class Stack:
         asyncio.run(go())
 
     def down(self, *, stop_kafka: bool = True) -> list[str]:
-        extra = sorted(p.stem for p in self.pid_dir.glob("worker*.pid")
-                       if p.stem not in self.COMPONENTS) if self.pid_dir.exists() else []
+        extra = (
+            sorted(
+                p.stem for p in self.pid_dir.glob("worker*.pid") if p.stem not in self.COMPONENTS
+            )
+            if self.pid_dir.exists()
+            else []
+        )
         stopped = [n for n in [*reversed(self.COMPONENTS), *extra] if self.stop(n)]
         broker = self.broker()
         if stop_kafka and broker.is_running():
@@ -365,6 +415,11 @@ class Stack:
         out = {"kafka": self.broker().is_running()}
         out.update({n: self.running(n) for n in self.COMPONENTS})
         if self.pid_dir.exists():
-            out.update({p.stem: self.running(p.stem) for p in sorted(self.pid_dir.glob("*.pid"))
-                        if p.stem not in out})
+            out.update(
+                {
+                    p.stem: self.running(p.stem)
+                    for p in sorted(self.pid_dir.glob("*.pid"))
+                    if p.stem not in out
+                }
+            )
         return out

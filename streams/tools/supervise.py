@@ -23,7 +23,8 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 __all__ = ["supervise", "Backoff"]
 
@@ -33,8 +34,9 @@ MIN_UPTIME_S = 10.0
 class Backoff:
     """1 s, doubling up to ``max_s``; back to the first delay after a run of ``reset_after_s``."""
 
-    def __init__(self, first_s: float = 1.0, max_s: float = 30.0,
-                 reset_after_s: float = 60.0) -> None:
+    def __init__(
+        self, first_s: float = 1.0, max_s: float = 30.0, reset_after_s: float = 60.0
+    ) -> None:
         self.first_s, self.max_s, self.reset_after_s = first_s, max_s, reset_after_s
         self.delay = first_s
 
@@ -55,6 +57,7 @@ def _die_with_parent(parent: int) -> Callable[[], None]:
             return
         if os.getppid() != parent:  # the supervisor died before prctl took effect
             os._exit(1)
+
     return preexec
 
 
@@ -62,13 +65,20 @@ def _status(rc: int) -> int:
     return rc if rc >= 0 else 128 - rc
 
 
-def supervise(cmd: list[str], name: str, *, min_uptime: float = MIN_UPTIME_S,
-              backoff: Backoff | None = None, say: Callable[[str], None] | None = None,
-              popen: Callable[..., Any] = subprocess.Popen) -> int:
+def supervise(
+    cmd: list[str],
+    name: str,
+    *,
+    min_uptime: float = MIN_UPTIME_S,
+    backoff: Backoff | None = None,
+    say: Callable[[str], None] | None = None,
+    popen: Callable[..., Any] = subprocess.Popen,
+) -> int:
     """Run ``cmd`` until it exits 0 or is stopped through us; returns the exit status."""
     backoff = backoff or Backoff()
-    out = say or (lambda m: print(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] [supervisor] {m}",
-                                  flush=True))
+    out = say or (
+        lambda m: print(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] [supervisor] {m}", flush=True)
+    )
     state: dict[str, Any] = {"stopping": False, "child": None}
 
     def on_signal(signum: int, _frame: Any) -> None:
@@ -89,13 +99,17 @@ def supervise(cmd: list[str], name: str, *, min_uptime: float = MIN_UPTIME_S,
         if state["stopping"] or rc == 0:
             return _status(rc) if rc not in (-signal.SIGTERM, -signal.SIGINT) else 0
         if time.monotonic() - began < min_uptime:
-            out(f"{name} exited with status {_status(rc)} {ran:.1f} s after start: a start-up "
-                "failure, not restarted")
+            out(
+                f"{name} exited with status {_status(rc)} {ran:.1f} s after start: a start-up "
+                "failure, not restarted"
+            )
             return _status(rc)
         delay = backoff.next(ran)
         restarts += 1
-        out(f"{name} exited with status {_status(rc)} after {ran:.0f} s; restarting it in "
-            f"{delay:.0f} s (restart {restarts})")
+        out(
+            f"{name} exited with status {_status(rc)} after {ran:.0f} s; restarting it in "
+            f"{delay:.0f} s (restart {restarts})"
+        )
         deadline = time.monotonic() + delay
         while not state["stopping"] and time.monotonic() < deadline:
             time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
@@ -107,5 +121,10 @@ def main_args(config: str | None, command: list[str]) -> list[str]:
     """The child's command line: this Python running ``pingpost [--config C] COMMAND``."""
     if command and command[0] == "--":
         command = command[1:]
-    return [sys.executable, "-m", "streams.tools.cli", *(["--config", config] if config else []),
-            *command]
+    return [
+        sys.executable,
+        "-m",
+        "streams.tools.cli",
+        *(["--config", config] if config else []),
+        *command,
+    ]

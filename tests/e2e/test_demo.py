@@ -28,8 +28,12 @@ pytestmark = pytest.mark.e2e
 
 LEADS = 200
 REPO_ROOT = Path(__file__).resolve().parents[2]
-METRIC_VIEWS = ["flow_minute_mv_recent", "flow_minute_mv_daily", "buyer_minute_mv_recent",
-                "buyer_minute_mv_daily"]
+METRIC_VIEWS = [
+    "flow_minute_mv_recent",
+    "flow_minute_mv_daily",
+    "buyer_minute_mv_recent",
+    "buyer_minute_mv_daily",
+]
 
 
 @dataclass
@@ -46,13 +50,17 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoRun]:
     env = {**os.environ, "PINGPOST_RUN_DIR": str(tmp_path / "run"), "COLUMNS": "120"}
     cmd = [sys.executable, "-m", "streams.tools.cli", "--config", str(config)]
     try:
-        out = subprocess.run([*cmd, "demo", "--leads", str(LEADS), "--rate", "50"], env=env,
-                             capture_output=True, text=True, timeout=600)
+        out = subprocess.run(
+            [*cmd, "demo", "--leads", str(LEADS), "--rate", "50"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
         yield DemoRun(out.stdout, warehouse)
     finally:
-        down = subprocess.run([*cmd, "down"], env=env, capture_output=True, text=True,
-                              timeout=120)
+        down = subprocess.run([*cmd, "down"], env=env, capture_output=True, text=True, timeout=120)
     assert down.returncode == 0, down.stderr
     assert "kafka" in down.stdout
 
@@ -82,9 +90,10 @@ def test_demo_runs_the_whole_stack_and_reports(demo: DemoRun, ch: Client) -> Non
     assert "0 leaks" in demo.stdout
     assert "receipt → ping open p50 / p99" in demo.stdout  # the queue before the ping
     # The report agrees with the tables.
-    (n, sold, revenue), = ch.query(
+    ((n, sold, revenue),) = ch.query(
         "SELECT count(), countIf(outcome != 'unsold'), sum(price_total) "
-        "FROM pingpost.auctions FINAL").result_rows
+        "FROM pingpost.auctions FINAL"
+    ).result_rows
     assert n == LEADS
     assert f"{sold:,} ({100 * sold / n:.1f}%)" in demo.stdout
     assert f"${revenue:,.2f}" in demo.stdout
@@ -114,9 +123,11 @@ def test_metric_tables_agree_with_the_event_tables(refreshed: Client) -> None:
     def one(sql: str) -> tuple[object, ...]:
         return tuple(ch.query(sql).result_rows[0])
 
-    flows = one("SELECT sum(pings_sent), sum(pings_filtered), sum(bids), sum(bid_sum),"
-                " sum(pings_posted), sum(posts), sum(posts_accepted), sum(leads),"
-                " sum(leads_sold), round(sum(revenue), 6) FROM pingpost.flow_minute FINAL")
+    flows = one(
+        "SELECT sum(pings_sent), sum(pings_filtered), sum(bids), sum(bid_sum),"
+        " sum(pings_posted), sum(posts), sum(posts_accepted), sum(leads),"
+        " sum(leads_sold), round(sum(revenue), 6) FROM pingpost.flow_minute FINAL"
+    )
     raw = one(
         "SELECT"
         " (SELECT countIf(status != 'filtered') FROM pingpost.pings FINAL),"
@@ -128,23 +139,34 @@ def test_metric_tables_agree_with_the_event_tables(refreshed: Client) -> None:
         " (SELECT countIf(status = 'accepted') FROM pingpost.posts FINAL),"
         " (SELECT count() FROM pingpost.auctions FINAL),"
         " (SELECT countIf(outcome != 'unsold') FROM pingpost.auctions FINAL),"
-        " (SELECT round(sum(price_total), 6) FROM pingpost.auctions FINAL)")
+        " (SELECT round(sum(price_total), 6) FROM pingpost.auctions FINAL)"
+    )
     assert flows[:3] == raw[:3] and flows[4:9] == raw[4:9]
     assert flows[3] == pytest.approx(raw[3]) and flows[9] == pytest.approx(raw[9])
     assert raw[7] == LEADS and raw[8] > 0 and raw[7] > raw[8]  # sold and unsold leads
 
-    by_buyer = dict(((b, (p, bids, acc, round(spend, 6)))
-                     for b, p, bids, acc, spend in ch.query(
-        "SELECT buyer_id, sum(pings_sent), sum(bids), sum(posts_accepted), sum(spend)"
-        " FROM pingpost.buyer_minute FINAL GROUP BY buyer_id").result_rows))
-    raw_by_buyer = dict(((b, (p, bids, acc, round(spend, 6)))
-                         for b, p, bids, acc, spend in ch.query(
-        "SELECT p.buyer_id, p.sent, p.bids, q.accepted, q.spend FROM"
-        " (SELECT buyer_id, countIf(status != 'filtered') AS sent, countIf(status = 'bid') AS bids"
-        "  FROM pingpost.pings FINAL GROUP BY buyer_id) AS p LEFT JOIN"
-        " (SELECT buyer_id, countIf(status = 'accepted') AS accepted,"
-        "  sumIf(price, status = 'accepted') AS spend FROM pingpost.posts FINAL GROUP BY buyer_id)"
-        " AS q ON q.buyer_id = p.buyer_id").result_rows))
+    by_buyer = dict(
+        (
+            (b, (p, bids, acc, round(spend, 6)))
+            for b, p, bids, acc, spend in ch.query(
+                "SELECT buyer_id, sum(pings_sent), sum(bids), sum(posts_accepted), sum(spend)"
+                " FROM pingpost.buyer_minute FINAL GROUP BY buyer_id"
+            ).result_rows
+        )
+    )
+    raw_by_buyer = dict(
+        (
+            (b, (p, bids, acc, round(spend, 6)))
+            for b, p, bids, acc, spend in ch.query(
+                "SELECT p.buyer_id, p.sent, p.bids, q.accepted, q.spend FROM"
+                " (SELECT buyer_id, countIf(status != 'filtered') AS sent, countIf(status = 'bid') AS bids"
+                "  FROM pingpost.pings FINAL GROUP BY buyer_id) AS p LEFT JOIN"
+                " (SELECT buyer_id, countIf(status = 'accepted') AS accepted,"
+                "  sumIf(price, status = 'accepted') AS spend FROM pingpost.posts FINAL GROUP BY buyer_id)"
+                " AS q ON q.buyer_id = p.buyer_id"
+            ).result_rows
+        )
+    )
     assert len(by_buyer) >= 3
     assert by_buyer.keys() == raw_by_buyer.keys()
     for buyer, (sent, bids, accepted, spend) in raw_by_buyer.items():
@@ -153,15 +175,19 @@ def test_metric_tables_agree_with_the_event_tables(refreshed: Client) -> None:
         assert got[3] == pytest.approx(spend), buyer
 
     # The percentiles of the busiest buyer-minute, against its pings' latencies.
-    busiest = ("SELECT buyer_id, minute FROM pingpost.buyer_minute FINAL"
-               " ORDER BY pings_sent DESC, buyer_id, minute LIMIT 1")
-    (p50, p95, p99), = ch.query(
+    busiest = (
+        "SELECT buyer_id, minute FROM pingpost.buyer_minute FINAL"
+        " ORDER BY pings_sent DESC, buyer_id, minute LIMIT 1"
+    )
+    ((p50, p95, p99),) = ch.query(
         "SELECT latency_p50, latency_p95, latency_p99 FROM pingpost.buyer_minute FINAL"
-        f" WHERE (buyer_id, minute) IN ({busiest})").result_rows
-    (latencies,), = ch.query(
+        f" WHERE (buyer_id, minute) IN ({busiest})"
+    ).result_rows
+    ((latencies,),) = ch.query(
         "SELECT arraySort(groupArray(latency_ms)) FROM pingpost.pings FINAL"
         f" WHERE (buyer_id, toStartOfMinute(sent_at)) IN ({busiest})"
-        " AND status != 'filtered'").result_rows
+        " AND status != 'filtered'"
+    ).result_rows
     n = len(latencies)
     assert n > 0
     assert (p50, p95, p99) == tuple(latencies[min(int(q * n), n - 1)] for q in (0.5, 0.95, 0.99))

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +40,14 @@ def open_report(browser: Any, path: Path, screenshot: Path) -> tuple[Any, list[s
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     problems: list[str] = []
     requests: list[str] = []
-    page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}")
-            if m.type in ("error", "warning") else None)
+    page.on(
+        "console",
+        lambda m: (
+            problems.append(f"console {m.type}: {m.text}")
+            if m.type in ("error", "warning")
+            else None
+        ),
+    )
     page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
     page.on("requestfailed", lambda r: problems.append(f"request failed: {r.url}"))
     page.on("request", lambda r: requests.append(r.url))
@@ -61,7 +67,8 @@ def check_charts(page: Any) -> None:
         assert svg.locator("rect, circle, polyline, line, text").count() > 0, chart_id
     # Real data: each data chart has drawn marks, not its "no data" message.
     heights = page.locator("#chart-revenue rect.bar").evaluate_all(
-        "els => els.map(e => e.getBBox().height)")
+        "els => els.map(e => e.getBBox().height)"
+    )
     assert heights and max(heights) > 10, heights
     assert page.locator("#chart-revenue-per-ping circle.point").count() >= 1
     assert page.locator("#chart-split rect.seg").count() == 6  # 3 segments + 3 legend keys
@@ -79,14 +86,21 @@ def test_html_report_renders_in_chromium(tmp_path: Path) -> None:
     from playwright.sync_api import sync_playwright
 
     assert Path(CHROMIUM).exists(), (
-        f"{CHROMIUM} is missing: `make install` installs Debian's chromium package")
+        f"{CHROMIUM} is missing: `make install` installs Debian's chromium package"
+    )
     config, warehouse = demo_config(tmp_path)
     env = {**os.environ, "PINGPOST_RUN_DIR": str(tmp_path / "run"), "COLUMNS": "250"}
     cmd = [sys.executable, "-m", "streams.tools.cli", "--config", str(config)]
-    started = datetime.now(timezone.utc) - timedelta(seconds=1)
+    started = datetime.now(UTC) - timedelta(seconds=1)
     try:
-        out = subprocess.run([*cmd, "demo", "--leads", str(LEADS), "--rate", "50"], env=env,
-                             capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
+        out = subprocess.run(
+            [*cmd, "demo", "--leads", str(LEADS), "--rate", "50"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=REPO_ROOT,
+        )
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
         assert "✓ HTML report written" in out.stdout
         demo_html = tmp_path / "run" / "report.html"
@@ -94,29 +108,49 @@ def test_html_report_renders_in_chromium(tmp_path: Path) -> None:
 
         ch = clickhouse_connect.get_client(host="127.0.0.1", port=warehouse)
         try:
-            at = datetime.now(timezone.utc).replace(tzinfo=None)
+            at = datetime.now(UTC).replace(tzinfo=None)
             changes = [
-                ("sold_rate_low", "solar", "firing", 0.31, at - timedelta(seconds=3),
-                 "sold 31% < 40%"),
+                (
+                    "sold_rate_low",
+                    "solar",
+                    "firing",
+                    0.31,
+                    at - timedelta(seconds=3),
+                    "sold 31% < 40%",
+                ),
                 ("sold_rate_low", "solar", "resolved", 0.55, at - timedelta(seconds=2), ""),
-                ("buyer_timeouts", "<sunrise>", "firing", 0.2, at - timedelta(seconds=1),
-                 "timeouts > 10% & rising"),
+                (
+                    "buyer_timeouts",
+                    "<sunrise>",
+                    "firing",
+                    0.2,
+                    at - timedelta(seconds=1),
+                    "timeouts > 10% & rising",
+                ),
             ]
             # The first change twice: a redelivery must not show twice (FINAL).
-            ch.insert("pingpost.alerts", changes + changes[:1],
-                      column_names=TABLE_COLUMNS["alerts"])
-            (n, revenue), = ch.query("SELECT count(), sum(price_total) "
-                                     "FROM pingpost.auctions FINAL").result_rows
-            (buyers,), = ch.query("SELECT uniqExact(buyer_id) FROM pingpost.pings FINAL "
-                                  "WHERE status != 'filtered'").result_rows
+            ch.insert(
+                "pingpost.alerts", changes + changes[:1], column_names=TABLE_COLUMNS["alerts"]
+            )
+            ((n, revenue),) = ch.query(
+                "SELECT count(), sum(price_total) FROM pingpost.auctions FINAL"
+            ).result_rows
+            ((buyers,),) = ch.query(
+                "SELECT uniqExact(buyer_id) FROM pingpost.pings FINAL WHERE status != 'filtered'"
+            ).result_rows
         finally:
             ch.close()
         assert n == LEADS
 
         cli_html = tmp_path / "out" / "report.html"
-        rep = subprocess.run([*cmd, "report", "--html", str(cli_html), "--since",
-                              started.isoformat()], env=env, capture_output=True, text=True,
-                             timeout=120, cwd=REPO_ROOT)
+        rep = subprocess.run(
+            [*cmd, "report", "--html", str(cli_html), "--since", started.isoformat()],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=REPO_ROOT,
+        )
         assert rep.returncode == 0, rep.stdout + rep.stderr
         assert f"HTML report: {cli_html}" in rep.stdout
 
@@ -126,8 +160,9 @@ def test_html_report_renders_in_chromium(tmp_path: Path) -> None:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM)
             try:
-                page, problems, requests = open_report(browser, demo_html,
-                                                       ARTIFACTS / "report-demo.png")
+                page, problems, requests = open_report(
+                    browser, demo_html, ARTIFACTS / "report-demo.png"
+                )
                 assert problems == []
                 assert requests == [demo_html.as_uri()]
                 check_charts(page)
@@ -136,12 +171,12 @@ def test_html_report_renders_in_chromium(tmp_path: Path) -> None:
                 assert f"${revenue:,.2f}" in summary
                 assert "0 leaks" in summary
                 assert page.locator("#chart-buyers text.buyer").count() == buyers
-                assert (page.locator("#chart-alerts").text_content() or "").strip() == \
-                    "no alerts in this range"
+                assert (
+                    page.locator("#chart-alerts").text_content() or ""
+                ).strip() == "no alerts in this range"
                 assert page.locator("#no-alerts").inner_text() == "no alerts"
 
-                page, problems, requests = open_report(browser, cli_html,
-                                                       ARTIFACTS / "report.png")
+                page, problems, requests = open_report(browser, cli_html, ARTIFACTS / "report.png")
                 assert problems == []
                 assert requests == [cli_html.as_uri()]
                 check_charts(page)
@@ -157,6 +192,7 @@ def test_html_report_renders_in_chromium(tmp_path: Path) -> None:
             finally:
                 browser.close()
     finally:
-        down = subprocess.run([*cmd, "down"], env=env, capture_output=True, text=True,
-                              timeout=120, cwd=REPO_ROOT)
+        down = subprocess.run(
+            [*cmd, "down"], env=env, capture_output=True, text=True, timeout=120, cwd=REPO_ROOT
+        )
     assert down.returncode == 0, down.stderr

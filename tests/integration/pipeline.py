@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import clickhouse_connect
 import httpx
@@ -42,12 +43,21 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: 
 
 
 class Pipeline:
-    def __init__(self, root: Path, kafka_bootstrap: str, warehouse_url: str,
-                 buyers: dict[str, dict[str, Any]], *, flow: dict[str, Any] | None = None,
-                 workers: int = 1, metrics: dict[str, Any] | None = None,
-                 alerts: list[dict[str, Any]] | None = None, web_port: int = 0,
-                 worker: dict[str, Any] | None = None,
-                 overrides: dict[str, dict[str, Any]] | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        kafka_bootstrap: str,
+        warehouse_url: str,
+        buyers: dict[str, dict[str, Any]],
+        *,
+        flow: dict[str, Any] | None = None,
+        workers: int = 1,
+        metrics: dict[str, Any] | None = None,
+        alerts: list[dict[str, Any]] | None = None,
+        web_port: int = 0,
+        worker: dict[str, Any] | None = None,
+        overrides: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
         """``overrides``: keys merged into a config section, e.g. ``{"worker": {...}}``."""
         self.name = "t" + uuid.uuid4().hex[:8]
         ports = free_ports(len(buyers) + 2)
@@ -59,18 +69,35 @@ class Pipeline:
         for (bid, spec), port in zip(buyers.items(), ports[1:]):
             spec = dict(spec)
             sim = spec.pop("sim", {})
-            buyer_cfgs.append({"id": bid, "flows": ["solar"],
-                               "ping_url": f"http://127.0.0.1:{port}/ping",
-                               "post_url": f"http://127.0.0.1:{port}/post", **spec})
+            buyer_cfgs.append(
+                {
+                    "id": bid,
+                    "flows": ["solar"],
+                    "ping_url": f"http://127.0.0.1:{port}/ping",
+                    "post_url": f"http://127.0.0.1:{port}/post",
+                    **spec,
+                }
+            )
             sims[bid] = {"port": port, **sim}
         self.raw: dict[str, Any] = {
-            "kafka": {"bootstrap": kafka_bootstrap, "topic_prefix": self.name, "partitions": 6,
-                      "app_id": self.name},
-            "clickhouse": {"url": warehouse_url, "database": self.name, "batch_rows": 500,
-                           "batch_seconds": 0.3},
-            "ingest": {"listen": f"127.0.0.1:{self.ingest_port}", "max_body_bytes": 4096,
-                       "producers": [{"name": "tests", "token": TOKEN}],
-                       "wait_timeout_s": 20},
+            "kafka": {
+                "bootstrap": kafka_bootstrap,
+                "topic_prefix": self.name,
+                "partitions": 6,
+                "app_id": self.name,
+            },
+            "clickhouse": {
+                "url": warehouse_url,
+                "database": self.name,
+                "batch_rows": 500,
+                "batch_seconds": 0.3,
+            },
+            "ingest": {
+                "listen": f"127.0.0.1:{self.ingest_port}",
+                "max_body_bytes": 4096,
+                "producers": [{"name": "tests", "token": TOKEN}],
+                "wait_timeout_s": 20,
+            },
             "worker": {"web_port": web_port, **(worker or {})},
             "flows": {"solar": flow or SOLAR_FLOW},
             "buyers": buyer_cfgs,
@@ -86,18 +113,22 @@ class Pipeline:
         self.root.mkdir(parents=True)
         self.config_path = self.root / "pingpost.yaml"
         self.config_path.write_text(yaml.safe_dump(self.raw))
-        self.stack = Stack(self.settings, self.config_path, self.root / "run",
-                           say=lambda m: None)
+        self.stack = Stack(self.settings, self.config_path, self.root / "run", say=lambda m: None)
         self.workers = workers
         self.url = f"http://127.0.0.1:{self.ingest_port}/v1/leads"
         self.db = self.name
         self.ch = clickhouse_connect.get_client(
-            host="127.0.0.1", port=int(warehouse_url.rsplit(":", 1)[1]))
+            host="127.0.0.1", port=int(warehouse_url.rsplit(":", 1)[1])
+        )
 
     # -- lifecycle -------------------------------------------------------------------
-    def start(self) -> "Pipeline":
-        self.stack.up(embedded_warehouse=False, start_kafka=False, workers=self.workers,
-                      with_metrics=self.with_metrics)
+    def start(self) -> Pipeline:
+        self.stack.up(
+            embedded_warehouse=False,
+            start_kafka=False,
+            workers=self.workers,
+            with_metrics=self.with_metrics,
+        )
         return self
 
     def stop(self) -> None:
@@ -107,12 +138,21 @@ class Pipeline:
     def logs(self) -> str:
         out = []
         for f in sorted((self.root / "run" / "logs").glob("*.log")):
-            out.append(f"=== {f.name}\n" + "\n".join(f.read_text(errors="replace").splitlines()[-40:]))
+            out.append(
+                f"=== {f.name}\n" + "\n".join(f.read_text(errors="replace").splitlines()[-40:])
+            )
         return "\n".join(out)
 
     # -- ingest ----------------------------------------------------------------------
-    def post(self, body: Any, *, wait: bool = False, token: str | None = TOKEN,
-             raw: bytes | None = None, content_type: str | None = None) -> httpx.Response:
+    def post(
+        self,
+        body: Any,
+        *,
+        wait: bool = False,
+        token: str | None = TOKEN,
+        raw: bytes | None = None,
+        content_type: str | None = None,
+    ) -> httpx.Response:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         if content_type is not None:
             headers["Content-Type"] = content_type
@@ -121,21 +161,27 @@ class Pipeline:
             return httpx.post(self.url, content=raw, headers=headers, params=params, timeout=30)
         return httpx.post(self.url, json=body, headers=headers, params=params, timeout=30)
 
-    async def post_many(self, leads: list[dict[str, Any]], *, wait: bool = False,
-                        concurrency: int = 20) -> list[dict[str, Any]]:
+    async def post_many(
+        self, leads: list[dict[str, Any]], *, wait: bool = False, concurrency: int = 20
+    ) -> list[dict[str, Any]]:
         sem = asyncio.Semaphore(concurrency)
         async with httpx.AsyncClient(timeout=60) as client:
+
             async def one(lead: dict[str, Any]) -> dict[str, Any]:
                 async with sem:
                     for _ in range(60):  # a 429 (over capacity) is retried, as producers do
-                        r = await client.post(self.url, json=lead,
-                                              params={"wait": "true"} if wait else {},
-                                              headers={"Authorization": f"Bearer {TOKEN}"})
+                        r = await client.post(
+                            self.url,
+                            json=lead,
+                            params={"wait": "true"} if wait else {},
+                            headers={"Authorization": f"Bearer {TOKEN}"},
+                        )
                         if r.status_code != 429:
                             break
                         await asyncio.sleep(float(r.headers["Retry-After"]))
                     assert r.status_code in (200, 202), r.text
                     return r.json()  # type: ignore[no-any-return]
+
             return await asyncio.gather(*(one(x) for x in leads))
 
     # -- simulated buyers --------------------------------------------------------------
@@ -153,21 +199,26 @@ class Pipeline:
 
     def settled(self, lead_ids: list[str], timeout: float = 90) -> None:
         def count() -> bool:
-            n = self.rows("SELECT count() FROM {db}.auctions FINAL WHERE lead_id IN %(ids)s",
-                          ids=lead_ids)[0][0]
+            n = self.rows(
+                "SELECT count() FROM {db}.auctions FINAL WHERE lead_id IN %(ids)s", ids=lead_ids
+            )[0][0]
             return n == len(lead_ids)
+
         try:
             wait_for(count, timeout, f"{len(lead_ids)} settled auctions")
         except AssertionError as exc:
-            raise AssertionError(f"{exc}\n{self.trace_missing(lead_ids)}\n{self.logs()}") \
-                from None
+            raise AssertionError(f"{exc}\n{self.trace_missing(lead_ids)}\n{self.logs()}") from None
 
     def trace_missing(self, lead_ids: list[str]) -> str:
         """For leads without a settled auction: how far each got, topic by topic."""
         import schemas
 
-        done = {r[0] for r in self.rows("SELECT lead_id FROM {db}.auctions FINAL "
-                                        "WHERE lead_id IN %(ids)s", ids=lead_ids)}
+        done = {
+            r[0]
+            for r in self.rows(
+                "SELECT lead_id FROM {db}.auctions FINAL WHERE lead_id IN %(ids)s", ids=lead_ids
+            )
+        }
         missing = [x for x in lead_ids if x not in done]
         n = self.names
         seen: dict[str, list[str]] = {x: [] for x in missing}
@@ -175,14 +226,16 @@ class Pipeline:
             for rec in asyncio.run(self.read_topic(topic)):
                 try:
                     name, value = schemas.decode(rec.value)
-                except Exception:  # noqa: BLE001 - a diagnostic: show what can be read
+                except Exception:
                     continue
                 lead = value.get("lead_id") if isinstance(value, dict) else None
                 if lead in seen:
                     seen[lead].append(f"{topic.split('.')[-1]}:{rec.partition}:{rec.offset} {name}")
         lines = [f"{len(missing)} of {len(lead_ids)} leads unsettled:"]
-        lines += [f"  {lead}: {', '.join(stages) or 'nowhere'}" for lead, stages in
-                  list(seen.items())[:20]]
+        lines += [
+            f"  {lead}: {', '.join(stages) or 'nowhere'}"
+            for lead, stages in list(seen.items())[:20]
+        ]
         furthest: dict[str, int] = {}
         for stages in seen.values():
             key = stages[-1].split(" ")[0].rsplit(":", 1)[0] if stages else "nowhere"
@@ -194,19 +247,24 @@ class Pipeline:
     async def group_offsets(self) -> dict[str, str]:
         """The auction workers' committed offset and the end offset of every partition of the
         lead-keyed input topics (a stuck partition shows committed < end)."""
-        c = AIOKafkaConsumer(bootstrap_servers=self.settings.kafka.bootstrap,
-                             group_id=self.settings.kafka.app_id, enable_auto_commit=False)
+        c = AIOKafkaConsumer(
+            bootstrap_servers=self.settings.kafka.bootstrap,
+            group_id=self.settings.kafka.app_id,
+            enable_auto_commit=False,
+        )
         await c.start()
         try:
-            await c._client.force_metadata_update()  # noqa: SLF001
+            await c._client.force_metadata_update()
             n, out = self.names, {}
             for topic in (n.leads, n.ping_requests, n.bids, n.posts):
-                tps = [TopicPartition(topic, p) for p in sorted(c.partitions_for_topic(topic)
-                                                                  or ())]
+                tps = [
+                    TopicPartition(topic, p) for p in sorted(c.partitions_for_topic(topic) or ())
+                ]
                 ends = await c.end_offsets(tps)
                 for tp in tps:
-                    out[f"{topic.split('.')[-1]}:{tp.partition}"] = \
+                    out[f"{topic.split('.')[-1]}:{tp.partition}"] = (
                         f"{await c.committed(tp)}/{ends[tp]}"
+                    )
             return out
         finally:
             await c.stop()
@@ -214,13 +272,14 @@ class Pipeline:
     # -- kafka -----------------------------------------------------------------------
     async def read_topic(self, topic: str) -> list[Any]:
         """Every record currently in ``topic`` (from the beginning to the end offsets)."""
-        c = AIOKafkaConsumer(bootstrap_servers=self.settings.kafka.bootstrap, group_id=None,
-                             enable_auto_commit=False)
+        c = AIOKafkaConsumer(
+            bootstrap_servers=self.settings.kafka.bootstrap, group_id=None, enable_auto_commit=False
+        )
         await c.start()
         try:
             parts = c.partitions_for_topic(topic) or set()
             if not parts:
-                await c._client.force_metadata_update()  # noqa: SLF001
+                await c._client.force_metadata_update()
                 parts = c.partitions_for_topic(topic) or set()
             tps = [TopicPartition(topic, p) for p in parts]
             c.assign(tps)

@@ -22,28 +22,121 @@ async def seeded(url: str) -> ClickHouseClient:
     wh = await connect(ClickHouseConfig(url=url, database=f"grafana_{uuid.uuid4().hex[:8]}"))
     await migrate(wh)
     t = T0
-    await wh.insert("leads", [
-        ["l1", "solar", "http", t, t, {"state": "CA"}, {}],
-        ["l2", "solar", "http", t + timedelta(minutes=2), t, {"state": "TX"}, {}]])
+    await wh.insert(
+        "leads",
+        [
+            ["l1", "solar", "http", t, t, {"state": "CA"}, {}],
+            ["l2", "solar", "http", t + timedelta(minutes=2), t, {"state": "TX"}, {}],
+        ],
+    )
     pings = [
         ["p1", "l1", "solar", "sunrise", "premium", t, t, 80.0, "bid", 60.0, True, "", 200],
-        ["p2", "l1", "solar", "greenleaf", "standard", t, t, 700.0, "timeout", None, False,
-         "deadline", None],
+        [
+            "p2",
+            "l1",
+            "solar",
+            "greenleaf",
+            "standard",
+            t,
+            t,
+            700.0,
+            "timeout",
+            None,
+            False,
+            "deadline",
+            None,
+        ],
         ["p3", "l2", "solar", "sunrise", "premium", t, t, 90.0, "no_bid", None, False, "", 204],
-        ["p4", "l2", "solar", "greenleaf", "standard", t, t, 0.0, "filtered", None, False,
-         "state", None]]
+        [
+            "p4",
+            "l2",
+            "solar",
+            "greenleaf",
+            "standard",
+            t,
+            t,
+            0.0,
+            "filtered",
+            None,
+            False,
+            "state",
+            None,
+        ],
+    ]
     await wh.insert("pings", pings + pings[:1])
     auctions = [
-        ["l1", "solar", "http", "sold_exclusive", ["sunrise"], [60.0], 60.0, "", t, t,
-         t + timedelta(milliseconds=750), t, t, 700.0, "deadline", 10.0, 2, 1, 1],
-        ["l2", "solar", "http", "unsold", [], [], 0.0, "no bids", t + timedelta(minutes=2),
-         t, t, t, t, 100.0, "all answered", 5.0, 1, 0, 0]]
+        [
+            "l1",
+            "solar",
+            "http",
+            "sold_exclusive",
+            ["sunrise"],
+            [60.0],
+            60.0,
+            "",
+            t,
+            t,
+            t + timedelta(milliseconds=750),
+            t,
+            t,
+            700.0,
+            "deadline",
+            10.0,
+            2,
+            1,
+            1,
+        ],
+        [
+            "l2",
+            "solar",
+            "http",
+            "unsold",
+            [],
+            [],
+            0.0,
+            "no bids",
+            t + timedelta(minutes=2),
+            t,
+            t,
+            t,
+            t,
+            100.0,
+            "all answered",
+            5.0,
+            1,
+            0,
+            0,
+        ],
+    ]
     await wh.insert("auctions", auctions + auctions[:1])
-    await wh.insert("posts", [
-        ["a1", "post1", "l1", "solar", "sunrise", "premium", "p1", 60.0, True, "accepted",
-         30.0, "", 200, t, 1]])
-    await wh.insert("alerts", [
-        ["sold_rate_low", "solar", "firing", 0.3, t, "sold 30%"],
-        ["sold_rate_low", "solar", "resolved", 0.6, t + timedelta(minutes=1), ""],
-        ["buyer_timeouts", "greenleaf", "firing", 0.5, t + timedelta(minutes=2), ""]])
+    await wh.insert(
+        "posts",
+        [
+            [
+                "a1",
+                "post1",
+                "l1",
+                "solar",
+                "sunrise",
+                "premium",
+                "p1",
+                60.0,
+                True,
+                "accepted",
+                30.0,
+                "",
+                200,
+                t,
+                1,
+            ]
+        ],
+    )
+    await wh.insert(
+        "alerts",
+        [
+            ["sold_rate_low", "solar", "firing", 0.3, t, "sold 30%"],
+            ["sold_rate_low", "solar", "resolved", 0.6, t + timedelta(minutes=1), ""],
+            ["buyer_timeouts", "greenleaf", "firing", 0.5, t + timedelta(minutes=2), ""],
+        ],
+    )
     return wh

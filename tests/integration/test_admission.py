@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -27,8 +28,14 @@ from tests.integration.pipeline import TOKEN, Pipeline
 
 pytestmark = pytest.mark.integration
 
-SIM = {"bid_probability": 1.0, "latency_ms": {"median": 300, "p99": 330}, "late_share": 0.0,
-       "error_rate": 0.0, "post_reject_rate": 0.0, "exclusive_share": 0.0}
+SIM = {
+    "bid_probability": 1.0,
+    "latency_ms": {"median": 300, "p99": 330},
+    "late_share": 0.0,
+    "error_rate": 0.0,
+    "post_reject_rate": 0.0,
+    "exclusive_share": 0.0,
+}
 BUYERS = {"slow_a": {"sim": SIM}, "slow_b": {"sim": SIM}}
 OFFERED_PER_S = 75.0
 SECONDS = 6.0
@@ -36,11 +43,16 @@ BOUND_MS = 1000
 
 
 @pytest.fixture(scope="module")
-def overloaded(kafka_bootstrap: str, warehouse_url: str,
-               tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Pipeline, list[Any]]]:
-    p = Pipeline(tmp_path_factory.mktemp("admission"), kafka_bootstrap, warehouse_url, BUYERS,
-                 overrides={"worker": {"max_inflight": 8},
-                            "ingest": {"max_queue_delay_ms": BOUND_MS}})
+def overloaded(
+    kafka_bootstrap: str, warehouse_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Pipeline, list[Any]]]:
+    p = Pipeline(
+        tmp_path_factory.mktemp("admission"),
+        kafka_bootstrap,
+        warehouse_url,
+        BUYERS,
+        overrides={"worker": {"max_inflight": 8}, "ingest": {"max_queue_delay_ms": BOUND_MS}},
+    )
     try:
         p.start()
         # A few leads one after the other: the stack is warm and the workers are reporting.
@@ -54,9 +66,9 @@ async def offer(p: Pipeline, leads: list[dict[str, Any]]) -> list[Any]:
     """POST every lead on a fixed schedule (``OFFERED_PER_S``), whatever the answers; returns
     ``(status, Retry-After, body)`` per lead."""
     async with httpx.AsyncClient(timeout=30) as client:
+
         async def one(lead: dict[str, Any]) -> tuple[int, str | None, Any]:
-            r = await client.post(p.url, json=lead,
-                                  headers={"Authorization": f"Bearer {TOKEN}"})
+            r = await client.post(p.url, json=lead, headers={"Authorization": f"Bearer {TOKEN}"})
             return r.status_code, r.headers.get("Retry-After"), r.json()
 
         start, tasks = time.monotonic(), []
@@ -66,8 +78,7 @@ async def offer(p: Pipeline, leads: list[dict[str, Any]]) -> list[Any]:
         return list(await asyncio.gather(*tasks))
 
 
-def test_excess_is_refused_with_429_and_retry_after(overloaded: tuple[Pipeline, list[Any]]
-                                                    ) -> None:
+def test_excess_is_refused_with_429_and_retry_after(overloaded: tuple[Pipeline, list[Any]]) -> None:
     _, answers = overloaded
     statuses = [s for s, _, _ in answers]
     assert set(statuses) <= {202, 429}, statuses
@@ -81,14 +92,17 @@ def test_excess_is_refused_with_429_and_retry_after(overloaded: tuple[Pipeline, 
 
 
 def test_accepted_leads_open_within_the_bound_and_keep_their_post_window(
-        overloaded: tuple[Pipeline, list[Any]]) -> None:
+    overloaded: tuple[Pipeline, list[Any]],
+) -> None:
     p, answers = overloaded
     ids = [body["lead_id"] for s, _, body in answers if s == 202]
     p.settled(ids)
-    (n, p50, p99, worst), = p.rows(
+    ((n, p50, p99, worst),) = p.rows(
         "SELECT count(), quantileExact(0.5)(d), quantileExact(0.99)(d), max(d) FROM "
         "(SELECT toUnixTimestamp64Milli(opened_at) - toUnixTimestamp64Milli(received_at) AS d "
-        " FROM {db}.auctions FINAL WHERE lead_id IN %(ids)s)", ids=ids)
+        " FROM {db}.auctions FINAL WHERE lead_id IN %(ids)s)",
+        ids=ids,
+    )
     assert n == len(ids)
     assert p99 <= BOUND_MS, f"receipt → ping open p50 {p50} ms, p99 {p99} ms, max {worst} ms"
     # The report (terminal, HTML, demo) shows the same figures.

@@ -14,9 +14,10 @@ import json
 import re
 import threading
 import time
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -29,8 +30,13 @@ pytestmark = pytest.mark.integration
 
 FAST = {"median": 30, "p99": 80}
 SLOW = {"median": 900, "p99": 1000}
-SIM = {"bid_probability": 0.8, "latency_ms": FAST, "late_share": 0.0, "error_rate": 0.0,
-       "post_reject_rate": 0.0}
+SIM = {
+    "bid_probability": 0.8,
+    "latency_ms": FAST,
+    "late_share": 0.0,
+    "error_rate": 0.0,
+    "post_reject_rate": 0.0,
+}
 BUYERS: dict[str, dict[str, Any]] = {
     "steady": {"sim": SIM},
     # A long timeout so its slow answers are recorded as answers with their latency.
@@ -50,7 +56,7 @@ class Receiver:
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 (http.server API)
+            def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 outer.calls.append({"json": json.loads(body), "headers": dict(self.headers)})
                 self.send_response(204)
@@ -91,7 +97,7 @@ class Pump:
                 next_at += 1 / self.rate
                 self.stop_flag.wait(max(0.0, next_at - time.monotonic()))
 
-    def __enter__(self) -> "Pump":
+    def __enter__(self) -> Pump:
         self.thread.start()
         return self
 
@@ -110,15 +116,28 @@ def receiver() -> Iterator[Receiver]:
 
 
 @pytest.fixture
-def market(kafka_bootstrap: str, warehouse_url: str, tmp_path: Path,
-           receiver: Receiver) -> Iterator[Pipeline]:
-    alerts = [{"name": "slow_buyer", "metric": "response_p50_ms", "scope": "buyer",
-               "comparison": ">", "threshold": 600, "resolve_threshold": 400,
-               "window": f"{WINDOW_S}s", "for": 0, "resolve_for": "1s", "min_samples": 5,
-               "message": "contact buyer",
-               "webhook": {"url": receiver.url, "headers": {"X-Hook-Key": "hook-secret-123"}}}]
-    p = Pipeline(tmp_path, kafka_bootstrap, warehouse_url, BUYERS, flow=FLOW, metrics=METRICS,
-                 alerts=alerts)
+def market(
+    kafka_bootstrap: str, warehouse_url: str, tmp_path: Path, receiver: Receiver
+) -> Iterator[Pipeline]:
+    alerts = [
+        {
+            "name": "slow_buyer",
+            "metric": "response_p50_ms",
+            "scope": "buyer",
+            "comparison": ">",
+            "threshold": 600,
+            "resolve_threshold": 400,
+            "window": f"{WINDOW_S}s",
+            "for": 0,
+            "resolve_for": "1s",
+            "min_samples": 5,
+            "message": "contact buyer",
+            "webhook": {"url": receiver.url, "headers": {"X-Hook-Key": "hook-secret-123"}},
+        }
+    ]
+    p = Pipeline(
+        tmp_path, kafka_bootstrap, warehouse_url, BUYERS, flow=FLOW, metrics=METRICS, alerts=alerts
+    )
     try:
         p.start()
         yield p
@@ -148,8 +167,10 @@ def _set_latency(p: Pipeline, buyer: str, latency: dict[str, float]) -> None:
 
 
 def _alert_rows(p: Pipeline) -> list[tuple[Any, ...]]:
-    return p.rows("SELECT rule, subject, state, value, toUnixTimestamp64Milli(at), message "
-                  "FROM {db}.alerts FINAL ORDER BY at, state")
+    return p.rows(
+        "SELECT rule, subject, state, value, toUnixTimestamp64Milli(at), message "
+        "FROM {db}.alerts FINAL ORDER BY at, state"
+    )
 
 
 def test_slow_buyer_fires_once_and_resolves_once(market: Pipeline, receiver: Receiver) -> None:
@@ -157,41 +178,60 @@ def test_slow_buyer_fires_once_and_resolves_once(market: Pipeline, receiver: Rec
     window_ms = WINDOW_S * 1000
     with Pump(p.url, RATE):
         # Metrics flow: both buyers show up on /metrics with a fast p50, and nothing fires.
-        wait_for(lambda: (_gauge(_metrics(p), "pingpost_pings", scope="buyer", id="slowpoke")
-                          or 0) >= 10, 60, "slowpoke's pings on /metrics")
+        wait_for(
+            lambda: (
+                (_gauge(_metrics(p), "pingpost_pings", scope="buyer", id="slowpoke") or 0) >= 10
+            ),
+            60,
+            "slowpoke's pings on /metrics",
+        )
         text = _metrics(p)
-        p50 = _gauge(text, "pingpost_response_time_ms", scope="buyer", id="slowpoke",
-                     quantile="0.5")
+        p50 = _gauge(
+            text, "pingpost_response_time_ms", scope="buyer", id="slowpoke", quantile="0.5"
+        )
         assert p50 is not None and p50 < 200, p50
         assert _gauge(text, "pingpost_bid_rate", scope="flow", id="solar") is not None
         assert not _alert_rows(p) and not receiver.calls
 
         slow_at = time.time() * 1000
         _set_latency(p, "slowpoke", SLOW)
-        fired = wait_for(lambda: [r for r in _alert_rows(p) if r[2] == "firing"], 30,
-                         "the firing row")
+        fired = wait_for(
+            lambda: [r for r in _alert_rows(p) if r[2] == "firing"], 30, "the firing row"
+        )
         detected_s = time.time() - slow_at / 1000
-        (rule, subject, _, value, at_ms, message), = fired
+        ((rule, subject, _, value, at_ms, message),) = fired
         assert (rule, subject) == ("slow_buyer", "buyer:slowpoke")
         assert value > 600 and "contact buyer" in message
         # Fired within two rule windows of the change (event time of the evaluated window).
         assert at_ms - slow_at <= 2 * window_ms, (at_ms - slow_at, detected_s)
-        assert _gauge(_metrics(p), "pingpost_alert_firing", rule="slow_buyer",
-                      subject="buyer:slowpoke") == 1.0
+        assert (
+            _gauge(
+                _metrics(p), "pingpost_alert_firing", rule="slow_buyer", subject="buyer:slowpoke"
+            )
+            == 1.0
+        )
 
         fast_at = time.time() * 1000
         _set_latency(p, "slowpoke", FAST)
-        resolved = wait_for(lambda: [r for r in _alert_rows(p) if r[2] == "resolved"], 30,
-                            "the resolved row")
-        (_, subject, _, value, resolved_at, _), = resolved
+        resolved = wait_for(
+            lambda: [r for r in _alert_rows(p) if r[2] == "resolved"], 30, "the resolved row"
+        )
+        ((_, subject, _, value, resolved_at, _),) = resolved
         assert subject == "buyer:slowpoke" and value <= 400 and resolved_at > fast_at
         # Keep traffic (and evaluation) going a few more rule windows: nothing flaps.
-        wait_for(lambda: (_gauge(_metrics(p), "pingpost_metrics_evaluated_until_seconds")
-                          or 0) * 1000 >= resolved_at + 3 * window_ms, 30,
-                 "three more rule windows evaluated")
+        wait_for(
+            lambda: (
+                (_gauge(_metrics(p), "pingpost_metrics_evaluated_until_seconds") or 0) * 1000
+                >= resolved_at + 3 * window_ms
+            ),
+            30,
+            "three more rule windows evaluated",
+        )
     rows = _alert_rows(p)
-    assert [(r[1], r[2]) for r in rows] == [("buyer:slowpoke", "firing"),
-                                            ("buyer:slowpoke", "resolved")], rows
+    assert [(r[1], r[2]) for r in rows] == [
+        ("buyer:slowpoke", "firing"),
+        ("buyer:slowpoke", "resolved"),
+    ], rows
     wait_for(lambda: len(receiver.calls) >= 2, 30, "two webhook calls")
     states = [c["json"]["state"] for c in receiver.calls]
     assert states == ["firing", "resolved"], receiver.calls
@@ -203,12 +243,15 @@ def test_slow_buyer_fires_once_and_resolves_once(market: Pipeline, receiver: Rec
     # Secrets of the webhook never reach logs or topics.
     logs = "".join(f.read_text(errors="replace") for f in (p.root / "run" / "logs").glob("*"))
     assert "s3cret-hook" not in logs and "hook-secret-123" not in logs
-    print(f"\nslow buyer detected {detected_s:.1f}s after the change "
-          f"(firing window end {(at_ms - slow_at) / 1000:.1f}s after it)")
+    print(
+        f"\nslow buyer detected {detected_s:.1f}s after the change "
+        f"(firing window end {(at_ms - slow_at) / 1000:.1f}s after it)"
+    )
 
 
 def test_a_restarted_metrics_worker_keeps_the_alert_and_never_repeats_it(
-        market: Pipeline, receiver: Receiver) -> None:
+    market: Pipeline, receiver: Receiver
+) -> None:
     """Stop the metrics worker while the alert fires and start it again: it restores the
     firing state from the alerts topic, rebuilds its windows from the replayed offsets, keeps
     evaluating without a second `firing`, and resolves once when the buyer recovers."""
@@ -216,8 +259,13 @@ def test_a_restarted_metrics_worker_keeps_the_alert_and_never_repeats_it(
     window_ms = WINDOW_S * 1000
     health = f"http://127.0.0.1:{p.metrics_port}/healthz"
     with Pump(p.url, RATE):
-        wait_for(lambda: (_gauge(_metrics(p), "pingpost_pings", scope="buyer", id="slowpoke")
-                          or 0) >= 10, 60, "slowpoke's pings on /metrics")
+        wait_for(
+            lambda: (
+                (_gauge(_metrics(p), "pingpost_pings", scope="buyer", id="slowpoke") or 0) >= 10
+            ),
+            60,
+            "slowpoke's pings on /metrics",
+        )
         _set_latency(p, "slowpoke", SLOW)
         wait_for(lambda: [r for r in _alert_rows(p) if r[2] == "firing"], 30, "the firing row")
 
@@ -225,17 +273,25 @@ def test_a_restarted_metrics_worker_keeps_the_alert_and_never_repeats_it(
         restarted_at = time.time() * 1000
         p.stack.spawn("metrics", ["worker", "--role", "metrics"])
         wait_for(lambda: _get_json(health).get("caught_up"), 60, "the restarted worker")
-        assert _gauge(_metrics(p), "pingpost_alert_firing", rule="slow_buyer",
-                      subject="buyer:slowpoke") == 1.0
+        assert (
+            _gauge(
+                _metrics(p), "pingpost_alert_firing", rule="slow_buyer", subject="buyer:slowpoke"
+            )
+            == 1.0
+        )
         # Still slow: the restarted worker evaluates on, and must not fire again. (The topic,
         # not the table: a window counts as evaluated only once its alerts are on Kafka.)
-        wait_for(lambda: (_get_json(health).get("evaluated_until_ms") or 0)
-                 >= restarted_at + 3 * window_ms, 30, "three windows after the restart")
+        wait_for(
+            lambda: (
+                (_get_json(health).get("evaluated_until_ms") or 0) >= restarted_at + 3 * window_ms
+            ),
+            30,
+            "three windows after the restart",
+        )
         assert [r["state"] for r in _topic_alerts(p)] == ["firing"]
 
         _set_latency(p, "slowpoke", FAST)
-        wait_for(lambda: [r for r in _alert_rows(p) if r[2] == "resolved"], 30,
-                 "the resolved row")
+        wait_for(lambda: [r for r in _alert_rows(p) if r[2] == "resolved"], 30, "the resolved row")
     assert [r[2] for r in _alert_rows(p)] == ["firing", "resolved"]
     wait_for(lambda: len(receiver.calls) >= 2, 30, "two webhook calls")
     assert [c["json"]["state"] for c in receiver.calls] == ["firing", "resolved"]
@@ -243,8 +299,7 @@ def test_a_restarted_metrics_worker_keeps_the_alert_and_never_repeats_it(
 
 
 def _topic_alerts(p: Pipeline) -> list[dict[str, Any]]:
-    return [schemas.decode_as("Alert", m.value)
-            for m in asyncio.run(p.read_topic(p.names.alerts))]
+    return [schemas.decode_as("Alert", m.value) for m in asyncio.run(p.read_topic(p.names.alerts))]
 
 
 def _get_json(url: str) -> dict[str, Any]:

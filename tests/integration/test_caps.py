@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 
@@ -15,16 +15,27 @@ from tests.integration.pipeline import SOLAR_FLOW, Pipeline
 
 pytestmark = pytest.mark.integration
 
-SIM = {"bid_probability": 1.0, "latency_ms": {"median": 10, "p99": 40}, "late_share": 0.0,
-       "error_rate": 0.0, "post_reject_rate": 0.0, "post_error_rate": 0.0,
-       "exclusive_share": 0.0, "conditions": {}}
+SIM = {
+    "bid_probability": 1.0,
+    "latency_ms": {"median": 10, "p99": 40},
+    "late_share": 0.0,
+    "error_rate": 0.0,
+    "post_reject_rate": 0.0,
+    "post_error_rate": 0.0,
+    "exclusive_share": 0.0,
+    "conditions": {},
+}
 LEADS_CAP, SPEND_CAP = 40, 1_000.0
 BUYERS = {
     # outbid everyone, accept everything: only their caps stop them
-    "counted": {"caps": {"leads_per_day": LEADS_CAP, "leads_per_hour": LEADS_CAP},
-                "sim": {**SIM, "price": {"median": 300, "p99": 320}}},
-    "budget": {"caps": {"spend_per_day": SPEND_CAP, "timezone": "America/Chicago"},
-               "sim": {**SIM, "price": {"median": 250, "p99": 290}}},
+    "counted": {
+        "caps": {"leads_per_day": LEADS_CAP, "leads_per_hour": LEADS_CAP},
+        "sim": {**SIM, "price": {"median": 300, "p99": 320}},
+    },
+    "budget": {
+        "caps": {"spend_per_day": SPEND_CAP, "timezone": "America/Chicago"},
+        "sim": {**SIM, "price": {"median": 250, "p99": 290}},
+    },
     "open1": {"sim": {**SIM, "price": {"median": 50, "p99": 60}}},
     "open2": {"sim": {**SIM, "price": {"median": 40, "p99": 50}}},
 }
@@ -32,16 +43,23 @@ N = 1000
 
 
 @pytest.fixture(scope="module")
-def capped(kafka_bootstrap: str, warehouse_url: str,
-           tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Pipeline, list[str]]]:
-    p = Pipeline(tmp_path_factory.mktemp("caps"), kafka_bootstrap, warehouse_url, BUYERS,
-                 flow={**SOLAR_FLOW, "strategy": {**SOLAR_FLOW.get("strategy", {}),
-                                                  "shared_max": 2}},
-                 workers=2)
+def capped(
+    kafka_bootstrap: str, warehouse_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Pipeline, list[str]]]:
+    p = Pipeline(
+        tmp_path_factory.mktemp("caps"),
+        kafka_bootstrap,
+        warehouse_url,
+        BUYERS,
+        flow={**SOLAR_FLOW, "strategy": {**SOLAR_FLOW.get("strategy", {}), "shared_max": 2}},
+        workers=2,
+    )
     try:
         p.start()
-        ids = [a["lead_id"] for a in asyncio.run(p.post_many(generate_leads(N, seed=606),
-                                                             concurrency=40))]
+        ids = [
+            a["lead_id"]
+            for a in asyncio.run(p.post_many(generate_leads(N, seed=606), concurrency=40))
+        ]
         p.settled(ids, timeout=240)
         yield p, ids
     finally:
@@ -49,9 +67,14 @@ def capped(kafka_bootstrap: str, warehouse_url: str,
 
 
 def accepted(p: Pipeline, ids: list[str]) -> list[tuple[str, str, float]]:
-    return [tuple(r) for r in p.rows(  # type: ignore[misc]
-        "SELECT lead_id, buyer_id, price FROM {db}.posts FINAL WHERE status = 'accepted' "
-        "AND lead_id IN %(ids)s", ids=ids)]
+    return [
+        tuple(r)
+        for r in p.rows(  # type: ignore[misc]
+            "SELECT lead_id, buyer_id, price FROM {db}.posts FINAL WHERE status = 'accepted' "
+            "AND lead_id IN %(ids)s",
+            ids=ids,
+        )
+    ]
 
 
 def test_caps_are_never_exceeded_and_bind(capped: tuple[Pipeline, list[str]]) -> None:
@@ -82,7 +105,10 @@ def test_no_lead_accepted_twice_by_one_buyer(capped: tuple[Pipeline, list[str]])
 
 def test_capped_buyers_stop_being_pinged(capped: tuple[Pipeline, list[str]]) -> None:
     p, ids = capped
-    filtered = p.rows("SELECT count() FROM {db}.pings FINAL WHERE buyer_id = 'counted' "
-                      "AND status = 'filtered' AND reason LIKE 'cap leads_per_%% reached' "
-                      "AND lead_id IN %(ids)s", ids=ids)[0][0]
+    filtered = p.rows(
+        "SELECT count() FROM {db}.pings FINAL WHERE buyer_id = 'counted' "
+        "AND status = 'filtered' AND reason LIKE 'cap leads_per_%% reached' "
+        "AND lead_id IN %(ids)s",
+        ids=ids,
+    )[0][0]
     assert filtered > N // 2  # once full, it is skipped before the ping

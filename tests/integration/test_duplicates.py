@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import copy
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -15,17 +16,28 @@ from tests.integration.pipeline import SOLAR_FLOW, Pipeline
 
 pytestmark = pytest.mark.integration
 
-SIM = {"bid_probability": 1.0, "latency_ms": {"median": 10, "p99": 40}, "late_share": 0.0,
-       "error_rate": 0.0, "post_reject_rate": 0.0, "post_error_rate": 0.0,
-       "exclusive_share": 0.0, "conditions": {}}
-BUYERS = {"top": {"sim": {**SIM, "price": {"median": 90, "p99": 95}}},
-          "second": {"sim": {**SIM, "price": {"median": 50, "p99": 55}}}}
+SIM = {
+    "bid_probability": 1.0,
+    "latency_ms": {"median": 10, "p99": 40},
+    "late_share": 0.0,
+    "error_rate": 0.0,
+    "post_reject_rate": 0.0,
+    "post_error_rate": 0.0,
+    "exclusive_share": 0.0,
+    "conditions": {},
+}
+BUYERS = {
+    "top": {"sim": {**SIM, "price": {"median": 90, "p99": 95}}},
+    "second": {"sim": {**SIM, "price": {"median": 50, "p99": 55}}},
+}
 
 
 def flow(action: str) -> dict[str, Any]:
-    return {**copy.deepcopy(SOLAR_FLOW),
-            "strategy": {**SOLAR_FLOW.get("strategy", {}), "shared_max": 1},
-            "duplicates": {"fields": ["email", "phone"], "window_s": 3600, "action": action}}
+    return {
+        **copy.deepcopy(SOLAR_FLOW),
+        "strategy": {**SOLAR_FLOW.get("strategy", {}), "shared_max": 1},
+        "duplicates": {"fields": ["email", "phone"], "window_s": 3600, "action": action},
+    }
 
 
 def twin(lead: dict[str, Any]) -> dict[str, Any]:
@@ -34,10 +46,16 @@ def twin(lead: dict[str, Any]) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def rejected(kafka_bootstrap: str, warehouse_url: str,
-             tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Pipeline, list[Any]]]:
-    p = Pipeline(tmp_path_factory.mktemp("dupes"), kafka_bootstrap, warehouse_url, BUYERS,
-                 flow=flow("reject"))
+def rejected(
+    kafka_bootstrap: str, warehouse_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Pipeline, list[Any]]]:
+    p = Pipeline(
+        tmp_path_factory.mktemp("dupes"),
+        kafka_bootstrap,
+        warehouse_url,
+        BUYERS,
+        flow=flow("reject"),
+    )
     try:
         p.start()
         person, other = generate_leads(2, seed=707)
@@ -58,13 +76,17 @@ def test_one_person_is_sold_once(rejected: tuple[Pipeline, list[Any]]) -> None:
     assert outcomes == ["sold_shared", "unsold"]
     dup = a if a["outcome"] == "unsold" else b
     sold = b if dup is a else a
-    assert dup["reason"] == (f"duplicate of lead {sold['lead_id']} (same email, phone) "
-                             "within 1h")
+    assert dup["reason"] == (f"duplicate of lead {sold['lead_id']} (same email, phone) within 1h")
     assert c["outcome"] == "unsold" and c["reason"].startswith(
-        f"duplicate of lead {sold['lead_id']}")
+        f"duplicate of lead {sold['lead_id']}"
+    )
     assert other["outcome"] == "sold_shared"  # a different person is not affected
-    rows = dict(p.rows("SELECT lead_id, reason FROM {db}.auctions FINAL WHERE lead_id IN "
-                       "%(ids)s", ids=[dup["lead_id"], c["lead_id"]]))
+    rows = dict(
+        p.rows(
+            "SELECT lead_id, reason FROM {db}.auctions FINAL WHERE lead_id IN %(ids)s",
+            ids=[dup["lead_id"], c["lead_id"]],
+        )
+    )
     assert rows[dup["lead_id"]] == dup["reason"]
     # the duplicates were never pinged nor posted
     pinged = {r["json"]["ping_id"] for b in BUYERS for r in p.received(b, "ping")}
@@ -74,10 +96,16 @@ def test_one_person_is_sold_once(rejected: tuple[Pipeline, list[Any]]) -> None:
 
 
 @pytest.fixture(scope="module")
-def skipping(kafka_bootstrap: str, warehouse_url: str,
-             tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Pipeline, list[Any]]]:
-    p = Pipeline(tmp_path_factory.mktemp("dupes2"), kafka_bootstrap, warehouse_url, BUYERS,
-                 flow=flow("skip_buyers"))
+def skipping(
+    kafka_bootstrap: str, warehouse_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Pipeline, list[Any]]]:
+    p = Pipeline(
+        tmp_path_factory.mktemp("dupes2"),
+        kafka_bootstrap,
+        warehouse_url,
+        BUYERS,
+        flow=flow("skip_buyers"),
+    )
     try:
         p.start()
         (person,) = generate_leads(1, seed=708)
@@ -95,6 +123,8 @@ def test_the_buyer_who_bought_is_not_pinged_again(skipping: tuple[Pipeline, list
     assert again["buyers"] == ["second"]  # sold again, to someone who does not have it
     assert len(p.received("top", "ping")) == 1
     assert len(p.received("second", "ping")) == 2
-    (row,) = p.rows("SELECT status, reason FROM {db}.pings FINAL WHERE buyer_id = 'top' "
-                    "AND lead_id = %(l)s", l=again["lead_id"])
+    (row,) = p.rows(
+        "SELECT status, reason FROM {db}.pings FINAL WHERE buyer_id = 'top' AND lead_id = %(l)s",
+        l=again["lead_id"],
+    )
     assert row == ("filtered", "already bought this lead (a duplicate within the flow's window)")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import timedelta, timezone
+from datetime import UTC, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,7 @@ def panel_sql(d: dict[str, Any]) -> list[tuple[str, str]]:
 
 def substitute(sql: str, database: str) -> str:
     """Grafana's template variable and the plugin's macros, as the plugin expands them."""
-    frm, to = (int(t.replace(tzinfo=timezone.utc).timestamp()) for t in (FROM, TO))
+    frm, to = (int(t.replace(tzinfo=UTC).timestamp()) for t in (FROM, TO))
 
     def macro(m: re.Match[str]) -> str:
         name, arg = m.group(1), m.group(2).strip()
@@ -51,10 +51,13 @@ def substitute(sql: str, database: str) -> str:
         raise AssertionError(f"macro $__{name}() is not substituted by this test")
 
     sql = re.sub(r"\$__(\w+)\(([^)]*)\)", macro, sql)
-    sql = (sql.replace("$__interval_s", str(INTERVAL_S))
-              .replace("$__fromTime", f"toDateTime({frm})")
-              .replace("$__toTime", f"toDateTime({to})")
-              .replace("${database}", database).replace("$database", database))
+    sql = (
+        sql.replace("$__interval_s", str(INTERVAL_S))
+        .replace("$__fromTime", f"toDateTime({frm})")
+        .replace("$__toTime", f"toDateTime({to})")
+        .replace("${database}", database)
+        .replace("$database", database)
+    )
     assert "$" not in sql, sql
     return sql
 
@@ -65,13 +68,16 @@ def test_provisioning_files_parse_and_agree() -> None:
     assert source["type"] == "grafana-clickhouse-datasource"
     assert source["jsonData"]["protocol"] == "http" and source["jsonData"]["port"] == 8123
     providers = yaml.safe_load(
-        (GRAFANA / "provisioning" / "dashboards" / "pingpost.yaml").read_text())["providers"]
+        (GRAFANA / "provisioning" / "dashboards" / "pingpost.yaml").read_text()
+    )["providers"]
     compose = yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text())
     grafana = compose["services"]["grafana"]
     mounts = {v.split(":")[1]: v.split(":")[0] for v in grafana["volumes"]}
     assert mounts[providers[0]["options"]["path"]] == "./deploy/grafana/dashboards"
-    assert mounts["/etc/grafana/provisioning/datasources"] == \
-        "./deploy/grafana/provisioning/datasources"
+    assert (
+        mounts["/etc/grafana/provisioning/datasources"]
+        == "./deploy/grafana/provisioning/datasources"
+    )
     assert "grafana-clickhouse-datasource" in grafana["environment"]["GF_INSTALL_PLUGINS"]
 
     d = dashboard()
@@ -83,8 +89,15 @@ def test_provisioning_files_parse_and_agree() -> None:
             assert t["datasource"]["uid"] == source["uid"]
             assert t["editorType"] == "sql" and t["format"] in (0, 1)
     titles = " / ".join(p["title"] for p in d["panels"])
-    for wanted in ("Revenue per minute", "Revenue per ping", "Sold", "bid, win and accept",
-                   "latency p50", "latency p99", "Alert"):
+    for wanted in (
+        "Revenue per minute",
+        "Revenue per ping",
+        "Sold",
+        "bid, win and accept",
+        "latency p50",
+        "latency p99",
+        "Alert",
+    ):
         assert wanted in titles
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import urllib.parse
 from collections.abc import AsyncIterator, Iterator
-from datetime import timedelta, timezone
+from datetime import UTC, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -45,11 +45,16 @@ async def test_everything_each_event_once(wh: ClickHouseClient, client: Any) -> 
     assert r.revenue == 60.0 and r.pings == 3 and r.filtered == 1
     assert d.bucket_s == 60
     assert [(t, rev, pings, n) for t, rev, pings, n, _ in d.series] == [
-        (T0, 60.0, 2, 1), (T0 + timedelta(minutes=2), 0.0, 1, 1)]
+        (T0, 60.0, 2, 1),
+        (T0 + timedelta(minutes=2), 0.0, 1, 1),
+    ]
     assert sorted(d.latency) == [(80, "answered", 1), (90, "answered", 1), (700, "timeout", 1)]
     assert d.deadlines == [("solar", 750.0)]
     assert [(a[0], a[2]) for a in d.alerts] == [
-        ("sold_rate_low", "firing"), ("sold_rate_low", "resolved"), ("buyer_timeouts", "firing")]
+        ("sold_rate_low", "firing"),
+        ("sold_rate_low", "resolved"),
+        ("buyer_timeouts", "firing"),
+    ]
     page = render(d)
     for chart_id in CHART_IDS:
         assert f'<svg id="{chart_id}"' in page
@@ -57,7 +62,7 @@ async def test_everything_each_event_once(wh: ClickHouseClient, client: Any) -> 
 
 
 async def test_time_window_selects_leads_and_alerts(wh: ClickHouseClient, client: Any) -> None:
-    cut = (T0 + timedelta(minutes=1)).replace(tzinfo=timezone.utc)
+    cut = (T0 + timedelta(minutes=1)).replace(tzinfo=UTC)
     early = collect(client, wh.database, until=cut)
     assert (early.summary.leads, early.summary.revenue, early.summary.pings) == (1, 60.0, 2)
     assert [a[2] for a in early.alerts] == ["firing"]
@@ -72,8 +77,9 @@ async def test_time_window_selects_leads_and_alerts(wh: ClickHouseClient, client
 
 
 async def test_lead_ids_scope_and_write(wh: ClickHouseClient, client: Any, tmp_path: Path) -> None:
-    out = write_html_report(client, wh.database, tmp_path / "sub" / "r.html", lead_ids=["l1"],
-                            title="one lead")
+    out = write_html_report(
+        client, wh.database, tmp_path / "sub" / "r.html", lead_ids=["l1"], title="one lead"
+    )
     page = out.read_text()
     assert out.is_absolute() and "<title>one lead</title>" in page
     assert "one run: 1 lead " in page

@@ -29,11 +29,19 @@ from streams.settings import ClickHouseConfig
 
 pytestmark = pytest.mark.integration
 
-REFRESHABLE_VIEWS = ["flow_minute_mv_recent", "flow_minute_mv_daily",
-                     "buyer_minute_mv_recent", "buyer_minute_mv_daily"]
+REFRESHABLE_VIEWS = [
+    "flow_minute_mv_recent",
+    "flow_minute_mv_daily",
+    "buyer_minute_mv_recent",
+    "buyer_minute_mv_daily",
+]
 FLOWS = ["solar", "roofing"]
-BUYERS = {"sunrise": "premium", "greenleaf": "standard", "voltco": "standard",
-          "brightpath": "budget"}
+BUYERS = {
+    "sunrise": "premium",
+    "greenleaf": "standard",
+    "voltco": "standard",
+    "brightpath": "budget",
+}
 STATES = ["CA", "TX", "AZ", "NY"]
 CREDIT = ["<600", "600-649", "650-699", "700+"]
 PING_STATUSES = ["bid", "bid", "bid", "no_bid", "no_bid", "timeout", "error", "filtered"]
@@ -82,8 +90,12 @@ class Events:
     auctions: list[dict[str, Any]] = field(default_factory=list)
 
     def tables(self) -> dict[str, list[dict[str, Any]]]:
-        return {"leads": self.leads, "pings": self.pings, "posts": self.posts,
-                "auctions": self.auctions}
+        return {
+            "leads": self.leads,
+            "pings": self.pings,
+            "posts": self.posts,
+            "auctions": self.auctions,
+        }
 
 
 def make_events(start: datetime, minutes: int, leads_per_minute: int, seed: int) -> Events:
@@ -101,28 +113,46 @@ def make_events(start: datetime, minutes: int, leads_per_minute: int, seed: int)
             # posts then fall in different minutes.
             offset_ms = rng.choice([rng.randrange(0, 58_000), rng.randrange(59_000, 60_000)])
             received = start + timedelta(minutes=m, milliseconds=offset_ms)
-            ev.leads.append({
-                "lead_id": lead_id, "flow": flow, "source": rng.choice(["website", "kafka"]),
-                "received_at": received, "created_at": received - timedelta(seconds=2),
-                "ping_fields": {"state": rng.choice(STATES), "zip": f"{rng.randrange(900, 999)}",
-                                "credit_range": rng.choice(CREDIT)},
-                "pii_hashes": {"email": uuid.uuid4().hex},
-            })
+            ev.leads.append(
+                {
+                    "lead_id": lead_id,
+                    "flow": flow,
+                    "source": rng.choice(["website", "kafka"]),
+                    "received_at": received,
+                    "created_at": received - timedelta(seconds=2),
+                    "ping_fields": {
+                        "state": rng.choice(STATES),
+                        "zip": f"{rng.randrange(900, 999)}",
+                        "credit_range": rng.choice(CREDIT),
+                    },
+                    "pii_hashes": {"email": uuid.uuid4().hex},
+                }
+            )
             sent = received + timedelta(milliseconds=30)
             bids = []
             for buyer, tier in BUYERS.items():
                 status = rng.choice(PING_STATUSES)
                 latency = {"filtered": 0.0, "timeout": 500.0}.get(
-                    status, round(rng.uniform(15, 480), 3))
+                    status, round(rng.uniform(15, 480), 3)
+                )
                 price = round(rng.uniform(20, 120), 2) if status == "bid" else None
                 ping = {
-                    "ping_id": f"{lead_id}:{buyer}", "lead_id": lead_id, "flow": flow,
-                    "buyer_id": buyer, "tier": tier, "sent_at": sent,
+                    "ping_id": f"{lead_id}:{buyer}",
+                    "lead_id": lead_id,
+                    "flow": flow,
+                    "buyer_id": buyer,
+                    "tier": tier,
+                    "sent_at": sent,
                     "answered_at": sent + timedelta(milliseconds=latency),
-                    "latency_ms": latency, "status": status, "price": price,
+                    "latency_ms": latency,
+                    "status": status,
+                    "price": price,
                     "exclusive": status == "bid" and rng.random() < 0.3,
-                    "reason": {"filtered": "state not in filter", "timeout": "no answer in 500 ms",
-                               "error": "HTTP 500"}.get(status, ""),
+                    "reason": {
+                        "filtered": "state not in filter",
+                        "timeout": "no answer in 500 ms",
+                        "error": "HTTP 500",
+                    }.get(status, ""),
                     "http_status": {"bid": 200, "no_bid": 204, "error": 500}.get(status),
                 }
                 ev.pings.append(ping)
@@ -140,10 +170,16 @@ def make_events(start: datetime, minutes: int, leads_per_minute: int, seed: int)
                 attempt += 1
                 status = rng.choice(["accepted", "accepted", "rejected", "error", "timeout"])
                 post = {
-                    "attempt_id": f"{bid['ping_id']}:post:1", "post_id": f"{bid['ping_id']}:post",
-                    "lead_id": lead_id, "flow": flow, "buyer_id": bid["buyer_id"],
-                    "tier": bid["tier"], "ping_id": bid["ping_id"], "price": bid["price"],
-                    "exclusive": exclusive, "status": status,
+                    "attempt_id": f"{bid['ping_id']}:post:1",
+                    "post_id": f"{bid['ping_id']}:post",
+                    "lead_id": lead_id,
+                    "flow": flow,
+                    "buyer_id": bid["buyer_id"],
+                    "tier": bid["tier"],
+                    "ping_id": bid["ping_id"],
+                    "price": bid["price"],
+                    "exclusive": exclusive,
+                    "status": status,
                     "latency_ms": round(rng.uniform(20, 900), 3),
                     "reason": {"rejected": "duplicate lead"}.get(status, ""),
                     "http_status": {"accepted": 200, "rejected": 200, "error": 502}.get(status),
@@ -160,17 +196,29 @@ def make_events(start: datetime, minutes: int, leads_per_minute: int, seed: int)
                 outcome = "unsold"
                 reason = "every post failed or was rejected" if bids else "no bids"
             settled = closed + timedelta(milliseconds=10 + 300 * attempt)
-            ev.auctions.append({
-                "lead_id": lead_id, "flow": flow, "source": ev.leads[-1]["source"],
-                "outcome": outcome, "winners": [w["buyer_id"] for w in winners],
-                "prices": [w["price"] for w in winners],
-                "price_total": round(sum(w["price"] for w in winners), 2), "reason": reason,
-                "received_at": received, "opened_at": sent,
-                "deadline_at": sent + timedelta(milliseconds=750), "closed_at": closed,
-                "settled_at": settled, "duration_ms": 750.0, "close_reason": "deadline",
-                "close_lag_ms": 3.0, "pinged": len(BUYERS), "bids": len(bids),
-                "post_attempts": attempt,
-            })
+            ev.auctions.append(
+                {
+                    "lead_id": lead_id,
+                    "flow": flow,
+                    "source": ev.leads[-1]["source"],
+                    "outcome": outcome,
+                    "winners": [w["buyer_id"] for w in winners],
+                    "prices": [w["price"] for w in winners],
+                    "price_total": round(sum(w["price"] for w in winners), 2),
+                    "reason": reason,
+                    "received_at": received,
+                    "opened_at": sent,
+                    "deadline_at": sent + timedelta(milliseconds=750),
+                    "closed_at": closed,
+                    "settled_at": settled,
+                    "duration_ms": 750.0,
+                    "close_reason": "deadline",
+                    "close_lag_ms": 3.0,
+                    "pinged": len(BUYERS),
+                    "bids": len(bids),
+                    "post_attempts": attempt,
+                }
+            )
     return ev
 
 
@@ -226,10 +274,25 @@ def expected_flow_minute(ev: Events) -> dict[tuple[str, datetime], dict[str, Any
         a["revenue"] += x["price_total"]
     out = {}
     for key, a in acc.items():
-        row: dict[str, Any] = {c: a.get(c, 0.0) for c in (
-            "pings_sent", "pings_filtered", "responses", "bids", "no_bids", "timeouts",
-            "errors", "bid_sum", "pings_posted", "posts", "posts_accepted", "leads",
-            "leads_sold", "revenue")}
+        row: dict[str, Any] = {
+            c: a.get(c, 0.0)
+            for c in (
+                "pings_sent",
+                "pings_filtered",
+                "responses",
+                "bids",
+                "no_bids",
+                "timeouts",
+                "errors",
+                "bid_sum",
+                "pings_posted",
+                "posts",
+                "posts_accepted",
+                "leads",
+                "leads_sold",
+                "revenue",
+            )
+        }
         row.update(
             response_rate=ratio(row["responses"], row["pings_sent"]),
             bid_rate=ratio(row["bids"], row["pings_sent"]),
@@ -269,9 +332,23 @@ def expected_buyer_minute(ev: Events) -> dict[tuple[str, datetime], dict[str, An
         a["spend"] += p["price"] if p["status"] == "accepted" else 0.0
     out = {}
     for key, a in acc.items():
-        row: dict[str, Any] = {c: a.get(c, 0.0) for c in (
-            "pings_sent", "pings_filtered", "bids", "no_bids", "timeouts", "errors", "bid_sum",
-            "posts", "posts_accepted", "posts_rejected", "posts_failed", "spend")}
+        row: dict[str, Any] = {
+            c: a.get(c, 0.0)
+            for c in (
+                "pings_sent",
+                "pings_filtered",
+                "bids",
+                "no_bids",
+                "timeouts",
+                "errors",
+                "bid_sum",
+                "posts",
+                "posts_accepted",
+                "posts_rejected",
+                "posts_failed",
+                "spend",
+            )
+        }
         row.update(
             latency_p50=nearest_rank(latencies[key], 0.5),
             latency_p95=nearest_rank(latencies[key], 0.95),
@@ -286,11 +363,13 @@ def expected_buyer_minute(ev: Events) -> dict[tuple[str, datetime], dict[str, An
     return out
 
 
-async def stored(wh: ClickHouseClient, table: str, key: str,
-                 columns: Iterable[str]) -> dict[tuple[str, datetime], dict[str, Any]]:
+async def stored(
+    wh: ClickHouseClient, table: str, key: str, columns: Iterable[str]
+) -> dict[tuple[str, datetime], dict[str, Any]]:
     cols = list(columns)
     rows = await wh.query_rows(
-        f"SELECT {key}, minute, {', '.join(cols)} FROM {wh.database}.{table} FINAL")
+        f"SELECT {key}, minute, {', '.join(cols)} FROM {wh.database}.{table} FINAL"
+    )
     out: dict[tuple[str, datetime], dict[str, Any]] = {}
     for r in rows:
         k = (r[0], r[1].replace(tzinfo=UTC) if r[1].tzinfo is None else r[1])
@@ -299,11 +378,13 @@ async def stored(wh: ClickHouseClient, table: str, key: str,
     return out
 
 
-def assert_metrics_equal(table: str, got: dict[Any, dict[str, Any]],
-                         want: dict[Any, dict[str, Any]]) -> None:
+def assert_metrics_equal(
+    table: str, got: dict[Any, dict[str, Any]], want: dict[Any, dict[str, Any]]
+) -> None:
     assert sorted(got) == sorted(want), (
         f"{table}: rows only stored {sorted(set(got) - set(want))},"
-        f" only expected {sorted(set(want) - set(got))}")
+        f" only expected {sorted(set(want) - set(got))}"
+    )
     problems = []
     for key, expected in want.items():
         for column, value in expected.items():
@@ -317,30 +398,73 @@ def assert_metrics_equal(table: str, got: dict[Any, dict[str, Any]],
     assert not problems, f"{table}:\n" + "\n".join(problems[:40])
 
 
-FLOW_COLUMNS = ["pings_sent", "pings_filtered", "responses", "bids", "no_bids", "timeouts",
-                "errors", "bid_sum", "pings_posted", "posts", "posts_accepted", "leads",
-                "leads_sold", "revenue", "response_rate", "bid_rate", "avg_bid", "win_rate",
-                "accept_rate", "revenue_per_ping", "revenue_per_lead"]
-BUYER_COLUMNS = ["pings_sent", "pings_filtered", "bids", "no_bids", "timeouts", "errors",
-                 "bid_sum", "latency_p50", "latency_p95", "latency_p99", "posts",
-                 "posts_accepted", "posts_rejected", "posts_failed", "spend", "bid_rate",
-                 "avg_bid", "timeout_rate", "error_rate", "accept_rate"]
+FLOW_COLUMNS = [
+    "pings_sent",
+    "pings_filtered",
+    "responses",
+    "bids",
+    "no_bids",
+    "timeouts",
+    "errors",
+    "bid_sum",
+    "pings_posted",
+    "posts",
+    "posts_accepted",
+    "leads",
+    "leads_sold",
+    "revenue",
+    "response_rate",
+    "bid_rate",
+    "avg_bid",
+    "win_rate",
+    "accept_rate",
+    "revenue_per_ping",
+    "revenue_per_lead",
+]
+BUYER_COLUMNS = [
+    "pings_sent",
+    "pings_filtered",
+    "bids",
+    "no_bids",
+    "timeouts",
+    "errors",
+    "bid_sum",
+    "latency_p50",
+    "latency_p95",
+    "latency_p99",
+    "posts",
+    "posts_accepted",
+    "posts_rejected",
+    "posts_failed",
+    "spend",
+    "bid_rate",
+    "avg_bid",
+    "timeout_rate",
+    "error_rate",
+    "accept_rate",
+]
 
 
 async def check_views(wh: ClickHouseClient, ev: Events) -> None:
-    assert_metrics_equal("flow_minute", await stored(wh, "flow_minute", "flow", FLOW_COLUMNS),
-                         expected_flow_minute(ev))
-    assert_metrics_equal("buyer_minute",
-                         await stored(wh, "buyer_minute", "buyer_id", BUYER_COLUMNS),
-                         expected_buyer_minute(ev))
+    assert_metrics_equal(
+        "flow_minute",
+        await stored(wh, "flow_minute", "flow", FLOW_COLUMNS),
+        expected_flow_minute(ev),
+    )
+    assert_metrics_equal(
+        "buyer_minute",
+        await stored(wh, "buyer_minute", "buyer_id", BUYER_COLUMNS),
+        expected_buyer_minute(ev),
+    )
 
 
-def regroup(rows: list[dict[str, Any]], rng: random.Random, pick: Callable[[int], bool],
-            size: int) -> list[list[dict[str, Any]]]:
+def regroup(
+    rows: list[dict[str, Any]], rng: random.Random, pick: Callable[[int], bool], size: int
+) -> list[list[dict[str, Any]]]:
     """Some rows again, shuffled into batches of another size than the first delivery."""
     again = [r for i, r in enumerate(rows) if pick(i)]
     rng.shuffle(again)
-    return [again[i:i + size] for i in range(0, len(again), size)]
+    return [again[i : i + size] for i in range(0, len(again), size)]
 
 
 # --------------------------------------------------------------------------- tests
@@ -348,14 +472,13 @@ def regroup(rows: list[dict[str, Any]], rng: random.Random, pick: Callable[[int]
 
 async def test_metric_views_match_raw_events_and_ignore_redelivery(wh: ClickHouseClient) -> None:
     now = datetime.now(UTC)
-    recent = make_events(minute(now) - timedelta(minutes=6), minutes=5, leads_per_minute=14,
-                         seed=1)
+    recent = make_events(minute(now) - timedelta(minutes=6), minutes=5, leads_per_minute=14, seed=1)
     # Events of a minute 5 h ago reached ClickHouse late (a warehouse outage): outside the
     # every-minute refresh's 3 h window, counted by the daily refresh over 35 days.
-    late = make_events(minute(now) - timedelta(hours=5), minutes=1, leads_per_minute=6,
-                       seed=2)
-    ev = Events(*(a + b for a, b in zip(recent.tables().values(), late.tables().values(),
-                                        strict=True)))
+    late = make_events(minute(now) - timedelta(hours=5), minutes=1, leads_per_minute=6, seed=2)
+    ev = Events(
+        *(a + b for a, b in zip(recent.tables().values(), late.tables().values(), strict=True))
+    )
     statuses = {p["status"] for p in ev.pings}
     assert statuses == {"bid", "no_bid", "timeout", "error", "filtered"}
     assert {p["status"] for p in ev.posts} >= {"accepted", "rejected", "error", "timeout"}
@@ -366,7 +489,7 @@ async def test_metric_views_match_raw_events_and_ignore_redelivery(wh: ClickHous
         await wh.command(f"SYSTEM STOP MERGES {db}.{table}")
     for table, rows in ev.tables().items():  # the sink's batches: ~25 rows, in order
         for i in range(0, len(rows), 25):
-            await insert(wh, table, rows[i:i + 25])
+            await insert(wh, table, rows[i : i + 25])
     await refresh(wh)
     await check_views(wh, ev)
 
@@ -378,20 +501,21 @@ async def test_metric_views_match_raw_events_and_ignore_redelivery(wh: ClickHous
             await insert(wh, table, batch)
         await insert(wh, table, late.tables()[table])
     for table, rows in ev.tables().items():
-        (raw,), = await wh.query_rows(f"SELECT count() FROM {db}.{table}")
-        (final,), = await wh.query_rows(f"SELECT count() FROM {db}.{table} FINAL")
+        ((raw,),) = await wh.query_rows(f"SELECT count() FROM {db}.{table}")
+        ((final,),) = await wh.query_rows(f"SELECT count() FROM {db}.{table} FINAL")
         assert raw > final == len(rows), table  # the duplicates are really there
     await refresh(wh)
     await check_views(wh, ev)
-    (n_flow,), = await wh.query_rows(f"SELECT count() FROM {db}.flow_minute FINAL")
+    ((n_flow,),) = await wh.query_rows(f"SELECT count() FROM {db}.flow_minute FINAL")
     assert n_flow == len(expected_flow_minute(ev))
 
 
 async def test_recent_refresh_leaves_minutes_older_than_its_window(wh: ClickHouseClient) -> None:
     now = datetime.now(UTC)
     ev = make_events(minute(now) - timedelta(hours=5), minutes=1, leads_per_minute=4, seed=4)
-    ev.pings += make_events(minute(now) - timedelta(minutes=3), minutes=1,
-                            leads_per_minute=4, seed=5).pings
+    ev.pings += make_events(
+        minute(now) - timedelta(minutes=3), minutes=1, leads_per_minute=4, seed=5
+    ).pings
     await insert(wh, "pings", ev.pings)
     await refresh(wh, ["flow_minute_mv_recent"])
     old = minute(now) - timedelta(hours=5)
@@ -403,27 +527,38 @@ async def test_recent_refresh_leaves_minutes_older_than_its_window(wh: ClickHous
 
 
 async def test_resent_ping_with_other_outcome_counts_once_in_its_last_version(
-        wh: ClickHouseClient) -> None:
+    wh: ClickHouseClient,
+) -> None:
     """A crash between a ping and its ack re-sends the ping: same ping_id, maybe another
     status and minute. FINAL keeps the version inserted last; the metrics follow it."""
     now = datetime.now(UTC)
-    ev = make_events(minute(now) - timedelta(minutes=4), minutes=2, leads_per_minute=5,
-                     seed=6)
+    ev = make_events(minute(now) - timedelta(minutes=4), minutes=2, leads_per_minute=5, seed=6)
     for table, rows in ev.tables().items():
         await insert(wh, table, rows)
     first = next(p for p in ev.pings if p["status"] == "timeout")
-    again = {**first, "status": "bid", "price": 77.5, "latency_ms": 40.0,
-             "sent_at": first["sent_at"] + timedelta(minutes=1), "reason": "",
-             "answered_at": first["sent_at"] + timedelta(minutes=1, milliseconds=40),
-             "http_status": 200}
+    again = {
+        **first,
+        "status": "bid",
+        "price": 77.5,
+        "latency_ms": 40.0,
+        "sent_at": first["sent_at"] + timedelta(minutes=1),
+        "reason": "",
+        "answered_at": first["sent_at"] + timedelta(minutes=1, milliseconds=40),
+        "http_status": 200,
+    }
     await insert(wh, "pings", [again])
     ev.pings = [again if p is first else p for p in ev.pings]
     await refresh(wh)
-    assert_metrics_equal("buyer_minute",
-                         await stored(wh, "buyer_minute", "buyer_id", BUYER_COLUMNS),
-                         expected_buyer_minute(ev))
-    assert_metrics_equal("flow_minute", await stored(wh, "flow_minute", "flow", FLOW_COLUMNS),
-                         expected_flow_minute(ev))
+    assert_metrics_equal(
+        "buyer_minute",
+        await stored(wh, "buyer_minute", "buyer_id", BUYER_COLUMNS),
+        expected_buyer_minute(ev),
+    )
+    assert_metrics_equal(
+        "flow_minute",
+        await stored(wh, "flow_minute", "flow", FLOW_COLUMNS),
+        expected_flow_minute(ev),
+    )
 
 
 async def test_migrate_is_rerunnable(wh: ClickHouseClient) -> None:
@@ -432,5 +567,6 @@ async def test_migrate_is_rerunnable(wh: ClickHouseClient) -> None:
     await wh.command(f"TRUNCATE TABLE {wh.database}.schema_migrations")
     assert await migrate(wh) == [v for v, _, _ in MIGRATIONS]
     views = await wh.query_rows(
-        "SELECT view FROM system.view_refreshes WHERE database = {db:String}", db=wh.database)
-    assert set(REFRESHABLE_VIEWS) <= {v for v, in views}
+        "SELECT view FROM system.view_refreshes WHERE database = {db:String}", db=wh.database
+    )
+    assert set(REFRESHABLE_VIEWS) <= {v for (v,) in views}

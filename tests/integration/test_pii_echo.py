@@ -23,8 +23,8 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
 import schemas
-from streams.tools.demo import generate_leads
 from streams.rules.pinging import ping_id_for
+from streams.tools.demo import generate_leads
 from streams.topics import changelog_topic
 from tests.integration.pipeline import Pipeline, wait_for
 
@@ -44,10 +44,17 @@ def make_leads() -> list[dict[str, Any]]:
     leads = []
     for i, lead in enumerate(generate_leads(N, seed=606)):
         first, last = FIRST[i % len(FIRST)], f"{LAST[i % len(LAST)]}{chr(97 + i)}"
-        leads.append({**lead, "lead_id": f"pii-echo-{i}", "first_name": first,
-                      "last_name": last, "email": f"{first}.{last}@example.com".lower(),
-                      "phone": f"+1555800{i:04d}",
-                      "address": f"{100 + i} Juniperberry Lane, Wintervale"})
+        leads.append(
+            {
+                **lead,
+                "lead_id": f"pii-echo-{i}",
+                "first_name": first,
+                "last_name": last,
+                "email": f"{first}.{last}@example.com".lower(),
+                "phone": f"+1555800{i:04d}",
+                "address": f"{100 + i} Juniperberry Lane, Wintervale",
+            }
+        )
     return leads
 
 
@@ -55,9 +62,11 @@ def echo(lead: dict[str, Any]) -> str:
     """Every PII value of ``lead``, in the forms buyers write them, some twice."""
     d = lead["phone"][2:]
     a, b, c = d[:3], d[3:6], d[6:]
-    return (f"dup {lead['first_name']} {lead['last_name']} / {lead['first_name'].upper()} "
-            f"{lead['email'].upper()} {lead['email']} tel {lead['phone'][1:]} ({a}) {b}-{c} "
-            f"+1 {a}-{b}-{c} {a}.{b}.{c} {d} at {lead['address']}; {lead['address'].upper()}")
+    return (
+        f"dup {lead['first_name']} {lead['last_name']} / {lead['first_name'].upper()} "
+        f"{lead['email'].upper()} {lead['email']} tel {lead['phone'][1:]} ({a}) {b}-{c} "
+        f"+1 {a}-{b}-{c} {a}.{b}.{c} {d} at {lead['address']}; {lead['address'].upper()}"
+    )
 
 
 class EchoBuyers:
@@ -77,34 +86,61 @@ class EchoBuyers:
             lead = self.by_ping[body["ping_id"]]
             text = echo(lead)
             if buyer == "nobid":
-                return 200, "application/json", json.dumps(
-                    {"bid": False, "reason": text, "buyer_id": lead["last_name"]}).encode()
+                return (
+                    200,
+                    "application/json",
+                    json.dumps(
+                        {"bid": False, "reason": text, "buyer_id": lead["last_name"]}
+                    ).encode(),
+                )
             if buyer == "http500":
                 return 500, "text/plain", f"internal error for {text}".encode()
             if buyer == "notjson":
                 return 200, "text/html", f"<html>{text}</html>".encode()
-            ref = {"reject": lead["first_name"], "http422": lead["email"],
-                   "garbage": lead["phone"][1:], "accept": lead["last_name"]}[buyer]
-            return 200, "application/json", json.dumps(
-                {"bid": True, "price": PRICES[buyer], "exclusive": False, "buyer_id": ref,
-                 "reason": text, "note": text}).encode()
+            ref = {
+                "reject": lead["first_name"],
+                "http422": lead["email"],
+                "garbage": lead["phone"][1:],
+                "accept": lead["last_name"],
+            }[buyer]
+            return (
+                200,
+                "application/json",
+                json.dumps(
+                    {
+                        "bid": True,
+                        "price": PRICES[buyer],
+                        "exclusive": False,
+                        "buyer_id": ref,
+                        "reason": text,
+                        "note": text,
+                    }
+                ).encode(),
+            )
         text = echo(self.by_lead[body["lead_id"]]) + " " + echo(body)  # what it was sent
         if buyer == "reject":
-            return 200, "application/json", json.dumps(
-                {"accepted": False, "reason": text}).encode()
+            return 200, "application/json", json.dumps({"accepted": False, "reason": text}).encode()
         if buyer == "http422":
-            return 422, "application/json", json.dumps(
-                {"reason": {"detail": text, "phone": body["phone"]}, "error": text}).encode()
+            return (
+                422,
+                "application/json",
+                json.dumps(
+                    {"reason": {"detail": text, "phone": body["phone"]}, "error": text}
+                ).encode(),
+            )
         if buyer == "garbage":
             return 200, "text/plain", f"ok?? {text}".encode()
-        return 200, "application/json", json.dumps(
-            {"accepted": True, "message": text, "reason": text}).encode()
+        return (
+            200,
+            "application/json",
+            json.dumps({"accepted": True, "message": text, "reason": text}).encode(),
+        )
 
     def _server(self, buyer: str, port: int) -> ThreadingHTTPServer:
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 (http.server API)
+            def do_POST(self) -> None:
                 raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 status, ctype, out = owner._answer(buyer, self.path, json.loads(raw))
                 self.send_response(status)
@@ -145,28 +181,55 @@ def hits(text: str, pats: list[tuple[str, re.Pattern[str]]]) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def echo_run(kafka_bootstrap: str, warehouse_url: str,
-             tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+def echo_run(
+    kafka_bootstrap: str, warehouse_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, Any]]:
     leads = make_leads()
-    p = Pipeline(tmp_path_factory.mktemp("pii_echo"), kafka_bootstrap, warehouse_url,
-                 {b: {"timeout_ms": 400} for b in BUYERS})
+    p = Pipeline(
+        tmp_path_factory.mktemp("pii_echo"),
+        kafka_bootstrap,
+        warehouse_url,
+        {b: {"timeout_ms": 400} for b in BUYERS},
+    )
     ports = {b: p.settings.simulator.buyers[b].port for b in BUYERS}
     buyers = EchoBuyers(ports, leads)
     try:
-        p.stack.up(embedded_warehouse=False, start_kafka=False, with_buyers=False,
-                   workers=1, with_metrics=False)
+        p.stack.up(
+            embedded_warehouse=False,
+            start_kafka=False,
+            with_buyers=False,
+            workers=1,
+            with_metrics=False,
+        )
         answers = asyncio.run(p.post_many(leads, wait=True, concurrency=4))
         ids = [a["lead_id"] for a in answers]
         p.settled(ids)
         # Invalid leads carrying PII, straight to Kafka: a valid Avro lead with a bad zip,
         # and a lead as JSON (not Avro: undecodable).
         bad = {k: v for k, v in leads[0].items() if k not in ("flow", "lead_id")}
-        asyncio.run(p.produce(p.names.leads, schemas.encode("Lead", {
-            "flow": "solar", "fields": {**bad, "zip": "ABCDE", "mobile": leads[1]["phone"]},
-            "lead_id": "pii-echo-bad"}), key=b"pii-echo-bad"))
+        asyncio.run(
+            p.produce(
+                p.names.leads,
+                schemas.encode(
+                    "Lead",
+                    {
+                        "flow": "solar",
+                        "fields": {**bad, "zip": "ABCDE", "mobile": leads[1]["phone"]},
+                        "lead_id": "pii-echo-bad",
+                    },
+                ),
+                key=b"pii-echo-bad",
+            )
+        )
         asyncio.run(p.produce(p.names.leads, json.dumps(leads[2]).encode(), key=b"pii-json"))
-        wait_for(lambda: p.rows("SELECT count() FROM {db}.dead_letters FINAL "
-                                "WHERE stage = 'redact'")[0][0] >= 2, 60, "two dead letters")
+        wait_for(
+            lambda: (
+                p.rows("SELECT count() FROM {db}.dead_letters FINAL WHERE stage = 'redact'")[0][0]
+                >= 2
+            ),
+            60,
+            "two dead letters",
+        )
         yield {"p": p, "leads": leads, "ids": ids, "buyers": buyers}
     finally:
         p.stop()
@@ -186,15 +249,21 @@ def test_echoing_buyers_were_asked_and_their_answers_recorded(echo_run: dict[str
     p, ids, buyers = echo_run["p"], echo_run["ids"], echo_run["buyers"]
     for b in BUYERS:
         assert buyers.calls[b] >= N, (b, buyers.calls)
-    posts = p.rows("SELECT buyer_id, status, reason FROM {db}.posts FINAL "
-                   "WHERE lead_id IN %(ids)s", ids=ids)
+    posts = p.rows(
+        "SELECT buyer_id, status, reason FROM {db}.posts FINAL WHERE lead_id IN %(ids)s", ids=ids
+    )
     by = {(b, s) for b, s, _ in posts}
-    assert {("reject", "rejected"), ("http422", "error"), ("garbage", "error"),
-            ("accept", "accepted")} <= by, by
+    assert {
+        ("reject", "rejected"),
+        ("http422", "error"),
+        ("garbage", "error"),
+        ("accept", "accepted"),
+    } <= by, by
     # the rejection reasons are kept, scrubbed
     assert any("[redacted]" in r for b, _, r in posts if b == "reject"), posts[:4]
-    outcomes = p.rows("SELECT outcome, winners FROM {db}.auctions FINAL WHERE lead_id IN %(ids)s",
-                      ids=ids)
+    outcomes = p.rows(
+        "SELECT outcome, winners FROM {db}.auctions FINAL WHERE lead_id IN %(ids)s", ids=ids
+    )
     assert len(outcomes) == N and all(w == ["accept"] for _, w in outcomes), outcomes
 
 
@@ -208,8 +277,12 @@ def test_no_pii_outside_its_documented_places(echo_run: dict[str, Any]) -> None:
     leaks: list[str] = []
     for topic in topics:
         records = asyncio.run(p.read_topic(topic))
-        text = "\n".join((r.key or b"").decode("utf-8", "replace") + " "
-                         + (r.value or b"").decode("utf-8", "replace") for r in records)
+        text = "\n".join(
+            (r.key or b"").decode("utf-8", "replace")
+            + " "
+            + (r.value or b"").decode("utf-8", "replace")
+            for r in records
+        )
         found = hits(text, pats)
         if topic in pii_topics:
             if topic == n.leads:  # the scan finds PII where it must be
@@ -227,8 +300,10 @@ def test_no_pii_outside_its_documented_places(echo_run: dict[str, Any]) -> None:
 
 def test_dead_letters_keep_what_an_operator_needs(echo_run: dict[str, Any]) -> None:
     p = echo_run["p"]
-    records = [schemas.decode_as("DeadLetter", r.value)
-               for r in asyncio.run(p.read_topic(p.names.deadletter))]
+    records = [
+        schemas.decode_as("DeadLetter", r.value)
+        for r in asyncio.run(p.read_topic(p.names.deadletter))
+    ]
     by_key = {r["key"]: r for r in records if r["stage"] == "redact"}
     bad, js = by_key[b"pii-echo-bad"], by_key[b"pii-json"]
     assert bad["field"] == "zip" and "zip" in bad["reason"] and bad["payload_redacted"]

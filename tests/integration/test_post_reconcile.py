@@ -12,7 +12,8 @@ buyers accepted (the simulator decides each post by its key, recorded or not on 
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import orjson
 import pytest
@@ -23,26 +24,49 @@ from tests.integration.pipeline import SOLAR_FLOW, Pipeline, wait_for
 
 pytestmark = pytest.mark.integration
 
-BASE = {"bid_probability": 1.0, "post_reject_rate": 0.0, "exclusive_share": 0.0,
-        "latency_ms": {"median": 10, "p99": 30}, "late_share": 0.0, "error_rate": 0.0}
+BASE = {
+    "bid_probability": 1.0,
+    "post_reject_rate": 0.0,
+    "exclusive_share": 0.0,
+    "latency_ms": {"median": 10, "p99": 30},
+    "late_share": 0.0,
+    "error_rate": 0.0,
+}
 BUYERS: dict[str, dict[str, Any]] = {
     # Bids highest, answers every post after 2.5 s; its post timeout is 400 ms, the
     # flow's post window 1.5 s.
-    "slowpoke": {"tier": "premium", "post_timeout_ms": 400,
-                 "sim": {**BASE, "price": {"median": 90, "p99": 95},
-                         "post_slow_share": 1.0, "post_slow_ms": 2500}},
+    "slowpoke": {
+        "tier": "premium",
+        "post_timeout_ms": 400,
+        "sim": {
+            **BASE,
+            "price": {"median": 90, "p99": 95},
+            "post_slow_share": 1.0,
+            "post_slow_ms": 2500,
+        },
+    },
     "steady": {"tier": "standard", "sim": {**BASE, "price": {"median": 40, "p99": 45}}},
 }
-FLOW = {**SOLAR_FLOW, "post_timeout_ms": 1500, "strategy": {**SOLAR_FLOW.get("strategy", {}), "shared_max": 1,
-                                   "exclusive_only": False, "shared_only": True}}
+FLOW = {
+    **SOLAR_FLOW,
+    "post_timeout_ms": 1500,
+    "strategy": {
+        **SOLAR_FLOW.get("strategy", {}),
+        "shared_max": 1,
+        "exclusive_only": False,
+        "shared_only": True,
+    },
+}
 N = 8
 
 
 @pytest.fixture(scope="module")
-def market(kafka_bootstrap: str, warehouse_url: str,
-           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
-    p = Pipeline(tmp_path_factory.mktemp("reconcile"), kafka_bootstrap, warehouse_url, BUYERS,
-                 flow=FLOW)
+def market(
+    kafka_bootstrap: str, warehouse_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Pipeline]:
+    p = Pipeline(
+        tmp_path_factory.mktemp("reconcile"), kafka_bootstrap, warehouse_url, BUYERS, flow=FLOW
+    )
     try:
         p.start()
         yield p
@@ -56,15 +80,20 @@ def _accepted_by_buyers(p: Pipeline) -> set[tuple[str, str]]:
         cfg = p.settings.simulator.buyers[buyer_id]
         for rec in p.received(buyer_id, "post"):
             body = orjson.loads(rec["body"])
-            if decide_post(p.settings.simulator.seed, buyer_id, body["post_id"],
-                           cfg).outcome == "accepted":
+            if (
+                decide_post(p.settings.simulator.seed, buyer_id, body["post_id"], cfg).outcome
+                == "accepted"
+            ):
                 out.add((body["lead_id"], buyer_id))
     return out
 
 
 def _recorded(p: Pipeline, ids: list[str]) -> set[tuple[str, str]]:
-    rows = p.rows("SELECT lead_id, buyer_id FROM {db}.posts FINAL WHERE status = 'accepted' "
-                  "AND lead_id IN {ids:Array(String)}", ids=ids)
+    rows = p.rows(
+        "SELECT lead_id, buyer_id FROM {db}.posts FINAL WHERE status = 'accepted' "
+        "AND lead_id IN {ids:Array(String)}",
+        ids=ids,
+    )
     return {(r[0], r[1]) for r in rows}
 
 
@@ -74,19 +103,31 @@ def test_a_post_accepted_after_we_gave_up_is_a_sale_recorded_once(market: Pipeli
     market.settled(ids)
     # Each lead went to slowpoke (best price), which never answered within the window: the
     # lead settled unsold, its one shared slot held for slowpoke (steady never got it).
-    assert all(a.get("outcome") == "unsold" and "slowpoke" in a.get("reason", "")
-               for a in answers), answers
-    assert not [r for r in market.received("steady", "post")
-                if orjson.loads(r["body"])["lead_id"] in ids]
+    assert all(
+        a.get("outcome") == "unsold" and "slowpoke" in a.get("reason", "") for a in answers
+    ), answers
+    assert not [
+        r for r in market.received("steady", "post") if orjson.loads(r["body"])["lead_id"] in ids
+    ]
     accepted = _accepted_by_buyers(market)
     assert {(lead, "slowpoke") for lead in ids} <= accepted
     # Reconciled: every acceptance becomes a recorded sale, once (posts FINAL by attempt).
-    wait_for(lambda: _recorded(market, ids) == {x for x in accepted if x[0] in ids}, 60,
-             "recorded sales to equal the buyers' acceptances")
-    rows = market.rows("SELECT lead_id, count() FROM {db}.posts FINAL WHERE status = "
-                       "'accepted' AND lead_id IN {ids:Array(String)} GROUP BY lead_id, "
-                       "buyer_id HAVING count() > 1", ids=ids)
+    wait_for(
+        lambda: _recorded(market, ids) == {x for x in accepted if x[0] in ids},
+        60,
+        "recorded sales to equal the buyers' acceptances",
+    )
+    rows = market.rows(
+        "SELECT lead_id, count() FROM {db}.posts FINAL WHERE status = "
+        "'accepted' AND lead_id IN {ids:Array(String)} GROUP BY lead_id, "
+        "buyer_id HAVING count() > 1",
+        ids=ids,
+    )
     assert rows == []
-    winners = dict(market.rows("SELECT lead_id, winners FROM {db}.auctions FINAL WHERE "
-                               "lead_id IN {ids:Array(String)}", ids=ids))
+    winners = dict(
+        market.rows(
+            "SELECT lead_id, winners FROM {db}.auctions FINAL WHERE lead_id IN {ids:Array(String)}",
+            ids=ids,
+        )
+    )
     assert all(list(winners[lead]) == ["slowpoke"] for lead in ids), winners

@@ -11,12 +11,12 @@ after a rebalance. Every lead must settle, once.
 from __future__ import annotations
 
 import asyncio
-from collections import Counter
 import os
 import signal
 import threading
 import time
-from typing import Iterator
+from collections import Counter
+from collections.abc import Iterator
 
 import orjson
 import pytest
@@ -27,8 +27,14 @@ from tests.integration.pipeline import Pipeline, wait_for
 
 pytestmark = pytest.mark.integration
 
-SIM = {"bid_probability": 0.9, "latency_ms": {"median": 30, "p99": 200}, "late_share": 0.0,
-       "error_rate": 0.0, "post_reject_rate": 0.2, "post_error_rate": 0.0}
+SIM = {
+    "bid_probability": 0.9,
+    "latency_ms": {"median": 30, "p99": 200},
+    "late_share": 0.0,
+    "error_rate": 0.0,
+    "post_reject_rate": 0.2,
+    "post_error_rate": 0.0,
+}
 BUYERS = {b: {"sim": {**SIM, "exclusive_share": 0.2}} for b in ("a", "b", "c")}
 # A capped buyer: its posts wait for a decision from the cap owner, whose agent every
 # rebalance pauses. Such a post is requeued rather than holding the rebalance up; the cap
@@ -39,13 +45,19 @@ N = 900
 
 
 @pytest.fixture(scope="module")
-def churned(kafka_bootstrap: str, warehouse_url: str,
-            tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Pipeline, list[str]]]:
+def churned(
+    kafka_bootstrap: str, warehouse_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Pipeline, list[str]]]:
     # Dynamic membership: every change below is a rebalance (a join, a clean leave, a dead
     # member expiring), the path scale-out and scale-in take. (test_static_membership.py:
     # a crashed worker restarted under its slot's name, without a rebalance.)
-    p = Pipeline(tmp_path_factory.mktemp("churn"), kafka_bootstrap, warehouse_url, BUYERS,
-                 worker={"static_membership": False})
+    p = Pipeline(
+        tmp_path_factory.mktemp("churn"),
+        kafka_bootstrap,
+        warehouse_url,
+        BUYERS,
+        worker={"static_membership": False},
+    )
     try:
         p.start()
         leads = generate_leads(N, seed=77)
@@ -55,8 +67,9 @@ def churned(kafka_bootstrap: str, warehouse_url: str,
         def push() -> None:
             async def go() -> None:
                 for c in range(0, N, 20):
-                    ids.extend(a["lead_id"] for a in await p.post_many(leads[c:c + 20]))
+                    ids.extend(a["lead_id"] for a in await p.post_many(leads[c : c + 20]))
                     await asyncio.sleep(0.4)  # pacing the producer, not synchronising a test
+
             asyncio.run(go())
             done.set()
 
@@ -89,8 +102,13 @@ def churned(kafka_bootstrap: str, warehouse_url: str,
 def test_every_lead_is_auctioned_exactly_once(churned: tuple[Pipeline, list[str]]) -> None:
     p, ids = churned
     assert len(set(ids)) == N
-    counts = dict(p.rows("SELECT lead_id, count() FROM {db}.auctions FINAL "
-                         "WHERE lead_id IN %(ids)s GROUP BY lead_id", ids=ids))
+    counts = dict(
+        p.rows(
+            "SELECT lead_id, count() FROM {db}.auctions FINAL "
+            "WHERE lead_id IN %(ids)s GROUP BY lead_id",
+            ids=ids,
+        )
+    )
     assert set(counts) == set(ids)
     # Every result event tells the same story for its lead, however often it was redelivered
     # — except that a post which timed out and was accepted after all adds its buyer to the
@@ -102,8 +120,9 @@ def test_every_lead_is_auctioned_exactly_once(churned: tuple[Pipeline, list[str]
         before = seen.setdefault(r["lead_id"], set(r["winners"]))
         assert before <= set(r["winners"]), (r["lead_id"], before, r["winners"])
         seen[r["lead_id"]] = set(r["winners"])
-    winners = dict(p.rows("SELECT lead_id, winners FROM {db}.auctions FINAL "
-                          "WHERE lead_id IN %(ids)s", ids=ids))
+    winners = dict(
+        p.rows("SELECT lead_id, winners FROM {db}.auctions FINAL WHERE lead_id IN %(ids)s", ids=ids)
+    )
     assert {k: set(v) for k, v in winners.items()} == seen
 
 
@@ -114,32 +133,40 @@ def test_the_workers_really_churned(churned: tuple[Pipeline, list[str]]) -> None
     import re
 
     p, _ = churned
-    logs = "".join(f.read_text(errors="replace")
-                   for f in (p.root / "run" / "logs").glob("worker*.log"))
+    logs = "".join(
+        f.read_text(errors="replace") for f in (p.root / "run" / "logs").glob("worker*.log")
+    )
     generations = [int(g) for g in re.findall(r"\(generation (\d+)\)", logs)]
     assert max(generations, default=0) >= 4
     # The safety nets: how often they acted (the guard re-seeks after most rebalances:
     # Faust resumes partitions before seeking them; the watchdog should not need to act).
-    print(f"guard re-seeks: {logs.count('seeking back to')}, watchdog: "
-          f"{logs.count('none delivered for') + logs.count('has not moved for')}")
+    print(
+        f"guard re-seeks: {logs.count('seeking back to')}, watchdog: "
+        f"{logs.count('none delivered for') + logs.count('has not moved for')}"
+    )
 
 
 def test_the_cap_holds_through_the_churn(churned: tuple[Pipeline, list[str]]) -> None:
     p, ids = churned
-    rows = p.rows("SELECT lead_id FROM {db}.posts FINAL WHERE status = 'accepted' "
-                  "AND buyer_id = 'a' AND lead_id IN %(ids)s", ids=ids)
+    rows = p.rows(
+        "SELECT lead_id FROM {db}.posts FINAL WHERE status = 'accepted' "
+        "AND buyer_id = 'a' AND lead_id IN %(ids)s",
+        ids=ids,
+    )
     assert len(rows) == len({r[0] for r in rows})  # never the same lead twice
     # Never over the cap, and binding: a third of 900 leads would go to 'a' without it. (A
     # slot can stay held by a lead whose worker was killed or whose post window ran out
     # during a rebalance until the hold expires (120 s): the cap errs on the low side.)
     assert CAP - 5 <= len(rows) <= CAP
-    logs = "".join(f.read_text(errors="replace")
-                   for f in (p.root / "run" / "logs").glob("worker*.log"))
+    logs = "".join(
+        f.read_text(errors="replace") for f in (p.root / "run" / "logs").glob("worker*.log")
+    )
     print(f"posts requeued during rebalances: {logs.count('requeued')}")
 
 
 def test_each_auction_closes_once_and_no_buyer_is_pinged_twice(
-        churned: tuple[Pipeline, list[str]]) -> None:
+    churned: tuple[Pipeline, list[str]],
+) -> None:
     """Through the crash and the rebalances: one post order per lead (a re-sent order is
     the same order: same candidates), and no buyer received the same ping twice."""
     p, ids = churned

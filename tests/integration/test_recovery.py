@@ -14,7 +14,8 @@ import os
 import signal
 import threading
 from collections import defaultdict
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -26,8 +27,14 @@ from tests.integration.pipeline import Pipeline, wait_for
 
 pytestmark = pytest.mark.integration
 
-SIM = {"bid_probability": 0.9, "latency_ms": {"median": 60, "p99": 300}, "late_share": 0.02,
-       "error_rate": 0.02, "post_reject_rate": 0.3, "post_error_rate": 0.05}
+SIM = {
+    "bid_probability": 0.9,
+    "latency_ms": {"median": 60, "p99": 300},
+    "late_share": 0.02,
+    "error_rate": 0.02,
+    "post_reject_rate": 0.3,
+    "post_error_rate": 0.05,
+}
 BUYERS = {
     "north": {"tier": "premium", "sim": {**SIM, "exclusive_share": 0.5}},
     "south": {"sim": {**SIM, "exclusive_share": 0.2}},
@@ -38,11 +45,18 @@ N = 300
 
 
 @pytest.fixture(scope="module")
-def crashed(kafka_bootstrap: str, warehouse_url: str,
-            tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Pipeline, list[str]]]:
+def crashed(
+    kafka_bootstrap: str, warehouse_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Pipeline, list[str]]]:
     # Faust's web servers on: sink, metrics (not run here), worker, worker2 on 4 free ports.
-    p = Pipeline(tmp_path_factory.mktemp("recovery"), kafka_bootstrap, warehouse_url, BUYERS,
-                 workers=2, web_port=free_port_block(4) + 2)
+    p = Pipeline(
+        tmp_path_factory.mktemp("recovery"),
+        kafka_bootstrap,
+        warehouse_url,
+        BUYERS,
+        workers=2,
+        web_port=free_port_block(4) + 2,
+    )
     try:
         p.start()
         leads = generate_leads(N, seed=303)
@@ -52,8 +66,9 @@ def crashed(kafka_bootstrap: str, warehouse_url: str,
         def push() -> None:
             async def go() -> None:
                 for chunk in range(0, N, 30):
-                    ids.extend(a["lead_id"] for a in await p.post_many(leads[chunk:chunk + 30]))
+                    ids.extend(a["lead_id"] for a in await p.post_many(leads[chunk : chunk + 30]))
                     await asyncio.sleep(0.25)  # pacing the producer, not synchronising a test
+
             asyncio.run(go())
             done.set()
 
@@ -74,12 +89,15 @@ def crashed(kafka_bootstrap: str, warehouse_url: str,
         p.stop()
 
 
-def test_every_lead_settles_with_one_consistent_outcome(crashed: tuple[Pipeline, list[str]]
-                                                        ) -> None:
+def test_every_lead_settles_with_one_consistent_outcome(
+    crashed: tuple[Pipeline, list[str]],
+) -> None:
     p, ids = crashed
     assert len(set(ids)) == N
-    rows = p.rows("SELECT lead_id, outcome, winners FROM {db}.auctions FINAL "
-                  "WHERE lead_id IN %(ids)s", ids=ids)
+    rows = p.rows(
+        "SELECT lead_id, outcome, winners FROM {db}.auctions FINAL WHERE lead_id IN %(ids)s",
+        ids=ids,
+    )
     assert len(rows) == N
     # Redelivery may re-emit a lead's result; every copy must tell the same story.
     seen: dict[str, tuple[str, tuple[str, ...]]] = {}
@@ -92,12 +110,19 @@ def test_every_lead_settles_with_one_consistent_outcome(crashed: tuple[Pipeline,
 
 def test_no_double_sale_after_the_crash(crashed: tuple[Pipeline, list[str]]) -> None:
     p, ids = crashed
-    winners = {lid: (outcome, sorted(ws)) for lid, outcome, ws in p.rows(
-        "SELECT lead_id, outcome, winners FROM {db}.auctions FINAL WHERE lead_id IN %(ids)s",
-        ids=ids)}
+    winners = {
+        lid: (outcome, sorted(ws))
+        for lid, outcome, ws in p.rows(
+            "SELECT lead_id, outcome, winners FROM {db}.auctions FINAL WHERE lead_id IN %(ids)s",
+            ids=ids,
+        )
+    }
     accepted: dict[str, set[str]] = defaultdict(set)
-    for lid, buyer in p.rows("SELECT lead_id, buyer_id FROM {db}.posts FINAL "
-                             "WHERE status = 'accepted' AND lead_id IN %(ids)s", ids=ids):
+    for lid, buyer in p.rows(
+        "SELECT lead_id, buyer_id FROM {db}.posts FINAL "
+        "WHERE status = 'accepted' AND lead_id IN %(ids)s",
+        ids=ids,
+    ):
         accepted[lid].add(buyer)
     for lid, (outcome, ws) in winners.items():
         assert sorted(accepted.get(lid, set())) == ws, lid
@@ -122,6 +147,7 @@ def test_each_worker_serves_on_its_own_web_port(crashed: tuple[Pipeline, list[st
     restarted worker got its port back)."""
     p, _ = crashed
     base = p.settings.worker.web_port
+
     def answers(port: int) -> int | None:
         try:
             return httpx.get(f"http://127.0.0.1:{port}/", timeout=5).status_code

@@ -158,13 +158,18 @@ def test_select_1_latency_has_no_nagle_delay(client: Client) -> None:
         assert client.command("SELECT 1") == 1
         timings.append(time.perf_counter() - start)
     timings.sort()
-    assert timings[len(timings) // 2] < 0.02, f"SELECT 1 p50 {timings[len(timings) // 2] * 1000:.1f} ms"
+    assert timings[len(timings) // 2] < 0.02, (
+        f"SELECT 1 p50 {timings[len(timings) // 2] * 1000:.1f} ms"
+    )
 
 
 def test_ddl_mergetree_and_replacing_mergetree(client: Client, db: str) -> None:
     table = create_events(client, db)
     client.insert(table, [(1, "a", ""), (2, "b", "")], column_names=["id", "name", "payload"])
-    assert client.query(f"SELECT id, name FROM {table} ORDER BY id").result_rows == [(1, "a"), (2, "b")]
+    assert client.query(f"SELECT id, name FROM {table} ORDER BY id").result_rows == [
+        (1, "a"),
+        (2, "b"),
+    ]
     assert client.command(f"EXISTS TABLE {table}") == 1
 
     client.command(
@@ -172,13 +177,18 @@ def test_ddl_mergetree_and_replacing_mergetree(client: Client, db: str) -> None:
     )
     client.insert(f"{db}.latest", [(1, 1), (2, 1)])
     client.insert(f"{db}.latest", [(1, 5), (2, 3)])
-    assert client.query(f"SELECT id, v FROM {db}.latest FINAL ORDER BY id").result_rows == [(1, 5), (2, 3)]
+    assert client.query(f"SELECT id, v FROM {db}.latest FINAL ORDER BY id").result_rows == [
+        (1, 5),
+        (2, 3),
+    ]
     description = client.query(f"DESCRIBE TABLE {db}.latest").result_rows
     assert [(r[0], r[1]) for r in description] == [("id", "UInt64"), ("v", "UInt32")]
 
 
 @pytest.mark.parametrize("compress", [False, "lz4"], ids=str)
-def test_column_types_round_trip(warehouse_url: str, client: Client, db: str, compress: Any) -> None:
+def test_column_types_round_trip(
+    warehouse_url: str, client: Client, db: str, compress: Any
+) -> None:
     """Types the pipeline stores, through Native both ways (incl. the protocol-version probe)."""
     client.command(
         f"CREATE TABLE {db}.typed (id UInt64, buyer LowCardinality(String), price Nullable(Float64),"
@@ -198,7 +208,9 @@ def test_column_types_round_trip(warehouse_url: str, client: Client, db: str, co
     assert [r[3].replace(tzinfo=UTC) for r in got] == [at, at]
 
 
-def test_database_parameter_and_use_do_not_leak(warehouse_url: str, client: Client, db: str) -> None:
+def test_database_parameter_and_use_do_not_leak(
+    warehouse_url: str, client: Client, db: str
+) -> None:
     create_events(client, db)
     scoped = sync_client(warehouse_url, database=db)
     try:
@@ -215,7 +227,10 @@ def test_database_parameter_and_use_do_not_leak(warehouse_url: str, client: Clie
 
 
 def test_settings_apply_to_one_request(client: Client) -> None:
-    assert client.command("SELECT getSetting('max_block_size')", settings={"max_block_size": 1234}) == 1234
+    assert (
+        client.command("SELECT getSetting('max_block_size')", settings={"max_block_size": 1234})
+        == 1234
+    )
     for _ in range(8):
         assert client.command("SELECT getSetting('max_block_size')") != 1234
     with pytest.raises(DatabaseError, match="UNKNOWN_SETTING"):
@@ -250,7 +265,9 @@ def test_typed_and_long_parameters(client: Client) -> None:
         "SELECT {a:Array(UInt32)}, {n:UInt64}", parameters={"a": [1, 2, 3], "n": 7}
     ).result_rows == [([1, 2, 3], 7)]
     long_value = "y" * 10_000  # long binds make clickhouse-connect send a multipart form
-    assert client.query("SELECT length({v:String})", parameters={"v": long_value}).result_rows == [(10_000,)]
+    assert client.query("SELECT length({v:String})", parameters={"v": long_value}).result_rows == [
+        (10_000,)
+    ]
 
 
 # --------------------------------------------------------------------------- inserts
@@ -266,9 +283,9 @@ def test_insert_10k_rows_every_compression(
         summary = writer.insert(table, rows(), column_names=["id", "name", "payload"])
         assert summary.written_rows == ROWS
         # Reading back through the same compression exercises compressed responses too.
-        assert writer.query(f"SELECT count(), sum(id), uniqExact(name) FROM {table}").result_rows == [
-            (ROWS, ROWS * (ROWS - 1) // 2, ROWS)
-        ]
+        assert writer.query(
+            f"SELECT count(), sum(id), uniqExact(name) FROM {table}"
+        ).result_rows == [(ROWS, ROWS * (ROWS - 1) // 2, ROWS)]
         assert len(writer.query(f"SELECT * FROM {table}").result_rows) == ROWS
     finally:
         writer.close()
@@ -299,11 +316,14 @@ def _frames(encoding: str, parts: list[bytes]) -> bytes:
 
 
 @pytest.mark.parametrize("encoding", ["lz4", "zstd", "gzip"])
-def test_raw_multi_frame_chunked_body(warehouse_url: str, client: Client, db: str, encoding: str) -> None:
+def test_raw_multi_frame_chunked_body(
+    warehouse_url: str, client: Client, db: str, encoding: str
+) -> None:
     """Three separately compressed frames, sent chunked in odd-sized pieces: all rows land."""
     table = create_events(client, db)
     parts = [
-        b"".join(f"{i}\tn{i}\tp\n".encode() for i in range(start, start + 1000)) for start in (0, 1000, 2000)
+        b"".join(f"{i}\tn{i}\tp\n".encode() for i in range(start, start + 1000))
+        for start in (0, 1000, 2000)
     ]
     body = _frames(encoding, parts)
     host, port = host_port(warehouse_url)
@@ -350,26 +370,36 @@ def test_bad_insert_data_is_an_error_and_server_recovers(client: Client, db: str
     assert client.command(f"SELECT count() FROM {table}") == 1
 
 
-def test_client_disconnect_mid_insert_commits_nothing(warehouse_url: str, client: Client, db: str) -> None:
+def test_client_disconnect_mid_insert_commits_nothing(
+    warehouse_url: str, client: Client, db: str
+) -> None:
     table = create_events(client, db)
     host, port = host_port(warehouse_url)
     query = urllib.parse.urlencode({"query": f"INSERT INTO {table} FORMAT TabSeparated"})
     data = b"".join(f"{i}\tn\tp\n".encode() for i in range(1000))
     for _ in range(6):  # more than the pool: every session must come back usable
         with socket.create_connection((host, port)) as sock:
-            sock.sendall(f"POST /?{query} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".encode())
+            sock.sendall(
+                f"POST /?{query} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+            )
             sock.sendall(f"{len(data):x}\r\n".encode() + data + b"\r\n")  # no final 0-chunk
     for _ in range(8):
         assert client.command(f"SELECT count() FROM {table}") == 0
 
 
-def test_truncated_or_unknown_encoding_is_an_error(warehouse_url: str, client: Client, db: str) -> None:
+def test_truncated_or_unknown_encoding_is_an_error(
+    warehouse_url: str, client: Client, db: str
+) -> None:
     table = create_events(client, db)
     query = {"query": f"INSERT INTO {table} FORMAT TabSeparated"}
     truncated = lz4.frame.compress(b"1\tn\tp\n" * 100)[:-5]
-    status, headers, body = http_request(warehouse_url, query, truncated, {"Content-Encoding": "lz4"})
+    status, headers, body = http_request(
+        warehouse_url, query, truncated, {"Content-Encoding": "lz4"}
+    )
     assert status == 500 and headers["X-ClickHouse-Exception-Code"] == "271", body
-    status, _, body = http_request(warehouse_url, query, b"1\tn\tp\n", {"Content-Encoding": "snappy"})
+    status, _, body = http_request(
+        warehouse_url, query, b"1\tn\tp\n", {"Content-Encoding": "snappy"}
+    )
     assert status == 500 and b"Unsupported Content-Encoding" in body
     assert client.command(f"SELECT count() FROM {table}") == 0
 
@@ -397,7 +427,9 @@ def test_empty_results(client: Client, db: str) -> None:
 def test_streaming_query(warehouse_url: str, compress: Any) -> None:
     reader = sync_client(warehouse_url, compress=compress)
     try:
-        with reader.query_rows_stream("SELECT number, toString(number) FROM numbers(500000)") as stream:
+        with reader.query_rows_stream(
+            "SELECT number, toString(number) FROM numbers(500000)"
+        ) as stream:
             total = sum(row[0] for row in stream)
         assert total == 500000 * 499999 // 2
     finally:
@@ -427,13 +459,19 @@ def test_error_after_streaming_started_reaches_client(warehouse_url: str) -> Non
 # --------------------------------------------------------------------------- errors
 
 
-def test_bad_sql_raises_database_error_with_clickhouse_text(client: Client, warehouse_url: str) -> None:
+def test_bad_sql_raises_database_error_with_clickhouse_text(
+    client: Client, warehouse_url: str
+) -> None:
     with pytest.raises(DatabaseError) as info:
         client.query("SELEC 1")
-    assert "Code: 62. DB::Exception: Syntax error" in str(info.value) and "(SYNTAX_ERROR)" in str(info.value)
+    assert "Code: 62. DB::Exception: Syntax error" in str(info.value) and "(SYNTAX_ERROR)" in str(
+        info.value
+    )
     with pytest.raises(DatabaseError, match="UNKNOWN_TABLE"):
         client.command("SELECT * FROM default.no_such_table_xyz")
-    status, headers, body = http_request(warehouse_url, {"query": "SELECT * FROM no_such_table_xyz"})
+    status, headers, body = http_request(
+        warehouse_url, {"query": "SELECT * FROM no_such_table_xyz"}
+    )
     assert status == 500 and headers["X-ClickHouse-Exception-Code"] == "60"
     assert body.startswith(b"Code: 60. DB::Exception: ")
 
@@ -459,8 +497,12 @@ def test_concurrent_queries_from_threads(warehouse_url: str, client: Client, db:
         c = sync_client(warehouse_url)
         try:
             for i in range(10):
-                c.insert(table, [(n * 1000 + i, f"w{n}", "")], column_names=["id", "name", "payload"])
-                assert c.query("SELECT {n:UInt32} * 2", parameters={"n": n}).result_rows == [(n * 2,)]
+                c.insert(
+                    table, [(n * 1000 + i, f"w{n}", "")], column_names=["id", "name", "payload"]
+                )
+                assert c.query("SELECT {n:UInt32} * 2", parameters={"n": n}).result_rows == [
+                    (n * 2,)
+                ]
                 assert c.command("SELECT sum(number) FROM numbers(100000)") == 4999950000
         except BaseException as exc:  # reported below
             errors.append(exc)
@@ -530,7 +572,9 @@ def _count(url: str) -> int:
         c.close()
 
 
-def test_listening_line_and_clean_sigterm_exit(own_warehouse: list[WarehouseProcess], tmp_path: Path) -> None:
+def test_listening_line_and_clean_sigterm_exit(
+    own_warehouse: list[WarehouseProcess], tmp_path: Path
+) -> None:
     process = _start(own_warehouse, tmp_path / "data")
     assert f"warehouse listening on {process.url} (data: {tmp_path / 'data'})" in process.log()
     assert process.stop() == 0
@@ -593,7 +637,9 @@ def test_fixture_start_fails_loudly_when_dir_is_taken(
         start_warehouse(data_dir, tmp_path / "second.log")
 
 
-def test_chdb_lock_error_is_translated(own_warehouse: list[WarehouseProcess], tmp_path: Path) -> None:
+def test_chdb_lock_error_is_translated(
+    own_warehouse: list[WarehouseProcess], tmp_path: Path
+) -> None:
     """Another (non-warehouse) chDB process holds the dir: say so instead of 'EmbeddedServer'."""
     data_dir = tmp_path / "data"
     data_dir.mkdir()
@@ -610,7 +656,15 @@ def test_chdb_lock_error_is_translated(own_warehouse: list[WarehouseProcess], tm
         try:
             assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
             result = subprocess.run(
-                [sys.executable, "-m", "connectors.warehouse", "--data-dir", str(data_dir), "--port", "0"],
+                [
+                    sys.executable,
+                    "-m",
+                    "connectors.warehouse",
+                    "--data-dir",
+                    str(data_dir),
+                    "--port",
+                    "0",
+                ],
                 cwd=REPO_ROOT,
                 capture_output=True,
                 text=True,
@@ -626,7 +680,9 @@ def test_chdb_lock_error_is_translated(own_warehouse: list[WarehouseProcess], tm
             holder.kill()
 
 
-def test_sigterm_finishes_in_flight_query(own_warehouse: list[WarehouseProcess], tmp_path: Path) -> None:
+def test_sigterm_finishes_in_flight_query(
+    own_warehouse: list[WarehouseProcess], tmp_path: Path
+) -> None:
     process = _start(own_warehouse, tmp_path / "data")
     outcome: dict[str, Any] = {}
 

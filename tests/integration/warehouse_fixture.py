@@ -99,7 +99,9 @@ def _ping(url: str) -> bool:
         return False
 
 
-def launch_warehouse(data_dir: Path, port: int, log_path: Path, host: str = "127.0.0.1") -> WarehouseProcess:
+def launch_warehouse(
+    data_dir: Path, port: int, log_path: Path, host: str = "127.0.0.1"
+) -> WarehouseProcess:
     """Start the process without waiting for it (see ``start_warehouse``)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("ab") as log:
@@ -127,7 +129,10 @@ def launch_warehouse(data_dir: Path, port: int, log_path: Path, host: str = "127
 
 
 def start_warehouse(
-    data_dir: Path, log_path: Path | None = None, timeout: float = WAREHOUSE_START_TIMEOUT, attempts: int = 3
+    data_dir: Path,
+    log_path: Path | None = None,
+    timeout: float = WAREHOUSE_START_TIMEOUT,
+    attempts: int = 3,
 ) -> WarehouseProcess:
     """Start a warehouse on a free port and wait until ``/ping`` answers.
 

@@ -80,13 +80,16 @@ def test_idle_pipeline_with_one_lead_in_flight_admits_the_next() -> None:
     assert est.refuse(t) is None
 
 
-@pytest.mark.parametrize(("rate", "backlog", "refused"), [
-    (50, 10, False),    # (10 + 1) / 50: 0.22 s
-    (50, 24, False),    # 0.5 s: the setpoint (half the bound)
-    (50, 26, True),     # 0.54 s
-    (50, 400, True),    # 8 s
-    (5, 2, True),       # a slow pipeline, below the idle floor: 0.6 s
-])
+@pytest.mark.parametrize(
+    ("rate", "backlog", "refused"),
+    [
+        (50, 10, False),  # (10 + 1) / 50: 0.22 s
+        (50, 24, False),  # 0.5 s: the setpoint (half the bound)
+        (50, 26, True),  # 0.54 s
+        (50, 400, True),  # 8 s
+        (5, 2, True),  # a slow pipeline, below the idle floor: 0.6 s
+    ],
+)
 def test_busy_pipeline_refuses_past_the_bound(rate: float, backlog: int, refused: bool) -> None:
     est = Estimator(1000)
     t = feed(est, rate=rate, backlog=backlog)
@@ -95,10 +98,11 @@ def test_busy_pipeline_refuses_past_the_bound(rate: float, backlog: int, refused
     assert (est.refuse(t) is not None) is refused
 
 
-@pytest.mark.parametrize(("backlog", "retry_after"), [
-    (26, 1), (74, 1), (75, 2), (224, 4), (225, 5), (5000, admission.MAX_RETRY_AFTER_S)])
-def test_retry_after_is_the_time_to_drain_below_the_bound(backlog: int,
-                                                         retry_after: int) -> None:
+@pytest.mark.parametrize(
+    ("backlog", "retry_after"),
+    [(26, 1), (74, 1), (75, 2), (224, 4), (225, 5), (5000, admission.MAX_RETRY_AFTER_S)],
+)
+def test_retry_after_is_the_time_to_drain_below_the_bound(backlog: int, retry_after: int) -> None:
     est = Estimator(1000)
     t = feed(est, rate=50, backlog=backlog)
     assert est.capacity() == pytest.approx(50)
@@ -232,7 +236,7 @@ class Sim:
     refused: int = 0
     retry_after: list[int] = field(default_factory=list)
 
-    def run(self) -> "Sim":
+    def run(self) -> Sim:
         rnd = random.Random(self.seed)
         est = Estimator(self.bound_ms)
         end = self.seconds * 1000
@@ -247,8 +251,7 @@ class Sim:
                 rep = Report("w", int(t), {PINGS: taken - 1} if taken else {}, taken)
                 pending.append((t + 4, lambda r=rep, at=t + 4: est.add_report(r, at)))
             if t % 200 == 100:  # end offsets, as of now, 2 ms to arrive
-                pending.append((t + 2, lambda e=appended, at=t + 2: est.set_ends({PINGS: e},
-                                                                                 at)))
+                pending.append((t + 2, lambda e=appended, at=t + 2: est.set_ends({PINGS: e}, at)))
             for item in [p for p in pending if p[0] <= t]:
                 item[1]()
                 pending.remove(item)
@@ -265,7 +268,7 @@ class Sim:
                 admitted = queue.pop(0)
                 self.delays.append((admitted, t - admitted))
                 taken += 1
-                k = 1 / self.service_cv ** 2
+                k = 1 / self.service_cv**2
                 busy_until = t + rnd.gammavariate(k, 1 / (k * self.capacity(t))) * 1000
             t += 1
         return self
@@ -299,8 +302,9 @@ def test_below_capacity_nothing_is_refused() -> None:
 def test_capacity_halved_mid_run_delays_recover_under_the_bound() -> None:
     """A worker lost under load: capacity 60 → 30 at 10 s. The backlog admitted for the old
     capacity drains, then admitted leads wait under the bound again."""
-    sim = Sim(bound_ms=1000, offered=120, capacity=lambda t: 60.0 if t < 10_000 else 30.0,
-              seconds=30).run()
+    sim = Sim(
+        bound_ms=1000, offered=120, capacity=lambda t: 60.0 if t < 10_000 else 30.0, seconds=30
+    ).run()
     assert sim.p99(after_ms=13_000) <= 1000
     assert max(d for _, d in sim.delays) <= 2000
 
@@ -308,6 +312,5 @@ def test_capacity_halved_mid_run_delays_recover_under_the_bound() -> None:
 def test_exponential_service_stays_under_the_bound() -> None:
     """Service times as variable as they come (exponential): a second of slow service after a
     fast one cannot be predicted; the setpoint's margin absorbs it."""
-    sim = Sim(bound_ms=1000, offered=120, capacity=lambda t: 60.0, seconds=30,
-              service_cv=1.0).run()
+    sim = Sim(bound_ms=1000, offered=120, capacity=lambda t: 60.0, seconds=30, service_cv=1.0).run()
     assert sim.p99() <= 1000

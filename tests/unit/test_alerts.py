@@ -12,17 +12,23 @@ from typing import Any
 import pytest
 
 from streams.rules.alerts import AlertEngine, AlertState, step, steps_for
-from streams.settings.metrics import AlertRule
-from streams.settings import ConfigError, parse_settings
-from streams.stages.sink import to_row
 from streams.rules.windows import BUCKETS_MS, Agg, WindowedMetrics, metric_value, quantile
+from streams.settings import ConfigError, parse_settings
+from streams.settings.metrics import AlertRule
+from streams.stages.sink import to_row
 
 W = 10  # base window (s)
 
 
 def rule(**kw: Any) -> AlertRule:
-    base = {"name": "r", "metric": "bid_rate", "scope": "buyer", "comparison": "<",
-            "threshold": 0.2, "min_samples": 10}
+    base = {
+        "name": "r",
+        "metric": "bid_rate",
+        "scope": "buyer",
+        "comparison": "<",
+        "threshold": 0.2,
+        "min_samples": 10,
+    }
     return AlertRule.model_validate({**base, **kw})
 
 
@@ -43,33 +49,71 @@ CASES = [
     ("fires at the first breach without 'for'", {}, [HIGH, LOW, LOW], ["1:firing"]),
     ("threshold is strict for '<'", {}, [(0.2, 50)], []),
     ("'<=' includes the threshold", {"comparison": "<="}, [(0.2, 50)], ["0:firing"]),
-    ("'>' rule", {"metric": "avg_response_ms", "comparison": ">", "threshold": 600},
-     [(590.0, 50), (601.0, 50)], ["1:firing"]),
-    ("for: 20s needs three breaching windows in a row", {"for": "20s"},
-     [LOW, LOW, HIGH, LOW, LOW, LOW], ["5:firing"]),
-    ("one good window resets the pending streak", {"for": "10s"},
-     [LOW, HIGH, LOW, HIGH, LOW, LOW], ["5:firing"]),
+    (
+        "'>' rule",
+        {"metric": "avg_response_ms", "comparison": ">", "threshold": 600},
+        [(590.0, 50), (601.0, 50)],
+        ["1:firing"],
+    ),
+    (
+        "for: 20s needs three breaching windows in a row",
+        {"for": "20s"},
+        [LOW, LOW, HIGH, LOW, LOW, LOW],
+        ["5:firing"],
+    ),
+    (
+        "one good window resets the pending streak",
+        {"for": "10s"},
+        [LOW, HIGH, LOW, HIGH, LOW, LOW],
+        ["5:firing"],
+    ),
     ("too few samples never fire (idle buyer)", {}, [(0.0, 9), (0.0, 3), (None, 0)], []),
     ("min_samples reached fires", {}, [(0.0, 9), (0.0, 10)], ["1:firing"]),
-    ("resolves at once when healthy again (resolve_for defaults to for=0)", {},
-     [LOW, HIGH], ["0:firing", "1:resolved"]),
-    ("hysteresis: inside the band stays firing", {"resolve_threshold": 0.25},
-     [LOW, MID, MID, MID, (0.26, 50)], ["0:firing", "4:resolved"]),
-    ("hysteresis: hovering at the threshold does not flap", {"resolve_threshold": 0.25},
-     [(0.19, 50), (0.21, 50), (0.19, 50), (0.21, 50), (0.19, 50)], ["0:firing"]),
-    ("resolve_for needs consecutive recovered windows", {"resolve_for": "10s"},
-     [LOW, HIGH, LOW, HIGH, HIGH, HIGH], ["0:firing", "4:resolved"]),
-    ("no data while firing counts toward resolving", {"resolve_for": "10s"},
-     [LOW, (None, 0), (0.0, 2)], ["0:firing", "2:resolved"]),
-    ("each transition exactly once across a long run", {"for": "10s"},
-     [LOW] * 10 + [HIGH] * 10 + [LOW] * 10, ["1:firing", "11:resolved", "21:firing"]),
+    (
+        "resolves at once when healthy again (resolve_for defaults to for=0)",
+        {},
+        [LOW, HIGH],
+        ["0:firing", "1:resolved"],
+    ),
+    (
+        "hysteresis: inside the band stays firing",
+        {"resolve_threshold": 0.25},
+        [LOW, MID, MID, MID, (0.26, 50)],
+        ["0:firing", "4:resolved"],
+    ),
+    (
+        "hysteresis: hovering at the threshold does not flap",
+        {"resolve_threshold": 0.25},
+        [(0.19, 50), (0.21, 50), (0.19, 50), (0.21, 50), (0.19, 50)],
+        ["0:firing"],
+    ),
+    (
+        "resolve_for needs consecutive recovered windows",
+        {"resolve_for": "10s"},
+        [LOW, HIGH, LOW, HIGH, HIGH, HIGH],
+        ["0:firing", "4:resolved"],
+    ),
+    (
+        "no data while firing counts toward resolving",
+        {"resolve_for": "10s"},
+        [LOW, (None, 0), (0.0, 2)],
+        ["0:firing", "2:resolved"],
+    ),
+    (
+        "each transition exactly once across a long run",
+        {"for": "10s"},
+        [LOW] * 10 + [HIGH] * 10 + [LOW] * 10,
+        ["1:firing", "11:resolved", "21:firing"],
+    ),
 ]
 
 
-@pytest.mark.parametrize(("overrides", "series", "expected"), [c[1:] for c in CASES],
-                         ids=[c[0] for c in CASES])
-def test_state_machine(overrides: dict[str, Any], series: list[tuple[float | None, int]],
-                       expected: list[str]) -> None:
+@pytest.mark.parametrize(
+    ("overrides", "series", "expected"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
+)
+def test_state_machine(
+    overrides: dict[str, Any], series: list[tuple[float | None, int]], expected: list[str]
+) -> None:
     assert run(rule(**overrides), series) == expected
 
 
@@ -80,10 +124,17 @@ def test_steps_for() -> None:
 # --------------------------------------------------------------------------- windows
 
 
-def bid(buyer: str, t: int, status: str = "bid", latency: float = 100.0,
-        price: float | None = 40.0) -> dict[str, Any]:
-    return {"buyer_id": buyer, "flow": "solar", "status": status, "answered_at_ms": t,
-            "latency_ms": latency, "price": price if status == "bid" else None}
+def bid(
+    buyer: str, t: int, status: str = "bid", latency: float = 100.0, price: float | None = 40.0
+) -> dict[str, Any]:
+    return {
+        "buyer_id": buyer,
+        "flow": "solar",
+        "status": status,
+        "answered_at_ms": t,
+        "latency_ms": latency,
+        "price": price if status == "bid" else None,
+    }
 
 
 def test_windows_count_per_buyer_and_flow_and_merge() -> None:
@@ -92,16 +143,55 @@ def test_windows_count_per_buyer_and_flow_and_merge() -> None:
     for i, status in enumerate(["bid", "bid", "no_bid", "timeout", "error", "filtered"]):
         assert m.add("Bid", bid("a", t0 + i, status, latency=100.0 * (i + 1))) == t0 + i
     m.add("Bid", bid("b", t0 + W * 1000 + 5, "bid", price=60.0))  # next window
-    m.add("Delivery", {"buyer_id": "a", "flow": "solar", "status": "accepted", "price": 40.0,
-                       "sent_at_ms": t0, "latency_ms": 20.0})
-    m.add("Delivery", {"buyer_id": "a", "flow": "solar", "status": "rejected", "price": 40.0,
-                       "sent_at_ms": t0, "latency_ms": 20.0})
-    assert m.add("Delivery", {"buyer_id": "a", "flow": "solar", "status": "skipped",
-                              "price": 40.0, "sent_at_ms": t0, "latency_ms": 0.0}) is None
-    m.add("AuctionResult", {"flow": "solar", "outcome": "sold_exclusive", "price_total": 40.0,
-                            "settled_at_ms": t0 + 50})
-    m.add("AuctionResult", {"flow": "solar", "outcome": "unsold", "price_total": 0.0,
-                            "settled_at_ms": t0 + 60})
+    m.add(
+        "Delivery",
+        {
+            "buyer_id": "a",
+            "flow": "solar",
+            "status": "accepted",
+            "price": 40.0,
+            "sent_at_ms": t0,
+            "latency_ms": 20.0,
+        },
+    )
+    m.add(
+        "Delivery",
+        {
+            "buyer_id": "a",
+            "flow": "solar",
+            "status": "rejected",
+            "price": 40.0,
+            "sent_at_ms": t0,
+            "latency_ms": 20.0,
+        },
+    )
+    assert (
+        m.add(
+            "Delivery",
+            {
+                "buyer_id": "a",
+                "flow": "solar",
+                "status": "skipped",
+                "price": 40.0,
+                "sent_at_ms": t0,
+                "latency_ms": 0.0,
+            },
+        )
+        is None
+    )
+    m.add(
+        "AuctionResult",
+        {
+            "flow": "solar",
+            "outcome": "sold_exclusive",
+            "price_total": 40.0,
+            "settled_at_ms": t0 + 50,
+        },
+    )
+    m.add(
+        "AuctionResult",
+        {"flow": "solar", "outcome": "unsold", "price_total": 0.0, "settled_at_ms": t0 + 60},
+    )
     assert m.add("AuctionOpen", {}) is None
 
     a = m.aggregate(("buyer", "a"), t0 + W * 1000, W * 1000)
@@ -126,16 +216,20 @@ def test_windows_count_per_buyer_and_flow_and_merge() -> None:
     assert len(m) == 1
 
 
-@pytest.mark.parametrize(("latencies", "q", "low", "high"), [
-    ([100.0] * 10, 0.5, 75, 100),
-    ([50.0] * 50 + [900.0] * 50, 0.5, 30, 75),
-    ([50.0] * 40 + [900.0] * 60, 0.5, 750, 1000),
-    ([10.0] * 99 + [2500.0], 0.99, 5, 10),
-    ([10.0] * 98 + [2500.0] * 2, 0.99, 2000, 3000),
-    ([20000.0] * 3, 0.5, 10000, 10000),  # the open bucket reports its lower bound
-])
-def test_histogram_quantile_is_within_the_bucket(latencies: list[float], q: float,
-                                                  low: float, high: float) -> None:
+@pytest.mark.parametrize(
+    ("latencies", "q", "low", "high"),
+    [
+        ([100.0] * 10, 0.5, 75, 100),
+        ([50.0] * 50 + [900.0] * 50, 0.5, 30, 75),
+        ([50.0] * 40 + [900.0] * 60, 0.5, 750, 1000),
+        ([10.0] * 99 + [2500.0], 0.99, 5, 10),
+        ([10.0] * 98 + [2500.0] * 2, 0.99, 2000, 3000),
+        ([20000.0] * 3, 0.5, 10000, 10000),  # the open bucket reports its lower bound
+    ],
+)
+def test_histogram_quantile_is_within_the_bucket(
+    latencies: list[float], q: float, low: float, high: float
+) -> None:
     agg = Agg()
     for ms in latencies:
         agg.observe_latency(ms)
@@ -145,8 +239,7 @@ def test_histogram_quantile_is_within_the_bucket(latencies: list[float], q: floa
 
 
 def test_engine_evaluates_every_buyer_and_never_goes_back_before_a_seeded_transition() -> None:
-    r = rule(metric="avg_response_ms", comparison=">", threshold=600, window="20s",
-             min_samples=2)
+    r = rule(metric="avg_response_ms", comparison=">", threshold=600, window="20s", min_samples=2)
     engine = AlertEngine([r], W)
     m = WindowedMetrics(W)
     t0 = 1_700_000_000_000
@@ -157,8 +250,10 @@ def test_engine_evaluates_every_buyer_and_never_goes_back_before_a_seeded_transi
             m.add("Bid", bid("fast", t, latency=50.0))
     got = []
     for i in range(1, 7):
-        got += [(t.subject[1], t.state, (t.at_ms - t0) // 1000)
-                for t in engine.evaluate(m, t0 + i * W * 1000)]
+        got += [
+            (t.subject[1], t.state, (t.at_ms - t0) // 1000)
+            for t in engine.evaluate(m, t0 + i * W * 1000)
+        ]
     # 20 s window: the mean is over 600 only when both of its windows are slow (at 40 s).
     assert got == [("slow", "firing", 40), ("slow", "resolved", 50)]
     # A restarted engine seeded with the firing transition does not emit it again.
@@ -166,8 +261,7 @@ def test_engine_evaluates_every_buyer_and_never_goes_back_before_a_seeded_transi
     fresh.seed("r", ("buyer", "slow"), "firing", t0 + 40_000)
     again = []
     for i in range(1, 7):
-        again += [(t.state, (t.at_ms - t0) // 1000)
-                  for t in fresh.evaluate(m, t0 + i * W * 1000)]
+        again += [(t.state, (t.at_ms - t0) // 1000) for t in fresh.evaluate(m, t0 + i * W * 1000)]
     assert again == [("resolved", 50)]
     assert fresh.firing() == []
 
@@ -196,10 +290,17 @@ def test_transition_record_and_sink_row() -> None:
 
 def settings_with(alerts: list[dict[str, Any]], metrics: dict[str, Any] | None = None) -> Any:
     raw = {
-        "flows": {"solar": {"fields": {"state": {}}, "ping_fields": {"state": {}},
-                            "pii_fields": []}},
-        "buyers": [{"id": "sunrise", "flows": ["solar"], "ping_url": "http://x/ping",
-                    "post_url": "http://x/post"}],
+        "flows": {
+            "solar": {"fields": {"state": {}}, "ping_fields": {"state": {}}, "pii_fields": []}
+        },
+        "buyers": [
+            {
+                "id": "sunrise",
+                "flows": ["solar"],
+                "ping_url": "http://x/ping",
+                "post_url": "http://x/post",
+            }
+        ],
         "alerts": alerts,
     }
     if metrics is not None:
@@ -207,8 +308,15 @@ def settings_with(alerts: list[dict[str, Any]], metrics: dict[str, Any] | None =
     return parse_settings(raw, env={})
 
 
-GOOD = {"name": "slow", "metric": "avg_response_ms", "scope": "buyer", "comparison": ">",
-        "threshold": 600, "window": "30s", "for": "20s"}
+GOOD = {
+    "name": "slow",
+    "metric": "avg_response_ms",
+    "scope": "buyer",
+    "comparison": ">",
+    "threshold": 600,
+    "window": "30s",
+    "for": "20s",
+}
 
 
 def test_a_valid_rule_with_defaults() -> None:
@@ -217,23 +325,27 @@ def test_a_valid_rule_with_defaults() -> None:
     assert r.webhook is not None and "T0K3N" not in repr(r)  # a secret: never printed
 
 
-@pytest.mark.parametrize(("change", "metrics", "error"), [
-    ({"metric": "latency"}, None, "alerts[0].metric: unknown metric 'latency'"),
-    ({"scope": "lead"}, None, "alerts[0].scope"),
-    ({"comparison": "=="}, None, "alerts[0].comparison"),
-    ({"window": "45s"}, None, "alerts[0].window: 45s is not a multiple of metrics.window_s"),
-    ({"for": "abc"}, None, "alerts[0].for: 'abc' is not a duration"),
-    ({"resolve_threshold": 700}, None, "resolve_threshold 700.0 is above threshold"),
-    ({"id": "nobody"}, None, "alerts[0].id: no buyer 'nobody'"),
-    ({"min_samples": 0}, None, "alerts[0].min_samples"),
-    ({"webhook": "ftp://x"}, None, "alerts[0].webhook.url: must be an http"),
-    ({"metric": "sell_rate"}, None, "exists for flows only"),
-    ({"colour": "red"}, None, "alerts[0].colour"),
-    ({}, {"window_s": 0}, "metrics.window_s"),
-    ({}, {"listen": "9464"}, "metrics.listen"),
-])
-def test_bad_rules_name_the_key(change: dict[str, Any], metrics: dict[str, Any] | None,
-                                error: str) -> None:
+@pytest.mark.parametrize(
+    ("change", "metrics", "error"),
+    [
+        ({"metric": "latency"}, None, "alerts[0].metric: unknown metric 'latency'"),
+        ({"scope": "lead"}, None, "alerts[0].scope"),
+        ({"comparison": "=="}, None, "alerts[0].comparison"),
+        ({"window": "45s"}, None, "alerts[0].window: 45s is not a multiple of metrics.window_s"),
+        ({"for": "abc"}, None, "alerts[0].for: 'abc' is not a duration"),
+        ({"resolve_threshold": 700}, None, "resolve_threshold 700.0 is above threshold"),
+        ({"id": "nobody"}, None, "alerts[0].id: no buyer 'nobody'"),
+        ({"min_samples": 0}, None, "alerts[0].min_samples"),
+        ({"webhook": "ftp://x"}, None, "alerts[0].webhook.url: must be an http"),
+        ({"metric": "sell_rate"}, None, "exists for flows only"),
+        ({"colour": "red"}, None, "alerts[0].colour"),
+        ({}, {"window_s": 0}, "metrics.window_s"),
+        ({}, {"listen": "9464"}, "metrics.listen"),
+    ],
+)
+def test_bad_rules_name_the_key(
+    change: dict[str, Any], metrics: dict[str, Any] | None, error: str
+) -> None:
     with pytest.raises(ConfigError) as exc:
         settings_with([{**GOOD, **change}], metrics)
     assert error in str(exc.value), str(exc.value)

@@ -3,9 +3,8 @@
 
 from __future__ import annotations
 
-import time
-
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -30,18 +29,40 @@ CLOSE = T0 + 1_000
 PF = {"state": "CA", "zip": "902", "homeowner": True, "consent": True}
 
 
-def bid(buyer: str, price: float | None, *, exclusive: bool = False, at: int = 100,
-        status: str = "bid", **conditions: Any) -> dict[str, Any]:
+def bid(
+    buyer: str,
+    price: float | None,
+    *,
+    exclusive: bool = False,
+    at: int = 100,
+    status: str = "bid",
+    **conditions: Any,
+) -> dict[str, Any]:
     """A Bid as the auction table keeps it (answered_at_ms relative to T0)."""
-    return {"buyer_id": buyer, "tier": "standard", "ping_id": f"ping-{buyer}",
-            "status": status, "price": price, "exclusive": exclusive,
-            "conditions": {"max_age_minutes": None, "states": None, "require_consent": False,
-                           "exclusive_required": False, **conditions},
-            "answered_at_ms": T0 + at}
+    return {
+        "buyer_id": buyer,
+        "tier": "standard",
+        "ping_id": f"ping-{buyer}",
+        "status": status,
+        "price": price,
+        "exclusive": exclusive,
+        "conditions": {
+            "max_age_minutes": None,
+            "states": None,
+            "require_consent": False,
+            "exclusive_required": False,
+            **conditions,
+        },
+        "answered_at_ms": T0 + at,
+    }
 
 
-def ranked(bids: list[dict[str, Any]], pf: dict[str, Any] = PF, at_ms: int = CLOSE,
-           strategy: StrategyConfig = STRATEGY) -> list[str]:
+def ranked(
+    bids: list[dict[str, Any]],
+    pf: dict[str, Any] = PF,
+    at_ms: int = CLOSE,
+    strategy: StrategyConfig = STRATEGY,
+) -> list[str]:
     return [c["buyer_id"] for c in decide(bids, pf, strategy, T0, at_ms).candidates]
 
 
@@ -74,8 +95,13 @@ def test_ranking(bids: list[dict[str, Any]], order: list[str]) -> None:
         ([bid("a", 50)], "shared", 3, "a"),
         ([bid("a", 10, exclusive=True), bid("b", 60)], "shared", 3, "b"),
     ],
-    ids=["best exclusive", "exclusive_required", "best shared", "single shared",
-         "exclusive loses on price"],
+    ids=[
+        "best exclusive",
+        "exclusive_required",
+        "best shared",
+        "single shared",
+        "exclusive loses on price",
+    ],
 )
 def test_decide_mode(bids: list[dict[str, Any]], mode: str, slots: int, first: str) -> None:
     d = decide(bids, PF, STRATEGY, T0, CLOSE)
@@ -92,8 +118,12 @@ def test_shared_slots_follow_strategy() -> None:
     "bids",
     [
         [],
-        [bid("a", None, status="no_bid"), bid("b", None, status="timeout"),
-         bid("c", None, status="error"), bid("d", None, status="filtered")],
+        [
+            bid("a", None, status="no_bid"),
+            bid("b", None, status="timeout"),
+            bid("c", None, status="error"),
+            bid("d", None, status="filtered"),
+        ],
         [bid("a", 99, status="timeout")],  # a price on a failed ping is not a bid
         [bid("a", None)],  # a "bid" without a price
     ],
@@ -107,9 +137,17 @@ def test_decide_none(bids: list[dict[str, Any]]) -> None:
 def test_candidates_are_post_order_records() -> None:
     b = bid("a", 42, exclusive=True, at=77, states=["CA"])
     d = decide([b, bid("x", None, status="no_bid")], PF, STRATEGY, T0, CLOSE)
-    assert d.candidates == [{
-        "buyer_id": "a", "tier": "standard", "ping_id": "ping-a", "price": 42.0,
-        "exclusive": True, "conditions": b["conditions"], "answered_at_ms": T0 + 77}]
+    assert d.candidates == [
+        {
+            "buyer_id": "a",
+            "tier": "standard",
+            "ping_id": "ping-a",
+            "price": 42.0,
+            "exclusive": True,
+            "conditions": b["conditions"],
+            "answered_at_ms": T0 + 77,
+        }
+    ]
     assert isinstance(d.candidates[0]["price"], float)
 
 
@@ -126,8 +164,12 @@ def test_candidates_are_post_order_records() -> None:
         (bid("a", 10, states=["CA"]), {**PF, "state": None}, CLOSE, False),
         (bid("a", 10, require_consent=True), PF, CLOSE, True),
         (bid("a", 10, require_consent=True), {**PF, "consent": False}, CLOSE, False),
-        (bid("a", 10, require_consent=True), {k: v for k, v in PF.items() if k != "consent"},
-         CLOSE, False),
+        (
+            bid("a", 10, require_consent=True),
+            {k: v for k, v in PF.items() if k != "consent"},
+            CLOSE,
+            False,
+        ),
         (bid("a", 10, require_consent=True), {**PF, "consent": "true"}, CLOSE, False),
         (bid("a", 10, require_consent=False), {**PF, "consent": False}, CLOSE, True),
         (bid("a", 10, max_age_minutes=5), PF, T0 + 5 * MIN, True),
@@ -137,10 +179,24 @@ def test_candidates_are_post_order_records() -> None:
         (bid("a", 0.0), PF, CLOSE, True),
         (bid("a", None, status="no_bid"), PF, CLOSE, False),
     ],
-    ids=["plain", "state in list", "state outside", "empty states", "no state",
-         "consent given", "consent false", "consent missing", "consent not bool",
-         "consent not required", "age at limit", "age over", "half minute ok",
-         "half minute over", "zero price", "no bid"],
+    ids=[
+        "plain",
+        "state in list",
+        "state outside",
+        "empty states",
+        "no state",
+        "consent given",
+        "consent false",
+        "consent missing",
+        "consent not bool",
+        "consent not required",
+        "age at limit",
+        "age over",
+        "half minute ok",
+        "half minute over",
+        "zero price",
+        "no bid",
+    ],
 )
 def test_acceptable(b: dict[str, Any], pf: dict[str, Any], at_ms: int, ok: bool) -> None:
     got, reason = acceptable(b, pf, STRATEGY, T0, at_ms)
@@ -156,8 +212,13 @@ def test_price_floor() -> None:
 
 
 def test_unacceptable_best_bid_does_not_win() -> None:
-    d = decide([bid("a", 90, exclusive=True, states=["TX"]), bid("b", 40), bid("c", 30)],
-               PF, STRATEGY, T0, CLOSE)
+    d = decide(
+        [bid("a", 90, exclusive=True, states=["TX"]), bid("b", 40), bid("c", 30)],
+        PF,
+        STRATEGY,
+        T0,
+        CLOSE,
+    )
     assert d.mode == "shared"
     assert [c["buyer_id"] for c in d.candidates] == ["b", "c"]
 
@@ -175,22 +236,28 @@ def test_unacceptable_best_bid_does_not_win() -> None:
         ("all_answered", 600.0, 1_000, 600, 0.0),
         ("all_answered", 620.0, 1_000, None, 0.0),
     ],
-    ids=["after deadline", "early timer", "recovery", "all answered", "same ms",
-         "no answers"],
+    ids=["after deadline", "early timer", "recovery", "all answered", "same ms", "no answers"],
 )
-def test_close_lag(reason: str, closed: float, deadline: int, last: int | None,
-                   lag: float) -> None:
+def test_close_lag(reason: str, closed: float, deadline: int, last: int | None, lag: float) -> None:
     assert close_lag_ms(reason, closed, deadline, last) == pytest.approx(lag)
 
 
 # --------------------------------------------------------------------------- conditions at post
 
 
-def order_of(bids: list[dict[str, Any]], pf: dict[str, Any] = PF, at_ms: int = CLOSE
-             ) -> dict[str, Any]:
+def order_of(
+    bids: list[dict[str, Any]], pf: dict[str, Any] = PF, at_ms: int = CLOSE
+) -> dict[str, Any]:
     d = decide(bids, pf, STRATEGY, T0, at_ms)
-    return {"lead_id": "lead-1", "flow": "solar", "ping_fields": pf, "created_at_ms": T0,
-            "mode": d.mode, "slots": d.slots, "candidates": d.candidates}
+    return {
+        "lead_id": "lead-1",
+        "flow": "solar",
+        "ping_fields": pf,
+        "created_at_ms": T0,
+        "mode": d.mode,
+        "slots": d.slots,
+        "candidates": d.candidates,
+    }
 
 
 @pytest.mark.parametrize(
@@ -204,8 +271,9 @@ def order_of(bids: list[dict[str, Any]], pf: dict[str, Any] = PF, at_ms: int = C
     ],
     ids=["none", "age ok", "age over", "state", "consent"],
 )
-def test_condition_failure(conds: dict[str, Any], pf: dict[str, Any], at_ms: int,
-                           fails: str | None) -> None:
+def test_condition_failure(
+    conds: dict[str, Any], pf: dict[str, Any], at_ms: int, fails: str | None
+) -> None:
     cand = {"buyer_id": "a", "conditions": conds}
     order = {"ping_fields": pf, "created_at_ms": T0}
     why = condition_failure(cand, order, at_ms)
@@ -230,8 +298,17 @@ def test_max_age_holds_at_close_and_fails_after_slow_first_post() -> None:
 # --------------------------------------------------------------------------- next_batch
 
 #   A excl 50 > B 40 > X excl 35 > C 30 > D 20 > E 10 > F 5
-WATERFALL = order_of([bid("a", 50, exclusive=True), bid("b", 40), bid("x", 35, exclusive=True),
-                      bid("c", 30), bid("d", 20), bid("e", 10), bid("f", 5)])
+WATERFALL = order_of(
+    [
+        bid("a", 50, exclusive=True),
+        bid("b", 40),
+        bid("x", 35, exclusive=True),
+        bid("c", 30),
+        bid("d", 20),
+        bid("e", 10),
+        bid("f", 5),
+    ]
+)
 
 
 @pytest.mark.parametrize(
@@ -254,12 +331,20 @@ WATERFALL = order_of([bid("a", 50, exclusive=True), bid("b", 40), bid("x", 35, e
         # everyone tried, nothing sold
         ({"a", "b", "x", "c", "d", "e", "f"}, [], None, "none", []),
     ],
-    ids=["exclusive first", "fallback to shared", "refill two slots", "refill last slot",
-         "slots full", "no exclusive after shared sale", "done after exclusive sale",
-         "exhausted"],
+    ids=[
+        "exclusive first",
+        "fallback to shared",
+        "refill two slots",
+        "refill last slot",
+        "slots full",
+        "no exclusive after shared sale",
+        "done after exclusive sale",
+        "exhausted",
+    ],
 )
-def test_waterfall(tried: set[str], sold: list[str], sold_mode: str | None, mode: str,
-                   batch: list[str]) -> None:
+def test_waterfall(
+    tried: set[str], sold: list[str], sold_mode: str | None, mode: str, batch: list[str]
+) -> None:
     got_mode, got_batch, skipped = next_batch(WATERFALL, tried, sold, sold_mode, 3, CLOSE)
     assert got_mode == mode
     assert [c["buyer_id"] for c in got_batch] == batch
@@ -268,8 +353,9 @@ def test_waterfall(tried: set[str], sold: list[str], sold_mode: str | None, mode
 
 
 def test_exclusive_fallback_to_next_exclusive() -> None:
-    order = order_of([bid("a", 50, exclusive=True), bid("b", 45, exclusive_required=True),
-                      bid("c", 40)])
+    order = order_of(
+        [bid("a", 50, exclusive=True), bid("b", 45, exclusive_required=True), bid("c", 40)]
+    )
     assert [c["buyer_id"] for c in next_batch(order, {"a"}, [], None, 3, CLOSE)[1]] == ["b"]
     mode, batch, _ = next_batch(order, {"a", "b"}, [], None, 3, CLOSE)
     assert (mode, [c["buyer_id"] for c in batch]) == ("shared", ["c"])
@@ -284,8 +370,7 @@ def test_shared_batch_respects_shared_max() -> None:
 
 
 def test_shared_batch_skips_candidates_whose_conditions_fail() -> None:
-    order = order_of([bid("a", 50), bid("b", 40, max_age_minutes=1), bid("c", 30),
-                      bid("d", 20)])
+    order = order_of([bid("a", 50), bid("b", 40, max_age_minutes=1), bid("c", 30), bid("d", 20)])
     mode, batch, skipped = next_batch(order, set(), [], None, 3, T0 + 2 * MIN)
     assert mode == "shared"
     assert [c["buyer_id"] for c in batch] == ["a", "c", "d"]
@@ -299,13 +384,28 @@ def test_no_candidates() -> None:
 
 # --------------------------------------------------------------------------- post body and ids
 
-LEAD = {"flow": "solar", "state": "CA", "zip": "90210", "homeowner": True,
-        "electric_bill": "$200-300", "credit_range": "700+", "property_type": "single_family",
-        "consent": True, "first_name": "Ada", "last_name": "Lovelace",
-        "email": "ada@example.com", "phone": "+13105550100",
-        "address": "1 Main St, Beverly Hills"}
-PII = {"first_name": "Ada", "last_name": "Lovelace", "email": "ada@example.com",
-       "phone": "+13105550100", "address": "1 Main St, Beverly Hills"}
+LEAD = {
+    "flow": "solar",
+    "state": "CA",
+    "zip": "90210",
+    "homeowner": True,
+    "electric_bill": "$200-300",
+    "credit_range": "700+",
+    "property_type": "single_family",
+    "consent": True,
+    "first_name": "Ada",
+    "last_name": "Lovelace",
+    "email": "ada@example.com",
+    "phone": "+13105550100",
+    "address": "1 Main St, Beverly Hills",
+}
+PII = {
+    "first_name": "Ada",
+    "last_name": "Lovelace",
+    "email": "ada@example.com",
+    "phone": "+13105550100",
+    "address": "1 Main St, Beverly Hills",
+}
 
 
 def demo_view() -> Any:
@@ -342,15 +442,19 @@ def test_post_body_ping_data_wins() -> None:
 
 def test_post_body_ids_cannot_be_overridden_by_lead_data() -> None:
     order = {"lead_id": "l", "flow": "solar", "ping_fields": {"price": 0, "post_id": "evil"}}
-    body = post_body(order, {"ping_id": "evil"}, {"buyer_id": "b", "ping_id": "p",
-                                                  "price": 7.0}, "q", False)
+    body = post_body(
+        order, {"ping_id": "evil"}, {"buyer_id": "b", "ping_id": "p", "price": 7.0}, "q", False
+    )
     assert (body["price"], body["post_id"], body["ping_id"]) == (7.0, "q", "p")
 
 
 def test_post_id_deterministic_and_distinct() -> None:
     assert post_id_for("lead-1", "sunrise") == post_id_for("lead-1", "sunrise")
-    ids = {post_id_for(lead, buyer) for lead in ("lead-1", "lead-2")
-           for buyer in ("sunrise", "greenleaf", "brightpath")}
+    ids = {
+        post_id_for(lead, buyer)
+        for lead in ("lead-1", "lead-2")
+        for buyer in ("sunrise", "greenleaf", "brightpath")
+    }
     assert len(ids) == 6
     # no ambiguity from concatenation
     assert post_id_for("ab", "c") != post_id_for("a", "bc")
@@ -371,8 +475,18 @@ def test_ping_id_deterministic_and_distinct() -> None:
 def test_ping_body_has_only_ping_fields() -> None:
     view = demo_view()
     body = ping_body(view.ping_fields, "solar", "ping-1", 412)
-    assert set(body) == {"state", "zip", "homeowner", "electric_bill", "credit_range",
-                         "property_type", "consent", "ping_id", "flow", "tmax_ms"}
+    assert set(body) == {
+        "state",
+        "zip",
+        "homeowner",
+        "electric_bill",
+        "credit_range",
+        "property_type",
+        "consent",
+        "ping_id",
+        "flow",
+        "tmax_ms",
+    }
     assert body["zip"] == "902"
     assert (body["ping_id"], body["flow"], body["tmax_ms"]) == ("ping-1", "solar", 412)
     text = json.dumps(body).lower()
@@ -401,8 +515,9 @@ def test_ping_body_does_not_alias_ping_fields() -> None:
         (None, ["sunrise", "brightpath", "voltmarket", "backupsolar"], ["greenleaf"]),
     ],
 )
-def test_plan_pings_demo_state_filter(state: str | None, pinged: list[str],
-                                      filtered: list[str]) -> None:
+def test_plan_pings_demo_state_filter(
+    state: str | None, pinged: list[str], filtered: list[str]
+) -> None:
     pf = {"zip": "100"} if state is None else {"state": state, "zip": "100"}
     targets, out = plan_pings(DEMO, "solar", pf, NOW_MS)
     assert [b.id for b in targets] == pinged
@@ -413,13 +528,24 @@ def test_plan_pings_demo_state_filter(state: str | None, pinged: list[str],
 
 def test_plan_pings_only_buyers_of_the_flow() -> None:
     raw: dict[str, Any] = {
-        "flows": {f: {"fields": {"state": {}, "email": {}}, "ping_fields": {"state": {}},
-                      "pii_fields": ["email"]} for f in ("solar", "roof")},
+        "flows": {
+            f: {
+                "fields": {"state": {}, "email": {}},
+                "ping_fields": {"state": {}},
+                "pii_fields": ["email"],
+            }
+            for f in ("solar", "roof")
+        },
         "buyers": [
             {"id": "s", "flows": ["solar"], "ping_url": "http://s/p", "post_url": "http://s/q"},
             {"id": "r", "flows": ["roof"], "ping_url": "http://r/p", "post_url": "http://r/q"},
-            {"id": "both", "flows": ["roof", "solar"], "ping_url": "http://b/p",
-             "post_url": "http://b/q", "filters": {"states": ["TX"]}},
+            {
+                "id": "both",
+                "flows": ["roof", "solar"],
+                "ping_url": "http://b/p",
+                "post_url": "http://b/q",
+                "filters": {"states": ["TX"]},
+            },
         ],
     }
     s = parse_settings(raw, env={})

@@ -6,7 +6,6 @@ from __future__ import annotations
 from streams.rules.buyer_stats import PauseTracker
 from streams.rules.pinging import plan_pings
 from streams.settings import AutoPauseConfig
-
 from tests.unit.test_rules_wired import PING, RAW, parse_settings
 
 CFG = AutoPauseConfig(window_s=10, min_pings=4, max_failure_rate=0.5, cool_down_s=30)
@@ -29,8 +28,13 @@ def test_pauses_above_threshold_with_enough_pings_and_resumes_after_cool_down() 
     assert t.evaluate(1_000) == []
     feed(t, "slow", "e", 500)  # 4 pings, 3 failed = 75 % > 50 %
     (p,) = t.evaluate(1_000)
-    assert (p.buyer_id, p.state, p.pings, p.failure_rate, p.until_ms) == \
-        ("slow", "paused", 4, 0.75, 31_000)
+    assert (p.buyer_id, p.state, p.pings, p.failure_rate, p.until_ms) == (
+        "slow",
+        "paused",
+        4,
+        0.75,
+        31_000,
+    )
     assert t.paused("slow") == 31_000 and t.paused("fine") is None
     assert t.evaluate(2_000) == []  # one transition, not one per tick
     assert states(t.evaluate(31_000)) == [("slow", "resumed")]
@@ -57,12 +61,14 @@ def test_window_slides_and_redeliveries_count_once() -> None:
 def test_a_paused_buyer_is_filtered_from_the_ping_plan_with_the_reason() -> None:
     s = parse_settings(RAW, env={})
     b = s.buyers[0].id
-    targets, filtered = plan_pings(s, "solar", PING, 1_000,
-                                   paused_until=lambda bid: 5_000 if bid == b else None)
+    targets, filtered = plan_pings(
+        s, "solar", PING, 1_000, paused_until=lambda bid: 5_000 if bid == b else None
+    )
     assert b not in [x.id for x in targets]
     assert "paused until" in dict((x.id, why) for x, why in filtered)[b]
-    targets, _ = plan_pings(s, "solar", PING, 6_000,
-                            paused_until=lambda bid: 5_000 if bid == b else None)
+    targets, _ = plan_pings(
+        s, "solar", PING, 6_000, paused_until=lambda bid: 5_000 if bid == b else None
+    )
     assert b in [x.id for x in targets]
 
 

@@ -98,52 +98,143 @@ PING_CASES: list[tuple[str, int, bytes, ResponseMapping, str, str]] = [
     ("bid-flag-absent", 200, js({"price": 12.5}), ResponseMapping(), "bid", ""),
     ("http-204", 204, b"", ResponseMapping(), "no_bid", "no bid"),
     ("bid-false", 200, js({"bid": False}), ResponseMapping(), "no_bid", "no bid"),
-    ("bid-false-garbage-price", 200, js({"bid": False, "price": "x"}), ResponseMapping(),
-     "no_bid", "no bid"),
-    ("bid-not-bool", 200, js({"bid": "yes", "price": 1}), ResponseMapping(), "error",
-     "bid is not a boolean"),
+    (
+        "bid-false-garbage-price",
+        200,
+        js({"bid": False, "price": "x"}),
+        ResponseMapping(),
+        "no_bid",
+        "no bid",
+    ),
+    (
+        "bid-not-bool",
+        200,
+        js({"bid": "yes", "price": 1}),
+        ResponseMapping(),
+        "error",
+        "bid is not a boolean",
+    ),
     ("price-missing", 200, js({"bid": True}), ResponseMapping(), "error", "price missing"),
-    ("price-null", 200, js({"bid": True, "price": None}), ResponseMapping(), "error",
-     "price missing"),
-    ("price-string", 200, js({"bid": True, "price": "45"}), ResponseMapping(), "error",
-     "price is not a number"),
-    ("price-bool", 200, js({"bid": True, "price": True}), ResponseMapping(), "error",
-     "price is not a number"),
-    ("price-negative", 200, js({"bid": True, "price": -1}), ResponseMapping(), "error",
-     "negative"),
-    ("price-nan-raw", 200, b'{"bid": true, "price": NaN}', ResponseMapping(), "error",
-     "invalid JSON"),
-    ("price-inf-raw", 200, b'{"bid": true, "price": 1e999}', ResponseMapping(), "error",
-     "invalid JSON"),
-    ("price-absurd", 200, js({"bid": True, "price": 1e9}), ResponseMapping(), "error",
-     "absurd"),
+    (
+        "price-null",
+        200,
+        js({"bid": True, "price": None}),
+        ResponseMapping(),
+        "error",
+        "price missing",
+    ),
+    (
+        "price-string",
+        200,
+        js({"bid": True, "price": "45"}),
+        ResponseMapping(),
+        "error",
+        "price is not a number",
+    ),
+    (
+        "price-bool",
+        200,
+        js({"bid": True, "price": True}),
+        ResponseMapping(),
+        "error",
+        "price is not a number",
+    ),
+    ("price-negative", 200, js({"bid": True, "price": -1}), ResponseMapping(), "error", "negative"),
+    (
+        "price-nan-raw",
+        200,
+        b'{"bid": true, "price": NaN}',
+        ResponseMapping(),
+        "error",
+        "invalid JSON",
+    ),
+    (
+        "price-inf-raw",
+        200,
+        b'{"bid": true, "price": 1e999}',
+        ResponseMapping(),
+        "error",
+        "invalid JSON",
+    ),
+    ("price-absurd", 200, js({"bid": True, "price": 1e9}), ResponseMapping(), "error", "absurd"),
     ("not-json", 200, b"OK thanks", ResponseMapping(), "error", "invalid JSON"),
     ("empty-200", 200, b"", ResponseMapping(), "error", "invalid JSON"),
     ("json-array", 200, js([1, 2]), ResponseMapping(), "error", "invalid JSON"),
-    ("html-500", 500, b"<html><body>Internal Server Error</body></html>", ResponseMapping(),
-     "error", "http 500"),
+    (
+        "html-500",
+        500,
+        b"<html><body>Internal Server Error</body></html>",
+        ResponseMapping(),
+        "error",
+        "http 500",
+    ),
     ("redirect", 302, b"", ResponseMapping(), "error", "http 302"),
-    ("exclusive-string", 200, js({"bid": True, "price": 5, "exclusive": "yes"}),
-     ResponseMapping(), "error", "exclusive is not a boolean"),
-    ("conditions-not-object", 200, js({"price": 5, "conditions": ["CA"]}), ResponseMapping(),
-     "error", "invalid conditions"),
-    ("conditions-states-string", 200, js({"price": 5, "conditions": {"states": "CA"}}),
-     ResponseMapping(), "error", "invalid conditions: states"),
-    ("conditions-age-negative", 200, js({"price": 5, "conditions": {"max_age": -3}}),
-     ResponseMapping(), "error", "invalid conditions: max_age"),
-    ("conditions-consent-string", 200,
-     js({"price": 5, "conditions": {"require_consent": "true"}}), ResponseMapping(), "error",
-     "invalid conditions: require_consent"),
-    ("buyer-id-object", 200, js({"price": 5, "buyer_id": {"x": 1}}), ResponseMapping(),
-     "error", "buyer_id"),
-    ("nested-bid", 200,
-     js({"data": {"bid": True, "offer": {"amount": 31.5, "exclusive": True}}}), NESTED, "bid",
-     ""),
+    (
+        "exclusive-string",
+        200,
+        js({"bid": True, "price": 5, "exclusive": "yes"}),
+        ResponseMapping(),
+        "error",
+        "exclusive is not a boolean",
+    ),
+    (
+        "conditions-not-object",
+        200,
+        js({"price": 5, "conditions": ["CA"]}),
+        ResponseMapping(),
+        "error",
+        "invalid conditions",
+    ),
+    (
+        "conditions-states-string",
+        200,
+        js({"price": 5, "conditions": {"states": "CA"}}),
+        ResponseMapping(),
+        "error",
+        "invalid conditions: states",
+    ),
+    (
+        "conditions-age-negative",
+        200,
+        js({"price": 5, "conditions": {"max_age": -3}}),
+        ResponseMapping(),
+        "error",
+        "invalid conditions: max_age",
+    ),
+    (
+        "conditions-consent-string",
+        200,
+        js({"price": 5, "conditions": {"require_consent": "true"}}),
+        ResponseMapping(),
+        "error",
+        "invalid conditions: require_consent",
+    ),
+    (
+        "buyer-id-object",
+        200,
+        js({"price": 5, "buyer_id": {"x": 1}}),
+        ResponseMapping(),
+        "error",
+        "buyer_id",
+    ),
+    (
+        "nested-bid",
+        200,
+        js({"data": {"bid": True, "offer": {"amount": 31.5, "exclusive": True}}}),
+        NESTED,
+        "bid",
+        "",
+    ),
     ("nested-no-bid", 200, js({"data": {"bid": False}}), NESTED, "no_bid", "no bid"),
-    ("nested-price-missing", 200, js({"data": {"offer": {}}}), NESTED, "error",
-     "price missing"),
-    ("nested-path-through-scalar", 200, js({"data": {"offer": 7}}), NESTED, "error",
-     "price missing"),
+    ("nested-price-missing", 200, js({"data": {"offer": {}}}), NESTED, "error", "price missing"),
+    (
+        "nested-path-through-scalar",
+        200,
+        js({"data": {"offer": 7}}),
+        NESTED,
+        "error",
+        "price missing",
+    ),
 ]
 
 
@@ -242,16 +333,20 @@ def test_parse_ping_price_bounds() -> None:
     assert status == "error" and "below min_price" in reason
 
 
-@pytest.mark.parametrize(("price", "text"), [
-    (1e308, "price 1e+308 above max_price 100.00 (absurd)"),
-    (1.7976931348623157e308, "price 1.79769e+308 above max_price 100.00 (absurd)"),
-    (-1e308, "price -1e+308 is negative"),
-    (123456789012.5, "price 1.23457e+11 above max_price 100.00 (absurd)"),
-    (150.5, "price 150.50 above max_price 100.00 (absurd)"),
-])
+@pytest.mark.parametrize(
+    ("price", "text"),
+    [
+        (1e308, "price 1e+308 above max_price 100.00 (absurd)"),
+        (1.7976931348623157e308, "price 1.79769e+308 above max_price 100.00 (absurd)"),
+        (-1e308, "price -1e+308 is negative"),
+        (123456789012.5, "price 1.23457e+11 above max_price 100.00 (absurd)"),
+        (150.5, "price 150.50 above max_price 100.00 (absurd)"),
+    ],
+)
 def test_an_absurd_price_is_readable_in_the_reason(price: float, text: str) -> None:
-    status, _, _, _, _, reason = parse_ping_response(200, js({"price": price}),
-                                                     ResponseMapping(), max_price=100.0)
+    status, _, _, _, _, reason = parse_ping_response(
+        200, js({"price": price}), ResponseMapping(), max_price=100.0
+    )
     assert (status, reason) == ("error", text)
 
 
@@ -259,26 +354,66 @@ def test_an_absurd_price_is_readable_in_the_reason(price: float, text: str) -> N
 POST_CASES: list[tuple[str, int, bytes, PostResponseMapping, str, str]] = [
     ("accepted-true", 200, js({"accepted": True}), PostResponseMapping(), "accepted", ""),
     ("status-accepted", 201, js({"status": "accepted"}), PostResponseMapping(), "accepted", ""),
-    ("status-ACCEPTED", 200, js({"status": "ACCEPTED"}), PostResponseMapping(), "accepted",
-     ""),
-    ("rejected-with-reason", 200, js({"accepted": False, "reason": "duplicate lead"}),
-     PostResponseMapping(), "rejected", "duplicate lead"),
-    ("status-rejected", 200, js({"status": "rejected"}), PostResponseMapping(), "rejected",
-     "rejected"),
-    ("rejected-long-reason", 200, js({"accepted": False, "reason": "x" * 5000}),
-     PostResponseMapping(), "rejected", "xxx"),
-    ("nested-mapping", 200, js({"result": {"ok": False, "why": {"text": "out of area"}}}),
-     PostResponseMapping(accepted="result.ok", reason="result.why.text"), "rejected",
-     "out of area"),
+    ("status-ACCEPTED", 200, js({"status": "ACCEPTED"}), PostResponseMapping(), "accepted", ""),
+    (
+        "rejected-with-reason",
+        200,
+        js({"accepted": False, "reason": "duplicate lead"}),
+        PostResponseMapping(),
+        "rejected",
+        "duplicate lead",
+    ),
+    (
+        "status-rejected",
+        200,
+        js({"status": "rejected"}),
+        PostResponseMapping(),
+        "rejected",
+        "rejected",
+    ),
+    (
+        "rejected-long-reason",
+        200,
+        js({"accepted": False, "reason": "x" * 5000}),
+        PostResponseMapping(),
+        "rejected",
+        "xxx",
+    ),
+    (
+        "nested-mapping",
+        200,
+        js({"result": {"ok": False, "why": {"text": "out of area"}}}),
+        PostResponseMapping(accepted="result.ok", reason="result.why.text"),
+        "rejected",
+        "out of area",
+    ),
     ("http-500", 500, b"<html>boom</html>", PostResponseMapping(), "error", "http 500"),
-    ("http-422-json", 422, js({"accepted": False, "reason": "bad zip"}),
-     PostResponseMapping(), "error", "http 422: bad zip"),
+    (
+        "http-422-json",
+        422,
+        js({"accepted": False, "reason": "bad zip"}),
+        PostResponseMapping(),
+        "error",
+        "http 422: bad zip",
+    ),
     ("not-json", 200, b"thanks!", PostResponseMapping(), "error", "invalid JSON"),
     ("empty-object", 200, js({}), PostResponseMapping(), "error", "no accepted or status"),
-    ("accepted-string", 200, js({"accepted": "true"}), PostResponseMapping(), "error",
-     "accepted is not a boolean"),
-    ("unknown-status", 200, js({"status": "pending"}), PostResponseMapping(), "error",
-     "unknown status"),
+    (
+        "accepted-string",
+        200,
+        js({"accepted": "true"}),
+        PostResponseMapping(),
+        "error",
+        "accepted is not a boolean",
+    ),
+    (
+        "unknown-status",
+        200,
+        js({"status": "pending"}),
+        PostResponseMapping(),
+        "error",
+        "unknown status",
+    ),
 ]
 
 
@@ -288,7 +423,10 @@ POST_CASES: list[tuple[str, int, bytes, PostResponseMapping, str, str]] = [
     ids=[c[0] for c in POST_CASES],
 )
 def test_parse_post_response(
-    http_status: int, body: bytes, mapping: PostResponseMapping, want_status: str,
+    http_status: int,
+    body: bytes,
+    mapping: PostResponseMapping,
+    want_status: str,
     want_reason: str,
 ) -> None:
     status, reason = parse_post_response(http_status, body, mapping)
@@ -329,7 +467,10 @@ async def test_client_ping_request_shape() -> None:
     await client.aclose()
 
     assert out == PingOutcome(
-        status="bid", latency_ms=out.latency_ms, price=45.0, buyer_ref="buyer_123",
+        status="bid",
+        latency_ms=out.latency_ms,
+        price=45.0,
+        buyer_ref="buyer_123",
         http_status=200,
     )
     (sent,) = fake.requests
@@ -364,7 +505,10 @@ async def test_client_post_sends_idempotency_key() -> None:
     ids=[c[0] for c in POST_CASES],
 )
 async def test_client_post_cases(
-    http_status: int, body: bytes, mapping: PostResponseMapping, want_status: str,
+    http_status: int,
+    body: bytes,
+    mapping: PostResponseMapping,
+    want_status: str,
     want_reason: str,
 ) -> None:
     fake = FakeTransport([(http_status, body)])
@@ -378,9 +522,12 @@ async def test_client_post_cases(
     ("failure", "want_status", "want_reason"),
     [
         (TimeoutError(), "timeout", "no answer within 200 ms"),
-        (asyncio.TimeoutError(), "timeout", "no answer within 200 ms"),
-        (BuyerTransportError("connection failed: Connection refused"), "error",
-         "connection failed: Connection refused"),
+        (TimeoutError(), "timeout", "no answer within 200 ms"),
+        (
+            BuyerTransportError("connection failed: Connection refused"),
+            "error",
+            "connection failed: Connection refused",
+        ),
         (RuntimeError(f"bug with {SECRET}"), "error", "transport failure: RuntimeError"),
     ],
     ids=["timeout", "asyncio-timeout", "connection-error", "transport-bug"],
@@ -501,8 +648,13 @@ async def real_buyer() -> AsyncIterator[Buyer]:
 
 def real_config(url: str, ping: str, post: str = "/drop_first") -> BuyerConfig:
     return BuyerConfig.model_validate(
-        {"id": "real", "flows": ["solar"], "ping_url": url + ping, "post_url": url + post,
-         "headers": {"X-Api-Key": SECRET}}
+        {
+            "id": "real",
+            "flows": ["solar"],
+            "ping_url": url + ping,
+            "post_url": url + post,
+            "headers": {"X-Api-Key": SECRET},
+        }
     )
 
 
@@ -512,7 +664,10 @@ async def test_aiohttp_transport_real_bid_and_real_timeout(real_buyer: Buyer) ->
             real_config(real_buyer.url, "/bid"), PING_BODY, 0.5, max_price=MAX_PRICE
         )
         assert (bid.status, bid.price, bid.buyer_ref, bid.http_status) == (
-            "bid", 45.0, "p-1", 200,
+            "bid",
+            45.0,
+            "p-1",
+            200,
         )
 
         started = time.monotonic()

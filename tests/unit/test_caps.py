@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
 import schemas
 from streams.rules import caps as C
-from streams.stages import caps as S
 from streams.runtime.agents import Requeue
 from streams.settings import BuyerCaps
+from streams.stages import caps as S
 
 
 def ms(y: int, mo: int, d: int, h: int, mi: int = 0) -> int:
-    return int(datetime(y, mo, d, h, mi, tzinfo=timezone.utc).timestamp() * 1000)
+    return int(datetime(y, mo, d, h, mi, tzinfo=UTC).timestamp() * 1000)
 
 
 T = ms(2026, 3, 10, 15)
@@ -54,11 +54,14 @@ def test_redelivered_reserve_is_the_same_hold() -> None:
     assert C.counters(led, caps, T + 5)[2].leads_day == 1
 
 
-@pytest.mark.parametrize("spent, price, ok", [
-    (90.0, 10.0, True),    # exactly at the budget
-    (90.0, 10.01, False),  # one cent over
-    (100.0, 0.0, True),    # a free lead still fits
-])
+@pytest.mark.parametrize(
+    "spent, price, ok",
+    [
+        (90.0, 10.0, True),  # exactly at the budget
+        (90.0, 10.01, False),  # one cent over
+        (100.0, 0.0, True),  # a free lead still fits
+    ],
+)
 def test_spend_per_day(spent: float, price: float, ok: bool) -> None:
     caps, led = BuyerCaps(spend_per_day=100.0), C.new_ledger()
     assert C.reserve(led, caps, "x", spent, T)[0]
@@ -85,7 +88,7 @@ def test_commit_after_expiry_still_counts() -> None:
 def test_day_rolls_over_at_midnight_in_the_caps_time_zone() -> None:
     caps, led = BuyerCaps(leads_per_day=1, timezone="America/New_York"), C.new_ledger()
     before = ms(2026, 3, 11, 3, 59)  # 23:59 on the 10th in New York (EDT, UTC-4)
-    after = ms(2026, 3, 11, 4, 1)    # 00:01 on the 11th
+    after = ms(2026, 3, 11, 4, 1)  # 00:01 on the 11th
     assert C.reserve(led, caps, "a", 1.0, before)[0]
     C.commit(led, caps, "a", 1.0, before)
     assert not C.reserve(led, caps, "b", 1.0, before + 1000)[0]
@@ -107,10 +110,28 @@ def test_cap_view_ignores_other_periods_and_older_states() -> None:
     caps = BuyerCaps(leads_per_day=10)
     v = S.CapView()
     hour, day, _ = C.counters(C.new_ledger(), caps, T)
-    v.update({"buyer_id": "b", "hour": hour, "day": day, "leads_hour": 2, "leads_day": 9,
-              "spend_day": 50.0, "at_ms": T})
-    v.update({"buyer_id": "b", "hour": hour, "day": day, "leads_hour": 1, "leads_day": 1,
-              "spend_day": 1.0, "at_ms": T - 1})  # older: ignored
+    v.update(
+        {
+            "buyer_id": "b",
+            "hour": hour,
+            "day": day,
+            "leads_hour": 2,
+            "leads_day": 9,
+            "spend_day": 50.0,
+            "at_ms": T,
+        }
+    )
+    v.update(
+        {
+            "buyer_id": "b",
+            "hour": hour,
+            "day": day,
+            "leads_hour": 1,
+            "leads_day": 1,
+            "spend_day": 1.0,
+            "at_ms": T - 1,
+        }
+    )  # older: ignored
     assert v.counters("b", caps, T).leads_day == 9
     assert v.counters("b", caps, T + 86_400_000).leads_day == 0  # the next day
     assert v.counters("unknown", caps, T).leads_day == 0

@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 import yaml
 
+from streams.settings import parse_settings
 from streams.tools import stack as stack_mod
 from streams.tools.cli import build_parser
-from streams.settings import parse_settings
 from streams.tools.stack import Stack, web_port_for
 
 
@@ -21,13 +21,24 @@ def _settings(**worker: Any) -> Any:
     return parse_settings(raw, env={})
 
 
-@pytest.mark.parametrize(("base", "name", "port"), [
-    (6066, "worker", 6066), (6066, "worker2", 6067), (6066, "worker5", 6070),
-    (6066, "sink", 6064), (6066, "metrics", 6065),
-    (0, "worker", 0), (0, "worker2", 0), (0, "sink", 0),  # 0: off for every worker
-    (6066, "worker-bench", 0), (6066, "worker1", 0), (6066, "ingest", 0),
-    (1, "sink", 0), (65535, "worker2", 0),  # off rather than an impossible port
-])
+@pytest.mark.parametrize(
+    ("base", "name", "port"),
+    [
+        (6066, "worker", 6066),
+        (6066, "worker2", 6067),
+        (6066, "worker5", 6070),
+        (6066, "sink", 6064),
+        (6066, "metrics", 6065),
+        (0, "worker", 0),
+        (0, "worker2", 0),
+        (0, "sink", 0),  # 0: off for every worker
+        (6066, "worker-bench", 0),
+        (6066, "worker1", 0),
+        (6066, "ingest", 0),
+        (1, "sink", 0),
+        (65535, "worker2", 0),  # off rather than an impossible port
+    ],
+)
 def test_web_port_for(base: int, name: str, port: int) -> None:
     assert web_port_for(base, name) == port
 
@@ -40,8 +51,9 @@ class _FakePopen:
         self.pid = os.getpid()
 
 
-def test_up_gives_each_worker_its_own_web_port(tmp_path: Path,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_up_gives_each_worker_its_own_web_port(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """What ``pingpost up`` (and a restart through the stack) spawns for each worker."""
     monkeypatch.setattr(stack_mod.subprocess, "Popen", _FakePopen)
     _FakePopen.calls = []
@@ -51,8 +63,7 @@ def test_up_gives_each_worker_its_own_web_port(tmp_path: Path,
     st.spawn("sink", ["worker", "--role", "sink"])
     st.spawn("metrics", ["worker", "--role", "metrics"])
     st.spawn("buyers", ["buyers", "simulate"])
-    ports = [c[c.index("--web-port") + 1] if "--web-port" in c else None
-             for c in _FakePopen.calls]
+    ports = [c[c.index("--web-port") + 1] if "--web-port" in c else None for c in _FakePopen.calls]
     assert ports == ["7100", "7101", "7098", "7099", None]
 
 
@@ -97,9 +108,9 @@ def _free_ports(n: int) -> list[int]:
 
 
 @pytest.mark.parametrize("argv", [["sql", "SELECT 1"], ["report"], ["report", "--html", "x"]])
-def test_no_warehouse_is_one_line_saying_where_and_how(argv: list[str], tmp_path: Path,
-                                                       capsys: pytest.CaptureFixture[str]
-                                                       ) -> None:
+def test_no_warehouse_is_one_line_saying_where_and_how(
+    argv: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from streams.tools.cli import main
 
     (port,) = _free_ports(1)  # nothing listens there
@@ -112,11 +123,12 @@ def test_no_warehouse_is_one_line_saying_where_and_how(argv: list[str], tmp_path
 
 
 def test_up_with_the_ingest_port_taken_starts_nothing_and_names_it(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-        capsys: pytest.CaptureFixture[str]) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     import socket
 
     from streams.tools import cli
+
     def no_broker(self: Stack) -> Any:
         raise AssertionError("started Kafka although ingest cannot start")
 
@@ -132,12 +144,13 @@ def test_up_with_the_ingest_port_taken_starts_nothing_and_names_it(
     assert len(err.strip().splitlines()) == 1, err
     assert f"ingest port {port}" in err and "ingest.listen" in err and str(config) in err
     assert not (tmp_path / "run" / "pids").exists() or not list(
-        (tmp_path / "run" / "pids").iterdir())
+        (tmp_path / "run" / "pids").iterdir()
+    )
 
 
-def test_up_failing_half_way_stops_what_it_started(tmp_path: Path,
-                                                   monkeypatch: pytest.MonkeyPatch,
-                                                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_up_failing_half_way_stops_what_it_started(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     """A component that fails after others started: they are stopped, one line, exit 1."""
     import subprocess
 
@@ -146,15 +159,21 @@ def test_up_failing_half_way_stops_what_it_started(tmp_path: Path,
 
     real_popen = subprocess.Popen
 
-    def popen(cmd: list[str], **kw: Any) -> "subprocess.Popen[bytes]":
-        return real_popen(["sleep", "60"], start_new_session=True,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    def popen(cmd: list[str], **kw: Any) -> subprocess.Popen[bytes]:
+        return real_popen(
+            ["sleep", "60"],
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
 
     def up(self: Stack, **_: Any) -> None:
         self.spawn("buyers", ["buyers", "simulate"])
         self.spawn("worker", ["worker", "--role", "auction"])
-        raise StackError(f"ingest exited during start-up; see {self.log_dir}/ingest.log:\n"
-                         "Traceback (most recent call last):\n  ...")
+        raise StackError(
+            f"ingest exited during start-up; see {self.log_dir}/ingest.log:\n"
+            "Traceback (most recent call last):\n  ..."
+        )
 
     monkeypatch.setattr(stack_mod.subprocess, "Popen", popen)
     monkeypatch.setattr(Stack, "up", up)

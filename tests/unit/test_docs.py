@@ -22,9 +22,10 @@ import copy
 import io
 import re
 import shlex
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import yaml
@@ -131,7 +132,8 @@ def links(path: Path) -> Iterator[tuple[int, str]]:
 def test_readme_is_short() -> None:
     size = len(README.read_text())
     assert size < README_LIMIT, (
-        f"README.md has {size:,} characters (limit {README_LIMIT:,}): move detail to docs/")
+        f"README.md has {size:,} characters (limit {README_LIMIT:,}): move detail to docs/"
+    )
 
 
 def test_docs_pages_start_with_a_summary_and_the_readme_links_each() -> None:
@@ -143,7 +145,8 @@ def test_docs_pages_start_with_a_summary_and_the_readme_links_each() -> None:
         assert lines[0].startswith("# "), f"{rel(page)}: no title on the first line"
         first = next((ln for ln in lines[1:] if ln.strip()), "")
         assert first and not first.startswith(("#", "```", "|", "-")), (
-            f"{rel(page)}: the title is not followed by a summary paragraph")
+            f"{rel(page)}: the title is not followed by a summary paragraph"
+        )
         assert f"docs/{page.name}" in readme_links, f"README.md does not link {rel(page)}"
 
 
@@ -165,8 +168,11 @@ def test_documents_have_relative_links() -> None:
     assert len(relative_links()) >= 20
 
 
-@pytest.mark.parametrize(("page", "number", "target"), relative_links(),
-                         ids=lambda v: v.name if isinstance(v, Path) else str(v))
+@pytest.mark.parametrize(
+    ("page", "number", "target"),
+    relative_links(),
+    ids=lambda v: v.name if isinstance(v, Path) else str(v),
+)
 def test_relative_link_resolves(page: Path, number: int, target: str) -> None:
     where = f"{rel(page)}:{number}: link '{target}'"
     path_part, _, anchor = target.partition("#")
@@ -177,11 +183,14 @@ def test_relative_link_resolves(page: Path, number: int, target: str) -> None:
         assert dest.suffix == ".md", f"{where}: an anchor into a file that is not markdown"
         known = anchors(dest)
         assert anchor in known, (
-            f"{where}: no heading '#{anchor}' in {rel(dest)}; its anchors: {sorted(known)}")
+            f"{where}: no heading '#{anchor}' in {rel(dest)}; its anchors: {sorted(known)}"
+        )
 
 
-REPO_PATH = re.compile(r"^(?:streams|connectors|tests|bench|schemas|deploy|config|docs)/"
-                       r"[\w./-]*\.[A-Za-z0-9]+$")
+REPO_PATH = re.compile(
+    r"^(?:streams|connectors|tests|bench|schemas|deploy|config|docs)/"
+    r"[\w./-]*\.[A-Za-z0-9]+$"
+)
 
 
 def quoted_repo_paths() -> list[tuple[Path, int, str]]:
@@ -196,8 +205,11 @@ def quoted_repo_paths() -> list[tuple[Path, int, str]]:
     return out
 
 
-@pytest.mark.parametrize(("page", "number", "path"), quoted_repo_paths(),
-                         ids=lambda v: v.name if isinstance(v, Path) else str(v))
+@pytest.mark.parametrize(
+    ("page", "number", "path"),
+    quoted_repo_paths(),
+    ids=lambda v: v.name if isinstance(v, Path) else str(v),
+)
 def test_quoted_repository_file_exists(page: Path, number: int, path: str) -> None:
     assert (ROOT / path).exists(), f"{rel(page)}:{number}: `{path}` does not exist"
 
@@ -241,8 +253,10 @@ def words(line: str) -> list[list[str]]:
     return [c for c in out if c]
 
 
-INVOKES = re.compile(r"(?:^|[\s|&;(])(?:[\w./-]*/)?(?:pingpost|make)(?:\s|$)"
-                     r"|-m\s+streams\.tools\.cli")
+INVOKES = re.compile(
+    r"(?:^|[\s|&;(])(?:[\w./-]*/)?(?:pingpost|make)(?:\s|$)"
+    r"|-m\s+streams\.tools\.cli"
+)
 
 
 def pingpost_argv(cmd: list[str]) -> list[str] | None:
@@ -277,8 +291,10 @@ def abbreviated_options(argv: list[str], command: str) -> list[str]:
     at = argv.index(command)
     end = argv.index("--", at) if "--" in argv[at:] else len(argv)
     out = []
-    for part, names in ((argv[:at], option_strings(build_parser())),
-                        (argv[at + 1:end], option_strings(subparser(command)))):
+    for part, names in (
+        (argv[:at], option_strings(build_parser())),
+        (argv[at + 1 : end], option_strings(subparser(command))),
+    ):
         for tok in part:
             if tok.startswith("-") and tok != "-" and tok.split("=", 1)[0] not in names:
                 out.append(tok)
@@ -356,8 +372,9 @@ def test_documented_command_is_accepted(inv: Invocation) -> None:
         named = [a for a in inv.argv if not a.startswith("-") and "=" not in a]
         assert named, f"{inv.where}: `{inv.line}` names no make target"
         unknown = [t for t in named if t not in targets]
-        assert not unknown, (f"{inv.where}: `{inv.line}`: no Makefile target {unknown} "
-                             f"(targets: {sorted(targets)})")
+        assert not unknown, (
+            f"{inv.where}: `{inv.line}`: no Makefile target {unknown} (targets: {sorted(targets)})"
+        )
         return
     problem = check_pingpost(list(inv.argv))
     assert problem is None, f"{inv.where}: `{inv.line}`: {problem}"
@@ -374,8 +391,11 @@ def inline_mentions() -> list[tuple[Path, int, str]]:
     return out
 
 
-@pytest.mark.parametrize(("page", "number", "code"), inline_mentions(),
-                         ids=lambda v: v.name if isinstance(v, Path) else str(v))
+@pytest.mark.parametrize(
+    ("page", "number", "code"),
+    inline_mentions(),
+    ids=lambda v: v.name if isinstance(v, Path) else str(v),
+)
 def test_inline_command_mention_names_real_options(page: Path, number: int, code: str) -> None:
     """Prose and tables quote commands as synopses (`pingpost warehouse [--port P]`,
     `kafka start\\|stop`): those are not parsed whole, but the subcommand must exist and every
@@ -393,7 +413,7 @@ def test_inline_command_mention_names_real_options(page: Path, number: int, code
             names = option_strings(subparser(toks[0]))
         except KeyError:
             raise AssertionError(f"{where}: no subcommand '{toks[0]}'") from None
-    opts = toks[1:toks.index("--")] if "--" in toks else toks[1:]
+    opts = toks[1 : toks.index("--")] if "--" in toks else toks[1:]
     unknown = [o for o in opts if o.startswith("-") and o.split("=", 1)[0] not in names]
     assert not unknown, f"{where}: '{toks[0]}' has no option {unknown}"
 
@@ -410,8 +430,11 @@ def merge(base: Any, snippet: Any) -> Any:
         for k, v in snippet.items():
             out[k] = merge(base[k], v) if k in base else copy.deepcopy(v)
         return out
-    if isinstance(base, list) and isinstance(snippet, list) and all(
-            isinstance(x, dict) for x in [*base, *snippet]):
+    if (
+        isinstance(base, list)
+        and isinstance(snippet, list)
+        and all(isinstance(x, dict) for x in [*base, *snippet])
+    ):
         for key in ("id", "name"):
             if all(key in x for x in [*base, *snippet]):
                 merged = list(base)
@@ -429,8 +452,11 @@ def placeholder_env(text: str) -> dict[str, str]:
     """A value for every ${VAR} a snippet names (the docs' secrets)."""
     env = {}
     for name in re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)", text):
-        env[name] = ("https://hooks.example.test/alert" if name.endswith("_URL")
-                     else "doc-test-secret-0123456789")
+        env[name] = (
+            "https://hooks.example.test/alert"
+            if name.endswith("_URL")
+            else "doc-test-secret-0123456789"
+        )
     return env
 
 
@@ -487,7 +513,8 @@ def test_checkers_catch_a_bad_flag_and_a_bad_target() -> None:
 
 def test_merge_lays_a_snippet_over_the_demo() -> None:
     base = {"buyers": [{"id": "a", "tier": "x", "timeout_ms": 1}], "flows": {"f": {"a": 1}}}
-    got = merge(base, {"buyers": [{"id": "a", "tier": "y"}, {"id": "b"}],
-                       "flows": {"f": {"b": 2}}})
-    assert got == {"buyers": [{"id": "a", "tier": "y", "timeout_ms": 1}, {"id": "b"}],
-                   "flows": {"f": {"a": 1, "b": 2}}}
+    got = merge(base, {"buyers": [{"id": "a", "tier": "y"}, {"id": "b"}], "flows": {"f": {"b": 2}}})
+    assert got == {
+        "buyers": [{"id": "a", "tier": "y", "timeout_ms": 1}, {"id": "b"}],
+        "flows": {"f": {"a": 1, "b": 2}},
+    }

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -12,24 +13,27 @@ D, X, R = OffsetGuard.DELIVER, OffsetGuard.DROP, OffsetGuard.RESEEK
 TP = ("t.bids", 0)
 
 
-@pytest.mark.parametrize("seek, offsets, verdicts", [
-    # in order after a seek to the committed offset
-    (10, [10, 11, 12], [D, D, D]),
-    # a stale record from a batch fetched before the seek: re-seek, then in order again
-    (10, [13, 10, 11, 12, 13], [R, D, D, D, D]),
-    # records below the committed offset (already processed) are dropped
-    (10, [8, 9, 10], [X, X, D]),
-    # a real hole (compacted/expired): the same jump after the re-seek is let through
-    (10, [15, 15, 16], [R, D, D]),
-    # a second, different jump re-seeks again
-    (10, [15, 17, 17], [R, R, D]),
-    # no committed offset: the first record decides (auto.offset.reset)
-    (None, [7, 8, 10], [D, D, R]),
-    # -1 means no committed offset too
-    (-1, [3, 4], [D, D]),
-    # duplicates of delivered records are dropped
-    (0, [0, 1, 1, 0, 2], [D, D, X, X, D]),
-])
+@pytest.mark.parametrize(
+    "seek, offsets, verdicts",
+    [
+        # in order after a seek to the committed offset
+        (10, [10, 11, 12], [D, D, D]),
+        # a stale record from a batch fetched before the seek: re-seek, then in order again
+        (10, [13, 10, 11, 12, 13], [R, D, D, D, D]),
+        # records below the committed offset (already processed) are dropped
+        (10, [8, 9, 10], [X, X, D]),
+        # a real hole (compacted/expired): the same jump after the re-seek is let through
+        (10, [15, 15, 16], [R, D, D]),
+        # a second, different jump re-seeks again
+        (10, [15, 17, 17], [R, R, D]),
+        # no committed offset: the first record decides (auto.offset.reset)
+        (None, [7, 8, 10], [D, D, R]),
+        # -1 means no committed offset too
+        (-1, [3, 4], [D, D]),
+        # duplicates of delivered records are dropped
+        (0, [0, 1, 1, 0, 2], [D, D, X, X, D]),
+    ],
+)
 def test_verdicts(seek: int | None, offsets: list[int], verdicts: list[str]) -> None:
     g = OffsetGuard()
     g.sought(TP, seek)
@@ -71,33 +75,47 @@ def test_partitions_are_independent() -> None:
     assert g.check(("a", 0), 20) == R
 
 
-@pytest.mark.parametrize("topic, want", [
-    ("pp.bids", True), ("pp.leads", True), ("pingpost-auctions-changelog", False),
-])
+@pytest.mark.parametrize(
+    "topic, want",
+    [
+        ("pp.bids", True),
+        ("pp.leads", True),
+        ("pingpost-auctions-changelog", False),
+    ],
+)
 def test_changelogs_are_not_guarded(topic: str, want: bool) -> None:
     assert guarded(topic) is want
 
 
 # -- point 3: never commit past an event still in flight (faust-streaming #606) ----------
 
-@pytest.mark.parametrize("head, acked, holes, want, acked_after", [
-    # the committed offset is still in flight: nothing past it may be committed
-    (35, [36, 37, 38], [], None, [36, 37, 38]),
-    # ...and once it is acked, the whole run is
-    (35, [35, 36, 37, 38], [], 39, []),
-    # a run stops at the first offset still in flight
-    (10, [10, 11, 13, 14], [], 12, [13, 14]),
-    # acks below the committed offset (committed already) are forgotten
-    (10, [8, 9], [], None, []),
-    # a hole (compacted/expired offsets) at the head is passed
-    (10, [13, 14], [(10, 12)], 15, []),
-    # ...and in the middle; the commit may stop right after it (14 is in flight)
-    (10, [10], [(11, 13)], 14, []),
-    # no committed offset known: the first run counts
-    (None, [3, 4, 6], [], 5, [6]),
-])
-def test_contiguous_commit(head: int | None, acked: list[int], holes: list[tuple[int, int]],
-                           want: int | None, acked_after: list[int]) -> None:
+
+@pytest.mark.parametrize(
+    "head, acked, holes, want, acked_after",
+    [
+        # the committed offset is still in flight: nothing past it may be committed
+        (35, [36, 37, 38], [], None, [36, 37, 38]),
+        # ...and once it is acked, the whole run is
+        (35, [35, 36, 37, 38], [], 39, []),
+        # a run stops at the first offset still in flight
+        (10, [10, 11, 13, 14], [], 12, [13, 14]),
+        # acks below the committed offset (committed already) are forgotten
+        (10, [8, 9], [], None, []),
+        # a hole (compacted/expired offsets) at the head is passed
+        (10, [13, 14], [(10, 12)], 15, []),
+        # ...and in the middle; the commit may stop right after it (14 is in flight)
+        (10, [10], [(11, 13)], 14, []),
+        # no committed offset known: the first run counts
+        (None, [3, 4, 6], [], 5, [6]),
+    ],
+)
+def test_contiguous_commit(
+    head: int | None,
+    acked: list[int],
+    holes: list[tuple[int, int]],
+    want: int | None,
+    acked_after: list[int],
+) -> None:
     index = set(acked)
     assert contiguous_commit(acked, index, holes, head) == want
     assert acked == acked_after and index == set(acked_after)
@@ -112,8 +130,9 @@ def consumers() -> Iterator[list[Any]]:
         c._thread.thread_loop.close()
 
 
-def _consumer_with_acks(made: list[Any], committed: int,
-                        delivered: range) -> tuple[Any, Any, list[Any]]:
+def _consumer_with_acks(
+    made: list[Any], committed: int, delivered: range
+) -> tuple[Any, Any, list[Any]]:
     """A real Faust consumer (not started) holding ``delivered`` records of one partition,
     sought to ``committed`` the way Faust does after an assignment."""
     import faust
@@ -132,9 +151,18 @@ def _consumer_with_acks(made: list[Any], committed: int,
     messages = []
     for off in delivered:
         assert g.check(tp, off) == D
-        m = faust.types.Message(topic=tp.topic, partition=tp.partition, offset=off,
-                                timestamp=0.0, timestamp_type=0, headers=[], key=b"k",
-                                value=b"v", checksum=None, tp=tp)
+        m = faust.types.Message(
+            topic=tp.topic,
+            partition=tp.partition,
+            offset=off,
+            timestamp=0.0,
+            timestamp_type=0,
+            headers=[],
+            key=b"k",
+            value=b"v",
+            checksum=None,
+            tp=tp,
+        )
         consumer.track_message(m)
         messages.append(m)
     return consumer, tp, messages
@@ -186,18 +214,19 @@ def test_no_commit_for_a_revoked_partition_until_it_is_sought_again(consumers: l
 
 # -- the partition watchdog -----------------------------------------------------------------
 
+
 def test_stall_watch_reports_a_partition_that_stops_delivering_with_records_waiting() -> None:
     from streams.runtime.watchdog import StallWatch
 
     w = StallWatch(stall_s=20)
-    assert not w.observe(TP, 10, 15, now=0)     # first sight
-    assert not w.observe(TP, 10, 15, now=19)    # not long enough
-    assert w.observe(TP, 10, 15, now=20)        # 20 s, records waiting, nothing delivered
+    assert not w.observe(TP, 10, 15, now=0)  # first sight
+    assert not w.observe(TP, 10, 15, now=19)  # not long enough
+    assert w.observe(TP, 10, 15, now=20)  # 20 s, records waiting, nothing delivered
     w.restart(TP, now=20)
-    assert not w.observe(TP, 10, 15, now=30)    # sought: a new period starts
-    assert not w.observe(TP, 12, 15, now=45)    # it moved
-    assert not w.observe(TP, 15, 15, now=90)    # caught up: nothing waits
-    assert not w.observe(TP, 15, 16, now=91)    # a new record: a new period
+    assert not w.observe(TP, 10, 15, now=30)  # sought: a new period starts
+    assert not w.observe(TP, 12, 15, now=45)  # it moved
+    assert not w.observe(TP, 15, 15, now=90)  # caught up: nothing waits
+    assert not w.observe(TP, 15, 16, now=91)  # a new record: a new period
     assert w.observe(TP, 15, 16, now=111)
 
 
@@ -236,28 +265,30 @@ async def test_the_watchdog_seeks_only_a_stalled_partition_outside_a_rebalance()
 
     stuck, moving, full = FTP("p.leads", 4), FTP("p.leads", 1), FTP("p.bids", 2)
     changelog = FTP("p-auctions-changelog", 4)
-    c = _WatchedConsumer({stuck, moving, full, changelog},
-                         {stuck: 136, moving: 90, full: 500, changelog: 300})
+    c = _WatchedConsumer(
+        {stuck, moving, full, changelog}, {stuck: 136, moving: 90, full: 500, changelog: 300}
+    )
     g = c.__dict__["_pingpost_guard"]
-    c._committed_offset[stuck] = 111                 # nothing delivered since its seek
+    c._committed_offset[stuck] = 111  # nothing delivered since its seek
     g.sought(moving, 80)
     g.sought(full, 100)
-    c._buffered_partitions.add(full)                 # its stream buffer is full: back-pressure
+    c._buffered_partitions.add(full)  # its stream buffer is full: back-pressure
     app = type("App", (), {"consumer": c, "rebalancing": False, "in_recovery": False})()
     w = Watchdog(stall_s=20)
     assert await watch_partitions(app, w, now=0) == []
-    g.check(moving, 80)                              # one partition keeps delivering
+    g.check(moving, 80)  # one partition keeps delivering
     app.rebalancing = True
     assert await watch_partitions(app, w, now=25) == []
     app.rebalancing = False
     assert await watch_partitions(app, w, now=25) == [stuck]
     assert c.sought == [(stuck, 111)] and c.resumed == [stuck]
     assert g.expected[stuck] == 111
-    assert await watch_partitions(app, w, now=30) == []   # a new period after the seek
+    assert await watch_partitions(app, w, now=30) == []  # a new period after the seek
 
 
-async def test_the_watchdog_rereads_a_partition_whose_commit_stalls_with_nothing_in_flight(
-) -> None:
+async def test_the_watchdog_rereads_a_partition_whose_commit_stalls_with_nothing_in_flight() -> (
+    None
+):
     """Everything up to the end went through the fetch, nothing is in flight, and the commit
     does not move: records were lost on the way to the agents; read them again."""
     from faust.types import TP as FTP
@@ -288,20 +319,23 @@ async def test_the_consumer_thread_never_reads_no_active_partition_as_all() -> N
     apply(fetch_max_wait_ms=None)
     seen: list[Any] = []
 
-    async def fetch(_consumer: object, active: Any, timeout: float = 0,
-                    max_records: int | None = None) -> dict[str, int]:
+    async def fetch(
+        _consumer: object, active: Any, timeout: float = 0, max_records: int | None = None
+    ) -> dict[str, int]:
         seen.append(active)
         return {"records": 1}
 
     thread = object.__new__(AIOKafkaConsumerThread)
-    thread.__dict__.update(_ensure_consumer=lambda: type("C", (), {"_max_poll_records": 5})(),
-                           call_thread=lambda fn, *a, **kw: fn(*a, **kw),
-                           _fetch_records=fetch)
+    thread.__dict__.update(
+        _ensure_consumer=lambda: type("C", (), {"_max_poll_records": 5})(),
+        call_thread=lambda fn, *a, **kw: fn(*a, **kw),
+        _fetch_records=fetch,
+    )
     live = {("p.leads", 2)}
     assert await thread.getmany(live, 1.0) == {"records": 1}
     [view] = seen
     assert ("p.leads", 2) in view and ("p.leads", 3) not in view
-    live.clear()                          # Faust pauses everything (a rebalance)...
-    assert view and ("p.leads", 2) not in view   # ...the fetcher sees none, not all
-    live.add(("p.leads", 3))              # ...and a resume is seen at once
+    live.clear()  # Faust pauses everything (a rebalance)...
+    assert view and ("p.leads", 2) not in view  # ...the fetcher sees none, not all
+    live.add(("p.leads", 3))  # ...and a resume is seen at once
     assert ("p.leads", 3) in view

@@ -20,7 +20,9 @@ from grafana_foundation_sdk.cog import plugins
 from grafana_foundation_sdk.cog import runtime as cogruntime
 from grafana_foundation_sdk.models import dashboard as gdash
 
-DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "dashboards" / "pingpost.json"
+DASHBOARD = (
+    Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "dashboards" / "pingpost.json"
+)
 
 plugins.register_default_plugins()
 
@@ -44,8 +46,9 @@ def unknown_keys(src: Any, back: Any, path: str = "$") -> list[str]:
     if isinstance(src, list):
         if not isinstance(back, list) or len(src) != len(back):
             return [path]
-        return [p for i, (a, b) in enumerate(zip(src, back))
-                for p in unknown_keys(a, b, f"{path}[{i}]")]
+        return [
+            p for i, (a, b) in enumerate(zip(src, back)) for p in unknown_keys(a, b, f"{path}[{i}]")
+        ]
     return [] if src == back else [path]
 
 
@@ -70,14 +73,20 @@ def test_every_panel_type_is_a_known_panel_plugin(dashboard: dict[str, Any]) -> 
         assert cogruntime.panelcfg_config(panel["type"]) is not None, panel["title"]
 
 
-@pytest.mark.parametrize("mutate, where", [
-    (lambda d: d["panels"][0].update(gridPoss=d["panels"][0].pop("gridPos")), "gridPoss"),
-    (lambda d: d["panels"][0].setdefault("options", {}).update(colourMode="value"),
-     "colourMode"),
-    (lambda d: d.update(refreshh="30s"), "refreshh"),
-])
-def test_the_check_catches_a_misspelt_key(dashboard: dict[str, Any], mutate: Any,
-                                          where: str) -> None:
+@pytest.mark.parametrize(
+    "mutate, where",
+    [
+        (lambda d: d["panels"][0].update(gridPoss=d["panels"][0].pop("gridPos")), "gridPoss"),
+        (
+            lambda d: d["panels"][0].setdefault("options", {}).update(colourMode="value"),
+            "colourMode",
+        ),
+        (lambda d: d.update(refreshh="30s"), "refreshh"),
+    ],
+)
+def test_the_check_catches_a_misspelt_key(
+    dashboard: dict[str, Any], mutate: Any, where: str
+) -> None:
     broken = copy.deepcopy(dashboard)
     mutate(broken)
     assert any(p.endswith(where) for p in round_trip(broken))

@@ -6,7 +6,13 @@ import asyncio
 
 import pytest
 
-from streams.stages.ingest.idempotency import KeyError_, LeadMemory, check_key, fingerprint, lead_id_for_key
+from streams.stages.ingest.idempotency import (
+    KeyError_,
+    LeadMemory,
+    check_key,
+    fingerprint,
+    lead_id_for_key,
+)
 
 
 def test_lead_id_is_per_producer_and_key() -> None:

@@ -12,8 +12,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from streams.stages.ingest import IngestServer
 from streams.settings import load_settings
+from streams.stages.ingest import IngestServer
 from tests.unit.test_leads import SOLAR
 
 REPO = Path(__file__).resolve().parents[2]
@@ -30,6 +30,7 @@ class RecordingProducer:
     def __getattr__(self, name: str) -> Any:
         async def call(*_: Any, **__: Any) -> None:
             self.calls.append(name)
+
         return call
 
 
@@ -40,20 +41,30 @@ async def post(body: bytes, headers: dict[str, str]) -> tuple[int, dict[str, Any
     app = web.Application()
     app.router.add_post("/v1/leads", server.handle_lead)
     async with TestClient(TestServer(app)) as client:
-        resp = await client.post("/v1/leads", data=body,
-                                 headers={"Authorization": f"Bearer {TOKEN}", **headers},
-                                 skip_auto_headers=["Content-Type"])
+        resp = await client.post(
+            "/v1/leads",
+            data=body,
+            headers={"Authorization": f"Bearer {TOKEN}", **headers},
+            skip_auto_headers=["Content-Type"],
+        )
         return resp.status, await resp.json(), producer.calls
 
 
 BODY = orjson.dumps(SOLAR)
 
 
-@pytest.mark.parametrize("content_type", [
-    "text/plain", "text/plain; charset=utf-8", "application/x-www-form-urlencoded",
-    "multipart/form-data; boundary=x", "application/xml", "application/json; charset=latin-1",
-    "application/jsonp",
-])
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        "text/plain",
+        "text/plain; charset=utf-8",
+        "application/x-www-form-urlencoded",
+        "multipart/form-data; boundary=x",
+        "application/xml",
+        "application/json; charset=latin-1",
+        "application/jsonp",
+    ],
+)
 async def test_a_body_that_is_not_json_is_refused_with_415(content_type: str) -> None:
     status, body, calls = await post(BODY, {"Content-Type": content_type})
     assert status == 415
@@ -62,13 +73,16 @@ async def test_a_body_that_is_not_json_is_refused_with_415(content_type: str) ->
     assert calls == []  # nothing published
 
 
-@pytest.mark.parametrize("headers", [
-    {"Content-Type": "application/json"},
-    {"Content-Type": "application/json; charset=utf-8"},
-    {"Content-Type": "Application/JSON;charset=\"UTF-8\""},
-    {"Content-Type": "application/vnd.leads+json"},
-    {},  # no Content-Type: read as JSON
-])
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Content-Type": "application/json"},
+        {"Content-Type": "application/json; charset=utf-8"},
+        {"Content-Type": 'Application/JSON;charset="UTF-8"'},
+        {"Content-Type": "application/vnd.leads+json"},
+        {},  # no Content-Type: read as JSON
+    ],
+)
 async def test_json_is_accepted(headers: dict[str, str]) -> None:
     status, body, calls = await post(BODY, headers)
     assert status == 202, body
@@ -84,12 +98,18 @@ async def test_a_token_is_checked_before_the_content_type() -> None:
         assert resp.status == 401
 
 
-@pytest.mark.parametrize(("field", "value"), [
-    ("first_name", "Ada\u0000"), ("address", "1 Main St\u0007"), ("zip", "902\u001f10"),
-])
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("first_name", "Ada\u0000"),
+        ("address", "1 Main St\u0007"),
+        ("zip", "902\u001f10"),
+    ],
+)
 async def test_control_characters_are_refused_naming_the_field(field: str, value: str) -> None:
-    status, body, calls = await post(orjson.dumps({**SOLAR, field: value}),
-                                     {"Content-Type": "application/json"})
+    status, body, calls = await post(
+        orjson.dumps({**SOLAR, field: value}), {"Content-Type": "application/json"}
+    )
     assert (status, body["field"]) == (400, field)
     assert "control character" in body["error"]
     assert calls == []

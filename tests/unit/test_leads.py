@@ -6,11 +6,11 @@ import calendar
 import dataclasses
 import hashlib
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
-from datetime import datetime, timezone
 
 from streams.rules.leads import (
     LeadError,
@@ -28,13 +28,27 @@ RECEIVED = 1_717_243_200_000  # 2024-06-01T12:00:00Z
 
 #: CONTRACT §1's solar lead.
 SOLAR: dict[str, Any] = {
-    "flow": "solar", "state": "CA", "zip": "90210", "homeowner": True,
-    "electric_bill": "$200-300", "credit_range": "700+", "property_type": "single_family",
-    "consent": True, "first_name": "Ada", "last_name": "Lovelace", "email": "ada@example.com",
-    "phone": "+13105550100", "address": "1 Main St, Beverly Hills",
+    "flow": "solar",
+    "state": "CA",
+    "zip": "90210",
+    "homeowner": True,
+    "electric_bill": "$200-300",
+    "credit_range": "700+",
+    "property_type": "single_family",
+    "consent": True,
+    "first_name": "Ada",
+    "last_name": "Lovelace",
+    "email": "ada@example.com",
+    "phone": "+13105550100",
+    "address": "1 Main St, Beverly Hills",
 }
-PII = {"first_name": "Ada", "last_name": "Lovelace", "email": "ada@example.com",
-       "phone": "+13105550100", "address": "1 Main St, Beverly Hills"}
+PII = {
+    "first_name": "Ada",
+    "last_name": "Lovelace",
+    "email": "ada@example.com",
+    "phone": "+13105550100",
+    "address": "1 Main St, Beverly Hills",
+}
 
 
 def lead(**changes: Any) -> dict[str, Any]:
@@ -132,15 +146,18 @@ def test_created_at_ms_is_exact(created_at: str, expected_ms: int) -> None:
     assert got.created_at_ms == expected_ms
 
 
-@pytest.mark.parametrize(("offset_ms", "ok"), [
-    (5 * 60_000, True),            # clock skew allowed
-    (5 * 60_000 + 1000, False),    # in the future
-    (-365 * 24 * 3600_000, True),
-    (-367 * 24 * 3600_000, False),  # more than a year old
-])
+@pytest.mark.parametrize(
+    ("offset_ms", "ok"),
+    [
+        (5 * 60_000, True),  # clock skew allowed
+        (5 * 60_000 + 1000, False),  # in the future
+        (-365 * 24 * 3600_000, True),
+        (-367 * 24 * 3600_000, False),  # more than a year old
+    ],
+)
 def test_created_at_bounds(offset_ms: int, ok: bool) -> None:
     received = 1_767_225_600_000  # 2026-01-01T00:00:00Z
-    created = datetime.fromtimestamp((received + offset_ms) / 1000, tz=timezone.utc)
+    created = datetime.fromtimestamp((received + offset_ms) / 1000, tz=UTC)
     raw = lead(created_at=created.isoformat().replace("+00:00", "Z"))
     if ok:
         assert validate(raw, received_at_ms=received).created_at_ms == received + offset_ms
@@ -162,9 +179,19 @@ INVALID: list[tuple[str, dict[str, Any], str | None]] = [
     ("flow is a list", lead(flow=["solar"]), "flow"),
     ("unknown flow", lead(flow="roofing"), "flow"),
     # required fields, each one
-    *[(f"missing {f}", lead(**{f: _DROP}), f)
-      for f in ("state", "zip", "homeowner", "consent", "first_name", "last_name", "email",
-                "phone")],
+    *[
+        (f"missing {f}", lead(**{f: _DROP}), f)
+        for f in (
+            "state",
+            "zip",
+            "homeowner",
+            "consent",
+            "first_name",
+            "last_name",
+            "email",
+            "phone",
+        )
+    ],
     ("required field null", lead(email=None), "email"),
     # types
     ("string where bool", lead(homeowner="yes"), "homeowner"),
@@ -206,8 +233,9 @@ INVALID: list[tuple[str, dict[str, Any], str | None]] = [
 ]
 
 
-@pytest.mark.parametrize(("raw", "field"), [(r, f) for _, r, f in INVALID],
-                         ids=[n for n, _, _ in INVALID])
+@pytest.mark.parametrize(
+    ("raw", "field"), [(r, f) for _, r, f in INVALID], ids=[n for n, _, _ in INVALID]
+)
 def test_invalid_lead_names_the_field(raw: dict[str, Any], field: str) -> None:
     err = lead_error(raw)
     assert err.field == field
@@ -221,17 +249,19 @@ def test_non_object_lead(raw: Any) -> None:
     assert err.field is None
 
 
-@pytest.mark.parametrize(("field", "value", "code"), [
-    ("first_name", "Ada\x00", "U+0000"),
-    ("address", "1 Main St\x1b[2J", "U+001B"),
-    ("email", "ada@example.com\x7f", "U+007F"),
-    ("last_name", "Love\x85lace", "U+0085"),
-    ("state", "C\x00A", "U+0000"),  # before the enum/pattern check: the reason is the NUL
-    ("flow", "solar\x00", "U+0000"),
-    ("lead_id", "id\x01", "U+0001"),
-])
-def test_control_characters_are_refused_naming_the_field(field: str, value: str,
-                                                         code: str) -> None:
+@pytest.mark.parametrize(
+    ("field", "value", "code"),
+    [
+        ("first_name", "Ada\x00", "U+0000"),
+        ("address", "1 Main St\x1b[2J", "U+001B"),
+        ("email", "ada@example.com\x7f", "U+007F"),
+        ("last_name", "Love\x85lace", "U+0085"),
+        ("state", "C\x00A", "U+0000"),  # before the enum/pattern check: the reason is the NUL
+        ("flow", "solar\x00", "U+0000"),
+        ("lead_id", "id\x01", "U+0001"),
+    ],
+)
+def test_control_characters_are_refused_naming_the_field(field: str, value: str, code: str) -> None:
     err = lead_error(lead(**{field: value}))
     assert err.field == field
     assert "control character" in err.message and code in err.message
@@ -251,22 +281,31 @@ def test_lead_id_with_trailing_newline_is_rejected() -> None:
     assert lead_error(lead(lead_id="abc\n")).field == "lead_id"
 
 
-@pytest.mark.parametrize("created_at", ["2024-W01-1T00:00:00Z", "20240101T000000Z",
-                                        "2024-01-01T00:00Z"])
+@pytest.mark.parametrize(
+    "created_at", ["2024-W01-1T00:00:00Z", "20240101T000000Z", "2024-01-01T00:00Z"]
+)
 def test_created_at_non_rfc3339_iso_forms_rejected(created_at: str) -> None:
     assert lead_error(lead(created_at=created_at)).field == "created_at"
 
 
 # --------------------------------------------------------------------------- numeric types
 
-NUMERIC = parse_settings({
-    "flows": {"loan": {
-        "fields": {"amount": {"type": "number", "min": 1000, "max": 50000},
-                   "term": {"type": "integer", "enum": [12, 24, 36]},
-                   "email": {}},
-        "ping_fields": {"amount": {}, "term": {}},
-        "pii_fields": ["email"],
-    }}}, env={})
+NUMERIC = parse_settings(
+    {
+        "flows": {
+            "loan": {
+                "fields": {
+                    "amount": {"type": "number", "min": 1000, "max": 50000},
+                    "term": {"type": "integer", "enum": [12, 24, 36]},
+                    "email": {},
+                },
+                "ping_fields": {"amount": {}, "term": {}},
+                "pii_fields": ["email"],
+            }
+        }
+    },
+    env={},
+)
 
 
 @pytest.mark.parametrize(
@@ -297,13 +336,25 @@ def test_numeric_fields_valid() -> None:
 
 # --------------------------------------------------------------------------- PII in pings
 
-FREE_TEXT = parse_settings({
-    "flows": {"solar": {
-        "fields": {"state": {}, "notes": {}, "comment": {}, "email": {}, "phone": {},
-                   "first_name": {}},
-        "ping_fields": {"state": {}, "notes": {}, "comment": {"rename": "remark"}},
-        "pii_fields": ["email", "phone", "first_name"],
-    }}}, env={})
+FREE_TEXT = parse_settings(
+    {
+        "flows": {
+            "solar": {
+                "fields": {
+                    "state": {},
+                    "notes": {},
+                    "comment": {},
+                    "email": {},
+                    "phone": {},
+                    "first_name": {},
+                },
+                "ping_fields": {"state": {}, "notes": {}, "comment": {"rename": "remark"}},
+                "pii_fields": ["email", "phone", "first_name"],
+            }
+        }
+    },
+    env={},
+)
 FT_PII = {"email": "ada@example.com", "phone": "+13105550100", "first_name": "Al"}
 
 
@@ -338,8 +389,13 @@ def redacted(raw: dict[str, Any] = SOLAR, settings: Settings = DEMO) -> PingView
 def test_redact_ping_view_of_demo_lead() -> None:
     view = redacted()
     assert view.ping_fields == {
-        "state": "CA", "zip": "902", "homeowner": True, "electric_bill": "$200-300",
-        "credit_range": "700+", "property_type": "single_family", "consent": True,
+        "state": "CA",
+        "zip": "902",
+        "homeowner": True,
+        "electric_bill": "$200-300",
+        "credit_range": "700+",
+        "property_type": "single_family",
+        "consent": True,
     }
 
 
@@ -371,16 +427,30 @@ def test_redact_null_pii_has_no_hash() -> None:
 
 @pytest.mark.parametrize(
     ("transform", "value", "expected"),
-    [("zip3", "90210", "902"), ("prefix", "Beverly", "Bev"), ("lower", "MiXeD", "mixed"),
-     ("upper", "MiXeD", "MIXED"), ("keep", "MiXeD", "MiXeD")],
+    [
+        ("zip3", "90210", "902"),
+        ("prefix", "Beverly", "Bev"),
+        ("lower", "MiXeD", "mixed"),
+        ("upper", "MiXeD", "MIXED"),
+        ("keep", "MiXeD", "MiXeD"),
+    ],
 )
 def test_transforms(transform: str, value: str, expected: str) -> None:
     spec: dict[str, Any] = {"transform": transform, "rename": "out"}
     if transform == "prefix":
         spec["length"] = 3
-    s = parse_settings({"flows": {"f": {"fields": {"v": {}, "email": {}},
-                                        "ping_fields": {"v": spec}, "pii_fields": ["email"]}}},
-                       env={})
+    s = parse_settings(
+        {
+            "flows": {
+                "f": {
+                    "fields": {"v": {}, "email": {}},
+                    "ping_fields": {"v": spec},
+                    "pii_fields": ["email"],
+                }
+            }
+        },
+        env={},
+    )
     view = redact(s, validate({"flow": "f", "v": value}, s))
     assert view.ping_fields == {"out": expected}
 
@@ -398,8 +468,13 @@ def test_pii_hashes_are_keyed_hex_digests() -> None:
 
 
 def test_pii_hashes_depend_on_the_key() -> None:
-    other = DEMO.model_copy(update={"privacy": DEMO.privacy.model_copy(
-        update={"hash_key": type(DEMO.privacy.hash_key)("another-key-entirely")})})
+    other = DEMO.model_copy(
+        update={
+            "privacy": DEMO.privacy.model_copy(
+                update={"hash_key": type(DEMO.privacy.hash_key)("another-key-entirely")}
+            )
+        }
+    )
     a = redact(DEMO, validate(SOLAR))
     b = redact(other, validate(SOLAR, other))
     for name in PII:

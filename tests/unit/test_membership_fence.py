@@ -20,10 +20,12 @@ NO_ERROR, REBALANCE_IN_PROGRESS, UNKNOWN_MEMBER_ID = 0, 27, 25
 
 
 def app_with(coordinator: Any, session_s: float = 10.0) -> Any:
-    consumer = SimpleNamespace(_thread=SimpleNamespace(
-        _consumer=SimpleNamespace(_coordinator=coordinator)))
-    return SimpleNamespace(consumer=consumer, conf=SimpleNamespace(
-        broker_session_timeout=session_s))
+    consumer = SimpleNamespace(
+        _thread=SimpleNamespace(_consumer=SimpleNamespace(_coordinator=coordinator))
+    )
+    return SimpleNamespace(
+        consumer=consumer, conf=SimpleNamespace(broker_session_timeout=session_s)
+    )
 
 
 def test_confirmed_only_within_the_session_less_the_margin() -> None:
@@ -70,8 +72,9 @@ def patched() -> None:
     faust_patches._track_membership()
 
 
-@pytest.mark.parametrize("code, proof", [(NO_ERROR, True), (REBALANCE_IN_PROGRESS, False),
-                                         (UNKNOWN_MEMBER_ID, False)])
+@pytest.mark.parametrize(
+    "code, proof", [(NO_ERROR, True), (REBALANCE_IN_PROGRESS, False), (UNKNOWN_MEMBER_ID, False)]
+)
 def test_only_a_clean_heartbeat_is_a_proof(code: int, proof: bool) -> None:
     async def go() -> None:
         c = FakeCoordinator(code)

@@ -11,7 +11,6 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-
 from faust.types import TP as FaustTP
 
 from streams.runtime import faust_patches
@@ -30,8 +29,10 @@ class Clock:
 
 # -- throttling ------------------------------------------------------------------------
 
-def _record(msg: str, *args: Any, level: int = logging.ERROR,
-            name: str = "aiokafka.conn") -> logging.LogRecord:
+
+def _record(
+    msg: str, *args: Any, level: int = logging.ERROR, name: str = "aiokafka.conn"
+) -> logging.LogRecord:
     return logging.LogRecord(name, level, __file__, 1, msg, args, None)
 
 
@@ -49,8 +50,10 @@ def test_repeats_are_logged_once_per_interval_with_a_count() -> None:
     clock.t += 1.0
     nxt = _record(tmpl, 1, "refused")
     assert f.filter(nxt)
-    assert nxt.getMessage() == ("Unable connect to node with id 1: refused [and 500 more like "
-                                "this in the last 11 s, not logged]")
+    assert nxt.getMessage() == (
+        "Unable connect to node with id 1: refused [and 500 more like "
+        "this in the last 11 s, not logged]"
+    )
     clock.t += 1.0
     assert not f.filter(_record(tmpl, 1, "x"))  # a new interval began with ``nxt``
 
@@ -67,12 +70,10 @@ def test_kinds_levels_and_info_records_are_independent() -> None:
     assert not f.filter(_record("a %s", 2))
 
 
-def test_install_throttles_every_aiokafka_module_logger(caplog: pytest.LogCaptureFixture
-                                                        ) -> None:
+def test_install_throttles_every_aiokafka_module_logger(caplog: pytest.LogCaptureFixture) -> None:
     install()
     caplog.set_level(logging.INFO)
-    for name in ("aiokafka.conn", "aiokafka.consumer.fetcher",
-                 "faust.transport.drivers.aiokafka"):
+    for name in ("aiokafka.conn", "aiokafka.consumer.fetcher", "faust.transport.drivers.aiokafka"):
         for _ in range(100):
             logging.getLogger(name).error("Failed fetch messages from %s: %s", 1, "x")
     assert len(caplog.records) == 3
@@ -82,6 +83,7 @@ def test_install_throttles_every_aiokafka_module_logger(caplog: pytest.LogCaptur
 
 
 # -- stuck waits ---------------------------------------------------------------------------
+
 
 def test_a_wait_is_stuck_only_once_the_broker_has_answered_for_the_grace_period() -> None:
     clock = Clock()
@@ -133,8 +135,14 @@ def test_the_monitor_thread_acts_on_a_wait_that_never_ends() -> None:
 
     cm = waits.waiting("offset commit")
     cm.__enter__()  # a commit that never returns
-    stop = start_monitor("127.0.0.1:1", waits, StuckCheck(stuck_s=0.05, grace_s=0.05),
-                         interval=0.01, on_stuck=on_stuck, probe=lambda: True)
+    stop = start_monitor(
+        "127.0.0.1:1",
+        waits,
+        StuckCheck(stuck_s=0.05, grace_s=0.05),
+        interval=0.01,
+        on_stuck=on_stuck,
+        probe=lambda: True,
+    )
     try:
         assert hit.wait(10), "the monitor did not act"
     finally:
@@ -144,7 +152,8 @@ def test_the_monitor_thread_acts_on_a_wait_that_never_ends() -> None:
 
 
 async def test_a_consumer_commit_that_never_returns_gives_up_within_its_bound(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """The aiokafka commit hangs (as on the product after a broker restart): the bounded
     ``_commit`` returns False, its offsets left to a later commit, and frees the thread."""
     from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
@@ -158,8 +167,12 @@ async def test_a_consumer_commit_that_never_returns_gives_up_within_its_bound(
             await never.wait()
 
     tp = FaustTP("pp.results", 0)
-    fake = SimpleNamespace(_ensure_consumer=lambda: Aio(), assignment=lambda: {tp},
-                           tp_last_committed_at={}, log=logging.getLogger("t"))
+    fake = SimpleNamespace(
+        _ensure_consumer=lambda: Aio(),
+        assignment=lambda: {tp},
+        tp_last_committed_at={},
+        log=logging.getLogger("t"),
+    )
     loop = asyncio.get_running_loop()
     t0 = loop.time()
     ok = await asyncio.wait_for(AIOKafkaConsumerThread._commit(fake, {tp: 5}), 5)
@@ -167,6 +180,7 @@ async def test_a_consumer_commit_that_never_returns_gives_up_within_its_bound(
 
 
 # -- Faust's commit-livelock check -----------------------------------------------------------
+
 
 class _FakeThread:
     """What ``AIOKafkaConsumerThread.verify_event_path`` reads, with Faust's own methods."""
@@ -180,16 +194,18 @@ class _FakeThread:
     _make_slow_processing_error = _T._make_slow_processing_error
 
     def __init__(self, now: float) -> None:
-        self.state = SimpleNamespace(highwater=10, position=10, timestamp=now * 1000,
-                                     paused=False)
+        self.state = SimpleNamespace(highwater=10, position=10, timestamp=now * 1000, paused=False)
         assignment = SimpleNamespace(active=True, state_value=lambda tp: self.state)
         subs = SimpleNamespace(subscription=SimpleNamespace(assignment=assignment))
         self.aio = SimpleNamespace(_fetcher=SimpleNamespace(_subscriptions=subs))
         self.monitor = SimpleNamespace(stream_inbound_time={})
-        app = SimpleNamespace(monitor=self.monitor,
-                              topics=SimpleNamespace(acks_enabled_for=lambda t: True),
-                              conf=SimpleNamespace(stream_processing_timeout=30.0,
-                                                   broker_commit_livelock_soft_timeout=30.0))
+        app = SimpleNamespace(
+            monitor=self.monitor,
+            topics=SimpleNamespace(acks_enabled_for=lambda t: True),
+            conf=SimpleNamespace(
+                stream_processing_timeout=30.0, broker_commit_livelock_soft_timeout=30.0
+            ),
+        )
         self.consumer = SimpleNamespace(app=app, _acked={})
         self.time_started = now - 3600
         self.tp_fetch_request_timeout_secs = 30.0
@@ -221,7 +237,8 @@ def _idle_minute_then_one_record(verify: Any, caplog: pytest.LogCaptureFixture) 
 
 
 def test_faust_logs_a_livelock_error_for_the_first_record_after_an_idle_minute(
-        caplog: pytest.LogCaptureFixture) -> None:
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """The defect, on Faust's own check (what the fix below removes)."""
     from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 
@@ -232,12 +249,12 @@ def test_faust_logs_a_livelock_error_for_the_first_record_after_an_idle_minute(
 
 
 def test_no_livelock_error_for_the_first_record_after_an_idle_minute(
-        caplog: pytest.LogCaptureFixture) -> None:
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 
     faust_patches.apply()
-    assert _idle_minute_then_one_record(AIOKafkaConsumerThread.verify_event_path,
-                                        caplog) == []
+    assert _idle_minute_then_one_record(AIOKafkaConsumerThread.verify_event_path, caplog) == []
 
 
 def test_a_real_commit_livelock_is_still_reported(caplog: pytest.LogCaptureFixture) -> None:
@@ -263,6 +280,7 @@ def test_a_real_commit_livelock_is_still_reported(caplog: pytest.LogCaptureFixtu
 
 # -- the supervisor ---------------------------------------------------------------------------
 
+
 def _child(script: str) -> list[str]:
     return [sys.executable, "-c", script]
 
@@ -270,12 +288,19 @@ def _child(script: str) -> list[str]:
 def test_the_supervisor_restarts_a_worker_that_exits_non_zero(tmp_path: Any) -> None:
     """Runs 1 and 2 fail with status 75 (a stuck client), run 3 ends normally."""
     count = tmp_path / "runs"
-    script = (f"import pathlib, sys; p = pathlib.Path({str(count)!r}); "
-              "n = int(p.read_text()) + 1 if p.exists() else 1; p.write_text(str(n)); "
-              "sys.exit(75 if n < 3 else 0)")
+    script = (
+        f"import pathlib, sys; p = pathlib.Path({str(count)!r}); "
+        "n = int(p.read_text()) + 1 if p.exists() else 1; p.write_text(str(n)); "
+        "sys.exit(75 if n < 3 else 0)"
+    )
     said: list[str] = []
-    rc = supervise(_child(script), "worker --role sink", min_uptime=0.0,
-                   backoff=Backoff(first_s=0.01, max_s=0.02), say=said.append)
+    rc = supervise(
+        _child(script),
+        "worker --role sink",
+        min_uptime=0.0,
+        backoff=Backoff(first_s=0.01, max_s=0.02),
+        say=said.append,
+    )
     assert rc == 0 and count.read_text() == "3"
     assert len(said) == 2 and "exited with status 75" in said[0]
     assert "restarting it in" in said[0] and "(restart 2)" in said[1]
@@ -283,8 +308,7 @@ def test_the_supervisor_restarts_a_worker_that_exits_non_zero(tmp_path: Any) -> 
 
 def test_the_supervisor_does_not_restart_a_start_up_failure(tmp_path: Any) -> None:
     said: list[str] = []
-    rc = supervise(_child("import sys; sys.exit(2)"), "worker", min_uptime=60.0,
-                   say=said.append)
+    rc = supervise(_child("import sys; sys.exit(2)"), "worker", min_uptime=60.0, say=said.append)
     assert rc == 2 and "start-up failure" in said[0]
 
 

@@ -19,10 +19,21 @@ from streams.rules.privacy import dead_letter_payload
 from streams.runtime.agents import DeadLetters
 from streams.settings import Settings, parse_settings
 
-PII = {"first_name": "Ada", "last_name": "Lovelace", "email": "ada.lovelace@example.com",
-       "phone": "+15558000237", "address": "1 Main St, Beverly Hills"}
-LEAD = {"state": "CA", "zip": "90210", "homeowner": True, "consent": True,
-        "credit_range": "700+", **PII}
+PII = {
+    "first_name": "Ada",
+    "last_name": "Lovelace",
+    "email": "ada.lovelace@example.com",
+    "phone": "+15558000237",
+    "address": "1 Main St, Beverly Hills",
+}
+LEAD = {
+    "state": "CA",
+    "zip": "90210",
+    "homeowner": True,
+    "consent": True,
+    "credit_range": "700+",
+    **PII,
+}
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +51,9 @@ def _leaks(data: bytes | str) -> list[str]:
 
 
 def _lead(fields: dict[str, Any], flow: str = "solar") -> bytes:
-    return schemas.encode("Lead", {"flow": flow, "fields": fields, "source": "kafka-test",
-                                   "lead_id": "l-1"})
+    return schemas.encode(
+        "Lead", {"flow": flow, "fields": fields, "source": "kafka-test", "lead_id": "l-1"}
+    )
 
 
 def test_an_invalid_lead_keeps_its_non_pii_fields_and_hashes_the_rest(settings: Settings) -> None:
@@ -50,8 +62,13 @@ def test_an_invalid_lead_keeps_its_non_pii_fields_and_hashes_the_rest(settings: 
     safe = dead_letter_payload(raw, settings)
     assert safe.redacted and safe.length == len(raw) and not _leaks(safe.payload)
     view = orjson.loads(safe.payload)
-    assert view["fields"] == {"state": "CA", "zip": "ABCDE", "homeowner": True, "consent": True,
-                              "credit_range": "700+"}
+    assert view["fields"] == {
+        "state": "CA",
+        "zip": "ABCDE",
+        "homeowner": True,
+        "consent": True,
+        "credit_range": "700+",
+    }
     assert (view["flow"], view["lead_id"], view["source"]) == ("solar", "l-1", "kafka-test")
     assert view["withheld"] == sorted(PII)
     key = b"k-test"
@@ -62,8 +79,9 @@ def test_an_invalid_lead_keeps_its_non_pii_fields_and_hashes_the_rest(settings: 
 
 def test_pii_in_a_non_pii_field_or_an_unknown_field_is_withheld(settings: Settings) -> None:
     # a producer that put the phone in `state` and added a field the flow does not declare
-    raw = _lead({**LEAD, "state": "call 555-800-0237", "mobile": "555.800.0237",
-                 "notes": "Ada Lovelace"})
+    raw = _lead(
+        {**LEAD, "state": "call 555-800-0237", "mobile": "555.800.0237", "notes": "Ada Lovelace"}
+    )
     safe = dead_letter_payload(raw, settings)
     assert not _leaks(safe.payload), safe.payload
     view = orjson.loads(safe.payload)
@@ -79,26 +97,42 @@ def test_a_lead_of_an_unknown_flow_shows_no_field_value(settings: Settings) -> N
 
 
 def test_a_pii_record_keeps_only_ids_and_field_names(settings: Settings) -> None:
-    raw = schemas.encode("LeadPii", {"lead_id": "l-1", "flow": "solar", "fields": PII,
-                                     "expires_at_ms": 5})
+    raw = schemas.encode(
+        "LeadPii", {"lead_id": "l-1", "flow": "solar", "fields": PII, "expires_at_ms": 5}
+    )
     safe = dead_letter_payload(raw, settings)
-    assert orjson.loads(safe.payload) == {"event": "LeadPii", "lead_id": "l-1", "flow": "solar",
-                                          "expires_at_ms": 5, "withheld": sorted(PII)}
+    assert orjson.loads(safe.payload) == {
+        "event": "LeadPii",
+        "lead_id": "l-1",
+        "flow": "solar",
+        "expires_at_ms": 5,
+        "withheld": sorted(PII),
+    }
     assert set(safe.pii_hashes) == set(PII)
 
 
-@pytest.mark.parametrize("raw", [orjson.dumps({"flow": "solar", **LEAD}), b"\x00garbage",
-                                 _lead(LEAD)[:-3]])
-def test_an_undecodable_record_keeps_only_its_length_and_hash(settings: Settings,
-                                                              raw: bytes) -> None:
+@pytest.mark.parametrize(
+    "raw", [orjson.dumps({"flow": "solar", **LEAD}), b"\x00garbage", _lead(LEAD)[:-3]]
+)
+def test_an_undecodable_record_keeps_only_its_length_and_hash(
+    settings: Settings, raw: bytes
+) -> None:
     safe = dead_letter_payload(raw, settings)
     assert (safe.payload, safe.redacted, safe.length) == (b"", True, len(raw))
     assert safe.hmac == hmac.new(b"k-test", raw, hashlib.sha256).hexdigest()
 
 
 def test_a_record_without_pii_is_kept_as_is(settings: Settings) -> None:
-    raw = schemas.encode("CapDecision", {"request_id": "r1", "buyer_id": "b1", "lead_id": "l1",
-                                         "granted": False, "reason": "cap reached"})
+    raw = schemas.encode(
+        "CapDecision",
+        {
+            "request_id": "r1",
+            "buyer_id": "b1",
+            "lead_id": "l1",
+            "granted": False,
+            "reason": "cap reached",
+        },
+    )
     safe = dead_letter_payload(raw, settings)
     assert (safe.payload, safe.redacted, safe.pii_hashes) == (raw, False, {})
 
@@ -113,12 +147,16 @@ class _Topic:
 
 class _Event:
     def __init__(self, value: bytes) -> None:
-        self.message = type("Msg", (), {"topic": "p.leads", "partition": 1, "offset": 7,
-                                        "key": b"l-1", "value": value})()
+        self.message = type(
+            "Msg",
+            (),
+            {"topic": "p.leads", "partition": 1, "offset": 7, "key": b"l-1", "value": value},
+        )()
 
 
-async def test_dead_letters_record_and_log_no_pii(settings: Settings,
-                                                  caplog: pytest.LogCaptureFixture) -> None:
+async def test_dead_letters_record_and_log_no_pii(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
     topic = _Topic()
     dead = DeadLetters(topic, "redact", settings)
     event = _Event(_lead({**LEAD, "zip": "ABCDE"}))
@@ -141,7 +179,8 @@ async def test_dead_letters_record_and_log_no_pii(settings: Settings,
 
 
 def test_pii_topics_are_deleted_hour_by_hour_and_leads_retention_is_configurable(
-        settings: Settings) -> None:
+    settings: Settings,
+) -> None:
     from streams.topics import TopicNames, changelog_topic, topic_specs
 
     n = TopicNames.from_settings(settings)
@@ -151,10 +190,12 @@ def test_pii_topics_are_deleted_hour_by_hour_and_leads_retention_is_configurable
         assert specs[name]["segment.ms"] == "3600000", name
     assert specs[n.leads]["retention.ms"] == str(24 * 3600 * 1000)  # the default: one day
     assert specs[n.lead_pii]["retention.ms"] == str(24 * 3600 * 1000)
-    short = settings.model_copy(update={"privacy": settings.privacy.model_copy(
-        update={"leads_retention_hours": 6})})
-    assert {t.name: t.config for t in topic_specs(short)}[n.leads]["retention.ms"] == \
-        str(6 * 3600 * 1000)
+    short = settings.model_copy(
+        update={"privacy": settings.privacy.model_copy(update={"leads_retention_hours": 6})}
+    )
+    assert {t.name: t.config for t in topic_specs(short)}[n.leads]["retention.ms"] == str(
+        6 * 3600 * 1000
+    )
 
 
 def _open_bits(root: Path) -> list[str]:
@@ -174,7 +215,8 @@ def lax_umask() -> Any:
 
 
 def test_the_run_dir_and_what_the_stack_creates_are_owner_only(
-        settings: Settings, tmp_path: Path, lax_umask: None) -> None:
+    settings: Settings, tmp_path: Path, lax_umask: None
+) -> None:
     from streams.tools.stack import Stack
 
     run = tmp_path / "run"
@@ -189,8 +231,9 @@ def test_the_run_dir_and_what_the_stack_creates_are_owner_only(
     assert run.stat().st_mode & 0o777 == 0o700
 
 
-def test_data_dirs_are_owner_only(settings: Settings, tmp_path: Path, lax_umask: None,
-                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_data_dirs_are_owner_only(
+    settings: Settings, tmp_path: Path, lax_umask: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from connectors.kafka_broker import KafkaBroker
     from connectors.warehouse.lock import DataDirLock
     from streams.app import create_app

@@ -35,8 +35,9 @@ async def test_keyed_locks_serialise_one_key_and_not_others() -> None:
 
 def test_scrub_removes_pii_values_case_insensitively() -> None:
     pii = ["ada@example.com", "+13105550100", "Lovelace"]
-    assert scrub("duplicate: ADA@example.com (lovelace)", pii) == \
-        "duplicate: [redacted] ([redacted])"
+    assert (
+        scrub("duplicate: ADA@example.com (lovelace)", pii) == "duplicate: [redacted] ([redacted])"
+    )
     assert scrub("daily cap reached", pii) == "daily cap reached"
 
 
@@ -84,8 +85,9 @@ def test_every_rule_key_is_applied_so_none_is_refused() -> None:
     raw["buyers"][1]["auto_pause"] = {"window_s": 30}
     raw["flows"]["solar"]["strategy"]["rank_by"] = "score"
     raw["flows"]["solar"]["duplicates"] = {"fields": ["email"]}
-    raw["flows"]["solar"]["waves"] = [{"tiers": ["premium", "standard", "backup"],
-                                       "timeout_ms": 500}]
+    raw["flows"]["solar"]["waves"] = [
+        {"tiers": ["premium", "standard", "backup"], "timeout_ms": 500}
+    ]
     settings = parse_settings(raw, env={})
     assert unenforced_keys(settings) == []
     app = create_app(settings, "auction")

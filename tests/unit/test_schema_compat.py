@@ -15,8 +15,9 @@ import json
 import shutil
 import struct
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import avro.schema
 import fastavro
@@ -44,8 +45,10 @@ def inline(node: Any, load: Loader, seen: set[str]) -> Any:
     if isinstance(node, list):
         return [inline(n, load, seen) for n in node]
     if isinstance(node, dict):
-        return {k: (inline(v, load, seen) if k in ("type", "items", "values", "fields") else v)
-                for k, v in node.items()}
+        return {
+            k: (inline(v, load, seen) if k in ("type", "items", "values", "fields") else v)
+            for k, v in node.items()
+        }
     return node
 
 
@@ -53,6 +56,7 @@ def dir_loader(directory: Path) -> Loader:
     def load(stem: str) -> Any:
         path = directory / f"{stem}.avsc"
         return json.loads(path.read_text()) if path.exists() else None
+
     return load
 
 
@@ -66,8 +70,9 @@ def parse(schema_json: Any) -> avro.schema.Schema:
 
 
 def compatibility(reader_json: Any, writer_json: Any) -> tuple[bool, str]:
-    result = ReaderWriterCompatibilityChecker().get_compatibility(parse(reader_json),
-                                                                  parse(writer_json))
+    result = ReaderWriterCompatibilityChecker().get_compatibility(
+        parse(reader_json), parse(writer_json)
+    )
     ok = result.compatibility is SchemaCompatibilityType.compatible
     return ok, "; ".join(sorted(result.messages)) + " at " + ", ".join(sorted(result.locations))
 
@@ -127,8 +132,9 @@ def test_released_payloads_decode(release: Path, name: str) -> None:
 
 def _git(*args: str) -> subprocess.CompletedProcess[str] | None:
     try:
-        return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True,
-                              timeout=10, check=False)
+        return subprocess.run(
+            ["git", "-C", str(REPO), *args], capture_output=True, text=True, timeout=10, check=False
+        )
     except (OSError, subprocess.SubprocessError):
         return None
 
@@ -146,6 +152,7 @@ def head_loader() -> Loader:
         if proc is None or proc.returncode != 0:
             return None
         return json.loads(proc.stdout)
+
     return load
 
 
@@ -182,6 +189,7 @@ def _retype(field: str, new_type: Any) -> Callable[[dict[str, Any]], None]:
                 f["type"] = new_type
                 return
         raise AssertionError(f"no field {field}")
+
     return mut
 
 
@@ -196,6 +204,7 @@ def _drop_default(field: str) -> Callable[[dict[str, Any]], None]:
                 f.pop("default")
                 return
         raise AssertionError(f"no field {field}")
+
     return mut
 
 
@@ -221,10 +230,12 @@ BREAKING: list[tuple[str, str, Callable[[dict[str, Any]], None]]] = [
 ]
 
 
-@pytest.mark.parametrize(("name", "mutate"), [(n, m) for _, n, m in BREAKING],
-                         ids=[d for d, _, _ in BREAKING])
-def test_checker_rejects_breaking_change(name: str, mutate: Callable[[dict[str, Any]], None]
-                                         ) -> None:
+@pytest.mark.parametrize(
+    ("name", "mutate"), [(n, m) for _, n, m in BREAKING], ids=[d for d, _, _ in BREAKING]
+)
+def test_checker_rejects_breaking_change(
+    name: str, mutate: Callable[[dict[str, Any]], None]
+) -> None:
     reader = copy.deepcopy(current(name))
     mutate(reader)
     ok, _ = compatibility(reader, current(name))
@@ -245,12 +256,16 @@ def test_field_without_default_is_breaking_only_when_written_data_lacks_it() -> 
 
 @pytest.mark.parametrize(
     ("name", "mutate"),
-    [("Bid", _add_optional), ("AuctionClose", _retype("at_ms", "double")),
-     ("Delivery", _retype("attempt", "long"))],
+    [
+        ("Bid", _add_optional),
+        ("AuctionClose", _retype("at_ms", "double")),
+        ("Delivery", _retype("attempt", "long")),
+    ],
     ids=["new optional field", "long -> double promotion", "int -> long promotion"],
 )
-def test_checker_accepts_compatible_evolution(name: str,
-                                              mutate: Callable[[dict[str, Any]], None]) -> None:
+def test_checker_accepts_compatible_evolution(
+    name: str, mutate: Callable[[dict[str, Any]], None]
+) -> None:
     reader = copy.deepcopy(current(name))
     mutate(reader)
     assert compatibility(reader, current(name))[0]
@@ -271,8 +286,13 @@ def evolved_lead_schema(tmp_path: Path) -> Any:
     lead["fields"].append({"name": "campaign", "type": ["null", "string"], "default": None})
     (tmp_path / "lead.avsc").write_text(json.dumps(lead))
 
-    caches = [schemas.schema_json, schemas._parsed, schemas.fingerprint_of,
-              schemas._by_fingerprint, schemas._released_writers]
+    caches = [
+        schemas.schema_json,
+        schemas._parsed,
+        schemas.fingerprint_of,
+        schemas._by_fingerprint,
+        schemas._released_writers,
+    ]
     original = schemas.SCHEMA_DIR
     for c in caches:
         c.cache_clear()
@@ -285,18 +305,22 @@ def evolved_lead_schema(tmp_path: Path) -> Any:
             c.cache_clear()
 
 
-def test_lead_written_with_v1_decodes_after_compatible_evolution(evolved_lead_schema: Any
-                                                                ) -> None:
+def test_lead_written_with_v1_decodes_after_compatible_evolution(evolved_lead_schema: Any) -> None:
     v1 = RELEASED / "v1"
     writer = inlined(dir_loader(v1), "lead")
     assert writer is not None
     assert compatibility(schemas.schema_json("Lead"), writer)[0]  # the gate would pass
-    record = {"flow": "solar", "lead_id": "old-producer-1", "created_at": None,
-              "fields": {"state": "CA"}, "source": "kafka:legacy", "received_at_ms": None}
+    record = {
+        "flow": "solar",
+        "lead_id": "old-producer-1",
+        "created_at": None,
+        "fields": {"state": "CA"},
+        "source": "kafka:legacy",
+        "received_at_ms": None,
+    }
     buf = io.BytesIO()
     buf.write(b"\xc3\x01" + struct.pack("<Q", crc64_avro(parse(writer).canonical_form.encode())))
     fastavro.schemaless_writer(buf, fastavro.parse_schema(copy.deepcopy(writer)), record)
     name, got = schemas.decode(buf.getvalue())
     assert name == "Lead"
     assert got == {**record, "campaign": None}
-

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 from pydantic import ValidationError
@@ -35,10 +36,18 @@ def minimal() -> dict[str, Any]:
             }
         },
         "buyers": [
-            {"id": "alpha", "flows": ["solar"], "ping_url": "http://a.test/ping",
-             "post_url": "http://a.test/post"},
-            {"id": "beta", "flows": ["solar"], "ping_url": "https://b.test/ping",
-             "post_url": "https://b.test/post"},
+            {
+                "id": "alpha",
+                "flows": ["solar"],
+                "ping_url": "http://a.test/ping",
+                "post_url": "http://a.test/post",
+            },
+            {
+                "id": "beta",
+                "flows": ["solar"],
+                "ping_url": "https://b.test/ping",
+                "post_url": "https://b.test/post",
+            },
         ],
     }
 
@@ -77,8 +86,14 @@ def test_minimal_config_parses_with_documented_defaults() -> None:
 def test_settings_helpers() -> None:
     raw = minimal()
     raw["flows"]["roof"] = copy.deepcopy(raw["flows"]["solar"])
-    raw["buyers"].append({"id": "gamma", "flows": ["roof"], "ping_url": "http://g.test/p",
-                          "post_url": "http://g.test/q"})
+    raw["buyers"].append(
+        {
+            "id": "gamma",
+            "flows": ["roof"],
+            "ping_url": "http://g.test/p",
+            "post_url": "http://g.test/q",
+        }
+    )
     s = parse(raw)
     assert [b.id for b in s.buyers_for("solar")] == ["alpha", "beta"]
     assert [b.id for b in s.buyers_for("roof")] == ["gamma"]
@@ -106,6 +121,7 @@ def _set(path: list[Any], value: Any) -> Mutator:
             else:
                 node = node[p]
         node[path[-1]] = value
+
     return mut
 
 
@@ -115,6 +131,7 @@ def _del(path: list[Any]) -> Mutator:
         for p in path[:-1]:
             node = node[p]
         del node[path[-1]]
+
     return mut
 
 
@@ -125,71 +142,121 @@ def _dup_buyer(d: dict[str, Any]) -> None:
 def _flow(**kw: Any) -> Mutator:
     def mut(d: dict[str, Any]) -> None:
         d["flows"]["solar"].update(kw)
+
     return mut
 
 
 def _add_ping_field(name: str, spec: dict[str, Any] | None = None) -> Mutator:
     def mut(d: dict[str, Any]) -> None:
         d["flows"]["solar"]["ping_fields"][name] = spec or {}
+
     return mut
 
 
 ERRORS: list[tuple[str, Mutator, list[str]]] = [
-    ("bad ping url", _set(["buyers", 1, "ping_url"], "ftp://b.test/ping"),
-     ["buyers[1].ping_url", "http"]),
+    (
+        "bad ping url",
+        _set(["buyers", 1, "ping_url"], "ftp://b.test/ping"),
+        ["buyers[1].ping_url", "http"],
+    ),
     ("ping url without host", _set(["buyers", 0, "ping_url"], "http://"), ["buyers[0].ping_url"]),
     ("missing post url", _del(["buyers", 0, "post_url"]), ["buyers[0].post_url", "required"]),
     ("bad buyer id", _set(["buyers", 0, "id"], "bad id!"), ["buyers[0].id"]),
     ("buyer timeout too small", _set(["buyers", 1, "timeout_ms"], 1), ["buyers[1].timeout_ms"]),
-    ("unknown buyer key", _set(["buyers", 1, "pingurl"], "http://x/p"),
-     ["buyers[1].pingurl", "not permitted"]),
+    (
+        "unknown buyer key",
+        _set(["buyers", 1, "pingurl"], "http://x/p"),
+        ["buyers[1].pingurl", "not permitted"],
+    ),
     ("duplicate buyer id", _dup_buyer, ["buyers[1].id", "duplicate", "alpha"]),
-    ("buyer with unknown flow", _set(["buyers", 0, "flows"], ["solar", "roofing"]),
-     ["buyers[0].flows", "roofing"]),
+    (
+        "buyer with unknown flow",
+        _set(["buyers", 0, "flows"], ["solar", "roofing"]),
+        ["buyers[0].flows", "roofing"],
+    ),
     ("unknown top-level key", _set(["kafak"], {"bootstrap": "x:1"}), ["kafak", "not permitted"]),
     ("unknown nested key", _set(["kafka", "bootstrp"], "x:1"), ["kafka.bootstrp"]),
     ("flows missing", _del(["flows"]), ["flows", "required"]),
     ("ping_fields not a mapping", _flow(ping_fields=["state"]), ["flows.solar.ping_fields"]),
-    ("bad transform", _add_ping_field("zip", {"transform": "rot13"}),
-     ["flows.solar.ping_fields.zip.transform"]),
-    ("prefix without length", _add_ping_field("zip", {"transform": "prefix"}),
-     ["flows.solar.ping_fields.zip", "length"]),
-    ("pii_fields missing", _del(["flows", "solar", "pii_fields"]),
-     ["flows.solar.pii_fields", "required"]),
+    (
+        "bad transform",
+        _add_ping_field("zip", {"transform": "rot13"}),
+        ["flows.solar.ping_fields.zip.transform"],
+    ),
+    (
+        "prefix without length",
+        _add_ping_field("zip", {"transform": "prefix"}),
+        ["flows.solar.ping_fields.zip", "length"],
+    ),
+    (
+        "pii_fields missing",
+        _del(["flows", "solar", "pii_fields"]),
+        ["flows.solar.pii_fields", "required"],
+    ),
     ("ping field that is also PII", _add_ping_field("email"), ["flows.solar", "email", "PII"]),
     ("ping field not declared", _add_ping_field("roof_age"), ["flows.solar", "roof_age"]),
-    ("required field not declared", _flow(required=["state", "income"]),
-     ["flows.solar", "required", "income"]),
+    (
+        "required field not declared",
+        _flow(required=["state", "income"]),
+        ["flows.solar", "required", "income"],
+    ),
     ("PII field not declared", _flow(pii_fields=["email", "ssn"]), ["flows.solar", "ssn"]),
-    ("reserved field name", _set(["flows", "solar", "fields", "price"], {}),
-     ["flows.solar", "price", "reserved"]),
-    ("safety margin == deadline", _flow(deadline_ms=100, safety_margin_ms=100),
-     ["flows.solar", "safety_margin_ms"]),
-    ("safety margin > deadline", _flow(deadline_ms=100, safety_margin_ms=400),
-     ["flows.solar", "safety_margin_ms"]),
-    ("deadline below minimum", _flow(deadline_ms=10, safety_margin_ms=0),
-     ["flows.solar.deadline_ms"]),
-    ("bad regex pattern", _set(["flows", "solar", "fields", "zip", "pattern"], "([0-9]"),
-     ["flows.solar.fields.zip.pattern", "regular expression"]),
-    ("unknown field type", _set(["flows", "solar", "fields", "zip", "type"], "date"),
-     ["flows.solar.fields.zip.type"]),
+    (
+        "reserved field name",
+        _set(["flows", "solar", "fields", "price"], {}),
+        ["flows.solar", "price", "reserved"],
+    ),
+    (
+        "safety margin == deadline",
+        _flow(deadline_ms=100, safety_margin_ms=100),
+        ["flows.solar", "safety_margin_ms"],
+    ),
+    (
+        "safety margin > deadline",
+        _flow(deadline_ms=100, safety_margin_ms=400),
+        ["flows.solar", "safety_margin_ms"],
+    ),
+    (
+        "deadline below minimum",
+        _flow(deadline_ms=10, safety_margin_ms=0),
+        ["flows.solar.deadline_ms"],
+    ),
+    (
+        "bad regex pattern",
+        _set(["flows", "solar", "fields", "zip", "pattern"], "([0-9]"),
+        ["flows.solar.fields.zip.pattern", "regular expression"],
+    ),
+    (
+        "unknown field type",
+        _set(["flows", "solar", "fields", "zip", "type"], "date"),
+        ["flows.solar.fields.zip.type"],
+    ),
     ("shared_max zero", _flow(strategy={"shared_max": 0}), ["flows.solar.strategy.shared_max"]),
     ("partitions zero", _set(["kafka", "partitions"], 0), ["kafka.partitions"]),
-    ("leads retention under an hour", _set(["privacy", "leads_retention_hours"], 0.5),
-     ["privacy.leads_retention_hours"]),
+    (
+        "leads retention under an hour",
+        _set(["privacy", "leads_retention_hours"], 0.5),
+        ["privacy.leads_retention_hours"],
+    ),
     ("bad topic prefix", _set(["kafka", "topic_prefix"], "ping post!"), ["kafka.topic_prefix"]),
-    ("bad database name", _set(["clickhouse", "database"], "ping-post"),
-     ["clickhouse.database"]),
+    ("bad database name", _set(["clickhouse", "database"], "ping-post"), ["clickhouse.database"]),
     ("listen not host:port", _set(["ingest", "listen"], "8080"), ["ingest.listen", "host:port"]),
-    ("short producer token", _set(["ingest", "producers"], [{"name": "p", "token": "short"}]),
-     ["ingest.producers[0].token", "8"]),
-    ("simulated buyer that does not exist", _set(["simulator", "buyers"], {"ghost": {"port": 0}}),
-     ["simulator.buyers.ghost"]),
+    (
+        "short producer token",
+        _set(["ingest", "producers"], [{"name": "p", "token": "short"}]),
+        ["ingest.producers[0].token", "8"],
+    ),
+    (
+        "simulated buyer that does not exist",
+        _set(["simulator", "buyers"], {"ghost": {"port": 0}}),
+        ["simulator.buyers.ghost"],
+    ),
 ]
 
 
-@pytest.mark.parametrize(("mutate", "expected"), [(m, e) for _, m, e in ERRORS],
-                         ids=[n for n, _, _ in ERRORS])
+@pytest.mark.parametrize(
+    ("mutate", "expected"), [(m, e) for _, m, e in ERRORS], ids=[n for n, _, _ in ERRORS]
+)
 def test_error_names_key_path_and_problem(mutate: Mutator, expected: list[str]) -> None:
     raw = minimal()
     parse(raw)  # the base is valid, so the mutation alone causes the error
@@ -316,9 +383,17 @@ def test_secrets_are_usable() -> None:
 
 @pytest.mark.parametrize(
     "render",
-    [repr, str, lambda s: repr(s.buyers[0]), lambda s: str(s.buyers[0].headers),
-     lambda s: repr(s.ingest), lambda s: repr(s.clickhouse), lambda s: str(s.model_dump()),
-     lambda s: s.model_dump_json(), lambda s: f"{s}"],
+    [
+        repr,
+        str,
+        lambda s: repr(s.buyers[0]),
+        lambda s: str(s.buyers[0].headers),
+        lambda s: repr(s.ingest),
+        lambda s: repr(s.clickhouse),
+        lambda s: str(s.model_dump()),
+        lambda s: s.model_dump_json(),
+        lambda s: f"{s}",
+    ],
     ids=["repr", "str", "buyer", "headers", "ingest", "clickhouse", "dump", "json", "fstring"],
 )
 def test_secrets_never_print(render: Callable[[Settings], str]) -> None:
@@ -385,7 +460,8 @@ def test_load_invalid_config_names_file_and_key(tmp_path: Path) -> None:
     path.write_text(
         "flows:\n  solar:\n    fields: {state: {}}\n    ping_fields: {state: {}}\n"
         "    pii_fields: []\nbuyers:\n  - {id: a, flows: [solar], ping_url: 'http://a/p',"
-        " post_url: 'gopher://a/q'}\n")
+        " post_url: 'gopher://a/q'}\n"
+    )
     with pytest.raises(ConfigError) as info:
         load_settings(path)
     assert str(path) in str(info.value)
@@ -404,8 +480,13 @@ def test_load_from_env_variable(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_demo_config_loads(monkeypatch: pytest.MonkeyPatch) -> None:
-    for var in ("PINGPOST_KAFKA", "PINGPOST_CLICKHOUSE_URL", "CLICKHOUSE_PASSWORD",
-                "PINGPOST_DEMO_TOKEN", "BUYER_SUNRISE_KEY"):
+    for var in (
+        "PINGPOST_KAFKA",
+        "PINGPOST_CLICKHOUSE_URL",
+        "CLICKHOUSE_PASSWORD",
+        "PINGPOST_DEMO_TOKEN",
+        "BUYER_SUNRISE_KEY",
+    ):
         monkeypatch.delenv(var, raising=False)
     s = load_settings(DEMO)
     solar = s.flows["solar"]
@@ -413,8 +494,13 @@ def test_demo_config_loads(monkeypatch: pytest.MonkeyPatch) -> None:
     assert solar.ping_fields["zip"].transform == "zip3"
     assert not set(solar.ping_fields) & set(solar.pii_fields)
     assert solar.deadline_ms == 750
-    assert [b.id for b in s.buyers] == ["sunrise", "brightpath", "greenleaf", "voltmarket",
-                                        "backupsolar"]
+    assert [b.id for b in s.buyers] == [
+        "sunrise",
+        "brightpath",
+        "greenleaf",
+        "voltmarket",
+        "backupsolar",
+    ]
     assert s.buyer("greenleaf").filters.states == ["CA", "TX", "AZ", "NV", "FL"]
     assert s.kafka.bootstrap == "127.0.0.1:9092"
     assert s.buyer("sunrise").headers["X-Api-Key"].get_secret_value() == "sunrise-demo-key"

@@ -118,7 +118,12 @@ async def test_same_ping_id_same_answer_across_instances_and_orders() -> None:
 
 
 async def test_bid_probability_and_exclusive_share_roughly_match() -> None:
-    cfg = {**FAST, "bid_probability": 0.6, "exclusive_share": 0.3, "price": {"median": 40, "p99": 90}}
+    cfg = {
+        **FAST,
+        "bid_probability": 0.6,
+        "exclusive_share": 0.3,
+        "price": {"median": 40, "p99": 90},
+    }
     async with market_and_client(make_settings({"acme": cfg})) as (m, http):
         answers = await asyncio.gather(*(ping(http, m, "acme", f"p{i}") for i in range(300)))
     bids = [b for s, b, _ in answers if s == 200 and b["bid"] is True]
@@ -226,7 +231,10 @@ async def test_post_idempotency_same_key_same_answer_counted_once() -> None:
 
 
 async def test_post_error_rate_gives_500() -> None:
-    async with market_and_client(make_settings({"acme": {**FAST, "post_error_rate": 1}})) as (m, http):
+    async with market_and_client(make_settings({"acme": {**FAST, "post_error_rate": 1}})) as (
+        m,
+        http,
+    ):
         status, _ = await post(http, m, "acme", "k1")
     assert status == 500
 

@@ -5,16 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
 import schemas
 from connectors.clickhouse import ClickHouseUnavailable
-from streams.stages import sink
 from streams.settings import load_settings
+from streams.stages import sink
 from streams.stages.sink import WarehouseRetry
 from streams.topics import TopicNames
 from tests.unit.test_schemas import RECORDS
@@ -40,12 +41,14 @@ def down_until(vt: VirtualTime, back_at: float, result: Any = "ok") -> Callable[
         if vt.now < back_at:
             raise ClickHouseUnavailable("Connection refused", True)
         return result
+
     return call
 
 
 @pytest.mark.parametrize("back_at", [0.1, 3.0, 16.0, 100.0, 3600.0])
-def test_retry_resumes_within_two_seconds_of_the_return(back_at: float,
-                                                        caplog: pytest.LogCaptureFixture) -> None:
+def test_retry_resumes_within_two_seconds_of_the_return(
+    back_at: float, caplog: pytest.LogCaptureFixture
+) -> None:
     vt = VirtualTime()
     retry = WarehouseRetry("insert into pings", clock=vt.clock, sleep=vt.sleep)
     with caplog.at_level(logging.WARNING, logger="streams.stages.sink"):
@@ -81,12 +84,14 @@ class FakeApp:
         def register(fn: Any) -> Any:
             self.agents[name] = fn
             return fn
+
         return register
 
     def timer(self, *, name: str, **_: Any) -> Callable[[Any], Any]:
         def register(fn: Any) -> Any:
             self.timers[name] = fn
             return fn
+
         return register
 
 
@@ -108,7 +113,7 @@ class Stream:
     def __init__(self, events: list[Any]) -> None:
         self._events, self.acked = events, []
 
-    def noack(self) -> "Stream":
+    def noack(self) -> Stream:
         return self
 
     async def events(self) -> Any:
@@ -120,7 +125,8 @@ class Stream:
 
 
 def test_the_sink_delivers_within_two_seconds_of_the_warehouse_return(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """The sink stage as registered: first the warehouse is down at start (connect), then
     again for a batch (insert); each time delivery resumes within 2 s of its return."""
     vt = VirtualTime()
@@ -141,11 +147,14 @@ def test_the_sink_delivers_within_two_seconds_of_the_warehouse_return(
     monkeypatch.setattr(sink, "connect", connect)
     monkeypatch.setattr(sink, "migrate", migrate)
     app = FakeApp()
-    ctx = SimpleNamespace(app=app, settings=settings, names=TopicNames.from_settings(settings),
-                          closers=[])
+    ctx = SimpleNamespace(
+        app=app, settings=settings, names=TopicNames.from_settings(settings), closers=[]
+    )
     sink.register(ctx)
-    event = SimpleNamespace(value=schemas.encode("Bid", RECORDS["Bid"]),
-                            message=SimpleNamespace(topic="bids", partition=0, offset=1))
+    event = SimpleNamespace(
+        value=schemas.encode("Bid", RECORDS["Bid"]),
+        message=SimpleNamespace(topic="bids", partition=0, offset=1),
+    )
     stream = Stream([event])
 
     async def go() -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +16,17 @@ from streams.stages.sink import to_row
 from tests.unit.test_schemas import RECORDS, T0
 
 REPO = Path(__file__).resolve().parents[2]
-UTC = timezone.utc
+UTC = UTC
 #: T0 = 1_717_243_200_000 ms
 T0_DT = datetime(2024, 6, 1, 12, 0, 0, tzinfo=UTC)
 
-TABLE_OF = {"PingRequest": "leads", "Bid": "pings", "Delivery": "posts",
-            "AuctionResult": "auctions", "DeadLetter": "dead_letters"}
+TABLE_OF = {
+    "PingRequest": "leads",
+    "Bid": "pings",
+    "Delivery": "posts",
+    "AuctionResult": "auctions",
+    "DeadLetter": "dead_letters",
+}
 
 
 def row_of(name: str, record: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -71,33 +76,62 @@ def test_leads_row() -> None:
     assert row["received_at"] == T0_DT
     assert row["created_at"] == T0_DT - timedelta(seconds=2)
     assert row["ping_fields"] == {
-        "state": "CA", "zip": "902", "homeowner": "true", "electric_bill": "$200-300",
-        "credit_range": "700+", "property_type": "single_family", "consent": "true"}
+        "state": "CA",
+        "zip": "902",
+        "homeowner": "true",
+        "electric_bill": "$200-300",
+        "credit_range": "700+",
+        "property_type": "single_family",
+        "consent": "true",
+    }
     assert row["pii_hashes"] == {"email": "a" * 64, "phone": "b" * 64}
 
 
 def test_map_values_become_strings() -> None:
-    rec = {**RECORDS["PingRequest"],
-           "ping_fields": {"t": True, "f": False, "n": 12, "x": 2.5, "s": "CA", "z": None}}
+    rec = {
+        **RECORDS["PingRequest"],
+        "ping_fields": {"t": True, "f": False, "n": 12, "x": 2.5, "s": "CA", "z": None},
+    }
     row = row_of("PingRequest", rec)
-    assert row["ping_fields"] == {"t": "true", "f": "false", "n": "12", "x": "2.5", "s": "CA",
-                                  "z": ""}
+    assert row["ping_fields"] == {
+        "t": "true",
+        "f": "false",
+        "n": "12",
+        "x": "2.5",
+        "s": "CA",
+        "z": "",
+    }
     assert all(isinstance(v, str) for v in row["ping_fields"].values())
 
 
 def test_pings_row() -> None:
     row = row_of("Bid")
     assert row == {
-        "ping_id": "p-1", "lead_id": "lead-0001", "flow": "solar", "buyer_id": "sunrise",
-        "tier": "premium", "sent_at": T0_DT + timedelta(milliseconds=4),
-        "answered_at": T0_DT + timedelta(milliseconds=71), "latency_ms": 67.25,
-        "status": "bid", "price": 45.5, "exclusive": True, "reason": "", "http_status": 200,
+        "ping_id": "p-1",
+        "lead_id": "lead-0001",
+        "flow": "solar",
+        "buyer_id": "sunrise",
+        "tier": "premium",
+        "sent_at": T0_DT + timedelta(milliseconds=4),
+        "answered_at": T0_DT + timedelta(milliseconds=71),
+        "latency_ms": 67.25,
+        "status": "bid",
+        "price": 45.5,
+        "exclusive": True,
+        "reason": "",
+        "http_status": 200,
     }
 
 
 def test_pings_row_for_a_failed_ping() -> None:
-    rec = {**RECORDS["Bid"], "status": "timeout", "price": None, "exclusive": False,
-           "reason": "no answer within 500 ms", "http_status": None}
+    rec = {
+        **RECORDS["Bid"],
+        "status": "timeout",
+        "price": None,
+        "exclusive": False,
+        "reason": "no answer within 500 ms",
+        "http_status": None,
+    }
     row = row_of("Bid", rec)
     assert (row["status"], row["price"], row["http_status"]) == ("timeout", None, None)
     assert row["reason"] == "no answer within 500 ms"
@@ -106,10 +140,21 @@ def test_pings_row_for_a_failed_ping() -> None:
 def test_posts_row() -> None:
     row = row_of("Delivery")
     assert row == {
-        "attempt_id": "post-1:1", "post_id": "post-1", "lead_id": "lead-0001", "flow": "solar",
-        "buyer_id": "sunrise", "tier": "premium", "ping_id": "p-1", "price": 45.5,
-        "exclusive": True, "status": "accepted", "latency_ms": 88.5, "reason": "",
-        "http_status": 200, "sent_at": T0_DT + timedelta(milliseconds=95), "attempt": 1,
+        "attempt_id": "post-1:1",
+        "post_id": "post-1",
+        "lead_id": "lead-0001",
+        "flow": "solar",
+        "buyer_id": "sunrise",
+        "tier": "premium",
+        "ping_id": "p-1",
+        "price": 45.5,
+        "exclusive": True,
+        "status": "accepted",
+        "latency_ms": 88.5,
+        "reason": "",
+        "http_status": 200,
+        "sent_at": T0_DT + timedelta(milliseconds=95),
+        "attempt": 1,
     }
 
 
@@ -132,37 +177,66 @@ def test_auctions_row() -> None:
 def test_dead_letters_row() -> None:
     row = row_of("DeadLetter")
     assert row == {
-        "id": "pingpost.leads:2:991", "stage": "redact", "topic": "pingpost.leads",
-        "partition": 2, "offset": 991, "reason": "invalid lead: zip: has an invalid format",
-        "field": "zip", "at": T0_DT + timedelta(milliseconds=5),
+        "id": "pingpost.leads:2:991",
+        "stage": "redact",
+        "topic": "pingpost.leads",
+        "partition": 2,
+        "offset": 991,
+        "reason": "invalid lead: zip: has an invalid format",
+        "field": "zip",
+        "at": T0_DT + timedelta(milliseconds=5),
     }
 
 
 def test_millisecond_precision_survives() -> None:
     rec = {**RECORDS["Delivery"], "sent_at_ms": 1_704_067_200_123}
-    assert row_of("Delivery", rec)["sent_at"] == datetime(2024, 1, 1, 0, 0, 0, 123_000,
-                                                          tzinfo=UTC)
+    assert row_of("Delivery", rec)["sent_at"] == datetime(2024, 1, 1, 0, 0, 0, 123_000, tzinfo=UTC)
 
 
 # --------------------------------------------------------------------------- no PII
 
-LEAD = {"flow": "solar", "state": "CA", "zip": "90210", "homeowner": True,
-        "electric_bill": "$200-300", "credit_range": "700+", "property_type": "single_family",
-        "consent": True, "first_name": "Ada", "last_name": "Lovelace",
-        "email": "ada@example.com", "phone": "+13105550100",
-        "address": "1 Main St, Beverly Hills"}
-PII_VALUES = ["Ada", "Lovelace", "ada@example.com", "+13105550100", "3105550100",
-              "1 Main St, Beverly Hills", "Beverly Hills", "90210"]
+LEAD = {
+    "flow": "solar",
+    "state": "CA",
+    "zip": "90210",
+    "homeowner": True,
+    "electric_bill": "$200-300",
+    "credit_range": "700+",
+    "property_type": "single_family",
+    "consent": True,
+    "first_name": "Ada",
+    "last_name": "Lovelace",
+    "email": "ada@example.com",
+    "phone": "+13105550100",
+    "address": "1 Main St, Beverly Hills",
+}
+PII_VALUES = [
+    "Ada",
+    "Lovelace",
+    "ada@example.com",
+    "+13105550100",
+    "3105550100",
+    "1 Main St, Beverly Hills",
+    "Beverly Hills",
+    "90210",
+]
 
 
 def test_leads_row_of_a_redacted_lead_has_no_pii() -> None:
     settings = load_settings(REPO / "config" / "demo.yaml")
-    lead = validate_lead(settings, LEAD, received_at_ms=T0, source="http:demo",
-                         lead_id="lead-pii-1")
+    lead = validate_lead(
+        settings, LEAD, received_at_ms=T0, source="http:demo", lead_id="lead-pii-1"
+    )
     view = redact(settings, lead)
-    req = {"lead_id": lead.lead_id, "flow": lead.flow, "source": lead.source,
-           "received_at_ms": lead.received_at_ms, "created_at_ms": lead.created_at_ms,
-           "ping_fields": view.ping_fields, "pii_hashes": view.pii_hashes}
+    req = {
+        "lead_id": lead.lead_id,
+        "flow": lead.flow,
+        "source": lead.source,
+        "received_at_ms": lead.received_at_ms,
+        "created_at_ms": lead.created_at_ms,
+        "ping_fields": view.ping_fields,
+        "pii_hashes": view.pii_hashes,
+    }
     row = row_of("PingRequest", req)
     assert set(row["pii_hashes"]) == {"first_name", "last_name", "email", "phone", "address"}
     text = repr(mapped_row(req))
@@ -177,8 +251,9 @@ def test_leads_row_of_a_redacted_lead_has_no_pii() -> None:
 
 
 def mapped_row(record: dict[str, Any]) -> list[Any]:
-    mapped = to_row("PingRequest", schemas.decode_as("PingRequest",
-                                                     schemas.encode("PingRequest", record)))
+    mapped = to_row(
+        "PingRequest", schemas.decode_as("PingRequest", schemas.encode("PingRequest", record))
+    )
     assert mapped is not None
     return mapped[1]
 

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 import yaml
 
-from streams.rules.auction import decide
 from streams.context import ranking_inputs
+from streams.rules.auction import decide
 from streams.rules.buyer_stats import AcceptanceCounter
 from streams.rules.posting import next_batch
 from streams.settings import StrategyConfig, parse_settings
@@ -21,8 +21,16 @@ PING = {"state": "CA", "consent": True}
 
 
 def bid(buyer: str, price: float, exclusive: bool = False, at: int = 1) -> dict[str, Any]:
-    return {"buyer_id": buyer, "tier": "standard", "ping_id": f"p-{buyer}", "status": "bid",
-            "price": price, "exclusive": exclusive, "conditions": {}, "answered_at_ms": at}
+    return {
+        "buyer_id": buyer,
+        "tier": "standard",
+        "ping_id": f"p-{buyer}",
+        "status": "bid",
+        "price": price,
+        "exclusive": exclusive,
+        "conditions": {},
+        "answered_at_ms": at,
+    }
 
 
 def ids(d: Any) -> list[str]:
@@ -34,33 +42,53 @@ ACC = {"a": 0.2, "b": 0.95}
 PAY = {"a": 0.1, "b": 1.0}
 
 
-@pytest.mark.parametrize(("strategy", "bids", "mode", "order"), [
-    # price: highest first, whoever asked
-    (StrategyConfig(), [bid("a", 100), bid("b", 90)], "shared", ["a", "b"]),
-    # score 0.5/0.3/0.2: a = .5 + .06 + .02 = .58; b = .45 + .285 + .2 = .935
-    (StrategyConfig(rank_by="score"), [bid("a", 100), bid("b", 90)], "shared", ["b", "a"]),
-    # weights all on price: score ranking equals price ranking
-    (StrategyConfig(rank_by="score", weights={"price": 1, "acceptance": 0, "payment": 0}),
-     [bid("a", 100), bid("b", 90)], "shared", ["a", "b"]),
-    # the best bid by score asks for exclusivity: sold exclusively to it
-    (StrategyConfig(rank_by="score"), [bid("a", 100), bid("b", 90, exclusive=True)],
-     "exclusive", ["b", "a"]),
-    # exclusive_only: the best bid gets it alone even though it did not ask
-    (StrategyConfig(exclusive_only=True), [bid("a", 100), bid("b", 90)], "exclusive",
-     ["a", "b"]),
-    # shared_only: exclusive requests are never honoured (dropped), the rest share
-    (StrategyConfig(shared_only=True), [bid("a", 100, exclusive=True), bid("b", 90),
-                                        bid("c", 80)], "shared", ["b", "c"]),
-    (StrategyConfig(shared_only=True), [bid("a", 100, exclusive=True)], "none", []),
-    # price ties: the earlier answer, then buyer id (never the score: b's better
-    # acceptance and payment do not count)
-    (StrategyConfig(), [bid("a", 90, at=1), bid("b", 90, at=2)], "shared", ["a", "b"]),
-    (StrategyConfig(), [bid("b", 90, at=1), bid("a", 90, at=2)], "shared", ["b", "a"]),
-    (StrategyConfig(), [bid("c", 90, at=2), bid("d", 90, at=1)], "shared", ["d", "c"]),
-    (StrategyConfig(), [bid("f", 90, at=1), bid("e", 90, at=1)], "shared", ["e", "f"]),
-])
-def test_selection(strategy: StrategyConfig, bids: list[dict[str, Any]], mode: str,
-                   order: list[str]) -> None:
+@pytest.mark.parametrize(
+    ("strategy", "bids", "mode", "order"),
+    [
+        # price: highest first, whoever asked
+        (StrategyConfig(), [bid("a", 100), bid("b", 90)], "shared", ["a", "b"]),
+        # score 0.5/0.3/0.2: a = .5 + .06 + .02 = .58; b = .45 + .285 + .2 = .935
+        (StrategyConfig(rank_by="score"), [bid("a", 100), bid("b", 90)], "shared", ["b", "a"]),
+        # weights all on price: score ranking equals price ranking
+        (
+            StrategyConfig(rank_by="score", weights={"price": 1, "acceptance": 0, "payment": 0}),
+            [bid("a", 100), bid("b", 90)],
+            "shared",
+            ["a", "b"],
+        ),
+        # the best bid by score asks for exclusivity: sold exclusively to it
+        (
+            StrategyConfig(rank_by="score"),
+            [bid("a", 100), bid("b", 90, exclusive=True)],
+            "exclusive",
+            ["b", "a"],
+        ),
+        # exclusive_only: the best bid gets it alone even though it did not ask
+        (
+            StrategyConfig(exclusive_only=True),
+            [bid("a", 100), bid("b", 90)],
+            "exclusive",
+            ["a", "b"],
+        ),
+        # shared_only: exclusive requests are never honoured (dropped), the rest share
+        (
+            StrategyConfig(shared_only=True),
+            [bid("a", 100, exclusive=True), bid("b", 90), bid("c", 80)],
+            "shared",
+            ["b", "c"],
+        ),
+        (StrategyConfig(shared_only=True), [bid("a", 100, exclusive=True)], "none", []),
+        # price ties: the earlier answer, then buyer id (never the score: b's better
+        # acceptance and payment do not count)
+        (StrategyConfig(), [bid("a", 90, at=1), bid("b", 90, at=2)], "shared", ["a", "b"]),
+        (StrategyConfig(), [bid("b", 90, at=1), bid("a", 90, at=2)], "shared", ["b", "a"]),
+        (StrategyConfig(), [bid("c", 90, at=2), bid("d", 90, at=1)], "shared", ["d", "c"]),
+        (StrategyConfig(), [bid("f", 90, at=1), bid("e", 90, at=1)], "shared", ["e", "f"]),
+    ],
+)
+def test_selection(
+    strategy: StrategyConfig, bids: list[dict[str, Any]], mode: str, order: list[str]
+) -> None:
     d = decide(bids, PING, strategy, 0, 1000, acceptance=ACC, payment=PAY)
     assert d.mode == mode
     assert ids(d) == order
@@ -70,8 +98,9 @@ def test_selection(strategy: StrategyConfig, bids: list[dict[str, Any]], mode: s
 def test_new_buyers_start_at_the_prior() -> None:
     s = StrategyConfig(rank_by="score", acceptance_prior={"rate": 0.9, "weight": 10})
     # "new" has no record: prior 0.9; "old" accepted 20% → new outranks old at equal price
-    d = decide([bid("old", 80), bid("new", 80)], PING, s, 0, 1000, acceptance={"old": 0.2},
-               payment={})
+    d = decide(
+        [bid("old", 80), bid("new", 80)], PING, s, 0, 1000, acceptance={"old": 0.2}, payment={}
+    )
     assert ids(d) == ["new", "old"]
 
 

@@ -11,12 +11,18 @@ from connectors.webhook import WebhookDelivery, WebhookSender
 
 
 def delivery(n: int = 1) -> WebhookDelivery:
-    return WebhookDelivery("slow", f"slow|buyer:a|{n}|firing", "http://hooks.test/T0K3N",
-                           {"X-Key": "k"}, {"state": "firing", "n": n})
+    return WebhookDelivery(
+        "slow",
+        f"slow|buyer:a|{n}|firing",
+        "http://hooks.test/T0K3N",
+        {"X-Key": "k"},
+        {"state": "firing", "n": n},
+    )
 
 
-async def run(statuses: list[int | Exception], count: int = 1,
-              attempts: int = 3) -> tuple[list[httpx.Request], list[str], WebhookSender]:
+async def run(
+    statuses: list[int | Exception], count: int = 1, attempts: int = 3
+) -> tuple[list[httpx.Request], list[str], WebhookSender]:
     seen: list[httpx.Request] = []
     failures: list[str] = []
     answers = iter(statuses)
@@ -31,8 +37,13 @@ async def run(statuses: list[int | Exception], count: int = 1,
     async def on_failure(d: WebhookDelivery, reason: str) -> None:
         failures.append(reason)
 
-    sender = WebhookSender(timeout_s=1, attempts=attempts, backoff_s=0.001,
-                           on_failure=on_failure, transport=httpx.MockTransport(handler))
+    sender = WebhookSender(
+        timeout_s=1,
+        attempts=attempts,
+        backoff_s=0.001,
+        on_failure=on_failure,
+        transport=httpx.MockTransport(handler),
+    )
     try:
         for i in range(count):
             sender.submit(delivery(i))
@@ -52,8 +63,7 @@ async def test_delivers_json_with_idempotency_key() -> None:
 
 
 async def test_retries_5xx_and_connection_errors_then_succeeds() -> None:
-    seen, failures, sender = await run([500, httpx.ConnectError("refused"), 503, 200],
-                                       attempts=4)
+    seen, failures, sender = await run([500, httpx.ConnectError("refused"), 503, 200], attempts=4)
     assert len(seen) == 4 and not failures and sender.delivered == 1
 
 
@@ -72,8 +82,10 @@ async def test_a_4xx_is_not_retried() -> None:
 async def test_deliveries_keep_their_order() -> None:
     seen, _, _ = await run([500, 204, 204], count=3)
     bodies: list[Any] = [r.read() for r in seen]
-    assert bodies == [b'{"state":"firing","n":0}'] * 2 + [b'{"state":"firing","n":1}',
-                                                          b'{"state":"firing","n":2}']
+    assert bodies == [b'{"state":"firing","n":0}'] * 2 + [
+        b'{"state":"firing","n":1}',
+        b'{"state":"firing","n":2}',
+    ]
 
 
 async def test_submit_never_blocks_even_when_the_receiver_hangs() -> None:
@@ -81,8 +93,9 @@ async def test_submit_never_blocks_even_when_the_receiver_hangs() -> None:
         await asyncio.sleep(10)
         return httpx.Response(204)
 
-    sender = WebhookSender(timeout_s=0.05, attempts=1, backoff_s=0.001,
-                           transport=httpx.MockTransport(hang))
+    sender = WebhookSender(
+        timeout_s=0.05, attempts=1, backoff_s=0.001, transport=httpx.MockTransport(hang)
+    )
     try:
         loop = asyncio.get_running_loop()
         t0 = loop.time()

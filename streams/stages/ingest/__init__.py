@@ -30,6 +30,9 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import TopicPartition
 
 import schemas
+from streams.rules.leads import LeadError, validate_lead
+from streams.settings import Settings
+from streams.stages.ingest.admission import Admission
 from streams.stages.ingest.idempotency import (
     KEY_HEADER,
     KeyError_,
@@ -39,9 +42,6 @@ from streams.stages.ingest.idempotency import (
     fingerprint,
     lead_id_for_key,
 )
-from streams.stages.ingest.admission import Admission
-from streams.rules.leads import LeadError, validate_lead
-from streams.settings import Settings
 from streams.topics import TopicNames
 
 __all__ = ["IngestServer", "run"]
@@ -57,10 +57,10 @@ LISTEN_BACKLOG = 2048
 LOOP_TICK_S = 0.25
 
 
-def _json(status: int, body: dict[str, Any],
-          headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(status=status, body=orjson.dumps(body), content_type="application/json",
-                        headers=headers)
+def _json(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        status=status, body=orjson.dumps(body), content_type="application/json", headers=headers
+    )
 
 
 def _not_json(content_type: str | None) -> str | None:
@@ -71,13 +71,16 @@ def _not_json(content_type: str | None) -> str | None:
         return None
     mime, *params = (p.strip() for p in content_type.split(";"))
     mime = mime.lower()
-    if mime != "application/json" and not (mime.startswith("application/")
-                                           and mime.endswith("+json")):
+    if mime != "application/json" and not (
+        mime.startswith("application/") and mime.endswith("+json")
+    ):
         return f"Content-Type must be application/json, not '{mime[:100]}'"
     for param in params:
         key, _, value = param.partition("=")
-        if key.strip().lower() == "charset" and \
-                value.strip().strip('"').lower() not in ("utf-8", "utf8"):
+        if key.strip().lower() == "charset" and value.strip().strip('"').lower() not in (
+            "utf-8",
+            "utf8",
+        ):
             return "JSON must be UTF-8 (charset=utf-8)"
     return None
 
@@ -87,8 +90,9 @@ class IngestServer:
         self.settings = settings
         self.names = TopicNames.from_settings(settings)
         self.port = settings.ingest.port if port is None else port
-        self._tokens = [(p.name, p.token.get_secret_value().encode())
-                        for p in settings.ingest.producers]
+        self._tokens = [
+            (p.name, p.token.get_secret_value().encode()) for p in settings.ingest.producers
+        ]
         self._memory = LeadMemory(max_age_s=settings.ingest.idempotency_window_s)
         self._producer: AIOKafkaProducer | None = None
         self._consumer: AIOKafkaConsumer | None = None
@@ -142,11 +146,15 @@ class IngestServer:
             except KeyError_ as exc:
                 return _json(400, {"error": f"{KEY_HEADER} {exc}", "field": KEY_HEADER})
         received = int(time.time() * 1000)
-        default_id = (lead_id_for_key(producer, key) if key is not None
-                      else str(uuid.uuid4()))
+        default_id = lead_id_for_key(producer, key) if key is not None else str(uuid.uuid4())
         try:
-            lead = validate_lead(self.settings, raw, received_at_ms=received,
-                                 source=f"http:{producer}", lead_id=default_id)
+            lead = validate_lead(
+                self.settings,
+                raw,
+                received_at_ms=received,
+                source=f"http:{producer}",
+                lead_id=default_id,
+            )
         except LeadError as exc:
             return _json(400, {"error": exc.message, "field": exc.field})
         wait = request.query.get("wait", "").lower() in ("1", "true", "yes")
@@ -160,10 +168,15 @@ class IngestServer:
             entry.fingerprint = fp
         elif retried and entry.fingerprint != fp:
             field = KEY_HEADER if key is not None and raw.get("lead_id") is None else "lead_id"
-            return _json(422, {"error": "a different lead was already sent with this "
-                               f"{field} (lead {lead.lead_id})", "field": field})
-        headers = {"Idempotent-Replayed": "true"} if entry.published or entry.publishing \
-            else {}
+            return _json(
+                422,
+                {
+                    "error": "a different lead was already sent with this "
+                    f"{field} (lead {lead.lead_id})",
+                    "field": field,
+                },
+            )
+        headers = {"Idempotent-Replayed": "true"} if entry.published or entry.publishing else {}
         fut: asyncio.Future[dict[str, Any]] | None = None
         if wait and entry.result is None:
             fut = asyncio.get_running_loop().create_future()
@@ -176,92 +189,133 @@ class IngestServer:
                 if retry_after is not None:
                     if fut is not None:
                         entry.waiters.remove(fut)
-                    return web.Response(status=429, headers={"Retry-After": str(retry_after)},
-                                        content_type="application/json", body=orjson.dumps({
-                                            "error": "pipeline over capacity; retry later "
-                                                     f"with the same {KEY_HEADER}",
-                                            "field": None}))
+                    return web.Response(
+                        status=429,
+                        headers={"Retry-After": str(retry_after)},
+                        content_type="application/json",
+                        body=orjson.dumps(
+                            {
+                                "error": "pipeline over capacity; retry later "
+                                f"with the same {KEY_HEADER}",
+                                "field": None,
+                            }
+                        ),
+                    )
                 record = {
-                    "flow": lead.flow, "lead_id": lead.lead_id,
-                    "created_at": raw.get("created_at"), "fields": lead.fields,
-                    "source": lead.source, "received_at_ms": received,
+                    "flow": lead.flow,
+                    "lead_id": lead.lead_id,
+                    "created_at": raw.get("created_at"),
+                    "fields": lead.fields,
+                    "source": lead.source,
+                    "received_at_ms": received,
                 }
-                entry.publishing = asyncio.ensure_future(self._publish(entry, lead.lead_id,
-                                                                       record))
+                entry.publishing = asyncio.ensure_future(self._publish(entry, lead.lead_id, record))
                 # Its failure is answered (503) by whoever waits; one nobody waits for any
                 # more (it outlived the bound) is only logged by aiokafka.
-                entry.publishing.add_done_callback(
-                    lambda t: t.cancelled() or t.exception())
+                entry.publishing.add_done_callback(lambda t: t.cancelled() or t.exception())
             try:
                 # Bounded: the producer would retry for its whole request timeout (tens of
                 # seconds) while the broker is down. The record may still land after we
                 # answer 503: a retry with the same key is then dropped by the redact stage.
-                await asyncio.wait_for(asyncio.shield(entry.publishing),
-                                       self.settings.ingest.publish_timeout_s)
-            except Exception as exc:  # noqa: BLE001 - timeout or the producer's error
+                await asyncio.wait_for(
+                    asyncio.shield(entry.publishing), self.settings.ingest.publish_timeout_s
+                )
+            except Exception as exc:
                 if fut is not None and fut in entry.waiters:
                     entry.waiters.remove(fut)
                 self.unavailable += 1
                 why = "timed out" if isinstance(exc, asyncio.TimeoutError) else str(exc)
                 done = time.monotonic()
-                log.warning("lead %s not published within %.1f s (%s): answered 503 %.1f s "
-                            "after the request arrived (%.1f s after its body was read)",
-                            lead.lead_id, self.settings.ingest.publish_timeout_s, why,
-                            done - arrived, done - read)
+                log.warning(
+                    "lead %s not published within %.1f s (%s): answered 503 %.1f s "
+                    "after the request arrived (%.1f s after its body was read)",
+                    lead.lead_id,
+                    self.settings.ingest.publish_timeout_s,
+                    why,
+                    done - arrived,
+                    done - read,
+                )
                 retry = max(1, round(self.settings.ingest.publish_timeout_s))
-                return _json(503, {
-                    "error": "the lead could not be queued in time; retry with the same "
-                             f"{KEY_HEADER} (or lead_id): a repeat never creates a second "
-                             "lead", "field": None, "lead_id": lead.lead_id,
-                }, headers={"Retry-After": str(retry)})
+                return _json(
+                    503,
+                    {
+                        "error": "the lead could not be queued in time; retry with the same "
+                        f"{KEY_HEADER} (or lead_id): a repeat never creates a second "
+                        "lead",
+                        "field": None,
+                        "lead_id": lead.lead_id,
+                    },
+                    headers={"Retry-After": str(retry)},
+                )
         if fut is None:
             if wait and entry.result is not None:
                 return self._outcome(lead.lead_id, entry.result, headers)
             return _json(202, {"lead_id": lead.lead_id}, headers=headers)
         try:
-            result = await asyncio.wait_for(asyncio.shield(fut),
-                                            self.settings.ingest.wait_timeout_s)
-        except asyncio.TimeoutError:
+            result = await asyncio.wait_for(
+                asyncio.shield(fut), self.settings.ingest.wait_timeout_s
+            )
+        except TimeoutError:
             result = {}
         finally:
             if fut in entry.waiters:
                 entry.waiters.remove(fut)
         if not result:
-            return _json(202, {"lead_id": lead.lead_id, "outcome": "pending", "price": None,
-                               "buyers": []}, headers=headers)
+            return _json(
+                202,
+                {"lead_id": lead.lead_id, "outcome": "pending", "price": None, "buyers": []},
+                headers=headers,
+            )
         return self._outcome(lead.lead_id, result, headers)
 
     async def _publish(self, entry: Remembered, lead_id: str, record: dict[str, Any]) -> None:
         assert self._producer is not None
         try:
-            await self._producer.send_and_wait(self.names.leads,
-                                               schemas.encode("Lead", record),
-                                               key=lead_id.encode())
+            await self._producer.send_and_wait(
+                self.names.leads, schemas.encode("Lead", record), key=lead_id.encode()
+            )
             entry.published = True
             self.accepted += 1
         finally:
             entry.publishing = None
 
     @staticmethod
-    def _outcome(lead_id: str, result: dict[str, Any],
-                 headers: dict[str, str]) -> web.Response:
-        return _json(200, {"lead_id": lead_id, "outcome": result["outcome"],
-                           "price": result["price_total"], "buyers": result["winners"],
-                           "reason": result["reason"]}, headers=headers)
+    def _outcome(lead_id: str, result: dict[str, Any], headers: dict[str, str]) -> web.Response:
+        return _json(
+            200,
+            {
+                "lead_id": lead_id,
+                "outcome": result["outcome"],
+                "price": result["price_total"],
+                "buyers": result["winners"],
+                "reason": result["reason"],
+            },
+            headers=headers,
+        )
 
     async def health(self, request: web.Request) -> web.Response:
         """Liveness (always 200 while the process serves) with the broker's state."""
-        return _json(200, {"status": "ok", "kafka": "ok" if self.kafka_ok else "unreachable",
-                           "kafka_error": self.kafka_error, "accepted": self.accepted,
-                           "unavailable": self.unavailable,
-                           "admission": self._admission.status()})
+        return _json(
+            200,
+            {
+                "status": "ok",
+                "kafka": "ok" if self.kafka_ok else "unreachable",
+                "kafka_error": self.kafka_error,
+                "accepted": self.accepted,
+                "unavailable": self.unavailable,
+                "admission": self._admission.status(),
+            },
+        )
 
     async def ready(self, request: web.Request) -> web.Response:
         """Readiness: 503 while the broker cannot be reached (leads would get 503 too)."""
         if self.kafka_ok:
             return _json(200, {"status": "ready"})
-        return _json(503, {"status": "kafka unreachable", "error": self.kafka_error},
-                     headers={"Retry-After": "1"})
+        return _json(
+            503,
+            {"status": "kafka unreachable", "error": self.kafka_error},
+            headers={"Retry-After": "1"},
+        )
 
     async def _watch_loop(self) -> None:
         """Log when this process's event loop stalls (every answer, 503s included, waits
@@ -274,8 +328,11 @@ class IngestServer:
             late = loop.time() - before - LOOP_TICK_S
             worst = max(worst, late)
             if worst >= 1.0 and loop.time() - said >= 10.0:
-                log.warning("ingest's event loop stalled for up to %.1f s in the last 10 s "
-                            "(answers were that late)", worst)
+                log.warning(
+                    "ingest's event loop stalled for up to %.1f s in the last 10 s "
+                    "(answers were that late)",
+                    worst,
+                )
                 worst, said = 0.0, loop.time()
 
     async def _probe_kafka(self) -> None:
@@ -283,14 +340,14 @@ class IngestServer:
         assert self._producer is not None
         while True:
             try:
-                await asyncio.wait_for(self._producer.client.fetch_all_metadata(),
-                                       PROBE_TIMEOUT_S)
+                await asyncio.wait_for(self._producer.client.fetch_all_metadata(), PROBE_TIMEOUT_S)
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - any failure means "not reachable"
+            except Exception as exc:
                 if self.kafka_ok:
-                    log.warning("Kafka unreachable (%s): /readyz answers 503",
-                                exc or type(exc).__name__)
+                    log.warning(
+                        "Kafka unreachable (%s): /readyz answers 503", exc or type(exc).__name__
+                    )
                 self.kafka_ok = False
                 self.kafka_error = str(exc) or type(exc).__name__
             else:
@@ -333,22 +390,29 @@ class IngestServer:
         else:
             log.warning("outcomes not fully reloaded after 30 s (%d read); serving anyway", n)
         if n:
-            log.info("reloaded %d settled outcomes from the last %.0f s", n,
-                     self.settings.ingest.remember_outcomes_s)
+            log.info(
+                "reloaded %d settled outcomes from the last %.0f s",
+                n,
+                self.settings.ingest.remember_outcomes_s,
+            )
 
     async def start(self) -> None:
         bootstrap = self.settings.kafka.bootstrap
-        self._producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all",
-                                          enable_idempotence=True, linger_ms=0)
+        self._producer = AIOKafkaProducer(
+            bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, linger_ms=0
+        )
         await self._producer.start()
         try:
             parts = await asyncio.wait_for(self._producer.partitions_for(self.names.results), 30)
         except Exception as exc:
             await self._producer.stop()
-            raise RuntimeError(f"topic {self.names.results} is not available ({exc}): run "
-                               "`pingpost topics create` first") from None
-        self._consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None,
-                                          enable_auto_commit=False)
+            raise RuntimeError(
+                f"topic {self.names.results} is not available ({exc}): run "
+                "`pingpost topics create` first"
+            ) from None
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False
+        )
         await self._consumer.start()
         tps = [TopicPartition(self.names.results, p) for p in sorted(parts)]
         self._consumer.assign(tps)
@@ -358,7 +422,8 @@ class IngestServer:
             # Outcomes settled before this process started, so a repeat of a lead another
             # ingest process (or this one before a restart) published is answered from them.
             since = await self._consumer.offsets_for_times(
-                {tp: int(time.time() * 1000) - back_ms for tp in tps})
+                {tp: int(time.time() * 1000) - back_ms for tp in tps}
+            )
             for tp, found in since.items():
                 if found is not None:
                     self._consumer.seek(tp, found.offset)
@@ -376,8 +441,9 @@ class IngestServer:
         # A deep accept queue: producers retrying in bursts (a broker outage, 429s) open many
         # connections at once, and an overflowing queue costs each one TCP's SYN retries
         # (1 s, 3 s, 7 s …) before ingest even sees it (aiohttp's default is 128).
-        site = web.TCPSite(self._runner, self.settings.ingest.host, self.port,
-                           backlog=LISTEN_BACKLOG)
+        site = web.TCPSite(
+            self._runner, self.settings.ingest.host, self.port, backlog=LISTEN_BACKLOG
+        )
         await site.start()
         if self.port == 0:
             # aiohttp types its private _server as AbstractServer | None; start() made it
@@ -405,8 +471,9 @@ def run(settings: Settings, port: int | None = None) -> None:
     async def main() -> None:
         server = IngestServer(settings, port=port)
         await server.start()
-        print(f"ingest listening on http://{settings.ingest.host}:{server.port}/v1/leads",
-              flush=True)
+        print(
+            f"ingest listening on http://{settings.ingest.host}:{server.port}/v1/leads", flush=True
+        )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

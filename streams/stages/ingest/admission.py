@@ -58,31 +58,42 @@ class Admission:
     async def start(self) -> None:
         if not self.enabled:
             return
-        consumer = AIOKafkaConsumer(bootstrap_servers=self.settings.kafka.bootstrap,
-                                    group_id=None, enable_auto_commit=False,
-                                    fetch_max_wait_ms=100)
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.settings.kafka.bootstrap,
+            group_id=None,
+            enable_auto_commit=False,
+            fetch_max_wait_ms=100,
+        )
         await consumer.start()
         self._consumer = consumer
         try:
             # Metadata of every topic into the consumer's own view (``topics()`` returns a
             # separate copy): a group-less consumer tracking no topic asks for all of them.
-            await asyncio.wait_for(consumer._client.force_metadata_update(),  # noqa: SLF001
-                                   KAFKA_CALL_TIMEOUT_S * 5)
-        except Exception as exc:  # noqa: BLE001 - then every lead is admitted
+            await asyncio.wait_for(
+                consumer._client.force_metadata_update(), KAFKA_CALL_TIMEOUT_S * 5
+            )
+        except Exception as exc:
             log.warning("admission control off: no topic metadata (%s)", exc)
             return
         n = self.names
-        self._tps = [TopicPartition(t, p) for t in (n.leads, n.dedupe, n.ping_requests)
-                     for p in sorted(consumer.partitions_for_topic(t) or ())]
+        self._tps = [
+            TopicPartition(t, p)
+            for t in (n.leads, n.dedupe, n.ping_requests)
+            for p in sorted(consumer.partitions_for_topic(t) or ())
+        ]
         if not consumer.partitions_for_topic(n.progress):
-            log.warning("admission control off: topic %s does not exist (run `pingpost topics "
-                        "create`)", n.progress)
+            log.warning(
+                "admission control off: topic %s does not exist (run `pingpost topics create`)",
+                n.progress,
+            )
             return
         tp = TopicPartition(n.progress, 0)
         consumer.assign([tp])
         await consumer.seek_to_end(tp)
-        self._tasks = [asyncio.create_task(self._read_reports(), name="admission-reports"),
-                       asyncio.create_task(self._poll_ends(), name="admission-ends")]
+        self._tasks = [
+            asyncio.create_task(self._read_reports(), name="admission-reports"),
+            asyncio.create_task(self._poll_ends(), name="admission-ends"),
+        ]
 
     async def stop(self) -> None:
         for t in self._tasks:
@@ -105,12 +116,18 @@ class Admission:
             now = time.monotonic()
             if now - self._logged_at >= LOG_EVERY_S:
                 st = self.estimator.status(_mono_ms())
-                log.warning("over capacity: refusing leads with 429 (%d since the last such "
-                            "line; backlog %s leads, capacity ~%s/s, predicted queue delay %s "
-                            "ms > %.0f ms, the admission setpoint for ingest.max_queue_delay_ms "
-                            "%s)", self.refused - self._refused_logged, st["backlog"],
-                            st["capacity"], st["predicted_delay_ms"],
-                            self.estimator.target_ms, self.bound_ms)
+                log.warning(
+                    "over capacity: refusing leads with 429 (%d since the last such "
+                    "line; backlog %s leads, capacity ~%s/s, predicted queue delay %s "
+                    "ms > %.0f ms, the admission setpoint for ingest.max_queue_delay_ms "
+                    "%s)",
+                    self.refused - self._refused_logged,
+                    st["backlog"],
+                    st["capacity"],
+                    st["predicted_delay_ms"],
+                    self.estimator.target_ms,
+                    self.bound_ms,
+                )
                 self._logged_at, self._refused_logged = now, self.refused
         return retry_after
 
@@ -124,8 +141,13 @@ class Admission:
         self._errors += 1
         now = time.monotonic()
         if now - self._error_logged_at >= LOG_EVERY_S:
-            log.warning("admission control: %s failed %d times (last: %r); leads are admitted "
-                        "while the estimate is stale", what, self._errors, exc)
+            log.warning(
+                "admission control: %s failed %d times (last: %r); leads are admitted "
+                "while the estimate is stale",
+                what,
+                self._errors,
+                exc,
+            )
             self._error_logged_at, self._errors = now, 0
 
     async def _read_reports(self) -> None:
@@ -140,7 +162,7 @@ class Admission:
                     self.estimator.add_report(report_from_record(rec), _mono_ms())
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - keep following
+            except Exception as exc:
                 self._feed_error("reading progress reports", exc)
                 await asyncio.sleep(1.0)
 
@@ -148,12 +170,14 @@ class Admission:
         assert self._consumer is not None
         while True:
             try:
-                ends = await asyncio.wait_for(self._consumer.end_offsets(self._tps),
-                                              KAFKA_CALL_TIMEOUT_S)
-                self.estimator.set_ends({(tp.topic, tp.partition): off
-                                         for tp, off in ends.items()}, _mono_ms())
+                ends = await asyncio.wait_for(
+                    self._consumer.end_offsets(self._tps), KAFKA_CALL_TIMEOUT_S
+                )
+                self.estimator.set_ends(
+                    {(tp.topic, tp.partition): off for tp, off in ends.items()}, _mono_ms()
+                )
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - stale estimate: admit
+            except Exception as exc:
                 self._feed_error("fetching end offsets", exc)
             await asyncio.sleep(ENDS_INTERVAL_S)

@@ -28,15 +28,22 @@ from typing import Any
 
 import orjson
 
-__all__ = ["KEY_HEADER", "KeyError_", "lead_id_for_key", "check_key", "fingerprint",
-           "Remembered", "LeadMemory"]
+__all__ = [
+    "KEY_HEADER",
+    "KeyError_",
+    "lead_id_for_key",
+    "check_key",
+    "fingerprint",
+    "Remembered",
+    "LeadMemory",
+]
 
 KEY_HEADER = "Idempotency-Key"
 _KEY_NS = uuid.UUID("3f1d2c4b-8a9e-4b7c-9d2e-6a5f4e3d2c1b")
 _MAX_KEY = 255
 
 
-class KeyError_(ValueError):  # noqa: N801 - not the builtin KeyError
+class KeyError_(ValueError):  # not the builtin KeyError
     """An unusable ``Idempotency-Key`` header."""
 
 
