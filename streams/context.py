@@ -1,25 +1,100 @@
 """What the stages of a worker share: the app, the settings, every topic once, and the few
-things one stage offers another.
+things one stage offers another — as typed ports, not a dictionary of strings.
 
-Stages never import each other; whatever one needs from another goes through here, wired
-once by ``streams.app.create_app``.
+Stages never import each other; whatever one needs from another goes through a port here:
+the offering stage fills it in its ``register`` (``streams.app.create_app`` registers the
+stages in an order where every port is filled before the first event is handled), the
+using stage reads it when it handles an event. A port left None is a stage not running in
+this role (no capped buyer, no auto-pause...), and the user copes with it.
+
+=====================  ==========================  =====================================
+port                   offered by                  used by
+=====================  ==========================  =====================================
+``auctions_table``     auction                     ping (already open? no second round)
+``apply_round``        auction                     ping (the hand-off of a finished round)
+``mark_open``          auction                     ping (the open marker, before any ping)
+``postings_table``     post                        auction (a closed lead's progress)
+``purge_with_auction`` post                        auction (purged with the auction entry)
+``caps``               caps                        post (reserve, commit, release)
+``cap_counters``       caps                        ping plan (filter a buyer at its cap)
+``pauses``             buyer_feeds                 ping plan (filter a paused buyer)
+``acceptance``         buyer_feeds                 auction, post (ranking by score)
+``progress``           runtime.progress            redact, dedupe, ping (admission)
+=====================  ==========================  =====================================
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import faust
+from faust.types import TableT
 
-from streams.settings import FlowConfig, Settings
+from streams.settings import BuyerCaps, FlowConfig, Settings
 from streams.topics import TopicNames
 
 if TYPE_CHECKING:
+    from connectors.buyers import BuyerClient
+    from connectors.webhook import WebhookSender
     from streams.rules.buyer_stats import AcceptanceCounter
+    from streams.rules.selling import BuyerCounters
 
-__all__ = ["Context", "ranking_inputs"]
+__all__ = [
+    "CapCounters",
+    "CapReservations",
+    "Context",
+    "PauseLookup",
+    "ProgressPort",
+    "Round",
+    "ranking_inputs",
+]
+
+#: A finished ping round's records, ``(schema name, record)``, ``AuctionOpen`` first.
+Round = list[tuple[str, dict[str, Any]]]
+
+
+class PauseLookup(Protocol):
+    """Auto-pause decisions: until when (epoch ms) a buyer is paused, or None."""
+
+    def paused(self, buyer_id: str) -> int | None: ...
+
+
+class CapCounters(Protocol):
+    """The last published cap counters of a buyer (lagging the owner by a few ms)."""
+
+    def counters(self, buyer_id: str, caps: BuyerCaps, at_ms: int) -> BuyerCounters: ...
+
+
+class CapReservations(Protocol):
+    """A buyer's cap owner, asked before a post and told its outcome."""
+
+    async def reserve(
+        self,
+        buyer_id: str,
+        lead_id: str,
+        price: float,
+        *,
+        rebalancing: Callable[[], bool] | None = None,
+        timeout_s: float | None = None,
+    ) -> tuple[bool, str]: ...
+
+    async def commit(self, buyer_id: str, lead_id: str, price: float) -> None: ...
+
+    async def release(self, buyer_id: str, lead_id: str) -> None: ...
+
+
+class ProgressPort(Protocol):
+    """Admission control's view of the stages before the ping (``runtime.progress``)."""
+
+    def took(
+        self, stage: str, topic: str, partition: int, offset: int, *, ping: bool = False
+    ) -> None: ...
+
+    def opened(self, delay_ms: float) -> None: ...
+
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +107,23 @@ class Context:
     app: faust.App
     names: TopicNames
     topics: dict[str, Any] = field(default_factory=dict)
-    #: Shared resources created at worker start (buyer client, ClickHouse client).
-    resources: dict[str, Any] = field(default_factory=dict)
+
+    # The ports (module docstring): filled by the offering stage's register().
+    auctions_table: TableT[Any, Any] | None = None
+    apply_round: Callable[[Round], Awaitable[bool]] | None = None
+    mark_open: Callable[[dict[str, Any]], Awaitable[bool]] | None = None
+    postings_table: TableT[Any, Any] | None = None
+    purge_with_auction: list[TableT[Any, Any]] = field(default_factory=list)
+    caps: CapReservations | None = None
+    cap_counters: CapCounters | None = None
+    pauses: PauseLookup | None = None
+    acceptance: AcceptanceCounter | None = None
+    progress: ProgressPort | None = None
+
+    # Shared clients and caches, created on first use.
+    buyers: BuyerClient | None = None
+    webhooks: WebhookSender | None = None
+    payment_speeds: dict[str, float] | None = None
 
     #: Async callables run when the worker stops (drain in-flight work, close clients).
     closers: list[Any] = field(default_factory=list)
@@ -41,16 +131,15 @@ class Context:
     def topic(self, attr: str) -> Any:
         return self.topics[getattr(self.names, attr)]
 
-    def buyer_client(self) -> Any:
+    def buyer_client(self) -> BuyerClient:
         """The one buyer client of this worker (one aiohttp session, one keep-alive pool for
         pings and posts), created on first use inside the running loop."""
-        client = self.resources.get("buyer_client")
-        if client is None:
+        if self.buyers is None:
             from connectors.buyers import BuyerClient
 
-            client = self.resources["buyer_client"] = BuyerClient()
-            self.closers.insert(0, client.aclose)  # closers run in reverse: closed last
-        return client
+            self.buyers = BuyerClient()
+            self.closers.insert(0, self.buyers.aclose)  # closers run in reverse: closed last
+        return self.buyers
 
     async def close(self) -> None:
         for closer in reversed(self.closers):
@@ -65,13 +154,11 @@ def ranking_inputs(ctx: Context, flow: FlowConfig) -> dict[str, Any]:
     """``decide``'s ``acceptance`` and ``payment`` for ``flow`` in this worker: observed
     acceptance rates (None when the flow does not rank by score) and configured payment
     speeds."""
-    counter: AcceptanceCounter | None = ctx.resources.get("acceptance")
+    counter = ctx.acceptance
     prior = flow.strategy.acceptance_prior
-    payment = ctx.resources.get("payment_speeds")
+    payment = ctx.payment_speeds
     if payment is None:
-        payment = ctx.resources["payment_speeds"] = {
-            b.id: b.payment_speed for b in ctx.settings.buyers
-        }
+        payment = ctx.payment_speeds = {b.id: b.payment_speed for b in ctx.settings.buyers}
     acceptance = (
         counter.rates(prior.rate, prior.weight)
         if counter is not None and flow.strategy.rank_by == "score"

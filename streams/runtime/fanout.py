@@ -95,14 +95,19 @@ def plan_for(
 ) -> tuple[list[BuyerConfig], list[tuple[BuyerConfig, str]]]:
     """:func:`plan_pings` with this worker's live state: auto-pauses, cap counters, and the
     buyers a duplicate must skip."""
-    pauses, view = ctx.resources.get("pauses"), ctx.resources.get("caps_view")
+    pauses, view = ctx.pauses, ctx.cap_counters
+
+    def counters(b: BuyerConfig, at: int) -> rules.BuyerCounters | None:
+        # (plan_pings asks only for capped buyers.)
+        return view.counters(b.id, b.caps, at) if view is not None and b.caps else None
+
     return plan_pings(
         ctx.settings,
         req["flow"],
         req["ping_fields"],
         at_ms,
         paused_until=pauses.paused if pauses else None,
-        cap_counters=(lambda b, at: view.counters(b.id, b.caps, at)) if view else None,
+        cap_counters=counters if view is not None else None,
         skip_buyers=req.get("skip_buyers"),
     )
 

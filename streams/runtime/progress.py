@@ -16,6 +16,7 @@ import socket
 import uuid
 from typing import Any
 
+from streams.context import Context
 from streams.rules.admission import REPORT_INTERVAL_S
 
 __all__ = ["Progress", "tracker"]
@@ -80,15 +81,15 @@ class Progress:
         }
 
 
-def tracker(ctx: Any) -> Progress:
-    """This worker's :class:`Progress`; the first call also starts its reports."""
-    progress: Progress | None = ctx.resources.get("progress")
-    if progress is not None:
-        return progress
+def tracker(ctx: Context) -> Progress:
+    """This worker's :class:`Progress` (the ``progress`` port); the first call also starts
+    its reports."""
+    if isinstance(ctx.progress, Progress):
+        return ctx.progress
     import schemas
     from streams.runtime.agents import now_ms, timer
 
-    progress = ctx.resources["progress"] = Progress(
+    progress = ctx.progress = Progress(
         f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
     )
     topic, app = ctx.topic("progress"), ctx.app

@@ -58,7 +58,7 @@ def register(ctx: Context) -> None:
         key_type=str,
         value_type=None,
     )
-    ctx.resources["auctions_table"] = table
+    ctx.auctions_table = table
     timers: dict[str, asyncio.TimerHandle] = {}
     #: Auctions closed whose order Kafka has not acknowledged yet (not in the table yet).
     closing: dict[str, asyncio.Future[None]] = {}
@@ -93,7 +93,7 @@ def register(ctx: Context) -> None:
             if tp.topic == bids_topic.get_topic_name()
         }
         parts = settings.kafka.partitions
-        tables = [table, *ctx.resources.get("purge_with_auction", ())]
+        tables = [table, *ctx.purge_with_auction]
         for t in tables:
             for key in [k for k in t.data.keys() if lead_partition(k, parts) not in active]:
                 t.data.pop(key, None)
@@ -266,7 +266,7 @@ def register(ctx: Context) -> None:
                 purges_sent.discard(lead_id)
                 if state.get("closed_at_ms") is None and state.get("open") is not None:
                     return  # re-opened meanwhile: not purgeable
-                postings = ctx.resources.get("postings_table")
+                postings = ctx.postings_table
                 posting = postings.get(lead_id) if postings is not None else None
                 if state.get("closed_at_ms") is not None and (
                     posting is None or posting.get("result") is None
@@ -278,7 +278,7 @@ def register(ctx: Context) -> None:
                 table.pop(lead_id, None)
                 # The post stage's per-lead tables are co-partitioned with this topic, so
                 # the same marker bounds them too.
-                for other in ctx.resources.get("purge_with_auction", ()):
+                for other in ctx.purge_with_auction:
                     other.pop(lead_id, None)
                 return
             if state.get("closed_at_ms") is None and state.get("open") is not None:
@@ -375,7 +375,7 @@ def register(ctx: Context) -> None:
                 return False
         return True
 
-    ctx.resources["auction_apply_local"] = apply_local
+    ctx.apply_round = apply_local
 
     async def mark_open(rec: dict[str, Any]) -> bool:
         """Record a ping round's ``AuctionOpen`` in the table (and its changelog) before any
@@ -419,7 +419,7 @@ def register(ctx: Context) -> None:
             arm(lead_id, rec["deadline_at_ms"])
         return True
 
-    ctx.resources["auction_mark_open"] = mark_open
+    ctx.mark_open = mark_open
 
     @app.agent(bids_topic, name="auction", concurrency=1)
     async def auction_agent(stream: Any) -> None:

@@ -42,7 +42,7 @@ def register(ctx: Context) -> None:
     settings = ctx.settings
     if any(f.strategy.rank_by == "score" for f in settings.flows.values()):
         counter = AcceptanceCounter()
-        ctx.resources["acceptance"] = counter
+        ctx.acceptance = counter
 
         def on_delivery(value: bytes) -> None:
             try:
@@ -64,7 +64,7 @@ def register(ctx: Context) -> None:
     configs = {b.id: b.auto_pause for b in settings.buyers if b.auto_pause is not None}
     if configs:
         view = PauseView(configs)
-        ctx.resources["pauses"] = view
+        ctx.pauses = view
 
         def on_alert(value: bytes) -> None:
             try:

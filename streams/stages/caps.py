@@ -227,8 +227,8 @@ def register(ctx: Context) -> None:
     )
     client = CapClient(requests)
     view = CapView()
-    ctx.resources["caps_client"] = client
-    ctx.resources["caps_view"] = view
+    ctx.caps = client
+    ctx.cap_counters = view
 
     caps_topic = requests.get_topic_name()
     parts = settings.kafka.partitions

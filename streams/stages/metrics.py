@@ -282,11 +282,11 @@ def register(ctx: Context) -> None:
             log.exception("could not record the webhook failure of %s", d.alert_id)
 
     def webhooks() -> Any:
-        sender = ctx.resources.get("webhooks")
+        sender = ctx.webhooks
         if sender is None:
             from connectors.webhook import WebhookSender
 
-            sender = ctx.resources["webhooks"] = WebhookSender(
+            sender = ctx.webhooks = WebhookSender(
                 timeout_s=mc.webhook_timeout_s,
                 attempts=mc.webhook_attempts,
                 backoff_s=mc.webhook_backoff_s,

@@ -50,7 +50,7 @@ def register(ctx: Context) -> None:
     async def round_for(req: dict[str, Any]) -> None:
         sent: Sent = []
         await ping_round(req, sent)
-        apply_local = ctx.resources.get("auction_apply_local") if handoff else None
+        apply_local = ctx.apply_round if handoff else None
         if apply_local is None or not sent:
             return
         # Every answer is in: once Kafka has acknowledged the round's records, hand them to
@@ -80,7 +80,7 @@ def register(ctx: Context) -> None:
         ) -> dict[str, Any]:
             return await ping_buyer(ctx, req, buyer, ping_id, stop_at_ms, sent)
 
-        auctions = ctx.resources.get("auctions_table")
+        auctions = ctx.auctions_table
         if auctions is not None and auctions.get(req["lead_id"]) is not None:
             # Redelivered after a crash: this lead's auction is already open (its timer or the
             # recovery sweep closes it) or closed. Pinging buyers again would only spam them.
@@ -112,7 +112,7 @@ def register(ctx: Context) -> None:
         # The round is in the auction table (and on its way to the changelog) before a ping
         # leaves: a redelivery of this request after a crash pings nobody twice (see
         # auction.mark_open).
-        mark_open = ctx.resources.get("auction_mark_open")
+        mark_open = ctx.mark_open
         if mark_open is not None and not await mark_open(open_rec):
             log.info("lead %s already auctioned; not pinging again", req["lead_id"])
             return

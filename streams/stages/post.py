@@ -71,8 +71,8 @@ def register(ctx: Context) -> None:
     inflight = InFlight("post", settings.worker.max_inflight, dead)
     pii_table = app.Table("pii", default=None, partitions=parts, key_type=str, value_type=None)
     postings = app.Table("postings", default=None, partitions=parts, key_type=str, value_type=None)
-    ctx.resources.setdefault("purge_with_auction", []).extend([pii_table, postings])
-    ctx.resources["postings_table"] = postings
+    ctx.purge_with_auction.extend([pii_table, postings])
+    ctx.postings_table = postings
     waiters: dict[str, asyncio.Event] = {}
     lead_locks = KeyedLocks()
 
@@ -269,7 +269,7 @@ def register(ctx: Context) -> None:
         a rebalance the owners cannot answer: the order is requeued at the end of its
         partition (``Requeue``) before anything of this batch is recorded, instead of
         holding the rebalance up until the decision times out."""
-        client = ctx.resources.get("caps_client")
+        client = ctx.caps
         if client is None:
             return batch
         capped = [c for c in batch if settings.buyer(c["buyer_id"]).caps is not None]
@@ -320,7 +320,7 @@ def register(ctx: Context) -> None:
         return keep
 
     async def release_slots(lead_id: str, batch: list[dict[str, Any]]) -> None:
-        client = ctx.resources.get("caps_client")
+        client = ctx.caps
         for c in batch:
             if client is not None and settings.buyer(c["buyer_id"]).caps is not None:
                 await client.release(c["buyer_id"], lead_id)
@@ -646,7 +646,7 @@ def register(ctx: Context) -> None:
                 # (Its cap slot, if any, was reserved before the attempt was recorded; an
                 # attempt resolved after a crash is counted whatever the cap says now: if the
                 # buyer took the lead, it is sold.)
-                caps_client = ctx.resources.get("caps_client") if buyer.caps else None
+                caps_client = ctx.caps if buyer.caps else None
                 sent = now_ms()
                 body = post_body(order, pii["fields"], cand, post_id, exclusive)
                 # A timeout is ambiguous (the buyer may have taken the lead): ask again with

@@ -121,7 +121,7 @@ def test_price_ties_ignore_acceptance_when_another_flow_ranks_by_score() -> None
     for i in range(20):  # sunrise accepts everything, greenleaf nothing
         counter.add(f"s{i}", "sunrise", "accepted", 1_000 + i)
         counter.add(f"g{i}", "greenleaf", "rejected", 1_000 + i)
-    ctx = SimpleNamespace(settings=settings, resources={"acceptance": counter})
+    ctx = SimpleNamespace(settings=settings, acceptance=counter, payment_speeds=None)
     bids = [bid("sunrise", 90, at=20), bid("greenleaf", 90, at=10)]
     d = decide(bids, PING, price_flow.strategy, 0, 1000, **ranking_inputs(ctx, price_flow))
     assert ids(d) == ["greenleaf", "sunrise"]
