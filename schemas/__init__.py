@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Mapping
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -140,7 +141,7 @@ def _released_writers() -> dict[bytes, tuple[str, Any]]:
     return out
 
 
-def encode(name: str, record: dict[str, Any]) -> bytes:
+def encode(name: str, record: Mapping[str, Any]) -> bytes:
     """Encode ``record`` as event ``name`` in Avro single-object encoding."""
     buf = io.BytesIO()
     buf.write(MARKER)

@@ -539,3 +539,37 @@ def test_the_module_doc_does_not_claim_changelogs_are_avro() -> None:
     doc = " ".join((schemas.__doc__ or "").split())
     assert "Every Kafka value" not in doc
     assert "changelog" in doc and "JSON" in doc
+
+
+def test_the_typed_records_are_generated_from_the_schemas() -> None:
+    """``schemas/records.py`` is ``python -m schemas.typed``'s output for today's .avsc files
+    (formatted): a schema change without regenerating it fails here."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from schemas.typed import RECORDS_PATH, render
+
+    ruff = shutil.which("ruff") or str(Path(sys.executable).with_name("ruff"))
+    formatted = subprocess.run(
+        [ruff, "format", "--stdin-filename", str(RECORDS_PATH), "-"],
+        input=render(),
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert RECORDS_PATH.read_text() == formatted, (
+        "run: python -m schemas.typed && ruff format schemas"
+    )
+
+
+def test_every_event_has_its_typed_record() -> None:
+    import typing
+
+    from schemas import EVENTS, records, schema_json
+
+    for name in EVENTS:
+        td = getattr(records, name)
+        fields = [f["name"] for f in schema_json(name)["fields"]]
+        assert list(typing.get_type_hints(td)) == fields, name
