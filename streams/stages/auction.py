@@ -13,6 +13,11 @@ idempotent: a closed auction ignores further markers and late bids. After a rest
 rebalance the table is recovered from its changelog and a sweep re-arms the timers of open
 auctions (closing at once those already past their deadline). Closed entries are kept for
 ``worker.closed_retention_s`` to reject redelivered bids, then purged by a marker.
+
+The stage's state and handlers are one class, :class:`AuctionStage`, whose dependencies are
+explicit (the table, the topics it sends to, the clock, the membership fence, the ports it
+reads); ``register`` builds it from the ``Context`` and binds Faust's agent, timers and
+recovery callback to its methods. Unit tests build it with fakes (tests/unit/stages).
 """
 
 from __future__ import annotations
@@ -22,106 +27,158 @@ import base64
 import logging
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable, Iterable
 from functools import partial
-from typing import Any
+from typing import Any, Protocol
 
 import schemas
 from streams.context import Context, ranking_inputs
 from streams.rules.auction import Decision, close_lag_ms, decide
+from streams.runtime import agents
 from streams.runtime.agents import (
     DeadLetters,
     Requeue,
-    assigned_here,
     durable_set,
-    hold_unconfirmed,
     key_partition,
-    member_confirmed,
     now_ms,
     retry_transient,
     timer,
 )
+from streams.settings import FlowConfig, Settings
 
-__all__ = ["register"]
+__all__ = ["AuctionStage", "Sends", "register"]
 
 log = logging.getLogger(__name__)
 
 
-def register(ctx: Context) -> None:
-    app, settings = ctx.app, ctx.settings
-    bids_topic, posts_topic = ctx.topic("bids"), ctx.topic("posts")
-    dead = DeadLetters(ctx.topic("deadletter"), "auction")
-    retention_ms = int(settings.worker.closed_retention_s * 1000)
-    table = app.Table(
-        "auctions",
-        default=None,
-        partitions=settings.kafka.partitions,
-        key_type=str,
-        value_type=None,
-    )
-    ctx.auctions_table = table
-    timers: dict[str, asyncio.TimerHandle] = {}
-    #: Auctions closed whose order Kafka has not acknowledged yet (not in the table yet).
-    closing: dict[str, asyncio.Future[None]] = {}
-    purges_sent: set[str] = set()
-    #: Closed auctions whose order is still to be sent (after recovery, or a failed send).
-    unsent: dict[str, int] = {}
-    markers_sent: dict[str, int] = {}  # lead -> when its last close marker was sent
-    #: Auctions this worker closed, by path: on the ping round's local hand-off, or when the
-    #: deciding event came back from the bids topic (deadline, recovery, another worker's...).
-    closes = {"handoff": 0, "topic": 0}
-    logged = [0]
-    # In-memory indexes over the table, so the sweep never scans it in steady state:
-    # open auctions -> deadline, and closed/orphan entries in the order they became purgeable.
-    # Rebuilt from the table after every recovery (the table is the truth, these are caches).
-    open_index: dict[str, int] = {}
-    purge_queue: deque[tuple[int, str]] = deque()
-    rescan = [True]
+class Sends(Protocol):
+    """Where the stage sends records: a topic (``send`` returns what Faust's does, an
+    awaitable of the delivery's future)."""
 
-    @table.on_recover
-    async def _recovered() -> None:
-        drop_foreign_keys()
-        rescan[0] = True
+    def send(self, *, key: bytes, value: bytes) -> Awaitable[Any]: ...
 
-    def drop_foreign_keys() -> None:
+
+class AuctionStage:
+    """The auction stage's state (the timers, the closes in flight, the indexes over the
+    table) and its handlers.
+
+    ``table`` is the ``auctions`` table (a Faust table; a dict-like object in tests: ``get``,
+    ``pop``, ``items``, item assignment, and ``data`` for the local deletes after a
+    rebalance). ``durable_set(table, key, value, partition)`` writes it and returns the
+    acknowledgement of its changelog record. The membership fence and the assignment are
+    functions of this worker's app: ``member_confirmed()``, ``hold_unconfirmed(what)``,
+    ``rebalancing()``, ``in_recovery()``, ``assigned_here(partition)`` (of the bids topic),
+    ``active_partitions()`` (of the bids topic). The ports another stage fills after this
+    one registers are read when used: ``postings_table()``, ``purge_with_auction()``,
+    ``ranking(flow)`` (``decide``'s acceptance and payment, ``context.ranking_inputs``).
+    ``now_ms`` and ``clock`` (epoch seconds) are the clock."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        table: Any,
+        *,
+        bids: Sends,
+        posts: Sends,
+        dead: DeadLetters,
+        postings_table: Callable[[], Any],
+        purge_with_auction: Callable[[], Iterable[Any]],
+        ranking: Callable[[FlowConfig], dict[str, Any]],
+        member_confirmed: Callable[[], bool],
+        hold_unconfirmed: Callable[[str], None],
+        rebalancing: Callable[[], bool],
+        in_recovery: Callable[[], bool],
+        assigned_here: Callable[[int], bool],
+        active_partitions: Callable[[], set[int]],
+        durable_set: Callable[[Any, str, Any, int], Any] = durable_set,
+        now_ms: Callable[[], int] = now_ms,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.table = table
+        self.bids_topic = bids
+        self.posts_topic = posts
+        self.dead = dead
+        self.postings_table = postings_table
+        self.purge_with_auction = purge_with_auction
+        self.ranking = ranking
+        self.member_confirmed = member_confirmed
+        self.hold_unconfirmed = hold_unconfirmed
+        self.rebalancing = rebalancing
+        self.in_recovery = in_recovery
+        self.assigned_here = assigned_here
+        self.active_partitions = active_partitions
+        self.durable_set = durable_set
+        self.now_ms = now_ms
+        self.clock = clock
+
+        self.retention_ms = int(settings.worker.closed_retention_s * 1000)
+        self.timers: dict[str, asyncio.TimerHandle] = {}
+        #: Auctions closed whose order Kafka has not acknowledged yet (not in the table yet).
+        self.closing: dict[str, asyncio.Future[None]] = {}
+        self.purges_sent: set[str] = set()
+        #: Closed auctions whose order is still to be sent (after recovery, or a failed send).
+        self.unsent: dict[str, int] = {}
+        self.markers_sent: dict[str, int] = {}  # lead -> when its last close marker was sent
+        #: Auctions this worker closed, by path: on the ping round's local hand-off, or when the
+        #: deciding event came back from the bids topic (deadline, recovery, another worker's...).
+        self.closes = {"handoff": 0, "topic": 0}
+        self.logged = 0
+        # In-memory indexes over the table, so the sweep never scans it in steady state:
+        # open auctions -> deadline, and closed/orphan entries in the order they became purgeable.
+        # Rebuilt from the table after every recovery (the table is the truth, these are caches).
+        self.open_index: dict[str, int] = {}
+        self.purge_queue: deque[tuple[int, str]] = deque()
+        self.rescan = True
+        # The agent and the ping stage's local hand-off (below) change auctions one at a time.
+        self.lock = asyncio.Lock()
+
+    def partition(self, lead_id: str) -> int:
+        return lead_partition(lead_id, self.settings.kafka.partitions)
+
+    async def recovered(self) -> None:
+        """The table's ``on_recover`` callback."""
+        self.drop_foreign_keys()
+        self.rescan = True
+
+    def drop_foreign_keys(self) -> None:
         """After a rebalance, forget this worker's local copies of leads whose partitions
         moved away. Faust's memory store drops only keys it restored from the changelog;
         keys written live would stay: stale open auctions re-armed forever, stale PII kept
         in memory. Local deletes only (no changelog write): the new owner has the truth."""
-        active = {
-            tp.partition
-            for tp in app.assignor.assigned_actives()
-            if tp.topic == bids_topic.get_topic_name()
-        }
-        parts = settings.kafka.partitions
-        tables = [table, *ctx.purge_with_auction]
+        active = self.active_partitions()
+        parts = self.settings.kafka.partitions
+        tables = [self.table, *self.purge_with_auction()]
         for t in tables:
             for key in [k for k in t.data.keys() if lead_partition(k, parts) not in active]:
                 t.data.pop(key, None)
-        for lead_id in [k for k in timers if lead_partition(k, parts) not in active]:
-            timers.pop(lead_id).cancel()
+        for lead_id in [k for k in self.timers if lead_partition(k, parts) not in active]:
+            self.timers.pop(lead_id).cancel()
 
-    def send_marker(lead_id: str, reason: str) -> None:
-        timers.pop(lead_id, None)
+    def send_marker(self, lead_id: str, reason: str) -> None:
+        self.timers.pop(lead_id, None)
         if reason != "purge":
-            markers_sent[lead_id] = now_ms()
-        rec = {"lead_id": lead_id, "reason": reason, "at_ms": now_ms()}
+            self.markers_sent[lead_id] = self.now_ms()
+        rec = {"lead_id": lead_id, "reason": reason, "at_ms": self.now_ms()}
         fut = asyncio.ensure_future(
-            bids_topic.send(key=lead_id.encode(), value=schemas.encode("AuctionClose", rec))
+            self.bids_topic.send(key=lead_id.encode(), value=schemas.encode("AuctionClose", rec))
         )
         fut.add_done_callback(_log_send_failure)
 
-    def arm(lead_id: str, deadline_ms: int, reason: str = "deadline") -> None:
-        if lead_id in timers:
+    def arm(self, lead_id: str, deadline_ms: int, reason: str = "deadline") -> None:
+        if lead_id in self.timers:
             return
-        delay = max(0.0, deadline_ms / 1000.0 - time.time())
-        timers[lead_id] = asyncio.get_running_loop().call_later(delay, send_marker, lead_id, reason)
+        delay = max(0.0, deadline_ms / 1000.0 - self.clock())
+        self.timers[lead_id] = asyncio.get_running_loop().call_later(
+            delay, self.send_marker, lead_id, reason
+        )
 
     async def close(
-        lead_id: str, state: dict[str, Any], reason: str, handoff: bool = False
+        self, lead_id: str, state: dict[str, Any], reason: str, handoff: bool = False
     ) -> None:
         op = state["open"]
-        flow = settings.flows.get(op["flow"])
-        closed = time.time() * 1000
+        flow = self.settings.flows.get(op["flow"])
+        closed = self.clock() * 1000
         answers = list(state["answers"].values())
         if flow is None:
             decision = Decision("none", 0, [])
@@ -133,7 +190,7 @@ def register(ctx: Context) -> None:
                 op["created_at_ms"],
                 int(closed),
                 flow=flow,
-                **ranking_inputs(ctx, flow),
+                **self.ranking(flow),
             )
         last = max((a["answered_at_ms"] for a in answers), default=None)
         lag = close_lag_ms(reason, closed, op["deadline_at_ms"], last)
@@ -172,30 +229,31 @@ def register(ctx: Context) -> None:
             "seen_ms": state.get("seen_ms", int(closed)),
             "order": base64.b64encode(value).decode(),
         }
-        changelog_ack = durable_set(
-            table, lead_id, closed_state, lead_partition(lead_id, settings.kafka.partitions)
-        )
-        handle = timers.pop(lead_id, None)
+        changelog_ack = self.durable_set(self.table, lead_id, closed_state, self.partition(lead_id))
+        handle = self.timers.pop(lead_id, None)
         if handle is not None:
             handle.cancel()
-        open_index.pop(lead_id, None)
-        markers_sent.pop(lead_id, None)
-        closes["handoff" if handoff else "topic"] += 1
+        self.open_index.pop(lead_id, None)
+        self.markers_sent.pop(lead_id, None)
+        self.closes["handoff" if handoff else "topic"] += 1
         # Waiting for the acknowledgements here, under the lock every close takes, would
         # delay the next auctions' closes (demo close-lag p99 ~21-25 ms -> ~38-41 ms): it is
         # done aside; the lead's events meanwhile are ignored (its auction is closed).
-        send_order(lead_id, closed_state, changelog_ack)
+        self.send_order(lead_id, closed_state, changelog_ack)
 
-    def send_order(lead_id: str, closed_state: dict[str, Any], changelog_ack: Any) -> None:
-        closing[lead_id] = asyncio.ensure_future(
-            record_closed(lead_id, closed_state, changelog_ack)
+    def send_order(self, lead_id: str, closed_state: dict[str, Any], changelog_ack: Any) -> None:
+        self.closing[lead_id] = asyncio.ensure_future(
+            self.record_closed(lead_id, closed_state, changelog_ack)
         )
 
-    async def record_closed(lead_id: str, closed_state: dict[str, Any], changelog_ack: Any) -> None:
+    async def record_closed(
+        self, lead_id: str, closed_state: dict[str, Any], changelog_ack: Any
+    ) -> None:
         """Once the closed state (with its order) is on the changelog (``changelog_ack``; None:
         it is, a re-send after recovery), send the order; once Kafka has it, drop it from the
         closed state."""
-        part = lead_partition(lead_id, settings.kafka.partitions)
+        table = self.table
+        part = self.partition(lead_id)
         value = base64.b64decode(closed_state["order"])
         try:
             if changelog_ack is not None:
@@ -211,86 +269,86 @@ def register(ctx: Context) -> None:
                     )
 
                     async def rewrite() -> None:
-                        await durable_set(table, lead_id, closed_state, part)
+                        await self.durable_set(table, lead_id, closed_state, part)
 
                     await retry_transient(rewrite, f"closed state of lead {lead_id}")
 
-            if not member_confirmed(app):
+            if not self.member_confirmed():
                 # Cut off from the group: the partition may be another worker's now, which
                 # closes the auction itself. The order stays in the table (the sweep tries
                 # again once membership is confirmed).
-                unsent[lead_id] = now_ms()
+                self.unsent[lead_id] = self.now_ms()
                 return
 
             async def send() -> None:
-                await (await posts_topic.send(key=lead_id.encode(), value=value))
+                await (await self.posts_topic.send(key=lead_id.encode(), value=value))
 
             await retry_transient(send, f"post order of lead {lead_id}")
-            async with lock:
+            async with self.lock:
                 done = {k: v for k, v in closed_state.items() if k != "order"}
                 if (table.get(lead_id) or {}).get("order") == closed_state["order"]:
-                    durable_set(table, lead_id, done, part)
-                open_index.pop(lead_id, None)  # re-added if indexes were rebuilt meanwhile
-                purge_queue.append((closed_state["closed_at_ms"], lead_id))
+                    self.durable_set(table, lead_id, done, part)
+                self.open_index.pop(lead_id, None)  # re-added if indexes were rebuilt meanwhile
+                self.purge_queue.append((closed_state["closed_at_ms"], lead_id))
         except asyncio.CancelledError:
             raise
         except Exception:  # the order stays in the table: the sweep sends it again
             log.exception(
                 "post order of lead %s could not be sent yet; the sweep sends it again", lead_id
             )
-            unsent[lead_id] = now_ms()
+            self.unsent[lead_id] = self.now_ms()
         finally:
-            closing.pop(lead_id, None)
+            self.closing.pop(lead_id, None)
 
-    async def drain_closing() -> None:
+    async def drain_closing(self) -> None:
         """On shutdown, let recorded closes finish (else the next owner closes them again:
         a duplicate order, harmless but avoidable)."""
-        if closing:
-            await asyncio.wait(list(closing.values()), timeout=5.0)
+        if self.closing:
+            await asyncio.wait(list(self.closing.values()), timeout=5.0)
 
-    ctx.closers.append(drain_closing)
-
+    @staticmethod
     def all_answered(state: dict[str, Any]) -> bool:
         op = state["open"]
         return op is not None and all(p["ping_id"] in state["answers"] for p in op["pinged"])
 
-    async def handle(name: str, rec: dict[str, Any], event: Any) -> None:
+    async def handle(self, name: str, rec: dict[str, Any], event: Any) -> None:
         lead_id = rec["lead_id"]
-        if lead_id in closing:
+        if lead_id in self.closing:
             return  # closed; its order is on the way to Kafka (record_closed)
+        table = self.table
         state = table.get(lead_id)
         if name == "AuctionClose":
             if state is None:
                 return
             if rec["reason"] == "purge":
-                purges_sent.discard(lead_id)
+                self.purges_sent.discard(lead_id)
                 if state.get("closed_at_ms") is None and state.get("open") is not None:
                     return  # re-opened meanwhile: not purgeable
-                postings = ctx.postings_table
+                postings = self.postings_table()
                 posting = postings.get(lead_id) if postings is not None else None
                 if state.get("closed_at_ms") is not None and (
                     posting is None or posting.get("result") is None
                 ):
                     # Closed but its post waterfall has not settled (post stage lagging or
                     # recovering): purging now would lose its PII and its progress.
-                    purge_queue.append((now_ms(), lead_id))
+                    self.purge_queue.append((self.now_ms(), lead_id))
                     return
                 table.pop(lead_id, None)
                 # The post stage's per-lead tables are co-partitioned with this topic, so
                 # the same marker bounds them too.
-                for other in ctx.purge_with_auction:
+                for other in self.purge_with_auction():
                     other.pop(lead_id, None)
                 return
             if state.get("closed_at_ms") is None and state.get("open") is not None:
-                if not confirmed(lead_id):
+                if not self.confirmed(lead_id):
                     return  # the sweep sends the marker again (2 s)
-                await close(lead_id, state, rec["reason"])
+                await self.close(lead_id, state, rec["reason"])
             return
         if state is not None and state.get("closed_at_ms") is not None:
             return  # late or redelivered: the auction is already closed
         if state is None:
-            state = {"open": None, "answers": {}, "closed_at_ms": None, "seen_ms": now_ms()}
-            purge_queue.append((state["seen_ms"], lead_id))  # orphan until opened
+            state = {"open": None, "answers": {}, "closed_at_ms": None, "seen_ms": self.now_ms()}
+            self.purge_queue.append((state["seen_ms"], lead_id))  # orphan until opened
         if name == "AuctionOpen":
             if state["open"] is not None:
                 return  # replayed ping round: keep the first deadline
@@ -316,39 +374,33 @@ def register(ctx: Context) -> None:
                 )
             }
         else:
-            await dead.send(event, f"unexpected {name} record on the bids topic")
+            await self.dead.send(event, f"unexpected {name} record on the bids topic")
             return
-        if all_answered(state) and confirmed(lead_id):
-            await close(lead_id, state, "all_answered", handoff=event is None)
+        if self.all_answered(state) and self.confirmed(lead_id):
+            await self.close(lead_id, state, "all_answered", handoff=event is None)
             return
         table[lead_id] = state
         if state["open"] is not None:
-            open_index[lead_id] = state["open"]["deadline_at_ms"]
-            arm(lead_id, state["open"]["deadline_at_ms"])
+            self.open_index[lead_id] = state["open"]["deadline_at_ms"]
+            self.arm(lead_id, state["open"]["deadline_at_ms"])
 
-    def confirmed(lead_id: str) -> bool:
+    def confirmed(self, lead_id: str) -> bool:
         """Whether this worker may close now: its group membership is confirmed (a worker
         cut off from the group may have lost the lead's partition without knowing it). Not
         closed now, the auction stays open; the sweep's close marker tries again."""
-        if member_confirmed(app):
+        if self.member_confirmed():
             return True
-        hold_unconfirmed(app, f"the close of lead {lead_id}'s auction")
+        self.hold_unconfirmed(f"the close of lead {lead_id}'s auction")
         return False
 
-    # The agent and the ping stage's local hand-off (below) change auctions one at a time.
-    lock = asyncio.Lock()
-    bids_topic_name = bids_topic.get_topic_name()
-
-    def owns(lead_id: str) -> bool:
+    def owns(self, lead_id: str) -> bool:
         """Whether this worker is, right now and not mid-rebalance, the owner of the lead's
         auction (its partition of the bids topic, hence of the ``auctions`` table)."""
-        if app.rebalancing or getattr(app, "in_recovery", False) or not member_confirmed(app):
+        if self.rebalancing() or self.in_recovery() or not self.member_confirmed():
             return False
-        return assigned_here(
-            app, bids_topic_name, lead_partition(lead_id, settings.kafka.partitions)
-        )
+        return self.assigned_here(self.partition(lead_id))
 
-    async def apply_local(records: list[tuple[str, dict[str, Any]]]) -> bool:
+    async def apply_local(self, records: list[tuple[str, dict[str, Any]]]) -> bool:
         """Apply a finished ping round's records (``AuctionOpen`` first, then every answer),
         already acknowledged by Kafka, to the auction now instead of when they come back from
         the bids topic: the round's last answer then closes the auction without a Kafka
@@ -356,14 +408,14 @@ def register(ctx: Context) -> None:
         arrive through the topic and are ignored there like any redelivery (a closed
         auction ignores its events; answers are keyed by ping_id). Returns whether applied."""
         lead_id = records[0][1]["lead_id"]
-        if not owns(lead_id):
+        if not self.owns(lead_id):
             return False
-        async with lock:
-            if not owns(lead_id):
+        async with self.lock:
+            if not self.owns(lead_id):
                 return False
             try:
                 for name, rec in records:
-                    await handle(name, rec, None)
+                    await self.handle(name, rec, None)
             except asyncio.CancelledError:
                 raise
             except Exception:  # the bids topic delivers the same records: the agent retries
@@ -375,9 +427,7 @@ def register(ctx: Context) -> None:
                 return False
         return True
 
-    ctx.apply_round = apply_local
-
-    async def mark_open(rec: dict[str, Any]) -> bool:
+    async def mark_open(self, rec: dict[str, Any]) -> bool:
         """Record a ping round's ``AuctionOpen`` in the table (and its changelog) before any
         ping leaves. A ping request redelivered after a crash then finds its auction in the
         recovered table and pings nobody again: the round's answers come from the bids
@@ -390,110 +440,172 @@ def register(ctx: Context) -> None:
         once its partition's active tables are recovered. Returns False when the auction
         exists already (do not ping)."""
         lead_id = rec["lead_id"]
-        async with lock:
-            if app.rebalancing:
+        async with self.lock:
+            if self.rebalancing():
                 raise Requeue(f"lead {lead_id}: ping round during a rebalance")
-            if not member_confirmed(app):
+            if not self.member_confirmed():
                 raise Requeue(f"lead {lead_id}: this worker's group membership is not confirmed")
-            if not assigned_here(
-                app, bids_topic_name, lead_partition(lead_id, settings.kafka.partitions)
-            ):
+            if not self.assigned_here(self.partition(lead_id)):
                 raise Requeue(f"lead {lead_id}: this worker does not own its auction")
-            state = table.get(lead_id)
+            state = self.table.get(lead_id)
             if (
-                lead_id in closing
+                lead_id in self.closing
                 or state is not None
                 and (state.get("open") is not None or state.get("closed_at_ms") is not None)
             ):
                 return False
             if state is None:
-                state = {"open": None, "answers": {}, "closed_at_ms": None, "seen_ms": now_ms()}
+                state = {
+                    "open": None,
+                    "answers": {},
+                    "closed_at_ms": None,
+                    "seen_ms": self.now_ms(),
+                }
             state["open"] = rec
             # Not waited for: in the demo the changelog's acknowledgement took 20-100 ms at
             # the median under load (500 ms at p99), and waiting for it before pinging
             # halved throughput. The record is ordered before every later change of the
             # key (one producer buffer) and on Kafka within ms: only a crash inside those ms
             # can still ping a round's buyers twice.
-            durable_set(table, lead_id, state, lead_partition(lead_id, settings.kafka.partitions))
-            open_index[lead_id] = rec["deadline_at_ms"]
-            arm(lead_id, rec["deadline_at_ms"])
+            self.durable_set(self.table, lead_id, state, self.partition(lead_id))
+            self.open_index[lead_id] = rec["deadline_at_ms"]
+            self.arm(lead_id, rec["deadline_at_ms"])
         return True
 
-    ctx.mark_open = mark_open
-
-    @app.agent(bids_topic, name="auction", concurrency=1)
-    async def auction_agent(stream: Any) -> None:
+    async def consume(self, stream: Any) -> None:
+        """The body of the ``auction`` agent on the bids topic."""
         async for event in stream.events():
             try:
                 name, rec = schemas.decode(event.value)
             except schemas.SchemaError as exc:
-                await dead.send(event, f"undecodable bids-topic record: {exc}")
+                await self.dead.send(event, f"undecodable bids-topic record: {exc}")
                 continue
-            async with lock:
-                await dead.guarded(event, partial(handle, name, rec, event), "auction")
+            async with self.lock:
+                await self.dead.guarded(event, partial(self.handle, name, rec, event), "auction")
 
-    def rebuild_indexes() -> None:
-        open_index.clear()
-        purge_queue.clear()
+    def rebuild_indexes(self) -> None:
+        self.open_index.clear()
+        self.purge_queue.clear()
         pending = []
-        for lead_id, state in list(table.items()):
+        for lead_id, state in list(self.table.items()):
             if state is None:
                 continue
-            if state.get("order") is not None and lead_id not in closing:
-                unsent[lead_id] = 0  # closed before a crash or move; its order may be unsent
+            if state.get("order") is not None and lead_id not in self.closing:
+                self.unsent[lead_id] = 0  # closed before a crash or move; its order may be unsent
             if state.get("closed_at_ms") is None and state.get("open") is not None:
-                open_index[lead_id] = state["open"]["deadline_at_ms"]
+                self.open_index[lead_id] = state["open"]["deadline_at_ms"]
             else:
                 pending.append((state.get("closed_at_ms") or state.get("seen_ms", 0), lead_id))
-        purge_queue.extend(sorted(pending))
+        self.purge_queue.extend(sorted(pending))
 
-    def log_closes() -> None:
+    def log_closes(self) -> None:
+        closes = self.closes
         total = closes["handoff"] + closes["topic"]
-        if total != logged[0]:
-            logged[0] = total
+        if total != self.logged:
+            self.logged = total
             log.info(
                 "auctions closed since start: %d (%d on the ping round's hand-off, %d from "
                 "the bids topic); %d open",
                 total,
                 closes["handoff"],
                 closes["topic"],
-                len(open_index),
+                len(self.open_index),
             )
+
+    async def stats(self) -> None:
+        self.log_closes()
+
+    async def final_stats(self) -> None:
+        self.log_closes()
+
+    async def sweep(self) -> None:
+        """Re-arm timers after recovery/rebalance and purge old closed auctions."""
+        if self.rescan:
+            self.rescan = False
+            self.rebuild_indexes()
+        now = self.now_ms()
+        for lead_id, failed_at in list(self.unsent.items()):
+            if now - failed_at < 1000 or lead_id in self.closing:
+                continue
+            del self.unsent[lead_id]
+            state = self.table.get(lead_id)
+            if state is not None and state.get("order") is not None:
+                self.send_order(lead_id, state, None)
+        for lead_id, deadline in list(self.open_index.items()):
+            if lead_id in self.timers or now - self.markers_sent.get(lead_id, 0) < 2000:
+                continue  # armed, or a marker is on its way (under lag: don't pile them up)
+            self.arm(lead_id, deadline, "deadline" if deadline > now else "recovery")
+        while self.purge_queue and now - self.purge_queue[0][0] > self.retention_ms:
+            _, lead_id = self.purge_queue.popleft()
+            state = self.table.get(lead_id)
+            if state is None or lead_id in self.open_index or lead_id in self.purges_sent:
+                continue
+            self.purges_sent.add(lead_id)
+            self.send_marker(lead_id, "purge")
+
+
+def register(ctx: Context) -> None:
+    """Build the stage from ``ctx``, bind Faust's agent, timers and recovery callback to its
+    methods, and fill the ports it offers (the table, the round hand-off, the open marker)."""
+    app, settings = ctx.app, ctx.settings
+    bids_topic, posts_topic = ctx.topic("bids"), ctx.topic("posts")
+    dead = DeadLetters(ctx.topic("deadletter"), "auction")
+    table = app.Table(
+        "auctions",
+        default=None,
+        partitions=settings.kafka.partitions,
+        key_type=str,
+        value_type=None,
+    )
+    bids_topic_name = bids_topic.get_topic_name()
+
+    def active_partitions() -> set[int]:
+        return {
+            tp.partition
+            for tp in app.assignor.assigned_actives()
+            if tp.topic == bids_topic.get_topic_name()
+        }
+
+    stage = AuctionStage(
+        settings,
+        table,
+        bids=bids_topic,
+        posts=posts_topic,
+        dead=dead,
+        postings_table=lambda: ctx.postings_table,
+        purge_with_auction=lambda: ctx.purge_with_auction,
+        ranking=partial(ranking_inputs, ctx),
+        member_confirmed=partial(agents.member_confirmed, app),
+        hold_unconfirmed=partial(agents.hold_unconfirmed, app),
+        rebalancing=lambda: bool(app.rebalancing),
+        in_recovery=lambda: bool(getattr(app, "in_recovery", False)),
+        assigned_here=partial(agents.assigned_here, app, bids_topic_name),
+        active_partitions=active_partitions,
+    )
+    ctx.auctions_table = table
+
+    @table.on_recover
+    async def _recovered() -> None:
+        await stage.recovered()
+
+    ctx.closers.append(stage.drain_closing)
+    ctx.apply_round = stage.apply_local
+    ctx.mark_open = stage.mark_open
+
+    @app.agent(bids_topic, name="auction", concurrency=1)
+    async def auction_agent(stream: Any) -> None:
+        await stage.consume(stream)
 
     @timer(app, 10.0, name="auction-stats")
     async def stats() -> None:
-        log_closes()
+        await stage.stats()
 
-    async def final_stats() -> None:
-        log_closes()
-
-    ctx.closers.append(final_stats)
+    ctx.closers.append(stage.final_stats)
 
     @timer(app, 0.5, name="auction-sweep")
     async def sweep() -> None:
         """Re-arm timers after recovery/rebalance and purge old closed auctions."""
-        if rescan[0]:
-            rescan[0] = False
-            rebuild_indexes()
-        now = now_ms()
-        for lead_id, failed_at in list(unsent.items()):
-            if now - failed_at < 1000 or lead_id in closing:
-                continue
-            del unsent[lead_id]
-            state = table.get(lead_id)
-            if state is not None and state.get("order") is not None:
-                send_order(lead_id, state, None)
-        for lead_id, deadline in list(open_index.items()):
-            if lead_id in timers or now - markers_sent.get(lead_id, 0) < 2000:
-                continue  # armed, or a marker is on its way (under lag: don't pile them up)
-            arm(lead_id, deadline, "deadline" if deadline > now else "recovery")
-        while purge_queue and now - purge_queue[0][0] > retention_ms:
-            _, lead_id = purge_queue.popleft()
-            state = table.get(lead_id)
-            if state is None or lead_id in open_index or lead_id in purges_sent:
-                continue
-            purges_sent.add(lead_id)
-            send_marker(lead_id, "purge")
+        await stage.sweep()
 
 
 def lead_partition(lead_id: str, partitions: int) -> int:
