@@ -19,12 +19,13 @@ import asyncio
 import copy
 import logging
 import time
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import schemas
 from streams import rules
-from streams.context import Context, ranking_inputs
+from streams.context import CapReservations, Context, ranking_inputs
 from streams.rules.auction import decide
 from streams.rules.pinging import MIN_WAVE_MS, ping_id_for
 from streams.rules.posting import next_batch, post_body, post_id_for, unsold_reason
@@ -44,8 +45,12 @@ from streams.runtime.agents import (
     timer,
 )
 from streams.runtime.fanout import ping_buyer, plan_for
+from streams.settings import BuyerConfig, FlowConfig, Settings
 
-__all__ = ["register"]
+if TYPE_CHECKING:
+    from connectors.buyers import BuyerClient
+
+__all__ = ["PostStage", "register"]
 
 log = logging.getLogger(__name__)
 
@@ -63,61 +68,120 @@ RECONCILE_DELAYS_S = (1.0, 2.0, 4.0, 8.0, 15.0)
 FENCE_WAIT_S = 5.0
 
 
-def register(ctx: Context) -> None:
-    app, settings = ctx.app, ctx.settings
-    parts = settings.kafka.partitions
-    deliveries, results = ctx.topic("deliveries"), ctx.topic("results")
-    dead = DeadLetters(ctx.topic("deadletter"), "post", settings)
-    inflight = InFlight("post", settings.worker.max_inflight, dead)
-    pii_table = app.Table("pii", default=None, partitions=parts, key_type=str, value_type=None)
-    postings = app.Table("postings", default=None, partitions=parts, key_type=str, value_type=None)
-    ctx.purge_with_auction.extend([pii_table, postings])
-    ctx.postings_table = postings
-    waiters: dict[str, asyncio.Event] = {}
-    lead_locks = KeyedLocks()
+class Send(Protocol):
+    """A topic's ``send``: the record's key and value; returns the Kafka acknowledgement."""
 
-    async def drain() -> None:
-        await inflight.drain(timeout=10.0)
+    def __call__(self, *, key: bytes, value: bytes) -> Awaitable[Any]: ...
 
-    ctx.closers.append(drain)
 
-    @app.agent(ctx.topic("lead_pii"), name="pii", concurrency=1)
-    async def pii_agent(stream: Any) -> None:
+#: ``plan_for`` of this worker: the buyers to ping for a request at a time, and the filtered.
+Plan = Callable[[dict[str, Any], int], tuple[list[BuyerConfig], list[tuple[BuyerConfig, str]]]]
+
+
+class PostStage:
+    """The post stage's state and handlers: the waterfall of each ``PostOrder``
+    (``run_order``), the PII it posts (``pii_agent``, ``wait_pii``), the reconciliation of
+    timed-out posts (``reconcile_due``, ``reconcile_lead``) and the cap reservations.
+
+    Every dependency is given: the ``pii`` and ``postings`` tables (Faust tables in a worker,
+    dicts in unit tests), the send functions of the deliveries and results topics, the buyer
+    client, the cap owners (``caps``: read when an order is handled, the caps stage fills
+    its port after this one registers), the ping plan and fan-out for the backup waves, the
+    membership fence (``confirmed``, ``hold``), ``rebalancing``, the producer's ``flush``,
+    ``durable_set``/``durable_pop`` (a table write and the ack of its changelog record),
+    ``rows`` (the postings entries of this worker, for the reconcile timer) and the clock.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        pii: MutableMapping[str, Any],
+        postings: MutableMapping[str, Any],
+        send_delivery: Send,
+        send_result: Send,
+        buyers: Callable[[], BuyerClient],
+        caps: Callable[[], CapReservations | None],
+        dead: DeadLetters,
+        inflight: InFlight,
+        plan: Plan,
+        ping: Callable[..., Awaitable[dict[str, Any]]],
+        ranking: Callable[[FlowConfig], dict[str, Any]],
+        confirmed: Callable[[], bool],
+        hold: Callable[[str], None],
+        rebalancing: Callable[[], bool],
+        flush: Callable[[], Awaitable[Any]],
+        durable_set: Callable[[Any, str, Any, int], Any] = durable_set,
+        durable_pop: Callable[[Any, str, int], Any] = durable_pop,
+        rows: Callable[[], Iterable[tuple[str, Any]]] | None = None,
+        clock: Callable[[], int] = now_ms,
+    ) -> None:
+        self._settings = settings
+        self._parts = settings.kafka.partitions
+        self._pii = pii
+        self._postings = postings
+        self._send_delivery = send_delivery
+        self._send_result = send_result
+        self._buyers = buyers
+        self._caps = caps
+        self._dead = dead
+        self._inflight = inflight
+        self._plan = plan
+        self._ping = ping
+        self._ranking = ranking
+        self._confirmed = confirmed
+        self._hold = hold
+        self._rebalancing = rebalancing
+        self._flush = flush
+        self._durable_set = durable_set
+        self._durable_pop = durable_pop
+        self._rows = rows if rows is not None else postings.items
+        self._now = clock
+        self._waiters: dict[str, asyncio.Event] = {}
+        self._lead_locks = KeyedLocks()
+        #: Leads whose timed-out posts this worker is asking again right now.
+        self._reconciling: dict[str, asyncio.Task[None]] = {}
+
+    async def drain(self) -> None:
+        await self._inflight.drain(timeout=10.0)
+
+    async def pii_agent(self, stream: Any) -> None:
         async for event in stream.events():
             try:
                 rec = schemas.decode_as("LeadPii", event.value)
             except schemas.SchemaError as exc:
-                await dead.send(event, f"undecodable PII record: {exc}")
+                await self._dead.send(event, f"undecodable PII record: {exc}")
                 continue
-            done = postings.get(rec["lead_id"])
+            done = self._postings.get(rec["lead_id"])
             if done is not None and done.get("result") is not None:
                 continue  # replayed after the lead settled: do not resurrect its PII
 
             async def store(rec: dict[str, Any] = rec) -> None:
-                pii_table[rec["lead_id"]] = {
+                self._pii[rec["lead_id"]] = {
                     "fields": rec["fields"],
                     "expires_at_ms": rec["expires_at_ms"],
                 }
 
-            if not await dead.guarded(event, store, "pii"):
+            if not await self._dead.guarded(event, store, "pii"):
                 continue
-            w = waiters.pop(rec["lead_id"], None)
+            w = self._waiters.pop(rec["lead_id"], None)
             if w is not None:
                 w.set()
 
-    async def wait_pii(lead_id: str, timeout_s: float) -> dict[str, Any] | None:
-        got: dict[str, Any] | None = pii_table.get(lead_id)
+    async def wait_pii(self, lead_id: str, timeout_s: float) -> dict[str, Any] | None:
+        got: dict[str, Any] | None = self._pii.get(lead_id)
         if got is not None:
             return got
-        ev = waiters.setdefault(lead_id, asyncio.Event())
+        ev = self._waiters.setdefault(lead_id, asyncio.Event())
         try:
             await asyncio.wait_for(ev.wait(), timeout_s)
         except TimeoutError:
-            waiters.pop(lead_id, None)
-        late: dict[str, Any] | None = pii_table.get(lead_id)
+            self._waiters.pop(lead_id, None)
+        late: dict[str, Any] | None = self._pii.get(lead_id)
         return late
 
     async def emit_delivery(
+        self,
         order: dict[str, Any],
         cand: dict[str, Any],
         attempt: int,
@@ -140,7 +204,7 @@ def register(ctx: Context) -> None:
         were never recorded in two short chaos runs, a broker outage ending just before a
         kill -9.) ``durable=False`` is for skipped candidates: no buyer was asked."""
         post_id = post_id_for(order["lead_id"], cand["buyer_id"])
-        ack = await deliveries.send(
+        ack = await self._send_delivery(
             key=order["lead_id"].encode(),
             value=schemas.encode(
                 "Delivery",
@@ -167,14 +231,19 @@ def register(ctx: Context) -> None:
             await ack
 
     async def settle(
-        order: dict[str, Any], state: dict[str, Any], reason: str, *, keep_settled_at: bool = False
+        self,
+        order: dict[str, Any],
+        state: dict[str, Any],
+        reason: str,
+        *,
+        keep_settled_at: bool = False,
     ) -> None:
         sold = list({s["buyer_id"]: s for s in state["sold"]}.values())
         if not sold:
             outcome = "unsold"
         else:
             outcome = "sold_exclusive" if state["mode"] == "exclusive" else "sold_shared"
-        settled = now_ms()
+        settled = self._now()
         if keep_settled_at and state.get("result") is not None:
             settled = state["result"]["settled_at_ms"]  # a correction of the same outcome
         result = {
@@ -198,17 +267,17 @@ def register(ctx: Context) -> None:
             "post_attempts": state["n"],
         }
         state["result"] = result
-        part = key_partition(order["lead_id"], parts)
-        durable_set(postings, order["lead_id"], state, part)
-        await results.send(
+        part = key_partition(order["lead_id"], self._parts)
+        self._durable_set(self._postings, order["lead_id"], state, part)
+        await self._send_result(
             key=order["lead_id"].encode(), value=schemas.encode("AuctionResult", result)
         )
         if not state.get("reconcile"):
             # PII is not kept past the sale (nor past a reconciliation: see reconcile_lead).
-            durable_pop(pii_table, order["lead_id"], part)
+            self._durable_pop(self._pii, order["lead_id"], part)
 
     async def ping_later_waves(
-        order: dict[str, Any], flow: Any, give_up_at: int
+        self, order: dict[str, Any], flow: Any, give_up_at: int
     ) -> list[dict[str, Any]]:
         """Ping, wave by wave, the waves after the last one the auction pinged; return the
         first wave's acceptable bids, ranked (empty: none). Their outcomes replace the
@@ -217,23 +286,23 @@ def register(ctx: Context) -> None:
         waves = flow.waves
         asked = {c["buyer_id"] for c in order["candidates"]}
         last = max((rules.wave_of(c["tier"], waves) or 0) for c in order["candidates"])
-        targets, _ = plan_for(ctx, order, now_ms())
+        targets, _ = self._plan(order, self._now())
         for i, wave in enumerate(waves):
             if i <= last:
                 continue
             members = [
                 b for b in targets if rules.wave_of(b.tier, waves) == i and b.id not in asked
             ]
-            now = now_ms()
+            now = self._now()
             if not members:
                 continue
             if give_up_at - now < MIN_WAVE_MS:
                 break
             stop = min(give_up_at, now + wave.timeout_ms)
-            known = (pii_table.get(order["lead_id"]) or {}).get("fields")
+            known = (self._pii.get(order["lead_id"]) or {}).get("fields")
             outcomes = await asyncio.gather(
                 *(
-                    ping_buyer(ctx, order, b, ping_id_for(order["lead_id"], b.id), stop, pii=known)
+                    self._ping(order, b, ping_id_for(order["lead_id"], b.id), stop, pii=known)
                     for b in members
                 )
             )
@@ -242,9 +311,9 @@ def register(ctx: Context) -> None:
                 order["ping_fields"],
                 flow.strategy,
                 order["created_at_ms"],
-                now_ms(),
+                self._now(),
                 flow=flow,
-                **ranking_inputs(ctx, flow),
+                **self._ranking(flow),
             )
             if d.candidates:
                 log.info(
@@ -257,6 +326,7 @@ def register(ctx: Context) -> None:
         return []
 
     async def reserve_slots(
+        self,
         order: dict[str, Any],
         batch: list[dict[str, Any]],
         exclusive: bool,
@@ -269,16 +339,16 @@ def register(ctx: Context) -> None:
         a rebalance the owners cannot answer: the order is requeued at the end of its
         partition (``Requeue``) before anything of this batch is recorded, instead of
         holding the rebalance up until the decision times out."""
-        client = ctx.caps
+        client = self._caps()
         if client is None:
             return batch
-        capped = [c for c in batch if settings.buyer(c["buyer_id"]).caps is not None]
+        capped = [c for c in batch if self._settings.buyer(c["buyer_id"]).caps is not None]
         if not capped:
             return batch
         # Its own short bound, never the whole window: a slot not granted in time is denied
         # (a slow or dead cap owner costs this buyer the lead, not the lead its window).
         bound_ms = min(
-            flow.cap_decision_timeout_ms, give_up_at - now_ms() - flow.min_post_budget_ms
+            flow.cap_decision_timeout_ms, give_up_at - self._now() - flow.min_post_budget_ms
         )
         answers = await asyncio.gather(
             *(
@@ -286,7 +356,7 @@ def register(ctx: Context) -> None:
                     c["buyer_id"],
                     order["lead_id"],
                     c["price"],
-                    rebalancing=lambda: bool(app.rebalancing),
+                    rebalancing=self._rebalancing,
                     timeout_s=max(0.0, bound_ms / 1000.0),
                 )
                 for c in capped
@@ -305,7 +375,7 @@ def register(ctx: Context) -> None:
             keep.remove(cand)
             state["attempts"][cand["buyer_id"]] = {"status": "skipped", "attempt": 0}
             state.setdefault("cap_skips", []).append(f"{cand['buyer_id']}: {why}")
-            await emit_delivery(
+            await self.emit_delivery(
                 order,
                 cand,
                 0,
@@ -313,47 +383,43 @@ def register(ctx: Context) -> None:
                 0.0,
                 f"cap: {why}",
                 None,
-                now_ms(),
+                self._now(),
                 exclusive,
                 durable=False,
             )
         return keep
 
-    async def release_slots(lead_id: str, batch: list[dict[str, Any]]) -> None:
-        client = ctx.caps
+    async def release_slots(self, lead_id: str, batch: list[dict[str, Any]]) -> None:
+        client = self._caps()
         for c in batch:
-            if client is not None and settings.buyer(c["buyer_id"]).caps is not None:
+            if client is not None and self._settings.buyer(c["buyer_id"]).caps is not None:
                 await client.release(c["buyer_id"], lead_id)
 
-    #: Leads whose timed-out posts this worker is asking again right now.
-    reconciling: dict[str, asyncio.Task[None]] = {}
+    def _reconciled(self, lead_id: str, _task: asyncio.Task[None]) -> None:
+        self._reconciling.pop(lead_id, None)
 
-    def reconciled(lead_id: str, _task: asyncio.Task[None]) -> None:
-        reconciling.pop(lead_id, None)
-
-    @timer(app, 1.0, name="post-reconcile")
-    async def reconcile_due() -> None:
+    async def reconcile_due(self) -> None:
         """Ask again, when due, the buyers whose posts timed out on settled leads (the
         ``reconcile`` entry of their ``postings`` state: it survives a crash, the PII is kept
         until it is done, and the lead's next owner carries on)."""
-        now = now_ms()
-        for lead_id, state in list(postings.data.items()):
+        now = self._now()
+        for lead_id, state in list(self._rows()):
             rec = (state or {}).get("reconcile")
-            if not rec or rec["due_ms"] > now or lead_id in reconciling:
+            if not rec or rec["due_ms"] > now or lead_id in self._reconciling:
                 continue
-            task = asyncio.ensure_future(reconcile_lead(lead_id))
-            reconciling[lead_id] = task
-            task.add_done_callback(partial(reconciled, lead_id))
+            task = asyncio.ensure_future(self.reconcile_lead(lead_id))
+            self._reconciling[lead_id] = task
+            task.add_done_callback(partial(self._reconciled, lead_id))
 
-    async def reconcile_lead(lead_id: str) -> None:
+    async def reconcile_lead(self, lead_id: str) -> None:
         """Ask each buyer whose post timed out again, with the same Idempotency-Key (it
         answers as before, CONTRACT §3): an acceptance that came after we gave up is a
         sale, recorded once — its ``posts`` row (same attempt id) becomes ``accepted`` and
         the lead's result is re-emitted with the buyer among the winners; a rejection is
         recorded as such. Buyers still not answering are asked again later
         (``RECONCILE_DELAYS_S``), then given up on."""
-        async with lead_locks.hold(lead_id):
-            state: dict[str, Any] | None = postings.get(lead_id)
+        async with self._lead_locks.hold(lead_id):
+            state: dict[str, Any] | None = self._postings.get(lead_id)
             rec = (state or {}).get("reconcile")
             if state is None or not rec or state.get("result") is None:
                 return
@@ -364,12 +430,12 @@ def register(ctx: Context) -> None:
             state = copy.deepcopy(state)
             rec = state["reconcile"]
             order = rec["order"]
-            pii = pii_table.get(lead_id)
+            pii = self._pii.get(lead_id)
             pending = []
             sold_late = False
             for item in rec["items"]:
                 cand, n, exclusive = item["cand"], item["n"], item["exclusive"]
-                buyer = settings.buyer(cand["buyer_id"])
+                buyer = self._settings.buyer(cand["buyer_id"])
                 post_id = post_id_for(lead_id, buyer.id)
                 if pii is None:
                     log.warning(
@@ -380,7 +446,7 @@ def register(ctx: Context) -> None:
                     continue
                 body = post_body(order, pii["fields"], cand, post_id, exclusive)
                 try:
-                    out = await ctx.buyer_client().post(
+                    out = await self._buyers().post(
                         buyer, body, post_id, buyer.post_timeout_ms / 1000.0
                     )
                 except asyncio.CancelledError:
@@ -405,7 +471,7 @@ def register(ctx: Context) -> None:
                 )
                 # On Kafka before the state that says so (emit_delivery): a failure here
                 # leaves the item to ask again.
-                await emit_delivery(
+                await self.emit_delivery(
                     order,
                     cand,
                     n,
@@ -413,7 +479,7 @@ def register(ctx: Context) -> None:
                     float(out.latency_ms),
                     reason,
                     out.http_status,
-                    now_ms(),
+                    self._now(),
                     exclusive,
                 )
                 state["attempts"][buyer.id] = {"status": out.status, "attempt": n}
@@ -433,7 +499,7 @@ def register(ctx: Context) -> None:
                     **rec,
                     "items": pending,
                     "tries": tries,
-                    "due_ms": now_ms() + int(RECONCILE_DELAYS_S[tries] * 1000),
+                    "due_ms": self._now() + int(RECONCILE_DELAYS_S[tries] * 1000),
                 }
             else:
                 for item in pending:
@@ -446,46 +512,44 @@ def register(ctx: Context) -> None:
                     )
                 state.pop("reconcile", None)
             if sold_late:  # the outcome changed: a corrected result
-                await settle(order, state, state["result"]["reason"], keep_settled_at=True)
+                await self.settle(order, state, state["result"]["reason"], keep_settled_at=True)
                 return
             # Nothing sold: the recorded result stands (re-emitting it on every try only
             # repeated it); the progress is kept, and the PII goes once reconciling ends.
-            part = key_partition(lead_id, parts)
-            durable_set(postings, lead_id, state, part)
+            part = key_partition(lead_id, self._parts)
+            self._durable_set(self._postings, lead_id, state, part)
             if not state.get("reconcile"):
-                durable_pop(pii_table, lead_id, part)
+                self._durable_pop(self._pii, lead_id, part)
 
-    async def drain_reconciling() -> None:
-        if reconciling:
-            await asyncio.wait(list(reconciling.values()), timeout=5.0)
+    async def drain_reconciling(self) -> None:
+        if self._reconciling:
+            await asyncio.wait(list(self._reconciling.values()), timeout=5.0)
 
-    ctx.closers.append(drain_reconciling)
-
-    async def confirmed_or_requeue(lead_id: str, keep: Any) -> None:
+    async def confirmed_or_requeue(self, lead_id: str, keep: Any) -> None:
         """Post only while this worker's group membership is confirmed: a worker cut off
         from the group may have lost the lead's partition, whose new owner runs the same
         waterfall. Waits up to ``FENCE_WAIT_S`` for the proof (a late heartbeat), then hands
         the order back (its progress is in the table) for whoever owns the partition."""
         deadline = time.monotonic() + FENCE_WAIT_S
-        while not member_confirmed(app):
+        while not self._confirmed():
             if time.monotonic() >= deadline:
-                hold_unconfirmed(app, f"the posts of lead {lead_id}")
+                self._hold(f"the posts of lead {lead_id}")
                 keep()
                 raise Requeue(f"lead {lead_id}: this worker's group membership is not confirmed")
             await asyncio.sleep(0.1)
 
-    async def run_order(order: dict[str, Any]) -> None:
+    async def run_order(self, order: dict[str, Any]) -> None:
         # One waterfall per lead at a time: a PostOrder can arrive twice (an auction close
         # retried after a transient error, a redelivery) and two concurrent runs would each
         # walk the bids — an exclusive lead could be accepted by two buyers.
-        async with lead_locks.hold(order["lead_id"]):
-            await run_order_locked(order)
+        async with self._lead_locks.hold(order["lead_id"]):
+            await self.run_order_locked(order)
 
-    async def run_order_locked(order: dict[str, Any]) -> None:
+    async def run_order_locked(self, order: dict[str, Any]) -> None:
         lead_id = order["lead_id"]
-        state = postings.get(lead_id)
+        state = self._postings.get(lead_id)
         if state is not None and state.get("result") is not None:
-            await results.send(
+            await self._send_result(
                 key=lead_id.encode(), value=schemas.encode("AuctionResult", state["result"])
             )
             return
@@ -493,9 +557,9 @@ def register(ctx: Context) -> None:
             state = {"attempts": {}, "sold": [], "mode": None, "n": 0, "result": None}
         if state.get("backup"):  # bids of later waves pinged before a restart
             order = {**order, "candidates": order["candidates"] + state["backup"]}
-        flow = settings.flows.get(order["flow"])
+        flow = self._settings.flows.get(order["flow"])
         if not order["candidates"] or flow is None:
-            await settle(
+            await self.settle(
                 order,
                 state,
                 "no bids"
@@ -505,8 +569,8 @@ def register(ctx: Context) -> None:
                 else "flow not configured",
             )
             return
-        pii = await wait_pii(lead_id, timeout_s=flow.pii_wait_ms / 1000.0)
-        if pii is None and now_ms() - order["closed_at_ms"] < PII_REQUEUE_MS:
+        pii = await self.wait_pii(lead_id, timeout_s=flow.pii_wait_ms / 1000.0)
+        if pii is None and self._now() - order["closed_at_ms"] < PII_REQUEUE_MS:
             # Its lead-pii record is on Kafka (written before the ping request) but this
             # worker has not read it yet: after a crash or rebalance the pii agent catches up
             # on its partitions while the post agent already runs. Hand the order back to
@@ -514,7 +578,7 @@ def register(ctx: Context) -> None:
             # in the chaos bench, a worker killed every 12 s).
             raise Requeue(f"lead {lead_id}: its PII is not here yet")
         if pii is None:
-            await settle(
+            await self.settle(
                 order, state, f"PII unavailable (no lead-pii record within {flow.pii_wait_ms} ms)"
             )
             return
@@ -525,14 +589,14 @@ def register(ctx: Context) -> None:
         # seconds a restart takes came out of the window of every lead it interrupted: a
         # lead whose first buyer rejected just before a kill -9 had nothing left for its
         # next bidder.)
-        resumed_at = now_ms()
+        resumed_at = self._now()
         spent_before = int(state.get("spent_ms", 0))
         give_up_at = resumed_at + flow.post_timeout_ms - spent_before
 
         def keep() -> None:
             """Record the lead's progress (and the window it has used) in the table."""
-            state["spent_ms"] = spent_before + now_ms() - resumed_at
-            postings[lead_id] = state
+            state["spent_ms"] = spent_before + self._now() - resumed_at
+            self._postings[lead_id] = state
 
         min_budget = flow.min_post_budget_ms
         #: Attempts that timed out (ambiguous): asked again after the lead settles.
@@ -540,8 +604,8 @@ def register(ctx: Context) -> None:
         window_cut = False  # the window, not the buyers, ended the waterfall
         pii_values = list(pii["fields"].values())  # buyer text is scrubbed of every form of each
         while True:
-            await confirmed_or_requeue(lead_id, keep)
-            now = now_ms()
+            await self.confirmed_or_requeue(lead_id, keep)
+            now = self._now()
             # An attempt recorded as pending was sent before a crash and its answer was lost:
             # the buyer may have accepted. Resolve it first, with the same post_id (the
             # Idempotency-Key makes the buyer answer as before), whatever the post window.
@@ -571,7 +635,7 @@ def register(ctx: Context) -> None:
                 )
                 for cand, why in skipped:
                     state["attempts"][cand["buyer_id"]] = {"status": "skipped", "attempt": 0}
-                    await emit_delivery(
+                    await self.emit_delivery(
                         order,
                         cand,
                         0,
@@ -594,7 +658,7 @@ def register(ctx: Context) -> None:
                     # Every bidder said no: the waves the auction did not need (an earlier
                     # wave had an acceptable bid) are the brief's backup buyers. Ping them now.
                     # (Wave after wave: if these reject too, the next one is tried.)
-                    backup = await ping_later_waves(order, flow, give_up_at)
+                    backup = await self.ping_later_waves(order, flow, give_up_at)
                     state["backup_done"] = not backup
                     state["backup"] = state.get("backup", []) + backup
                     keep()
@@ -613,13 +677,13 @@ def register(ctx: Context) -> None:
                     break
                 # Capped buyers' slots first: an attempt recorded as pending below always has
                 # its reservation, so resolving it after a crash never needs one.
-                batch = await reserve_slots(
+                batch = await self.reserve_slots(
                     order, batch, mode == "exclusive", state, flow, give_up_at
                 )
                 if not batch:
                     continue
-                if now_ms() + min_budget > give_up_at:  # the reservations took the time
-                    await release_slots(lead_id, batch)
+                if self._now() + min_budget > give_up_at:  # the reservations took the time
+                    await self.release_slots(lead_id, batch)
                     window_cut = True
                     break
                 if not state["sold"]:
@@ -633,7 +697,7 @@ def register(ctx: Context) -> None:
                     }
                 keep()  # record intent before any request leaves
                 # ...and make it durable: a crash after the request left must find it.
-                await app.producer.flush()
+                await self._flush()
 
             async def attempt(
                 cand: dict[str, Any],
@@ -641,19 +705,19 @@ def register(ctx: Context) -> None:
                 resolving: bool = bool(pending),
                 order: dict[str, Any] = order,
             ) -> None:
-                buyer = settings.buyer(cand["buyer_id"])
+                buyer = self._settings.buyer(cand["buyer_id"])
                 post_id = post_id_for(lead_id, buyer.id)
                 # (Its cap slot, if any, was reserved before the attempt was recorded; an
                 # attempt resolved after a crash is counted whatever the cap says now: if the
                 # buyer took the lead, it is sold.)
-                caps_client = ctx.caps if buyer.caps else None
-                sent = now_ms()
+                caps_client = self._caps() if buyer.caps else None
+                sent = self._now()
                 body = post_body(order, pii["fields"], cand, post_id, exclusive)
                 # A timeout is ambiguous (the buyer may have taken the lead): ask again with
                 # the same Idempotency-Key while the window leaves a useful budget; still no
                 # answer, and the slot stays the buyer's until reconcile_lead knows.
                 for ask in range(6):
-                    left = give_up_at - now_ms()
+                    left = give_up_at - self._now()
                     if resolving:
                         budget_ms = buyer.post_timeout_ms
                     elif ask == 0:  # checked just before: at least the minimum budget
@@ -662,12 +726,12 @@ def register(ctx: Context) -> None:
                         budget_ms = min(buyer.post_timeout_ms, left)
                     else:
                         break  # no useful budget for a second ask: reconciled later
-                    out = await ctx.buyer_client().post(buyer, body, post_id, budget_ms / 1000.0)
+                    out = await self._buyers().post(buyer, body, post_id, budget_ms / 1000.0)
                     if out.status != "timeout":
                         break
                 n = state["attempts"][buyer.id]["attempt"]
                 # On Kafka before the state that says so (emit_delivery).
-                await emit_delivery(
+                await self.emit_delivery(
                     order,
                     cand,
                     n,
@@ -705,7 +769,7 @@ def register(ctx: Context) -> None:
                 keep()
                 if not all(is_transient(e) for e in eg.exceptions):
                     # Never leave a lead unsettled: record what was sold so far.
-                    await settle(order, state, f"internal error: {eg.exceptions[0]!r}"[:300])
+                    await self.settle(order, state, f"internal error: {eg.exceptions[0]!r}"[:300])
                 raise eg.exceptions[0] from eg
             keep()
         timed_out = [b for b, a in state["attempts"].items() if a.get("status") == "timeout"]
@@ -732,18 +796,64 @@ def register(ctx: Context) -> None:
                 "order": order,
                 "items": items,
                 "tries": 0,
-                "due_ms": now_ms() + int(RECONCILE_DELAYS_S[0] * 1000),
+                "due_ms": self._now() + int(RECONCILE_DELAYS_S[0] * 1000),
             }
-        await settle(order, state, reason)
+        await self.settle(order, state, reason)
 
-    @app.agent(ctx.topic("posts"), name="post", concurrency=1)
-    async def post_agent(stream: Any) -> None:
+    async def post_agent(self, stream: Any) -> None:
         manual = stream.noack()
         async for event in manual.events():
             try:
                 order = schemas.decode_as("PostOrder", event.value)
             except schemas.SchemaError as exc:
-                await dead.send(event, f"undecodable post order: {exc}")
+                await self._dead.send(event, f"undecodable post order: {exc}")
                 await manual.ack(event)
                 continue
-            await inflight.submit(manual, event, partial(run_order, order))
+            await self._inflight.submit(manual, event, partial(self.run_order, order))
+
+
+def register(ctx: Context) -> None:
+    app, settings = ctx.app, ctx.settings
+    parts = settings.kafka.partitions
+    deliveries, results = ctx.topic("deliveries"), ctx.topic("results")
+    dead = DeadLetters(ctx.topic("deadletter"), "post", settings)
+    inflight = InFlight("post", settings.worker.max_inflight, dead)
+    pii_table = app.Table("pii", default=None, partitions=parts, key_type=str, value_type=None)
+    postings = app.Table("postings", default=None, partitions=parts, key_type=str, value_type=None)
+    ctx.purge_with_auction.extend([pii_table, postings])
+    ctx.postings_table = postings
+    stage = PostStage(
+        settings,
+        pii=pii_table,
+        postings=postings,
+        send_delivery=deliveries.send,
+        send_result=results.send,
+        buyers=ctx.buyer_client,  # created on first use, inside the running loop
+        caps=lambda: ctx.caps,  # filled by the caps stage, registered after this one
+        dead=dead,
+        inflight=inflight,
+        plan=partial(plan_for, ctx),
+        ping=partial(ping_buyer, ctx),
+        ranking=partial(ranking_inputs, ctx),
+        confirmed=lambda: member_confirmed(app),
+        hold=lambda what: hold_unconfirmed(app, what),
+        rebalancing=lambda: bool(app.rebalancing),
+        flush=lambda: app.producer.flush(),
+        rows=lambda: postings.data.items(),
+    )
+
+    ctx.closers.append(stage.drain)
+
+    @app.agent(ctx.topic("lead_pii"), name="pii", concurrency=1)
+    async def pii_agent(stream: Any) -> None:
+        await stage.pii_agent(stream)
+
+    @timer(app, 1.0, name="post-reconcile")
+    async def reconcile_due() -> None:
+        await stage.reconcile_due()
+
+    ctx.closers.append(stage.drain_reconciling)
+
+    @app.agent(ctx.topic("posts"), name="post", concurrency=1)
+    async def post_agent(stream: Any) -> None:
+        await stage.post_agent(stream)
