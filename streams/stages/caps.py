@@ -30,8 +30,10 @@ The ledger itself, pure and JSON-serialisable (it is the table's value), is
 
 from __future__ import annotations
 
+import asyncio
+import copy
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -47,14 +49,18 @@ from streams.rules.caps import (
     release,
     reserve,
 )
+from streams.runtime.agents import DeadLetters, now_ms
 from streams.settings import BuyerCaps
 
 if TYPE_CHECKING:
     from streams.context import Context
 
-__all__ = ["CapClient", "CapView", "register"]
+__all__ = ["CapClient", "CapView", "CapsStage", "register"]
 
 log = logging.getLogger(__name__)
+
+#: A topic's ``send(key=..., value=...)``.
+Send = Callable[..., Awaitable[Any]]
 
 
 # --------------------------------------------------------------------------- the stage
@@ -191,62 +197,57 @@ class CapView:
         )
 
 
-def register(ctx: Context) -> None:
-    """The owner agent (caps topic → ledger table → decisions + states), the decisions agent
-    and the view feed, in every auction worker when any buyer has caps."""
-    settings = ctx.settings
-    capped = {b.id: b.caps for b in settings.buyers if b.caps is not None}
-    floor = int(settings.worker.cap_hold_s * 1000)
-    ttls = {
-        b.id: hold_ttl_ms(b.post_timeout_ms, floor) for b in settings.buyers if b.caps is not None
-    }
-    if not capped:
-        return
-    import asyncio
-    import copy
+class CapsStage:
+    """The cap owner's state and handlers: apply requests to the buyers' ledgers, answer
+    reservations, publish counters, expire dead holds; and every worker's decisions and view
+    feeds.
 
-    from streams.runtime.agents import (
-        DeadLetters,
-        assigned_here,
-        durable_set,
-        key_partition,
-        now_ms,
-        timer,
-    )
-    from streams.runtime.feeds import follow_topic
+    ``capped``: the caps of each capped buyer; ``ttls``: how long a hold of each lives;
+    ``table``: the ``caps`` ledger table (``local()`` its local store, scanned for expired
+    holds); ``durable(buyer_id, ledger)`` sets a ledger and returns its changelog ack
+    (:func:`~streams.runtime.agents.durable_set`); ``owns_buyer(buyer_id)`` whether this
+    worker owns the buyer's ledger right now; ``send_state`` / ``send_decision`` send to the
+    ``cap-state`` and ``cap-decisions`` topics."""
 
-    app = ctx.app
-    requests, decisions, states = (
-        ctx.topic("caps"),
-        ctx.topic("cap_decisions"),
-        ctx.topic("cap_state"),
-    )
-    dead = DeadLetters(ctx.topic("deadletter"), "caps")
-    table = app.Table(
-        "caps", default=None, partitions=settings.kafka.partitions, key_type=str, value_type=None
-    )
-    client = CapClient(requests)
-    view = CapView()
-    ctx.caps = client
-    ctx.cap_counters = view
+    def __init__(
+        self,
+        capped: Mapping[str, BuyerCaps],
+        ttls: Mapping[str, int],
+        *,
+        table: MutableMapping[str, Any],
+        local: Callable[[], Mapping[str, Any]],
+        durable: Callable[[str, Any], Any],
+        owns_buyer: Callable[[str], bool],
+        send_state: Send,
+        send_decision: Send,
+        client: CapClient,
+        view: CapView,
+        dead: DeadLetters,
+        clock: Callable[[], int] = now_ms,
+    ) -> None:
+        self.capped = capped
+        self.ttls = ttls
+        self.table = table
+        self._local = local
+        self._durable = durable
+        self.owns_buyer = owns_buyer
+        self._send_state = send_state
+        self._send_decision = send_decision
+        self.client = client
+        self.view = view
+        self.dead = dead
+        self._clock = clock
+        #: One request at a time per worker, whether it came through the caps topic or in-process.
+        self.lock = asyncio.Lock()
+        #: buyer -> when this worker last asked itself to expire the buyer's holds.
+        self.expiry_sent: dict[str, int] = {}
 
-    caps_topic = requests.get_topic_name()
-    parts = settings.kafka.partitions
-    #: One request at a time per worker, whether it came through the caps topic or in-process.
-    lock = asyncio.Lock()
-
-    def buyer_partition(buyer_id: str) -> int:
-        return key_partition(buyer_id, parts)
-
-    def owns_buyer(buyer_id: str) -> bool:
-        """Whether this worker owns the buyer's ledger right now (not mid-rebalance)."""
-        return not app.rebalancing and assigned_here(app, caps_topic, buyer_partition(buyer_id))
-
-    async def apply(rec: dict[str, Any], local: bool = False) -> tuple[bool, str, Any]:
+    async def apply(self, rec: dict[str, Any], local: bool = False) -> tuple[bool, str, Any]:
         """Apply one request to the buyer's ledger: ``(granted, reason, changelog ack)``.
         From the caps topic (``local`` False) the answer to a reservation goes out as a
         ``CapDecision``; in-process, the caller gets it and waits for the changelog ack."""
-        caps = capped.get(rec["buyer_id"])
+        table, ttls, expiry_sent, now_ms = self.table, self.ttls, self.expiry_sent, self._clock
+        caps = self.capped.get(rec["buyer_id"])
         granted, why, logged = True, "", None
         if caps is not None:
             led = copy.deepcopy(table.get(rec["buyer_id"]) or new_ledger())
@@ -274,11 +275,11 @@ def register(ctx: Context) -> None:
             else:
                 raise ValueError(f"unknown cap request kind {rec['kind']!r}")
             if local:
-                logged = durable_set(table, rec["buyer_id"], led, buyer_partition(rec["buyer_id"]))
+                logged = self._durable(rec["buyer_id"], led)
             else:
                 table[rec["buyer_id"]] = led
             hour, day, c = counters(led, caps, now_ms())
-            await states.send(
+            await self._send_state(
                 key=rec["buyer_id"].encode(),
                 value=schemas.encode(
                     "CapState",
@@ -294,7 +295,7 @@ def register(ctx: Context) -> None:
                 ),
             )
         if rec["kind"] == "reserve" and not local:
-            await decisions.send(
+            await self._send_decision(
                 key=rec["lead_id"].encode(),
                 value=schemas.encode(
                     "CapDecision",
@@ -310,25 +311,26 @@ def register(ctx: Context) -> None:
         return granted, why, logged
 
     async def apply_here(
-        kind: str, buyer_id: str, lead_id: str, price: float
+        self, kind: str, buyer_id: str, lead_id: str, price: float
     ) -> tuple[bool, str] | None:
         """A request applied in-process when this worker owns the buyer's ledger: no round
         trip through two topics (in the demo that trip took ~1.2 s at the median, the
         owner's agent sharing the worker with every other stage). The ledger change is on
         the changelog before the answer is used. None: not the owner right now."""
-        if buyer_id not in capped or not owns_buyer(buyer_id):
+        owns_buyer = self.owns_buyer
+        if buyer_id not in self.capped or not owns_buyer(buyer_id):
             return None
-        async with lock:
+        async with self.lock:
             if not owns_buyer(buyer_id):
                 return None
-            granted, why, logged = await apply(
+            granted, why, logged = await self.apply(
                 {
                     "request_id": f"{kind}:{lead_id}",
                     "kind": kind,
                     "buyer_id": buyer_id,
                     "lead_id": lead_id,
                     "price": float(price),
-                    "at_ms": now_ms(),
+                    "at_ms": self._clock(),
                     "expires_at_ms": None,
                 },
                 local=True,
@@ -337,53 +339,114 @@ def register(ctx: Context) -> None:
             await logged  # a slot granted is durable before the lead is posted on it
         return granted, why
 
-    client.local = apply_here
-
-    @app.agent(requests, name="caps", concurrency=1)
-    async def caps_agent(stream: Any) -> None:
+    async def caps_agent(self, stream: Any) -> None:
+        dead = self.dead
         async for event in stream.events():
             try:
                 rec = schemas.decode_as("CapRequest", event.value)
             except schemas.SchemaError as exc:
                 await dead.send(event, f"undecodable cap request: {exc}")
                 continue
-            async with lock:
-                await dead.guarded(event, partial(apply, rec), "caps")
+            async with self.lock:
+                await dead.guarded(event, partial(self.apply, rec), "caps")
 
-    #: buyer -> when this worker last asked itself to expire the buyer's holds.
-    expiry_sent: dict[str, int] = {}
-
-    @timer(app, 1.0, name="cap-expiry")
-    async def expiry() -> None:
+    async def expiry(self) -> None:
         """Expired reservations release their slots at once: the owner of a ledger holding
         one applies an ``expire`` request in-process (through the caps topic when it cannot,
         mid-rebalance), which drops them and republishes the buyer's counters."""
-        now = now_ms()
-        for buyer_id, led in list(table.data.items()):
+        expiry_sent = self.expiry_sent
+        now = self._clock()
+        for buyer_id, led in list(self._local().items()):
             due = next_expiry(led) if led else None
             if due is None or due > now or now - expiry_sent.get(buyer_id, 0) < 5_000:
                 continue
             expiry_sent[buyer_id] = now
             try:
-                if await apply_here("expire", buyer_id, "", 0.0) is None:
-                    await client.send_request(
+                if await self.apply_here("expire", buyer_id, "", 0.0) is None:
+                    await self.client.send_request(
                         "expire", buyer_id, "", 0.0, f"expire:{buyer_id}:{now}"
                     )
             except Exception as exc:
                 log.warning("could not ask to expire %s's reservations: %s", buyer_id, exc)
 
-    @app.agent(decisions, name="cap-decisions", concurrency=1)
-    async def decisions_agent(stream: Any) -> None:
+    async def decisions_agent(self, stream: Any) -> None:
         async for event in stream.events():
             try:
-                client.decided(schemas.decode_as("CapDecision", event.value))
+                self.client.decided(schemas.decode_as("CapDecision", event.value))
             except schemas.SchemaError as exc:
-                await dead.send(event, f"undecodable cap decision: {exc}")
+                await self.dead.send(event, f"undecodable cap decision: {exc}")
 
-    def on_state(value: bytes) -> None:
+    def on_state(self, value: bytes) -> None:
         try:
-            view.update(schemas.decode_as("CapState", value))
+            self.view.update(schemas.decode_as("CapState", value))
         except schemas.SchemaError:
             pass
 
-    app.service(follow_topic(settings, ctx.names.cap_state, 0, on_state, lambda: None))
+
+def register(ctx: Context) -> None:
+    """The owner agent (caps topic → ledger table → decisions + states), the decisions agent
+    and the view feed, in every auction worker when any buyer has caps."""
+    settings = ctx.settings
+    capped = {b.id: b.caps for b in settings.buyers if b.caps is not None}
+    floor = int(settings.worker.cap_hold_s * 1000)
+    ttls = {
+        b.id: hold_ttl_ms(b.post_timeout_ms, floor) for b in settings.buyers if b.caps is not None
+    }
+    if not capped:
+        return
+    from streams.runtime.agents import assigned_here, durable_set, key_partition, timer
+    from streams.runtime.feeds import follow_topic
+
+    app = ctx.app
+    requests, decisions, states = (
+        ctx.topic("caps"),
+        ctx.topic("cap_decisions"),
+        ctx.topic("cap_state"),
+    )
+    dead = DeadLetters(ctx.topic("deadletter"), "caps")
+    table = app.Table(
+        "caps", default=None, partitions=settings.kafka.partitions, key_type=str, value_type=None
+    )
+    client = CapClient(requests)
+    view = CapView()
+    ctx.caps = client
+    ctx.cap_counters = view
+
+    caps_topic = requests.get_topic_name()
+    parts = settings.kafka.partitions
+
+    def buyer_partition(buyer_id: str) -> int:
+        return key_partition(buyer_id, parts)
+
+    def owns_buyer(buyer_id: str) -> bool:
+        """Whether this worker owns the buyer's ledger right now (not mid-rebalance)."""
+        return not app.rebalancing and assigned_here(app, caps_topic, buyer_partition(buyer_id))
+
+    stage = CapsStage(
+        capped,
+        ttls,
+        table=table,
+        local=lambda: table.data,
+        durable=lambda buyer_id, led: durable_set(table, buyer_id, led, buyer_partition(buyer_id)),
+        owns_buyer=owns_buyer,
+        send_state=states.send,
+        send_decision=decisions.send,
+        client=client,
+        view=view,
+        dead=dead,
+    )
+    client.local = stage.apply_here
+
+    @app.agent(requests, name="caps", concurrency=1)
+    async def caps_agent(stream: Any) -> None:
+        await stage.caps_agent(stream)
+
+    @timer(app, 1.0, name="cap-expiry")
+    async def expiry() -> None:
+        await stage.expiry()
+
+    @app.agent(decisions, name="cap-decisions", concurrency=1)
+    async def decisions_agent(stream: Any) -> None:
+        await stage.decisions_agent(stream)
+
+    app.service(follow_topic(settings, ctx.names.cap_state, 0, stage.on_state, lambda: None))

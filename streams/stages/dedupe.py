@@ -27,66 +27,79 @@ A redelivered lead (same lead_id) is never a duplicate of itself.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
+import schemas
 from streams.rules.dedupe import decide
+from streams.runtime.agents import DeadLetters, now_ms
+from streams.settings import DuplicatesConfig
 
 if TYPE_CHECKING:
-    from streams.context import Context
+    from streams.context import Context, ProgressPort
 
-__all__ = ["register"]
+__all__ = ["DedupeStage", "register"]
 
 log = logging.getLogger(__name__)
 
+#: A topic's ``send(key=..., value=...)``.
+Send = Callable[..., Awaitable[Any]]
 
-def register(ctx: Context) -> None:
-    """The dedupe agent (dedupe topic → identities table → ping-requests or a result) and the
-    sold-leads feed, in every auction worker when any flow checks duplicates."""
-    settings = ctx.settings
-    flows = {n: f.duplicates for n, f in settings.flows.items() if f.duplicates is not None}
-    if not flows:
-        return
-    import schemas
-    from streams.runtime.agents import DeadLetters, now_ms, timer
-    from streams.runtime.feeds import follow_topic
-    from streams.runtime.progress import tracker
 
-    app = ctx.app
-    requests, results = ctx.topic("ping_requests"), ctx.topic("results")
-    dead = DeadLetters(ctx.topic("deadletter"), "dedupe")
-    progress = tracker(ctx)
-    table = app.Table(
-        "identities",
-        default=None,
-        partitions=settings.kafka.partitions,
-        key_type=str,
-        value_type=None,
-    )
-    longest_ms = int(max(c.window_s for c in flows.values()) * 1000)
-    sold: dict[str, list[str]] = {}  # settled lead -> winners (every worker, all partitions)
-    sold_at: list[tuple[int, str]] = []
+class DedupeStage:
+    """The dedupe stage's state and handlers: one owner decides, per identity, whether a lead
+    is a duplicate.
 
-    async def handle(req: dict[str, Any]) -> None:
-        cfg = flows.get(req["flow"])
+    ``flows`` are the duplicate checks by flow; ``table`` is the ``identities`` table;
+    ``send_request`` and ``send_result`` send to the ``ping-requests`` and ``results``
+    topics; ``sold`` (settled lead -> winners) is fed by :meth:`on_result`."""
+
+    def __init__(
+        self,
+        flows: Mapping[str, DuplicatesConfig],
+        *,
+        table: MutableMapping[str, Any],
+        send_request: Send,
+        send_result: Send,
+        dead: DeadLetters,
+        progress: ProgressPort,
+        clock: Callable[[], int] = now_ms,
+    ) -> None:
+        self.flows = flows
+        self.table = table
+        self._send_request = send_request
+        self._send_result = send_result
+        self.dead = dead
+        self.progress = progress
+        self._clock = clock
+        self.longest_ms = int(max(c.window_s for c in flows.values()) * 1000)
+        self.sold: dict[
+            str, list[str]
+        ] = {}  # settled lead -> winners (every worker, all partitions)
+        self.sold_at: list[tuple[int, str]] = []
+
+    async def handle(self, req: dict[str, Any]) -> None:
+        requests_send, table = self._send_request, self.table
+        cfg = self.flows.get(req["flow"])
         identity = req.get("identity")
         if cfg is None or identity is None:
-            await requests.send(
+            await requests_send(
                 key=req["lead_id"].encode(), value=schemas.encode("PingRequest", req)
             )
             return
         verdict, entry, why, skip = decide(
-            table.get(identity), req["lead_id"], req["received_at_ms"], cfg, sold
+            table.get(identity), req["lead_id"], req["received_at_ms"], cfg, self.sold
         )
         table[identity] = entry
         if verdict == "pass":
-            await requests.send(
+            await requests_send(
                 key=req["lead_id"].encode(),
                 value=schemas.encode("PingRequest", {**req, "skip_buyers": skip}),
             )
             return
-        at = now_ms()
-        await results.send(
+        at = self._clock()
+        await self._send_result(
             key=req["lead_id"].encode(),
             value=schemas.encode(
                 "AuctionResult",
@@ -113,8 +126,8 @@ def register(ctx: Context) -> None:
             ),
         )
 
-    @app.agent(ctx.topic("dedupe"), name="dedupe", concurrency=1)
-    async def dedupe_agent(stream: Any) -> None:
+    async def agent(self, stream: Any) -> None:
+        dead, progress = self.dead, self.progress
         async for event in stream.events():
             msg = event.message
             progress.took("dedupe", msg.topic, msg.partition, msg.offset)
@@ -123,27 +136,70 @@ def register(ctx: Context) -> None:
             except schemas.SchemaError as exc:
                 await dead.send(event, f"undecodable ping request: {exc}")
                 continue
-            await dead.guarded(event, partial(handle, req), "dedupe")
+            await dead.guarded(event, partial(self.handle, req), "dedupe")
 
-    @timer(app, 60.0, name="dedupe-purge")
-    async def purge() -> None:
+    async def purge(self) -> None:
         """Forget identities whose leads all left the window (local partitions only)."""
-        now = now_ms()
+        table, longest_ms, sold, sold_at = self.table, self.longest_ms, self.sold, self.sold_at
+        now = self._clock()
         for identity, entry in list(table.items()):
             if entry is None or all(now - x[1] > longest_ms for x in entry.get("leads", [])):
                 table.pop(identity, None)
         while sold_at and now - sold_at[0][0] > longest_ms:
             sold.pop(sold_at.pop(0)[1], None)
 
-    def on_result(value: bytes) -> None:
+    def on_result(self, value: bytes) -> None:
         try:
             r = schemas.decode_as("AuctionResult", value)
         except schemas.SchemaError:
             return
-        if r["flow"] in flows and r["lead_id"] not in sold:
-            sold[r["lead_id"]] = list(r["winners"])
-            sold_at.append((r["settled_at_ms"], r["lead_id"]))
+        if r["flow"] in self.flows and r["lead_id"] not in self.sold:
+            self.sold[r["lead_id"]] = list(r["winners"])
+            self.sold_at.append((r["settled_at_ms"], r["lead_id"]))
+
+
+def register(ctx: Context) -> None:
+    """The dedupe agent (dedupe topic → identities table → ping-requests or a result) and the
+    sold-leads feed, in every auction worker when any flow checks duplicates."""
+    settings = ctx.settings
+    flows = {n: f.duplicates for n, f in settings.flows.items() if f.duplicates is not None}
+    if not flows:
+        return
+    from streams.runtime.agents import timer
+    from streams.runtime.feeds import follow_topic
+    from streams.runtime.progress import tracker
+
+    app = ctx.app
+    requests, results = ctx.topic("ping_requests"), ctx.topic("results")
+    dead = DeadLetters(ctx.topic("deadletter"), "dedupe")
+    progress = tracker(ctx)
+    table = app.Table(
+        "identities",
+        default=None,
+        partitions=settings.kafka.partitions,
+        key_type=str,
+        value_type=None,
+    )
+    stage = DedupeStage(
+        flows,
+        table=table,
+        send_request=requests.send,
+        send_result=results.send,
+        dead=dead,
+        progress=progress,
+    )
+
+    @app.agent(ctx.topic("dedupe"), name="dedupe", concurrency=1)
+    async def dedupe_agent(stream: Any) -> None:
+        await stage.agent(stream)
+
+    @timer(app, 60.0, name="dedupe-purge")
+    async def purge() -> None:
+        """Forget identities whose leads all left the window (local partitions only)."""
+        await stage.purge()
 
     app.service(
-        follow_topic(settings, ctx.names.results, now_ms() - longest_ms, on_result, lambda: None)
+        follow_topic(
+            settings, ctx.names.results, now_ms() - stage.longest_ms, stage.on_result, lambda: None
+        )
     )

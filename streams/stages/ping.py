@@ -14,43 +14,86 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Awaitable, Callable, Mapping
 from functools import partial
-from typing import Any
+from typing import Any, Protocol
 
 import schemas
 from streams import rules
-from streams.context import Context
+from streams.context import Context, ProgressPort, Round
 from streams.rules.auction import acceptable
 from streams.rules.pinging import MIN_WAVE_MS, ping_id_for
 from streams.runtime.agents import DeadLetters, InFlight, now_ms
 from streams.runtime.fanout import Sent, bid_record, ping_buyer, plan_for
 from streams.runtime.progress import tracker
-from streams.settings import BuyerConfig
+from streams.settings import BuyerConfig, Settings
 
-__all__ = ["register"]
+__all__ = ["AuctionHandoff", "PingStage", "register"]
 
 log = logging.getLogger(__name__)
 
 
-def register(ctx: Context) -> None:
-    app, settings = ctx.app, ctx.settings
-    bids = ctx.topic("bids")
-    dead = DeadLetters(ctx.topic("deadletter"), "ping")
-    inflight = InFlight("ping", settings.worker.max_inflight, dead)
-    progress = tracker(ctx)  # admission control's view of this stage (streams.rules.admission)
+class AuctionHandoff(Protocol):
+    """The auction's ports the ping stage reads when it handles a request (``Context``): read
+    then, not when the stage is built, since the auction registers after the ping stage."""
 
-    async def drain() -> None:
-        await inflight.drain(timeout=5.0)
+    @property
+    def auctions_table(self) -> Mapping[Any, Any] | None: ...
 
-    ctx.closers.append(drain)
+    @property
+    def apply_round(self) -> Callable[[Round], Awaitable[bool]] | None: ...
 
-    # PINGPOST_HANDOFF=0 turns the hand-off off (to measure what it buys; see docs/numbers.md).
-    handoff = os.environ.get("PINGPOST_HANDOFF", "1") == "1"
+    @property
+    def mark_open(self) -> Callable[[dict[str, Any]], Awaitable[bool]] | None: ...
 
-    async def round_for(req: dict[str, Any]) -> None:
+
+#: ``plan_for`` with this worker's live state: ``(request, at_ms) -> (targets, filtered)``.
+Plan = Callable[[dict[str, Any], int], tuple[list[BuyerConfig], list[tuple[BuyerConfig, str]]]]
+#: ``ping_buyer`` over this worker's buyer client: ``(request, buyer, ping_id, stop_at_ms,
+#: sent) -> Bid record``; it sends the record and appends it to ``sent``.
+PingOne = Callable[[dict[str, Any], BuyerConfig, str, int, Sent], Awaitable[dict[str, Any]]]
+
+
+class PingStage:
+    """The ping stage's handlers: open the auction, fan the request out, hand the round off.
+
+    ``send_bid`` is the bids topic's ``send`` (it returns the Kafka ack future); ``plan`` and
+    ``ping`` are :func:`plan_for` and :func:`ping_buyer` bound to the worker; ``ports`` gives
+    the auction's table, open marker and round hand-off; ``handoff`` False turns the
+    hand-off off."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        send_bid: Callable[..., Awaitable[Any]],
+        plan: Plan,
+        ping: PingOne,
+        ports: AuctionHandoff,
+        dead: DeadLetters,
+        inflight: InFlight,
+        progress: ProgressPort,
+        handoff: bool = True,
+        clock: Callable[[], int] = now_ms,
+    ) -> None:
+        self.settings = settings
+        self._send = send_bid
+        self._plan = plan
+        self._ping = ping
+        self.ports = ports
+        self.dead = dead
+        self.inflight = inflight
+        self.progress = progress
+        self.handoff = handoff
+        self._clock = clock
+
+    async def drain(self) -> None:
+        await self.inflight.drain(timeout=5.0)
+
+    async def round_for(self, req: dict[str, Any]) -> None:
         sent: Sent = []
-        await ping_round(req, sent)
-        apply_local = ctx.apply_round if handoff else None
+        await self.ping_round(req, sent)
+        apply_local = self.ports.apply_round if self.handoff else None
         if apply_local is None or not sent:
             return
         # Every answer is in: once Kafka has acknowledged the round's records, hand them to
@@ -68,19 +111,15 @@ def register(ctx: Context) -> None:
             return
         await apply_local([(name, rec) for name, rec, _ in sent])
 
-    async def ping_round(req: dict[str, Any], sent: Sent) -> None:
-        async def send_bid(record: dict[str, Any], name: str = "Bid") -> None:
-            ack = await bids.send(
-                key=record["lead_id"].encode(), value=schemas.encode(name, record)
-            )
-            sent.append((name, record, ack))
+    async def send_bid(self, sent: Sent, record: dict[str, Any], name: str = "Bid") -> None:
+        ack = await self._send(key=record["lead_id"].encode(), value=schemas.encode(name, record))
+        sent.append((name, record, ack))
 
-        async def ping_one(
-            req: dict[str, Any], buyer: BuyerConfig, ping_id: str, stop_at_ms: int
-        ) -> dict[str, Any]:
-            return await ping_buyer(ctx, req, buyer, ping_id, stop_at_ms, sent)
+    async def ping_round(self, req: dict[str, Any], sent: Sent) -> None:
+        settings, progress, now_ms = self.settings, self.progress, self._clock
+        send_bid, ping_one = partial(self.send_bid, sent), self._ping
 
-        auctions = ctx.auctions_table
+        auctions = self.ports.auctions_table
         if auctions is not None and auctions.get(req["lead_id"]) is not None:
             # Redelivered after a crash: this lead's auction is already open (its timer or the
             # recovery sweep closes it) or closed. Pinging buyers again would only spam them.
@@ -91,7 +130,7 @@ def register(ctx: Context) -> None:
             raise ValueError(f"flow '{req['flow']}' is not configured on this worker")
         opened = now_ms()
         progress.opened(opened - req["received_at_ms"])
-        targets, filtered = plan_for(ctx, req, opened)
+        targets, filtered = self._plan(req, opened)
         deadline = opened + flow.deadline_ms
         pinged = [
             {"buyer_id": b.id, "tier": b.tier, "ping_id": ping_id_for(req["lead_id"], b.id)}
@@ -112,7 +151,7 @@ def register(ctx: Context) -> None:
         # The round is in the auction table (and on its way to the changelog) before a ping
         # leaves: a redelivery of this request after a crash pings nobody twice (see
         # auction.mark_open).
-        mark_open = ctx.mark_open
+        mark_open = self.ports.mark_open
         if mark_open is not None and not await mark_open(open_rec):
             log.info("lead %s already auctioned; not pinging again", req["lead_id"])
             return
@@ -132,7 +171,7 @@ def register(ctx: Context) -> None:
         stop_at = deadline - flow.safety_margin_ms
         if flow.waves is None:
             await asyncio.gather(
-                *(ping_one(req, b, p["ping_id"], stop_at) for b, p in zip(targets, pinged))
+                *(ping_one(req, b, p["ping_id"], stop_at, sent) for b, p in zip(targets, pinged))
             )
             return
         # Waves: ping the first wave's tiers; a later wave only if the earlier ones produced
@@ -160,7 +199,7 @@ def register(ctx: Context) -> None:
                 continue
             wave_stop = min(stop_at, now + wave.timeout_ms)
             outcomes = await asyncio.gather(
-                *(ping_one(req, b, p["ping_id"], wave_stop) for b, p in members)
+                *(ping_one(req, b, p["ping_id"], wave_stop, sent) for b, p in members)
             )
             at = now_ms()
             if any(
@@ -184,8 +223,8 @@ def register(ctx: Context) -> None:
                     )
                 return
 
-    @app.agent(ctx.topic("ping_requests"), name="ping", concurrency=1)
-    async def ping_agent(stream: Any) -> None:
+    async def agent(self, stream: Any) -> None:
+        dead, inflight, progress = self.dead, self.inflight, self.progress
         manual = stream.noack()
         async for event in manual.events():
             try:
@@ -194,6 +233,33 @@ def register(ctx: Context) -> None:
                 await dead.send(event, f"undecodable ping request: {exc}")
                 await manual.ack(event)
                 continue
-            await inflight.submit(manual, event, partial(round_for, req))
+            await inflight.submit(manual, event, partial(self.round_for, req))
             msg = event.message
             progress.took("ping", msg.topic, msg.partition, msg.offset, ping=True)
+
+
+def register(ctx: Context) -> None:
+    app, settings = ctx.app, ctx.settings
+    bids = ctx.topic("bids")
+    dead = DeadLetters(ctx.topic("deadletter"), "ping")
+    inflight = InFlight("ping", settings.worker.max_inflight, dead)
+    progress = tracker(ctx)  # admission control's view of this stage (streams.rules.admission)
+
+    stage = PingStage(
+        settings,
+        send_bid=bids.send,
+        plan=partial(plan_for, ctx),
+        ping=partial(ping_buyer, ctx),
+        ports=ctx,
+        dead=dead,
+        inflight=inflight,
+        progress=progress,
+        # PINGPOST_HANDOFF=0 turns the hand-off off (to measure what it buys; see docs/numbers.md).
+        handoff=os.environ.get("PINGPOST_HANDOFF", "1") == "1",
+    )
+
+    ctx.closers.append(stage.drain)
+
+    @app.agent(ctx.topic("ping_requests"), name="ping", concurrency=1)
+    async def ping_agent(stream: Any) -> None:
+        await stage.agent(stream)

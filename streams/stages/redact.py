@@ -15,19 +15,24 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from functools import partial
 from typing import Any
 
 import schemas
-from streams.context import Context
+from streams.context import Context, ProgressPort
 from streams.rules.dedupe import identity_of
 from streams.rules.leads import LeadError, ValidLead, deterministic_lead_id, redact, validate_lead
 from streams.runtime.agents import DeadLetters, now_ms
 from streams.runtime.progress import tracker
+from streams.settings import Settings
 
-__all__ = ["register", "lead_from_record"]
+__all__ = ["RedactStage", "register", "lead_from_record"]
 
 log = logging.getLogger(__name__)
+
+#: A topic's ``send(key=..., value=...)`` (its result, the Kafka ack future, is not used here).
+Send = Callable[..., Awaitable[Any]]
 
 
 def lead_from_record(record: dict[str, Any]) -> dict[str, Any]:
@@ -50,44 +55,56 @@ def _received_at(claimed: int | None, kafka_timestamp_s: float) -> int:
     return claimed
 
 
-def register(ctx: Context) -> None:
-    app, settings = ctx.app, ctx.settings
-    leads, pii_topic, requests = (
-        ctx.topic("leads"),
-        ctx.topic("lead_pii"),
-        ctx.topic("ping_requests"),
-    )
-    dedupe = ctx.topic("dedupe")
-    dead = DeadLetters(ctx.topic("deadletter"), "redact", settings)
-    pii_ttl_ms = int(settings.privacy.pii_ttl_s * 1000)
-    progress = tracker(ctx)
-    window_ms = int(settings.ingest.idempotency_window_s * 1000)
-    # lead_id -> {"at": first seen (ms), "p": partition, "o": offset} of the leads topic.
-    seen = app.Table(
-        "lead_ids",
-        default=None,
-        partitions=settings.kafka.partitions,
-        key_type=str,
-        value_type=None,
-    )
-    # Per partition, ids in the order they expire (a cache over the table, rebuilt on
-    # recovery); expired ones are removed while that partition's events are processed (a
-    # table changes only inside its partition's stream).
-    expiry: dict[int, deque[tuple[int, str]]] = {}
-    rescan = [True]
-    repeats = {"dropped": 0, "logged": 0}
+class RedactStage:
+    """The redact stage's state and handlers: validate, drop a producer's retry, split.
 
-    @seen.on_recover
-    async def _recovered() -> None:
-        rescan[0] = True
+    ``seen`` is the ``lead_ids`` table (``local()`` its local store, read when the expiry
+    cache is rebuilt); ``send_pii``, ``send_request`` and ``send_dedupe`` send to the
+    ``lead-pii``, ``ping-requests`` and ``dedupe`` topics."""
 
-    def rebuild() -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        seen: MutableMapping[str, Any],
+        local: Callable[[], Mapping[str, Any]],
+        send_pii: Send,
+        send_request: Send,
+        send_dedupe: Send,
+        dead: DeadLetters,
+        progress: ProgressPort,
+        clock: Callable[[], int] = now_ms,
+    ) -> None:
+        self.settings = settings
+        self.seen = seen
+        self._local = local
+        self._send_pii = send_pii
+        self._send_request = send_request
+        self._send_dedupe = send_dedupe
+        self.dead = dead
+        self.progress = progress
+        self._clock = clock
+        self.pii_ttl_ms = int(settings.privacy.pii_ttl_s * 1000)
+        self.window_ms = int(settings.ingest.idempotency_window_s * 1000)
+        # Per partition, ids in the order they expire (a cache over the table, rebuilt on
+        # recovery); expired ones are removed while that partition's events are processed (a
+        # table changes only inside its partition's stream).
+        self.expiry: dict[int, deque[tuple[int, str]]] = {}
+        self.rescan = True
+        self.repeats = {"dropped": 0, "logged": 0}
+
+    async def recovered(self) -> None:
+        self.rescan = True
+
+    def rebuild(self) -> None:
+        expiry = self.expiry
         expiry.clear()
-        for lead_id, v in sorted(seen.data.items(), key=lambda kv: kv[1]["at"]):
+        for lead_id, v in sorted(self._local().items(), key=lambda kv: kv[1]["at"]):
             expiry.setdefault(v["p"], deque()).append((v["at"], lead_id))
 
-    def forget_expired(partition: int, now: int) -> None:
-        q = expiry.get(partition)
+    def forget_expired(self, partition: int, now: int) -> None:
+        seen, window_ms = self.seen, self.window_ms
+        q = self.expiry.get(partition)
         n = 0
         while q and q[0][0] <= now - window_ms and n < 100:
             _, lead_id = q.popleft()
@@ -96,13 +113,14 @@ def register(ctx: Context) -> None:
                 seen.pop(lead_id, None)
             n += 1
 
-    def is_repeat(lead_id: str, partition: int, offset: int) -> bool:
+    def is_repeat(self, lead_id: str, partition: int, offset: int) -> bool:
         """Whether the lead id was first seen elsewhere within the window; records it if new."""
-        now = now_ms()
-        if rescan[0]:
-            rescan[0] = False
-            rebuild()
-        forget_expired(partition, now)
+        seen, window_ms, repeats = self.seen, self.window_ms, self.repeats
+        now = self._clock()
+        if self.rescan:
+            self.rescan = False
+            self.rebuild()
+        self.forget_expired(partition, now)
         first = seen.get(lead_id)
         if first is not None and first["at"] > now - window_ms:
             if (first["p"], first["o"]) == (partition, offset):
@@ -118,11 +136,11 @@ def register(ctx: Context) -> None:
                 repeats["logged"] = repeats["dropped"]
             return True
         seen[lead_id] = {"at": now, "p": partition, "o": offset}
-        expiry.setdefault(partition, deque()).append((now, lead_id))
+        self.expiry.setdefault(partition, deque()).append((now, lead_id))
         return False
 
-    @app.agent(leads, name="redact", concurrency=1)
-    async def redact_agent(stream: Any) -> None:
+    async def agent(self, stream: Any) -> None:
+        settings, dead, progress = self.settings, self.dead, self.progress
         async for event in stream.events():
             msg = event.message
             progress.took("redact", msg.topic, msg.partition, msg.offset)
@@ -145,15 +163,16 @@ def register(ctx: Context) -> None:
                     event, f"invalid lead: {exc.field or 'body'}: {exc.message}", exc.field
                 )
                 continue
-            if is_repeat(lead.lead_id, msg.partition, msg.offset):
+            if self.is_repeat(lead.lead_id, msg.partition, msg.offset):
                 continue
-            await dead.guarded(event, partial(publish, lead), "redact")
+            await dead.guarded(event, partial(self.publish, lead), "redact")
 
-    async def publish(lead: ValidLead) -> None:
+    async def publish(self, lead: ValidLead) -> None:
+        settings = self.settings
         view = redact(settings, lead)
         key = lead.lead_id.encode()
         # PII first: by the time a post order exists, the post stage can find the PII.
-        await pii_topic.send(
+        await self._send_pii(
             key=key,
             value=schemas.encode(
                 "LeadPii",
@@ -161,7 +180,7 @@ def register(ctx: Context) -> None:
                     "lead_id": lead.lead_id,
                     "flow": lead.flow,
                     "fields": view.pii,
-                    "expires_at_ms": lead.received_at_ms + pii_ttl_ms,
+                    "expires_at_ms": lead.received_at_ms + self.pii_ttl_ms,
                 },
             ),
         )
@@ -181,6 +200,44 @@ def register(ctx: Context) -> None:
             },
         )
         if identity is None:
-            await requests.send(key=key, value=request)
+            await self._send_request(key=key, value=request)
         else:  # a flow with duplicate checks: the identity's owner decides first
-            await dedupe.send(key=identity.encode(), value=request)
+            await self._send_dedupe(key=identity.encode(), value=request)
+
+
+def register(ctx: Context) -> None:
+    app, settings = ctx.app, ctx.settings
+    leads, pii_topic, requests = (
+        ctx.topic("leads"),
+        ctx.topic("lead_pii"),
+        ctx.topic("ping_requests"),
+    )
+    dedupe = ctx.topic("dedupe")
+    dead = DeadLetters(ctx.topic("deadletter"), "redact", settings)
+    progress = tracker(ctx)
+    # lead_id -> {"at": first seen (ms), "p": partition, "o": offset} of the leads topic.
+    seen = app.Table(
+        "lead_ids",
+        default=None,
+        partitions=settings.kafka.partitions,
+        key_type=str,
+        value_type=None,
+    )
+    stage = RedactStage(
+        settings,
+        seen=seen,
+        local=lambda: seen.data,
+        send_pii=pii_topic.send,
+        send_request=requests.send,
+        send_dedupe=dedupe.send,
+        dead=dead,
+        progress=progress,
+    )
+
+    @seen.on_recover
+    async def _recovered() -> None:
+        await stage.recovered()
+
+    @app.agent(leads, name="redact", concurrency=1)
+    async def redact_agent(stream: Any) -> None:
+        await stage.agent(stream)

@@ -23,8 +23,9 @@ import schemas
 from connectors.clickhouse import ClickHouseClient, ClickHouseUnavailable, connect, migrate
 from streams.context import Context
 from streams.runtime.agents import timer
+from streams.settings import ClickHouseConfig
 
-__all__ = ["WarehouseRetry", "register", "to_row"]
+__all__ = ["SinkStage", "WarehouseRetry", "register", "to_row"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -192,45 +193,43 @@ def to_row(name: str, r: dict[str, Any]) -> tuple[str, list[Any]] | None:
     return None
 
 
-def register(ctx: Context) -> None:
-    app, settings = ctx.app, ctx.settings
-    cfg = settings.clickhouse
-    n = ctx.names
-    source = app.topic(
-        n.ping_requests,
-        n.bids,
-        n.deliveries,
-        n.results,
-        n.deadletter,
-        n.alerts,
-        key_type=bytes,
-        value_type=bytes,
-        key_serializer="raw",
-        value_serializer="raw",
-        partitions=settings.kafka.partitions,
-    )
-    rows: dict[str, list[list[Any]]] = {}
-    pending: list[Any] = []  # events whose rows are buffered, acked after the insert
-    lock = asyncio.Lock()
-    wh_box: list[ClickHouseClient] = []
-    room = asyncio.Event()
-    room.set()
-    max_buffered = cfg.batch_rows * 4
-    stream_box: list[Any] = []
+class SinkStage:
+    """The sink's state and handlers: buffer rows per table, insert them in batches, ack the
+    events of a batch once the warehouse took it.
 
-    async def connected() -> ClickHouseClient:
-        wh = await connect(cfg)
-        await migrate(wh)
-        return wh
+    ``connect()`` opens (and migrates) the warehouse, retried by the stage through an outage;
+    the client it returns is closed by ``closers`` (the worker's list of closers) at stop."""
 
-    async def warehouse() -> ClickHouseClient:
+    def __init__(
+        self,
+        cfg: ClickHouseConfig,
+        *,
+        connect: Callable[[], Awaitable[ClickHouseClient]],
+        closers: list[Any],
+    ) -> None:
+        self.cfg = cfg
+        self._connect = connect
+        self._closers = closers
+        self.rows: dict[str, list[list[Any]]] = {}
+        self.pending: list[Any] = []  # events whose rows are buffered, acked after the insert
+        self.lock = asyncio.Lock()
+        self.wh_box: list[ClickHouseClient] = []
+        self.room = asyncio.Event()
+        self.room.set()
+        self.max_buffered = cfg.batch_rows * 4
+        self.stream_box: list[Any] = []
+
+    async def warehouse(self) -> ClickHouseClient:
+        wh_box = self.wh_box
         if not wh_box:
-            wh = await WarehouseRetry("connecting to ClickHouse").run(connected)
+            wh = await WarehouseRetry("connecting to ClickHouse").run(self._connect)
             wh_box.append(wh)
-            ctx.closers.append(wh.close)
+            self._closers.append(wh.close)
         return wh_box[0]
 
-    async def insert_row_by_row(table: str, table_rows: list[list[Any]], first: Exception) -> None:
+    async def insert_row_by_row(
+        self, table: str, table_rows: list[list[Any]], first: Exception
+    ) -> None:
         """ClickHouse refused the batch for a reason a retry cannot fix: insert row by row so
         one bad row does not block the others; rows it refuses are logged, never retried
         forever."""
@@ -242,12 +241,13 @@ def register(ctx: Context) -> None:
         )
         for row in table_rows:
             try:
-                await (await warehouse()).insert(table, [row])
+                await (await self.warehouse()).insert(table, [row])
             except ClickHouseUnavailable as exc:
                 log.error("row refused by %s, not stored: %s (row id %s)", table, exc, row[0])
 
-    async def flush() -> None:
-        async with lock:
+    async def flush(self) -> None:
+        rows, pending, warehouse = self.rows, self.pending, self.warehouse
+        async with self.lock:
             if not pending:
                 return
             batch, events = dict(rows), list(pending)
@@ -263,16 +263,16 @@ def register(ctx: Context) -> None:
                 try:
                     await WarehouseRetry(f"insert into {table}").run(insert)
                 except ClickHouseUnavailable as exc:  # not retriable
-                    await insert_row_by_row(table, table_rows, exc)
+                    await self.insert_row_by_row(table, table_rows, exc)
             for ev in events:
-                await stream_box[0].ack(ev)
-            room.set()
+                await self.stream_box[0].ack(ev)
+            self.room.set()
 
-    @app.agent(source, name="sink", concurrency=1)
-    async def sink_agent(stream: Any) -> None:
+    async def agent(self, stream: Any) -> None:
+        rows, pending, room = self.rows, self.pending, self.room
         manual = stream.noack()
-        stream_box[:] = [manual]
-        await warehouse()
+        self.stream_box[:] = [manual]
+        await self.warehouse()
         async for event in manual.events():
             try:
                 name, rec = schemas.decode(event.value)
@@ -292,12 +292,42 @@ def register(ctx: Context) -> None:
             table, row = mapped
             rows.setdefault(table, []).append(row)
             pending.append(event)
-            if len(pending) >= cfg.batch_rows:
-                await flush()
-            while len(pending) >= max_buffered:
+            if len(pending) >= self.cfg.batch_rows:
+                await self.flush()
+            while len(pending) >= self.max_buffered:
                 room.clear()
                 await room.wait()
 
+
+def register(ctx: Context) -> None:
+    app, settings = ctx.app, ctx.settings
+    cfg = settings.clickhouse
+    n = ctx.names
+    source = app.topic(
+        n.ping_requests,
+        n.bids,
+        n.deliveries,
+        n.results,
+        n.deadletter,
+        n.alerts,
+        key_type=bytes,
+        value_type=bytes,
+        key_serializer="raw",
+        value_serializer="raw",
+        partitions=settings.kafka.partitions,
+    )
+
+    async def connected() -> ClickHouseClient:
+        wh = await connect(cfg)
+        await migrate(wh)
+        return wh
+
+    stage = SinkStage(cfg, connect=connected, closers=ctx.closers)
+
+    @app.agent(source, name="sink", concurrency=1)
+    async def sink_agent(stream: Any) -> None:
+        await stage.agent(stream)
+
     @timer(app, cfg.batch_seconds, name="sink-flush")
     async def periodic_flush() -> None:
-        await flush()
+        await stage.flush()

@@ -1,0 +1,210 @@
+"""The ping stage in memory: its auction hand-off and its fan-out over the fake buyer
+transport (connectors.buyers' ``Transport`` seam). No broker, no Faust worker."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from functools import partial
+from types import SimpleNamespace
+from typing import Any, cast
+
+import orjson
+import pytest
+
+import schemas
+from connectors.buyers import BuyerClient
+from streams.context import Context
+from streams.runtime.agents import DeadLetters, InFlight, now_ms
+from streams.runtime.fanout import ping_buyer, plan_for
+from streams.stages.ping import PingStage
+from streams.topics import TopicNames
+from tests.unit.stages.fakes import FakeProgress, RecordingTopic, Stream, demo_settings, event
+from tests.unit.test_buyers import FakeTransport
+
+PING_FIELDS = {
+    "state": "NY",
+    "zip": "100",
+    "homeowner": True,
+    "electric_bill": "$200-300",
+    "credit_range": "700+",
+    "property_type": "single_family",
+    "consent": True,
+}
+
+
+class LoggingTransport(FakeTransport):
+    """The fake buyer transport, also writing each ping into the shared ``log``."""
+
+    log: list[Any]
+
+    async def post(
+        self, url: str, headers: Mapping[str, str], body: bytes, timeout_s: float
+    ) -> tuple[int, bytes]:
+        self.log.append(("ping", url))
+        return await super().post(url, headers, body, timeout_s)
+
+
+class Paused:
+    def __init__(self, *buyers: str) -> None:
+        self.buyers = buyers
+
+    def paused(self, buyer_id: str) -> int | None:
+        return now_ms() + 60_000 if buyer_id in self.buyers else None
+
+
+class Harness:
+    """A PingStage over recording fakes, wired as ``register`` wires it (the real
+    ``plan_for`` and ``ping_buyer`` over a context whose buyer client is the fake)."""
+
+    def __init__(self, *, already: bool = False, open_ok: bool = True) -> None:
+        self.settings = demo_settings()
+        self.log: list[Any] = []
+        names = TopicNames.from_settings(self.settings)
+        self.bids = RecordingTopic("bids", self.log)
+        self.dead = RecordingTopic("deadletter", self.log)
+        self.transport = LoggingTransport([(200, orjson.dumps({"bid": True, "price": 50.0}))])
+        self.transport.log = self.log
+        ctx = Context(
+            settings=self.settings,
+            app=cast(Any, None),
+            names=names,
+            topics={names.bids: self.bids, names.deadletter: self.dead},
+        )
+        ctx.buyers = BuyerClient(self.transport)
+        ctx.pauses = Paused("voltmarket")
+        self.rounds: list[list[tuple[str, dict[str, Any]]]] = []
+        self.opened: list[dict[str, Any]] = []
+        self.open_ok = open_ok
+
+        async def mark_open(rec: dict[str, Any]) -> bool:
+            self.log.append(("mark_open", rec["lead_id"]))
+            self.opened.append(rec)
+            return self.open_ok
+
+        async def apply_round(records: list[tuple[str, dict[str, Any]]]) -> bool:
+            self.log.append(("apply_round", len(records)))
+            self.rounds.append(records)
+            return True
+
+        self.auctions: dict[str, Any] = {"lead-1": {"open": True}} if already else {}
+        self.ports = SimpleNamespace(
+            auctions_table=self.auctions, apply_round=apply_round, mark_open=mark_open
+        )
+        self.clock_ms = now_ms()  # frozen: the buyers' budgets stay those of the deadline
+        dead = DeadLetters(self.dead, "ping", self.settings)
+        self.progress = FakeProgress()
+        self.stage = PingStage(
+            self.settings,
+            send_bid=self.bids.send,
+            plan=partial(plan_for, ctx),
+            ping=partial(ping_buyer, ctx),
+            ports=self.ports,
+            dead=dead,
+            inflight=InFlight("ping", 4, dead),
+            progress=self.progress,
+            clock=lambda: self.clock_ms,
+        )
+
+    def request(self, lead_id: str = "lead-1", **over: Any) -> dict[str, Any]:
+        return {
+            "lead_id": lead_id,
+            "flow": "solar",
+            "source": "http:demo",
+            "received_at_ms": self.clock_ms - 20,
+            "created_at_ms": self.clock_ms - 2000,
+            "ping_fields": PING_FIELDS,
+            "pii_hashes": {},
+            "identity": None,
+            "skip_buyers": ["backupsolar"],
+            **over,
+        }
+
+    def pinged_urls(self) -> list[str]:
+        return [x[1] for x in self.log if x[0] == "ping"]
+
+
+def url_of(settings: Any, buyer_id: str) -> str:
+    return next(b.ping_url for b in settings.buyers if b.id == buyer_id)
+
+
+def test_a_round_opens_the_auction_before_any_ping_and_pings_only_eligible_buyers() -> None:
+    h = Harness()
+    asyncio.run(h.stage.round_for(h.request()))
+
+    # The open marker, then AuctionOpen on the bids topic, before the first ping leaves.
+    first_ping = next(i for i, x in enumerate(h.log) if x[0] == "ping")
+    assert h.log[0] == ("mark_open", "lead-1")
+    assert h.log[1] == ("send", "bids", "AuctionOpen")
+    assert first_ping > 1
+    records = h.bids.records()
+    name, open_rec = records[0]
+    assert name == "AuctionOpen"
+    assert h.opened == [open_rec]
+
+    # Pinged: the eligible buyers, and only them (greenleaf takes no NY lead, voltmarket is
+    # paused, backupsolar already bought this person's lead).
+    pinged = {p["buyer_id"] for p in open_rec["pinged"]}
+    assert pinged == {"sunrise", "brightpath"}
+    assert sorted(h.pinged_urls()) == sorted(url_of(h.settings, b) for b in pinged)
+    assert open_rec["deadline_at_ms"] == h.clock_ms + h.settings.flows["solar"].deadline_ms
+
+    # Every buyer not pinged has a `filtered` row with its reason; each pinged one its bid.
+    bids = {r["buyer_id"]: r for n, r in records[1:] if n == "Bid"}
+    assert set(bids) == {"sunrise", "brightpath", "greenleaf", "voltmarket", "backupsolar"}
+    filtered = {b: r["reason"] for b, r in bids.items() if r["status"] == "filtered"}
+    assert set(filtered) == {"greenleaf", "voltmarket", "backupsolar"}
+    assert all(filtered.values()), filtered
+    assert "already bought" in filtered["backupsolar"]
+    assert "pause" in filtered["voltmarket"]
+    assert {bids[b]["status"] for b in pinged} == {"bid"}
+
+    # The hand-off: once every record is acknowledged, the whole round, AuctionOpen first.
+    assert h.log[-1] == ("apply_round", len(records))
+
+    def brief(rs: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, Any, Any]]:
+        return [(n, r.get("buyer_id"), r.get("status")) for n, r in rs]
+
+    assert len(h.rounds) == 1 and brief(h.rounds[0]) == brief(records)
+    assert h.rounds[0][0] == ("AuctionOpen", h.opened[0])
+    assert h.progress.delays == [20]
+
+
+@pytest.mark.parametrize("already, open_ok", [(True, True), (False, False)])
+def test_a_redelivered_request_whose_auction_is_open_pings_nobody(
+    already: bool, open_ok: bool
+) -> None:
+    """Already in the auction table, or the open marker says it was opened before: no ping,
+    no record, no hand-off."""
+    h = Harness(already=already, open_ok=open_ok)
+    asyncio.run(h.stage.round_for(h.request()))
+    assert h.pinged_urls() == []
+    assert h.bids.sent == []
+    assert h.rounds == []
+    assert h.transport.requests == []
+
+
+def test_the_agent_acks_a_request_after_its_round_and_hand_off() -> None:
+    h = Harness()
+    stream = Stream(
+        [event(schemas.encode("PingRequest", h.request()), "ping-requests", 0, 7)], h.log
+    )
+
+    async def go() -> None:
+        await h.stage.agent(stream)
+        await h.stage.drain()
+
+    asyncio.run(go())
+    assert len(stream.acked) == 1
+    kinds = [x[0] for x in h.log]
+    assert kinds.index("apply_round") < kinds.index("ack") == len(kinds) - 1
+    assert h.progress.taken == [("ping", "ping-requests", 0, 7)]
+
+
+def test_an_undecodable_request_is_dead_lettered_and_acked() -> None:
+    h = Harness()
+    stream = Stream([event(b"not avro", "ping-requests", 0, 3)], h.log)
+    asyncio.run(h.stage.agent(stream))
+    assert [n for n, _ in h.dead.records()] == ["DeadLetter"]
+    assert len(stream.acked) == 1
+    assert h.pinged_urls() == []
