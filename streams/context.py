@@ -26,7 +26,7 @@ port                   offered by                  used by
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -53,7 +53,7 @@ __all__ = [
 ]
 
 #: A finished ping round's records, ``(schema name, record)``, ``AuctionOpen`` first.
-Round = list[tuple[str, dict[str, Any]]]
+Round = list[tuple[str, Mapping[str, Any]]]
 
 
 class PauseLookup(Protocol):

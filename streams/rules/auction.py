@@ -3,7 +3,7 @@ checks the ping and post stages repeat (a bid's floor and its own conditions).""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,8 +21,8 @@ class Decision:
 
 
 def acceptable(
-    bid: dict[str, Any],
-    ping_fields: dict[str, Any],
+    bid: Mapping[str, Any],
+    ping_fields: Mapping[str, Any],
     strategy: StrategyConfig,
     lead_created_ms: int,
     at_ms: int,
@@ -47,7 +47,10 @@ def acceptable(
 
 
 def conditions_reason(
-    conditions: dict[str, Any], ping_fields: dict[str, Any], lead_created_ms: int, at_ms: int
+    conditions: Mapping[str, Any],
+    ping_fields: Mapping[str, Any],
+    lead_created_ms: int,
+    at_ms: int,
 ) -> str | None:
     """Why a bid's own conditions (CONTRACT §2) fail for this lead at ``at_ms``; None if they
     hold. Checked at close and again before each post (a slow first post can age the lead)."""
@@ -63,8 +66,8 @@ def conditions_reason(
 
 
 def decide(
-    bids: list[dict[str, Any]],
-    ping_fields: dict[str, Any],
+    bids: Sequence[Mapping[str, Any]],
+    ping_fields: Mapping[str, Any],
     strategy: StrategyConfig,
     lead_created_ms: int,
     at_ms: int,

@@ -16,6 +16,7 @@ from typing import Any
 
 import schemas
 from connectors.buyers import PingOutcome
+from schemas.records import Bid
 from streams import rules
 from streams.context import Context
 from streams.rules.auction import conditions_reason
@@ -33,7 +34,7 @@ _TRACE = os.environ.get("PINGPOST_TRACE_PINGS") == "1"
 
 
 #: Records a ping round sent to the bids topic: (schema name, record, Kafka ack future).
-Sent = list[tuple[str, dict[str, Any], "asyncio.Future[Any]"]]
+Sent = list[tuple[str, Mapping[str, Any], "asyncio.Future[Any]"]]
 
 
 def bid_record(
@@ -42,9 +43,11 @@ def bid_record(
     ping_id: str,
     sent_at: int,
     out: PingOutcome | None,
-    status: str | None = None,
+    status: str = "timeout",
     reason: str = "",
-) -> dict[str, Any]:
+) -> Bid:
+    """The ``Bid`` event of one ping: ``out`` its outcome, or None for a ping not sent
+    (``status``: filtered, or a timeout with no time left) with its ``reason``."""
     if out is None:
         return {
             "lead_id": req["lead_id"],
@@ -121,7 +124,7 @@ async def ping_buyer(
     records: Sent | None = None,
     *,
     pii: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
+) -> Bid:
     """Ping one buyer for ``req`` (lead_id, flow, ping_fields) with the time left until
     ``stop_at_ms``; send and return its outcome (a ``Bid`` record, floor reason included).
     ``records`` collects the record with the future of its Kafka acknowledgement. The

@@ -32,7 +32,7 @@ from functools import partial
 from typing import Any, Protocol
 
 import schemas
-from streams.context import Context, ranking_inputs
+from streams.context import Context, Round, ranking_inputs
 from streams.rules.auction import Decision, close_lag_ms, decide
 from streams.runtime import agents
 from streams.runtime.agents import (
@@ -400,7 +400,7 @@ class AuctionStage:
             return False
         return self.assigned_here(self.partition(lead_id))
 
-    async def apply_local(self, records: list[tuple[str, dict[str, Any]]]) -> bool:
+    async def apply_local(self, records: Round) -> bool:
         """Apply a finished ping round's records (``AuctionOpen`` first, then every answer),
         already acknowledged by Kafka, to the auction now instead of when they come back from
         the bids topic: the round's last answer then closes the auction without a Kafka
@@ -415,7 +415,7 @@ class AuctionStage:
                 return False
             try:
                 for name, rec in records:
-                    await self.handle(name, rec, None)
+                    await self.handle(name, dict(rec), None)
             except asyncio.CancelledError:
                 raise
             except Exception:  # the bids topic delivers the same records: the agent retries

@@ -19,6 +19,7 @@ from functools import partial
 from typing import Any, Protocol
 
 import schemas
+from schemas.records import Bid
 from streams import rules
 from streams.context import Context, ProgressPort, Round
 from streams.rules.auction import acceptable
@@ -51,7 +52,7 @@ class AuctionHandoff(Protocol):
 Plan = Callable[[dict[str, Any], int], tuple[list[BuyerConfig], list[tuple[BuyerConfig, str]]]]
 #: ``ping_buyer`` over this worker's buyer client: ``(request, buyer, ping_id, stop_at_ms,
 #: sent) -> Bid record``; it sends the record and appends it to ``sent``.
-PingOne = Callable[[dict[str, Any], BuyerConfig, str, int, Sent], Awaitable[dict[str, Any]]]
+PingOne = Callable[[dict[str, Any], BuyerConfig, str, int, Sent], Awaitable[Bid]]
 
 
 class PingStage:
@@ -111,7 +112,7 @@ class PingStage:
             return
         await apply_local([(name, rec) for name, rec, _ in sent])
 
-    async def send_bid(self, sent: Sent, record: dict[str, Any], name: str = "Bid") -> None:
+    async def send_bid(self, sent: Sent, record: Mapping[str, Any], name: str = "Bid") -> None:
         ack = await self._send(key=record["lead_id"].encode(), value=schemas.encode(name, record))
         sent.append((name, record, ack))
 

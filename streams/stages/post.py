@@ -24,6 +24,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol
 
 import schemas
+from schemas.records import Bid
 from streams import rules
 from streams.context import CapReservations, Context, ranking_inputs
 from streams.rules.auction import decide
@@ -105,7 +106,7 @@ class PostStage:
         dead: DeadLetters,
         inflight: InFlight,
         plan: Plan,
-        ping: Callable[..., Awaitable[dict[str, Any]]],
+        ping: Callable[..., Awaitable[Bid]],
         ranking: Callable[[FlowConfig], dict[str, Any]],
         confirmed: Callable[[], bool],
         hold: Callable[[str], None],
