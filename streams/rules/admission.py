@@ -31,8 +31,10 @@ A lead is refused when the predicted delay passes :data:`SETPOINT` × the bound:
 scatters around the prediction, and it is the p99 of the actual wait that must stay under the
 bound. Throughput does not suffer: a queue of half a second of work keeps every worker busy.
 
-Reports older than :data:`STALE_MS` (by ingest's clock: worker clocks may differ) are ignored;
-a partition no fresh report covers (its worker died, a rebalance is moving it) is not counted.
+Reports older than :data:`STALE_MS` (by ingest's clock: worker clocks may differ) do not
+measure the rate; a partition no fresh report covers (its worker died, a rebalance is moving
+it) still counts its backlog from the last offset a worker reported for it (for as long as
+that worker is remembered: ten times ``STALE_MS``).
 With no fresh report at all (no worker running yet), no rate measured yet (the first second
 of an ingest process), or end offsets that could not be fetched for as long, there is nothing
 to predict from and every lead is admitted: refusing then would turn a start-up or an outage
@@ -215,6 +217,19 @@ class Estimator:
             for tp, off in w.last.taken.items():
                 if off > taken.get(tp, -1):
                     taken[tp] = off
+        # A partition no fresh report covers (its worker was killed and is restarting, or a
+        # rebalance is moving it) still holds its leads: they count from the last offset
+        # any worker reported for it. Left out, a worker killed every 12 s hid its
+        # partitions' backlog and ingest admitted leads that then waited minutes (hour-long
+        # chaos run, on a loaded machine).
+        orphaned: dict[TP, int] = {}
+        for w in self._workers.values():
+            if w in fresh:
+                continue
+            for tp, off in w.last.taken.items():
+                if tp not in taken and off > orphaned.get(tp, -1):
+                    orphaned[tp] = off
+        taken.update(orphaned)
         rates = [(w, w.rate(self.rate_window_ms)) for w in fresh]
         known = [r for _, r in rates if r is not None]
         self._rate = sum(known) if known else None

@@ -314,3 +314,27 @@ def test_exponential_service_stays_under_the_bound() -> None:
     fast one cannot be predicted; the setpoint's margin absorbs it."""
     sim = Sim(bound_ms=1000, offered=120, capacity=lambda t: 60.0, seconds=30, service_cv=1.0).run()
     assert sim.p99() <= 1000
+
+
+def test_a_silent_workers_partitions_keep_counting_their_backlog() -> None:
+    """A worker killed (or moving partitions in a rebalance) stops reporting; the leads on its
+    partitions still wait. They count from its last report, so the live workers' capacity
+    refuses leads instead of hiding that backlog (before: admitted, then waited minutes)."""
+    est = Estimator(1000)
+    other = ("p.ping-requests", 1)
+    t = 0.0
+    for _ in range(10):  # two workers, each on its partition, 25 leads/s each, no backlog
+        t += 200
+        n = int(t / 40)
+        est.add_report(Report("w1", int(t), {PINGS: 1000 + n}, n), t)
+        est.add_report(Report("w2", int(t), {other: 1000 + n}, n), t)
+        est.set_ends({PINGS: 1001 + n, other: 1001 + n}, t)
+    assert est.refuse(t) is None
+    stop = n
+    for _ in range(25):  # w2 is killed: its partition fills at 25 leads/s for 5 s
+        t += 200
+        n = int(t / 40)
+        est.add_report(Report("w1", int(t), {PINGS: 1000 + n}, n), t)
+        est.set_ends({PINGS: 1001 + n, other: 1001 + n}, t)
+    assert est.backlog(t) == pytest.approx(n - stop, abs=2)
+    assert est.refuse(t) is not None  # 125 leads behind one worker's 25/s: ~5 s
