@@ -20,6 +20,11 @@ transition, so nothing is emitted twice, and a firing alert stays firing across 
 Windows are evaluated ``grace_s`` after they end (late answers count). Each transition goes to
 the log, the alerts topic (→ the `alerts` table through the sink) and, if the rule has one, a
 webhook (queued, retried, never blocking; a final failure is dead-lettered with the reason).
+
+The stage's state and handlers are one class, :class:`MetricsStage`, whose dependencies are
+explicit (the settings, the topics it sends to, the webhook sender's factory, the start-up
+reads from Kafka, the clock); ``register`` builds it from the ``Context`` and binds Faust's
+agent, tasks and timers to its methods. Unit tests build it with fakes (tests/unit/stages).
 """
 
 from __future__ import annotations
@@ -28,8 +33,9 @@ import asyncio
 import logging
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
 from datetime import UTC
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 from aiohttp import web
@@ -40,9 +46,13 @@ from streams.rules.alerts import AlertEngine, Transition, subject_key
 from streams.rules.buyer_stats import PAUSE_RULE, PauseTracker, pause_alert
 from streams.rules.windows import WindowedMetrics, metric_value
 from streams.runtime.agents import now_ms, retry_transient, task, timer
+from streams.settings import Settings
 from streams.settings.metrics import METRICS
 
-__all__ = ["register", "MetricsCollector", "PROM_METRICS"]
+if TYPE_CHECKING:
+    from connectors.webhook import FailureHook, WebhookDelivery
+
+__all__ = ["MetricsCollector", "MetricsStage", "PROM_METRICS", "Sends", "Submits", "register"]
 
 log = logging.getLogger(__name__)
 
@@ -82,16 +92,18 @@ class MetricsCollector:
         export_ms: int,
         grace_ms: int,
         status: dict[str, Any],
+        now_ms: Callable[[], int] = now_ms,
     ) -> None:
         self.store, self.engine = store, engine
         self.export_ms, self.grace_ms = export_ms, grace_ms
         self.status = status
+        self.now_ms = now_ms
 
     def collect(self) -> Any:
         from prometheus_client.core import GaugeMetricFamily
 
         w = self.store.window_ms
-        end = (now_ms() - self.grace_ms) // w * w  # last closed window
+        end = (self.now_ms() - self.grace_ms) // w * w  # last closed window
         labels = ["scope", "id"]
         fams = {
             m: GaugeMetricFamily(name, f"{doc} (last {self.export_ms // 1000}s)", labels=labels)
@@ -202,115 +214,154 @@ async def _read_alert_states(bootstrap: str, topic: str) -> list[dict[str, Any]]
         await c.stop()
 
 
-def register(ctx: Context) -> None:
-    app, settings = ctx.app, ctx.settings
-    mc = settings.metrics
-    n = ctx.names
-    source_topics = [n.bids, n.deliveries, n.results]
-    source = app.topic(
-        *source_topics,
-        key_type=bytes,
-        value_type=bytes,
-        key_serializer="raw",
-        value_serializer="raw",
-        partitions=settings.kafka.partitions,
-    )
-    alerts_topic = ctx.topic("alerts")
-    deadletter = ctx.topic("deadletter")
-    store = WindowedMetrics(mc.window_s)
-    engine = AlertEngine(settings.alerts, mc.window_s)
-    w = store.window_ms
-    grace_ms = int(mc.grace_s * 1000)
-    # Events stay unacked until older than what any evaluation still reads.
-    horizon_ms = engine.max_span_ms() + engine.max_streak_ms() + 3 * w
-    keep_ms = max(horizon_ms, mc.export_window_s * 1000 + w)
-    held: dict[tuple[str, int], deque[tuple[int, Any]]] = {}
-    seen: dict[tuple[str, int], int] = {}
-    status: dict[str, Any] = {
-        "caught_up": False,
-        "evaluated_until": None,
-        "targets": None,
-        "first_event_ms": {},
-        "started": time.monotonic(),
-    }
-    stream_box: list[Any] = []
+class Sends(Protocol):
+    """Where the stage sends records: a topic (``send`` returns what Faust's does, an
+    awaitable of the delivery's future)."""
 
-    from prometheus_client import CollectorRegistry, Counter
+    def send(self, *, key: bytes, value: bytes) -> Awaitable[Any]: ...
 
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(MetricsCollector(store, engine, mc.export_window_s * 1000, grace_ms, status))
-    transitions = Counter(
-        "pingpost_alert_transitions",
-        "alert transitions emitted",
-        ["rule", "state"],
-        registry=registry,
-    )
-    webhook_failures = Counter(
-        "pingpost_alert_webhook_failures",
-        "alert webhooks that failed every attempt",
-        ["rule"],
-        registry=registry,
-    )
-    events = Counter(
-        "pingpost_metrics_events",
-        "events counted by the metrics role",
-        ["event"],
-        registry=registry,
-    )
-    pause_cfgs = {b.id: b.auto_pause for b in settings.buyers if b.auto_pause is not None}
-    pauses = PauseTracker(pause_cfgs)
 
-    async def on_webhook_failure(d: Any, reason: str) -> None:
-        webhook_failures.labels(d.rule).inc()
+class Submits(Protocol):
+    """The alert webhooks' sender (``connectors.webhook.WebhookSender``): queues a delivery."""
+
+    def submit(self, delivery: WebhookDelivery) -> None: ...
+
+
+class MetricsStage:
+    """The metrics stage's state (the windows, the alert engine, the auto-pause tracker, the
+    events held unacked, the start-up status, the Prometheus registry) and its handlers.
+
+    ``alerts`` and ``deadletter`` are the topics it sends to; ``alerts_topic`` the alerts
+    topic's name (read back at start-up, named in a webhook's dead letter); ``source_topics``
+    the topics the agent reads and ``group`` its consumer group (the replay targets).
+    ``webhooks(on_failure)`` returns the alert webhooks' sender, created on first use with
+    ``on_failure`` as its failure hook; ``closers`` gets what must run when the worker stops
+    (the /metrics server). ``read_alert_states(bootstrap, topic)`` and
+    ``replay_targets(bootstrap, group, topics)`` are the start-up reads from Kafka.
+    ``now_ms`` (epoch ms) and ``monotonic`` (seconds) are the clock."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        alerts: Sends,
+        deadletter: Sends,
+        alerts_topic: str,
+        source_topics: list[str],
+        group: str,
+        webhooks: Callable[[FailureHook], Submits],
+        closers: list[Any],
+        read_alert_states: Callable[
+            [str, str], Awaitable[list[dict[str, Any]]]
+        ] = _read_alert_states,
+        replay_targets: Callable[
+            [str, str, list[str]], Awaitable[tuple[dict[Any, int], set[Any]]]
+        ] = _replay_targets,
+        now_ms: Callable[[], int] = now_ms,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self.alerts_topic = alerts
+        self.deadletter = deadletter
+        self.alerts_topic_name = alerts_topic
+        self.source_topics = source_topics
+        self.group = group
+        self.make_webhooks = webhooks
+        self.closers = closers
+        self.read_alert_states = read_alert_states
+        self.replay_targets = replay_targets
+        self.now_ms = now_ms
+        self.monotonic = monotonic
+
+        mc = self.mc = settings.metrics
+        self.store = WindowedMetrics(mc.window_s)
+        self.engine = AlertEngine(settings.alerts, mc.window_s)
+        w = self.w = self.store.window_ms
+        self.grace_ms = int(mc.grace_s * 1000)
+        # Events stay unacked until older than what any evaluation still reads.
+        self.horizon_ms = self.engine.max_span_ms() + self.engine.max_streak_ms() + 3 * w
+        self.keep_ms = max(self.horizon_ms, mc.export_window_s * 1000 + w)
+        self.held: dict[tuple[str, int], deque[tuple[int, Any]]] = {}
+        self.seen: dict[tuple[str, int], int] = {}
+        self.status: dict[str, Any] = {
+            "caught_up": False,
+            "evaluated_until": None,
+            "targets": None,
+            "first_event_ms": {},
+            "started": self.monotonic(),
+        }
+        #: The agent's manual-ack stream, once the agent runs (its held events are acked there).
+        self.stream: Any = None
+
+        from prometheus_client import CollectorRegistry, Counter
+
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(
+            MetricsCollector(
+                self.store,
+                self.engine,
+                mc.export_window_s * 1000,
+                self.grace_ms,
+                self.status,
+                now_ms=self.now_ms,
+            )
+        )
+        self.transitions = Counter(
+            "pingpost_alert_transitions",
+            "alert transitions emitted",
+            ["rule", "state"],
+            registry=self.registry,
+        )
+        self.webhook_failures = Counter(
+            "pingpost_alert_webhook_failures",
+            "alert webhooks that failed every attempt",
+            ["rule"],
+            registry=self.registry,
+        )
+        self.events = Counter(
+            "pingpost_metrics_events",
+            "events counted by the metrics role",
+            ["event"],
+            registry=self.registry,
+        )
+        self.pause_cfgs = {b.id: b.auto_pause for b in settings.buyers if b.auto_pause is not None}
+        self.pauses = PauseTracker(self.pause_cfgs)
+
+    async def on_webhook_failure(self, d: Any, reason: str) -> None:
+        self.webhook_failures.labels(d.rule).inc()
         record = {
             "id": f"{d.alert_id}:webhook",
             "stage": "alerts",
-            "topic": n.alerts,
+            "topic": self.alerts_topic_name,
             "partition": 0,
             "offset": -1,
             "key": d.alert_id.encode(),
             "payload": orjson.dumps(d.payload),
             "reason": f"rule {d.rule}: {reason}",
             "field": None,
-            "at_ms": now_ms(),
+            "at_ms": self.now_ms(),
         }
         try:
-            await deadletter.send(
+            await self.deadletter.send(
                 key=d.alert_id.encode(), value=schemas.encode("DeadLetter", record)
             )
         except Exception:
             log.exception("could not record the webhook failure of %s", d.alert_id)
 
-    def webhooks() -> Any:
-        sender = ctx.webhooks
-        if sender is None:
-            from connectors.webhook import WebhookSender
+    def webhooks(self) -> Submits:
+        return self.make_webhooks(self.on_webhook_failure)
 
-            sender = ctx.webhooks = WebhookSender(
-                timeout_s=mc.webhook_timeout_s,
-                attempts=mc.webhook_attempts,
-                backoff_s=mc.webhook_backoff_s,
-                on_failure=on_webhook_failure,
-            )
-
-            async def close() -> None:
-                await sender.drain(timeout=5.0)
-                await sender.aclose()
-
-            ctx.closers.append(close)
-        return sender
-
-    async def emit(t: Transition) -> None:
-        record = t.record(mc.window_s)
+    async def emit(self, t: Transition) -> None:
+        record = t.record(self.mc.window_s)
         key = f"{t.rule.name}|{subject_key(t.subject)}".encode()
         value = schemas.encode("Alert", record)
 
         async def send() -> None:
-            fut = await alerts_topic.send(key=key, value=value)
+            fut = await self.alerts_topic.send(key=key, value=value)
             await fut  # on Kafka before the transition counts as emitted
 
         await retry_transient(send, "alert")
-        transitions.labels(t.rule.name, t.state).inc()
+        self.transitions.labels(t.rule.name, t.state).inc()
         (log.warning if t.state == "firing" else log.info)(
             "ALERT %s %s %s: %s",
             t.state.upper(),
@@ -323,7 +374,7 @@ def register(ctx: Context) -> None:
 
             wh = t.rule.webhook
             payload = {**record, "at": _iso(t.at_ms)}
-            webhooks().submit(
+            self.webhooks().submit(
                 WebhookDelivery(
                     t.rule.name,
                     t.alert_id,
@@ -333,10 +384,12 @@ def register(ctx: Context) -> None:
                 )
             )
 
-    @app.agent(source, name="metrics", concurrency=1)
-    async def metrics_agent(stream: Any) -> None:
+    async def consume(self, stream: Any) -> None:
+        """The body of the ``metrics`` agent: count each event; hold the counted ones unacked
+        (the restart checkpoint, module docstring) until :meth:`ack_older_than` acks them."""
         manual = stream.noack()
-        stream_box[:] = [manual]
+        self.stream = manual
+        status, seen, held = self.status, self.seen, self.held
         async for event in manual.events():
             msg = event.message
             tp = (msg.topic, msg.partition)
@@ -344,13 +397,13 @@ def register(ctx: Context) -> None:
             t = None
             try:
                 name, rec = schemas.decode(event.value)
-                if name == "Bid" and pause_cfgs:
-                    pauses.add(
+                if name == "Bid" and self.pause_cfgs:
+                    self.pauses.add(
                         rec["buyer_id"], rec["ping_id"], rec["status"], rec["answered_at_ms"]
                     )
-                t = store.add(name, rec)
+                t = self.store.add(name, rec)
                 if t is not None:
-                    events.labels(name).inc()
+                    self.events.labels(name).inc()
             except Exception as exc:  # a bad record must not stop the metrics
                 log.error(
                     "metrics cannot count %s:%s:%s (skipped): %s",
@@ -366,13 +419,13 @@ def register(ctx: Context) -> None:
                 status["first_event_ms"][tp] = t
             held.setdefault(tp, deque()).append((t, event))
 
-    def caught_up() -> bool:
-        targets = status["targets"]
+    def caught_up(self) -> bool:
+        targets = self.status["targets"]
         if targets is None:
             return False
-        if all(seen.get(tp, -1) >= end for tp, end in targets.items()):
+        if all(self.seen.get(tp, -1) >= end for tp, end in targets.items()):
             return True
-        if time.monotonic() - status["started"] > CATCH_UP_TIMEOUT_S:
+        if self.monotonic() - self.status["started"] > CATCH_UP_TIMEOUT_S:
             log.warning(
                 "metrics replay did not reach the end offsets within %.0fs (is a "
                 "second metrics worker running?); evaluating anyway",
@@ -381,13 +434,14 @@ def register(ctx: Context) -> None:
             return True
         return False
 
-    async def start_up() -> None:
+    async def start_up(self) -> None:
         """Once: the last alert states (alerts topic) and the replay targets (end offsets)."""
-        bootstrap = settings.kafka.bootstrap
+        engine, status = self.engine, self.status
+        bootstrap = self.settings.kafka.bootstrap
         known = {r.name for r in engine.rules}
-        for rec in await _read_alert_states(bootstrap, n.alerts):
+        for rec in await self.read_alert_states(bootstrap, self.alerts_topic_name):
             if rec["rule"] == PAUSE_RULE:
-                pauses.seed(rec["subject"].split(":", 1)[-1], rec["state"], rec["at_ms"])
+                self.pauses.seed(rec["subject"].split(":", 1)[-1], rec["state"], rec["at_ms"])
                 continue
             if rec["rule"] not in known:
                 continue
@@ -400,42 +454,45 @@ def register(ctx: Context) -> None:
                 len(firing),
                 ", ".join(f"{r} {subject_key(s)}" for r, s, _ in firing),
             )
-        status["targets"], status["resumed"] = await _replay_targets(
-            bootstrap, app.conf.id, source_topics
+        status["targets"], status["resumed"] = await self.replay_targets(
+            bootstrap, self.group, self.source_topics
         )
-        status["started"] = time.monotonic()
+        status["started"] = self.monotonic()
 
-    async def ack_older_than(cutoff: int) -> None:
-        if not stream_box:
+    async def ack_older_than(self, cutoff: int) -> None:
+        if self.stream is None:
             return
-        for queue in held.values():
+        for queue in self.held.values():
             while queue and queue[0][0] < cutoff:
                 _, event = queue.popleft()
-                await stream_box[0].ack(event)
+                await self.stream.ack(event)
 
-    @task(app)
-    async def restore() -> None:
+    async def restore(self) -> None:
+        """The start-up task: :meth:`start_up`, retried until Kafka answers."""
         delay = 0.5
         while True:
             try:
                 # Bounded: reading the alerts topic loops until it reaches the end offsets,
                 # which a broker outage in the middle would postpone for ever.
-                await asyncio.wait_for(start_up(), STARTUP_TIMEOUT_S)
+                await asyncio.wait_for(self.start_up(), STARTUP_TIMEOUT_S)
                 return
             except Exception as exc:  # Kafka not reachable yet: the timer waits for this
                 log.warning("metrics start-up failed (%s); retrying in %.1fs", exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
 
-    @timer(app, min(1.0, mc.window_s / 4), name="metrics-evaluate")
-    async def evaluate() -> None:
+    async def evaluate(self) -> None:
+        """The evaluation timer: ack what no evaluation reads any more, then evaluate the
+        alert rules at the end of every window closed since the last evaluation."""
+        status, store, engine = self.status, self.store, self.engine
+        w, horizon_ms = self.w, self.horizon_ms
         if status["targets"] is None:
             return  # restore() has not finished: nothing may be evaluated yet
-        closed_end = (now_ms() - grace_ms) // w * w
+        closed_end = (self.now_ms() - self.grace_ms) // w * w
         until = status["evaluated_until"]
-        await ack_older_than((closed_end if until is None else until + w) - horizon_ms)
+        await self.ack_older_than((closed_end if until is None else until + w) - horizon_ms)
         if not status["caught_up"]:
-            if not caught_up():
+            if not self.caught_up():
                 return
             status["caught_up"] = True
             # The first evaluation needs a whole rule window of complete data. A restarted
@@ -461,26 +518,26 @@ def register(ctx: Context) -> None:
             snap = engine.snapshot()
             try:
                 for t in engine.evaluate(store, end):
-                    await emit(t)
+                    await self.emit(t)
             except Exception:
                 engine.restore(snap)  # not emitted: evaluate this window again next tick
                 log.exception("could not emit the alerts of window %s", _iso(end))
                 break
             status["evaluated_until"] = end
             end += w
-        store.expire(status["evaluated_until"] - keep_ms)
+        store.expire(status["evaluated_until"] - self.keep_ms)
 
-    @timer(app, 0.5, name="auto-pause")
-    async def auto_pause() -> None:
+    async def auto_pause(self) -> None:
         """Pause/resume buyers (issue 3, rule 10): once caught up, so a replay after a restart
         never decides on partial data; each transition on the alerts topic before it counts."""
-        if not pause_cfgs or not status["caught_up"]:
+        pause_cfgs, pauses = self.pause_cfgs, self.pauses
+        if not pause_cfgs or not self.status["caught_up"]:
             return
-        for t in pauses.evaluate(now_ms()):
+        for t in pauses.evaluate(self.now_ms()):
             rec = pause_alert(t, pause_cfgs[t.buyer_id])
 
             async def send(rec: dict[str, Any] = rec) -> None:
-                fut = await alerts_topic.send(
+                fut = await self.alerts_topic.send(
                     key=f"{PAUSE_RULE}|{rec['subject']}".encode(),
                     value=schemas.encode("Alert", rec),
                 )
@@ -496,32 +553,102 @@ def register(ctx: Context) -> None:
                 else:
                     pauses.paused_until[t.buyer_id] = t.at_ms
                 continue
-            transitions.labels(PAUSE_RULE, rec["state"]).inc()
+            self.transitions.labels(PAUSE_RULE, rec["state"]).inc()
             log.warning("%s", rec["message"])
 
-    @task(app)
-    async def serve_metrics() -> None:
+    async def serve_metrics(self) -> None:
+        """The /metrics (and /healthz) server, unless ``metrics.listen``'s port is 0."""
+        mc = self.mc
         if mc.port == 0:
             return
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
-        async def metrics_page(request: web.Request) -> web.Response:
-            body = generate_latest(registry)
-            return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-        async def health(request: web.Request) -> web.Response:
-            return web.json_response(
-                {"caught_up": status["caught_up"], "evaluated_until_ms": status["evaluated_until"]}
-            )
-
         web_app = web.Application()
-        web_app.router.add_get("/metrics", metrics_page)
-        web_app.router.add_get("/healthz", health)
+        web_app.router.add_get("/metrics", self.metrics_page)
+        web_app.router.add_get("/healthz", self.health)
         runner = web.AppRunner(web_app, access_log=None)
         await runner.setup()
         await web.TCPSite(runner, mc.host, mc.port).start()
-        ctx.closers.append(runner.cleanup)
+        self.closers.append(runner.cleanup)
         log.info("Prometheus metrics on http://%s:%d/metrics", mc.host, mc.port)
+
+    async def metrics_page(self, request: web.Request) -> web.Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        body = generate_latest(self.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def health(self, request: web.Request) -> web.Response:
+        status = self.status
+        return web.json_response(
+            {"caught_up": status["caught_up"], "evaluated_until_ms": status["evaluated_until"]}
+        )
+
+
+def register(ctx: Context) -> None:
+    """Build the stage from ``ctx`` and bind Faust's agent, tasks and timers to its methods."""
+    app, settings = ctx.app, ctx.settings
+    mc = settings.metrics
+    n = ctx.names
+    source_topics = [n.bids, n.deliveries, n.results]
+    source = app.topic(
+        *source_topics,
+        key_type=bytes,
+        value_type=bytes,
+        key_serializer="raw",
+        value_serializer="raw",
+        partitions=settings.kafka.partitions,
+    )
+
+    def webhooks(on_failure: FailureHook) -> Any:
+        sender = ctx.webhooks
+        if sender is None:
+            from connectors.webhook import WebhookSender
+
+            sender = ctx.webhooks = WebhookSender(
+                timeout_s=mc.webhook_timeout_s,
+                attempts=mc.webhook_attempts,
+                backoff_s=mc.webhook_backoff_s,
+                on_failure=on_failure,
+            )
+
+            async def close() -> None:
+                await sender.drain(timeout=5.0)
+                await sender.aclose()
+
+            ctx.closers.append(close)
+        return sender
+
+    stage = MetricsStage(
+        settings,
+        alerts=ctx.topic("alerts"),
+        deadletter=ctx.topic("deadletter"),
+        alerts_topic=n.alerts,
+        source_topics=source_topics,
+        group=app.conf.id,
+        webhooks=webhooks,
+        closers=ctx.closers,
+    )
+
+    @app.agent(source, name="metrics", concurrency=1)
+    async def metrics_agent(stream: Any) -> None:
+        await stage.consume(stream)
+
+    @task(app)
+    async def restore() -> None:
+        await stage.restore()
+
+    @timer(app, min(1.0, mc.window_s / 4), name="metrics-evaluate")
+    async def evaluate() -> None:
+        await stage.evaluate()
+
+    @timer(app, 0.5, name="auto-pause")
+    async def auto_pause() -> None:
+        """Pause/resume buyers (issue 3, rule 10): once caught up, so a replay after a restart
+        never decides on partial data; each transition on the alerts topic before it counts."""
+        await stage.auto_pause()
+
+    @task(app)
+    async def serve_metrics() -> None:
+        await stage.serve_metrics()
 
 
 def _iso(ms: int) -> str:
