@@ -78,6 +78,17 @@
    ``NoError`` was sent (the coordinator's session clock restarted no earlier than that),
    or when a join completed. No upstream issue: Kafka's own answer is transactional
    fencing, which Faust offers only as its exactly-once mode.
+
+8. **A short fetch wait only while it buys latency** (issue 12: the stack at rest). Point 1's
+   short wait matters only while some partition is left out of the fetch: one whose records
+   wait in aiokafka's buffer, or one paused. When every assigned partition is in the fetch, the
+   broker answers it as soon as any of them gets a record (``fetch_min_bytes=1``), however long
+   the wait. So a fetch that leaves nothing out now waits ``IDLE_FETCH_MAX_WAIT_MS``: at rest a
+   consumer asks the broker twice a second instead of a hundred times, and the first record
+   after the rest is answered as fast as before. Records buffered for a partition the consumer
+   does not read now (Faust's paused partitions: a table's own changelog after recovery) do
+   not count: they would keep every fetch short for good. Applies to every aiokafka consumer of
+   the process (the feeds too); a configured wait above the idle one is kept.
 """
 
 from __future__ import annotations
@@ -93,12 +104,15 @@ __all__ = [
     "DELETE_WHEN",
     "PatchVersionError",
     "WATCHDOG_CALL_TIMEOUT_S",
+    "IDLE_FETCH_MAX_WAIT_MS",
     "WORKER_FETCH_MAX_WAIT_MS",
     "WRITTEN_FOR",
     "OffsetGuard",
     "apply",
     "check_versions",
     "contiguous_commit",
+    "fetch_wait_ms",
+    "idle_fetch_wait",
     "guard_of",
     "guarded",
 ]
@@ -121,6 +135,7 @@ DELETE_WHEN = {
     6: "faust-streaming's verify_event_path stops measuring idle time as 'not committed' "
     "(no upstream issue yet)",
     7: "Faust offers group fencing outside exactly-once mode (no upstream issue)",
+    8: "aiokafka sizes the fetch wait by what the fetch leaves out (no upstream issue yet)",
 }
 
 
@@ -153,6 +168,9 @@ def check_versions() -> None:
 #: The worker consumer's fetch wait (see point 1).
 WORKER_FETCH_MAX_WAIT_MS = 10
 
+#: The fetch wait when no partition is left out of the fetch (see point 8); Kafka's default.
+IDLE_FETCH_MAX_WAIT_MS = 2000
+
 
 def apply(fetch_max_wait_ms: int | None = WORKER_FETCH_MAX_WAIT_MS) -> None:
     """Apply the fixes; ``fetch_max_wait_ms=None`` keeps Faust's fetch wait (roles that are
@@ -166,6 +184,53 @@ def apply(fetch_max_wait_ms: int | None = WORKER_FETCH_MAX_WAIT_MS) -> None:
     _bound_waits()
     _quiet_livelock_check()
     _track_membership()
+    idle_fetch_wait()
+
+
+def fetch_wait_ms(configured: int, waiting_to_be_read: bool, any_paused: bool) -> int:
+    """Point 8: the broker-side wait of the next fetch. ``waiting_to_be_read``: records of a
+    partition the consumer reads are buffered (that partition is left out of the fetch)."""
+    if waiting_to_be_read or any_paused:
+        return configured
+    return max(configured, IDLE_FETCH_MAX_WAIT_MS)
+
+
+def idle_fetch_wait() -> None:
+    """Point 8 alone, for a process with aiokafka consumers and no Faust app (ingest)."""
+    from aiokafka.consumer.fetcher import Fetcher
+
+    check_versions()
+    if getattr(Fetcher, "_pingpost_idle_wait", False):
+        return
+    orig_actions = Fetcher._get_actions_per_node
+    orig_fetched = Fetcher.fetched_records
+
+    async def fetched_records(
+        self: Any, partitions: Any, timeout: float = 0, max_records: int | None = None
+    ) -> Any:
+        # What the consumer reads now (Faust's active partitions; empty = all). Records of a
+        # partition it does not read (a table's own changelog after recovery, a stream whose
+        # buffer is full) stay buffered for a long time and do not make the fetch short.
+        self._pingpost_reading = frozenset(partitions) if partitions else None
+        return await orig_fetched(self, partitions, timeout, max_records)
+
+    def _get_actions_per_node(self: Any, assignment: Any) -> Any:
+        configured = getattr(self, "_pingpost_configured_wait_ms", None)
+        if configured is None:
+            configured = self._pingpost_configured_wait_ms = self._fetch_max_wait_ms
+        reading = getattr(self, "_pingpost_reading", None)
+        if reading is None:
+            waiting = bool(self._records)
+        else:
+            waiting = any(tp in reading for tp in self._records)
+        paused = any(assignment.state_value(tp).paused for tp in assignment.tps)
+        self._fetch_max_wait_ms = fetch_wait_ms(configured, waiting, paused)
+        return orig_actions(self, assignment)
+
+    # aiokafka's methods replaced at run time, and our marker on its class: deliberate.
+    Fetcher._get_actions_per_node = _get_actions_per_node
+    Fetcher.fetched_records = fetched_records
+    Fetcher._pingpost_idle_wait = True
 
 
 def _track_membership() -> None:

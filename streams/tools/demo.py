@@ -12,12 +12,13 @@ import random
 import time
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote_plus
 
 import httpx
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-__all__ = ["generate_leads", "push_leads", "DemoRun"]
+__all__ = ["generate_leads", "push_leads", "DemoRun", "PiiAudit", "tag_leads"]
 
 _STATES = ["CA", "TX", "AZ", "NV", "FL", "NY", "NJ", "CO", "MA", "NC"]
 _ZIP_PREFIX = {
@@ -100,6 +101,56 @@ def generate_leads(n: int, seed: int = 7) -> list[dict[str, Any]]:
     return leads
 
 
+def tag_leads(leads: list[dict[str, Any]], prefix: str) -> None:
+    """Give each lead the id ``<prefix><n>``: a run's leads are then one ``startsWith`` away
+    in every table (a query of constant size at any number of leads), and a retried POST is
+    idempotent (a producer-supplied ``lead_id`` is an idempotency key)."""
+    for i, lead in enumerate(leads):
+        lead["lead_id"] = f"{prefix}{i:07d}"
+
+
+class PiiAudit:
+    """Every ping the simulated buyers received, scanned for any PII value of the run's leads
+    (lower-cased, at least 5 characters), read as the run goes (``drain``): the buyers forget
+    what was read, so their recordings stay small at any number of leads. One Aho-Corasick
+    pass per ping, whatever the number of values."""
+
+    def __init__(self, buyer_urls: list[str], pii_values: Any) -> None:
+        import ahocorasick
+
+        self._urls = buyer_urls
+        self._auto = ahocorasick.Automaton()
+        for v in pii_values:
+            v = str(v).lower()
+            if len(v) >= 5:
+                self._auto.add_word(v, v)
+        self._empty = len(self._auto) == 0
+        if not self._empty:
+            self._auto.make_automaton()
+        self.pings = 0
+        self.leaks = 0
+        #: Pings a buyer dropped from its recordings before they were read (audit incomplete).
+        self.missed = 0
+
+    def drain(self, timeout: float = 30.0) -> None:
+        for url in self._urls:
+            got = httpx.get(
+                f"{url}/__sim/received", params={"kind": "ping", "drain": "1"}, timeout=timeout
+            ).json()
+            for req in got:
+                self.pings += 1
+                blob = (
+                    req.get("body", "")
+                    + unquote_plus(req.get("path", ""))
+                    + unquote_plus(str(req.get("query", "")))
+                    + str(req.get("headers", {}))
+                ).lower()
+                if not self._empty and next(self._auto.iter(blob), None) is not None:
+                    self.leaks += 1
+            stats = httpx.get(f"{url}/__sim/stats", timeout=timeout).json()
+            self.missed = max(self.missed, int(stats["counts"].get("recordings_dropped", 0)))
+
+
 @dataclass
 class DemoRun:
     lead_ids: list[str]
@@ -130,16 +181,28 @@ async def push_leads(
     ramp_s: float = 3.0,
     concurrency: int = 32,
     console: Console | None = None,
+    every_5s: Any = None,
 ) -> DemoRun:
     """POST every lead at about ``rate`` per second (after a ramp of ``ramp_s``); returns
     the accepted lead ids in order. A 429 (over capacity) is retried after its Retry-After,
-    as a producer should (at most ``MAX_429`` times per lead)."""
+    as a producer should (at most ``MAX_429`` times per lead). ``every_5s`` (a blocking
+    callable) runs in a thread every 5 s while pushing (the PII audit reading the buyers)."""
     ids: list[str | None] = [None] * len(leads)
     rejected: list[tuple[int, str]] = []
     refused = 0
     sem = asyncio.Semaphore(concurrency)
     start = time.monotonic()
     headers = {"Authorization": f"Bearer {token}"}
+    pushing = asyncio.Event()
+
+    async def periodic() -> None:
+        while not pushing.is_set():
+            try:
+                await asyncio.wait_for(pushing.wait(), 5.0)
+            except TimeoutError:
+                await asyncio.to_thread(every_5s)
+
+    side = asyncio.create_task(periodic()) if every_5s is not None else None
     with Progress(
         TextColumn("pushing leads"),
         BarColumn(),
@@ -181,7 +244,8 @@ async def push_leads(
                         rejected.append((i, f"HTTP {resp.status_code}: {resp.text[:200]}"))
                     progress.advance(task)
 
-            tasks = []
+            # Finished tasks are let go: memory does not grow with the number of leads sent.
+            tasks: set[asyncio.Task[None]] = set()
             times = schedule(len(leads), rate, ramp_s)
             for i, lead in enumerate(leads):
                 # Pace by schedule, not by sleeping a fixed gap: keeps the target rate even
@@ -190,9 +254,15 @@ async def push_leads(
                 delay = due - time.monotonic()
                 if delay > 0:
                     await asyncio.sleep(delay)
-                tasks.append(asyncio.create_task(one(i, lead)))
+                t = asyncio.create_task(one(i, lead))
+                tasks.add(t)
+                t.add_done_callback(tasks.discard)
             await asyncio.gather(*tasks)
-    return DemoRun([x for x in ids if x is not None], rejected, time.monotonic() - start, refused)
+    took = time.monotonic() - start
+    pushing.set()
+    if side is not None:
+        await side
+    return DemoRun([x for x in ids if x is not None], rejected, took, refused)
 
 
 #: How many 429 answers a demo lead is retried through.

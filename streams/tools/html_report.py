@@ -108,6 +108,7 @@ def collect(
     lead_ids: Sequence[str] | None = None,
     since: datetime | None = None,
     until: datetime | None = None,
+    lead_prefix: str | None = None,
     summary: Report | None = None,
     title: str = "pingpost report",
     extra: dict[str, str] | None = None,
@@ -117,12 +118,12 @@ def collect(
     in ``[since, until)``; alerts are those raised in ``[since, until)``. ``summary`` saves
     re-querying the headline numbers when the caller already has them for the same scope."""
     db = database
-    where, params = scope_where(db, lead_ids, since, until)
+    where, params = scope_where(db, lead_ids, since, until, lead_prefix)
     and_ = f"{where} AND" if where else "WHERE"
     r = (
         summary
         if summary is not None
-        else build_report(client, db, lead_ids, since=since, until=until)
+        else build_report(client, db, lead_ids, since=since, until=until, lead_prefix=lead_prefix)
     )
     first = r.first_received
     (last,) = (
@@ -179,6 +180,8 @@ def collect(
     ]
     if lead_ids is not None:
         scope = f"one run: {len(lead_ids):,} lead{'' if len(lead_ids) == 1 else 's'}"
+    elif lead_prefix is not None:
+        scope = f"one run: {r.leads:,} lead{'' if r.leads == 1 else 's'} ({lead_prefix}*)"
     else:
         scope = "all leads"
     if since is not None or until is not None:

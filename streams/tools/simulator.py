@@ -8,7 +8,8 @@ does not reshuffle the others for the same ping_id.
 
 Control endpoints on every buyer server (for tests and the PII audit)::
 
-    GET    /__sim/received?kind=ping|post   recorded requests (JSON list)
+    GET    /__sim/received?kind=ping|post   recorded requests (JSON list); &drain=1 also
+                                            forgets the ones returned
     DELETE /__sim/received                  clear recordings and counters
     GET    /__sim/stats                     counters
     PUT    /__sim/config                    change SimBuyerConfig fields at runtime
@@ -392,8 +393,18 @@ class SimulatedMarket:
         b.cfg = _merge_config(b.cfg, changes)
         return b.cfg
 
-    def received(self, buyer_id: str, kind: RecordKind | None = None) -> list[dict[str, Any]]:
-        return [r for r in self._buyers[buyer_id].records if kind is None or r["kind"] == kind]
+    def received(
+        self, buyer_id: str, kind: RecordKind | None = None, drain: bool = False
+    ) -> list[dict[str, Any]]:
+        """Recorded requests (of ``kind``); ``drain`` forgets the ones returned, so a long run
+        read as it goes keeps the recordings small."""
+        b = self._buyers[buyer_id]
+        got = [r for r in b.records if kind is None or r["kind"] == kind]
+        if drain and got:
+            kept = [r for r in b.records if not (kind is None or r["kind"] == kind)]
+            b.records.clear()
+            b.records.extend(kept)
+        return got
 
     def stats(self, buyer_id: str) -> dict[str, Any]:
         b = self._buyers[buyer_id]
@@ -434,6 +445,8 @@ class SimulatedMarket:
         except orjson.JSONDecodeError:
             parsed = None
         if self._record:
+            if len(b.records) == b.records.maxlen:
+                b.count("recordings_dropped")  # the oldest goes: a reader can tell it missed some
             b.records.append(
                 {
                     "kind": kind,
@@ -499,8 +512,9 @@ class SimulatedMarket:
         kind = request.query.get("kind")
         if kind not in (None, "ping", "post"):
             return _json_response({"error": "kind must be 'ping' or 'post'"}, 400)
+        drain = request.query.get("drain", "").lower() in ("1", "true", "yes")
         # `kind not in (None, "ping", "post")` above narrows a str for the reader, not mypy.
-        return _json_response(self.received(b.id, kind))  # type: ignore[arg-type]
+        return _json_response(self.received(b.id, kind, drain))  # type: ignore[arg-type]
 
     async def _on_clear(self, b: _Buyer, request: web.Request) -> web.Response:
         self.clear(b.id)

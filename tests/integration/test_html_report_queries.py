@@ -84,3 +84,21 @@ async def test_lead_ids_scope_and_write(wh: ClickHouseClient, client: Any, tmp_p
     assert out.is_absolute() and "<title>one lead</title>" in page
     assert "one run: 1 lead " in page
     assert not list(out.parent.glob(".*.tmp"))
+
+
+async def test_lead_prefix_scopes_like_the_list_of_its_ids(
+    wh: ClickHouseClient, client: Any
+) -> None:
+    """A run's leads by id prefix (the demo's, at any size: one startsWith) select exactly
+    what the list of their ids selects, in the summary and in every chart."""
+    from streams.tools.report import build_report
+
+    for prefix, ids in (("l1", ["l1"]), ("l", ["l1", "l2"]), ("zz", [])):
+        by_prefix = collect(client, wh.database, lead_prefix=prefix)
+        by_ids = collect(client, wh.database, lead_ids=ids or ["none"])
+        # repr: an empty scope's percentiles are NaN, which is never == itself.
+        assert repr(by_prefix.summary) == repr(by_ids.summary)
+        assert (by_prefix.series, by_prefix.latency) == (by_ids.series, by_ids.latency)
+        assert repr(build_report(client, wh.database, lead_prefix=prefix)) == repr(by_ids.summary)
+    assert collect(client, wh.database, lead_prefix="l1").summary.sold_exclusive == 1
+    assert "one run: 1 lead (l1*)" in collect(client, wh.database, lead_prefix="l1").scope

@@ -36,6 +36,8 @@ SIGNATURES = {
     "faust.transport.consumer:Consumer.seek": "(self, partition: faust.types.tuples.TP, offset: int) -> None",
     "faust.transport.consumer:Consumer.on_partitions_revoked": "(self, revoked: Set[faust.types.tuples.TP]) -> None",
     "faust.transport.consumer:ThreadDelegateConsumer.seek_to_committed": "(self) -> Mapping[faust.types.tuples.TP, int]",
+    "aiokafka.consumer.fetcher:Fetcher._get_actions_per_node": "(self, assignment)",
+    "aiokafka.consumer.fetcher:Fetcher.fetched_records": "(self, partitions, timeout=0, max_records=None)",
 }
 
 #: Private attributes the patches and the watchdog read: (module:class, attribute). Each must
@@ -63,6 +65,7 @@ PRIVATE_READS = [
     ("aiokafka.consumer.consumer:AIOKafkaConsumer", "_client"),
     ("aiokafka.consumer.group_coordinator:GroupCoordinator", "_rejoin_needed_fut"),
     ("aiokafka.consumer.fetcher:Fetcher", "_records"),
+    ("aiokafka.consumer.fetcher:Fetcher", "_fetch_max_wait_ms"),
     ("aiokafka.consumer.subscription_state:TopicPartitionState", "_position"),
 ]
 

@@ -302,3 +302,37 @@ async def test_partial_nested_config_keeps_other_keys() -> None:
             assert resp.status == 200
         assert m.config_of("acme").latency_ms.median == 0
         assert m.config_of("acme").latency_ms.p99 == 5
+
+
+async def test_pii_audit_drains_and_finds_a_value_in_any_part_of_a_ping() -> None:
+    """The demo's audit (streams.tools.demo.PiiAudit): a PII value anywhere in a ping (body,
+    query (decoded), header; any case) is a leak; what it read is gone from the buyer's recordings, so a
+    second drain reads only what came since; a ping without PII is no leak."""
+    import asyncio
+
+    from streams.tools.demo import PiiAudit
+
+    async with market_and_client(make_settings({"acme": FAST})) as (m, http):
+        base = m.url_of("acme")
+        audit = PiiAudit([base], ["ada.lovelace@example.com", "+12025550123", "abc"])
+        for i, (query, body, headers) in enumerate(
+            [
+                ("", {"state": "CA"}, {}),
+                ("", {"state": "CA", "note": "Ada.Lovelace@Example.com"}, {}),
+                ("?who=%2B12025550123", {"state": "CA"}, {}),
+                ("", {"state": "CA"}, {"X-Echo": "+12025550123"}),
+                ("", {"state": "abc"}, {}),  # shorter than 5: not audited
+            ]
+        ):
+            async with http.post(
+                m.ping_url("acme") + query, json={"ping_id": f"p{i}", **body}, headers=headers
+            ) as resp:
+                await resp.read()
+        await asyncio.to_thread(audit.drain)
+        assert (audit.pings, audit.leaks, audit.missed) == (5, 3, 0)
+        async with http.post(m.ping_url("acme"), json={"ping_id": "p9", "e": "+12025550123"}) as r:
+            await r.read()
+        await asyncio.to_thread(audit.drain)
+        assert (audit.pings, audit.leaks) == (6, 4)
+        async with http.get(base + "/__sim/received", params={"kind": "ping"}) as resp:
+            assert await resp.json() == []

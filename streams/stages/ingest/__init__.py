@@ -31,6 +31,7 @@ from aiokafka.structs import TopicPartition
 
 import schemas
 from streams.rules.leads import LeadError, validate_lead
+from streams.runtime import faust_patches
 from streams.settings import Settings
 from streams.stages.ingest.admission import Admission
 from streams.stages.ingest.idempotency import (
@@ -468,6 +469,9 @@ class IngestServer:
 
 
 def run(settings: Settings, port: int | None = None) -> None:
+    # Its consumers (outcomes, admission reports) ask the broker rarely while nothing arrives.
+    faust_patches.idle_fetch_wait()
+
     async def main() -> None:
         server = IngestServer(settings, port=port)
         await server.start()

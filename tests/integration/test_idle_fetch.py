@@ -1,0 +1,104 @@
+"""A consumer at rest asks the broker rarely, and still gets the first record after the rest
+at once (streams/runtime/faust_patches.py, point 8; issue 12: the stack at rest).
+
+Real broker, real aiokafka consumer with the auction worker's 10 ms fetch wait. Unpatched it
+sends a fetch every ~10 ms while nothing arrives (hundreds in the idle window); patched, a
+fetch that leaves no partition out waits the idle wait, and the broker answers it as soon as a
+record lands. The count of fetches is read from aiokafka's own request path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.consumer.fetcher import Fetcher
+
+from streams.runtime import faust_patches
+
+pytestmark = pytest.mark.integration
+
+IDLE_S = 3.0
+
+
+async def _idle_then_one_record(bootstrap: str) -> tuple[int, float, float]:
+    """(fetches sent while idle, seconds from send to delivery of the record after the rest,
+    seconds of a record while busy)"""
+    topic = f"idle-{uuid.uuid4().hex[:8]}"
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, num_partitions=4, replication_factor=1)])
+    finally:
+        await admin.close()
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=0)
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        group_id=f"g-{topic}",
+        auto_offset_reset="earliest",
+        fetch_max_wait_ms=faust_patches.WORKER_FETCH_MAX_WAIT_MS,
+    )
+    await producer.start()
+    await consumer.start()
+    try:
+        # Until the group has assigned the partitions, fetches do not count.
+        while not consumer.assignment():
+            await asyncio.sleep(0.05)
+        await producer.send_and_wait(topic, b"warm-up", partition=0)
+        await asyncio.wait_for(consumer.getone(), 30)
+
+        fetcher = consumer._fetcher
+        sent = 0
+        orig = fetcher._proc_fetch_request
+
+        async def counting(*args: object, **kwargs: object) -> object:
+            nonlocal sent
+            sent += 1
+            return await orig(*args, **kwargs)
+
+        fetcher._proc_fetch_request = counting  # type: ignore[method-assign]
+        reader = asyncio.ensure_future(consumer.getone())
+        await asyncio.sleep(IDLE_S)  # the rest being measured, not a synchronization
+        idle_fetches = sent
+        t0 = time.monotonic()
+        await producer.send_and_wait(topic, b"after-rest", partition=3)
+        msg = await asyncio.wait_for(reader, 10)
+        after_rest = time.monotonic() - t0
+        assert msg.value == b"after-rest"
+        t0 = time.monotonic()
+        await producer.send_and_wait(topic, b"busy", partition=1)
+        msg = await asyncio.wait_for(consumer.getone(), 10)
+        busy = time.monotonic() - t0
+        assert msg.value == b"busy"
+        return idle_fetches, after_rest, busy
+    finally:
+        await consumer.stop()
+        await producer.stop()
+
+
+def test_idle_consumer_fetches_rarely_and_first_record_is_prompt(kafka_bootstrap: str) -> None:
+    faust_patches.apply()
+    assert getattr(Fetcher, "_pingpost_idle_wait", False)
+    idle_fetches, after_rest, busy = asyncio.run(_idle_then_one_record(kafka_bootstrap))
+    # At most one fetch per idle wait (plus the one in flight at each end); unpatched: ~200.
+    bound = IDLE_S / (faust_patches.IDLE_FETCH_MAX_WAIT_MS / 1000) + 2
+    assert idle_fetches <= bound, f"{idle_fetches} fetches in {IDLE_S}s at rest"
+    # The broker answers the pending long fetch when the record lands: not after the idle wait.
+    assert after_rest < 0.2, f"first record after the rest took {after_rest * 1000:.0f} ms"
+    assert busy < 0.2, f"a record took {busy * 1000:.0f} ms"
+
+
+def test_fetch_wait_is_short_while_a_read_partition_waits() -> None:
+    """The rule itself: short while anything the consumer reads is left out of the fetch."""
+    short = faust_patches.WORKER_FETCH_MAX_WAIT_MS
+    idle = faust_patches.IDLE_FETCH_MAX_WAIT_MS
+    assert faust_patches.fetch_wait_ms(short, waiting_to_be_read=True, any_paused=False) == short
+    assert faust_patches.fetch_wait_ms(short, waiting_to_be_read=False, any_paused=True) == short
+    assert faust_patches.fetch_wait_ms(short, waiting_to_be_read=False, any_paused=False) == idle
+    longer = idle + 1000  # a configured wait above the idle one is kept
+    assert faust_patches.fetch_wait_ms(longer, waiting_to_be_read=False, any_paused=False) == longer
