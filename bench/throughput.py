@@ -12,7 +12,9 @@ lead has settled in ClickHouse, and prints one row:
   step's first ``--warmup`` seconds;
 - leads unsold for a platform reason;
 - CPU ms per settled lead of each stack process (``/proc``, each component's process group),
-  and of this load generator apart.
+  and of this load generator apart;
+- after the table, the Kafka records written per settled lead, per topic (end offsets before
+  and after the step; the work every consumer and the broker pay for).
 
 The knee is the last step that accepted ≥ 95 % of what was offered with receipt → ping p99
 within ``--p99-ms``. A step's leads carry ids with its own prefix, so every query is one
@@ -75,6 +77,35 @@ async def offer(url: str, token: str, leads: list[dict[str, Any]], rate: float) 
             t.add_done_callback(pending.discard)
         await asyncio.gather(*pending)
     return statuses
+
+
+def topic_records(bootstrap: str) -> dict[str, int]:
+    """Records written so far to each topic (the sum of its partitions' end offsets; the
+    internal ``__consumer_offsets`` counts the commits)."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    async def go() -> dict[str, int]:
+        c = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None)
+        await c.start()
+        try:
+            # All topics' metadata (a group-less consumer's own view covers only what it
+            # reads).
+            md = await c._client.fetch_all_metadata()
+            tps = [
+                TopicPartition(t, p)
+                for t in md.topics()
+                if t != "__cluster_metadata"
+                for p in md.partitions_for_topic(t) or ()
+            ]
+            ends = await c.end_offsets(tps)
+        finally:
+            await c.stop()
+        out: dict[str, int] = {}
+        for tp, end in ends.items():
+            out[tp.topic] = out.get(tp.topic, 0) + end
+        return out
+
+    return asyncio.run(go())
 
 
 def _self_cpu_s() -> float:
@@ -143,6 +174,7 @@ def step(
     url = f"http://{s.ingest.host}:{s.ingest.port}/v1/leads"
     token = s.ingest.producers[0].token.get_secret_value()
     profiling = _profile(pid_dir, Path(args.profile), rate, args.seconds) if args.profile else []
+    records0 = topic_records(s.kafka.bootstrap)
     cpu0, self0, t0 = cpu.sample(pid_dir), _self_cpu_s(), time.monotonic()
     statuses = asyncio.run(offer(url, token, leads, rate))
     sent_for = time.monotonic() - t0
@@ -159,6 +191,12 @@ def step(
             break
         time.sleep(0.5)
     cpu_ms = cpu.per_lead_ms(cpu0, cpu.sample(pid_dir), settled)
+    records1 = topic_records(s.kafka.bootstrap)
+    per_topic = {
+        t: (n - records0.get(t, 0)) / max(1, settled)
+        for t, n in records1.items()
+        if n > records0.get(t, 0)
+    }
     for _, _, proc in profiling:
         proc.wait()
     ((first, last, o50, o99, c50, c99, s99),) = ch.query(
@@ -200,9 +238,49 @@ def step(
         "settled_p99": s99,
         "platform_unsold": platform_unsold(reasons),
         "cpu_ms": cpu_ms,
+        "records": per_topic,
         "generator_ms": 1000.0 * self_cpu / max(1, accepted),
         "profiles": [(name, out) for name, out, _ in profiling],
     }
+
+
+def rest_check(args: argparse.Namespace, s: Any, ch: Any, stamp: str, pid_dir: Path) -> None:
+    """The stack at rest: CPU over ``--rest`` seconds with no traffic, then five leads one
+    second apart, each one's receipt → ping open (the first lead after the rest)."""
+    print(f"… at rest for {args.rest:g} s", flush=True)
+    before = cpu.sample(pid_dir)
+    time.sleep(args.rest)  # the rest being measured
+    after = cpu.sample(pid_dir)
+    span = after.at - before.at
+    used = {k: 100.0 * (v - before.seconds.get(k, 0.0)) / span for k, v in after.seconds.items()}
+    print(
+        f"  at rest: {sum(used.values()):.1f} % of one core ("
+        + ", ".join(f"{k} {v:.1f}" for k, v in sorted(used.items(), key=lambda kv: -kv[1]))
+        + ")"
+    )
+    prefix = f"rest-{stamp}-"
+    leads = generate_leads(5, seed=5)
+    tag_leads(leads, prefix)
+    url = f"http://{s.ingest.host}:{s.ingest.port}/v1/leads"
+    token = s.ingest.producers[0].token.get_secret_value()
+    statuses = asyncio.run(offer(url, token, leads, 1.0))
+    db = s.clickhouse.database
+    deadline = time.monotonic() + args.settle_timeout
+    rows: list[Any] = []
+    while time.monotonic() < deadline:
+        rows = ch.query(
+            f"""SELECT toUnixTimestamp64Milli(opened_at) - toUnixTimestamp64Milli(received_at)
+                FROM {db}.auctions FINAL WHERE startsWith(lead_id, %(p)s)
+                ORDER BY received_at""",
+            parameters={"p": prefix},
+        ).result_rows
+        if len(rows) >= statuses[202]:
+            break
+        time.sleep(0.5)
+    print(
+        "  after the rest, receipt → ping open of 5 leads 1 s apart: "
+        + ", ".join(f"{r[0]} ms" for r in rows)
+    )
 
 
 def main() -> None:
@@ -215,6 +293,9 @@ def main() -> None:
     ap.add_argument("--settle-timeout", type=float, default=180.0)
     ap.add_argument("--p99-ms", type=float, default=250.0, help="knee: receipt → ping p99 bound")
     ap.add_argument("--profile", metavar="DIR", help="py-spy each stack process into DIR")
+    ap.add_argument(
+        "--rest", type=float, default=0.0, help="first: CPU at rest over this many s, then 5 leads"
+    )
     args = ap.parse_args()
     s = load_settings(args.config)
     pid_dir = Path(args.run_dir) / "pids"
@@ -231,6 +312,8 @@ def main() -> None:
     stamp = time.strftime("%H%M%S")
     rates = [float(r) for r in args.rates.split(",") if r.strip()]
     print(f"throughput bench: rates {rates} leads/s, {args.seconds:g} s each, stack {pid_dir}")
+    if args.rest:
+        rest_check(args, s, ch, stamp, pid_dir)
     rows = []
     for rate in rates:
         print(f"… offering {rate:g} leads/s for {args.seconds:g} s", flush=True)
@@ -276,6 +359,15 @@ def main() -> None:
         f"p99 ≤ {args.p99_ms:g} ms)"
         if knee is not None
         else f"\nno step met ≥ 95 % accepted with receipt → ping p99 ≤ {args.p99_ms:g} ms"
+    )
+    last = rows[-1]
+    print(
+        f"\nKafka records per settled lead at {last['rate']:g}/s: "
+        f"{sum(last['records'].values()):.1f} ("
+        + ", ".join(
+            f"{t} {n:.2f}" for t, n in sorted(last["records"].items(), key=lambda kv: -kv[1])
+        )
+        + ")"
     )
     for r in rows:
         for name, out in r["profiles"]:

@@ -16,22 +16,36 @@ import gc
 import logging
 import os
 import tempfile
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Literal
 
 import faust
 import mode
 
-from streams.context import Context
+from streams.context import Context, Offers
 from streams.runtime import faust_patches, watchdog
 from streams.settings import ConfigError, Settings, unenforced_keys
 from streams.topics import TopicNames, topic_specs
 
-__all__ = ["create_app"]
+__all__ = ["create_app", "wire"]
 
 Role = Literal["auction", "sink", "metrics"]
 
 log = logging.getLogger(__name__)
+
+
+def wire(ctx: Context, offers: Offers) -> None:
+    """Put what a stage offers into the Context's ports (``streams.context``). A port offered
+    twice is a wiring error, raised at start-up."""
+    for f in fields(Offers):
+        value = getattr(offers, f.name)
+        if f.name == "purge_with_auction":
+            ctx.purge_with_auction.extend(value)
+        elif value is not None:
+            if getattr(ctx, f.name) is not None:
+                raise RuntimeError(f"port {f.name} offered twice")
+            setattr(ctx, f.name, value)
 
 
 def _resources_service(ctx: Context) -> type[mode.Service]:
@@ -141,8 +155,15 @@ def create_app(
     if role == "auction":
         from streams.stages import auction, buyer_feeds, caps, dedupe, ping, post, redact
 
-        for stage in (redact, dedupe, ping, auction, post, buyer_feeds, caps):
-            stage.register(ctx)
+        # Every port is wired here, before the app starts: a stage reads the ports of
+        # others when it handles an event, never at registration.
+        redact.register(ctx)
+        dedupe.register(ctx)
+        ping.register(ctx)
+        wire(ctx, auction.register(ctx))
+        wire(ctx, post.register(ctx))
+        wire(ctx, buyer_feeds.register(ctx))
+        wire(ctx, caps.register(ctx))
     elif role == "sink":
         from streams.stages import sink
 

@@ -2,10 +2,12 @@
 things one stage offers another — as typed ports, not a dictionary of strings.
 
 Stages never import each other; whatever one needs from another goes through a port here:
-the offering stage fills it in its ``register`` (``streams.app.create_app`` registers the
-stages in an order where every port is filled before the first event is handled), the
-using stage reads it when it handles an event. A port left None is a stage not running in
-this role (no capped buyer, no auto-pause...), and the user copes with it.
+the offering stage's ``register`` returns what it offers as :class:`Offers`, and
+``streams.app.create_app`` — the one place that knows every stage — wires each offer into
+its port before the first event is handled (``streams.app.wire``); the using stage reads the
+port when it handles an event. A port left None is a stage not running in this role (no
+capped buyer, no auto-pause...), and the user copes with it. The ``progress`` port is the
+runtime's (``streams.runtime.progress.tracker``), not a stage's.
 
 =====================  ==========================  =====================================
 port                   offered by                  used by
@@ -46,6 +48,7 @@ __all__ = [
     "CapCounters",
     "CapReservations",
     "Context",
+    "Offers",
     "PauseLookup",
     "ProgressPort",
     "Round",
@@ -100,6 +103,22 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
+class Offers:
+    """What one stage's ``register`` offers the others: the ports of :class:`Context` it
+    fills (None: not offered). ``streams.app.wire`` puts them in place."""
+
+    auctions_table: TableT[Any, Any] | None = None
+    apply_round: Callable[[Round], Awaitable[bool]] | None = None
+    mark_open: Callable[[dict[str, Any]], Awaitable[bool]] | None = None
+    postings_table: TableT[Any, Any] | None = None
+    purge_with_auction: list[TableT[Any, Any]] = field(default_factory=list)
+    caps: CapReservations | None = None
+    cap_counters: CapCounters | None = None
+    pauses: PauseLookup | None = None
+    acceptance: AcceptanceCounter | None = None
+
+
+@dataclass
 class Context:
     """What every stage's ``register`` gets: the app, settings, and every topic once."""
 
@@ -108,7 +127,7 @@ class Context:
     names: TopicNames
     topics: dict[str, Any] = field(default_factory=dict)
 
-    # The ports (module docstring): filled by the offering stage's register().
+    # The ports (module docstring): wired by streams.app from the stages' Offers.
     auctions_table: TableT[Any, Any] | None = None
     apply_round: Callable[[Round], Awaitable[bool]] | None = None
     mark_open: Callable[[dict[str, Any]], Awaitable[bool]] | None = None

@@ -32,7 +32,7 @@ from functools import partial
 from typing import Any, Protocol
 
 import schemas
-from streams.context import Context, Round, ranking_inputs
+from streams.context import Context, Offers, Round, ranking_inputs
 from streams.rules.auction import Decision, close_lag_ms, decide
 from streams.runtime import agents
 from streams.runtime.agents import (
@@ -544,7 +544,7 @@ class AuctionStage:
             self.send_marker(lead_id, "purge")
 
 
-def register(ctx: Context) -> None:
+def register(ctx: Context) -> Offers:
     """Build the stage from ``ctx``, bind Faust's agent, timers and recovery callback to its
     methods, and fill the ports it offers (the table, the round hand-off, the open marker)."""
     app, settings = ctx.app, ctx.settings
@@ -582,15 +582,12 @@ def register(ctx: Context) -> None:
         assigned_here=partial(agents.assigned_here, app, bids_topic_name),
         active_partitions=active_partitions,
     )
-    ctx.auctions_table = table
 
     @table.on_recover
     async def _recovered() -> None:
         await stage.recovered()
 
     ctx.closers.append(stage.drain_closing)
-    ctx.apply_round = stage.apply_local
-    ctx.mark_open = stage.mark_open
 
     @app.agent(bids_topic, name="auction", concurrency=1)
     async def auction_agent(stream: Any) -> None:
@@ -606,6 +603,8 @@ def register(ctx: Context) -> None:
     async def sweep() -> None:
         """Re-arm timers after recovery/rebalance and purge old closed auctions."""
         await stage.sweep()
+
+    return Offers(auctions_table=table, apply_round=stage.apply_local, mark_open=stage.mark_open)
 
 
 def lead_partition(lead_id: str, partitions: int) -> int:

@@ -23,6 +23,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 import schemas
+from streams.context import Offers
 from streams.rules.buyer_stats import PAUSE_RULE, AcceptanceCounter
 from streams.runtime.agents import now_ms
 from streams.runtime.feeds import follow_topic
@@ -36,13 +37,14 @@ __all__ = ["PauseView", "register"]
 log = logging.getLogger(__name__)
 
 
-def register(ctx: Context) -> None:
+def register(ctx: Context) -> Offers:
     """Start the acceptance feed if any flow ranks by score, and the pause feed if any buyer
     has ``auto_pause``."""
     settings = ctx.settings
+    offers = Offers()
     if any(f.strategy.rank_by == "score" for f in settings.flows.values()):
         counter = AcceptanceCounter()
-        ctx.acceptance = counter
+        offers.acceptance = counter
 
         def on_delivery(value: bytes) -> None:
             try:
@@ -64,7 +66,6 @@ def register(ctx: Context) -> None:
     configs = {b.id: b.auto_pause for b in settings.buyers if b.auto_pause is not None}
     if configs:
         view = PauseView(configs)
-        ctx.pauses = view
 
         def on_alert(value: bytes) -> None:
             try:
@@ -75,6 +76,8 @@ def register(ctx: Context) -> None:
         # The metrics worker decides pauses (it already follows every ping outcome); the
         # auction workers only follow its decisions: a few records, off the hot path.
         ctx.app.service(follow_topic(settings, ctx.names.alerts, 0, on_alert, lambda: None))
+        offers.pauses = view
+    return offers
 
 
 class PauseView:

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 import schemas
 from streams import rules
+from streams.context import Offers
 from streams.rules.caps import (
     commit,
     counters,
@@ -383,7 +384,7 @@ class CapsStage:
             pass
 
 
-def register(ctx: Context) -> None:
+def register(ctx: Context) -> Offers:
     """The owner agent (caps topic → ledger table → decisions + states), the decisions agent
     and the view feed, in every auction worker when any buyer has caps."""
     settings = ctx.settings
@@ -393,7 +394,7 @@ def register(ctx: Context) -> None:
         b.id: hold_ttl_ms(b.post_timeout_ms, floor) for b in settings.buyers if b.caps is not None
     }
     if not capped:
-        return
+        return Offers()
     from streams.runtime.agents import assigned_here, durable_set, key_partition, timer
     from streams.runtime.feeds import follow_topic
 
@@ -409,8 +410,6 @@ def register(ctx: Context) -> None:
     )
     client = CapClient(requests)
     view = CapView()
-    ctx.caps = client
-    ctx.cap_counters = view
 
     caps_topic = requests.get_topic_name()
     parts = settings.kafka.partitions
@@ -450,3 +449,4 @@ def register(ctx: Context) -> None:
         await stage.decisions_agent(stream)
 
     app.service(follow_topic(settings, ctx.names.cap_state, 0, stage.on_state, lambda: None))
+    return Offers(caps=client, cap_counters=view)

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import schemas
 from schemas.records import Bid
 from streams import rules
-from streams.context import CapReservations, Context, ranking_inputs
+from streams.context import CapReservations, Context, Offers, ranking_inputs
 from streams.rules.auction import decide
 from streams.rules.pinging import MIN_WAVE_MS, ping_id_for
 from streams.rules.posting import next_batch, post_body, post_id_for, unsold_reason
@@ -813,7 +813,7 @@ class PostStage:
             await self._inflight.submit(manual, event, partial(self.run_order, order))
 
 
-def register(ctx: Context) -> None:
+def register(ctx: Context) -> Offers:
     app, settings = ctx.app, ctx.settings
     parts = settings.kafka.partitions
     deliveries, results = ctx.topic("deliveries"), ctx.topic("results")
@@ -821,8 +821,6 @@ def register(ctx: Context) -> None:
     inflight = InFlight("post", settings.worker.max_inflight, dead)
     pii_table = app.Table("pii", default=None, partitions=parts, key_type=str, value_type=None)
     postings = app.Table("postings", default=None, partitions=parts, key_type=str, value_type=None)
-    ctx.purge_with_auction.extend([pii_table, postings])
-    ctx.postings_table = postings
     stage = PostStage(
         settings,
         pii=pii_table,
@@ -830,7 +828,7 @@ def register(ctx: Context) -> None:
         send_delivery=deliveries.send,
         send_result=results.send,
         buyers=ctx.buyer_client,  # created on first use, inside the running loop
-        caps=lambda: ctx.caps,  # filled by the caps stage, registered after this one
+        caps=lambda: ctx.caps,  # the caps stage's offer, wired by streams.app after this one
         dead=dead,
         inflight=inflight,
         plan=partial(plan_for, ctx),
@@ -858,3 +856,5 @@ def register(ctx: Context) -> None:
     @app.agent(ctx.topic("posts"), name="post", concurrency=1)
     async def post_agent(stream: Any) -> None:
         await stage.post_agent(stream)
+
+    return Offers(postings_table=postings, purge_with_auction=[pii_table, postings])

@@ -289,17 +289,28 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(f"pingpost report: {exc}", file=sys.stderr)
         return 2
     from clickhouse_connect.driver.exceptions import OperationalError
+    from rich.console import Console
 
     s = _settings(args)
     client = _sync_client(args, s)
     try:
-        summary = build_report(client, s.clickhouse.database, since=since, until=until)
-        if args.html:
-            from streams.tools.html_report import write_html_report
+        # Every query is an aggregate of constant size (nothing grows with the number of
+        # leads but the warehouse's work): progress is the query being run, on stderr.
+        with Console(stderr=True).status("querying the warehouse") as status:
+            counted = _ProgressClient(client, status)
+            summary = build_report(counted, s.clickhouse.database, since=since, until=until)
+            if args.html:
+                from streams.tools.html_report import write_html_report
 
-            path = write_html_report(
-                client, s.clickhouse.database, args.html, since=since, until=until, summary=summary
-            )
+                path = write_html_report(
+                    counted,
+                    s.clickhouse.database,
+                    args.html,
+                    since=since,
+                    until=until,
+                    summary=summary,
+                )
+        if args.html:
             print(f"HTML report: {path}")
         else:
             print_report(summary)
@@ -308,6 +319,26 @@ def cmd_report(args: argparse.Namespace) -> int:
     finally:
         client.close()
     return 0
+
+
+class _ProgressClient:
+    """A clickhouse-connect client whose queries update a status line (query N, time)."""
+
+    def __init__(self, client: Any, status: Any) -> None:
+        self._client = client
+        self._status = status
+        self._n = 0
+        self._t0 = time.monotonic()
+
+    def query(self, *args: Any, **kwargs: Any) -> Any:
+        self._n += 1
+        self._status.update(
+            f"querying the warehouse: query {self._n}, {time.monotonic() - self._t0:.0f} s"
+        )
+        return self._client.query(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
 
 
 def cmd_sql(args: argparse.Namespace) -> int:

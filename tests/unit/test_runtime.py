@@ -226,3 +226,30 @@ async def test_a_dead_letter_is_retried_through_a_broker_hiccup() -> None:
     [(key, value)] = topic.sent
     rec = schemas.decode_as("DeadLetter", value)
     assert (key, rec["id"], rec["reason"]) == (b"lead-1", "p.posts:4:83", "bad order")
+
+
+def test_app_wires_every_stage_port_and_refuses_one_offered_twice() -> None:
+    """streams.app is where the stages' offers become the Context's ports: with every
+    feature on, an auction worker has every port filled before it starts; the sink role none
+    of the auction's; a port offered twice is refused at start-up."""
+    from dataclasses import fields
+    from pathlib import Path
+
+    import pytest
+    import yaml
+
+    from streams.app import create_app, wire
+    from streams.context import Offers
+    from streams.settings import parse_settings
+
+    raw = yaml.safe_load(Path("config/demo.yaml").read_text())
+    raw["flows"]["solar"]["strategy"]["rank_by"] = "score"
+    settings = parse_settings(raw, env={})
+    ctx = create_app(settings, "auction").pingpost_context  # type: ignore[attr-defined]
+    for f in fields(Offers):
+        assert getattr(ctx, f.name) not in (None, []), f"port {f.name} not wired"
+    assert len(ctx.purge_with_auction) == 2  # the post stage's PII and postings tables
+    sink = create_app(settings, "sink").pingpost_context  # type: ignore[attr-defined]
+    assert all(getattr(sink, f.name) in (None, []) for f in fields(Offers))
+    with pytest.raises(RuntimeError, match="port caps offered twice"):
+        wire(ctx, Offers(caps=ctx.caps))
