@@ -160,16 +160,34 @@ class DemoRun:
     refused: int = 0
 
 
-def schedule(n: int, rate: float, ramp_s: float) -> list[float]:
-    """Send times (seconds from start) for ``n`` leads: the rate climbs linearly from 20% to
-    ``rate`` over ``ramp_s`` seconds, then holds. A load test's usual ramp: a cold stack
-    (broker JIT, new buyer connections) is not hit with full load in its first second."""
-    times, t = [], 0.0
-    for _ in range(n):
-        times.append(t)
-        r = rate if t >= ramp_s else rate * (0.2 + 0.8 * t / ramp_s)
-        t += 1.0 / r
-    return times
+class Pacer:
+    """When the next POST may go: the schedule's rate (with its ramp) times a factor that a
+    429 cuts and each acceptance restores (additive increase, multiplicative decrease), so a
+    producer past the pipeline's capacity sends at about that capacity instead of piling
+    retries on top of new leads. ``now`` is a monotonic clock, seconds."""
+
+    def __init__(self, rate: float, ramp_s: float, start: float) -> None:
+        self.rate, self.ramp_s, self.start = rate, ramp_s, start
+        self.factor = 1.0
+        self.next_at = start
+        self._cut_at = -1e9
+
+    def target(self, now: float) -> float:
+        t = now - self.start
+        if self.ramp_s > 0 and t < self.ramp_s:
+            return self.rate * (0.2 + 0.8 * t / self.ramp_s)
+        return self.rate
+
+    def sent(self, now: float) -> None:
+        self.next_at = max(self.next_at, now) + 1.0 / (self.target(now) * self.factor)
+
+    def refused(self, now: float) -> None:
+        if now - self._cut_at >= 0.2:  # one cut per 200 ms, not one per answer
+            self.factor = max(0.02, self.factor * 0.7)
+            self._cut_at = now
+
+    def accepted(self) -> None:
+        self.factor = min(1.0, self.factor + 0.002)
 
 
 async def push_leads(
@@ -179,21 +197,30 @@ async def push_leads(
     *,
     rate: float,
     ramp_s: float = 3.0,
-    concurrency: int = 32,
+    concurrency: int = 64,
     console: Console | None = None,
     every_5s: Any = None,
 ) -> DemoRun:
     """POST every lead at about ``rate`` per second (after a ramp of ``ramp_s``); returns
-    the accepted lead ids in order. A 429 (over capacity) is retried after its Retry-After,
-    as a producer should (at most ``MAX_429`` times per lead). ``every_5s`` (a blocking
-    callable) runs in a thread every 5 s while pushing (the PII audit reading the buyers)."""
+    the accepted lead ids in order. A 429 (over capacity) is handled as a producer should:
+    the lead is sent again once its Retry-After has passed (at most ``MAX_429`` times), and
+    the sending rate backs off (:class:`Pacer`), so past capacity the leads wait here, not
+    in a storm of retries. A transport error or 503 is retried up to 4 times (the lead's id
+    makes a retry idempotent). ``every_5s`` (a blocking callable) runs in a thread every 5 s
+    while pushing (the PII audit reading the buyers)."""
+    import heapq
+
     ids: list[str | None] = [None] * len(leads)
     rejected: list[tuple[int, str]] = []
     refused = 0
-    sem = asyncio.Semaphore(concurrency)
+    slots = asyncio.Semaphore(concurrency)
     start = time.monotonic()
+    pacer = Pacer(rate, ramp_s, start)
     headers = {"Authorization": f"Bearer {token}"}
     pushing = asyncio.Event()
+    #: (ready at, lead index, 429s so far) of refused leads waiting for their Retry-After.
+    retries: list[tuple[float, int, int]] = []
+    changed = asyncio.Event()
 
     async def periodic() -> None:
         while not pushing.is_set():
@@ -214,50 +241,69 @@ async def push_leads(
         task = progress.add_task("push", total=len(leads))
         async with httpx.AsyncClient(timeout=30.0) as client:
 
-            async def one(i: int, lead: dict[str, Any]) -> None:
+            async def one(i: int, over: int) -> None:
                 nonlocal refused
-                async with sem:
-                    attempt = over = 0
+                try:
+                    attempt = 0
                     while True:
                         try:
-                            resp = await client.post(url, json=lead, headers=headers)
+                            resp = await client.post(url, json=leads[i], headers=headers)
                         except httpx.TransportError as exc:
                             if attempt == 4:
                                 rejected.append((i, f"transport error: {exc}"))
+                                progress.advance(task)
                                 return
                             attempt += 1
                             await asyncio.sleep(0.2 * attempt)
-                            continue
-                        if resp.status_code == 429 and over < MAX_429:
-                            over += 1
-                            refused += 1
-                            await asyncio.sleep(_retry_after(resp))
                             continue
                         if resp.status_code == 503 and attempt < 4:
                             attempt += 1
                             await asyncio.sleep(0.2 * attempt)
                             continue
                         break
+                    if resp.status_code == 429 and over < MAX_429:
+                        refused += 1
+                        pacer.refused(time.monotonic())
+                        ready = time.monotonic() + _retry_after(resp)
+                        heapq.heappush(retries, (ready, i, over + 1))
+                        return
                     if resp.status_code == 202:
+                        pacer.accepted()
                         ids[i] = resp.json()["lead_id"]
                     else:
                         rejected.append((i, f"HTTP {resp.status_code}: {resp.text[:200]}"))
                     progress.advance(task)
+                finally:
+                    slots.release()
+                    changed.set()
 
             # Finished tasks are let go: memory does not grow with the number of leads sent.
             tasks: set[asyncio.Task[None]] = set()
-            times = schedule(len(leads), rate, ramp_s)
-            for i, lead in enumerate(leads):
-                # Pace by schedule, not by sleeping a fixed gap: keeps the target rate even
-                # when a request is slow.
-                due = start + times[i]
-                delay = due - time.monotonic()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                t = asyncio.create_task(one(i, lead))
-                tasks.add(t)
-                t.add_done_callback(tasks.discard)
-            await asyncio.gather(*tasks)
+            fresh = 0
+            while fresh < len(leads) or retries or tasks:
+                now = time.monotonic()
+                retry_ready = bool(retries) and retries[0][0] <= now
+                if (fresh < len(leads) or retry_ready) and now >= pacer.next_at:
+                    await slots.acquire()
+                    if retry_ready:
+                        _, i, over = heapq.heappop(retries)
+                    else:
+                        i, over = fresh, 0
+                        fresh += 1
+                    pacer.sent(time.monotonic())
+                    t = asyncio.create_task(one(i, over))
+                    tasks.add(t)
+                    t.add_done_callback(tasks.discard)
+                    continue
+                # Wait for the pacer, the next retry, or an answer (which may queue a retry).
+                waits = [pacer.next_at - now] if fresh < len(leads) or retry_ready else []
+                if retries and not retry_ready:
+                    waits.append(retries[0][0] - now)
+                changed.clear()
+                try:
+                    await asyncio.wait_for(changed.wait(), max(0.001, min(waits, default=1.0)))
+                except TimeoutError:
+                    pass
     took = time.monotonic() - start
     pushing.set()
     if side is not None:

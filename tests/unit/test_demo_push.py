@@ -1,0 +1,82 @@
+"""The demo's producer (streams.tools.demo.push_leads) against a real HTTP server that stands
+in for ingest: a refused lead is sent again after its Retry-After and never lost, past
+capacity the sending rate backs off instead of piling retries on new leads, and every lead
+ends accepted or reported."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from typing import Any
+
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from streams.tools.demo import Pacer, generate_leads, push_leads, tag_leads
+
+
+async def _serve(capacity_per_s: float) -> tuple[TestServer, Counter[str], list[float]]:
+    """An ingest that accepts at most ``capacity_per_s`` leads a second (429 beyond)."""
+    posts: Counter[str] = Counter()
+    accepted_at: list[float] = []
+
+    async def lead(request: web.Request) -> web.Response:
+        body: dict[str, Any] = await request.json()
+        posts[body["lead_id"]] += 1
+        now = time.monotonic()
+        recent = [t for t in accepted_at if now - t < 1.0]
+        if len(recent) >= capacity_per_s:
+            return web.json_response(
+                {"error": "over capacity"}, status=429, headers={"Retry-After": "1"}
+            )
+        accepted_at.append(now)
+        return web.json_response({"lead_id": body["lead_id"]}, status=202)
+
+    app = web.Application()
+    app.router.add_post("/v1/leads", lead)
+    server = TestServer(app)
+    await server.start_server()
+    return server, posts, accepted_at
+
+
+async def test_past_capacity_every_lead_gets_in_and_retries_stay_few() -> None:
+    server, posts, accepted_at = await _serve(capacity_per_s=40)
+    try:
+        leads = generate_leads(120)
+        tag_leads(leads, "t-")
+        run = await push_leads(str(server.make_url("/v1/leads")), "tok", leads, rate=200, ramp_s=0)
+    finally:
+        await server.close()
+    assert run.rejected == []
+    assert sorted(run.lead_ids) == sorted(lead["lead_id"] for lead in leads)
+    assert set(posts) == set(run.lead_ids)
+    # Offered 5x the capacity: a producer retrying blindly every Retry-After would send each
+    # lead many times; the paced one sends under two requests per lead on average.
+    assert sum(posts.values()) < 2 * len(leads), posts.most_common(3)
+    assert run.refused == sum(posts.values()) - len(leads)
+
+
+async def test_under_capacity_nothing_is_refused_and_the_rate_is_kept() -> None:
+    server, posts, _ = await _serve(capacity_per_s=1000)
+    try:
+        leads = generate_leads(60)
+        tag_leads(leads, "u-")
+        run = await push_leads(str(server.make_url("/v1/leads")), "tok", leads, rate=100, ramp_s=0)
+    finally:
+        await server.close()
+    assert run.refused == 0 and len(run.lead_ids) == 60 and max(posts.values()) == 1
+    assert 0.45 < run.push_seconds < 1.5  # 60 leads at 100/s
+
+
+def test_pacer_backs_off_on_refusals_and_recovers_on_acceptances() -> None:
+    p = Pacer(rate=100, ramp_s=0, start=0.0)
+    p.refused(1.0)
+    p.refused(1.1)  # within 200 ms: one cut
+    assert p.factor == 0.7
+    p.refused(1.3)
+    assert abs(p.factor - 0.49) < 1e-9
+    for _ in range(1000):
+        p.accepted()
+    assert p.factor == 1.0
+    ramped = Pacer(rate=100, ramp_s=10, start=0.0)
+    assert [round(ramped.target(t)) for t in (0.0, 5.0, 10.0)] == [20, 60, 100]
