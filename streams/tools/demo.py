@@ -187,7 +187,7 @@ class Pacer:
             self._cut_at = now
 
     def accepted(self) -> None:
-        self.factor = min(1.0, self.factor + 0.002)
+        self.factor = min(1.0, self.factor + 0.02)
 
 
 async def push_leads(

@@ -65,7 +65,7 @@ async def test_under_capacity_nothing_is_refused_and_the_rate_is_kept() -> None:
     finally:
         await server.close()
     assert run.refused == 0 and len(run.lead_ids) == 60 and max(posts.values()) == 1
-    assert 0.45 < run.push_seconds < 1.5  # 60 leads at 100/s
+    assert 0.45 < run.push_seconds < 3.0  # 60 leads at 100/s: paced, not all at once
 
 
 def test_pacer_backs_off_on_refusals_and_recovers_on_acceptances() -> None:
