@@ -311,12 +311,23 @@ class AuctionStage:
         op = state["open"]
         return op is not None and all(p["ping_id"] in state["answers"] for p in op["pinged"])
 
-    async def handle(self, name: str, rec: dict[str, Any], event: Any) -> None:
+    async def handle(
+        self,
+        name: str,
+        rec: dict[str, Any],
+        event: Any,
+        deferred: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
+        """Apply one bids-topic record to its lead's auction, closing it when it decides.
+
+        With ``deferred`` (the round's hand-off), a state that stays open is kept there
+        instead of being written to the table: the caller writes it once for the whole
+        round (one changelog record instead of one per answer)."""
         lead_id = rec["lead_id"]
         if lead_id in self.closing:
             return  # closed; its order is on the way to Kafka (record_closed)
         table = self.table
-        state = table.get(lead_id)
+        state = deferred[lead_id] if deferred and lead_id in deferred else table.get(lead_id)
         if name == "AuctionClose":
             if state is None:
                 return
@@ -377,9 +388,14 @@ class AuctionStage:
             await self.dead.send(event, f"unexpected {name} record on the bids topic")
             return
         if self.all_answered(state) and self.confirmed(lead_id):
+            if deferred is not None:
+                deferred.pop(lead_id, None)  # the closed state is the record to write
             await self.close(lead_id, state, "all_answered", handoff=event is None)
             return
-        table[lead_id] = state
+        if deferred is not None:
+            deferred[lead_id] = state
+        else:
+            table[lead_id] = state
         if state["open"] is not None:
             self.open_index[lead_id] = state["open"]["deadline_at_ms"]
             self.arm(lead_id, state["open"]["deadline_at_ms"])
@@ -413,9 +429,17 @@ class AuctionStage:
         async with self.lock:
             if not self.owns(lead_id):
                 return False
+            # The round's records are on the bids topic already (acknowledged): the table's
+            # changelog needs only the state they leave, not one record per answer. The
+            # round's last answer usually closes the auction, whose closed state is then
+            # the only record; an auction left open is written once.
+            deferred: dict[str, dict[str, Any]] = {}
             try:
                 for name, rec in records:
-                    await self.handle(name, dict(rec), None)
+                    await self.handle(name, dict(rec), None, deferred)
+                state = deferred.get(lead_id)
+                if state is not None and lead_id not in self.closing:
+                    self.durable_set(self.table, lead_id, state, self.partition(lead_id))
             except asyncio.CancelledError:
                 raise
             except Exception:  # the bids topic delivers the same records: the agent retries

@@ -217,6 +217,41 @@ async def test_a_round_every_buyer_answered_closes_early_once_with_its_decision(
     assert list(h.stage.purge_queue) == [(T0, LEAD)]
 
 
+class CountingTable(Table):
+    """The ``auctions`` table counting its writes: each is one changelog record in Faust."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self.writes += 1
+        super().__setitem__(key, value)
+
+
+async def test_a_handed_off_round_writes_the_changelog_once_per_state_not_per_answer() -> None:
+    # The round's answers are on the bids topic already: the table's changelog gets the
+    # open state, the closed state with its order, and the closed state once the order is
+    # on Kafka. Three records whatever the number of answers (one more per answer before).
+    h = Harness(CountingTable())
+    await closed_by_handoff(h)
+    assert isinstance(h.table, CountingTable)
+    assert h.table.writes == 3
+    assert len(h.orders()) == 1
+
+    # A round handed off that does not close (an answer is missing) is written once, with
+    # every answer it brought.
+    three = open_rec()
+    three["pinged"].append({"buyer_id": "voltmarket", "tier": "standard", "ping_id": "p-3"})
+    h = Harness(CountingTable())
+    assert await h.stage.mark_open(three)
+    assert await h.stage.apply_local([("AuctionOpen", three), ("Bid", BID_1), ("Bid", BID_2)])
+    assert isinstance(h.table, CountingTable)
+    assert h.table.writes == 2
+    assert set(h.table[LEAD]["answers"]) == {"p-1", "p-2"}
+    assert h.orders() == [] and LEAD in h.stage.open_index
+
+
 async def test_answers_redelivered_or_late_after_the_close_change_nothing() -> None:
     h = Harness()
     assert await h.stage.mark_open(open_rec())
