@@ -89,6 +89,17 @@
    does not read now (Faust's paused partitions: a table's own changelog after recovery) do
    not count: they would keep every fetch short for good. Applies to every aiokafka consumer of
    the process (the feeds too); a configured wait above the idle one is kept.
+
+9. **Batched fetches where latency is not the point** (issue 12: CPU per lead). Faust gives no
+   way to set the worker consumer's ``fetch_min_bytes`` (1: the broker answers a fetch as soon
+   as one record waits), so a consumer reads a handful of records per fetch and pays the
+   fetch's fixed cost for each: a Faust agent that only counts its records costs ~360 µs of
+   CPU per record at 1,000 records/s, ~105 µs when the broker answers once 32 KiB wait
+   (``bench/record_cost.py``, measured interleaved). ``apply(fetch_min_bytes=N)`` sets it on
+   the worker consumer; the sink and metrics roles take ``worker.batch_fetch_min_bytes`` and
+   wait at most ``worker.batch_fetch_wait_ms`` for it (point 8's long idle wait does not apply
+   to a consumer waiting for bytes: it would be how late its records are read at low traffic).
+   The auction role keeps 1.
 """
 
 from __future__ import annotations
@@ -136,6 +147,8 @@ DELETE_WHEN = {
     "(no upstream issue yet)",
     7: "Faust offers group fencing outside exactly-once mode (no upstream issue)",
     8: "aiokafka sizes the fetch wait by what the fetch leaves out (no upstream issue yet)",
+    9: "faust-streaming makes the worker consumer's fetch_min_bytes configurable "
+    "(not passed in faust/transport/drivers/aiokafka.py; no upstream issue yet)",
 }
 
 
@@ -172,13 +185,16 @@ WORKER_FETCH_MAX_WAIT_MS = 10
 IDLE_FETCH_MAX_WAIT_MS = 2000
 
 
-def apply(fetch_max_wait_ms: int | None = WORKER_FETCH_MAX_WAIT_MS) -> None:
+def apply(
+    fetch_max_wait_ms: int | None = WORKER_FETCH_MAX_WAIT_MS, fetch_min_bytes: int = 1
+) -> None:
     """Apply the fixes; ``fetch_max_wait_ms=None`` keeps Faust's fetch wait (roles that are
-    not latency-critical: an idle fetch every 10 ms costs CPU the auctions need). Refuses
+    not latency-critical: an idle fetch every 10 ms costs CPU the auctions need);
+    ``fetch_min_bytes`` is the worker consumer's (point 9). Refuses
     (:class:`PatchVersionError`) on versions other than ``WRITTEN_FOR``."""
     check_versions()
     if fetch_max_wait_ms is not None:
-        _shorten_worker_fetch_wait(fetch_max_wait_ms)
+        _shorten_worker_fetch_wait(fetch_max_wait_ms, fetch_min_bytes)
     _guard_offsets()
     _view_active_partitions()
     _bound_waits()
@@ -187,10 +203,13 @@ def apply(fetch_max_wait_ms: int | None = WORKER_FETCH_MAX_WAIT_MS) -> None:
     idle_fetch_wait()
 
 
-def fetch_wait_ms(configured: int, waiting_to_be_read: bool, any_paused: bool) -> int:
+def fetch_wait_ms(
+    configured: int, waiting_to_be_read: bool, any_paused: bool, min_bytes: int = 1
+) -> int:
     """Point 8: the broker-side wait of the next fetch. ``waiting_to_be_read``: records of a
-    partition the consumer reads are buffered (that partition is left out of the fetch)."""
-    if waiting_to_be_read or any_paused:
+    partition the consumer reads are buffered (that partition is left out of the fetch).
+    A fetch that waits for more than one byte (point 9) keeps its configured wait."""
+    if waiting_to_be_read or any_paused or min_bytes > 1:
         return configured
     return max(configured, IDLE_FETCH_MAX_WAIT_MS)
 
@@ -224,7 +243,7 @@ def idle_fetch_wait() -> None:
         else:
             waiting = any(tp in reading for tp in self._records)
         paused = any(assignment.state_value(tp).paused for tp in assignment.tps)
-        self._fetch_max_wait_ms = fetch_wait_ms(configured, waiting, paused)
+        self._fetch_max_wait_ms = fetch_wait_ms(configured, waiting, paused, self._fetch_min_bytes)
         return orig_actions(self, assignment)
 
     # aiokafka's methods replaced at run time, and our marker on its class: deliberate.
@@ -415,24 +434,26 @@ def _view_active_partitions() -> None:
     cls._pingpost_active_view = True  # type: ignore[attr-defined]
 
 
-def _shorten_worker_fetch_wait(ms: int) -> None:
+def _shorten_worker_fetch_wait(ms: int, min_bytes: int = 1) -> None:
     from faust.transport.drivers import aiokafka as driver
 
     cls = driver.AIOKafkaConsumerThread
-    if getattr(cls, "_pingpost_fetch_wait_ms", None) == ms:
+    if getattr(cls, "_pingpost_fetch_wait_ms", None) == (ms, min_bytes):
         return
     original = getattr(cls, "_pingpost_original_create", cls._create_worker_consumer)
 
     def _create_worker_consumer(self: Any, transport: Any) -> Any:
         consumer = original(self, transport)
-        consumer._fetch_max_wait_ms = ms  # read by consumer.start() when it builds the Fetcher
-        log.info("worker consumer fetch_max_wait_ms=%d", ms)
+        # Both read by consumer.start() when it builds the Fetcher.
+        consumer._fetch_max_wait_ms = ms
+        consumer._fetch_min_bytes = min_bytes
+        log.info("worker consumer fetch_max_wait_ms=%d fetch_min_bytes=%d", ms, min_bytes)
         return consumer
 
     # Faust's method replaced at run time, and our attributes on its class: deliberate.
     cls._pingpost_original_create = original  # type: ignore[attr-defined]
     cls._create_worker_consumer = _create_worker_consumer  # type: ignore[method-assign]
-    cls._pingpost_fetch_wait_ms = ms  # type: ignore[attr-defined]
+    cls._pingpost_fetch_wait_ms = (ms, min_bytes)  # type: ignore[attr-defined]
 
 
 def guarded(topic: str) -> bool:

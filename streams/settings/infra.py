@@ -129,6 +129,14 @@ class WorkerConfig(_Model):
     cap_hold_s: Annotated[float, Field(ge=1)] = 120.0
     #: How long a closed auction stays in the auction table to reject late/redelivered bids.
     closed_retention_s: Annotated[float, Field(gt=0)] = 600.0
+    #: The sink and metrics workers fetch in batches: the broker answers their fetch once
+    #: this many bytes wait, or after ``batch_fetch_wait_ms``. Fewer, larger fetches cost far
+    #: less CPU per record (faust_patches point 9); 1 reads every record at once. The
+    #: auction workers always read at once.
+    batch_fetch_min_bytes: Annotated[int, Field(ge=1, le=4 * 1024 * 1024)] = 32 * 1024
+    #: The longest a sink or metrics fetch waits for those bytes: how late the warehouse
+    #: and the metrics may be at low traffic.
+    batch_fetch_wait_ms: Annotated[int, Field(ge=10, le=5000)] = 500
 
 
 class PrivacyConfig(_Model):

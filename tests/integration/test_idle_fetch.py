@@ -102,3 +102,14 @@ def test_fetch_wait_is_short_while_a_read_partition_waits() -> None:
     assert faust_patches.fetch_wait_ms(short, waiting_to_be_read=False, any_paused=False) == idle
     longer = idle + 1000  # a configured wait above the idle one is kept
     assert faust_patches.fetch_wait_ms(longer, waiting_to_be_read=False, any_paused=False) == longer
+
+
+def test_a_fetch_waiting_for_bytes_keeps_its_configured_wait() -> None:
+    """Point 9: a consumer that fetches in batches (the sink and metrics roles) waits its
+    configured bound for the bytes, not point 8's idle wait (which would be how late it
+    reads at low traffic)."""
+    batch_wait = 500
+    for waiting, paused in [(False, False), (True, False), (False, True)]:
+        assert faust_patches.fetch_wait_ms(batch_wait, waiting, paused, min_bytes=32768) == (
+            batch_wait
+        )

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
+import yaml
 
 from streams.runtime.faust_patches import OffsetGuard, apply, contiguous_commit, guarded
 
@@ -339,3 +342,30 @@ async def test_the_consumer_thread_never_reads_no_active_partition_as_all() -> N
     assert view and ("p.leads", 2) not in view  # ...the fetcher sees none, not all
     live.add(("p.leads", 3))  # ...and a resume is seen at once
     assert ("p.leads", 3) in view
+
+
+def test_the_sink_and_metrics_workers_fetch_in_batches_the_auction_workers_at_once(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Point 9, wired by create_app: the worker consumer of each role gets its fetch wait
+    and fetch_min_bytes (Faust passes neither)."""
+    from faust.transport.drivers import aiokafka as driver
+
+    from streams.app import create_app
+    from streams.settings import parse_settings
+
+    cls = driver.AIOKafkaConsumerThread
+
+    def faust_creates(self: Any, transport: Any) -> SimpleNamespace:
+        return SimpleNamespace(_fetch_max_wait_ms=1500, _fetch_min_bytes=1)
+
+    monkeypatch.setattr(cls, "_create_worker_consumer", faust_creates)
+    monkeypatch.setattr(cls, "_pingpost_original_create", faust_creates, raising=False)
+    monkeypatch.setattr(cls, "_pingpost_fetch_wait_ms", None, raising=False)
+    raw = yaml.safe_load(Path("config/demo.yaml").read_text())
+    raw.setdefault("worker", {}).update(batch_fetch_min_bytes=65536, batch_fetch_wait_ms=300)
+    settings = parse_settings(raw, env={})
+    for role, want in [("sink", (300, 65536)), ("metrics", (300, 65536)), ("auction", (10, 1))]:
+        create_app(settings, role, web_port=0, data_root=tmp_path)  # type: ignore[arg-type]
+        consumer = cls._create_worker_consumer(None, None)  # type: ignore[arg-type]
+        assert (consumer._fetch_max_wait_ms, consumer._fetch_min_bytes) == want, role

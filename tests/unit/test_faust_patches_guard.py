@@ -62,10 +62,12 @@ PRIVATE_READS = [
     ("aiokafka.consumer.consumer:AIOKafkaConsumer", "_subscription"),
     ("aiokafka.consumer.consumer:AIOKafkaConsumer", "_fetcher"),
     ("aiokafka.consumer.consumer:AIOKafkaConsumer", "_fetch_max_wait_ms"),
+    ("aiokafka.consumer.consumer:AIOKafkaConsumer", "_fetch_min_bytes"),
     ("aiokafka.consumer.consumer:AIOKafkaConsumer", "_client"),
     ("aiokafka.consumer.group_coordinator:GroupCoordinator", "_rejoin_needed_fut"),
     ("aiokafka.consumer.fetcher:Fetcher", "_records"),
     ("aiokafka.consumer.fetcher:Fetcher", "_fetch_max_wait_ms"),
+    ("aiokafka.consumer.fetcher:Fetcher", "_fetch_min_bytes"),
     ("aiokafka.consumer.subscription_state:TopicPartitionState", "_position"),
 ]
 
