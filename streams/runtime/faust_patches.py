@@ -99,7 +99,10 @@
    the worker consumer; the sink and metrics roles take ``worker.batch_fetch_min_bytes`` and
    wait at most ``worker.batch_fetch_wait_ms`` for it (point 8's long idle wait does not apply
    to a consumer waiting for bytes: it would be how late its records are read at low traffic).
-   The auction role keeps 1.
+   The auction role keeps 1. Once a batched fetch comes back empty (no traffic for the batch
+   wait), the next ones are point 8's idle fetch (``fetch_min_bytes=1``, the idle wait) until
+   records flow again: at rest such a consumer asks the broker every 2 s, not every 500 ms,
+   and the first record after the rest is read as soon as it lands.
 """
 
 from __future__ import annotations
@@ -122,7 +125,7 @@ __all__ = [
     "apply",
     "check_versions",
     "contiguous_commit",
-    "fetch_wait_ms",
+    "fetch_params",
     "idle_fetch_wait",
     "guard_of",
     "guarded",
@@ -203,15 +206,23 @@ def apply(
     idle_fetch_wait()
 
 
-def fetch_wait_ms(
-    configured: int, waiting_to_be_read: bool, any_paused: bool, min_bytes: int = 1
-) -> int:
-    """Point 8: the broker-side wait of the next fetch. ``waiting_to_be_read``: records of a
-    partition the consumer reads are buffered (that partition is left out of the fetch).
-    A fetch that waits for more than one byte (point 9) keeps its configured wait."""
-    if waiting_to_be_read or any_paused or min_bytes > 1:
-        return configured
-    return max(configured, IDLE_FETCH_MAX_WAIT_MS)
+def fetch_params(
+    configured_wait_ms: int,
+    configured_min_bytes: int,
+    waiting_to_be_read: bool,
+    any_paused: bool,
+    last_fetch_empty: bool = True,
+) -> tuple[int, int]:
+    """Points 8 and 9: ``(fetch_max_wait_ms, fetch_min_bytes)`` of the next fetch.
+    ``waiting_to_be_read``: records of a partition the consumer reads are buffered (that
+    partition is left out of the fetch); ``last_fetch_empty``: the previous fetch brought no
+    record. A batching consumer (``configured_min_bytes > 1``) keeps its configuration while
+    records flow; at rest it fetches like any other consumer at rest."""
+    if waiting_to_be_read or any_paused:
+        return configured_wait_ms, configured_min_bytes
+    if configured_min_bytes > 1 and not last_fetch_empty:
+        return configured_wait_ms, configured_min_bytes
+    return max(configured_wait_ms, IDLE_FETCH_MAX_WAIT_MS), 1
 
 
 def idle_fetch_wait() -> None:
@@ -223,6 +234,13 @@ def idle_fetch_wait() -> None:
         return
     orig_actions = Fetcher._get_actions_per_node
     orig_fetched = Fetcher.fetched_records
+    orig_proc = Fetcher._proc_fetch_request
+
+    async def _proc_fetch_request(self: Any, assignment: Any, node_id: Any, request: Any) -> Any:
+        # aiokafka returns True when the fetch added records (or an error to raise).
+        got = await orig_proc(self, assignment, node_id, request)
+        self._pingpost_last_fetch_empty = not got
+        return got
 
     async def fetched_records(
         self: Any, partitions: Any, timeout: float = 0, max_records: int | None = None
@@ -234,21 +252,28 @@ def idle_fetch_wait() -> None:
         return await orig_fetched(self, partitions, timeout, max_records)
 
     def _get_actions_per_node(self: Any, assignment: Any) -> Any:
-        configured = getattr(self, "_pingpost_configured_wait_ms", None)
+        configured = getattr(self, "_pingpost_configured", None)
         if configured is None:
-            configured = self._pingpost_configured_wait_ms = self._fetch_max_wait_ms
+            configured = self._pingpost_configured = (
+                self._fetch_max_wait_ms,
+                self._fetch_min_bytes,
+            )
         reading = getattr(self, "_pingpost_reading", None)
         if reading is None:
             waiting = bool(self._records)
         else:
             waiting = any(tp in reading for tp in self._records)
         paused = any(assignment.state_value(tp).paused for tp in assignment.tps)
-        self._fetch_max_wait_ms = fetch_wait_ms(configured, waiting, paused, self._fetch_min_bytes)
+        last_empty = getattr(self, "_pingpost_last_fetch_empty", True)
+        self._fetch_max_wait_ms, self._fetch_min_bytes = fetch_params(
+            *configured, waiting, paused, last_empty
+        )
         return orig_actions(self, assignment)
 
     # aiokafka's methods replaced at run time, and our marker on its class: deliberate.
     Fetcher._get_actions_per_node = _get_actions_per_node
     Fetcher.fetched_records = fetched_records
+    Fetcher._proc_fetch_request = _proc_fetch_request
     Fetcher._pingpost_idle_wait = True
 
 

@@ -25,7 +25,9 @@ pytestmark = pytest.mark.integration
 IDLE_S = 3.0
 
 
-async def _idle_then_one_record(bootstrap: str) -> tuple[int, float, float]:
+async def _idle_then_one_record(
+    bootstrap: str, idle_s: float = IDLE_S, **consumer_config: int
+) -> tuple[int, float, float]:
     """(fetches sent while idle, seconds from send to delivery of the record after the rest,
     seconds of a record while busy)"""
     topic = f"idle-{uuid.uuid4().hex[:8]}"
@@ -41,7 +43,7 @@ async def _idle_then_one_record(bootstrap: str) -> tuple[int, float, float]:
         bootstrap_servers=bootstrap,
         group_id=f"g-{topic}",
         auto_offset_reset="earliest",
-        fetch_max_wait_ms=faust_patches.WORKER_FETCH_MAX_WAIT_MS,
+        **(consumer_config or {"fetch_max_wait_ms": faust_patches.WORKER_FETCH_MAX_WAIT_MS}),
     )
     await producer.start()
     await consumer.start()
@@ -63,7 +65,7 @@ async def _idle_then_one_record(bootstrap: str) -> tuple[int, float, float]:
 
         fetcher._proc_fetch_request = counting  # type: ignore[method-assign]
         reader = asyncio.ensure_future(consumer.getone())
-        await asyncio.sleep(IDLE_S)  # the rest being measured, not a synchronization
+        await asyncio.sleep(idle_s)  # the rest being measured, not a synchronization
         idle_fetches = sent
         t0 = time.monotonic()
         await producer.send_and_wait(topic, b"after-rest", partition=3)
@@ -93,23 +95,59 @@ def test_idle_consumer_fetches_rarely_and_first_record_is_prompt(kafka_bootstrap
     assert busy < 0.2, f"a record took {busy * 1000:.0f} ms"
 
 
+def test_a_batching_consumer_at_rest_fetches_rarely_and_reads_the_first_record_at_once(
+    kafka_bootstrap: str,
+) -> None:
+    """Point 9 at rest: the sink's and metrics' batched fetch (32 KiB or 500 ms) turns into
+    point 8's idle fetch once a fetch comes back empty. Unpatched it asks every 500 ms, and a
+    lone record waits up to 500 ms for bytes that do not come."""
+    faust_patches.apply()
+    idle_s, batch_wait = 4.0, 500
+    idle_fetches, after_rest, _ = asyncio.run(
+        _idle_then_one_record(
+            kafka_bootstrap, idle_s, fetch_max_wait_ms=batch_wait, fetch_min_bytes=32768
+        )
+    )
+    # One empty batched fetch, then one per idle wait (plus one in flight at each end);
+    # unpatched: idle_s / 0.5 s = 8.
+    bound = 1 + idle_s / (faust_patches.IDLE_FETCH_MAX_WAIT_MS / 1000) + 1
+    assert idle_fetches <= bound, f"{idle_fetches} fetches in {idle_s}s at rest"
+    assert after_rest < 0.2, f"first record after the rest took {after_rest * 1000:.0f} ms"
+
+
 def test_fetch_wait_is_short_while_a_read_partition_waits() -> None:
     """The rule itself: short while anything the consumer reads is left out of the fetch."""
     short = faust_patches.WORKER_FETCH_MAX_WAIT_MS
     idle = faust_patches.IDLE_FETCH_MAX_WAIT_MS
-    assert faust_patches.fetch_wait_ms(short, waiting_to_be_read=True, any_paused=False) == short
-    assert faust_patches.fetch_wait_ms(short, waiting_to_be_read=False, any_paused=True) == short
-    assert faust_patches.fetch_wait_ms(short, waiting_to_be_read=False, any_paused=False) == idle
+    assert faust_patches.fetch_params(short, 1, waiting_to_be_read=True, any_paused=False) == (
+        short,
+        1,
+    )
+    assert faust_patches.fetch_params(short, 1, waiting_to_be_read=False, any_paused=True) == (
+        short,
+        1,
+    )
+    for last_empty in (True, False):
+        assert faust_patches.fetch_params(short, 1, False, False, last_empty) == (idle, 1)
     longer = idle + 1000  # a configured wait above the idle one is kept
-    assert faust_patches.fetch_wait_ms(longer, waiting_to_be_read=False, any_paused=False) == longer
+    assert faust_patches.fetch_params(longer, 1, False, False) == (longer, 1)
 
 
-def test_a_fetch_waiting_for_bytes_keeps_its_configured_wait() -> None:
+def test_a_batching_fetch_keeps_its_configuration_while_records_flow() -> None:
     """Point 9: a consumer that fetches in batches (the sink and metrics roles) waits its
-    configured bound for the bytes, not point 8's idle wait (which would be how late it
-    reads at low traffic)."""
-    batch_wait = 500
+    configured bound for its bytes while records flow (point 8's idle wait would be how late
+    it reads at low traffic); once a fetch came back empty it fetches as any consumer at rest:
+    one record ends the wait."""
+    batch_wait, batch_bytes = 500, 32768
+    idle = faust_patches.IDLE_FETCH_MAX_WAIT_MS
     for waiting, paused in [(False, False), (True, False), (False, True)]:
-        assert faust_patches.fetch_wait_ms(batch_wait, waiting, paused, min_bytes=32768) == (
-            batch_wait
+        assert faust_patches.fetch_params(batch_wait, batch_bytes, waiting, paused, False) == (
+            batch_wait,
+            batch_bytes,
         )
+    assert faust_patches.fetch_params(batch_wait, batch_bytes, False, False, True) == (idle, 1)
+    # Records of a partition it reads are buffered: the configured fetch, empty or not.
+    assert faust_patches.fetch_params(batch_wait, batch_bytes, True, False, True) == (
+        batch_wait,
+        batch_bytes,
+    )

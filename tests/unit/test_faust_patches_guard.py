@@ -38,6 +38,7 @@ SIGNATURES = {
     "faust.transport.consumer:ThreadDelegateConsumer.seek_to_committed": "(self) -> Mapping[faust.types.tuples.TP, int]",
     "aiokafka.consumer.fetcher:Fetcher._get_actions_per_node": "(self, assignment)",
     "aiokafka.consumer.fetcher:Fetcher.fetched_records": "(self, partitions, timeout=0, max_records=None)",
+    "aiokafka.consumer.fetcher:Fetcher._proc_fetch_request": "(self, assignment, node_id, request)",
 }
 
 #: Private attributes the patches and the watchdog read: (module:class, attribute). Each must
