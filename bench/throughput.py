@@ -244,10 +244,13 @@ def step(
     }
 
 
-def rest_check(args: argparse.Namespace, s: Any, ch: Any, stamp: str, pid_dir: Path) -> None:
+def rest_check(
+    args: argparse.Namespace, s: Any, ch: Any, stamp: str, pid_dir: Path, when: str
+) -> None:
     """The stack at rest: CPU over ``--rest`` seconds with no traffic, then five leads one
-    second apart, each one's receipt → ping open (the first lead after the rest)."""
-    print(f"… at rest for {args.rest:g} s", flush=True)
+    second apart, each one's receipt → ping open (the first lead after the rest). ``when``:
+    "after start" (the stack may still be warming up) or "after traffic" (the steps ran)."""
+    print(f"… at rest for {args.rest:g} s, {when}", flush=True)
     before = cpu.sample(pid_dir)
     time.sleep(args.rest)  # the rest being measured
     after = cpu.sample(pid_dir)
@@ -258,7 +261,7 @@ def rest_check(args: argparse.Namespace, s: Any, ch: Any, stamp: str, pid_dir: P
         + ", ".join(f"{k} {v:.1f}" for k, v in sorted(used.items(), key=lambda kv: -kv[1]))
         + ")"
     )
-    prefix = f"rest-{stamp}-"
+    prefix = f"rest-{stamp}-{when.split()[-1]}-"
     leads = generate_leads(5, seed=5)
     tag_leads(leads, prefix)
     url = f"http://{s.ingest.host}:{s.ingest.port}/v1/leads"
@@ -294,7 +297,10 @@ def main() -> None:
     ap.add_argument("--p99-ms", type=float, default=250.0, help="knee: receipt → ping p99 bound")
     ap.add_argument("--profile", metavar="DIR", help="py-spy each stack process into DIR")
     ap.add_argument(
-        "--rest", type=float, default=0.0, help="first: CPU at rest over this many s, then 5 leads"
+        "--rest",
+        type=float,
+        default=0.0,
+        help="first and after the steps: CPU at rest over this many s, then 5 leads",
     )
     args = ap.parse_args()
     s = load_settings(args.config)
@@ -313,7 +319,7 @@ def main() -> None:
     rates = [float(r) for r in args.rates.split(",") if r.strip()]
     print(f"throughput bench: rates {rates} leads/s, {args.seconds:g} s each, stack {pid_dir}")
     if args.rest:
-        rest_check(args, s, ch, stamp, pid_dir)
+        rest_check(args, s, ch, stamp, pid_dir, "after start")
     rows = []
     for rate in rates:
         print(f"… offering {rate:g} leads/s for {args.seconds:g} s", flush=True)
@@ -325,6 +331,8 @@ def main() -> None:
             f"{cpu.format_per_lead(r['cpu_ms'])}",
             flush=True,
         )
+    if args.rest and rows:
+        rest_check(args, s, ch, stamp, pid_dir, "after traffic")
     ch.close()
     knee = None
     for r in rows:
