@@ -13,8 +13,12 @@ waiting lead has waited the bound, the leads admitted meanwhile wait about ``λ/
   assigned partition (``Progress`` on the progress topic, :mod:`streams.runtime.progress`); ingest
   fetches the end offsets of those topics every ~200 ms. ``Q = Σ (end − taken − 1)``: each
   waiting lead is in exactly one of those topics, so it is counted once. The workers' offsets
-  are older than the end offsets, so what each took since its report (at its measured rate)
-  is subtracted; between two fetches the backlog drains at the measured rate and grows by the
+  are older than the end offsets, so what each took since its report is subtracted, per
+  partition, at the rate its reports show for that partition: a lead passes through two or
+  three of these topics, and subtracting only its ping stage's rate once counted every lead
+  taken since the last report once more per topic it had already left (at 25 leads/s a
+  phantom backlog of ~12 leads, ~0.5 s predicted, and the estimate locked at the admitted
+  rate: 100 leads/s offered, 25-33 admitted); between two fetches the backlog drains at the measured rate and grows by the
   leads this ingest process admitted. The ``+ 1`` is the lead's own turn: a stage that
   serves leads one at a time (or a few) frees its next slot ~1/μ later on average, which
   matters only for a slow pipeline.
@@ -134,24 +138,44 @@ def report_from_record(rec: Mapping[str, Any]) -> Report:
 class _Worker:
     seen_ms: float  # ingest's clock
     last: Report
-    #: (worker at_ms, opened) of recent reports, oldest first.
-    history: deque[tuple[int, int]] = field(default_factory=deque)
+    #: (worker at_ms, opened, taken) of recent reports, oldest first.
+    history: deque[tuple[int, int, Mapping[TP, int]]] = field(default_factory=deque)
+
+    def _base(self, window_ms: float) -> tuple[int, int, Mapping[TP, int]] | None:
+        """The newest report at least ``window_ms`` older than the last (or the oldest, if
+        they span at least half of it); None: too little history."""
+        if len(self.history) < 2:
+            return None
+        at = self.history[-1][0]
+        base = None
+        for h in self.history:
+            if at - h[0] >= window_ms:
+                base = h
+        if base is None and at - self.history[0][0] >= window_ms / 2:
+            base = self.history[0]
+        return base
 
     def rate(self, window_ms: float) -> float | None:
         """Leads taken per second over about the last ``window_ms`` of this worker's
         reports; None until they span at least half of it."""
-        if len(self.history) < 2:
-            return None
-        at, opened = self.history[-1]
-        base = None
-        for t, n in self.history:  # the newest report at least window_ms older
-            if at - t >= window_ms:
-                base = (t, n)
-        if base is None and at - self.history[0][0] >= window_ms / 2:
-            base = self.history[0]
+        base = self._base(window_ms)
+        at, opened, _ = self.history[-1]
         if base is None or opened < base[1]:
             return None
         return (opened - base[1]) * 1000.0 / (at - base[0])
+
+    def partition_rates(self, window_ms: float) -> dict[TP, float]:
+        """Records taken per second from each partition over the same span as :meth:`rate`
+        (partitions this worker reported at both ends of it, offsets moving forward)."""
+        base = self._base(window_ms)
+        if base is None:
+            return {}
+        at, _, taken = self.history[-1]
+        return {
+            tp: (off - base[2][tp]) * 1000.0 / (at - base[0])
+            for tp, off in taken.items()
+            if tp in base[2] and off >= base[2][tp]
+        }
 
 
 class Estimator:
@@ -193,7 +217,7 @@ class Estimator:
         elif report.at_ms <= w.last.at_ms:
             return  # out of order or a replay
         w.seen_ms, w.last = now_ms, report
-        w.history.append((report.at_ms, report.opened))
+        w.history.append((report.at_ms, report.opened, report.taken))
         while len(w.history) > 2 and report.at_ms - w.history[1][0] >= 2 * self.rate_window_ms:
             w.history.popleft()
 
@@ -213,10 +237,17 @@ class Estimator:
             self._tick_at = now_ms
             return
         taken: dict[TP, int] = {}
+        # What the reporting worker took from the partition since its report (its rate
+        # there times the report's age): not waiting any more.
+        served: dict[TP, float] = {}
         for w in fresh:
+            age_s = (now_ms - w.seen_ms) / 1000.0
+            tp_rates = w.partition_rates(self.rate_window_ms)
+            lead_rate = w.rate(self.rate_window_ms) or 0.0  # a partition new to its reports
             for tp, off in w.last.taken.items():
                 if off > taken.get(tp, -1):
                     taken[tp] = off
+                    served[tp] = tp_rates.get(tp, lead_rate) * age_s
         # A partition no fresh report covers (its worker was killed and is restarting, or a
         # rebalance is moving it) still holds its leads: they count from the last offset
         # any worker reported for it. Left out, a worker killed every 12 s hid its
@@ -233,11 +264,11 @@ class Estimator:
         rates = [(w, w.rate(self.rate_window_ms)) for w in fresh]
         known = [r for _, r in rates if r is not None]
         self._rate = sum(known) if known else None
-        # A worker's offsets are older than the end offsets: what it took since its report
-        # is not waiting any more.
-        served = sum(r * (now_ms - w.seen_ms) / 1000.0 for w, r in rates if r)
-        q = sum(max(0, ends[tp] - off - 1) for tp, off in taken.items() if tp in ends)
-        self._backlog = max(0.0, q - served)
+        self._backlog = sum(
+            max(0.0, ends[tp] - off - 1 - served.get(tp, 0.0))
+            for tp, off in taken.items()
+            if tp in ends
+        )
         # Busy: leads waited at every fetch over the whole span the rates were measured on
         # (a report interval more than the window: a worker's rate spans at least the window,
         # ending at its last report). A rate measured across the start of a burst would

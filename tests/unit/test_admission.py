@@ -145,6 +145,27 @@ def test_backlog_sums_stages_and_takes_the_latest_offset_per_partition() -> None
     assert est.backlog(0) == (100 - 90 - 1) + (50 - 45 - 1)  # dedupe: nobody reports it
 
 
+def test_leads_taken_since_the_report_count_as_served_in_every_topic_they_passed() -> None:
+    """A lead passes through the leads, dedupe and ping-requests topics, each taken at once.
+    The worker's reports are 150 ms old when the end offsets are fetched: in each topic the
+    leads taken since then are not waiting. Nothing waits; subtracting the ping rate once
+    (before) left a phantom backlog of two topics' worth (30 leads at 100/s, 310 ms
+    predicted: at 25/s, with ~0.24 s old reports, ingest refused at the 500 ms setpoint and
+    the capacity estimate locked at what it admitted)."""
+    est = Estimator(1000)
+    dedupe = ("p.dedupe", 0)
+    rate, t = 100.0, 0
+    for t in range(0, 2001, 200):  # reports every 200 ms, seen at once
+        n = int(rate * t / 1000)
+        est.add_report(Report("w1", t, {LEADS: 1000 + n, dedupe: 500 + n, PINGS: 2000 + n}, n), t)
+    later = t + 150  # the end offsets, 150 ms after the last report: 15 more leads through
+    n = int(rate * later / 1000)
+    est.set_ends({LEADS: 1001 + n, dedupe: 501 + n, PINGS: 2001 + n}, later)
+    backlog = est.backlog(later)
+    assert backlog is not None and backlog < 1, backlog
+    assert est.refuse(later) is None
+
+
 def test_out_of_order_report_is_ignored() -> None:
     est = Estimator(1000)
     est.add_report(report("w1", 2000, 10, pings=40), 0)
