@@ -16,9 +16,8 @@ waiting lead has waited the bound, the leads admitted meanwhile wait about ``λ/
   are older than the end offsets, so what each took since its report is subtracted, per
   partition, at the rate its reports show for that partition: a lead passes through two or
   three of these topics, and subtracting only its ping stage's rate once counted every lead
-  taken since the last report once more per topic it had already left (at 25 leads/s a
-  phantom backlog of ~12 leads, ~0.5 s predicted, and the estimate locked at the admitted
-  rate: 100 leads/s offered, 25-33 admitted); between two fetches the backlog drains at the measured rate and grows by the
+  taken since the last report once more per topic it had already left (λ × the report's
+  age per extra topic: ~2-5 leads at 25 leads/s); between two fetches the backlog drains at the measured rate and grows by the
   leads this ingest process admitted. The ``+ 1`` is the lead's own turn: a stage that
   serves leads one at a time (or a few) frees its next slot ~1/μ later on average, which
   matters only for a slow pipeline.

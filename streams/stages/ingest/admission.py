@@ -1,8 +1,14 @@
 """Ingest's admission control on Kafka: feeds :class:`streams.rules.admission.Estimator`.
 
 A group-less consumer follows the progress topic (the workers' reports, from its end: only the
-last seconds matter) and, every :data:`~streams.rules.admission.ENDS_INTERVAL_S`, fetches the end
-offsets of the pre-ping topics (leads, dedupe, ping-requests). ``refuse()`` is what the HTTP
+last seconds matter); another one, on its own connection, fetches the end offsets of the
+pre-ping topics (leads, dedupe, ping-requests) every
+:data:`~streams.rules.admission.ENDS_INTERVAL_S`. Not one consumer for both: the broker answers
+a connection's requests in order, and the progress fetch waits up to 2 s when no report comes
+(faust_patches point 8), so the end offsets came every ~1.2 s whenever reports were sparse;
+the leads admitted meanwhile counted as waiting, the prediction passed the setpoint, ingest
+refused, and fewer leads meant sparser reports: 100 leads/s offered, 11-16 admitted, with the
+pipeline idle. ``refuse()`` is what the HTTP
 handler asks, synchronously and in O(1). Every Kafka call is bounded; when the broker cannot be
 reached the estimate goes stale and leads are admitted (publishing then answers 503).
 """
@@ -44,6 +50,7 @@ class Admission:
         self.estimator = Estimator(self.bound_ms)
         self.refused = 0
         self._consumer: AIOKafkaConsumer | None = None
+        self._ends_consumer: AIOKafkaConsumer | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._tps: list[TopicPartition] = []
         self._refused_logged = 0
@@ -66,12 +73,18 @@ class Admission:
         )
         await consumer.start()
         self._consumer = consumer
+        ends_consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.settings.kafka.bootstrap,
+            group_id=None,
+            enable_auto_commit=False,
+        )
+        await ends_consumer.start()
+        self._ends_consumer = ends_consumer
         try:
-            # Metadata of every topic into the consumer's own view (``topics()`` returns a
+            # Metadata of every topic into each consumer's own view (``topics()`` returns a
             # separate copy): a group-less consumer tracking no topic asks for all of them.
-            await asyncio.wait_for(
-                consumer._client.force_metadata_update(), KAFKA_CALL_TIMEOUT_S * 5
-            )
+            for c in (consumer, ends_consumer):
+                await asyncio.wait_for(c._client.force_metadata_update(), KAFKA_CALL_TIMEOUT_S * 5)
         except Exception as exc:
             log.warning("admission control off: no topic metadata (%s)", exc)
             return
@@ -104,9 +117,10 @@ class Admission:
             except (asyncio.CancelledError, Exception):
                 pass
         self._tasks = []
-        if self._consumer is not None:
-            await self._consumer.stop()
-            self._consumer = None
+        for c in (self._consumer, self._ends_consumer):
+            if c is not None:
+                await c.stop()
+        self._consumer = self._ends_consumer = None
 
     def refuse(self) -> int | None:
         """None to admit the lead; else the Retry-After (seconds) of a 429."""
@@ -167,11 +181,11 @@ class Admission:
                 await asyncio.sleep(1.0)
 
     async def _poll_ends(self) -> None:
-        assert self._consumer is not None
+        assert self._ends_consumer is not None
         while True:
             try:
                 ends = await asyncio.wait_for(
-                    self._consumer.end_offsets(self._tps), KAFKA_CALL_TIMEOUT_S
+                    self._ends_consumer.end_offsets(self._tps), KAFKA_CALL_TIMEOUT_S
                 )
                 self.estimator.set_ends(
                     {(tp.topic, tp.partition): off for tp, off in ends.items()}, _mono_ms()
