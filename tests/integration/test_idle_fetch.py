@@ -14,7 +14,7 @@ import time
 import uuid
 
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.consumer.fetcher import Fetcher
 
@@ -151,58 +151,3 @@ def test_a_batching_fetch_keeps_its_configuration_while_records_flow() -> None:
         batch_wait,
         batch_bytes,
     )
-
-
-async def _read_behind_a_waiting_partition(bootstrap: str, patched: bool) -> float:
-    """Seconds from producing a record on partition 1 to reading it, while a record fetched
-    for partition 0 waits to be taken (the consumer reads only partition 1)."""
-    topic = f"backoff-{uuid.uuid4().hex[:8]}"
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(topic, num_partitions=2, replication_factor=1)])
-    finally:
-        await admin.close()
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=0)
-    consumer = AIOKafkaConsumer(
-        topic,
-        bootstrap_servers=bootstrap,
-        group_id=f"g-{topic}",
-        auto_offset_reset="earliest",
-        fetch_max_wait_ms=faust_patches.WORKER_FETCH_MAX_WAIT_MS,
-    )
-    if patched:
-        faust_patches._no_prefetch_backoff(consumer)
-    await producer.start()
-    await consumer.start()
-    try:
-        while not consumer.assignment():
-            await asyncio.sleep(0.05)
-        p0, p1 = (TopicPartition(topic, p) for p in (0, 1))
-        await producer.send_and_wait(topic, b"warm-up", partition=1)
-        await asyncio.wait_for(consumer.getmany(p1, timeout_ms=10_000), 15)
-        await producer.send_and_wait(topic, b"waits", partition=0)
-        fetcher = consumer._fetcher
-        deadline = time.monotonic() + 10
-        while p0 not in fetcher._records:  # fetched, not taken: the state being tested
-            assert time.monotonic() < deadline, "partition 0's record was never fetched"
-            await asyncio.sleep(0.001)
-        t0 = time.monotonic()
-        await producer.send_and_wait(topic, b"behind", partition=1)
-        got = await asyncio.wait_for(consumer.getmany(p1, timeout_ms=10_000), 15)
-        assert [m.value for m in got[p1]] == [b"behind"]
-        return time.monotonic() - t0
-    finally:
-        await consumer.stop()
-        await producer.stop()
-
-
-def test_a_record_waiting_to_be_taken_holds_no_other_partitions_fetch(
-    kafka_bootstrap: str,
-) -> None:
-    """Point 10: the auction role's consumer fetches partition 1 at once although partition
-    0's fetched record has not been taken. aiokafka's own 100 ms prefetch backoff held every
-    fetch to the broker that long (a ping request read ~110 ms late at rest)."""
-    faust_patches.apply()
-    took = asyncio.run(_read_behind_a_waiting_partition(kafka_bootstrap, patched=True))
-    assert took < 0.06, f"partition 1's record took {took * 1000:.0f} ms"
