@@ -103,16 +103,6 @@
    wait), the next ones are point 8's idle fetch (``fetch_min_bytes=1``, the idle wait) until
    records flow again: at rest such a consumer asks the broker every 2 s, not every 500 ms,
    and the first record after the rest is read as soon as it lands.
-
-10. **No fetch held back behind records not yet taken** (issue 12: the first lead after a
-    rest). While a partition's freshly fetched records wait to be taken, aiokafka sends no
-    fetch at all to that broker for up to ``prefetch_backoff`` (100 ms, not configurable
-    from the consumer); on a one-broker stack that holds every other partition's records
-    too. Measured at rest, a lead's ping request was on Kafka 8 ms after receipt and read
-    110 ms after it, for about one lead in fifteen sent 1 s apart after a minute's rest. The
-    latency-critical worker consumer (the auction role's: ``fetch_min_bytes=1``) now has
-    ``PREFETCH_BACKOFF_S`` (0): the partitions not waiting are fetched at once, with point 8's
-    short wait while any record waits. The batching roles keep aiokafka's.
 """
 
 from __future__ import annotations
@@ -129,7 +119,6 @@ __all__ = [
     "PatchVersionError",
     "WATCHDOG_CALL_TIMEOUT_S",
     "IDLE_FETCH_MAX_WAIT_MS",
-    "PREFETCH_BACKOFF_S",
     "WORKER_FETCH_MAX_WAIT_MS",
     "WRITTEN_FOR",
     "OffsetGuard",
@@ -163,8 +152,6 @@ DELETE_WHEN = {
     8: "aiokafka sizes the fetch wait by what the fetch leaves out (no upstream issue yet)",
     9: "faust-streaming makes the worker consumer's fetch_min_bytes configurable "
     "(not passed in faust/transport/drivers/aiokafka.py; no upstream issue yet)",
-    10: "aiokafka lets a consumer set the Fetcher's prefetch_backoff, or fetches the "
-    "partitions not waiting to be read (no upstream issue yet)",
 }
 
 
@@ -199,9 +186,6 @@ WORKER_FETCH_MAX_WAIT_MS = 10
 
 #: The fetch wait when no partition is left out of the fetch (see point 8); Kafka's default.
 IDLE_FETCH_MAX_WAIT_MS = 2000
-
-#: The latency-critical worker consumer's prefetch backoff (see point 10); aiokafka's is 0.1.
-PREFETCH_BACKOFF_S = 0.0
 
 
 def apply(
@@ -488,8 +472,6 @@ def _shorten_worker_fetch_wait(ms: int, min_bytes: int = 1) -> None:
         # Both read by consumer.start() when it builds the Fetcher.
         consumer._fetch_max_wait_ms = ms
         consumer._fetch_min_bytes = min_bytes
-        if min_bytes == 1:
-            _no_prefetch_backoff(consumer)
         log.info("worker consumer fetch_max_wait_ms=%d fetch_min_bytes=%d", ms, min_bytes)
         return consumer
 
@@ -497,18 +479,6 @@ def _shorten_worker_fetch_wait(ms: int, min_bytes: int = 1) -> None:
     cls._pingpost_original_create = original  # type: ignore[attr-defined]
     cls._create_worker_consumer = _create_worker_consumer  # type: ignore[method-assign]
     cls._pingpost_fetch_wait_ms = (ms, min_bytes)  # type: ignore[attr-defined]
-
-
-def _no_prefetch_backoff(consumer: Any) -> None:
-    """Point 10: once ``consumer.start()`` has built its Fetcher, set its backoff."""
-    start = consumer.start
-
-    async def start_then_set() -> None:
-        await start()
-        consumer._fetcher._prefetch_backoff = PREFETCH_BACKOFF_S
-
-    # One consumer instance's start wrapped: deliberate.
-    consumer.start = start_then_set
 
 
 def guarded(topic: str) -> bool:

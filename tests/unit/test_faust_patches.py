@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -358,7 +357,7 @@ def test_the_sink_and_metrics_workers_fetch_in_batches_the_auction_workers_at_on
     cls = driver.AIOKafkaConsumerThread
 
     def faust_creates(self: Any, transport: Any) -> SimpleNamespace:
-        return SimpleNamespace(_fetch_max_wait_ms=1500, _fetch_min_bytes=1, start=None)
+        return SimpleNamespace(_fetch_max_wait_ms=1500, _fetch_min_bytes=1)
 
     monkeypatch.setattr(cls, "_create_worker_consumer", faust_creates)
     monkeypatch.setattr(cls, "_pingpost_original_create", faust_creates, raising=False)
@@ -370,34 +369,3 @@ def test_the_sink_and_metrics_workers_fetch_in_batches_the_auction_workers_at_on
         create_app(settings, role, web_port=0, data_root=tmp_path)  # type: ignore[arg-type]
         consumer = cls._create_worker_consumer(None, None)  # type: ignore[arg-type]
         assert (consumer._fetch_max_wait_ms, consumer._fetch_min_bytes) == want, role
-
-
-def test_the_auction_workers_fetcher_is_not_held_back_the_batching_ones_keep_aiokafkas(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    """Point 10: the auction role's worker consumer, once started, has no prefetch backoff
-    (a partition's records waiting to be taken hold no fetch of the others); the sink's and
-    metrics' keep aiokafka's 100 ms."""
-    from faust.transport.drivers import aiokafka as driver
-
-    from streams.app import create_app
-    from streams.settings import parse_settings
-
-    cls = driver.AIOKafkaConsumerThread
-
-    class Consumer(SimpleNamespace):
-        async def start(self) -> None:  # what aiokafka's start does to the Fetcher
-            self._fetcher = SimpleNamespace(_prefetch_backoff=0.1)
-
-    def faust_creates(self: Any, transport: Any) -> Consumer:
-        return Consumer(_fetch_max_wait_ms=1500, _fetch_min_bytes=1)
-
-    monkeypatch.setattr(cls, "_create_worker_consumer", faust_creates)
-    monkeypatch.setattr(cls, "_pingpost_original_create", faust_creates, raising=False)
-    monkeypatch.setattr(cls, "_pingpost_fetch_wait_ms", None, raising=False)
-    settings = parse_settings(yaml.safe_load(Path("config/demo.yaml").read_text()), env={})
-    for role, want in [("sink", 0.1), ("metrics", 0.1), ("auction", 0.0)]:
-        create_app(settings, role, web_port=0, data_root=tmp_path)  # type: ignore[arg-type]
-        consumer = cls._create_worker_consumer(None, None)  # type: ignore[arg-type]
-        asyncio.run(consumer.start())
-        assert consumer._fetcher._prefetch_backoff == want, role

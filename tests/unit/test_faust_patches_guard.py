@@ -69,7 +69,6 @@ PRIVATE_READS = [
     ("aiokafka.consumer.fetcher:Fetcher", "_records"),
     ("aiokafka.consumer.fetcher:Fetcher", "_fetch_max_wait_ms"),
     ("aiokafka.consumer.fetcher:Fetcher", "_fetch_min_bytes"),
-    ("aiokafka.consumer.fetcher:Fetcher", "_prefetch_backoff"),
     ("aiokafka.consumer.subscription_state:TopicPartitionState", "_position"),
 ]
 
