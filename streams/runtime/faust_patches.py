@@ -265,8 +265,9 @@ def idle_fetch_wait() -> None:
             waiting = any(tp in reading for tp in self._records)
         paused = any(assignment.state_value(tp).paused for tp in assignment.tps)
         last_empty = getattr(self, "_pingpost_last_fetch_empty", True)
+        wait_ms, min_bytes = configured
         self._fetch_max_wait_ms, self._fetch_min_bytes = fetch_params(
-            *configured, waiting, paused, last_empty
+            wait_ms, min_bytes, waiting, paused, last_empty
         )
         return orig_actions(self, assignment)
 
