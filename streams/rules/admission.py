@@ -17,8 +17,8 @@ waiting lead has waited the bound, the leads admitted meanwhile wait about ``λ/
   partition, at the rate its reports show for that partition: a lead passes through two or
   three of these topics, and subtracting only its ping stage's rate once counted every lead
   taken since the last report once more per topic it had already left (λ × the report's
-  age per extra topic: ~2-5 leads at 25 leads/s); between two fetches the backlog drains at the measured rate and grows by the
-  leads this ingest process admitted. The ``+ 1`` is the lead's own turn: a stage that
+  age per extra topic: ~2-5 leads at 25 leads/s); between two fetches the backlog drains at
+  the measured rate and grows by the leads this ingest process admitted. The ``+ 1`` is the lead's own turn: a stage that
   serves leads one at a time (or a few) frees its next slot ~1/μ later on average, which
   matters only for a slow pipeline.
 - ``μ``, the capacity: leads the ping stage takes per second, summed over workers, measured
@@ -239,14 +239,15 @@ class Estimator:
         # What the reporting worker took from the partition since its report (its rate
         # there times the report's age): not waiting any more.
         served: dict[TP, float] = {}
-        for w in fresh:
+        rates = [(w, w.rate(self.rate_window_ms)) for w in fresh]
+        for w, lead_rate in rates:
             age_s = (now_ms - w.seen_ms) / 1000.0
             tp_rates = w.partition_rates(self.rate_window_ms)
-            lead_rate = w.rate(self.rate_window_ms) or 0.0  # a partition new to its reports
             for tp, off in w.last.taken.items():
                 if off > taken.get(tp, -1):
                     taken[tp] = off
-                    served[tp] = tp_rates.get(tp, lead_rate) * age_s
+                    # A partition new to its reports: the worker's lead rate.
+                    served[tp] = tp_rates.get(tp, lead_rate or 0.0) * age_s
         # A partition no fresh report covers (its worker was killed and is restarting, or a
         # rebalance is moving it) still holds its leads: they count from the last offset
         # any worker reported for it. Left out, a worker killed every 12 s hid its
@@ -260,7 +261,6 @@ class Estimator:
                 if tp not in taken and off > orphaned.get(tp, -1):
                     orphaned[tp] = off
         taken.update(orphaned)
-        rates = [(w, w.rate(self.rate_window_ms)) for w in fresh]
         known = [r for _, r in rates if r is not None]
         self._rate = sum(known) if known else None
         self._backlog = sum(
