@@ -124,10 +124,21 @@ def test_a_post_accepted_after_we_gave_up_is_a_sale_recorded_once(market: Pipeli
         ids=ids,
     )
     assert rows == []
-    winners = dict(
-        market.rows(
-            "SELECT lead_id, winners FROM {db}.auctions FINAL WHERE lead_id IN {ids:Array(String)}",
-            ids=ids,
-        )
+    # The corrected result follows its Delivery onto Kafka (the posts row first), so the
+    # auctions row may still say unsold when the posts rows are in: wait for it too.
+
+    def winners() -> dict[str, list[str]]:
+        return {
+            lead: list(w)
+            for lead, w in market.rows(
+                "SELECT lead_id, winners FROM {db}.auctions FINAL "
+                "WHERE lead_id IN {ids:Array(String)}",
+                ids=ids,
+            )
+        }
+
+    wait_for(
+        lambda: winners() == {lead: ["slowpoke"] for lead in ids},
+        30,
+        "each lead's auctions row to name slowpoke as its winner",
     )
-    assert all(list(winners[lead]) == ["slowpoke"] for lead in ids), winners
