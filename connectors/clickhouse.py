@@ -307,6 +307,25 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
         "metric tables flow_minute and buyer_minute, filled by refreshable views over FINAL",
         _metric_statements(),
     ),
+    (
+        3,
+        "what a replay needs: ping conditions, wave and timeout; the configuration version "
+        "and experiment variant of each auction; the flow_versions table",
+        [
+            "ALTER TABLE {db}.pings ADD COLUMN IF NOT EXISTS conditions String",
+            "ALTER TABLE {db}.pings ADD COLUMN IF NOT EXISTS wave UInt8",
+            "ALTER TABLE {db}.pings ADD COLUMN IF NOT EXISTS timeout_ms Nullable(Float64)",
+            "ALTER TABLE {db}.auctions ADD COLUMN IF NOT EXISTS config_hash String",
+            "ALTER TABLE {db}.auctions ADD COLUMN IF NOT EXISTS variant LowCardinality(String)",
+            """CREATE TABLE IF NOT EXISTS {db}.flow_versions (
+            hash String,
+            flow LowCardinality(String),
+            config_json String,
+            published_at DateTime64(3, 'UTC')
+        ) ENGINE = ReplacingMergeTree(published_at)
+        ORDER BY hash""",
+        ],
+    ),
 ]
 
 #: Column order of each event table as the sink inserts it.
@@ -334,6 +353,9 @@ TABLE_COLUMNS: dict[str, list[str]] = {
         "exclusive",
         "reason",
         "http_status",
+        "conditions",
+        "wave",
+        "timeout_ms",
     ],
     "auctions": [
         "lead_id",
@@ -355,7 +377,10 @@ TABLE_COLUMNS: dict[str, list[str]] = {
         "pinged",
         "bids",
         "post_attempts",
+        "config_hash",
+        "variant",
     ],
+    "flow_versions": ["hash", "flow", "config_json", "published_at"],
     "posts": [
         "attempt_id",
         "post_id",

@@ -57,6 +57,7 @@ EVENTS = {
     "CapDecision": "cap_decision",
     "CapState": "cap_state",
     "Progress": "progress",
+    "FlowVersion": "flow_version",
 }
 _SHARED = {"pingpost.Conditions": "conditions"}
 

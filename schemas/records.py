@@ -18,6 +18,7 @@ __all__ = [
     "Conditions",
     "DeadLetter",
     "Delivery",
+    "FlowVersion",
     "Lead",
     "LeadPii",
     "PingRequest",
@@ -112,6 +113,8 @@ class Bid(TypedDict):
     conditions: Conditions
     reason: NotRequired[str]
     http_status: NotRequired[None | int]
+    wave: NotRequired[int]
+    timeout_ms: NotRequired[None | float]
 
 
 class AuctionClose(TypedDict):
@@ -154,6 +157,8 @@ class PostOrder(TypedDict):
     pinged: int
     bids: int
     skip_buyers: NotRequired[list[str]]
+    config_hash: NotRequired[str]
+    variant: NotRequired[str]
 
 
 class Delivery(TypedDict):
@@ -197,6 +202,8 @@ class AuctionResult(TypedDict):
     pinged: int
     bids: int
     post_attempts: int
+    config_hash: NotRequired[str]
+    variant: NotRequired[str]
 
 
 class DeadLetter(TypedDict):
@@ -290,3 +297,12 @@ class Progress(TypedDict):
     delay_p50_ms: float
     delay_p99_ms: float
     delay_max_ms: float
+
+
+class FlowVersion(TypedDict):
+    """One version of a flow's selling configuration, published by each auction worker at start on the compacted flow-versions topic (key = hash). Auctions record the hash; a replay reads the configuration in force from here. Buyer URLs and headers are never part of it."""
+
+    hash: str
+    flow: str
+    config_json: str
+    at_ms: int

@@ -55,6 +55,7 @@ class TopicNames:
     cap_state: str
     dedupe: str
     progress: str
+    flow_versions: str
 
     @classmethod
     def from_settings(cls, settings: Settings) -> TopicNames:
@@ -74,6 +75,7 @@ class TopicNames:
             cap_state=f"{p}.cap-state",
             dedupe=f"{p}.dedupe",
             progress=f"{p}.progress",
+            flow_versions=f"{p}.flow-versions",
         )
 
 
@@ -165,6 +167,14 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
             1,
             {"retention.ms": str(600_000), "segment.ms": str(600_000)},
             "auction workers' progress reports for ingest's admission control, key = worker id",
+        ),
+        # Replay (docs/strategy-lab.md): each version of a flow's selling configuration, once.
+        TopicSpec(
+            n.flow_versions,
+            ("FlowVersion",),
+            1,
+            {"cleanup.policy": "compact"},
+            "versions of each flow's selling configuration, key = hash (auctions record it)",
         ),
         *(
             TopicSpec(

@@ -55,6 +55,7 @@ __all__ = [
     "score",
     "scores",
     "wants_exclusive",
+    "wave_number",
     "wave_of",
 ]
 
@@ -527,6 +528,15 @@ def wave_of(tier: str, waves: Sequence[WaveConfig] | None) -> int | None:
         if tier in wave.tiers:
             return i
     return None
+
+
+def wave_number(tier: str, waves: Sequence[WaveConfig] | None) -> int:
+    """The wave a ping of ``tier`` belongs to as recorded (``Bid.wave``): 1 for the first;
+    0 when the flow has no waves, or no wave lists the tier."""
+    if not waves:
+        return 0
+    i = wave_of(tier, waves)
+    return 0 if i is None else i + 1
 
 
 # --------------------------------------------------------------------------- auto-pause

@@ -45,9 +45,14 @@ def bid_record(
     out: PingOutcome | None,
     status: str = "timeout",
     reason: str = "",
+    *,
+    wave: int = 0,
+    timeout_ms: float | None = None,
 ) -> Bid:
     """The ``Bid`` event of one ping: ``out`` its outcome, or None for a ping not sent
-    (``status``: filtered, or a timeout with no time left) with its ``reason``."""
+    (``status``: filtered, or a timeout with no time left) with its ``reason``; ``wave``
+    (:func:`~streams.rules.selling.wave_number`) and the ``timeout_ms`` it was given are
+    recorded for a replay (docs/strategy-lab.md)."""
     if out is None:
         return {
             "lead_id": req["lead_id"],
@@ -65,6 +70,8 @@ def bid_record(
             "conditions": {},
             "reason": reason,
             "http_status": None,
+            "wave": wave,
+            "timeout_ms": None,
         }
     c = out.conditions
     return {
@@ -90,6 +97,8 @@ def bid_record(
         },
         "reason": out.reason,
         "http_status": out.http_status,
+        "wave": wave,
+        "timeout_ms": timeout_ms,
     }
 
 
@@ -135,9 +144,17 @@ async def ping_buyer(
     bids = ctx.topic("bids")
     sent = now_ms()
     budget = min(buyer.timeout_ms, stop_at_ms - sent)
+    wave = rules.wave_number(buyer.tier, flow.waves)
     if budget <= 0:
         record = bid_record(
-            req, buyer, ping_id, sent, None, "timeout", "no time left before the auction deadline"
+            req,
+            buyer,
+            ping_id,
+            sent,
+            None,
+            "timeout",
+            "no time left before the auction deadline",
+            wave=wave,
         )
     else:
         body = ping_body(req["ping_fields"], req["flow"], ping_id, budget)
@@ -150,7 +167,7 @@ async def ping_buyer(
             max_price=flow.strategy.max_price,
             min_price=flow.strategy.min_price,
         )
-        record = bid_record(req, buyer, ping_id, sent, out)
+        record = bid_record(req, buyer, ping_id, sent, out, wave=wave, timeout_ms=float(budget))
         if out.buyer_ref is not None:
             record["buyer_ref"] = safe_ref(out.buyer_ref, pii_check(settings, req, pii))
         if out.status == "bid" and out.price is not None:

@@ -12,13 +12,14 @@ alert rules), ``simulator`` (the simulated buyers) and ``loader`` (``Settings``,
 loading); every public name is re-exported here: ``from streams.settings import FlowConfig``.
 """
 
-from streams.settings import base, infra, loader, market, metrics, simulator
+from streams.settings import base, infra, loader, market, metrics, simulator, version
 from streams.settings.base import *  # noqa: F403
 from streams.settings.infra import *  # noqa: F403
 from streams.settings.loader import *  # noqa: F403
 from streams.settings.market import *  # noqa: F403
 from streams.settings.metrics import *  # noqa: F403
 from streams.settings.simulator import *  # noqa: F403
+from streams.settings.version import *  # noqa: F403
 
 __all__ = [
     *base.__all__,
@@ -27,4 +28,5 @@ __all__ = [
     *metrics.__all__,
     *simulator.__all__,
     *loader.__all__,
+    *version.__all__,
 ]

@@ -42,9 +42,10 @@ from streams.runtime.agents import (
     key_partition,
     now_ms,
     retry_transient,
+    task,
     timer,
 )
-from streams.settings import FlowConfig, Settings
+from streams.settings import FlowConfig, FlowVersion, Settings, flow_versions
 
 __all__ = ["AuctionStage", "Sends", "register"]
 
@@ -95,6 +96,8 @@ class AuctionStage:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
+        #: Each flow's configuration version: every order records the one that decided it.
+        self.versions = flow_versions(settings)
         self.table = table
         self.bids_topic = bids
         self.posts_topic = posts
@@ -212,6 +215,8 @@ class AuctionStage:
             "pinged": len(op["pinged"]),
             "bids": sum(1 for a in answers if a["status"] == "bid"),
             "skip_buyers": op.get("skip_buyers") or [],
+            "config_hash": self.versions[op["flow"]].hash if op["flow"] in self.versions else "",
+            "variant": "",
         }
         value = schemas.encode("PostOrder", order)
         # Close once (an outbox): the closed state, with the order in it, is on the changelog
@@ -623,12 +628,53 @@ def register(ctx: Context) -> Offers:
 
     ctx.closers.append(stage.final_stats)
 
+    versions_topic = ctx.topic("flow_versions")
+
+    @task(app)
+    async def publish_versions() -> None:
+        """Each flow's configuration version onto the compacted flow-versions topic, once
+        per start (a replay reads the version an auction records; docs/strategy-lab.md)."""
+        for version in stage.versions.values():
+            await publish_version(versions_topic, version, now_ms())
+
     @timer(app, 0.5, name="auction-sweep")
     async def sweep() -> None:
         """Re-arm timers after recovery/rebalance and purge old closed auctions."""
         await stage.sweep()
 
     return Offers(auctions_table=table, apply_round=stage.apply_local, mark_open=stage.mark_open)
+
+
+async def publish_version(
+    topic: Sends, version: FlowVersion, at_ms: int, attempts: int = 5, delay_s: float = 1.0
+) -> None:
+    """Send one ``FlowVersion`` (key = its hash), retried: auctions keep running without it,
+    but a replay of them then falls back to the configuration it is given (and says so)."""
+    rec = {
+        "hash": version.hash,
+        "flow": version.flow,
+        "config_json": version.config_json,
+        "at_ms": at_ms,
+    }
+    for attempt in range(1, attempts + 1):
+        try:
+            fut = await topic.send(
+                key=version.hash.encode(), value=schemas.encode("FlowVersion", rec)
+            )
+            await fut
+            log.info("flow %s: configuration version %s published", version.flow, version.hash)
+            return
+        except Exception as exc:
+            if attempt == attempts:
+                log.error(
+                    "flow %s: configuration version %s not published (%s); a replay of its "
+                    "auctions will need --config",
+                    version.flow,
+                    version.hash,
+                    exc,
+                )
+                return
+            await asyncio.sleep(delay_s * attempt)
 
 
 def lead_partition(lead_id: str, partitions: int) -> int:

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import schemas
 from streams.rules.dedupe import decide
 from streams.runtime.agents import DeadLetters, now_ms
-from streams.settings import DuplicatesConfig
+from streams.settings import DuplicatesConfig, flow_versions
 
 if TYPE_CHECKING:
     from streams.context import Context, ProgressPort
@@ -64,9 +64,12 @@ class DedupeStage:
         send_result: Send,
         dead: DeadLetters,
         progress: ProgressPort,
+        versions: Mapping[str, str] | None = None,
         clock: Callable[[], int] = now_ms,
     ) -> None:
         self.flows = flows
+        #: flow -> its configuration version's hash, recorded on a duplicate's result.
+        self.versions = dict(versions or {})
         self.table = table
         self._send_request = send_request
         self._send_result = send_result
@@ -122,6 +125,8 @@ class DedupeStage:
                     "pinged": 0,
                     "bids": 0,
                     "post_attempts": 0,
+                    "config_hash": self.versions.get(req["flow"], ""),
+                    "variant": "",
                 },
             ),
         )
@@ -187,6 +192,7 @@ def register(ctx: Context) -> None:
         send_result=results.send,
         dead=dead,
         progress=progress,
+        versions={n: v.hash for n, v in flow_versions(settings).items()},
     )
 
     @app.agent(ctx.topic("dedupe"), name="dedupe", concurrency=1)

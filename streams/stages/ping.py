@@ -167,6 +167,7 @@ class PingStage:
                     None,
                     "filtered",
                     reason,
+                    wave=rules.wave_number(buyer.tier, flow.waves),
                 )
             )
         stop_at = deadline - flow.safety_margin_ms
@@ -195,6 +196,7 @@ class PingStage:
                             None,
                             "filtered",
                             f"not pinged: no time left for wave {i + 1} before the deadline",
+                            wave=i + 1,
                         )
                     )
                 continue
@@ -220,6 +222,7 @@ class PingStage:
                             None,
                             "filtered",
                             f"not pinged: wave {i + 1} had an acceptable bid",
+                            wave=(rules.wave_of(b.tier, flow.waves) or 0) + 1,
                         )
                     )
                 return

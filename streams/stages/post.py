@@ -266,6 +266,8 @@ class PostStage:
             "pinged": order["pinged"],
             "bids": order["bids"],
             "post_attempts": state["n"],
+            "config_hash": order.get("config_hash", ""),
+            "variant": order.get("variant", ""),
         }
         state["result"] = result
         part = key_partition(order["lead_id"], self._parts)

@@ -19,6 +19,8 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
+import orjson
+
 import schemas
 from connectors.clickhouse import ClickHouseClient, ClickHouseUnavailable, connect, migrate
 from streams.context import Context
@@ -99,6 +101,15 @@ def _s(v: Any) -> str:
     return "" if v is None else str(v)
 
 
+def _conditions(c: dict[str, Any] | None) -> str:
+    """A bid's conditions as compact JSON with only the ones set ('' for none): what a replay
+    re-checks (``JSONExtract`` reads it in SQL)."""
+    if not c:
+        return ""
+    set_ = {k: v for k, v in c.items() if v not in (None, False)}
+    return orjson.dumps(set_, option=orjson.OPT_SORT_KEYS).decode() if set_ else ""
+
+
 def to_row(name: str, r: dict[str, Any]) -> tuple[str, list[Any]] | None:
     """Map one decoded event to ``(table, row)``; None for events with no table."""
     if name == "PingRequest":
@@ -126,6 +137,9 @@ def to_row(name: str, r: dict[str, Any]) -> tuple[str, list[Any]] | None:
             r["exclusive"],
             r["reason"],
             r["http_status"],
+            _conditions(r.get("conditions")),
+            r.get("wave", 0),
+            r.get("timeout_ms"),
         ]
     if name == "Delivery":
         if r["status"] == "skipped":
@@ -168,7 +182,11 @@ def to_row(name: str, r: dict[str, Any]) -> tuple[str, list[Any]] | None:
             r["pinged"],
             r["bids"],
             r["post_attempts"],
+            r.get("config_hash", ""),
+            r.get("variant", ""),
         ]
+    if name == "FlowVersion":
+        return "flow_versions", [r["hash"], r["flow"], r["config_json"], _ts(r["at_ms"])]
     if name == "Alert":
         value = r["value"]
         return "alerts", [
@@ -310,6 +328,7 @@ def register(ctx: Context) -> None:
         n.results,
         n.deadletter,
         n.alerts,
+        n.flow_versions,
         key_type=bytes,
         value_type=bytes,
         key_serializer="raw",

@@ -184,6 +184,8 @@ RECORDS: dict[str, dict[str, Any]] = {
         "conditions": CONDITIONS,
         "reason": "",
         "http_status": 200,
+        "wave": 1,
+        "timeout_ms": 496.0,
     },
     "AuctionClose": {"lead_id": "lead-0001", "reason": "deadline", "at_ms": T0 + 753},
     "PostOrder": {
@@ -223,6 +225,8 @@ RECORDS: dict[str, dict[str, Any]] = {
         "pinged": 2,
         "bids": 2,
         "skip_buyers": ["b9"],
+        "config_hash": "c4b194fe509cc17e",
+        "variant": "",
     },
     "Delivery": {
         "attempt_id": "post-1:1",
@@ -260,6 +264,8 @@ RECORDS: dict[str, dict[str, Any]] = {
         "pinged": 5,
         "bids": 3,
         "post_attempts": 3,
+        "config_hash": "c4b194fe509cc17e",
+        "variant": "higher-floor",
     },
     "DeadLetter": {
         "id": "pingpost.leads:2:991",
@@ -314,6 +320,12 @@ RECORDS: dict[str, dict[str, Any]] = {
         "delay_p50_ms": 9.5,
         "delay_p99_ms": 30.25,
         "delay_max_ms": 31.0,
+    },
+    "FlowVersion": {
+        "hash": "c4b194fe509cc17e",
+        "flow": "solar",
+        "config_json": '{"buyers":{"sunrise":{"tier":"premium"}},"flow":{"deadline_ms":750}}',
+        "at_ms": T0,
     },
     "Alert": {
         "alert_id": f"slow_buyer|buyer:sunrise|{T0}|firing",

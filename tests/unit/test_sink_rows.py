@@ -26,6 +26,7 @@ TABLE_OF = {
     "Delivery": "posts",
     "AuctionResult": "auctions",
     "DeadLetter": "dead_letters",
+    "FlowVersion": "flow_versions",
 }
 
 
@@ -120,7 +121,23 @@ def test_pings_row() -> None:
         "exclusive": True,
         "reason": "",
         "http_status": 200,
+        "conditions": '{"max_age_minutes":5.0,"require_consent":true,"states":["CA","TX"]}',
+        "wave": 1,
+        "timeout_ms": 496.0,
     }
+
+
+def test_pings_row_without_conditions_or_the_fields_older_records_lack() -> None:
+    rec = {k: v for k, v in RECORDS["Bid"].items() if k not in ("wave", "timeout_ms")}
+    row = row_of("Bid", {**rec, "conditions": {"states": None, "require_consent": False}})
+    assert (row["conditions"], row["wave"], row["timeout_ms"]) == ("", 0, None)
+
+
+def test_flow_versions_row() -> None:
+    row = row_of("FlowVersion")
+    assert row["hash"] == "c4b194fe509cc17e"
+    assert row["flow"] == "solar"
+    assert row["published_at"] == T0_DT
 
 
 def test_pings_row_for_a_failed_ping() -> None:
@@ -172,6 +189,7 @@ def test_auctions_row() -> None:
     assert row["duration_ms"] == 88.0  # closed - opened
     assert (row["close_reason"], row["close_lag_ms"]) == ("all_answered", 1.125)
     assert (row["pinged"], row["bids"], row["post_attempts"]) == (5, 3, 3)
+    assert (row["config_hash"], row["variant"]) == ("c4b194fe509cc17e", "higher-floor")
 
 
 def test_dead_letters_row() -> None:
