@@ -38,13 +38,13 @@ class FlowVersion:
 
 
 def _buyer(b: BuyerConfig) -> dict[str, Any]:
-    dumped = b.model_dump(mode="json", include=set(BUYER_KEYS))
+    dumped = b.model_dump(mode="json", by_alias=True, include=set(BUYER_KEYS))
     return {k: dumped.get(k) for k in BUYER_KEYS}
 
 
 def version_doc(flow: FlowConfig, buyers: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The document a version hashes: the flow's configuration and its buyers' entries."""
-    return {"flow": flow.model_dump(mode="json"), "buyers": buyers}
+    return {"flow": flow.model_dump(mode="json", by_alias=True), "buyers": buyers}
 
 
 def flow_version(settings: Settings, name: str) -> FlowVersion:

@@ -321,6 +321,63 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_replay(args: argparse.Namespace) -> int:
+    from streams.tools.replay import load_overrides, print_result, run_replay
+    from streams.tools.report import parse_time
+
+    try:
+        since = parse_time(args.since) if args.since else None
+        until = parse_time(args.until) if args.until else None
+        overrides = load_overrides(args.strategy)
+    except (OSError, ValueError) as exc:
+        print(f"pingpost replay: {exc}", file=sys.stderr)
+        return 2
+    if not 0 < args.confidence < 1:
+        print("pingpost replay: --confidence must be between 0 and 1 (e.g. 0.95)", file=sys.stderr)
+        return 2
+    from clickhouse_connect.driver.exceptions import OperationalError
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    s = _settings(args)
+    client = _sync_client(args, s)
+    try:
+        with Progress(
+            "replaying",
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+            transient=True,
+        ) as bar:
+            job = bar.add_task("replay", total=None)
+            result = run_replay(
+                client,
+                s.clickhouse.database,
+                s,
+                overrides,
+                since=since,
+                until=until,
+                lead_prefix=args.lead_prefix,
+                seed=args.seed,
+                resamples=args.resamples,
+                confidence=args.confidence,
+                progress=lambda done, total: bar.update(job, completed=done, total=total),
+            )
+    except ValueError as exc:  # a strategy key the flow's model refuses
+        print(f"pingpost replay: {args.strategy}: {exc}", file=sys.stderr)
+        return 2
+    except OperationalError as exc:
+        raise _no_warehouse(args, s, exc) from None
+    finally:
+        client.close()
+    if result.baseline.auctions == 0:
+        print("pingpost replay: no auctions in that window", file=sys.stderr)
+        return 1
+    print_result(result)
+    return 0
+
+
 class _ProgressClient:
     """A clickhouse-connect client whose queries update a status line (query N, time)."""
 
@@ -612,6 +669,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--until", help="leads received before (same forms); default: now")
     r.set_defaults(func=cmd_report)
+    rp = sub.add_parser(
+        "replay", help="decide recorded auctions again under another strategy and compare"
+    )
+    rp.add_argument(
+        "--strategy",
+        required=True,
+        metavar="FILE",
+        help="YAML: the flow keys to override (strategy, floors, waves, deadline_ms, "
+        "safety_margin_ms, buyers.<id>.timeout_ms); see docs/strategy-lab.md",
+    )
+    rp.add_argument("--since", help="auctions of leads received from (as for report)")
+    rp.add_argument("--until", help="auctions of leads received before (as for report)")
+    rp.add_argument("--lead-prefix", help="only leads whose id starts so (one demo run)")
+    rp.add_argument("--seed", type=int, default=0, help="seed of the models and the bootstrap")
+    rp.add_argument("--resamples", type=int, default=400, help="bootstrap resamples")
+    rp.add_argument("--confidence", type=float, default=0.95, help="interval level")
+    rp.set_defaults(func=cmd_replay)
     sub.add_parser("check-config", help="validate the config").set_defaults(func=cmd_check_config)
     q = sub.add_parser("sql", help="run SQL against the configured ClickHouse, print a table")
     q.add_argument("query")
