@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import re
+from functools import cache
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -101,6 +102,7 @@ Day = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
 WEEKDAYS: tuple[Day, ...] = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 
 
+@cache  # pure, and read for every bid a business-hours floor judges
 def parse_hours(v: str) -> tuple[int, int]:
     """``"HH:MM-HH:MM"`` -> (start, end) in minutes after midnight.
 
