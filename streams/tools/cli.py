@@ -322,15 +322,21 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from streams.tools.replay import load_overrides, print_result, run_replay
+    from streams.tools.replay import check_overrides, load_overrides, print_result, run_replay
     from streams.tools.report import parse_time
 
+    s = _settings(args)
     try:
         since = parse_time(args.since) if args.since else None
         until = parse_time(args.until) if args.until else None
         overrides = load_overrides(args.strategy)
     except (OSError, ValueError) as exc:
         print(f"pingpost replay: {exc}", file=sys.stderr)
+        return 2
+    try:
+        check_overrides(s, overrides)
+    except ValueError as exc:
+        print(f"pingpost replay: {args.strategy}: {exc}", file=sys.stderr)
         return 2
     if not 0 < args.confidence < 1:
         print("pingpost replay: --confidence must be between 0 and 1 (e.g. 0.95)", file=sys.stderr)
@@ -339,7 +345,6 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
-    s = _settings(args)
     client = _sync_client(args, s)
     try:
         with Progress(

@@ -506,6 +506,21 @@ def _as_recorded(rec: Recorded) -> Outcome:
     return out
 
 
+def check_overrides(settings: Settings, overrides: Mapping[str, Any]) -> None:
+    """Refuse a strategy file the configured flows cannot take, before any query: a
+    ``ValueError`` naming each key's path and the problem, one per line."""
+    from pydantic import ValidationError
+
+    for name in settings.flows:
+        doc = orjson.loads(flow_version(settings, name).config_json)
+        try:
+            Strategy.from_doc(apply_overrides(doc, overrides))
+        except ValidationError as exc:
+            raise ValueError(
+                "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+            ) from None
+
+
 def load_overrides(path: str) -> dict[str, Any]:
     """A strategy file (YAML or JSON): the flow keys to override (streams.rules.replay)."""
     import yaml

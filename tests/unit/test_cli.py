@@ -107,7 +107,15 @@ def _free_ports(n: int) -> list[int]:
             s.close()
 
 
-@pytest.mark.parametrize("argv", [["sql", "SELECT 1"], ["report"], ["report", "--html", "x"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["sql", "SELECT 1"],
+        ["report"],
+        ["report", "--html", "x"],
+        ["replay", "--strategy", "config/strategies/shared-max-2.yaml"],
+    ],
+)
 def test_no_warehouse_is_one_line_saying_where_and_how(
     argv: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -190,3 +198,27 @@ def test_up_failing_half_way_stops_what_it_started(
     assert len(err.strip().splitlines()) == 1, err
     assert "ingest exited during start-up" in err and "ingest.log" in err
     assert "stopped what this run started: worker, buyers" in err
+
+
+@pytest.mark.parametrize(
+    ("strategy", "message"),
+    [
+        ("floors:\n  exclusive_min: -5\n", "floors.exclusive_min: Input should be greater than"),
+        ("strategy:\n  shared_max: 0\n", "strategy.shared_max: Input should be greater than"),
+        ("post_timeout_ms: 3\n", "cannot override post_timeout_ms"),
+        ("buyers:\n  nobody: {timeout_ms: 100}\n", "buyers.nobody: not a buyer of this flow"),
+        ("- 1\n", "expected a mapping of flow keys"),
+    ],
+)
+def test_replay_refuses_a_bad_strategy_file_naming_the_key_before_any_query(
+    strategy: str, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from streams.tools.cli import main
+
+    (port,) = _free_ports(1)  # no warehouse: the file is judged first
+    path = tmp_path / "candidate.yaml"
+    path.write_text(strategy)
+    config = _config(tmp_path, clickhouse=port)
+    assert main(["--config", str(config), "replay", "--strategy", str(path)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and message in err and len(err.strip().splitlines()) == 1, err
