@@ -52,6 +52,7 @@ __all__ = [
     "apply_overrides",
     "draw",
     "replay",
+    "variant_doc",
     "OVERRIDABLE",
 ]
 
@@ -167,6 +168,20 @@ def apply_overrides(doc: Mapping[str, Any], overrides: Mapping[str, Any]) -> dic
         else:
             flow[key] = value
     return {"flow": flow, "buyers": buyers}
+
+
+def variant_doc(doc: Mapping[str, Any], variant: str) -> dict[str, Any]:
+    """A version document as experiment ``variant`` ran it: the variant's ``strategy`` and
+    ``floors`` merged in, no experiment (the document itself for '' or an unknown variant)."""
+    exp = doc["flow"].get("experiment") or {}
+    for v in exp.get("variants") or []:
+        if v["name"] == variant:
+            flow = dict(doc["flow"])
+            flow["experiment"] = None
+            flow["strategy"] = {**(flow.get("strategy") or {}), **(v.get("strategy") or {})}
+            flow["floors"] = {**(flow.get("floors") or {}), **(v.get("floors") or {})}
+            return {**doc, "flow": flow}
+    return dict(doc)
 
 
 def draw(seed: int, lead_id: str, buyer_id: str) -> float:

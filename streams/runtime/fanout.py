@@ -20,6 +20,7 @@ from schemas.records import Bid
 from streams import rules
 from streams.context import Context
 from streams.rules.auction import conditions_reason
+from streams.rules.experiments import flow_for
 from streams.rules.pinging import pii_check, ping_body, plan_pings
 from streams.rules.scrub import safe_ref
 from streams.runtime.agents import now_ms
@@ -140,7 +141,8 @@ async def ping_buyer(
     buyer's own ``buyer_id`` is recorded only if it cannot be PII (``pii``: the lead's PII
     values, when the caller has them)."""
     settings = ctx.settings
-    flow = settings.flows[req["flow"]]
+    # (an experiment's variant may change the floors and the strategy's price bounds)
+    _, flow = flow_for(settings.flows[req["flow"]], req["lead_id"], req.get("received_at_ms", 0))
     bids = ctx.topic("bids")
     sent = now_ms()
     budget = min(buyer.timeout_ms, stop_at_ms - sent)

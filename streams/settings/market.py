@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import re
+from datetime import datetime
 from functools import cache
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -11,6 +12,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from pydantic import (
     Field,
     SecretStr,
+    ValidationError,
     field_validator,
     model_validator,
 )
@@ -28,6 +30,7 @@ __all__ = [
     "BuyerSchedule",
     "Day",
     "DuplicatesConfig",
+    "ExperimentConfig",
     "FieldFilter",
     "FieldSpec",
     "FieldType",
@@ -43,9 +46,11 @@ __all__ = [
     "ScoreWeights",
     "StrategyConfig",
     "TimeWindow",
+    "VariantConfig",
     "Transform",
     "WaveConfig",
     "parse_hours",
+    "with_variant",
     "ping_visible_fields",
 ]
 
@@ -249,6 +254,59 @@ class DuplicatesConfig(_Model):
     action: Literal["reject", "skip_buyers"] = "reject"
 
 
+class VariantConfig(_Model):
+    """One arm of an experiment: its share of the flow's leads and the ``strategy`` and
+    ``floors`` keys it overrides (merged key by key into the flow's)."""
+
+    name: str
+    share: Annotated[float, Field(gt=0, le=1)]
+    strategy: dict[str, Any] = {}
+    floors: dict[str, Any] = {}
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,32}", v):
+            raise ValueError("use 1-32 letters, digits, '_', '-' or '.'")
+        return v
+
+
+class ExperimentConfig(_Model):
+    """A live A/B test of strategies (docs/strategy-lab.md): each lead received between
+    ``start`` and ``stop`` goes to one variant, by a stable hash of its id and the
+    experiment's name; the first variant is the control the others are compared with."""
+
+    name: str
+    variants: Annotated[list[VariantConfig], Field(min_length=2)]
+    start: datetime | None = None
+    stop: datetime | None = None
+    #: Leads per variant before `pingpost experiment` gives a verdict.
+    min_leads: Annotated[int, Field(ge=1)] = 1000
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", v):
+            raise ValueError("use 1-64 letters, digits, '_', '-' or '.'")
+        return v
+
+    @model_validator(mode="after")
+    def _variants(self) -> ExperimentConfig:
+        names = [v.name for v in self.variants]
+        for i, n in enumerate(names):
+            if n in names[:i]:
+                raise ValueError(f"variants[{i}].name: '{n}' is used twice")
+        total = sum(v.share for v in self.variants)
+        if abs(total - 1.0) > 1e-9:
+            raise ValueError(f"variants: the shares add up to {total:g}, not 1")
+        for t, label in ((self.start, "start"), (self.stop, "stop")):
+            if t is not None and t.tzinfo is None:
+                raise ValueError(f"{label}: give a time zone (e.g. 2026-12-06T09:00:00Z)")
+        if self.start is not None and self.stop is not None and self.stop <= self.start:
+            raise ValueError("stop: must be after start")
+        return self
+
+
 class StrategyConfig(_Model):
     #: ``highest``: best acceptable bid by price wins (exclusive if it asks, else shared to
     #: the top ``shared_max``).
@@ -304,6 +362,8 @@ class FlowConfig(_Model):
     #: Ping waves by tier; absent = one wave pinging every tier at once.
     waves: list[WaveConfig] | None = None
     duplicates: DuplicatesConfig | None = None
+    #: A live A/B test of strategies (docs/strategy-lab.md).
+    experiment: ExperimentConfig | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> FlowConfig:
@@ -384,6 +444,32 @@ class FlowConfig(_Model):
                     raise ValueError(f"duplicates.fields: '{name}' is listed twice")
                 seen.add(name)
         return self
+
+    @model_validator(mode="after")
+    def _experiment(self) -> FlowConfig:
+        """Every variant's flow (this one with its overrides) must be a valid flow."""
+        if self.experiment is None:
+            return self
+        for i, variant in enumerate(self.experiment.variants):
+            try:
+                with_variant(self, variant)
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                where = ".".join(str(p) for p in first["loc"])
+                raise ValueError(
+                    f"experiment.variants[{i}] ({variant.name}): {where}: {first['msg']}"
+                ) from None
+        return self
+
+
+def with_variant(flow: FlowConfig, variant: VariantConfig) -> FlowConfig:
+    """``flow`` as ``variant`` runs it: its ``strategy`` and ``floors`` keys merged in, no
+    experiment of its own."""
+    d = flow.model_dump(by_alias=True)
+    d["experiment"] = None
+    d["strategy"] = {**d["strategy"], **variant.strategy}
+    d["floors"] = {**d["floors"], **variant.floors}
+    return FlowConfig.model_validate(d)
 
 
 #: Names the platform owns in every lead / ping / post body.

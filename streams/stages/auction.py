@@ -34,6 +34,7 @@ from typing import Any, Protocol
 import schemas
 from streams.context import Context, Offers, Round, ranking_inputs
 from streams.rules.auction import Decision, close_lag_ms, decide
+from streams.rules.experiments import flow_for
 from streams.runtime import agents
 from streams.runtime.agents import (
     DeadLetters,
@@ -183,9 +184,12 @@ class AuctionStage:
         flow = self.settings.flows.get(op["flow"])
         closed = self.clock() * 1000
         answers = list(state["answers"].values())
+        variant = ""
         if flow is None:
             decision = Decision("none", 0, [])
         else:
+            # A lead in an experiment is decided under its variant's strategy and floors.
+            variant, flow = flow_for(flow, lead_id, op["received_at_ms"])
             decision = decide(
                 answers,
                 op["ping_fields"],
@@ -216,7 +220,7 @@ class AuctionStage:
             "bids": sum(1 for a in answers if a["status"] == "bid"),
             "skip_buyers": op.get("skip_buyers") or [],
             "config_hash": self.versions[op["flow"]].hash if op["flow"] in self.versions else "",
-            "variant": "",
+            "variant": variant,
         }
         value = schemas.encode("PostOrder", order)
         # Close once (an outbox): the closed state, with the order in it, is on the changelog

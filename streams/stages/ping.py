@@ -23,6 +23,7 @@ from schemas.records import Bid
 from streams import rules
 from streams.context import Context, ProgressPort, Round
 from streams.rules.auction import acceptable
+from streams.rules.experiments import flow_for
 from streams.rules.pinging import MIN_WAVE_MS, ping_id_for
 from streams.runtime.agents import DeadLetters, InFlight, now_ms
 from streams.runtime.fanout import Sent, bid_record, ping_buyer, plan_for
@@ -180,6 +181,9 @@ class PingStage:
         # no acceptable bid, and never past the deadline. Buyers of a wave not pinged get a
         # `filtered` row saying why (the auction counts it as their answer: it can close early).
         pending = list(zip(targets, pinged))
+        # Whether a wave had an acceptable bid is judged as the auction will: under the
+        # lead's experiment variant, if any (its floors and strategy).
+        _, sells = flow_for(flow, req["lead_id"], req["received_at_ms"])
         for i, wave in enumerate(flow.waves):
             members = [(b, p) for b, p in pending if rules.wave_of(b.tier, flow.waves) == i]
             if not members:
@@ -207,7 +211,7 @@ class PingStage:
             at = now_ms()
             if any(
                 acceptable(
-                    o, req["ping_fields"], flow.strategy, req["created_at_ms"], at, flow=flow
+                    o, req["ping_fields"], sells.strategy, req["created_at_ms"], at, flow=sells
                 )[0]
                 for o in outcomes
             ):

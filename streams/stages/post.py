@@ -28,6 +28,7 @@ from schemas.records import Bid
 from streams import rules
 from streams.context import CapReservations, Context, Offers, ranking_inputs
 from streams.rules.auction import decide
+from streams.rules.experiments import variant_flow
 from streams.rules.pinging import MIN_WAVE_MS, ping_id_for
 from streams.rules.posting import next_batch, post_body, post_id_for, unsold_reason
 from streams.rules.scrub import scrub
@@ -561,6 +562,8 @@ class PostStage:
         if state.get("backup"):  # bids of later waves pinged before a restart
             order = {**order, "candidates": order["candidates"] + state["backup"]}
         flow = self._settings.flows.get(order["flow"])
+        if flow is not None:  # the lead's experiment variant, if any: its shared_max, floors...
+            flow = variant_flow(flow, order.get("variant", ""))
         if not order["candidates"] or flow is None:
             await self.settle(
                 order,

@@ -364,6 +364,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
                 since=since,
                 until=until,
                 lead_prefix=args.lead_prefix,
+                variant=args.variant,
                 seed=args.seed,
                 resamples=args.resamples,
                 confidence=args.confidence,
@@ -380,6 +381,65 @@ def cmd_replay(args: argparse.Namespace) -> int:
         print("pingpost replay: no auctions in that window", file=sys.stderr)
         return 1
     print_result(result)
+    return 0
+
+
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from streams.tools.experiment import print_experiment, run_experiment
+    from streams.tools.report import parse_time
+
+    s = _settings(args)
+    try:
+        since = parse_time(args.since) if args.since else None
+        until = parse_time(args.until) if args.until else None
+    except ValueError as exc:
+        print(f"pingpost experiment: {exc}", file=sys.stderr)
+        return 2
+    flow = args.flow or next(iter(s.flows))
+    if flow not in s.flows or s.flows[flow].experiment is None:
+        have = [n for n, f in s.flows.items() if f.experiment is not None]
+        print(
+            f"pingpost experiment: flow '{flow}' declares no experiment (flows.{flow}."
+            f"experiment in {_config_path(args)}); flows with one: {', '.join(have) or 'none'}",
+            file=sys.stderr,
+        )
+        return 2
+    from clickhouse_connect.driver.exceptions import OperationalError
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress
+
+    client = _sync_client(args, s)
+    try:
+        with Progress(
+            "reading auctions",
+            BarColumn(),
+            MofNCompleteColumn(),
+            console=Console(stderr=True),
+            transient=True,
+        ) as bar:
+            job = bar.add_task("experiment", total=None)
+            result = run_experiment(
+                client,
+                s.clickhouse.database,
+                s,
+                flow,
+                since=since,
+                until=until,
+                lead_prefix=args.lead_prefix,
+                seed=args.seed,
+                progress=lambda done, total: bar.update(job, completed=done, total=total),
+            )
+    except OperationalError as exc:
+        raise _no_warehouse(args, s, exc) from None
+    finally:
+        client.close()
+    if not any(v.leads for v in result.variants):
+        print(
+            f"pingpost experiment: no auction of flow '{flow}' has a variant yet (in that window)",
+            file=sys.stderr,
+        )
+        return 1
+    print_experiment(result)
     return 0
 
 
@@ -687,10 +747,23 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--since", help="auctions of leads received from (as for report)")
     rp.add_argument("--until", help="auctions of leads received before (as for report)")
     rp.add_argument("--lead-prefix", help="only leads whose id starts so (one demo run)")
+    rp.add_argument(
+        "--variant",
+        help="only the auctions of this experiment variant ('' for leads in no experiment)",
+    )
     rp.add_argument("--seed", type=int, default=0, help="seed of the models and the bootstrap")
     rp.add_argument("--resamples", type=int, default=400, help="bootstrap resamples")
     rp.add_argument("--confidence", type=float, default=0.95, help="interval level")
     rp.set_defaults(func=cmd_replay)
+    ex = sub.add_parser(
+        "experiment", help="a flow's live A/B test: each variant against the control"
+    )
+    ex.add_argument("--flow", help="the flow (default: the first configured)")
+    ex.add_argument("--since", help="leads received from (as for report)")
+    ex.add_argument("--until", help="leads received before (as for report)")
+    ex.add_argument("--lead-prefix", help="only leads whose id starts so (one demo run)")
+    ex.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+    ex.set_defaults(func=cmd_experiment)
     sub.add_parser("check-config", help="validate the config").set_defaults(func=cmd_check_config)
     q = sub.add_parser("sql", help="run SQL against the configured ClickHouse, print a table")
     q.add_argument("query")

@@ -29,6 +29,7 @@ from streams.rules.replay import (
     Strategy,
     apply_overrides,
     replay,
+    variant_doc,
 )
 from streams.settings import FlowConfig, Settings, flow_version
 from streams.tools.report import ch_time
@@ -184,8 +185,10 @@ def _scope(
     since: datetime | None,
     until: datetime | None,
     lead_prefix: str | None,
+    variant: str | None = None,
 ) -> tuple[str, dict[str, Any]]:
-    """The auctions in scope: received in [since, until), of one run's prefix."""
+    """The auctions in scope: received in [since, until), of one run's prefix, of one
+    experiment variant."""
     conds = ["close_reason != 'duplicate'"]
     params: dict[str, Any] = {}
     if since is not None:
@@ -197,6 +200,9 @@ def _scope(
     if lead_prefix is not None:
         conds.append("startsWith(lead_id, %(prefix)s)")
         params["prefix"] = lead_prefix
+    if variant is not None:
+        conds.append("variant = %(variant)s")
+        params["variant"] = variant
     return " AND ".join(conds), params
 
 
@@ -211,12 +217,13 @@ def load_chunks(
     since: datetime | None = None,
     until: datetime | None = None,
     lead_prefix: str | None = None,
+    variant: str | None = None,
     flows: Mapping[str, FlowConfig],
     chunk: int = CHUNK,
 ) -> tuple[int, int, Iterator[list[Recorded]]]:
     """``(auctions in scope, duplicates skipped, chunks of Recorded)``; each chunk is three
     queries (auctions with their leads, pings, posts), selected by ``cityHash64(lead_id)``."""
-    where, params = _scope(db, since, until, lead_prefix)
+    where, params = _scope(db, since, until, lead_prefix, variant)
     total = int(
         client.query(
             f"SELECT count() FROM {db}.auctions FINAL WHERE {where}", parameters=params
@@ -372,6 +379,7 @@ def run_replay(
     since: datetime | None = None,
     until: datetime | None = None,
     lead_prefix: str | None = None,
+    variant: str | None = None,
     seed: int = 0,
     resamples: int = BOOTSTRAP,
     confidence: float = 0.95,
@@ -393,32 +401,35 @@ def run_replay(
         since=since,
         until=until,
         lead_prefix=lead_prefix,
+        variant=variant,
         flows=settings.flows,
         chunk=chunk,
     )
-    strategies: dict[tuple[str, str], tuple[Strategy, Strategy]] = {}
+    strategies: dict[tuple[str, str, str], tuple[Strategy, Strategy]] = {}
     fallback = 0
-
     unreadable: set[str] = set()
 
     def strategies_for(rec: Recorded) -> tuple[Strategy, Strategy] | None:
-        """The auction's own configuration version and the candidate built on it; a version
-        not recorded (or unreadable by this pingpost) falls back to ``settings``' flow."""
+        """The configuration the auction ran with (its version, as its experiment variant
+        ran it) and the candidate built on it; a version not recorded (or unreadable by
+        this pingpost) falls back to ``settings``' flow."""
         nonlocal fallback
-        key = (rec.flow, rec.config_hash)
+        key = (rec.flow, rec.config_hash, rec.variant)
         if key not in strategies:
             doc: dict[str, Any] | None = stored.get(rec.config_hash)
             base = None
             if doc is not None:
                 try:
+                    doc = variant_doc(doc, rec.variant)
                     base = Strategy.from_doc(doc)
                 except ValueError:  # pydantic's ValidationError is one
                     unreadable.add(rec.config_hash)
             if base is None or doc is None:
                 if rec.flow not in settings.flows:
                     return None
-                doc = orjson.loads(flow_version(settings, rec.flow).config_json)
-                assert doc is not None
+                doc = variant_doc(
+                    orjson.loads(flow_version(settings, rec.flow).config_json), rec.variant
+                )
                 base = Strategy.from_doc(doc)
             strategies[key] = (base, Strategy.from_doc(apply_overrides(doc, overrides)))
         if rec.config_hash not in stored or rec.config_hash in unreadable:
