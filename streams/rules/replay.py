@@ -202,6 +202,9 @@ class Outcome:
     censored: int = 0  # timeouts the candidate would have waited longer for
     model_ranking: bool = False
     model_revenue: float = 0.0  # revenue from modelled acceptances
+    #: ping round: from open until its last answer or timeout (the last wave it pinged)
+    round_ms: float = 0.0
+    bids: int = 0  # bids the replay received in time
     spend: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -253,6 +256,8 @@ def _answer(
         return _as_bid(p, "timeout")
     if p.status in _ANSWERED and p.latency_ms > allowed_ms:
         return _as_bid(p, "timeout")
+    if p.status == "bid":
+        out.bids += 1
     return _as_bid(p, p.status)
 
 
@@ -275,11 +280,14 @@ def _round(rec: Recorded, strat: Strategy, out: Outcome) -> tuple[list[dict[str,
     sent = [p.sent_at_ms - rec.opened_at_ms for p in rec.pings if p.pinged]
     start = float(max(0, min(sent))) if sent else 0.0
     if not flow.waves:
-        answers = []
+        answers, took = [], 0.0
         for p in rec.pings:
-            a = _answer(p, strat, _allowed(p, strat, stop - start), out)
+            allowed = _allowed(p, strat, stop - start)
+            a = _answer(p, strat, allowed, out)
             if a is not None:
                 answers.append(a)
+                took = max(took, _took(p, a, allowed))
+        out.round_ms = start + took
         return answers, []
     answers = []
     for i, wave in enumerate(flow.waves):
@@ -296,12 +304,20 @@ def _round(rec: Recorded, strat: Strategy, out: Outcome) -> tuple[list[dict[str,
             if a is None:
                 continue
             got.append(a)
-            took = max(took, allowed if a["status"] == "timeout" else min(p.latency_ms, allowed))
+            took = max(took, _took(p, a, allowed))
         answers.extend(got)
+        out.round_ms = start + took
         if any(_acceptable(a, rec, strat) for a in got):
             return answers, list(range(i + 1, len(flow.waves)))
         start += took
     return answers, []
+
+
+def _took(p: PingRec, a: Mapping[str, Any], allowed: float) -> float:
+    """How long the round waited for this ping: its answer time, or all it was allowed."""
+    if not p.pinged:
+        return 0.0  # never sent for real: its time is not known (counted as unobserved)
+    return allowed if a["status"] == "timeout" else min(p.latency_ms, allowed)
 
 
 def _acceptable(a: Mapping[str, Any], rec: Recorded, strat: Strategy) -> bool:

@@ -314,6 +314,7 @@ def cmd_report(args: argparse.Namespace) -> int:
             print(f"HTML report: {path}")
         else:
             print_report(summary)
+            _print_experiments(counted, s, since, until)
     except OperationalError as exc:  # the warehouse went away meanwhile
         raise _no_warehouse(args, s, exc) from None
     finally:
@@ -326,6 +327,11 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from streams.tools.report import parse_time
 
     s = _settings(args)
+    if args.advise_timeouts:
+        return _advise_timeouts(args, s)
+    if not args.strategy:
+        print("pingpost replay: give --strategy FILE (or --advise-timeouts)", file=sys.stderr)
+        return 2
     try:
         since = parse_time(args.since) if args.since else None
         until = parse_time(args.until) if args.until else None
@@ -380,7 +386,97 @@ def cmd_replay(args: argparse.Namespace) -> int:
     if result.baseline.auctions == 0:
         print("pingpost replay: no auctions in that window", file=sys.stderr)
         return 1
-    print_result(result)
+    if args.html:
+        from streams.tools.lab_html import write_replay_html
+
+        scope = ", ".join(
+            f"{k} {v}"
+            for k, v in (
+                ("since", args.since),
+                ("until", args.until),
+                ("leads", args.lead_prefix and args.lead_prefix + "*"),
+                ("variant", args.variant),
+            )
+            if v
+        )
+        path = write_replay_html(
+            result, args.html, f"Replay: {args.strategy}", scope or "every recorded auction"
+        )
+        print(f"HTML replay: {path}")
+    else:
+        print_result(result)
+    return 0
+
+
+def _advise_timeouts(args: argparse.Namespace, s: Settings) -> int:
+    """``replay --advise-timeouts``: each buyer's timeout and the flow's deadline, option by
+    option; then the proposals replayed together."""
+    from streams.tools.advice import print_advice, proposed_overrides, run_advice
+    from streams.tools.replay import print_result, run_replay
+    from streams.tools.report import parse_time
+
+    try:
+        since = parse_time(args.since) if args.since else None
+        until = parse_time(args.until) if args.until else None
+    except ValueError as exc:
+        print(f"pingpost replay: {exc}", file=sys.stderr)
+        return 2
+    flow = args.flow or next(iter(s.flows))
+    if flow not in s.flows:
+        print(f"pingpost replay: no flow '{flow}' ({', '.join(s.flows)})", file=sys.stderr)
+        return 2
+    from clickhouse_connect.driver.exceptions import OperationalError
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    client = _sync_client(args, s)
+    try:
+        with Progress(
+            "advising",
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+            transient=True,
+        ) as bar:
+            job = bar.add_task("advice", total=None)
+            advice = run_advice(
+                client,
+                s.clickhouse.database,
+                s,
+                flow,
+                since=since,
+                until=until,
+                lead_prefix=args.lead_prefix,
+                seed=args.seed,
+                confidence=args.confidence,
+                progress=lambda done, total: bar.update(job, completed=done, total=total),
+            )
+        if advice.auctions == 0:
+            print(f"pingpost replay: no auctions of flow '{flow}' in that window", file=sys.stderr)
+            return 1
+        print_advice(advice)
+        proposal = proposed_overrides(advice)
+        if not proposal:
+            print("Every timeout stays as it is.")
+            return 0
+        print(f"\nThe proposals together, replayed: {proposal}")
+        result = run_replay(
+            client,
+            s.clickhouse.database,
+            s,
+            proposal,
+            since=since,
+            until=until,
+            lead_prefix=args.lead_prefix,
+            seed=args.seed,
+            confidence=args.confidence,
+        )
+        print_result(result)
+    except OperationalError as exc:
+        raise _no_warehouse(args, s, exc) from None
+    finally:
+        client.close()
     return 0
 
 
@@ -441,6 +537,19 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         return 1
     print_experiment(result)
     return 0
+
+
+def _print_experiments(client: Any, s: Settings, since: Any, until: Any) -> None:
+    """The report's experiment section: each configured experiment with data, per variant
+    (as `pingpost experiment` prints it)."""
+    from streams.tools.experiment import print_experiment, run_experiment
+
+    for name, flow in s.flows.items():
+        if flow.experiment is None:
+            continue
+        result = run_experiment(client, s.clickhouse.database, s, name, since=since, until=until)
+        if any(v.leads for v in result.variants):
+            print_experiment(result)
 
 
 class _ProgressClient:
@@ -739,7 +848,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rp.add_argument(
         "--strategy",
-        required=True,
         metavar="FILE",
         help="YAML: the flow keys to override (strategy, floors, waves, deadline_ms, "
         "safety_margin_ms, buyers.<id>.timeout_ms); see docs/strategy-lab.md",
@@ -747,6 +855,14 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--since", help="auctions of leads received from (as for report)")
     rp.add_argument("--until", help="auctions of leads received before (as for report)")
     rp.add_argument("--lead-prefix", help="only leads whose id starts so (one demo run)")
+    rp.add_argument(
+        "--advise-timeouts",
+        action="store_true",
+        help="per buyer (and for the flow's deadline): what each timeout would have earned, "
+        "a proposal, and the proposals replayed together",
+    )
+    rp.add_argument("--flow", help="--advise-timeouts: the flow (default: the first)")
+    rp.add_argument("--html", metavar="PATH", help="write the replay as a self-contained page")
     rp.add_argument(
         "--variant",
         help="only the auctions of this experiment variant ('' for leads in no experiment)",

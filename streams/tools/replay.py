@@ -35,6 +35,7 @@ from streams.settings import FlowConfig, Settings, flow_version
 from streams.tools.report import ch_time
 
 __all__ = [
+    "VersionBook",
     "Arm",
     "Comparison",
     "ReplayResult",
@@ -362,6 +363,46 @@ def versions(client: Any, db: str) -> dict[str, dict[str, Any]]:
 # --------------------------------------------------------------------------- the run
 
 
+class VersionBook:
+    """The configuration each recorded auction ran with: its version from ``flow_versions``
+    as its experiment variant ran it; a version not recorded (auctions from before versions
+    were, or one this pingpost cannot read) falls back to ``settings``' flow."""
+
+    def __init__(self, stored: Mapping[str, dict[str, Any]], settings: Settings) -> None:
+        self._stored = stored
+        self._settings = settings
+        self._docs: dict[tuple[str, str, str], tuple[dict[str, Any], bool]] = {}
+        self._strategies: dict[tuple[str, str, str], Strategy] = {}
+
+    def doc_for(self, rec: Recorded) -> tuple[dict[str, Any], bool] | None:
+        """``(document, fell back)``; None for a flow neither recorded nor configured."""
+        key = (rec.flow, rec.config_hash, rec.variant)
+        hit = self._docs.get(key)
+        if hit is not None:
+            return hit
+        doc = self._stored.get(rec.config_hash)
+        if doc is not None:
+            try:
+                doc = variant_doc(doc, rec.variant)
+                self._strategies[key] = Strategy.from_doc(doc)
+                self._docs[key] = (doc, False)
+                return self._docs[key]
+            except ValueError:  # pydantic's ValidationError is one
+                pass
+        if rec.flow not in self._settings.flows:
+            return None
+        doc = variant_doc(
+            orjson.loads(flow_version(self._settings, rec.flow).config_json), rec.variant
+        )
+        self._strategies[key] = Strategy.from_doc(doc)
+        self._docs[key] = (doc, True)
+        return self._docs[key]
+
+    def strategy(self, rec: Recorded) -> Strategy:
+        """The auction's own configuration (after :meth:`doc_for` found it)."""
+        return self._strategies[(rec.flow, rec.config_hash, rec.variant)]
+
+
 _METRICS = ("revenue", "pings", "sold")
 
 
@@ -405,35 +446,24 @@ def run_replay(
         flows=settings.flows,
         chunk=chunk,
     )
+    book = VersionBook(stored, settings)
     strategies: dict[tuple[str, str, str], tuple[Strategy, Strategy]] = {}
     fallback = 0
-    unreadable: set[str] = set()
 
     def strategies_for(rec: Recorded) -> tuple[Strategy, Strategy] | None:
-        """The configuration the auction ran with (its version, as its experiment variant
-        ran it) and the candidate built on it; a version not recorded (or unreadable by
-        this pingpost) falls back to ``settings``' flow."""
+        """The configuration the auction ran with and the candidate built on it."""
         nonlocal fallback
+        found = book.doc_for(rec)
+        if found is None:
+            return None
+        doc, fell_back = found
+        fallback += fell_back
         key = (rec.flow, rec.config_hash, rec.variant)
         if key not in strategies:
-            doc: dict[str, Any] | None = stored.get(rec.config_hash)
-            base = None
-            if doc is not None:
-                try:
-                    doc = variant_doc(doc, rec.variant)
-                    base = Strategy.from_doc(doc)
-                except ValueError:  # pydantic's ValidationError is one
-                    unreadable.add(rec.config_hash)
-            if base is None or doc is None:
-                if rec.flow not in settings.flows:
-                    return None
-                doc = variant_doc(
-                    orjson.loads(flow_version(settings, rec.flow).config_json), rec.variant
-                )
-                base = Strategy.from_doc(doc)
-            strategies[key] = (base, Strategy.from_doc(apply_overrides(doc, overrides)))
-        if rec.config_hash not in stored or rec.config_hash in unreadable:
-            fallback += 1
+            strategies[key] = (
+                book.strategy(rec),
+                Strategy.from_doc(apply_overrides(doc, overrides)),
+            )
         return strategies[key]
 
     base, cand, rec_arm = Arm(), Arm(), Arm()

@@ -240,3 +240,17 @@ def test_overrides_merge_strategy_and_floors_key_by_key() -> None:
     assert out["flow"]["strategy"] == {"shared_max": 2, "exclusive_only": True}
     assert out["flow"]["floors"] == {"base": 5, "exclusive_min": 60.0}
     assert doc()["flow"]["floors"] == {"base": 10.0, "exclusive_min": 60.0}  # not mutated
+
+
+def test_the_round_lasts_until_its_last_answer_or_the_time_it_gave() -> None:
+    rec = recorded(
+        [ping("a", price=50.0, latency=120.0), ping("b", price=40.0, latency=260.0)],
+        {"a": "accepted", "b": "accepted"},
+        ["a", "b"],
+        90.0,
+    )
+    out = replay(rec, strat(), ACC)
+    assert (out.round_ms, out.bids) == (2 + 260.0, 2)
+    shorter = Strategy.from_doc(apply_overrides(doc(), {"buyers": {"b": {"timeout_ms": 200}}}))
+    cut = replay(rec, shorter, ACC)
+    assert (cut.round_ms, cut.bids, cut.winners) == (2 + 200.0, 1, ["a"])
