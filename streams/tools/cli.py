@@ -26,6 +26,8 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC
 from pathlib import Path
 from typing import Any
@@ -280,11 +282,10 @@ def _sync_client(args: argparse.Namespace, s: Settings, **kwargs: Any) -> Any:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from streams.tools.report import build_report, parse_time, print_report
+    from streams.tools.report import build_report, print_report
 
     try:
-        since = parse_time(args.since) if args.since else None
-        until = parse_time(args.until) if args.until else None
+        since, until = _window(args)
     except ValueError as exc:
         print(f"pingpost report: {exc}", file=sys.stderr)
         return 2
@@ -324,7 +325,6 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_replay(args: argparse.Namespace) -> int:
     from streams.tools.replay import check_overrides, load_overrides, print_result, run_replay
-    from streams.tools.report import parse_time
 
     s = _settings(args)
     if args.advise_timeouts:
@@ -333,8 +333,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         print("pingpost replay: give --strategy FILE (or --advise-timeouts)", file=sys.stderr)
         return 2
     try:
-        since = parse_time(args.since) if args.since else None
-        until = parse_time(args.until) if args.until else None
+        since, until = _window(args)
         overrides = load_overrides(args.strategy)
     except (OSError, ValueError) as exc:
         print(f"pingpost replay: {exc}", file=sys.stderr)
@@ -348,20 +347,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
         print("pingpost replay: --confidence must be between 0 and 1 (e.g. 0.95)", file=sys.stderr)
         return 2
     from clickhouse_connect.driver.exceptions import OperationalError
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
     client = _sync_client(args, s)
     try:
-        with Progress(
-            "replaying",
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeRemainingColumn(),
-            console=Console(stderr=True),
-            transient=True,
-        ) as bar:
-            job = bar.add_task("replay", total=None)
+        with _chunk_progress("replaying") as progress:
             result = run_replay(
                 client,
                 s.clickhouse.database,
@@ -374,7 +363,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
                 seed=args.seed,
                 resamples=args.resamples,
                 confidence=args.confidence,
-                progress=lambda done, total: bar.update(job, completed=done, total=total),
+                progress=progress,
             )
     except ValueError as exc:  # a strategy key the flow's model refuses
         print(f"pingpost replay: {args.strategy}: {exc}", file=sys.stderr)
@@ -408,16 +397,43 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextmanager
+def _chunk_progress(label: str) -> Iterator[Callable[[int, int], None]]:
+    """A progress bar on stderr for a batch job read in chunks; yields its callback
+    ``(done, total)``. Gone when the job ends (the results follow on stdout)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    with Progress(
+        label,
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    ) as bar:
+        job = bar.add_task(label, total=None)
+        yield lambda done, total: bar.update(job, completed=done, total=total)
+
+
+def _window(args: argparse.Namespace) -> tuple[Any, Any]:
+    """``--since``/``--until`` parsed (ValueError with the reason)."""
+    from streams.tools.report import parse_time
+
+    return (
+        parse_time(args.since) if args.since else None,
+        parse_time(args.until) if args.until else None,
+    )
+
+
 def _advise_timeouts(args: argparse.Namespace, s: Settings) -> int:
     """``replay --advise-timeouts``: each buyer's timeout and the flow's deadline, option by
     option; then the proposals replayed together."""
     from streams.tools.advice import print_advice, proposed_overrides, run_advice
     from streams.tools.replay import print_result, run_replay
-    from streams.tools.report import parse_time
 
     try:
-        since = parse_time(args.since) if args.since else None
-        until = parse_time(args.until) if args.until else None
+        since, until = _window(args)
     except ValueError as exc:
         print(f"pingpost replay: {exc}", file=sys.stderr)
         return 2
@@ -426,20 +442,10 @@ def _advise_timeouts(args: argparse.Namespace, s: Settings) -> int:
         print(f"pingpost replay: no flow '{flow}' ({', '.join(s.flows)})", file=sys.stderr)
         return 2
     from clickhouse_connect.driver.exceptions import OperationalError
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
     client = _sync_client(args, s)
     try:
-        with Progress(
-            "advising",
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeRemainingColumn(),
-            console=Console(stderr=True),
-            transient=True,
-        ) as bar:
-            job = bar.add_task("advice", total=None)
+        with _chunk_progress("advising") as progress:
             advice = run_advice(
                 client,
                 s.clickhouse.database,
@@ -450,7 +456,7 @@ def _advise_timeouts(args: argparse.Namespace, s: Settings) -> int:
                 lead_prefix=args.lead_prefix,
                 seed=args.seed,
                 confidence=args.confidence,
-                progress=lambda done, total: bar.update(job, completed=done, total=total),
+                progress=progress,
             )
         if advice.auctions == 0:
             print(f"pingpost replay: no auctions of flow '{flow}' in that window", file=sys.stderr)
@@ -482,12 +488,10 @@ def _advise_timeouts(args: argparse.Namespace, s: Settings) -> int:
 
 def cmd_experiment(args: argparse.Namespace) -> int:
     from streams.tools.experiment import print_experiment, run_experiment
-    from streams.tools.report import parse_time
 
     s = _settings(args)
     try:
-        since = parse_time(args.since) if args.since else None
-        until = parse_time(args.until) if args.until else None
+        since, until = _window(args)
     except ValueError as exc:
         print(f"pingpost experiment: {exc}", file=sys.stderr)
         return 2
@@ -501,19 +505,10 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         )
         return 2
     from clickhouse_connect.driver.exceptions import OperationalError
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress
 
     client = _sync_client(args, s)
     try:
-        with Progress(
-            "reading auctions",
-            BarColumn(),
-            MofNCompleteColumn(),
-            console=Console(stderr=True),
-            transient=True,
-        ) as bar:
-            job = bar.add_task("experiment", total=None)
+        with _chunk_progress("reading auctions") as progress:
             result = run_experiment(
                 client,
                 s.clickhouse.database,
@@ -523,7 +518,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
                 until=until,
                 lead_prefix=args.lead_prefix,
                 seed=args.seed,
-                progress=lambda done, total: bar.update(job, completed=done, total=total),
+                progress=progress,
             )
     except OperationalError as exc:
         raise _no_warehouse(args, s, exc) from None

@@ -20,8 +20,7 @@ from typing import Any
 import numpy as np
 
 from streams.settings import Settings
-from streams.tools.replay import Comparison
-from streams.tools.report import ch_time
+from streams.tools.replay import Comparison, Rates, auction_scope
 
 __all__ = ["ExperimentResult", "VariantStats", "print_experiment", "run_experiment"]
 
@@ -30,7 +29,7 @@ BOOTSTRAP = 400
 
 
 @dataclass
-class VariantStats:
+class VariantStats(Rates):
     name: str
     share: float | None  # configured share (None: in the data, no longer configured)
     leads: int = 0
@@ -43,16 +42,8 @@ class VariantStats:
     spend: dict[str, float] = field(default_factory=dict)
 
     @property
-    def per_lead(self) -> float:
-        return self.revenue / self.leads if self.leads else 0.0
-
-    @property
-    def per_ping(self) -> float:
-        return self.revenue / self.pings if self.pings else 0.0
-
-    @property
-    def sold_pct(self) -> float:
-        return 100.0 * self.sold / self.leads if self.leads else 0.0
+    def count(self) -> int:
+        return self.leads
 
 
 @dataclass
@@ -100,18 +91,9 @@ def run_experiment(
     exp = cfg.experiment
     if exp is None:
         raise ValueError(f"flow '{flow}' declares no experiment (flows.{flow}.experiment)")
-    conds = ["flow = %(flow)s", "variant != ''", "close_reason != 'duplicate'"]
-    params: dict[str, Any] = {"flow": flow}
-    if since is not None:
-        conds.append("received_at >= toDateTime64(%(since)s, 3, 'UTC')")
-        params["since"] = ch_time(since)
-    if until is not None:
-        conds.append("received_at < toDateTime64(%(until)s, 3, 'UTC')")
-        params["until"] = ch_time(until)
-    if lead_prefix is not None:
-        conds.append("startsWith(lead_id, %(prefix)s)")
-        params["prefix"] = lead_prefix
-    where = " AND ".join(conds)
+    scope, params = auction_scope(since, until, lead_prefix)
+    where = f"{scope} AND flow = %(flow)s AND variant != ''"
+    params["flow"] = flow
     stats = {v.name: VariantStats(v.name, v.share) for v in exp.variants}
     for name, n, rev, pings, sold, excl, shared in client.query(
         f"""SELECT variant, count(), sum(price_total), sum(pinged), countIf(outcome != 'unsold'),

@@ -35,7 +35,9 @@ from streams.settings import FlowConfig, Settings, flow_version
 from streams.tools.report import ch_time
 
 __all__ = [
+    "Rates",
     "VersionBook",
+    "auction_scope",
     "Arm",
     "Comparison",
     "ReplayResult",
@@ -81,8 +83,33 @@ def typed_ping_fields(flow: FlowConfig, stored: Mapping[str, str]) -> dict[str, 
     return out
 
 
+class Rates:
+    """Revenue per lead and per ping and sold %, from ``count`` (auctions), ``revenue``,
+    ``pings`` and ``sold``."""
+
+    revenue: float
+    pings: int
+    sold: int
+
+    @property
+    def count(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def per_lead(self) -> float:
+        return self.revenue / self.count if self.count else 0.0
+
+    @property
+    def per_ping(self) -> float:
+        return self.revenue / self.pings if self.pings else 0.0
+
+    @property
+    def sold_pct(self) -> float:
+        return 100.0 * self.sold / self.count if self.count else 0.0
+
+
 @dataclass
-class Arm:
+class Arm(Rates):
     """One side's totals: the baseline (the configuration each auction ran with) or the
     candidate."""
 
@@ -123,16 +150,8 @@ class Arm:
             self.spend[b] = self.spend.get(b, 0.0) + v
 
     @property
-    def per_lead(self) -> float:
-        return self.revenue / self.auctions if self.auctions else 0.0
-
-    @property
-    def per_ping(self) -> float:
-        return self.revenue / self.pings if self.pings else 0.0
-
-    @property
-    def sold_pct(self) -> float:
-        return 100.0 * self.sold / self.auctions if self.auctions else 0.0
+    def count(self) -> int:
+        return self.auctions
 
     @property
     def depth(self) -> float:
@@ -181,8 +200,7 @@ class ReplayResult:
 # --------------------------------------------------------------------------- reading
 
 
-def _scope(
-    db: str,
+def auction_scope(
     since: datetime | None,
     until: datetime | None,
     lead_prefix: str | None,
@@ -224,7 +242,7 @@ def load_chunks(
 ) -> tuple[int, int, Iterator[list[Recorded]]]:
     """``(auctions in scope, duplicates skipped, chunks of Recorded)``; each chunk is three
     queries (auctions with their leads, pings, posts), selected by ``cityHash64(lead_id)``."""
-    where, params = _scope(db, since, until, lead_prefix, variant)
+    where, params = auction_scope(since, until, lead_prefix, variant)
     total = int(
         client.query(
             f"SELECT count() FROM {db}.auctions FINAL WHERE {where}", parameters=params
@@ -322,7 +340,7 @@ def acceptance_rates(
 ) -> dict[str, dict[str, float]]:
     """flow -> buyer -> observed post acceptance rate over the window (with the flow's
     acceptance prior, as the live ranking computes it): the model for posts not sent."""
-    where, params = _scope(db, since, until, lead_prefix)
+    where, params = auction_scope(since, until, lead_prefix)
     rows = client.query(
         f"""SELECT flow, buyer_id, countIf(acc), count() FROM (
                 SELECT flow, lead_id, buyer_id, max(status = 'accepted') AS acc
