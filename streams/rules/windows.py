@@ -214,11 +214,15 @@ class WindowedMetrics:
             return t
         if name == "AuctionResult":
             t = int(r["settled_at_ms"])
-            agg = self._agg(t, ("flow", r["flow"]))
-            agg.leads += 1
-            if r["outcome"] != "unsold":
-                agg.sold += 1
-                agg.revenue += float(r["price_total"])
+            subjects: list[Subject] = [("flow", r["flow"])]
+            if r.get("variant"):  # an experiment's arm: leads, sold and revenue of its own
+                subjects.append(("variant", f"{r['flow']}/{r['variant']}"))
+            for subject in subjects:
+                agg = self._agg(t, subject)
+                agg.leads += 1
+                if r["outcome"] != "unsold":
+                    agg.sold += 1
+                    agg.revenue += float(r["price_total"])
             return t
         return None
 

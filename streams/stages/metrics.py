@@ -78,6 +78,8 @@ PROM_METRICS: dict[str, tuple[str, str]] = {
     "leads": ("pingpost_leads", "settled auctions in the export window (flows)"),
     "sell_rate": ("pingpost_sell_rate", "sold / settled leads (flows)"),
 }
+#: What an experiment variant exports (``scope="variant"``, ``id="<flow>/<variant>"``).
+VARIANT_METRICS = ("leads", "sell_rate", "revenue")
 _QUANTILES = {"0.5": "response_p50_ms", "0.95": "response_p95_ms", "0.99": "response_p99_ms"}
 
 
@@ -119,6 +121,8 @@ class MetricsCollector:
             for metric, fam in fams.items():
                 if subject[0] == "buyer" and metric in ("leads", "sell_rate"):
                     continue
+                if subject[0] == "variant" and metric not in VARIANT_METRICS:
+                    continue  # a variant has no pings or posts of its own here
                 value = metric_value(agg, metric)
                 if value is not None:
                     fam.add_metric(list(subject), value)

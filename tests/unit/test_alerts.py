@@ -365,3 +365,52 @@ def test_demo_config_has_the_three_default_rules() -> None:
     assert by_metric["avg_response_ms"].threshold == 600
     assert "revenue_per_ping" in by_metric
     assert all(r.min_samples >= 10 for r in s.alerts)
+
+
+def test_an_experiment_variant_gets_its_own_leads_sold_and_revenue() -> None:
+    from streams.stages.metrics import MetricsCollector
+
+    m = WindowedMetrics(W)
+    t0 = 1_700_000_000_000
+    for variant, outcome, price in (
+        ("control", "sold_shared", 90.0),
+        ("control", "unsold", 0.0),
+        ("low-floor", "sold_shared", 120.0),
+        ("", "sold_exclusive", 80.0),  # a lead in no experiment
+    ):
+        m.add(
+            "AuctionResult",
+            {
+                "flow": "solar",
+                "variant": variant,
+                "outcome": outcome,
+                "price_total": price,
+                "settled_at_ms": t0 + 10,
+            },
+        )
+    end, span = t0 + W * 1000, W * 1000
+    flow = m.aggregate(("flow", "solar"), end, span)
+    assert (flow.leads, flow.sold, flow.revenue) == (4, 3, 290.0)
+    ctl = m.aggregate(("variant", "solar/control"), end, span)
+    assert (ctl.leads, ctl.sold, ctl.revenue) == (2, 1, 90.0)
+    assert m.subjects(end, span, "variant") == {
+        ("variant", "solar/control"),
+        ("variant", "solar/low-floor"),
+    }
+    # /metrics: leads, sell_rate and revenue per variant, nothing it cannot know
+    engine = AlertEngine([], W)
+    collector = MetricsCollector(m, engine, span, 0, {}, now_ms=lambda: end)
+    exported = {
+        (f.name, tuple(s.labels.values())): s.value
+        for f in collector.collect()
+        for s in f.samples
+        if s.labels.get("scope") == "variant"
+    }
+    assert exported == {
+        ("pingpost_leads", ("variant", "solar/control")): 2.0,
+        ("pingpost_sell_rate", ("variant", "solar/control")): 0.5,
+        ("pingpost_revenue", ("variant", "solar/control")): 90.0,
+        ("pingpost_leads", ("variant", "solar/low-floor")): 1.0,
+        ("pingpost_sell_rate", ("variant", "solar/low-floor")): 1.0,
+        ("pingpost_revenue", ("variant", "solar/low-floor")): 120.0,
+    }
