@@ -45,7 +45,7 @@ def main() -> int:
     from streams.settings import parse_settings
     from streams.tools.cli import _sync_client
     from streams.tools.experiment import print_experiment, run_experiment
-    from streams.tools.replay import print_result, run_replay
+    from streams.tools.replay import Scope, print_result, run_replay
 
     overrides = yaml.safe_load(Path(args.strategy).read_text()) or {}
     live = {k: v for k, v in overrides.items() if k in ("strategy", "floors")}
@@ -105,7 +105,9 @@ def main() -> int:
         return 1
     prefix = m.group(1)
     print(f"\nrun {prefix}*, experiment {name}, candidate: {overrides}\n")
-    predicted = run_replay(client, db, settings, overrides, lead_prefix=prefix, variant="control")
+    predicted = run_replay(
+        client, db, settings, overrides, Scope(lead_prefix=prefix, variant="control")
+    )
     print("== The replay: the control arm's auctions decided again under the candidate")
     print_result(predicted)
     measured = run_experiment(client, db, settings, "solar", lead_prefix=prefix)

@@ -20,7 +20,6 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 import numpy as np
@@ -28,7 +27,7 @@ import orjson
 
 from streams.rules.replay import Outcome, Recorded, Strategy, replay
 from streams.settings import Settings, flow_version
-from streams.tools.replay import VersionBook, acceptance_rates, load_chunks, versions
+from streams.tools.replay import Scope, VersionBook, acceptance_rates, load_chunks, versions
 
 __all__ = ["Advice", "AdviceResult", "GRID_MS", "Option", "print_advice", "run_advice"]
 
@@ -101,10 +100,8 @@ def run_advice(
     db: str,
     settings: Settings,
     flow: str,
+    scope: Scope | None = None,
     *,
-    since: datetime | None = None,
-    until: datetime | None = None,
-    lead_prefix: str | None = None,
     grid: tuple[int, ...] = GRID_MS,
     deadlines: tuple[int, ...] = DEADLINES_MS,
     seed: int = 0,
@@ -132,12 +129,9 @@ def run_advice(
     )
     options = [Option(s, v, v == now) for s, now, values in subjects for v in values]
     stored = versions(client, db)
-    rates = acceptance_rates(
-        client, db, settings, since=since, until=until, lead_prefix=lead_prefix
-    )
-    total, _, chunks = load_chunks(
-        client, db, since=since, until=until, lead_prefix=lead_prefix, flows=settings.flows
-    )
+    scope = scope or Scope()
+    rates = acceptance_rates(client, db, settings, scope)
+    total, _, chunks = load_chunks(client, db, scope, flows=settings.flows)
     book = VersionBook(stored, settings)
     strategies: dict[tuple[str, str, str, int], Strategy] = {}
 

@@ -28,6 +28,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import UTC
 from pathlib import Path
 from typing import Any
@@ -335,6 +336,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     try:
         since, until = _window(args)
         overrides = load_overrides(args.strategy)
+        ids = _lead_ids(args)
     except (OSError, ValueError) as exc:
         print(f"pingpost replay: {exc}", file=sys.stderr)
         return 2
@@ -350,16 +352,16 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
     client = _sync_client(args, s)
     try:
-        with _chunk_progress("replaying") as progress:
+        with (
+            _lab_scope(client, s.clickhouse.database, args, since, until, ids) as scope,
+            _chunk_progress("replaying") as progress,
+        ):
             result = run_replay(
                 client,
                 s.clickhouse.database,
                 s,
                 overrides,
-                since=since,
-                until=until,
-                lead_prefix=args.lead_prefix,
-                variant=args.variant,
+                scope,
                 seed=args.seed,
                 resamples=args.resamples,
                 confidence=args.confidence,
@@ -416,6 +418,33 @@ def _chunk_progress(label: str) -> Iterator[Callable[[int, int], None]]:
         yield lambda done, total: bar.update(job, completed=done, total=total)
 
 
+def _lead_ids(args: argparse.Namespace) -> list[str] | None:
+    """``--leads FILE``: one lead id per line (blank lines and ``#`` comments skipped)."""
+    if not getattr(args, "leads", None):
+        return None
+    text = Path(args.leads).read_text(encoding="utf-8")
+    ids = [x.strip() for x in text.splitlines() if x.strip() and not x.startswith("#")]
+    if not ids:
+        raise ValueError(f"{args.leads}: no lead id in it (one per line)")
+    return ids
+
+
+@contextmanager
+def _lab_scope(
+    client: Any, db: str, args: argparse.Namespace, since: Any, until: Any, ids: list[str] | None
+) -> Iterator[Any]:
+    """The auctions a lab command reads (streams.tools.replay.Scope), with ``--leads`` as a
+    table for as long as the command runs."""
+    from streams.tools.replay import Scope, lead_set
+
+    base = Scope(since, until, args.lead_prefix, getattr(args, "variant", None))
+    if ids is None:
+        yield base
+        return
+    with lead_set(client, db, ids) as table:
+        yield replace(base, lead_table=table)
+
+
 def _window(args: argparse.Namespace) -> tuple[Any, Any]:
     """``--since``/``--until`` parsed (ValueError with the reason)."""
     from streams.tools.report import parse_time
@@ -429,12 +458,10 @@ def _window(args: argparse.Namespace) -> tuple[Any, Any]:
 def _advise_timeouts(args: argparse.Namespace, s: Settings) -> int:
     """``replay --advise-timeouts``: each buyer's timeout and the flow's deadline, option by
     option; then the proposals replayed together."""
-    from streams.tools.advice import print_advice, proposed_overrides, run_advice
-    from streams.tools.replay import print_result, run_replay
-
     try:
         since, until = _window(args)
-    except ValueError as exc:
+        ids = _lead_ids(args)
+    except (OSError, ValueError) as exc:
         print(f"pingpost replay: {exc}", file=sys.stderr)
         return 2
     flow = args.flow or next(iter(s.flows))
@@ -445,44 +472,49 @@ def _advise_timeouts(args: argparse.Namespace, s: Settings) -> int:
 
     client = _sync_client(args, s)
     try:
-        with _chunk_progress("advising") as progress:
-            advice = run_advice(
-                client,
-                s.clickhouse.database,
-                s,
-                flow,
-                since=since,
-                until=until,
-                lead_prefix=args.lead_prefix,
-                seed=args.seed,
-                confidence=args.confidence,
-                progress=progress,
-            )
-        if advice.auctions == 0:
-            print(f"pingpost replay: no auctions of flow '{flow}' in that window", file=sys.stderr)
-            return 1
-        print_advice(advice)
-        proposal = proposed_overrides(advice)
-        if not proposal:
-            print("Every timeout stays as it is.")
-            return 0
-        print(f"\nThe proposals together, replayed: {proposal}")
-        result = run_replay(
-            client,
-            s.clickhouse.database,
-            s,
-            proposal,
-            since=since,
-            until=until,
-            lead_prefix=args.lead_prefix,
-            seed=args.seed,
-            confidence=args.confidence,
-        )
-        print_result(result)
+        with _lab_scope(client, s.clickhouse.database, args, since, until, ids) as scope:
+            return _advise_in(args, s, client, flow, scope)
     except OperationalError as exc:
         raise _no_warehouse(args, s, exc) from None
     finally:
         client.close()
+
+
+def _advise_in(args: argparse.Namespace, s: Settings, client: Any, flow: str, scope: Any) -> int:
+    """The advice, then the proposals replayed together (stdout)."""
+    from streams.tools.advice import print_advice, proposed_overrides, run_advice
+    from streams.tools.replay import print_result, run_replay
+
+    with _chunk_progress("advising") as progress:
+        advice = run_advice(
+            client,
+            s.clickhouse.database,
+            s,
+            flow,
+            scope,
+            seed=args.seed,
+            confidence=args.confidence,
+            progress=progress,
+        )
+    if advice.auctions == 0:
+        print(f"pingpost replay: no auctions of flow '{flow}' in that window", file=sys.stderr)
+        return 1
+    print_advice(advice)
+    proposal = proposed_overrides(advice)
+    if not proposal:
+        print("Every timeout stays as it is.")
+        return 0
+    print(f"\nThe proposals together, replayed: {proposal}")
+    result = run_replay(
+        client,
+        s.clickhouse.database,
+        s,
+        proposal,
+        scope,
+        seed=args.seed,
+        confidence=args.confidence,
+    )
+    print_result(result)
     return 0
 
 
@@ -850,6 +882,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--since", help="auctions of leads received from (as for report)")
     rp.add_argument("--until", help="auctions of leads received before (as for report)")
     rp.add_argument("--lead-prefix", help="only leads whose id starts so (one demo run)")
+    rp.add_argument("--leads", metavar="FILE", help="only these leads: one lead id per line")
     rp.add_argument(
         "--advise-timeouts",
         action="store_true",

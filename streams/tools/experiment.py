@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from streams.settings import Settings
-from streams.tools.replay import Comparison, Rates, auction_scope
+from streams.tools.replay import Comparison, Rates, Scope
 
 __all__ = ["ExperimentResult", "VariantStats", "print_experiment", "run_experiment"]
 
@@ -91,7 +91,7 @@ def run_experiment(
     exp = cfg.experiment
     if exp is None:
         raise ValueError(f"flow '{flow}' declares no experiment (flows.{flow}.experiment)")
-    scope, params = auction_scope(since, until, lead_prefix)
+    scope, params = Scope(since, until, lead_prefix).where()
     where = f"{scope} AND flow = %(flow)s AND variant != ''"
     params["flow"] = flow
     stats = {v.name: VariantStats(v.name, v.share) for v in exp.variants}

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -37,7 +39,8 @@ from streams.tools.report import ch_time
 __all__ = [
     "Rates",
     "VersionBook",
-    "auction_scope",
+    "Scope",
+    "lead_set",
     "Arm",
     "Comparison",
     "ReplayResult",
@@ -200,29 +203,56 @@ class ReplayResult:
 # --------------------------------------------------------------------------- reading
 
 
-def auction_scope(
-    since: datetime | None,
-    until: datetime | None,
-    lead_prefix: str | None,
-    variant: str | None = None,
-) -> tuple[str, dict[str, Any]]:
-    """The auctions in scope: received in [since, until), of one run's prefix, of one
-    experiment variant."""
-    conds = ["close_reason != 'duplicate'"]
-    params: dict[str, Any] = {}
-    if since is not None:
-        conds.append("received_at >= toDateTime64(%(since)s, 3, 'UTC')")
-        params["since"] = ch_time(since)
-    if until is not None:
-        conds.append("received_at < toDateTime64(%(until)s, 3, 'UTC')")
-        params["until"] = ch_time(until)
-    if lead_prefix is not None:
-        conds.append("startsWith(lead_id, %(prefix)s)")
-        params["prefix"] = lead_prefix
-    if variant is not None:
-        conds.append("variant = %(variant)s")
-        params["variant"] = variant
-    return " AND ".join(conds), params
+@dataclass(frozen=True)
+class Scope:
+    """Which auctions a lab command reads: received in [since, until), of one run's prefix,
+    of one experiment variant, of a lead set (``lead_table``: a table of lead ids, see
+    :func:`lead_set`). Every condition is optional; all that are given apply."""
+
+    since: datetime | None = None
+    until: datetime | None = None
+    lead_prefix: str | None = None
+    variant: str | None = None
+    lead_table: str | None = None
+
+    def where(self, *, duplicates: bool = False) -> tuple[str, dict[str, Any]]:
+        """``(condition on the auctions table, parameters)``; without ``duplicates`` the
+        duplicate leads (never auctioned) are left out."""
+        conds = ["close_reason = 'duplicate'" if duplicates else "close_reason != 'duplicate'"]
+        params: dict[str, Any] = {}
+        if self.since is not None:
+            conds.append("received_at >= toDateTime64(%(since)s, 3, 'UTC')")
+            params["since"] = ch_time(self.since)
+        if self.until is not None:
+            conds.append("received_at < toDateTime64(%(until)s, 3, 'UTC')")
+            params["until"] = ch_time(self.until)
+        if self.lead_prefix is not None:
+            conds.append("startsWith(lead_id, %(prefix)s)")
+            params["prefix"] = self.lead_prefix
+        if self.variant is not None:
+            conds.append("variant = %(variant)s")
+            params["variant"] = self.variant
+        if self.lead_table is not None:
+            conds.append(f"lead_id IN (SELECT lead_id FROM {self.lead_table})")
+        return " AND ".join(conds), params
+
+    def without_variant(self) -> Scope:
+        return replace(self, variant=None)
+
+
+@contextmanager
+def lead_set(client: Any, db: str, lead_ids: Sequence[str]) -> Iterator[str]:
+    """A lead set as a table (``{db}.lab_leads_<random>``) for :class:`Scope`: a query of
+    constant size whatever the number of ids (an inline list would hit ClickHouse's
+    ``max_query_size``); dropped afterwards."""
+    name = f"{db}.lab_leads_{uuid.uuid4().hex[:12]}"
+    client.command(f"CREATE TABLE {name} (lead_id String) ENGINE = Memory")
+    try:
+        for i in range(0, len(lead_ids), 100_000):
+            client.insert(name, [[x] for x in lead_ids[i : i + 100_000]], column_names=["lead_id"])
+        yield name
+    finally:
+        client.command(f"DROP TABLE IF EXISTS {name}")
 
 
 def _ms(col: str) -> str:
@@ -232,23 +262,20 @@ def _ms(col: str) -> str:
 def load_chunks(
     client: Any,
     db: str,
+    scope: Scope,
     *,
-    since: datetime | None = None,
-    until: datetime | None = None,
-    lead_prefix: str | None = None,
-    variant: str | None = None,
     flows: Mapping[str, FlowConfig],
     chunk: int = CHUNK,
 ) -> tuple[int, int, Iterator[list[Recorded]]]:
     """``(auctions in scope, duplicates skipped, chunks of Recorded)``; each chunk is three
     queries (auctions with their leads, pings, posts), selected by ``cityHash64(lead_id)``."""
-    where, params = auction_scope(since, until, lead_prefix, variant)
+    where, params = scope.where()
     total = int(
         client.query(
             f"SELECT count() FROM {db}.auctions FINAL WHERE {where}", parameters=params
         ).result_rows[0][0]
     )
-    dup_where = where.replace("close_reason != 'duplicate'", "close_reason = 'duplicate'")
+    dup_where, _ = scope.where(duplicates=True)
     dups = int(
         client.query(
             f"SELECT count() FROM {db}.auctions FINAL WHERE {dup_where}", parameters=params
@@ -330,17 +357,12 @@ def load_chunks(
 
 
 def acceptance_rates(
-    client: Any,
-    db: str,
-    settings: Settings,
-    *,
-    since: datetime | None = None,
-    until: datetime | None = None,
-    lead_prefix: str | None = None,
+    client: Any, db: str, settings: Settings, scope: Scope
 ) -> dict[str, dict[str, float]]:
-    """flow -> buyer -> observed post acceptance rate over the window (with the flow's
-    acceptance prior, as the live ranking computes it): the model for posts not sent."""
-    where, params = auction_scope(since, until, lead_prefix)
+    """flow -> buyer -> observed post acceptance rate over the window, all variants (with
+    the flow's acceptance prior, as the live ranking computes it): the model for posts not
+    sent."""
+    where, params = scope.without_variant().where()
     rows = client.query(
         f"""SELECT flow, buyer_id, countIf(acc), count() FROM (
                 SELECT flow, lead_id, buyer_id, max(status = 'accepted') AS acc
@@ -434,11 +456,8 @@ def run_replay(
     db: str,
     settings: Settings,
     overrides: Mapping[str, Any],
+    scope: Scope | None = None,
     *,
-    since: datetime | None = None,
-    until: datetime | None = None,
-    lead_prefix: str | None = None,
-    variant: str | None = None,
     seed: int = 0,
     resamples: int = BOOTSTRAP,
     confidence: float = 0.95,
@@ -451,19 +470,9 @@ def run_replay(
 
     t0 = time.perf_counter()
     stored = versions(client, db)
-    rates = acceptance_rates(
-        client, db, settings, since=since, until=until, lead_prefix=lead_prefix
-    )
-    total, dups, chunks = load_chunks(
-        client,
-        db,
-        since=since,
-        until=until,
-        lead_prefix=lead_prefix,
-        variant=variant,
-        flows=settings.flows,
-        chunk=chunk,
-    )
+    scope = scope or Scope()
+    rates = acceptance_rates(client, db, settings, scope)
+    total, dups, chunks = load_chunks(client, db, scope, flows=settings.flows, chunk=chunk)
     book = VersionBook(stored, settings)
     strategies: dict[tuple[str, str, str], tuple[Strategy, Strategy]] = {}
     fallback = 0

@@ -126,3 +126,18 @@ def test_a_timeout_shorter_than_a_buyers_answers_means_it_never_wins(market: Pip
     # The others' answers are unchanged, and fewer bids can only lose revenue, or keep it
     # where another bidder took the slot (modelled when it was never posted for real).
     assert result.candidate.pings == result.baseline.pings
+
+
+def test_a_lead_set_replays_those_leads_only_and_leaves_no_table(market: Pipeline) -> None:
+    from streams.tools.replay import Scope, lead_set
+
+    ids = [r[0] for r in market.rows("SELECT lead_id FROM {db}.auctions FINAL ORDER BY lead_id")]
+    chosen = ids[::3]
+    with lead_set(market.ch, market.db, chosen) as table:
+        result = run_replay(
+            market.ch, market.db, market.settings, {}, Scope(lead_table=table), resamples=20
+        )
+    assert result.baseline.auctions == len(chosen)
+    assert result.reproduced == result.exact and result.mismatches == []
+    tables = market.rows("SELECT name FROM system.tables WHERE database = %(d)s", d=market.db)
+    assert not [t for (t,) in tables if t.startswith("lab_leads_")], tables

@@ -222,3 +222,23 @@ def test_replay_refuses_a_bad_strategy_file_naming_the_key_before_any_query(
     assert main(["--config", str(config), "replay", "--strategy", str(path)]) == 2
     out, err = capsys.readouterr()
     assert out == "" and message in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(None, "No such file"), ("# only a comment\n\n", "no lead id in it (one per line)")],
+)
+def test_replay_refuses_an_unreadable_or_empty_lead_set_before_any_query(
+    content: str | None, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from streams.tools.cli import main
+
+    (port,) = _free_ports(1)  # no warehouse: the file is judged first
+    leads = tmp_path / "leads.txt"
+    if content is not None:
+        leads.write_text(content)
+    config = _config(tmp_path, clickhouse=port)
+    argv = ["--config", str(config), "replay", "--strategy", "config/strategies/same.yaml"]
+    assert main([*argv, "--leads", str(leads)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
