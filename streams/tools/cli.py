@@ -311,12 +311,16 @@ def cmd_report(args: argparse.Namespace) -> int:
                     since=since,
                     until=until,
                     summary=summary,
+                    experiments=_experiments(counted, s, since, until),
                 )
         if args.html:
             print(f"HTML report: {path}")
         else:
             print_report(summary)
-            _print_experiments(counted, s, since, until)
+            from streams.tools.experiment import print_experiment
+
+            for result in _experiments(counted, s, since, until):
+                print_experiment(result)
     except OperationalError as exc:  # the warehouse went away meanwhile
         raise _no_warehouse(args, s, exc) from None
     finally:
@@ -566,17 +570,28 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_experiments(client: Any, s: Settings, since: Any, until: Any) -> None:
-    """The report's experiment section: each configured experiment with data, per variant
-    (as `pingpost experiment` prints it)."""
-    from streams.tools.experiment import print_experiment, run_experiment
+def _experiments(
+    client: Any, s: Settings, since: Any, until: Any, lead_prefix: str | None = None
+) -> list[Any]:
+    """The report's experiment section: each configured experiment that has auctions."""
+    from streams.tools.experiment import run_experiment
 
+    out = []
     for name, flow in s.flows.items():
         if flow.experiment is None:
             continue
-        result = run_experiment(client, s.clickhouse.database, s, name, since=since, until=until)
+        result = run_experiment(
+            client,
+            s.clickhouse.database,
+            s,
+            name,
+            since=since,
+            until=until,
+            lead_prefix=lead_prefix,
+        )
         if any(v.leads for v in result.variants):
-            print_experiment(result)
+            out.append(result)
+    return out
 
 
 class _ProgressClient:
@@ -759,6 +774,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     }
     title = f"pingpost demo — {len(ids):,} solar leads"
     print_report(report, console, title=title, extra=extra)
+    experiments = _experiments(client, s, started_at, None, prefix)
+    if experiments:
+        from streams.tools.experiment import print_experiment
+
+        for result in experiments:
+            print_experiment(result, console)
     html_ok = _demo_html(
         console,
         client,
@@ -768,6 +789,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         since=started_at,
         summary=report,
         title=title,
+        experiments=experiments,
         extra=extra,
     )
     client.close()

@@ -85,6 +85,8 @@ class HtmlReportData:
     #: Time range the alert timeline spans when there are alerts (defaults to the data's).
     window: tuple[datetime | None, datetime | None] = (None, None)
     extra: dict[str, str] = field(default_factory=dict)
+    #: Live experiments with data (streams.tools.experiment.ExperimentResult).
+    experiments: list[Any] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- queries
@@ -205,13 +207,21 @@ def collect(
 
 
 def write_html_report(
-    client: Any, database: str, path: str | os.PathLike[str], **kwargs: Any
+    client: Any,
+    database: str,
+    path: str | os.PathLike[str],
+    *,
+    experiments: Sequence[Any] = (),
+    **kwargs: Any,
 ) -> Path:
     """``collect`` + ``render`` into ``path`` (written whole, then renamed into place: a
-    browser never sees half a file). Returns the absolute path."""
+    browser never sees half a file); ``experiments``: results of ``run_experiment`` to show.
+    Returns the absolute path."""
     out = Path(path).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
-    page = render(collect(client, database, **kwargs))
+    data = collect(client, database, **kwargs)
+    data.experiments = [x for x in experiments if any(v.leads for v in x.variants)]
+    page = render(data)
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(page, encoding="utf-8")
     tmp.replace(out)
@@ -699,6 +709,48 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]], cls: str = "")
     return f'<table class="{e(cls)}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
+def _experiment_tables(x: Any) -> str:
+    """A live experiment: its variants, and each one's difference from the control."""
+    pct = int(x.confidence * 100)
+    variants = _table(
+        ["variant", "share", "leads", "revenue", "per lead", "per ping", "sold %"],
+        [
+            (
+                v.name,
+                "—" if v.share is None else f"{v.share:.0%}",
+                f"{v.leads:,}",
+                _money(v.revenue),
+                f"{v.per_lead:,.2f}",
+                f"{v.per_ping:,.3f}",
+                f"{v.sold_pct:.1f}",
+            )
+            for v in x.variants
+        ],
+        "num",
+    )
+    diffs = _table(
+        ["variant", "metric", "difference", f"{pct} % interval", "verdict"],
+        [
+            (
+                name if j == 0 else "",
+                c.name,
+                f"{c.diff:+,.3f}",
+                f"[{c.low:+,.3f}, {c.high:+,.3f}]",
+                x.verdict(name) if j == 0 else "",
+            )
+            for name, comps in x.comparisons.items()
+            for j, c in enumerate(comps)
+        ],
+        "num",
+    )
+    return (
+        f'<h2 id="experiment-{e(x.experiment)}">Experiment {e(x.experiment)} (flow '
+        f"{e(x.flow)}, control {e(x.control)})</h2>{variants}"
+        f'<p class="note">difference from the control, {pct} % bootstrap interval; a verdict '
+        f"once both arms have {x.min_leads:,} leads</p>{diffs}"
+    )
+
+
 def _card(title: str, svg: str, note: str = "") -> str:
     return (
         f'<figure class="card"><figcaption>{e(title)}</figcaption>{svg}'
@@ -799,6 +851,8 @@ def render(d: HtmlReportData) -> str:
                 ["reason", "leads"], [(x or "(none)", f"{c:,}") for x, c in r.unsold_reasons], "num"
             )
         )
+    for x in d.experiments:
+        tables.append(_experiment_tables(x))
     if d.alerts:
         tables.append(
             "<h2>Alert changes</h2>"

@@ -247,3 +247,25 @@ def test_parse_time() -> None:
     assert parse_time("2025-06-01T14:30+02:00") == datetime(2025, 6, 1, 12, 30, tzinfo=UTC)
     with pytest.raises(ValueError, match="neither an ISO 8601"):
         parse_time("yesterday")
+
+
+def test_a_live_experiment_gets_its_tables_escaped() -> None:
+    from streams.tools.experiment import ExperimentResult, VariantStats
+    from streams.tools.replay import Comparison
+
+    d = full_data()
+    x = ExperimentResult(
+        "solar",
+        EVIL,
+        "control",
+        100,
+        [
+            VariantStats("control", 0.5, leads=120, revenue=6000.0, pings=400, sold=100),
+            VariantStats("low-floor", 0.5, leads=130, revenue=7800.0, pings=430, sold=120),
+        ],
+    )
+    x.comparisons["low-floor"] = [Comparison("revenue per lead", 50.0, 60.0, 4.5, 15.5)]
+    d.experiments = [x]
+    page = render(d)
+    assert EVIL not in page and "&lt;script&gt;" in page
+    assert "low-floor" in page and "[+4.500, +15.500]" in page and ">better<" in page
