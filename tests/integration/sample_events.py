@@ -63,6 +63,9 @@ async def seeded(url: str) -> ClickHouseClient:
             None,
         ],
     ]
+    # conditions, wave, timeout_ms (migration 3): the time a sent ping was given
+    for row in pings:
+        row += ["", 0, None if row[8] == "filtered" else 500.0]
     await wh.insert("pings", pings + pings[:1])
     auctions = [
         [
@@ -108,6 +111,8 @@ async def seeded(url: str) -> ClickHouseClient:
             0,
         ],
     ]
+    for row in auctions:
+        row += ["c4b194fe509cc17e", ""]  # config_hash, variant (migration 3)
     await wh.insert("auctions", auctions + auctions[:1])
     await wh.insert(
         "posts",

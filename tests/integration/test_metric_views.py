@@ -154,6 +154,9 @@ def make_events(start: datetime, minutes: int, leads_per_minute: int, seed: int)
                         "error": "HTTP 500",
                     }.get(status, ""),
                     "http_status": {"bid": 200, "no_bid": 204, "error": 500}.get(status),
+                    "conditions": "",
+                    "wave": 0,
+                    "timeout_ms": None if status == "filtered" else 500.0,
                 }
                 ev.pings.append(ping)
                 if status == "bid":
@@ -217,6 +220,8 @@ def make_events(start: datetime, minutes: int, leads_per_minute: int, seed: int)
                     "pinged": len(BUYERS),
                     "bids": len(bids),
                     "post_attempts": attempt,
+                    "config_hash": "c4b194fe509cc17e",
+                    "variant": "",
                 }
             )
     return ev
