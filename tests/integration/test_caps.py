@@ -40,6 +40,14 @@ BUYERS = {
     "open2": {"sim": {**SIM, "price": {"median": 40, "p99": 50}}},
 }
 N = 1000
+#: Half the leads sold exclusively (issue 13: a variant never changes the cap guarantees).
+EXPERIMENT = {
+    "name": "caps-under-ab",
+    "variants": [
+        {"name": "control", "share": 0.5},
+        {"name": "solo", "share": 0.5, "strategy": {"exclusive_only": True}},
+    ],
+}
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +59,11 @@ def capped(
         kafka_bootstrap,
         warehouse_url,
         BUYERS,
-        flow={**SOLAR_FLOW, "strategy": {**SOLAR_FLOW.get("strategy", {}), "shared_max": 2}},
+        flow={
+            **SOLAR_FLOW,
+            "strategy": {**SOLAR_FLOW.get("strategy", {}), "shared_max": 2},
+            "experiment": EXPERIMENT,
+        },
         workers=2,
     )
     try:
@@ -87,6 +99,18 @@ def test_caps_are_never_exceeded_and_bind(capped: tuple[Pipeline, list[str]]) ->
     assert spend > SPEND_CAP - 320  # bound: no room left for another of its bids
     # the others took the rest
     assert per_buyer["open1"] > N // 2
+    # ...under both variants of the experiment, each selling as its strategy says
+    outcomes = dict(
+        ((v, o), n)
+        for v, o, n in p.rows(
+            "SELECT variant, outcome, count() FROM {db}.auctions FINAL "
+            "WHERE lead_id IN %(ids)s GROUP BY variant, outcome",
+            ids=ids,
+        )
+    )
+    assert outcomes.get(("solo", "sold_exclusive"), 0) > N // 4, outcomes
+    assert outcomes.get(("control", "sold_shared"), 0) > N // 4, outcomes
+    assert not outcomes.get(("solo", "sold_shared")), outcomes
 
 
 def test_no_lead_accepted_twice_by_one_buyer(capped: tuple[Pipeline, list[str]]) -> None:
