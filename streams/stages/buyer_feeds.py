@@ -27,22 +27,34 @@ from streams.context import Offers
 from streams.rules.buyer_stats import PAUSE_RULE, AcceptanceCounter
 from streams.runtime.agents import now_ms
 from streams.runtime.feeds import follow_topic
-from streams.settings import AutoPauseConfig
+from streams.settings import AutoPauseConfig, Settings
 
 if TYPE_CHECKING:
     from streams.context import Context
 
-__all__ = ["PauseView", "register"]
+__all__ = ["PauseView", "ranks_by_score", "register"]
 
 log = logging.getLogger(__name__)
 
 
+def ranks_by_score(settings: Settings) -> bool:
+    """Whether any flow, or any variant of a flow's experiment, ranks bids by score (then
+    the auction needs the buyers' observed acceptance rates)."""
+    for f in settings.flows.values():
+        variants = f.experiment.variants if f.experiment is not None else []
+        if f.strategy.rank_by == "score" or any(
+            v.strategy.get("rank_by") == "score" for v in variants
+        ):
+            return True
+    return False
+
+
 def register(ctx: Context) -> Offers:
-    """Start the acceptance feed if any flow ranks by score, and the pause feed if any buyer
-    has ``auto_pause``."""
+    """Start the acceptance feed if any flow (or experiment variant) ranks by score, and the
+    pause feed if any buyer has ``auto_pause``."""
     settings = ctx.settings
     offers = Offers()
-    if any(f.strategy.rank_by == "score" for f in settings.flows.values()):
+    if ranks_by_score(settings):
         counter = AcceptanceCounter()
         offers.acceptance = counter
 

@@ -141,3 +141,17 @@ def test_a_bad_experiment_is_refused_naming_the_key(
     with pytest.raises(ConfigError, match="flows.solar") as info:
         settings_with(experiment)
     assert message in str(info.value), str(info.value)
+
+
+def test_a_variant_ranking_by_score_starts_the_acceptance_feed() -> None:
+    from streams.stages.buyer_feeds import ranks_by_score
+
+    assert not ranks_by_score(settings_with(AB))
+    scored = {
+        **AB,
+        "variants": [
+            {"name": "control", "share": 0.5},
+            {"name": "score", "share": 0.5, "strategy": {"rank_by": "score"}},
+        ],
+    }
+    assert ranks_by_score(settings_with(scored))
