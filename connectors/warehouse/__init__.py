@@ -27,12 +27,15 @@ What it implements of the ClickHouse HTTP interface, and why:
   parameters (``session_id``, ``query_id``, ``compress``...) are consumed here.
 * Responses: the output format the SQL asks for is passed through untouched; ``X-ClickHouse-
   Summary/Format/Timezone/Query-Id/Server-Display-Name`` headers; the response is compressed
-  when the client sends ``Accept-Encoding`` (clickhouse-connect does, with lz4/zstd/gzip/
-  deflate). ``wait_end_of_query=1`` (what ``client.query()`` sends) buffers the result, so
+  when the request sets ``enable_http_compression=1`` and sends ``Accept-Encoding``
+  (clickhouse-connect does both, with lz4/zstd/gzip/deflate). The request headers
+  ``X-ClickHouse-Database`` and ``X-ClickHouse-Format`` stand for ``database`` and
+  ``default_format``; ``GET /replicas_status`` answers ``Ok.``. ``wait_end_of_query=1`` (what ``client.query()`` sends) buffers the result, so
   every error is an HTTP error; streaming requests (``query_*_stream``) stream blocks and
   report a late error in ClickHouse's tagged ``__exception__`` trailer.
-* Errors are HTTP 500 with ``X-ClickHouse-Exception-Code`` and ClickHouse's own text
-  (``Code: N. DB::Exception: ... (NAME)``). Never 429/503/504: the client retries those.
+* Errors carry ``X-ClickHouse-Exception-Code`` and ClickHouse's own text (``Code: N.
+  DB::Exception: ... (NAME)``), with the HTTP status a server gives that code (400 for a
+  syntax error, 404 for an unknown table, 501 for what is not implemented, 500 otherwise).
 
 It is sessionless like ClickHouse's HTTP interface without ``session_id``: every request
 starts from the default database and default settings (``SET``/``USE`` statements affect

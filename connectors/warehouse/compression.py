@@ -9,7 +9,11 @@ from typing import Any, Final
 import lz4.frame  # type: ignore[import-untyped]
 import zstandard
 
-from connectors.warehouse.errors import CANNOT_DECOMPRESS, NOT_IMPLEMENTED, ClickHouseError
+from connectors.warehouse.errors import (
+    CANNOT_DECOMPRESS,
+    UNKNOWN_COMPRESSION_METHOD,
+    ClickHouseError,
+)
 
 __all__ = ["BodyDecoder", "IdentityDecoder", "ResponseEncoder", "choose_encoding"]
 
@@ -22,7 +26,7 @@ class BodyDecoder:
         self._active: Any = None
         if encoding not in ("lz4", "zstd", "gzip", "x-gzip", "deflate"):
             raise ClickHouseError.server(
-                NOT_IMPLEMENTED, f"Unsupported Content-Encoding: {encoding!r}"
+                UNKNOWN_COMPRESSION_METHOD, f"Unsupported Content-Encoding: {encoding!r}"
             )
 
     def _new_frame(self, first: bytes) -> Any:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ __all__ = [
     "Lease",
     "RequestState",
     "SessionPool",
+    "SessionRequest",
     "cancel_insert",
     "cancel_stream",
     "feed_insert",
@@ -95,6 +97,26 @@ class _Slot:
     database: str | None = DEFAULT_DATABASE  # None: unknown (a USE statement ran)
     settings: dict[str, str] = field(default_factory=dict)  # non-default settings in force
     dirty: bool = False  # state unknown (a SET statement ran, a reset failed): reopen
+    #: The client's ``session_id`` for a named session (its state outlives a request).
+    named: str | None = None
+
+
+@dataclass(eq=False)
+class _Named:
+    """A client's session (``session_id``): its own chDB Session, one request at a time.
+
+    ``in_request`` while a request holds it (another one is refused: SESSION_IS_LOCKED);
+    ``free`` is set once its chDB Session is free again (after a request's cleanup, which
+    may outlive the request by a moment: the next request waits for it)."""
+
+    slot: _Slot
+    timeout_s: float
+    idle_since: float
+    in_request: bool = False
+    free: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.free.set()
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +129,27 @@ class _QueryOutput:
 class RequestState:
     database: str
     settings: dict[str, str]
+    #: The request named its database (``database`` parameter or header); a named session
+    #: otherwise keeps the one it has (``USE``).
+    database_given: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRequest:
+    """A request's ``session_id``, ``session_timeout`` (s), ``session_check`` and
+    ``close_session`` parameters."""
+
+    session_id: str
+    timeout_s: float = 60.0
+    check: bool = False
+    close: bool = False
+
+
+#: ClickHouse's codes for named sessions.
+SESSION_NOT_FOUND: Final = (372, "SESSION_NOT_FOUND")
+SESSION_IS_LOCKED: Final = (373, "SESSION_IS_LOCKED")
+#: At most this many named sessions at once (each is a chDB Session: a thread's worth of state).
+MAX_NAMED_SESSIONS: Final = 256
 
 
 class SessionPool:
@@ -127,6 +170,8 @@ class SessionPool:
         self.default_settings: dict[str, str] = {}
         self._free: asyncio.Queue[_Slot] = asyncio.Queue()
         self._releasing: set[asyncio.Task[None]] = set()
+        #: Named sessions by session_id (ClickHouse's HTTP sessions).
+        self.named: dict[str, _Named] = {}
 
     # -- blocking, run in the executor
 
@@ -185,7 +230,11 @@ class SessionPool:
 
         Settings are diffed against what the session already has, so a client that sends
         the same settings on every request (clickhouse-connect does) costs no extra calls.
+        A named session keeps its state (``SET``, ``USE``, temporary tables): the request's
+        settings are applied on top, its database only when the request names one.
         """
+        if slot.named is not None:
+            return self._prepare_named(slot, state)
         wanted = {k: v for k, v in state.settings.items() if self.default_settings.get(k) != v}
         session = self._reopen(slot) if slot.dirty or slot.session is None else slot.session
         stale = [k for k in slot.settings if k not in wanted]
@@ -213,8 +262,34 @@ class SessionPool:
             raise ClickHouseError.from_engine(exc) from exc
         return session
 
+    def _prepare_named(self, slot: _Slot, state: RequestState) -> _Session:
+        session = slot.session
+        assert session is not None
+        try:
+            changes = {k: v for k, v in state.settings.items() if slot.settings.get(k) != v}
+            if changes:
+                session.query(
+                    "SET " + ", ".join(f"{k} = {quote_string(v)}" for k, v in changes.items()),
+                    "TabSeparated",
+                )
+                slot.settings.update(changes)
+            if state.database_given and slot.database != state.database:
+                session.query(f"USE {quote_identifier(state.database)}", "TabSeparated")
+                slot.database = state.database
+        except Exception as exc:
+            raise ClickHouseError.from_engine(exc) from exc
+        return session
+
     @staticmethod
     def after_statement(slot: _Slot, keyword: str) -> None:
+        if slot.named is not None:
+            # The client's own SET/USE stay (that is what a session is for); what this
+            # server applied is no longer known.
+            if keyword == "SET":
+                slot.settings.clear()
+            elif keyword == "USE":
+                slot.database = None
+            return
         if keyword == "SET":
             slot.dirty = True  # names are hard to parse back out; a fresh session is cheap
         elif keyword == "USE":
@@ -232,20 +307,115 @@ class SessionPool:
         for slot in self.slots:
             self._free.put_nowait(slot)
 
-    async def acquire(self) -> Lease:
-        return Lease(self, await self._free.get())
+    async def acquire(self, session: SessionRequest | None = None) -> Lease:
+        """A pooled session for one request, or the client's named session (created on
+        first use; ``SESSION_NOT_FOUND`` with ``session_check``, ``SESSION_IS_LOCKED`` while
+        another request uses it, as ClickHouse answers)."""
+        if session is None:
+            return Lease(self, await self._free.get())
+        await self.expire_sessions()
+        named = self.named.get(session.session_id)
+        if named is None:
+            if session.check:
+                raise ClickHouseError.server(
+                    SESSION_NOT_FOUND, f"Session {session.session_id} not found"
+                )
+            if len(self.named) >= MAX_NAMED_SESSIONS:
+                raise ClickHouseError.server(
+                    SESSION_IS_LOCKED,
+                    f"Too many sessions ({MAX_NAMED_SESSIONS}): close some (close_session=1) "
+                    "or let them time out",
+                )
+            loop = asyncio.get_running_loop()
+            chdb_session = await loop.run_in_executor(self.executor, self._open_session)
+            if session.session_id in self.named:  # opened meanwhile by a concurrent request
+                await loop.run_in_executor(self.executor, chdb_session.close)
+                raise ClickHouseError.server(
+                    SESSION_IS_LOCKED,
+                    f"Session {session.session_id} is locked by a concurrent client",
+                )
+            named = _Named(_Slot(chdb_session, named=session.session_id), 0.0, 0.0)
+            self.named[session.session_id] = named
+        if named.in_request:
+            raise ClickHouseError.server(
+                SESSION_IS_LOCKED, f"Session {session.session_id} is locked by a concurrent client"
+            )
+        named.in_request = True
+        try:
+            await named.free.wait()  # the previous request's cleanup, if still running
+        except BaseException:
+            named.in_request = False
+            raise
+        if self.named.get(session.session_id) is not named:  # closed meanwhile
+            raise ClickHouseError.server(
+                SESSION_NOT_FOUND, f"Session {session.session_id} not found"
+            )
+        named.free.clear()
+        named.timeout_s = session.timeout_s
+        return Lease(self, named.slot, close=session.close)
+
+    async def expire_sessions(self, now: float | None = None) -> int:
+        """Close the named sessions idle for longer than their timeout; returns how many."""
+        now = time.monotonic() if now is None else now
+        expired = [
+            sid
+            for sid, n in self.named.items()
+            if not n.in_request and n.free.is_set() and now - n.idle_since > n.timeout_s
+        ]
+        for sid in expired:
+            await self._close_named(sid)
+        return len(expired)
+
+    async def _close_named(self, session_id: str) -> None:
+        named = self.named.pop(session_id, None)
+        if named is not None:
+            await self._close_slot(named.slot)
+
+    async def _close_slot(self, slot: _Slot) -> None:
+        chdb_session, slot.session = slot.session, None
+        if chdb_session is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.get_running_loop().run_in_executor(self.executor, chdb_session.close)
+
+    def _request_done(self, slot: _Slot) -> None:
+        """A named session's request is over (its cleanup may still run): the next request
+        for it is no longer refused, it waits for :meth:`_put_back`."""
+        named = self.named.get(slot.named) if slot.named is not None else None
+        if named is not None:
+            named.in_request = False
+
+    def _put_back(self, slot: _Slot, close: bool) -> None:
+        if slot.named is None:
+            self._free.put_nowait(slot)
+            return
+        named = self.named.get(slot.named)
+        if named is None:
+            return
+        named.idle_since = time.monotonic()
+        named.free.set()
+        if close:  # gone at once: the next request with this id starts a new session
+            del self.named[slot.named]
+            task = asyncio.get_running_loop().create_task(self._close_slot(slot))
+            self._releasing.add(task)
+            task.add_done_callback(self._releasing.discard)
 
     def _give_back(
-        self, slot: _Slot, inflight: Future[Any] | None, cleanup: Callable[[], None] | None
+        self,
+        slot: _Slot,
+        inflight: Future[Any] | None,
+        cleanup: Callable[[], None] | None,
+        close: bool = False,
     ) -> None:
+        self._request_done(slot)
         if cleanup is None and (inflight is None or inflight.done()):
-            self._free.put_nowait(slot)
+            self._put_back(slot, close)
             return
 
         async def finish() -> None:
             # A cancelled request may leave a chDB call running in its thread (cancelling
             # the awaiting task does not stop it): the session is only free once that call
             # returned and the request's cleanup (cancel an insert or a stream) ran.
+            broken = False
             try:
                 if inflight is not None and not inflight.done():
                     await asyncio.wait([asyncio.wrap_future(inflight)])
@@ -255,8 +425,9 @@ class SessionPool:
                     except Exception:
                         logger.debug("session cleanup failed; reopening it", exc_info=True)
                         slot.dirty = True
+                        broken = True  # a named session in an unknown state is closed
             finally:
-                self._free.put_nowait(slot)
+                self._put_back(slot, close or (broken and slot.named is not None))
 
         task = asyncio.get_running_loop().create_task(finish())
         self._releasing.add(task)
@@ -265,6 +436,8 @@ class SessionPool:
     async def close(self) -> None:
         if self._releasing:
             await asyncio.gather(*self._releasing, return_exceptions=True)
+        for sid in list(self.named):
+            await self._close_named(sid)
         await asyncio.get_running_loop().run_in_executor(self.executor, self.close_blocking)
         self.executor.shutdown(wait=True)
 
@@ -272,9 +445,10 @@ class SessionPool:
 class Lease:
     """Exclusive use of one pooled session for the duration of one request."""
 
-    def __init__(self, pool: SessionPool, slot: _Slot) -> None:
+    def __init__(self, pool: SessionPool, slot: _Slot, close: bool = False) -> None:
         self.pool = pool
         self.slot = slot
+        self._close = close  # a named session's last request (close_session=1)
         self._inflight: Future[Any] | None = None
         self._cleanup: Callable[[], None] | None = None
         self._released = False
@@ -291,7 +465,7 @@ class Lease:
     def release(self) -> None:
         if not self._released:
             self._released = True
-            self.pool._give_back(self.slot, self._inflight, self._cleanup)
+            self.pool._give_back(self.slot, self._inflight, self._cleanup, self._close)
 
 
 # --------------------------------------------------------------------------- engine calls

@@ -3,6 +3,7 @@ handlers, which turn ClickHouse HTTP requests into engine calls and engine outpu
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -28,6 +29,7 @@ from connectors.warehouse.engine import (
     Lease,
     RequestState,
     SessionPool,
+    SessionRequest,
     cancel_insert,
     cancel_stream,
     feed_insert,
@@ -44,6 +46,7 @@ from connectors.warehouse.errors import (
     STD_EXCEPTION,
     ClickHouseError,
     WarehouseError,
+    http_status,
 )
 from connectors.warehouse.lock import DataDirLock
 from connectors.warehouse.sql import PLAIN, InsertSplit, classify, leading_keyword, output_format
@@ -122,6 +125,8 @@ _INLINE_ENCODE_BYTES: Final = 64 * 1024  # compress smaller bodies on the event 
 
 
 _PING_BODY: Final = b"Ok.\n"
+#: How often idle named sessions are checked for their timeout.
+SESSION_SWEEP_S: Final = 5.0
 
 
 @dataclass(slots=True)
@@ -135,6 +140,32 @@ class _ParsedRequest:
     prefix: bytes
     body: AsyncIterator[bytes] | None
     decoder: BodyDecoder | IdentityDecoder
+    session: SessionRequest | None = None
+
+
+def _session_request(params: dict[str, str]) -> SessionRequest | None:
+    """The request's named session, if any: ``session_id``, ``session_timeout`` (seconds,
+    default 60, at most 3600 as ClickHouse's ``max_session_timeout``), ``session_check``,
+    ``close_session``."""
+    session_id = params.get("session_id")
+    if not session_id:
+        return None
+    raw = params.get("session_timeout") or "60"
+    try:
+        timeout = float(raw)
+    except ValueError:
+        raise ClickHouseError.server(BAD_ARGUMENTS, f"Invalid session timeout: '{raw}'") from None
+    if not 0 <= timeout <= 3600:
+        raise ClickHouseError.server(
+            BAD_ARGUMENTS, f"Session timeout '{raw}' is larger than max_session_timeout: 3600"
+        )
+    flag = ("1", "true", "True")
+    return SessionRequest(
+        session_id=session_id,
+        timeout_s=timeout,
+        check=params.get("session_check", "0") in flag,
+        close=params.get("close_session", "0") in flag,
+    )
 
 
 async def _no_body() -> AsyncIterator[bytes]:
@@ -208,6 +239,7 @@ class EmbeddedWarehouse:
         self._lock = DataDirLock(self.data_dir)
         self._pool: SessionPool | None = None
         self._runner: web.AppRunner | None = None
+        self._sweeper: asyncio.Task[None] | None = None
 
     @property
     def url(self) -> str:
@@ -228,6 +260,8 @@ class EmbeddedWarehouse:
             await self._pool.open()
             app = web.Application(client_max_size=_MAX_QUERY_BYTES)
             app.router.add_get("/ping", self._handle_ping)
+            # No replicated tables here, so never a lagging replica: "Ok." as a server says.
+            app.router.add_get("/replicas_status", self._handle_ping)
             app.router.add_route("*", "/", self._handle_root)
             # No access log: it would cost more than a SELECT 1. Request lines may carry
             # settings and bound parameters, so allow up to ClickHouse's 1 MiB URI limit.
@@ -246,6 +280,7 @@ class EmbeddedWarehouse:
             site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
             try:
                 await site.start()
+                self._sweeper = asyncio.get_running_loop().create_task(self._expire_sessions())
             except OSError as exc:
                 raise WarehouseError(
                     f"cannot listen on {self.host}:{self.port}: {exc.strerror or exc}"
@@ -258,7 +293,20 @@ class EmbeddedWarehouse:
     async def stop(self) -> None:
         await self._teardown()
 
+    async def _expire_sessions(self) -> None:
+        """Close named sessions idle past their timeout, even when no request comes."""
+        while self._pool is not None:
+            await asyncio.sleep(SESSION_SWEEP_S)
+            if self._pool is not None:
+                try:
+                    await self._pool.expire_sessions()
+                except Exception:
+                    logger.warning("could not close expired sessions", exc_info=True)
+
     async def _teardown(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         try:
             if self._runner is not None:
                 # Closes the listener, then waits for in-flight requests to finish.
@@ -299,6 +347,13 @@ class EmbeddedWarehouse:
 
     async def _parse(self, request: web.Request, query_id: str) -> _ParsedRequest:
         params: dict[str, str] = dict(request.query)  # the last of repeated keys wins
+        # ClickHouse's request headers for two parameters; a URL parameter wins.
+        for header, key in (
+            ("X-ClickHouse-Database", "database"),
+            ("X-ClickHouse-Format", "default_format"),
+        ):
+            if header in request.headers and key not in params:
+                params[key] = request.headers[header]
         body: AsyncIterator[bytes] | None = (
             request.content.iter_any() if request.body_exists else None
         )
@@ -330,17 +385,17 @@ class EmbeddedWarehouse:
             IdentityDecoder() if encoding in ("", "identity") else BodyDecoder(encoding)
         )
         accept = request.headers.get("Accept-Encoding", "")
-        compress_response = params.get("enable_http_compression", "1") not in (
-            "0",
-            "false",
-            "False",
-        )
+        # As ClickHouse: a response is compressed only when asked (clickhouse-connect asks).
+        compress_response = params.get("enable_http_compression", "0") in ("1", "true", "True")
         query = params.get("query", "")
         return _ParsedRequest(
             query_id=query_id,
             state=RequestState(
-                database=params.get("database") or DEFAULT_DATABASE, settings=settings
+                database=params.get("database") or DEFAULT_DATABASE,
+                settings=settings,
+                database_given=bool(params.get("database")),
             ),
+            session=_session_request(params),
             bind=bind,
             default_format=params.get("default_format") or DEFAULT_FORMAT,
             wait_end_of_query=params.get("wait_end_of_query", "0") in ("1", "true", "True"),
@@ -415,7 +470,7 @@ class EmbeddedWarehouse:
     ) -> web.StreamResponse:
         assert self._pool is not None
         pool = self._pool
-        lease = await pool.acquire()
+        lease = await pool.acquire(req.session)
         try:
             inserter = await lease.call(
                 start_insert, pool, lease.slot, req.state, split.statement, split.fmt
@@ -444,7 +499,7 @@ class EmbeddedWarehouse:
         keyword = leading_keyword(sql)
         fmt = output_format(sql, req.default_format)
         result_fmt = fmt if keyword in _RESULT_KEYWORDS else None
-        lease = await pool.acquire()
+        lease = await pool.acquire(req.session)
         try:
             if (
                 not req.wait_end_of_query
@@ -535,7 +590,9 @@ class EmbeddedWarehouse:
         version = self._pool.version if self._pool else ""
         logger.debug("query %s failed: %s", query_id, error.text)
         return web.Response(
-            status=500,  # not 429/503/504: clickhouse-connect retries those
+            # As ClickHouse: 400 for a bad query, 404 for an unknown table, 501 for what is
+            # not implemented... (a 503 is retried by clickhouse-connect, as against a server)
+            status=http_status(error.code),
             body=f"{error.text} (version {version})\n".encode(),
             headers={
                 "X-ClickHouse-Exception-Code": str(error.code),

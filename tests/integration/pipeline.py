@@ -117,8 +117,10 @@ class Pipeline:
         self.workers = workers
         self.url = f"http://127.0.0.1:{self.ingest_port}/v1/leads"
         self.db = self.name
-        self.ch = clickhouse_connect.get_client(
-            host="127.0.0.1", port=int(warehouse_url.rsplit(":", 1)[1])
+        self.ch = clickhouse_connect.get_client(  # sessionless, as pingpost's own clients
+            host="127.0.0.1",
+            port=int(warehouse_url.rsplit(":", 1)[1]),
+            autogenerate_session_id=False,
         )
 
     # -- lifecycle -------------------------------------------------------------------

@@ -89,8 +89,10 @@ class Outage:
             )
         )
         self.stack = Stack(self.settings, root / "pingpost.yaml", root / "run", say=lambda m: None)
-        self.ch = clickhouse_connect.get_client(
-            host="127.0.0.1", port=int(warehouse_url.rsplit(":", 1)[1])
+        self.ch = clickhouse_connect.get_client(  # sessionless, as pingpost's own clients
+            host="127.0.0.1",
+            port=int(warehouse_url.rsplit(":", 1)[1]),
+            autogenerate_session_id=False,
         )
         self.stack.spawn("sink", ["worker", "--role", "sink"], env)
         self.log = self.stack.log_dir / "sink.log"

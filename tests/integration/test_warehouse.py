@@ -90,7 +90,9 @@ def wait_until(condition: Any, timeout: float = 30.0, message: str = "condition"
 
 @pytest.fixture
 def client(warehouse_url: str) -> Iterator[Client]:
-    c = sync_client(warehouse_url)
+    # Sessionless, as pingpost's own clients are: each request on the pool (the named
+    # sessions clickhouse-connect makes by default are tested on their own, below).
+    c = sync_client(warehouse_url, autogenerate_session_id=False)
     try:
         yield c
     finally:
@@ -472,7 +474,7 @@ def test_bad_sql_raises_database_error_with_clickhouse_text(
     status, headers, body = http_request(
         warehouse_url, {"query": "SELECT * FROM no_such_table_xyz"}
     )
-    assert status == 500 and headers["X-ClickHouse-Exception-Code"] == "60"
+    assert status == 404 and headers["X-ClickHouse-Exception-Code"] == "60"  # as a server
     assert body.startswith(b"Code: 60. DB::Exception: ")
 
 
@@ -712,3 +714,150 @@ def test_sigterm_finishes_in_flight_query(
     assert process.stop() == 0  # SIGTERM while the query runs
     thread.join(30)
     assert outcome == {"value": 7}
+
+
+# --------------------------------------------------------------------------- as a server answers (issue 14)
+
+
+@pytest.mark.parametrize(
+    ("query", "status", "code"),
+    [
+        ("SELEC 1", 400, "62"),  # SYNTAX_ERROR
+        ("SELECT * FROM default.no_such_table_xyz", 404, "60"),  # UNKNOWN_TABLE
+        ("SELECT no_such_function_xyz()", 404, "46"),  # UNKNOWN_FUNCTION
+        ("SELECT throwIf(1)", 500, "395"),  # FUNCTION_THROW_IF_VALUE_IS_NON_ZERO
+    ],
+)
+def test_an_error_gets_the_http_status_a_server_gives_it(
+    warehouse_url: str, query: str, status: int, code: str
+) -> None:
+    got, headers, body = http_request(warehouse_url, {"query": query})
+    assert (got, headers["X-ClickHouse-Exception-Code"]) == (status, code), body
+    assert body.startswith(f"Code: {code}.".encode())
+
+
+def test_the_database_and_format_request_headers_stand_for_their_parameters(
+    warehouse_url: str, client: Client, db: str
+) -> None:
+    client.command(f"CREATE TABLE {db}.h (a UInt8) ENGINE = Memory")
+    client.command(f"INSERT INTO {db}.h VALUES (7)")
+    status, headers, body = http_request(
+        warehouse_url,
+        {"query": "SELECT a FROM h"},
+        headers={"X-ClickHouse-Database": db, "X-ClickHouse-Format": "JSONEachRow"},
+    )
+    assert (status, json.loads(body)) == (200, {"a": 7}), body
+    assert headers["X-ClickHouse-Format"] == "JSONEachRow"
+    # A URL parameter wins over its header.
+    status, _, body = http_request(
+        warehouse_url,
+        {"query": "SELECT a FROM h", "default_format": "CSV"},
+        headers={"X-ClickHouse-Database": db, "X-ClickHouse-Format": "JSONEachRow"},
+    )
+    assert (status, body) == (200, b"7\n")
+
+
+def test_replicas_status_answers_ok(warehouse_url: str) -> None:
+    host, port = host_port(warehouse_url)
+    conn = http.client.HTTPConnection(host, port, timeout=10)
+    try:
+        conn.request("GET", "/replicas_status")
+        response = conn.getresponse()
+        assert (response.status, response.read()) == (200, b"Ok.\n")
+    finally:
+        conn.close()
+
+
+def test_a_response_is_compressed_only_when_asked(warehouse_url: str) -> None:
+    query = {"query": "SELECT number FROM numbers(1000) FORMAT CSV"}
+    _, plain, body = http_request(warehouse_url, query, headers={"Accept-Encoding": "gzip"})
+    assert "Content-Encoding" not in plain and body.startswith(b"0\n1\n")
+    _, packed, body = http_request(
+        warehouse_url,
+        {**query, "enable_http_compression": "1"},
+        headers={"Accept-Encoding": "gzip"},
+    )
+    assert packed["Content-Encoding"] == "gzip"
+    assert gzip.decompress(body).startswith(b"0\n1\n")
+
+
+# --------------------------------------------------------------------------- sessions
+
+
+def test_a_named_session_keeps_temporary_tables_settings_and_database(
+    warehouse_url: str, db: str
+) -> None:
+    sid = f"s-{uuid.uuid4().hex[:8]}"
+    c = sync_client(warehouse_url, session_id=sid)
+    other = sync_client(warehouse_url, autogenerate_session_id=False)
+    try:
+        c.command("CREATE TEMPORARY TABLE tt (x UInt8)")
+        c.command("INSERT INTO tt VALUES (1), (2)")
+        c.command("SET max_threads = 3")
+        c.command(f"USE {db}")
+        assert c.command("SELECT count() FROM tt") == 2
+        assert c.command("SELECT getSetting('max_threads')") == 3
+        assert c.command("SELECT currentDatabase()") == db
+        # Another client (no session) sees none of it.
+        with pytest.raises(DatabaseError, match="UNKNOWN_TABLE|Unknown table"):
+            other.command("SELECT count() FROM tt")
+        assert other.command("SELECT currentDatabase()") == "default"
+    finally:
+        c.close()
+        other.close()
+
+
+def test_session_check_close_session_and_the_lock(warehouse_url: str) -> None:
+    sid = f"s-{uuid.uuid4().hex[:8]}"
+    status, headers, body = http_request(
+        warehouse_url, {"query": "SELECT 1", "session_id": sid, "session_check": "1"}
+    )
+    assert (status, headers["X-ClickHouse-Exception-Code"]) == (500, "372"), body
+    assert http_request(warehouse_url, {"query": "SELECT 1", "session_id": sid})[0] == 200
+    assert (
+        http_request(warehouse_url, {"query": "SELECT 1", "session_id": sid, "session_check": "1"})[
+            0
+        ]
+        == 200
+    )
+    # One request at a time: a second one while the first sleeps is refused, as a server does.
+    results: list[tuple[int, dict[str, str], bytes]] = []
+    slow = threading.Thread(
+        target=lambda: results.append(
+            http_request(warehouse_url, {"query": "SELECT sleep(1)", "session_id": sid})
+        )
+    )
+    slow.start()
+
+    def sleeping() -> bool:
+        _, _, out = http_request(
+            warehouse_url,
+            {
+                "query": "SELECT count() FROM system.processes "
+                "WHERE query LIKE 'SELECT sleep(1)%' FORMAT CSV"
+            },
+        )
+        return out.strip() == b"1"
+
+    wait_until(sleeping, message="the first request to be running")
+    status, headers, body = http_request(warehouse_url, {"query": "SELECT 2", "session_id": sid})
+    slow.join()
+    assert (status, headers["X-ClickHouse-Exception-Code"]) == (500, "373"), body
+    assert b"locked by a concurrent client" in body
+    assert results[0][0] == 200
+    # close_session=1 ends it: the next check finds nothing.
+    assert (
+        http_request(warehouse_url, {"query": "SELECT 3", "session_id": sid, "close_session": "1"})[
+            0
+        ]
+        == 200
+    )
+    wait_until(
+        lambda: (
+            http_request(
+                warehouse_url, {"query": "SELECT 1", "session_id": sid, "session_check": "1"}
+            )[0]
+            == 500
+        ),
+        message="the closed session to be gone",
+    )
