@@ -99,6 +99,11 @@ class _Slot:
     dirty: bool = False  # state unknown (a SET statement ran, a reset failed): reopen
     #: The client's ``session_id`` for a named session (its state outlives a request).
     named: str | None = None
+    #: A named session's own state, as the client's SET and USE statements left it: the
+    #: values of the settings a request overrode (``None``: not a known setting), and its
+    #: database. A request's settings and ``database`` are for that request only.
+    baseline: dict[str, str | None] = field(default_factory=dict)
+    session_db: str = DEFAULT_DATABASE
 
 
 @dataclass(eq=False)
@@ -263,32 +268,88 @@ class SessionPool:
         return session
 
     def _prepare_named(self, slot: _Slot, state: RequestState) -> _Session:
+        """A named session for one request: the request's settings and database on top of
+        the session's own state, and the previous request's put back (as a server applies
+        a request's settings to that query only). ``slot.settings`` holds what is overridden
+        now, ``slot.baseline`` the session's own values for those keys."""
         session = slot.session
         assert session is not None
         try:
-            changes = {k: v for k, v in state.settings.items() if slot.settings.get(k) != v}
+            keys = set(slot.settings) | set(state.settings)
+            missing = sorted(k for k in keys if k not in slot.baseline)
+            if missing:
+                known = dict(
+                    line.split("\t", 1)
+                    for line in session.query(
+                        "SELECT name, value FROM system.settings WHERE name IN ("
+                        + ", ".join(quote_string(k) for k in missing)
+                        + ")",
+                        "TabSeparated",
+                    )
+                    .bytes()
+                    .decode()
+                    .splitlines()
+                )
+                for k in missing:
+                    slot.baseline[k] = known.get(k)
+            changes: dict[str, str | None] = {}
+            for k in keys:
+                want = state.settings.get(k, slot.baseline[k])
+                if slot.settings.get(k, slot.baseline[k]) != want:
+                    changes[k] = want
             if changes:
                 session.query(
-                    "SET " + ", ".join(f"{k} = {quote_string(v)}" for k, v in changes.items()),
+                    "SET "
+                    + ", ".join(
+                        f"{k} = {'DEFAULT' if v is None else quote_string(v)}"
+                        for k, v in changes.items()
+                    ),
                     "TabSeparated",
                 )
-                slot.settings.update(changes)
-            if state.database_given and slot.database != state.database:
-                session.query(f"USE {quote_identifier(state.database)}", "TabSeparated")
-                slot.database = state.database
+            slot.settings = dict(state.settings)
+            target = state.database if state.database_given else slot.session_db
+            if slot.database != target:
+                session.query(f"USE {quote_identifier(target)}", "TabSeparated")
+                slot.database = target
         except Exception as exc:
             raise ClickHouseError.from_engine(exc) from exc
         return session
 
     @staticmethod
+    def after_named_statement(slot: _Slot, keyword: str) -> None:
+        """The client's own SET or USE changed the session's state: learn it (USE), or
+        put our overrides back first and forget what we knew (SET)."""
+        session = slot.session
+        if session is None or keyword not in ("SET", "USE"):
+            return
+        if keyword == "USE":
+            slot.session_db = slot.database = (
+                session.query("SELECT currentDatabase()", "TabSeparated").bytes().decode().strip()
+            )
+            return
+        restore = {k: slot.baseline.get(k) for k in slot.settings}
+        slot.settings, slot.baseline = {}, {}
+        if restore:
+            session.query(
+                "SET "
+                + ", ".join(
+                    f"{k} = {'DEFAULT' if v is None else quote_string(v)}"
+                    for k, v in restore.items()
+                ),
+                "TabSeparated",
+            )
+
+    @staticmethod
     def after_statement(slot: _Slot, keyword: str) -> None:
         if slot.named is not None:
-            # The client's own SET/USE stay (that is what a session is for); what this
-            # server applied is no longer known.
-            if keyword == "SET":
-                slot.settings.clear()
-            elif keyword == "USE":
+            try:
+                SessionPool.after_named_statement(slot, keyword)
+            except Exception:
+                logger.debug(
+                    "session %s: state after %s unknown", slot.named, keyword, exc_info=True
+                )
                 slot.database = None
+                slot.settings, slot.baseline = {}, {}
             return
         if keyword == "SET":
             slot.dirty = True  # names are hard to parse back out; a fresh session is cheap

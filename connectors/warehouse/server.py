@@ -43,6 +43,7 @@ from connectors.warehouse.errors import (
     BAD_ARGUMENTS,
     NETWORK_ERROR,
     NOT_IMPLEMENTED,
+    READONLY,
     STD_EXCEPTION,
     ClickHouseError,
     WarehouseError,
@@ -113,6 +114,10 @@ _RESULT_KEYWORDS: Final = frozenset(
     {"SELECT", "WITH", "SHOW", "DESCRIBE", "DESC", "EXISTS", "EXPLAIN", "CHECK", "KILL", "("}
 )
 _STREAM_KEYWORDS: Final = frozenset({"SELECT", "WITH", "("})
+#: What a GET may run in a named session (elsewhere readonly=2 holds a GET to reading).
+_READ_KEYWORDS: Final = frozenset(
+    {"SELECT", "WITH", "SHOW", "DESCRIBE", "DESC", "EXISTS", "EXPLAIN", "("}
+)
 
 _SETTING_NAME_RE: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -120,7 +125,11 @@ _SETTING_NAME_RE: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _MAX_QUERY_BYTES: Final = 64 * 1024 * 1024
 _MAX_STATEMENT_BYTES: Final = 256 * 1024  # ClickHouse's max_query_size: where data must start
 _INSERT_BATCH_BYTES: Final = 1024 * 1024  # compressed bytes handed to a worker at a time
-_STREAM_PREFETCH_BYTES: Final = 1024 * 1024  # results up to this size get Content-Length
+_STREAM_PREFETCH_BYTES: Final = 1024 * 1024  # results up to this size get Content-Length...
+#: ...when they are done this soon: past it the headers and the blocks so far go out, and the
+#: rest streams as produced (a slow query's rows, and a late error's trailer, reach the client
+#: as a server's would; a fast small result is still one plain response).
+_STREAM_HOLD_S: Final = 0.1
 _INLINE_ENCODE_BYTES: Final = 64 * 1024  # compress smaller bodies on the event loop
 
 
@@ -141,6 +150,7 @@ class _ParsedRequest:
     body: AsyncIterator[bytes] | None
     decoder: BodyDecoder | IdentityDecoder
     session: SessionRequest | None = None
+    read_only_session: bool = False  # a GET in a named session: reading statements only
 
 
 def _session_request(params: dict[str, str]) -> SessionRequest | None:
@@ -378,8 +388,12 @@ class EmbeddedWarehouse:
                 raise ClickHouseError.server(BAD_ARGUMENTS, f"Invalid setting name {key!r}")
             else:
                 settings[key] = value
-        if request.method == "GET":
-            settings["readonly"] = "2"  # as ClickHouse: a GET must not change data
+        session = _session_request(params)
+        read_only = request.method == "GET"  # as ClickHouse: a GET must not change data
+        if read_only and session is None:
+            settings["readonly"] = "2"
+        # (A named session cannot take readonly=2 for one request: it could never be set
+        # back. Its GETs are held to reading statements by their keyword instead.)
         encoding = request.headers.get("Content-Encoding", "").strip().lower()
         decoder: BodyDecoder | IdentityDecoder = (
             IdentityDecoder() if encoding in ("", "identity") else BodyDecoder(encoding)
@@ -395,7 +409,8 @@ class EmbeddedWarehouse:
                 settings=settings,
                 database_given=bool(params.get("database")),
             ),
-            session=_session_request(params),
+            session=session,
+            read_only_session=read_only and session is not None,
             bind=bind,
             default_format=params.get("default_format") or DEFAULT_FORMAT,
             wait_end_of_query=params.get("wait_end_of_query", "0") in ("1", "true", "True"),
@@ -436,6 +451,12 @@ class EmbeddedWarehouse:
                 finished = True
             else:
                 head += req.decoder.decompress(chunk)
+        if req.read_only_session and (
+            isinstance(decision, InsertSplit) or leading_keyword(bytes(head)) not in _READ_KEYWORDS
+        ):
+            raise ClickHouseError.server(
+                READONLY, "Cannot execute query in readonly mode: a GET request reads only"
+            )
         if isinstance(decision, InsertSplit):
             return await self._insert(req, decision, head, body if not finished else _no_body())
         if not finished:
@@ -541,7 +562,8 @@ class EmbeddedWarehouse:
         pending: list[bytes] = []
         size = rows = read_rows = 0
         done = False
-        while size < _STREAM_PREFETCH_BYTES:  # errors here are still plain HTTP errors
+        # Errors while holding are still plain HTTP errors.
+        while size < _STREAM_PREFETCH_BYTES and time.monotonic() - started < _STREAM_HOLD_S:
             block = await lease.call(fetch, stream, encoder)
             if block is None:
                 done = True

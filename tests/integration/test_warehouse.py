@@ -861,3 +861,55 @@ def test_session_check_close_session_and_the_lock(warehouse_url: str) -> None:
         ),
         message="the closed session to be gone",
     )
+
+
+def test_a_requests_settings_and_database_are_for_that_request_only(
+    warehouse_url: str, db: str
+) -> None:
+    sid = f"s-{uuid.uuid4().hex[:8]}"
+
+    def run(query: str, **params: str) -> bytes:
+        status, _, body = http_request(warehouse_url, {"query": query, "session_id": sid, **params})
+        assert status == 200, body
+        return body.strip()
+
+    base = run("SELECT getSetting('max_threads')")
+    assert run("SELECT getSetting('max_threads')", max_threads="3") == b"3"
+    assert run("SELECT getSetting('max_threads')") == base  # put back
+    run("SET max_threads = 5")  # the session's own
+    assert run("SELECT getSetting('max_threads')", max_threads="3") == b"3"
+    assert run("SELECT getSetting('max_threads')") == b"5"
+    assert run("SELECT currentDatabase()", database=db) == db.encode()
+    assert run("SELECT currentDatabase()") == b"default"  # the session's own database
+    run(f"USE {db}")
+    assert run("SELECT currentDatabase()") == db.encode()
+    # A GET in a session reads only (it cannot be made readonly=2 for one request).
+    status, headers, body = http_request(
+        warehouse_url,
+        {"query": f"CREATE TABLE {db}.nope (a UInt8) ENGINE = Memory", "session_id": sid},
+        method="GET",
+    )
+    assert (status, headers["X-ClickHouse-Exception-Code"]) == (500, "164"), body
+    status, _, body = http_request(
+        warehouse_url, {"query": "SELECT 1", "session_id": sid}, method="GET"
+    )
+    assert (status, body) == (200, b"1\n")
+
+
+def test_a_late_error_of_a_slow_stream_reaches_the_client_as_a_servers_does(
+    warehouse_url: str,
+) -> None:
+    """Rows trickle out (1 per block, 10 ms each) and the 100th fails: the headers went out
+    long before, so the error comes in ClickHouse's tagged trailer, after the rows so far."""
+    status, headers, body = http_request(
+        warehouse_url,
+        {
+            "query": "SELECT sleepEachRow(0.01), throwIf(number = 100) FROM numbers(200) "
+            "FORMAT TSV",
+            "max_block_size": "1",
+            "wait_end_of_query": "0",
+        },
+    )
+    assert status == 200 and "X-ClickHouse-Exception-Tag" in headers, (status, headers)
+    assert body.startswith(b"0\t0\n") and b"__exception__" in body
+    assert b"FUNCTION_THROW_IF_VALUE_IS_NON_ZERO" in body
