@@ -20,12 +20,15 @@ from connectors.warehouse.sql import quote_identifier, quote_string
 
 __all__ = [
     "DEFAULT_DATABASE",
+    "ExternalTable",
     "Lease",
     "RequestState",
     "SessionPool",
     "SessionRequest",
     "cancel_insert",
     "cancel_stream",
+    "drop_external",
+    "load_external",
     "feed_insert",
     "fetch",
     "query_summary",
@@ -137,6 +140,16 @@ class RequestState:
     #: The request named its database (``database`` parameter or header); a named session
     #: otherwise keeps the one it has (``USE``).
     database_given: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class ExternalTable:
+    """A request's external data: a file sent with the query, read as a temporary table."""
+
+    name: str
+    structure: str  # "x UInt8, y String"
+    fmt: str
+    data: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -511,7 +524,7 @@ class Lease:
         self.slot = slot
         self._close = close  # a named session's last request (close_session=1)
         self._inflight: Future[Any] | None = None
-        self._cleanup: Callable[[], None] | None = None
+        self._cleanups: list[Callable[[], None]] = []
         self._released = False
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
@@ -520,13 +533,21 @@ class Lease:
         self._inflight = self.pool.executor.submit(fn, *args)
         return await asyncio.wrap_future(self._inflight)
 
-    def on_release(self, cleanup: Callable[[], None] | None) -> None:
-        self._cleanup = cleanup
+    def on_release(self, cleanup: Callable[[], None]) -> None:
+        """Run ``cleanup`` (in the session's thread) before the session is free again; the
+        last one added runs first."""
+        self._cleanups.append(cleanup)
+
+    def _cleanup(self) -> None:
+        for cleanup in reversed(self._cleanups):
+            cleanup()
 
     def release(self) -> None:
         if not self._released:
             self._released = True
-            self.pool._give_back(self.slot, self._inflight, self._cleanup, self._close)
+            self.pool._give_back(
+                self.slot, self._inflight, self._cleanup if self._cleanups else None, self._close
+            )
 
 
 # --------------------------------------------------------------------------- engine calls
@@ -662,3 +683,38 @@ def feed_insert(
 
 def cancel_insert(inserter: _StreamingInserter) -> None:
     inserter.cancel()  # no-op once finished
+
+
+def load_external(
+    pool: SessionPool, slot: _Slot, state: RequestState, tables: list[ExternalTable]
+) -> None:
+    """Each external file as a temporary table of its session, for the request's query (as
+    ClickHouse's HTTP external data); :func:`drop_external` removes them after."""
+    session = pool.prepare(slot, state)
+    for t in tables:
+        name = quote_identifier(t.name)
+        try:
+            session.query(
+                f"CREATE TEMPORARY TABLE {name} ({t.structure}) ENGINE = Memory", "TabSeparated"
+            )
+            if t.data:
+                inserter = session.send_insert(f"INSERT INTO {name}", t.fmt)
+                inserter.append(t.data)
+                inserter.finish()
+        except Exception as exc:
+            drop_external(slot, tables)
+            raise ClickHouseError.from_engine(exc) from exc
+
+
+def drop_external(slot: _Slot, tables: list[ExternalTable]) -> None:
+    session = slot.session
+    if session is None:
+        return
+    try:
+        for t in tables:
+            session.query(
+                f"DROP TEMPORARY TABLE IF EXISTS {quote_identifier(t.name)}", "TabSeparated"
+            )
+    except Exception:
+        logger.debug("could not drop external tables; the session is reopened", exc_info=True)
+        slot.dirty = True

@@ -12,7 +12,8 @@ import socket
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Final
 
@@ -26,14 +27,17 @@ from connectors.warehouse.compression import (
 )
 from connectors.warehouse.engine import (
     DEFAULT_DATABASE,
+    ExternalTable,
     Lease,
     RequestState,
     SessionPool,
     SessionRequest,
     cancel_insert,
     cancel_stream,
+    drop_external,
     feed_insert,
     fetch,
+    load_external,
     query_summary,
     run_query,
     start_insert,
@@ -151,6 +155,48 @@ class _ParsedRequest:
     decoder: BodyDecoder | IdentityDecoder
     session: SessionRequest | None = None
     read_only_session: bool = False  # a GET in a named session: reading statements only
+    external: list[ExternalTable] = field(default_factory=list)
+
+
+def _external_tables(params: dict[str, str], files: dict[str, bytes]) -> list[ExternalTable]:
+    """ClickHouse's external data: each file field is a table named after the field, with
+    ``<name>_structure`` (``x UInt8, y String``) or ``<name>_types`` (``UInt8,String``: columns
+    ``_1``, ``_2``...) and ``<name>_format`` (default TabSeparated). Their parameters are
+    taken out of ``params`` (they are not settings)."""
+    tables = []
+    for name, data in files.items():
+        structure = params.pop(f"{name}_structure", "")
+        types = params.pop(f"{name}_types", "")
+        fmt = params.pop(f"{name}_format", "") or "TabSeparated"
+        if not structure and types:
+            structure = ", ".join(
+                f"_{i} {t.strip()}" for i, t in enumerate(_split_types(types), start=1)
+            )
+        if not structure:
+            raise ClickHouseError.server(
+                BAD_ARGUMENTS,
+                f"Neither structure nor types have not been provided for external table {name}."
+                f" Use fields {name}_structure or {name}_types to do so",
+            )
+        if not _SETTING_NAME_RE.match(fmt):
+            raise ClickHouseError.server(BAD_ARGUMENTS, f"Invalid format {fmt!r} for {name}")
+        tables.append(ExternalTable(name, structure, fmt, data))
+    return tables
+
+
+def _split_types(types: str) -> list[str]:
+    """``UInt8,Decimal(10, 2),String`` -> the three types (commas inside parentheses kept)."""
+    out, depth, cur = [], 0, ""
+    for ch in types:
+        if ch == "," and depth == 0:
+            out.append(cur)
+            cur = ""
+            continue
+        depth += ch == "("
+        depth -= ch == ")"
+        cur += ch
+    out.append(cur)
+    return [t for t in (x.strip() for x in out) if t]
 
 
 def _session_request(params: dict[str, str]) -> SessionRequest | None:
@@ -367,9 +413,12 @@ class EmbeddedWarehouse:
         body: AsyncIterator[bytes] | None = (
             request.content.iter_any() if request.body_exists else None
         )
+        files: dict[str, bytes] = {}
         if request.content_type == "multipart/form-data":
-            params.update(await self._form_fields(request))
+            fields, files = await self._form_fields(request)
+            params.update(fields)
             body = None
+        external = _external_tables(params, files)  # takes its <name>_structure/_types/_format
         settings: dict[str, str] = {}
         bind: dict[str, str] = {}
         for key, value in params.items():
@@ -411,6 +460,7 @@ class EmbeddedWarehouse:
             ),
             session=session,
             read_only_session=read_only and session is not None,
+            external=external,
             bind=bind,
             default_format=params.get("default_format") or DEFAULT_FORMAT,
             wait_end_of_query=params.get("wait_end_of_query", "0") in ("1", "true", "True"),
@@ -421,18 +471,26 @@ class EmbeddedWarehouse:
         )
 
     @staticmethod
-    async def _form_fields(request: web.Request) -> dict[str, str]:
+    async def _form_fields(request: web.Request) -> tuple[dict[str, str], dict[str, bytes]]:
+        """The form's fields, and its files (external data: the field name is the table's)."""
         fields: dict[str, str] = {}
+        files: dict[str, bytes] = {}
         reader = await request.multipart()
+        size = 0
         async for part in reader:
             if not isinstance(part, BodyPartReader) or part.name is None:
                 continue
-            if part.filename is not None:
+            data = await part.read()
+            size += len(data)
+            if size > _MAX_QUERY_BYTES:
                 raise ClickHouseError.server(
-                    NOT_IMPLEMENTED, "External data (file form fields) is not supported"
+                    BAD_ARGUMENTS, f"The form is larger than {_MAX_QUERY_BYTES} bytes"
                 )
-            fields[part.name] = (await part.read()).decode("utf-8")
-        return fields
+            if part.filename is not None:
+                files[part.name] = bytes(data)
+            else:
+                fields[part.name] = data.decode("utf-8")
+        return fields, files
 
     async def _execute(self, request: web.Request, req: _ParsedRequest) -> web.StreamResponse:
         assert self._pool is not None
@@ -493,6 +551,7 @@ class EmbeddedWarehouse:
         pool = self._pool
         lease = await pool.acquire(req.session)
         try:
+            await self._load_external(lease, req)
             inserter = await lease.call(
                 start_insert, pool, lease.slot, req.state, split.statement, split.fmt
             )
@@ -522,6 +581,7 @@ class EmbeddedWarehouse:
         result_fmt = fmt if keyword in _RESULT_KEYWORDS else None
         lease = await pool.acquire(req.session)
         try:
+            await self._load_external(lease, req)
             if (
                 not req.wait_end_of_query
                 and keyword in _STREAM_KEYWORDS
@@ -547,6 +607,13 @@ class EmbeddedWarehouse:
         if encoder is not None:
             headers["Content-Encoding"] = encoder.encoding
         return web.Response(body=body, headers=headers)
+
+    async def _load_external(self, lease: Lease, req: _ParsedRequest) -> None:
+        """The request's external data as temporary tables, dropped when the lease ends."""
+        if req.external:
+            assert self._pool is not None
+            await lease.call(load_external, self._pool, lease.slot, req.state, req.external)
+            lease.on_release(partial(drop_external, lease.slot, req.external))
 
     async def _stream(
         self, request: web.Request, req: _ParsedRequest, lease: Lease, sql: bytes, fmt: str

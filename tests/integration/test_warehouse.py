@@ -913,3 +913,51 @@ def test_a_late_error_of_a_slow_stream_reaches_the_client_as_a_servers_does(
     assert status == 200 and "X-ClickHouse-Exception-Tag" in headers, (status, headers)
     assert body.startswith(b"0\t0\n") and b"__exception__" in body
     assert b"FUNCTION_THROW_IF_VALUE_IS_NON_ZERO" in body
+
+
+# --------------------------------------------------------------------------- external data
+
+
+def test_external_data_is_a_temporary_table_for_that_query_only(
+    warehouse_url: str, client: Client
+) -> None:
+    from clickhouse_connect.driver.external import ExternalData
+
+    data = ExternalData(
+        file_name="people.csv",
+        data=b"ada,36\ngrace,85\nalan,41\n",
+        fmt="CSV",
+        structure=["name String", "age UInt8"],
+    )
+    data.add_file(file_name="ids.tsv", data=b"1\n2\n", types="UInt32")
+    rows = client.query(
+        "SELECT name, age, (SELECT sum(_1) FROM ids) FROM people ORDER BY age",
+        external_data=data,
+    ).result_rows
+    assert rows == [("ada", 36, 3), ("alan", 41, 3), ("grace", 85, 3)]
+    # Gone afterwards, from every pooled session.
+    for _ in range(8):
+        with pytest.raises(DatabaseError, match="UNKNOWN_TABLE|Unknown table"):
+            client.query("SELECT count() FROM people")
+    # Without a structure: ClickHouse's own message, naming the fields to send.
+    status, headers, body = _multipart(warehouse_url, {"query": "SELECT * FROM t"}, {"t": b"1\n"})
+    assert (status, headers["X-ClickHouse-Exception-Code"]) == (400, "36"), body
+    assert b"t_structure or t_types" in body
+
+
+def _multipart(
+    url: str, query: dict[str, str], files: dict[str, bytes]
+) -> tuple[int, dict[str, str], bytes]:
+    boundary = "pingpost-test-boundary"
+    parts = []
+    for name, data in files.items():
+        parts.append(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; '
+            f'filename="{name}.tsv"\r\nContent-Type: application/octet-stream\r\n\r\n'.encode()
+            + data
+            + b"\r\n"
+        )
+    body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+    return http_request(
+        url, query, body=body, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    )
