@@ -37,9 +37,19 @@ What it implements of the ClickHouse HTTP interface, and why:
   DB::Exception: ... (NAME)``), with the HTTP status a server gives that code (400 for a
   syntax error, 404 for an unknown table, 501 for what is not implemented, 500 otherwise).
 
-It is sessionless like ClickHouse's HTTP interface without ``session_id``: every request
-starts from the default database and default settings (``SET``/``USE`` statements affect
-only their own request). There is no authentication; it binds to loopback by default.
+* Sessions as a server has them: without ``session_id`` every request starts from the
+  default database and settings (its ``SET``/``USE`` last that request) on a pooled chDB
+  session; the pool opens ``pool_size`` and grows up to ``max_pool_size`` when all are busy,
+  so slow queries never hold the others up. With ``session_id`` the client gets a chDB
+  session of its own (temporary tables, ``SET``, ``USE`` kept; ``session_timeout``,
+  ``session_check``, ``close_session``; one request at a time, else ``SESSION_IS_LOCKED``).
+* External data: each multipart file field is a temporary table for that query.
+* A streamed result is held at most 100 ms (or 1 MiB) before its headers go out; a later
+  error comes in the tagged ``__exception__`` trailer.
+
+Not (yet) a server's: ``client_protocol_version`` (Native output is protocol 0's), no
+authentication (it binds to loopback by default), no progress headers, ``query_id`` not the
+engine's. docs/warehouse-conformance.md has the whole list and the conformance run.
 
 Modules, by concern: ``server`` (the :class:`EmbeddedWarehouse` and its HTTP handlers), ``engine``
 (the chDB session pool and engine calls), ``sql`` (statement scanning), ``compression`` (request

@@ -10,6 +10,7 @@ import signal
 import sys
 from typing import Final, NoReturn
 
+from connectors.warehouse.engine import DEFAULT_MAX_POOL_SIZE
 from connectors.warehouse.errors import DataDirInUseError, WarehouseError
 from connectors.warehouse.server import EmbeddedWarehouse
 
@@ -20,8 +21,8 @@ logger = logging.getLogger("pingpost.warehouse")
 EXIT_DATA_DIR_IN_USE: Final = 3
 
 
-async def _serve(data_dir: str, host: str, port: int, pool_size: int) -> None:
-    warehouse = EmbeddedWarehouse(data_dir, host, port, pool_size)
+async def _serve(data_dir: str, host: str, port: int, pool_size: int, max_pool_size: int) -> None:
+    warehouse = EmbeddedWarehouse(data_dir, host, port, pool_size, max_pool_size=max_pool_size)
     await warehouse.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -37,14 +38,20 @@ async def _serve(data_dir: str, host: str, port: int, pool_size: int) -> None:
         await warehouse.stop()
 
 
-def run(data_dir: str, host: str = "127.0.0.1", port: int = 8123, pool_size: int = 4) -> None:
+def run(
+    data_dir: str,
+    host: str = "127.0.0.1",
+    port: int = 8123,
+    pool_size: int = 4,
+    max_pool_size: int = DEFAULT_MAX_POOL_SIZE,
+) -> None:
     """Serve until SIGTERM/SIGINT, then shut down cleanly. Raises ``WarehouseError``."""
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a project dependency
-        asyncio.run(_serve(data_dir, host, port, pool_size))
+        asyncio.run(_serve(data_dir, host, port, pool_size, max_pool_size))
     else:
-        uvloop.run(_serve(data_dir, host, port, pool_size))
+        uvloop.run(_serve(data_dir, host, port, pool_size, max_pool_size))
 
 
 def _fail(message: str, code: int) -> NoReturn:
@@ -68,7 +75,14 @@ def main(argv: list[str] | None = None) -> int:
         "--port", type=int, default=8123, help="HTTP port (default 8123, 0 picks a free one)"
     )
     parser.add_argument(
-        "--pool-size", type=int, default=4, help="chDB sessions = concurrent queries (default 4)"
+        "--pool-size", type=int, default=4, help="chDB sessions opened at start (default 4)"
+    )
+    parser.add_argument(
+        "--max-pool-size",
+        type=int,
+        default=DEFAULT_MAX_POOL_SIZE,
+        help="sessions the pool may grow to when all are busy: requests running at once "
+        f"outside named sessions (default {DEFAULT_MAX_POOL_SIZE})",
     )
     parser.add_argument(
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
@@ -80,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
-        run(args.data_dir, args.host, args.port, args.pool_size)
+        run(args.data_dir, args.host, args.port, args.pool_size, args.max_pool_size)
     except DataDirInUseError as exc:
         _fail(str(exc), EXIT_DATA_DIR_IN_USE)
     except (WarehouseError, OSError) as exc:

@@ -20,6 +20,7 @@ from connectors.warehouse.sql import quote_identifier, quote_string
 
 __all__ = [
     "DEFAULT_DATABASE",
+    "DEFAULT_MAX_POOL_SIZE",
     "ExternalTable",
     "Lease",
     "RequestState",
@@ -168,20 +169,32 @@ SESSION_NOT_FOUND: Final = (372, "SESSION_NOT_FOUND")
 SESSION_IS_LOCKED: Final = (373, "SESSION_IS_LOCKED")
 #: At most this many named sessions at once (each is a chDB Session: a thread's worth of state).
 MAX_NAMED_SESSIONS: Final = 256
+#: How many requests may run at once outside named sessions, by default (the pool's bound).
+DEFAULT_MAX_POOL_SIZE: Final = 32
+#: Threads for named sessions' requests running at once (beyond it they queue for a thread).
+NAMED_THREADS: Final = 32
 
 
 class SessionPool:
     """Sessions on the one data directory, each used by one request at a time.
 
     A chDB Session runs one query at a time and keeps USE/SET state, so a request leases a
-    whole Session. Blocking chDB calls run in a thread pool sized like the session pool
-    (chDB releases the GIL while it works, so queries on different sessions run in parallel).
+    whole Session. ``size`` sessions open at start; when all are busy the pool grows, up to
+    ``max_size`` (a session opens in well under a millisecond), so slow queries never make
+    the others (the sink's inserts) wait, until ``max_size`` requests run at once. Blocking
+    chDB calls run in threads (chDB releases the GIL while it works, so queries on different
+    sessions run in parallel): one per pooled session and :data:`NAMED_THREADS` more for the
+    named sessions.
     """
 
-    def __init__(self, data_dir: Path, size: int) -> None:
+    def __init__(self, data_dir: Path, size: int, max_size: int | None = None) -> None:
         self.data_dir = data_dir
         self.size = size
-        self.executor = ThreadPoolExecutor(max_workers=size, thread_name_prefix="warehouse-chdb")
+        self.max_size = max(size, max_size if max_size is not None else DEFAULT_MAX_POOL_SIZE)
+        self.executor = ThreadPoolExecutor(
+            max_workers=self.max_size + NAMED_THREADS, thread_name_prefix="warehouse-chdb"
+        )
+        self._opening = 0  # sessions being opened to grow the pool
         self.slots: list[_Slot] = []
         self.version = ""
         self.timezone = "UTC"
@@ -386,6 +399,8 @@ class SessionPool:
         first use; ``SESSION_NOT_FOUND`` with ``session_check``, ``SESSION_IS_LOCKED`` while
         another request uses it, as ClickHouse answers)."""
         if session is None:
+            if self._free.empty() and len(self.slots) + self._opening < self.max_size:
+                return Lease(self, await self._grow())
             return Lease(self, await self._free.get())
         await self.expire_sessions()
         named = self.named.get(session.session_id)
@@ -427,6 +442,20 @@ class SessionPool:
         named.free.clear()
         named.timeout_s = session.timeout_s
         return Lease(self, named.slot, close=session.close)
+
+    async def _grow(self) -> _Slot:
+        """One more pooled session, for a request that found every one busy."""
+        self._opening += 1
+        try:
+            chdb_session = await asyncio.get_running_loop().run_in_executor(
+                self.executor, self._open_session
+            )
+        finally:
+            self._opening -= 1
+        slot = _Slot(chdb_session)
+        self.slots.append(slot)
+        logger.info("session pool grew to %d (at most %d)", len(self.slots), self.max_size)
+        return slot
 
     async def expire_sessions(self, now: float | None = None) -> int:
         """Close the named sessions idle for longer than their timeout; returns how many."""

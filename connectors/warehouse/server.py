@@ -27,6 +27,7 @@ from connectors.warehouse.compression import (
 )
 from connectors.warehouse.engine import (
     DEFAULT_DATABASE,
+    DEFAULT_MAX_POOL_SIZE,
     ExternalTable,
     Lease,
     RequestState,
@@ -270,8 +271,8 @@ def _exception_trailer(error: ClickHouseError, tag: str) -> bytes:
 class EmbeddedWarehouse:
     """A ClickHouse-HTTP-compatible server over one chDB data directory.
 
-    ``await start()`` takes the directory lock, opens ``pool_size`` chDB sessions and starts
-    listening; ``await stop()`` stops accepting, lets in-flight requests finish (up to
+    ``await start()`` takes the directory lock, opens ``pool_size`` chDB sessions (the pool
+    grows up to ``max_pool_size`` when they are all busy) and starts listening; ``await stop()`` stops accepting, lets in-flight requests finish (up to
     ``shutdown_timeout`` seconds), closes the sessions and releases the lock.
     """
 
@@ -282,14 +283,18 @@ class EmbeddedWarehouse:
         port: int = 8123,
         pool_size: int = 4,
         *,
+        max_pool_size: int = DEFAULT_MAX_POOL_SIZE,
         shutdown_timeout: float = 30.0,
     ) -> None:
         if pool_size < 1:
             raise ValueError("pool_size must be at least 1")
+        if max_pool_size < pool_size:
+            raise ValueError("max_pool_size must be at least pool_size")
         self.data_dir = Path(data_dir).resolve()
         self.host = host
         self.port = port
         self.pool_size = pool_size
+        self.max_pool_size = max_pool_size
         self.shutdown_timeout = shutdown_timeout
         self.display_name = socket.gethostname()
         self._lock = DataDirLock(self.data_dir)
@@ -312,7 +317,7 @@ class EmbeddedWarehouse:
     async def start(self) -> None:
         self._lock.acquire()  # before chDB touches the directory
         try:
-            self._pool = SessionPool(self.data_dir, self.pool_size)
+            self._pool = SessionPool(self.data_dir, self.pool_size, self.max_pool_size)
             await self._pool.open()
             app = web.Application(client_max_size=_MAX_QUERY_BYTES)
             app.router.add_get("/ping", self._handle_ping)

@@ -65,6 +65,9 @@ class WarehouseConfig(_Model):
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=1, le=65535)] = 8123
     pool_size: Annotated[int, Field(ge=1, le=64)] = 4
+    #: The pool grows to this many sessions when all are busy (requests running at once
+    #: outside clients' named sessions): an analyst's slow queries never hold the sink up.
+    max_pool_size: Annotated[int, Field(ge=1, le=256)] = 32
 
 
 class ProducerToken(_Model):

@@ -153,6 +153,7 @@ def cmd_warehouse(args: argparse.Namespace) -> int:
             host=s.warehouse.host,
             port=args.port or s.warehouse.port,
             pool_size=s.warehouse.pool_size,
+            max_pool_size=max(s.warehouse.pool_size, s.warehouse.max_pool_size),
         )
     except WarehouseError as exc:
         print(f"pingpost warehouse: {exc}", file=sys.stderr)

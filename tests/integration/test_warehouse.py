@@ -961,3 +961,46 @@ def _multipart(
     return http_request(
         url, query, body=body, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}
     )
+
+
+# --------------------------------------------------------------------------- concurrency
+
+
+def test_slow_analyst_queries_never_hold_up_inserts_or_a_select_1(
+    warehouse_url: str, client: Client, db: str
+) -> None:
+    """Four analysts' SELECT sleep(3) take the four sessions the pool opens with (no
+    session_id: the worst case); the pool grows, so an insert and a SELECT 1 still answer
+    within 100 ms, as on a server."""
+    table = create_events(client, db)
+    client.insert(table, rows(10), column_names=["id", "name", "payload"])  # warm
+    sleepers = [
+        threading.Thread(target=http_request, args=(warehouse_url, {"query": "SELECT sleep(3)"}))
+        for _ in range(4)
+    ]
+    for t in sleepers:
+        t.start()
+
+    def running() -> bool:
+        _, _, out = http_request(
+            warehouse_url,
+            {
+                "query": "SELECT count() FROM system.processes "
+                "WHERE query LIKE 'SELECT sleep(3)%' FORMAT CSV"
+            },
+        )
+        return out.strip() == b"4"
+
+    try:
+        wait_until(running, message="the four sleeps to be running")
+        start = time.perf_counter()
+        assert client.command("SELECT 1") == 1
+        select_ms = (time.perf_counter() - start) * 1000
+        start = time.perf_counter()
+        client.insert(table, rows(100), column_names=["id", "name", "payload"])
+        insert_ms = (time.perf_counter() - start) * 1000
+        assert running()  # all of it happened while the four still slept
+    finally:
+        for t in sleepers:
+            t.join()
+    assert select_ms < 100 and insert_ms < 100, (select_ms, insert_ms)
