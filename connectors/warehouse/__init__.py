@@ -47,9 +47,12 @@ What it implements of the ClickHouse HTTP interface, and why:
 * A streamed result is held at most 100 ms (or 1 MiB) before its headers go out; a later
   error comes in the tagged ``__exception__`` trailer.
 
-Not (yet) a server's: ``client_protocol_version`` (Native output is protocol 0's), no
-authentication (it binds to loopback by default), no progress headers, ``query_id`` not the
-engine's. docs/warehouse-conformance.md has the whole list and the conformance run.
+* With a password (``PINGPOST_WAREHOUSE_PASSWORD``, or ``clickhouse.password`` for ``pingpost
+  warehouse``) every query must carry the user and password, as on a server; without one any
+  credentials are accepted (it binds to loopback by default).
+
+Not (yet) a server's: ``client_protocol_version`` (Native output is protocol 0's), no progress
+headers, ``query_id`` not the engine's. docs/warehouse-conformance.md has the whole list and the conformance run.
 
 Modules, by concern: ``server`` (the :class:`EmbeddedWarehouse` and its HTTP handlers), ``engine``
 (the chDB session pool and engine calls), ``sql`` (statement scanning), ``compression`` (request

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from typing import Final, NoReturn
@@ -19,10 +20,22 @@ __all__ = ["EXIT_DATA_DIR_IN_USE", "main", "run"]
 logger = logging.getLogger("pingpost.warehouse")
 
 EXIT_DATA_DIR_IN_USE: Final = 3
+#: The environment variable holding the password queries must carry (unset or empty: none).
+PASSWORD_ENV: Final = "PINGPOST_WAREHOUSE_PASSWORD"
 
 
-async def _serve(data_dir: str, host: str, port: int, pool_size: int, max_pool_size: int) -> None:
-    warehouse = EmbeddedWarehouse(data_dir, host, port, pool_size, max_pool_size=max_pool_size)
+async def _serve(
+    data_dir: str,
+    host: str,
+    port: int,
+    pool_size: int,
+    max_pool_size: int,
+    user: str,
+    password: str,
+) -> None:
+    warehouse = EmbeddedWarehouse(
+        data_dir, host, port, pool_size, max_pool_size=max_pool_size, user=user, password=password
+    )
     await warehouse.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -44,14 +57,16 @@ def run(
     port: int = 8123,
     pool_size: int = 4,
     max_pool_size: int = DEFAULT_MAX_POOL_SIZE,
+    user: str = "default",
+    password: str = "",
 ) -> None:
     """Serve until SIGTERM/SIGINT, then shut down cleanly. Raises ``WarehouseError``."""
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a project dependency
-        asyncio.run(_serve(data_dir, host, port, pool_size, max_pool_size))
+        asyncio.run(_serve(data_dir, host, port, pool_size, max_pool_size, user, password))
     else:
-        uvloop.run(_serve(data_dir, host, port, pool_size, max_pool_size))
+        uvloop.run(_serve(data_dir, host, port, pool_size, max_pool_size, user, password))
 
 
 def _fail(message: str, code: int) -> NoReturn:
@@ -69,7 +84,10 @@ def main(argv: list[str] | None = None) -> int:
         "--data-dir", required=True, help="chDB data directory (created if missing)"
     )
     parser.add_argument(
-        "--host", default="127.0.0.1", help="address to bind (default: loopback; there is no auth)"
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (default: loopback; set PINGPOST_WAREHOUSE_PASSWORD before binding "
+        "elsewhere: queries must then carry --user and that password)",
     )
     parser.add_argument(
         "--port", type=int, default=8123, help="HTTP port (default 8123, 0 picks a free one)"
@@ -85,6 +103,11 @@ def main(argv: list[str] | None = None) -> int:
         f"outside named sessions (default {DEFAULT_MAX_POOL_SIZE})",
     )
     parser.add_argument(
+        "--user",
+        default="default",
+        help="the user queries must name when a password is set (default: default)",
+    )
+    parser.add_argument(
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
     )
     args = parser.parse_args(argv)
@@ -94,7 +117,17 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
-        run(args.data_dir, args.host, args.port, args.pool_size, args.max_pool_size)
+        # The password only from the environment: a command line is visible to every user.
+        password = os.environ.get(PASSWORD_ENV, "")
+        run(
+            args.data_dir,
+            args.host,
+            args.port,
+            args.pool_size,
+            args.max_pool_size,
+            args.user,
+            password,
+        )
     except DataDirInUseError as exc:
         _fail(str(exc), EXIT_DATA_DIR_IN_USE)
     except (WarehouseError, OSError) as exc:

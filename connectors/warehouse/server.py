@@ -4,6 +4,8 @@ handlers, which turn ClickHouse HTTP requests into engine calls and engine outpu
 from __future__ import annotations
 
 import asyncio
+import base64
+import hmac
 import json
 import logging
 import os
@@ -45,6 +47,7 @@ from connectors.warehouse.engine import (
     start_stream,
 )
 from connectors.warehouse.errors import (
+    AUTHENTICATION_FAILED,
     BAD_ARGUMENTS,
     NETWORK_ERROR,
     NOT_IMPLEMENTED,
@@ -285,6 +288,8 @@ class EmbeddedWarehouse:
         *,
         max_pool_size: int = DEFAULT_MAX_POOL_SIZE,
         shutdown_timeout: float = 30.0,
+        user: str = "default",
+        password: str = "",
     ) -> None:
         if pool_size < 1:
             raise ValueError("pool_size must be at least 1")
@@ -295,6 +300,9 @@ class EmbeddedWarehouse:
         self.port = port
         self.pool_size = pool_size
         self.max_pool_size = max_pool_size
+        #: With a password, every query must carry the user and password (as a server's
+        #: only user would); without one, any credentials are accepted (loopback use).
+        self._credentials = (user, password) if password else None
         self.shutdown_timeout = shutdown_timeout
         self.display_name = socket.gethostname()
         self._lock = DataDirLock(self.data_dir)
@@ -391,6 +399,7 @@ class EmbeddedWarehouse:
             return await self._handle_ping(request)
         query_id = request.query.get("query_id") or str(uuid.uuid4())
         try:
+            self._authenticate(request)
             parsed = await self._parse(request, query_id)
             return await self._execute(request, parsed)
         except ClickHouseError as exc:
@@ -404,6 +413,36 @@ class EmbeddedWarehouse:
             logger.exception("unexpected error in query %s", query_id)
             return self._error_response(
                 ClickHouseError.server(STD_EXCEPTION, f"{type(exc).__name__}: {exc}"), query_id
+            )
+
+    def _authenticate(self, request: web.Request) -> None:
+        """ClickHouse's three ways to send credentials: HTTP basic auth, the
+        ``X-ClickHouse-User``/``X-ClickHouse-Key`` headers, the ``user``/``password``
+        parameters. No user means ``default``, as on a server."""
+        if self._credentials is None:
+            return
+        user = request.headers.get("X-ClickHouse-User") or request.query.get("user")
+        key = request.headers.get("X-ClickHouse-Key")
+        if key is None:
+            key = request.query.get("password")
+        auth = request.headers.get("Authorization", "")
+        if auth.lower().startswith("basic "):
+            try:
+                decoded = base64.b64decode(auth[6:].strip()).decode()
+            except (ValueError, UnicodeDecodeError):
+                decoded = ""
+            basic_user, _, basic_key = decoded.partition(":")
+            user, key = user or basic_user, key if key is not None else basic_key
+        user = user or "default"
+        want_user, want_key = self._credentials
+        if not (
+            hmac.compare_digest(user.encode(), want_user.encode())
+            and hmac.compare_digest((key or "").encode(), want_key.encode())
+        ):
+            raise ClickHouseError.server(
+                AUTHENTICATION_FAILED,
+                f"{user}: Authentication failed: password is incorrect, or there is no user "
+                "with such name",
             )
 
     async def _parse(self, request: web.Request, query_id: str) -> _ParsedRequest:

@@ -154,6 +154,9 @@ def cmd_warehouse(args: argparse.Namespace) -> int:
             port=args.port or s.warehouse.port,
             pool_size=s.warehouse.pool_size,
             max_pool_size=max(s.warehouse.pool_size, s.warehouse.max_pool_size),
+            # The embedded warehouse asks for the credentials the clients are configured with.
+            user=s.clickhouse.username,
+            password=s.clickhouse.password.get_secret_value(),
         )
     except WarehouseError as exc:
         print(f"pingpost warehouse: {exc}", file=sys.stderr)

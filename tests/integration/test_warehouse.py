@@ -8,6 +8,7 @@ synchronisation: waits poll a condition under a deadline.
 from __future__ import annotations
 
 import asyncio
+import base64
 import gzip
 import http.client
 import json
@@ -1004,3 +1005,45 @@ def test_slow_analyst_queries_never_hold_up_inserts_or_a_select_1(
         for t in sleepers:
             t.join()
     assert select_ms < 100 and insert_ms < 100, (select_ms, insert_ms)
+
+
+# --------------------------------------------------------------------------- authentication
+
+
+def test_with_a_password_every_query_must_carry_it(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.integration.warehouse_fixture import start_warehouse
+
+    monkeypatch.setenv("PINGPOST_WAREHOUSE_PASSWORD", "s3cret-pw")
+    wh = start_warehouse(tmp_path / "data", tmp_path / "wh.log")
+    try:
+        url = wh.url
+        assert http_request(url, {}, method="GET")[0] == 200  # ping needs none
+        for creds in (
+            {},
+            {"user": "default", "password": "wrong"},
+            {"user": "bob", "password": "s3cret-pw"},
+        ):
+            status, headers, body = http_request(url, {"query": "SELECT 1", **creds})
+            assert (status, headers["X-ClickHouse-Exception-Code"]) == (403, "516"), body
+            assert b"s3cret" not in body
+        assert http_request(url, {"query": "SELECT 1", "password": "s3cret-pw"})[2] == b"1\n"
+        basic = base64.b64encode(b"default:s3cret-pw").decode()
+        assert (
+            http_request(url, {"query": "SELECT 2"}, headers={"Authorization": f"Basic {basic}"})[2]
+            == b"2\n"
+        )
+        headers = {"X-ClickHouse-User": "default", "X-ClickHouse-Key": "s3cret-pw"}
+        assert http_request(url, {"query": "SELECT 3"}, headers=headers)[2] == b"3\n"
+        c = sync_client(url, password="s3cret-pw")
+        try:
+            assert c.command("SELECT 4") == 4
+        finally:
+            c.close()
+        with pytest.raises(DatabaseError, match="AUTHENTICATION_FAILED|516"):
+            sync_client(url, password="nope")
+        assert b"s3cret" not in (tmp_path / "wh.log").read_bytes()
+    finally:
+        wh.proc.terminate()
+        wh.proc.wait(30)
