@@ -93,6 +93,13 @@ DEFAULT_DATABASE: Final = "default"
 # --------------------------------------------------------------------------- session pool
 
 
+def _set_sql(values: dict[str, str | None] | dict[str, str]) -> str:
+    """``SET k = 'v', ...`` (None: back to the setting's default)."""
+    return "SET " + ", ".join(
+        f"{k} = {'DEFAULT' if v is None else quote_string(v)}" for k, v in values.items()
+    )
+
+
 @dataclass(eq=False)
 class _Slot:
     """One chDB Session plus what this server last did to its state."""
@@ -108,6 +115,7 @@ class _Slot:
     #: database. A request's settings and ``database`` are for that request only.
     baseline: dict[str, str | None] = field(default_factory=dict)
     session_db: str = DEFAULT_DATABASE
+    client_set: bool = False  # the client ran SET: its values are no longer the defaults
 
 
 @dataclass(eq=False)
@@ -271,7 +279,7 @@ class SessionPool:
         stale = [k for k in slot.settings if k not in wanted]
         if stale:
             try:
-                session.query("SET " + ", ".join(f"{k} = DEFAULT" for k in stale), "TabSeparated")
+                session.query(_set_sql(dict.fromkeys(stale)), "TabSeparated")
                 for k in stale:
                     del slot.settings[k]
             except Exception:
@@ -280,10 +288,7 @@ class SessionPool:
         try:
             changes = {k: v for k, v in wanted.items() if slot.settings.get(k) != v}
             if changes:
-                session.query(
-                    "SET " + ", ".join(f"{k} = {quote_string(v)}" for k, v in changes.items()),
-                    "TabSeparated",
-                )
+                session.query(_set_sql(changes), "TabSeparated")
                 slot.settings.update(changes)
             if slot.database != state.database:
                 session.query(f"USE {quote_identifier(state.database)}", "TabSeparated")
@@ -303,7 +308,12 @@ class SessionPool:
         try:
             keys = set(slot.settings) | set(state.settings)
             missing = sorted(k for k in keys if k not in slot.baseline)
-            if missing:
+            if missing and not slot.client_set:
+                # Until the client's own SET, its session has the engine's defaults, which
+                # the pool read at start.
+                for k in missing:
+                    slot.baseline[k] = self.default_settings.get(k)
+            elif missing:
                 known = dict(
                     line.split("\t", 1)
                     for line in session.query(
@@ -324,14 +334,7 @@ class SessionPool:
                 if slot.settings.get(k, slot.baseline[k]) != want:
                     changes[k] = want
             if changes:
-                session.query(
-                    "SET "
-                    + ", ".join(
-                        f"{k} = {'DEFAULT' if v is None else quote_string(v)}"
-                        for k, v in changes.items()
-                    ),
-                    "TabSeparated",
-                )
+                session.query(_set_sql(changes), "TabSeparated")
             slot.settings = dict(state.settings)
             target = state.database if state.database_given else slot.session_db
             if slot.database != target:
@@ -354,16 +357,9 @@ class SessionPool:
             )
             return
         restore = {k: slot.baseline.get(k) for k in slot.settings}
-        slot.settings, slot.baseline = {}, {}
+        slot.settings, slot.baseline, slot.client_set = {}, {}, True
         if restore:
-            session.query(
-                "SET "
-                + ", ".join(
-                    f"{k} = {'DEFAULT' if v is None else quote_string(v)}"
-                    for k, v in restore.items()
-                ),
-                "TabSeparated",
-            )
+            session.query(_set_sql(restore), "TabSeparated")
 
     @staticmethod
     def after_statement(slot: _Slot, keyword: str) -> None:
@@ -375,7 +371,7 @@ class SessionPool:
                     "session %s: state after %s unknown", slot.named, keyword, exc_info=True
                 )
                 slot.database = None
-                slot.settings, slot.baseline = {}, {}
+                slot.settings, slot.baseline, slot.client_set = {}, {}, True
             return
         if keyword == "SET":
             slot.dirty = True  # names are hard to parse back out; a fresh session is cheap
