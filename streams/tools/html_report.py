@@ -31,6 +31,7 @@ __all__ = [
     "CHART_IDS",
     "HtmlReportData",
     "collect",
+    "page",
     "render",
     "write_html_report",
     "bucket_seconds",
@@ -872,24 +873,35 @@ def render(d: HtmlReportData) -> str:
         )
     else:
         tables.append('<h2>Alert changes</h2><p class="empty" id="no-alerts">no alerts</p>')
+    return page(
+        d.title,
+        f"{d.scope} · generated {_fmt_time(d.generated_at)} · every table read with FINAL",
+        f"""<section id="summary"><h2>Summary</h2><table class="kv">{headline}</table></section>
+<section id="charts" class="grid">{"".join(parts)}</section>
+<section id="tables">{"".join(tables)}</section>""",
+        "pingpost · queried from ClickHouse",
+    )
+
+
+def page(title: str, scope: str, main: str, footer: str, css: str = "") -> str:
+    """A self-contained page in the report's style: ``main`` is HTML, the rest text. The
+    Content-Security-Policy forbids every script and outside resource."""
     return f"""<!doctype html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
 <meta http-equiv="Content-Security-Policy" content="default-src 'none'; style-src 'unsafe-inline'">
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{e(d.title)}</title>
-<style>{_CSS}</style>
+<title>{e(title)}</title>
+<style>{_CSS}{css}</style>
 </head>
 <body>
-<header><h1>{e(d.title)}</h1>
-<p class="scope">{e(d.scope)} · generated {e(_fmt_time(d.generated_at))} · every table read with FINAL</p></header>
+<header><h1>{e(title)}</h1>
+<p class="scope">{e(scope)}</p></header>
 <main>
-<section id="summary"><h2>Summary</h2><table class="kv">{headline}</table></section>
-<section id="charts" class="grid">{"".join(parts)}</section>
-<section id="tables">{"".join(tables)}</section>
+{main}
 </main>
-<footer>pingpost · queried from ClickHouse · self-contained: no scripts, no external resources</footer>
+<footer>{e(footer)} · self-contained: no scripts, no external resources</footer>
 </body>
 </html>
 """

@@ -7,7 +7,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from pathlib import Path
 
-from streams.tools.html_report import _CSS, _table, e
+from streams.tools.html_report import _table, e, page
 from streams.tools.replay import Comparison, ReplayResult, buyer_rows, cand_model_line, format_rows
 
 __all__ = ["render_replay", "write_replay_html"]
@@ -111,20 +111,10 @@ def render_replay(result: ReplayResult, title: str, scope: str) -> str:
         + ".",
     ]
     now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    return f"""<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta http-equiv="Content-Security-Policy" content="default-src 'none'; style-src 'unsafe-inline'">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{e(title)}</title>
-<style>{_CSS}{_EXTRA_CSS}</style>
-</head>
-<body>
-<header><h1>{e(title)}</h1>
-<p class="scope">{e(scope)} · generated {e(now)} · {result.resamples} bootstrap resamples, paired by auction</p></header>
-<main>
-<section id="side-by-side"><h2>Recorded, baseline, candidate</h2>
+    return page(
+        title,
+        f"{scope} · generated {now} · {result.resamples} bootstrap resamples, paired by auction",
+        f"""<section id="side-by-side"><h2>Recorded, baseline, candidate</h2>
 {_table(["", "recorded", "baseline", "candidate"], format_rows(result), "num")}</section>
 <section id="differences"><h2>Candidate − baseline</h2>
 <figure class="card">{_interval_chart(result.comparisons)}<p class="note">dot: the difference over
@@ -133,12 +123,10 @@ the window; bar: its {pct} % interval; green: significant (the interval excludes
 <section id="buyers"><h2>Per buyer</h2>
 <figure class="card"><figcaption>spend: baseline (grey), candidate (blue)</figcaption>{_spend_chart(result)}</figure>
 {_table(["buyer", "wins rec.", "wins base", "wins cand.", "spend rec.", "spend base", "spend cand."], buyer_rows(result), "num")}</section>
-<section id="notes"><h2>How much rests on models</h2>{"".join(f"<p>{e(x)}</p>" for x in notes)}</section>
-</main>
-<footer>pingpost replay · docs/strategy-lab.md · self-contained: no scripts, no external resources</footer>
-</body>
-</html>
-"""
+<section id="notes"><h2>How much rests on models</h2>{"".join(f"<p>{e(x)}</p>" for x in notes)}</section>""",
+        "pingpost replay · docs/strategy-lab.md",
+        _EXTRA_CSS,
+    )
 
 
 def write_replay_html(result: ReplayResult, path: str, title: str, scope: str) -> Path:
