@@ -40,7 +40,8 @@ __all__ = [
 SCHEMA_DIR = Path(__file__).resolve().parent
 MARKER = b"\xc3\x01"
 
-#: Event name -> file stem. Shared named types (Conditions) are inlined where referenced.
+#: Event name -> file stem. Shared named types (Conditions; AuctionOpen and Bid in a PingRound)
+#: are inlined at their first reference.
 EVENTS = {
     "Lead": "lead",
     "PingRequest": "ping_request",
@@ -48,6 +49,7 @@ EVENTS = {
     "AuctionOpen": "auction_open",
     "Bid": "bid",
     "AuctionClose": "auction_close",
+    "PingRound": "ping_round",
     "PostOrder": "post_order",
     "Delivery": "delivery",
     "AuctionResult": "auction_result",
@@ -59,7 +61,11 @@ EVENTS = {
     "Progress": "progress",
     "FlowVersion": "flow_version",
 }
-_SHARED = {"pingpost.Conditions": "conditions"}
+_SHARED = {
+    "pingpost.Conditions": "conditions",
+    "pingpost.AuctionOpen": "auction_open",
+    "pingpost.Bid": "bid",
+}
 
 
 class SchemaError(ValueError):

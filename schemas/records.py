@@ -22,6 +22,7 @@ __all__ = [
     "Lead",
     "LeadPii",
     "PingRequest",
+    "PingRound",
     "PingedBuyer",
     "PostOrder",
     "Progress",
@@ -81,7 +82,7 @@ class PingedBuyer(TypedDict):
 
 
 class AuctionOpen(TypedDict):
-    """A ping round started: who was pinged and when the auction must close. On the bids topic, key = lead_id; written before any ping is sent."""
+    """A ping round started: who was pinged and when the auction must close. Recorded in the auctions table before any ping is sent; on the bids topic inside its PingRound (key = lead_id)."""
 
     lead_id: str
     flow: str
@@ -93,10 +94,11 @@ class AuctionOpen(TypedDict):
     ping_fields: dict[str, None | bool | int | float | str]
     pinged: list[PingedBuyer]
     skip_buyers: NotRequired[list[str]]
+    attempt: NotRequired[int]
 
 
 class Bid(TypedDict):
-    """The outcome of one buyer ping: a bid, a no-bid, or a failure with its reason. On the bids topic, key = lead_id. One per ping_id (ping_id is deterministic per lead and buyer, so a replayed ping has the same id)."""
+    """The outcome of one buyer ping: a bid, a no-bid, or a failure with its reason. On the bids topic (key = lead_id) inside its round's PingRound, or alone for the post waterfall's backup waves. One per ping_id (ping_id is deterministic per lead and buyer, so a replayed ping has the same id)."""
 
     lead_id: str
     flow: str
@@ -123,6 +125,14 @@ class AuctionClose(TypedDict):
     lead_id: str
     reason: str
     at_ms: int
+
+
+class PingRound(TypedDict):
+    """A finished ping round as one record: its open marker and every pinged (or filtered) buyer's outcome. On the bids topic, key = lead_id; written when the round's last answer is in (or its time is up)."""
+
+    lead_id: str
+    open: AuctionOpen
+    answers: list[Bid]
 
 
 class Candidate(TypedDict):

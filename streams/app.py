@@ -163,7 +163,7 @@ def create_app(
         # others when it handles an event, never at registration.
         redact.register(ctx)
         dedupe.register(ctx)
-        ping.register(ctx)
+        wire(ctx, ping.register(ctx))
         wire(ctx, auction.register(ctx))
         wire(ctx, post.register(ctx))
         wire(ctx, buyer_feeds.register(ctx))

@@ -15,6 +15,7 @@ port                   offered by                  used by
 ``auctions_table``     auction                     ping (already open? no second round)
 ``apply_round``        auction                     ping (the hand-off of a finished round)
 ``mark_open``          auction                     ping (the open marker, before any ping)
+``reping``             ping                        auction (a lost round pinged again)
 ``postings_table``     post                        auction (a closed lead's progress)
 ``purge_with_auction`` post                        auction (purged with the auction entry)
 ``caps``               caps                        post (reserve, commit, release)
@@ -55,7 +56,8 @@ __all__ = [
     "ranking_inputs",
 ]
 
-#: A finished ping round's records, ``(schema name, record)``, ``AuctionOpen`` first.
+#: A finished ping round's records, ``(schema name, record)``: its ``PingRound`` (records
+#: written before rounds were one record: ``AuctionOpen`` first, then each ``Bid``).
 Round = list[tuple[str, Mapping[str, Any]]]
 
 
@@ -110,6 +112,7 @@ class Offers:
     auctions_table: TableT[Any, Any] | None = None
     apply_round: Callable[[Round], Awaitable[bool]] | None = None
     mark_open: Callable[[dict[str, Any]], Awaitable[bool]] | None = None
+    reping: Callable[[dict[str, Any], int], None] | None = None
     postings_table: TableT[Any, Any] | None = None
     purge_with_auction: list[TableT[Any, Any]] = field(default_factory=list)
     caps: CapReservations | None = None
@@ -131,6 +134,7 @@ class Context:
     auctions_table: TableT[Any, Any] | None = None
     apply_round: Callable[[Round], Awaitable[bool]] | None = None
     mark_open: Callable[[dict[str, Any]], Awaitable[bool]] | None = None
+    reping: Callable[[dict[str, Any], int], None] | None = None
     postings_table: TableT[Any, Any] | None = None
     purge_with_auction: list[TableT[Any, Any]] = field(default_factory=list)
     caps: CapReservations | None = None

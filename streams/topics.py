@@ -107,10 +107,11 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
         ),
         TopicSpec(
             n.bids,
-            ("AuctionOpen", "Bid", "AuctionClose"),
+            ("PingRound", "Bid", "AuctionClose", "AuctionOpen"),
             parts,
             week,
-            "ping rounds: open marker, one outcome per ping, close markers",
+            "ping rounds (one record each: open marker and every outcome), backup-wave pings, "
+            "close markers",
         ),
         TopicSpec(n.posts, ("PostOrder",), parts, week, "winner events: ranked bids to post"),
         TopicSpec(n.deliveries, ("Delivery",), parts, week, "post attempts and answers"),

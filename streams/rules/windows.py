@@ -175,7 +175,11 @@ class WindowedMetrics:
         return agg
 
     def add(self, name: str, r: dict[str, Any]) -> int | None:
-        """Count one decoded event; returns its event time (ms), None if it is not counted."""
+        """Count one decoded event; returns its event time (ms), None if it is not counted.
+        A ``PingRound`` counts as its answers; its time is the latest of theirs."""
+        if name == "PingRound":
+            times = [self.add("Bid", answer) for answer in r["answers"]]
+            return max((t for t in times if t is not None), default=None)
         if name == "Bid":
             t = int(r["answered_at_ms"])
             for subject in (("buyer", r["buyer_id"]), ("flow", r["flow"])):

@@ -34,8 +34,8 @@ log = logging.getLogger(__name__)
 _TRACE = os.environ.get("PINGPOST_TRACE_PINGS") == "1"
 
 
-#: Records a ping round sent to the bids topic: (schema name, record, Kafka ack future).
-Sent = list[tuple[str, Mapping[str, Any], "asyncio.Future[Any]"]]
+#: Outcomes of pings: (schema name, record, Kafka ack future; None when not sent alone).
+Sent = list[tuple[str, Mapping[str, Any], "asyncio.Future[Any] | None"]]
 
 
 def bid_record(
@@ -134,10 +134,13 @@ async def ping_buyer(
     records: Sent | None = None,
     *,
     pii: Mapping[str, Any] | None = None,
+    send: bool = True,
 ) -> Bid:
     """Ping one buyer for ``req`` (lead_id, flow, ping_fields) with the time left until
     ``stop_at_ms``; send and return its outcome (a ``Bid`` record, floor reason included).
-    ``records`` collects the record with the future of its Kafka acknowledgement. The
+    ``records`` collects the record with the future of its Kafka acknowledgement. ``send``
+    False: the record is only returned (and collected, with no future): the ping stage sends
+    a round's outcomes together, as one ``PingRound``. The
     buyer's own ``buyer_id`` is recorded only if it cannot be PII (``pii``: the lead's PII
     values, when the caller has them)."""
     settings = ctx.settings
@@ -191,7 +194,11 @@ async def ping_buyer(
                 )
                 or ""
             )
-    ack = await bids.send(key=record["lead_id"].encode(), value=schemas.encode("Bid", record))
+    ack = (
+        await bids.send(key=record["lead_id"].encode(), value=schemas.encode("Bid", record))
+        if send
+        else None
+    )
     if records is not None:
         records.append(("Bid", record, ack))
     return record

@@ -48,9 +48,16 @@ from streams.runtime.agents import (
 )
 from streams.settings import FlowConfig, FlowVersion, Settings, flow_versions
 
-__all__ = ["AuctionStage", "Sends", "register"]
+__all__ = ["MAX_ROUNDS", "AuctionStage", "Sends", "register"]
 
 log = logging.getLogger(__name__)
+
+#: Ping rounds per lead at most: its own, and one more if that one's answers were lost.
+MAX_ROUNDS = 2
+#: How often a lost round is asked to be pinged again before its auction closes unsold.
+REPING_ASKS = 3
+#: A close marker handled this long before its round's deadline is an earlier round's.
+STALE_MARKER_SLACK_MS = 50
 
 
 class Sends(Protocol):
@@ -86,6 +93,7 @@ class AuctionStage:
         postings_table: Callable[[], Any],
         purge_with_auction: Callable[[], Iterable[Any]],
         ranking: Callable[[FlowConfig], dict[str, Any]],
+        reping: Callable[[], Callable[[dict[str, Any], int], None] | None] = lambda: None,
         member_confirmed: Callable[[], bool],
         hold_unconfirmed: Callable[[str], None],
         rebalancing: Callable[[], bool],
@@ -106,6 +114,7 @@ class AuctionStage:
         self.postings_table = postings_table
         self.purge_with_auction = purge_with_auction
         self.ranking = ranking
+        self.reping = reping
         self.member_confirmed = member_confirmed
         self.hold_unconfirmed = hold_unconfirmed
         self.rebalancing = rebalancing
@@ -127,6 +136,10 @@ class AuctionStage:
         #: Auctions this worker closed, by path: on the ping round's local hand-off, or when the
         #: deciding event came back from the bids topic (deadline, recovery, another worker's...).
         self.closes = {"handoff": 0, "topic": 0}
+        #: Ping rounds lost (no PingRound by their deadline) and pinged again.
+        self.rounds_lost = 0
+        #: Lead -> times its lost round was asked to be pinged again (until a round opens).
+        self.reping_asks: dict[str, int] = {}
         self.logged = 0
         # In-memory indexes over the table, so the sweep never scans it in steady state:
         # open auctions -> deadline, and closed/orphan entries in the order they became purgeable.
@@ -244,6 +257,7 @@ class AuctionStage:
             handle.cancel()
         self.open_index.pop(lead_id, None)
         self.markers_sent.pop(lead_id, None)
+        self.reping_asks.pop(lead_id, None)
         self.closes["handoff" if handoff else "topic"] += 1
         # Waiting for the acknowledgements here, under the lock every close takes, would
         # delay the next auctions' closes (demo close-lag p99 ~21-25 ms -> ~38-41 ms): it is
@@ -337,6 +351,9 @@ class AuctionStage:
             return  # closed; its order is on the way to Kafka (record_closed)
         table = self.table
         state = deferred[lead_id] if deferred and lead_id in deferred else table.get(lead_id)
+        if name == "PingRound":
+            await self.apply_round(rec, event, deferred)
+            return
         if name == "AuctionClose":
             if state is None:
                 return
@@ -360,8 +377,17 @@ class AuctionStage:
                     other.pop(lead_id, None)
                 return
             if state.get("closed_at_ms") is None and state.get("open") is not None:
+                deadline = state["open"]["deadline_at_ms"]
+                if self.now_ms() < deadline - STALE_MARKER_SLACK_MS:
+                    # A marker of an earlier round (the lead was pinged again since): this
+                    # round's own timer closes it.
+                    self.arm(lead_id, deadline)
+                    return
                 if not self.confirmed(lead_id):
                     return  # the sweep sends the marker again (2 s)
+                if not state.get("round") and not state["answers"]:
+                    await self.round_lost(lead_id, state)
+                    return
                 await self.close(lead_id, state, rec["reason"])
             return
         if state is not None and state.get("closed_at_ms") is not None:
@@ -408,6 +434,62 @@ class AuctionStage:
         if state["open"] is not None:
             self.open_index[lead_id] = state["open"]["deadline_at_ms"]
             self.arm(lead_id, state["open"]["deadline_at_ms"])
+
+    async def apply_round(
+        self,
+        rec: dict[str, Any],
+        event: Any,
+        deferred: dict[str, dict[str, Any]] | None,
+    ) -> None:
+        """Apply a ``PingRound``: its open marker, then each answer (the last one closes the
+        auction), with one table write for the state it leaves (``deferred``: the caller's)."""
+        lead_id = rec["lead_id"]
+        op = rec["open"]
+        pending = {} if deferred is None else deferred
+        state = pending.get(lead_id) or self.table.get(lead_id)
+        current = (state or {}).get("open")
+        if current is not None and current.get("attempt", 1) != op.get("attempt", 1):
+            return  # another round's (a lost round that turned up after all): not this one
+        await self.handle("AuctionOpen", op, event, pending)
+        for answer in rec["answers"]:
+            await self.handle("Bid", answer, event, pending)
+        left = pending.get(lead_id)
+        if left is None:
+            left = self.table.get(lead_id)
+            if left is None or left.get("closed_at_ms") is not None or lead_id in self.closing:
+                return
+            pending[lead_id] = left
+        left["round"] = True  # its answers are in: at its deadline it closes, not re-pings
+        if deferred is None:
+            self.durable_set(self.table, lead_id, pending.pop(lead_id), self.partition(lead_id))
+
+    async def round_lost(self, lead_id: str, state: dict[str, Any]) -> None:
+        """The deadline of ``state``'s round passed and its ``PingRound`` never came: the
+        worker pinging it died mid-round (its answers died with it), or Kafka refused the
+        record. Ping the lead again, once; a second round lost closes the auction unsold
+        (``round_lost``, a platform reason)."""
+        op = state["open"]
+        attempt = int(op.get("attempt", 1))
+        reping = self.reping()
+        asks = self.reping_asks[lead_id] = self.reping_asks.get(lead_id, 0) + 1
+        if attempt >= MAX_ROUNDS or reping is None or asks > REPING_ASKS:
+            # (asked to ping again REPING_ASKS times, and no new round opened: the ping stage
+            # cannot, e.g. the lead's flow is no longer configured)
+            self.reping_asks.pop(lead_id, None)
+            log.warning("lead %s: ping round %d lost; closing it unsold", lead_id, attempt)
+            await self.close(lead_id, state, "round_lost")
+            return
+        log.warning(
+            "lead %s: ping round %d lost (no answers by its deadline); pinging it again",
+            lead_id,
+            attempt,
+        )
+        if asks == 1:
+            self.rounds_lost += 1
+        # Its open marker stays until the new round's mark_open replaces it: a crash before
+        # that finds the lost round again (and pings again); the sweep's marker retries it.
+        self.markers_sent[lead_id] = self.now_ms()
+        reping(op, attempt + 1)
 
     def confirmed(self, lead_id: str) -> bool:
         """Whether this worker may close now: its group membership is confirmed (a worker
@@ -481,10 +563,13 @@ class AuctionStage:
             if not self.assigned_here(self.partition(lead_id)):
                 raise Requeue(f"lead {lead_id}: this worker does not own its auction")
             state = self.table.get(lead_id)
+            current = (state or {}).get("open")
             if (
                 lead_id in self.closing
                 or state is not None
-                and (state.get("open") is not None or state.get("closed_at_ms") is not None)
+                and state.get("closed_at_ms") is not None
+                or current is not None
+                and current.get("attempt", 1) >= rec.get("attempt", 1)
             ):
                 return False
             if state is None:
@@ -494,7 +579,14 @@ class AuctionStage:
                     "closed_at_ms": None,
                     "seen_ms": self.now_ms(),
                 }
+            elif current is not None:  # pinged again: the lost round left no answers
+                state = {**state, "answers": {}}
+                state.pop("round", None)
             state["open"] = rec
+            self.reping_asks.pop(lead_id, None)
+            handle = self.timers.pop(lead_id, None)
+            if handle is not None:
+                handle.cancel()
             # Not waited for: in the demo the changelog's acknowledgement took 20-100 ms at
             # the median under load (500 ms at p99), and waiting for it before pinging
             # halved throughput. The record is ordered before every later change of the
@@ -538,11 +630,12 @@ class AuctionStage:
             self.logged = total
             log.info(
                 "auctions closed since start: %d (%d on the ping round's hand-off, %d from "
-                "the bids topic); %d open",
+                "the bids topic); %d open; %d ping rounds lost and pinged again",
                 total,
                 closes["handoff"],
                 closes["topic"],
                 len(self.open_index),
+                self.rounds_lost,
             )
 
     async def stats(self) -> None:
@@ -608,6 +701,7 @@ def register(ctx: Context) -> Offers:
         postings_table=lambda: ctx.postings_table,
         purge_with_auction=lambda: ctx.purge_with_auction,
         ranking=partial(ranking_inputs, ctx),
+        reping=lambda: ctx.reping,
         member_confirmed=partial(agents.member_confirmed, app),
         hold_unconfirmed=partial(agents.hold_unconfirmed, app),
         rebalancing=lambda: bool(app.rebalancing),

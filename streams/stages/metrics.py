@@ -322,6 +322,11 @@ class MetricsStage:
             ["rule"],
             registry=self.registry,
         )
+        self.repinged = Counter(
+            "pingpost_rounds_repinged",
+            "ping rounds lost with their worker and pinged again (docs/operations.md)",
+            registry=self.registry,
+        )
         self.events = Counter(
             "pingpost_metrics_events",
             "events counted by the metrics role",
@@ -401,10 +406,16 @@ class MetricsStage:
             t = None
             try:
                 name, rec = schemas.decode(event.value)
-                if name == "Bid" and self.pause_cfgs:
-                    self.pauses.add(
-                        rec["buyer_id"], rec["ping_id"], rec["status"], rec["answered_at_ms"]
-                    )
+                if name == "PingRound" and rec["open"]["attempt"] > 1:
+                    self.repinged.inc()
+                if self.pause_cfgs and name in ("Bid", "PingRound"):
+                    for answer in rec["answers"] if name == "PingRound" else (rec,):
+                        self.pauses.add(
+                            answer["buyer_id"],
+                            answer["ping_id"],
+                            answer["status"],
+                            answer["answered_at_ms"],
+                        )
                 t = self.store.add(name, rec)
                 if t is not None:
                     self.events.labels(name).inc()

@@ -1,12 +1,17 @@
 """Ping stage: fan a redacted lead out to every eligible buyer at once.
 
-For each ping request the stage writes an ``AuctionOpen`` marker (who is pinged, when the
-auction closes) to the bids topic *before* any request leaves, then pings every eligible buyer
-concurrently over one shared aiohttp session. Each buyer gets
+For each ping request the stage records the round's ``AuctionOpen`` (who is pinged, when the
+auction closes) in the auctions table *before* any request leaves (``mark_open``), then pings
+every eligible buyer concurrently over one shared aiohttp session. Each buyer gets
 ``min(its timeout, time left until deadline - safety margin)`` and is told that budget as
 ``tmax_ms`` (Prebid Server's practice). Every outcome (bid, no-bid, timeout, error, filtered)
-becomes one ``Bid`` event keyed by lead_id, sent the moment it is known, so the auction can
-close early once everyone has answered.
+is a ``Bid``; when the last is in, the round goes to the bids topic as one ``PingRound``
+record (key = lead_id) and, on the lead's owner, straight to its auction, which closes then.
+
+One record per round, not one per answer: each Kafka record costs about what its request
+costs, written once and read by three groups (docs/numbers.md). The price: a worker that dies
+mid-round loses the answers it had. The auction then pings that lead again, once, when its
+deadline passes with no round (``reping``; docs/operations.md, "A ping round lost").
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from typing import Any, Protocol
 import schemas
 from schemas.records import Bid
 from streams import rules
-from streams.context import Context, ProgressPort, Round
+from streams.context import Context, Offers, ProgressPort, Round
 from streams.rules.auction import acceptable
 from streams.rules.experiments import flow_for
 from streams.rules.pinging import MIN_WAVE_MS, ping_id_for
@@ -51,15 +56,16 @@ class AuctionHandoff(Protocol):
 
 #: ``plan_for`` with this worker's live state: ``(request, at_ms) -> (targets, filtered)``.
 Plan = Callable[[dict[str, Any], int], tuple[list[BuyerConfig], list[tuple[BuyerConfig, str]]]]
-#: ``ping_buyer`` over this worker's buyer client: ``(request, buyer, ping_id, stop_at_ms,
-#: sent) -> Bid record``; it sends the record and appends it to ``sent``.
+#: ``ping_buyer`` over this worker's buyer client, not sending: ``(request, buyer, ping_id,
+#: stop_at_ms, answers) -> Bid record``; it appends the record to ``answers``.
 PingOne = Callable[[dict[str, Any], BuyerConfig, str, int, Sent], Awaitable[Bid]]
 
 
 class PingStage:
     """The ping stage's handlers: open the auction, fan the request out, hand the round off.
 
-    ``send_bid`` is the bids topic's ``send`` (it returns the Kafka ack future); ``plan`` and
+    ``send_bid`` is the bids topic's ``send`` (it returns the Kafka ack future; the stage
+    sends each round there as one ``PingRound``); ``plan`` and
     ``ping`` are :func:`plan_for` and :func:`ping_buyer` bound to the worker; ``ports`` gives
     the auction's table, open marker and round hand-off; ``handoff`` False turns the
     hand-off off."""
@@ -88,21 +94,35 @@ class PingStage:
         self.progress = progress
         self.handoff = handoff
         self._clock = clock
+        #: Rounds pinged again (``reping``), running aside from the agent.
+        self.repings: set[asyncio.Future[None]] = set()
 
     async def drain(self) -> None:
         await self.inflight.drain(timeout=5.0)
+        if self.repings:
+            await asyncio.wait(list(self.repings), timeout=5.0)
 
     async def round_for(self, req: dict[str, Any]) -> None:
-        sent: Sent = []
-        await self.ping_round(req, sent)
-        apply_local = self.ports.apply_round if self.handoff else None
-        if apply_local is None or not sent:
+        answers: Sent = []
+        open_rec = await self.ping_round(req, answers)
+        if open_rec is None:
             return
-        # Every answer is in: once Kafka has acknowledged the round's records, hand them to
-        # this worker's auction directly (when it owns the lead) so the auction closes now,
-        # not after the last bid's trip through the bids topic.
+        round_rec = {
+            "lead_id": req["lead_id"],
+            "open": open_rec,
+            "answers": [rec for _, rec, _ in answers],
+        }
+        ack = await self._send(
+            key=req["lead_id"].encode(), value=schemas.encode("PingRound", round_rec)
+        )
+        apply_local = self.ports.apply_round if self.handoff else None
+        if apply_local is None:
+            return
+        # Once Kafka has acknowledged the round, hand it to this worker's auction directly
+        # (when it owns the lead) so the auction closes now, not after the record's trip
+        # through the bids topic.
         try:
-            await asyncio.gather(*(ack for _, _, ack in sent))
+            await ack
         except Exception as exc:
             log.warning(
                 "lead %s: Kafka did not acknowledge its ping round (%s); its auction "
@@ -111,27 +131,55 @@ class PingStage:
                 exc,
             )
             return
-        await apply_local([(name, rec) for name, rec, _ in sent])
+        await apply_local([("PingRound", round_rec)])
 
-    async def send_bid(self, sent: Sent, record: Mapping[str, Any], name: str = "Bid") -> None:
-        ack = await self._send(key=record["lead_id"].encode(), value=schemas.encode(name, record))
-        sent.append((name, record, ack))
+    def reping(self, open_rec: dict[str, Any], attempt: int) -> None:
+        """Ping a lead again whose round ``open_rec`` was lost (the auction saw its deadline
+        pass with no ``PingRound``: the worker pinging it died mid-round), as round
+        ``attempt``. Runs aside (the auction calls it under its lock); its ``mark_open``
+        refuses it if the auction moved on meanwhile."""
+        req = {
+            k: open_rec[k] for k in ("lead_id", "flow", "source", "received_at_ms", "created_at_ms")
+        }
+        req["ping_fields"] = open_rec["ping_fields"]
+        req["skip_buyers"] = open_rec.get("skip_buyers") or []
+        req["attempt"] = attempt
+        fut = asyncio.ensure_future(self.round_for(req))
+        self.repings.add(fut)
+        fut.add_done_callback(partial(self._repinged, req["lead_id"]))
 
-    async def ping_round(self, req: dict[str, Any], sent: Sent) -> None:
+    def _repinged(self, lead_id: str, fut: asyncio.Future[None]) -> None:
+        self.repings.discard(fut)
+        if fut.cancelled():
+            return
+        exc = fut.exception()
+        if exc is not None:
+            # Not owned here any more, or no Kafka: the auction stays open past its
+            # deadline and its sweep's close marker asks again (the lead's next owner's).
+            log.warning("lead %s: its ping round could not be pinged again yet: %s", lead_id, exc)
+
+    async def ping_round(self, req: dict[str, Any], answers: Sent) -> dict[str, Any] | None:
+        """Ping ``req``'s buyers, collecting every outcome in ``answers``; returns the round's
+        ``AuctionOpen``, or None when the lead is auctioned already (nobody pinged)."""
         settings, progress, now_ms = self.settings, self.progress, self._clock
-        send_bid, ping_one = partial(self.send_bid, sent), self._ping
+        ping_one = self._ping
 
+        def send_bid(record: Mapping[str, Any]) -> None:
+            answers.append(("Bid", record, None))
+
+        attempt = int(req.get("attempt", 1))
         auctions = self.ports.auctions_table
-        if auctions is not None and auctions.get(req["lead_id"]) is not None:
+        if attempt == 1 and auctions is not None and auctions.get(req["lead_id"]) is not None:
             # Redelivered after a crash: this lead's auction is already open (its timer or the
             # recovery sweep closes it) or closed. Pinging buyers again would only spam them.
             log.info("lead %s already auctioned; not pinging again", req["lead_id"])
-            return
+            return None
         flow = settings.flows.get(req["flow"])
         if flow is None:
             raise ValueError(f"flow '{req['flow']}' is not configured on this worker")
         opened = now_ms()
-        progress.opened(opened - req["received_at_ms"])
+        if attempt == 1:
+            progress.opened(opened - req["received_at_ms"])
         targets, filtered = self._plan(req, opened)
         deadline = opened + flow.deadline_ms
         pinged = [
@@ -149,6 +197,7 @@ class PingStage:
             "ping_fields": req["ping_fields"],
             "pinged": pinged,
             "skip_buyers": req.get("skip_buyers") or [],
+            "attempt": attempt,
         }
         # The round is in the auction table (and on its way to the changelog) before a ping
         # leaves: a redelivery of this request after a crash pings nobody twice (see
@@ -156,10 +205,9 @@ class PingStage:
         mark_open = self.ports.mark_open
         if mark_open is not None and not await mark_open(open_rec):
             log.info("lead %s already auctioned; not pinging again", req["lead_id"])
-            return
-        await send_bid(open_rec, "AuctionOpen")
+            return None
         for buyer, reason in filtered:
-            await send_bid(
+            send_bid(
                 bid_record(
                     req,
                     buyer,
@@ -174,9 +222,9 @@ class PingStage:
         stop_at = deadline - flow.safety_margin_ms
         if flow.waves is None:
             await asyncio.gather(
-                *(ping_one(req, b, p["ping_id"], stop_at, sent) for b, p in zip(targets, pinged))
+                *(ping_one(req, b, p["ping_id"], stop_at, answers) for b, p in zip(targets, pinged))
             )
-            return
+            return open_rec
         # Waves: ping the first wave's tiers; a later wave only if the earlier ones produced
         # no acceptable bid, and never past the deadline. Buyers of a wave not pinged get a
         # `filtered` row saying why (the auction counts it as their answer: it can close early).
@@ -191,7 +239,7 @@ class PingStage:
             now = now_ms()
             if stop_at - now < MIN_WAVE_MS:
                 for b, p in members:
-                    await send_bid(
+                    send_bid(
                         bid_record(
                             req,
                             b,
@@ -206,7 +254,7 @@ class PingStage:
                 continue
             wave_stop = min(stop_at, now + wave.timeout_ms)
             outcomes = await asyncio.gather(
-                *(ping_one(req, b, p["ping_id"], wave_stop, sent) for b, p in members)
+                *(ping_one(req, b, p["ping_id"], wave_stop, answers) for b, p in members)
             )
             at = now_ms()
             if any(
@@ -217,7 +265,7 @@ class PingStage:
             ):
                 later = [(b, p) for b, p in pending if (rules.wave_of(b.tier, flow.waves) or 0) > i]
                 for b, p in later:
-                    await send_bid(
+                    send_bid(
                         bid_record(
                             req,
                             b,
@@ -229,7 +277,8 @@ class PingStage:
                             wave=(rules.wave_of(b.tier, flow.waves) or 0) + 1,
                         )
                     )
-                return
+                return open_rec
+        return open_rec
 
     async def agent(self, stream: Any) -> None:
         dead, inflight, progress = self.dead, self.inflight, self.progress
@@ -246,7 +295,7 @@ class PingStage:
             progress.took("ping", msg.topic, msg.partition, msg.offset, ping=True)
 
 
-def register(ctx: Context) -> None:
+def register(ctx: Context) -> Offers:
     app, settings = ctx.app, ctx.settings
     bids = ctx.topic("bids")
     dead = DeadLetters(ctx.topic("deadletter"), "ping")
@@ -257,7 +306,7 @@ def register(ctx: Context) -> None:
         settings,
         send_bid=bids.send,
         plan=partial(plan_for, ctx),
-        ping=partial(ping_buyer, ctx),
+        ping=partial(ping_buyer, ctx, send=False),
         ports=ctx,
         dead=dead,
         inflight=inflight,
@@ -271,3 +320,5 @@ def register(ctx: Context) -> None:
     @app.agent(ctx.topic("ping_requests"), name="ping", concurrency=1)
     async def ping_agent(stream: Any) -> None:
         await stage.agent(stream)
+
+    return Offers(reping=stage.reping)

@@ -56,6 +56,11 @@ __all__ = ["PostStage", "register"]
 
 log = logging.getLogger(__name__)
 
+#: Why a lead whose ping rounds were both lost is unsold (a platform reason).
+ROUND_LOST_REASON = (
+    "ping round lost (its worker failed mid-round; pinging it again failed or was lost too)"
+)
+
 
 #: A post order whose PII has not arrived is handed back (requeued) for this long after its
 #: auction closed, then settled unsold ("PII unavailable"). From the close, not the receipt:
@@ -568,7 +573,9 @@ class PostStage:
             await self.settle(
                 order,
                 state,
-                "no bids"
+                ROUND_LOST_REASON
+                if order["close_reason"] == "round_lost"
+                else "no bids"
                 if order["bids"] == 0
                 else "no acceptable bid"
                 if flow is not None

@@ -27,7 +27,7 @@ from streams.context import Context
 from streams.runtime.agents import timer
 from streams.settings import ClickHouseConfig
 
-__all__ = ["SinkStage", "WarehouseRetry", "register", "to_row"]
+__all__ = ["SinkStage", "WarehouseRetry", "register", "to_row", "to_rows"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -108,6 +108,15 @@ def _conditions(c: dict[str, Any] | None) -> str:
         return ""
     set_ = {k: v for k, v in c.items() if v not in (None, False)}
     return orjson.dumps(set_, option=orjson.OPT_SORT_KEYS).decode() if set_ else ""
+
+
+def to_rows(name: str, r: dict[str, Any]) -> list[tuple[str, list[Any]]]:
+    """Map one decoded event to its ``(table, row)`` pairs: a ``PingRound`` is one ``pings``
+    row per answer; other events one row, or none."""
+    if name == "PingRound":
+        return [row for answer in r["answers"] if (row := to_row("Bid", answer)) is not None]
+    mapped = to_row(name, r)
+    return [] if mapped is None else [mapped]
 
 
 def to_row(name: str, r: dict[str, Any]) -> tuple[str, list[Any]] | None:
@@ -294,7 +303,7 @@ class SinkStage:
         async for event in manual.events():
             try:
                 name, rec = schemas.decode(event.value)
-                mapped = to_row(name, rec)
+                mapped = to_rows(name, rec)
             except Exception as exc:  # one bad record must not wedge the sink's partition
                 log.error(
                     "sink cannot map %s:%s:%s (skipped): %s",
@@ -303,12 +312,12 @@ class SinkStage:
                     event.message.offset,
                     exc,
                 )
-                mapped = None
-            if mapped is None:
+                mapped = []
+            if not mapped:
                 await manual.ack(event)
                 continue
-            table, row = mapped
-            rows.setdefault(table, []).append(row)
+            for table, row in mapped:
+                rows.setdefault(table, []).append(row)
             pending.append(event)
             if len(pending) >= self.cfg.batch_rows:
                 await self.flush()

@@ -414,3 +414,20 @@ def test_an_experiment_variant_gets_its_own_leads_sold_and_revenue() -> None:
         ("pingpost_sell_rate", ("variant", "solar/low-floor")): 1.0,
         ("pingpost_revenue", ("variant", "solar/low-floor")): 120.0,
     }
+
+
+def test_a_ping_round_counts_as_its_answers() -> None:
+    """A ``PingRound`` (one record per round on the bids topic) counts exactly as its
+    answers one by one would, and its event time is its latest answer's."""
+    t0 = 1_700_000_000_000
+    answers = [
+        bid("a", t0 + 1, "bid", price=40.0),
+        bid("b", t0 + 7, "timeout"),
+        bid("c", t0 + 3, "filtered"),
+    ]
+    one_by_one, as_round = WindowedMetrics(W), WindowedMetrics(W)
+    for a in answers:
+        one_by_one.add("Bid", a)
+    assert as_round.add("PingRound", {"lead_id": "l", "open": {}, "answers": answers}) == t0 + 7
+    assert as_round.windows == one_by_one.windows
+    assert as_round.add("PingRound", {"lead_id": "l", "open": {}, "answers": []}) is None

@@ -29,7 +29,7 @@ from tests.unit.test_schemas import RECORDS, crc64_avro
 
 RELEASED = schemas.SCHEMA_DIR / "released"
 RELEASE_DIRS = sorted(p for p in RELEASED.glob("v*") if p.is_dir())
-SHARED = {"pingpost.Conditions": "conditions"}
+SHARED = dict(schemas._SHARED)  # the shared named types (Conditions, AuctionOpen, Bid)
 REPO = schemas.SCHEMA_DIR.parent
 
 Loader = Callable[[str], Any]  # file stem -> parsed JSON, or None when absent

@@ -167,6 +167,7 @@ RECORDS: dict[str, dict[str, Any]] = {
             {"buyer_id": "greenleaf", "tier": "standard", "ping_id": "p-2"},
         ],
         "skip_buyers": ["b9"],
+        "attempt": 1,
     },
     "Bid": {
         "lead_id": "lead-0001",
@@ -343,6 +344,27 @@ RECORDS: dict[str, dict[str, Any]] = {
         "message": "contact buyer — avg_response_ms 812.5 > 600 over 30s (41 samples)",
     },
 }
+# A finished round: its open marker and every answer (one of them filtered, one a timeout).
+RECORDS["PingRound"] = {
+    "lead_id": "lead-0001",
+    "open": {**RECORDS["AuctionOpen"], "attempt": 2},
+    "answers": [
+        RECORDS["Bid"],
+        {
+            **RECORDS["Bid"],
+            "ping_id": "p-2",
+            "buyer_id": "greenleaf",
+            "tier": "standard",
+            "status": "timeout",
+            "price": None,
+            "exclusive": False,
+            "buyer_ref": None,
+            "conditions": NO_CONDITIONS,
+            "reason": "timeout after 496 ms",
+            "http_status": None,
+        },
+    ],
+}
 
 
 def test_records_cover_every_event() -> None:
@@ -423,6 +445,8 @@ def _string_maps(record: dict[str, Any]) -> dict[str, Any]:
     for key in ("fields", "ping_fields"):
         if key in out:
             out[key] = {k: (v if v is None else str(v)) for k, v in out[key].items()}
+    if "open" in out:  # a PingRound's open marker
+        out["open"] = _string_maps(out["open"])
     return out
 
 

@@ -12,7 +12,7 @@ import schemas
 from connectors.clickhouse import TABLE_COLUMNS
 from streams.rules.leads import redact, validate_lead
 from streams.settings import load_settings
-from streams.stages.sink import to_row
+from streams.stages.sink import to_row, to_rows
 from tests.unit.test_schemas import RECORDS, T0
 
 REPO = Path(__file__).resolve().parents[2]
@@ -283,3 +283,12 @@ def test_skipped_delivery_is_not_a_post_row() -> None:
     attempt = dict(RECORDS["Delivery"], status="rejected")
     assert to_row("Delivery", attempt) is not None
     assert to_row("Delivery", dict(attempt, status="skipped")) is None
+
+
+def test_a_ping_round_is_one_pings_row_per_answer() -> None:
+    rec = schemas.decode_as("PingRound", schemas.encode("PingRound", RECORDS["PingRound"]))
+    rows = to_rows("PingRound", rec)
+    assert rows == [to_row("Bid", answer) for answer in rec["answers"]]
+    assert [r[1][0] for r in rows] == ["p-1", "p-2"]  # ping ids
+    assert to_rows("AuctionClose", RECORDS["AuctionClose"]) == []
+    assert to_rows("Bid", RECORDS["Bid"]) == [to_row("Bid", RECORDS["Bid"])]

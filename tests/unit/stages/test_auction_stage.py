@@ -390,3 +390,141 @@ async def test_the_purge_removes_a_settled_closed_auction_after_the_retention() 
     await h.stage.handle(name, purge, EVENT)
     assert LEAD not in h.table and LEAD not in h.pii and LEAD not in h.postings
     assert h.stage.purges_sent == set()
+
+
+def ping_round(op: dict[str, Any], *answers: dict[str, Any]) -> dict[str, Any]:
+    """A ``PingRound`` as the ping stage sends it: the open marker and every answer."""
+    return {"lead_id": LEAD, "open": op, "answers": list(answers)}
+
+
+async def test_a_ping_round_record_closes_its_auction_once_by_hand_off_or_topic() -> None:
+    # Handed off: the same close and the same three changelog records as the round's
+    # records one by one (open state, closed state with its order, closed state).
+    h = Harness(CountingTable())
+    assert await h.stage.mark_open(open_rec())
+    assert await h.stage.apply_local([("PingRound", ping_round(open_rec(), BID_1, BID_2))])
+    await h.settle()
+    [order] = h.orders()
+    assert (order["close_reason"], order["mode"], order["bids"]) == ("all_answered", "exclusive", 2)
+    assert order["candidates"][0]["buyer_id"] == "sunrise"
+    assert h.stage.closes == {"handoff": 1, "topic": 0}
+    assert isinstance(h.table, CountingTable) and h.table.writes == 3
+    # The same record back from the bids topic changes nothing.
+    await h.stage.handle("PingRound", ping_round(open_rec(), BID_1, BID_2), EVENT)
+    await h.settle()
+    assert len(h.orders()) == 1 and h.table.writes == 3
+
+    # From the topic, on a worker whose table never saw the open marker (a new owner).
+    h = Harness(CountingTable())
+    await h.stage.handle("PingRound", ping_round(open_rec(), BID_1, BID_2), EVENT)
+    await h.settle()
+    [order] = h.orders()
+    assert order["close_reason"] == "all_answered"
+    assert h.stage.closes == {"handoff": 0, "topic": 1}
+
+    # A round that leaves its auction open (an answer missing) is written once, marked as
+    # in: at its deadline it closes with what it has.
+    h = Harness(CountingTable())
+    assert await h.stage.mark_open(open_rec())
+    await h.stage.handle("PingRound", ping_round(open_rec(), BID_2), EVENT)
+    assert isinstance(h.table, CountingTable) and h.table.writes == 2
+    assert h.table[LEAD]["round"] is True and set(h.table[LEAD]["answers"]) == {"p-2"}
+    h.clock.at_ms = T0 + 760
+    await h.stage.handle("AuctionClose", marker("deadline"), EVENT)
+    await h.settle()
+    [order] = h.orders()
+    assert (order["close_reason"], order["bids"]) == ("deadline", 1)
+
+
+class Repings:
+    """The ping stage's ``reping`` port: records what it is asked to ping again."""
+
+    def __init__(self) -> None:
+        self.asked: list[tuple[dict[str, Any], int]] = []
+
+    def __call__(self, op: dict[str, Any], attempt: int) -> None:
+        self.asked.append((op, attempt))
+
+
+async def test_a_round_lost_mid_flight_is_pinged_again_once_then_closed_unsold() -> None:
+    """The worker pinging a lead died mid-round: its open marker is in the table, its
+    PingRound never came. At the deadline the lead is pinged again (attempt 2), not closed
+    with no answers; a stale marker of round 1 does not close round 2; a round-1 record that
+    turns up late is not round 2's; round 2 lost too closes unsold, ``round_lost``."""
+    repings = Repings()
+    h = Harness(reping=lambda: repings)
+    assert await h.stage.mark_open(open_rec())
+    h.clock.at_ms = T0 + 760
+    await h.stage.handle("AuctionClose", marker("deadline"), EVENT)
+    await h.settle()
+    assert h.orders() == []
+    assert repings.asked == [(open_rec(), 2)]
+    assert h.stage.rounds_lost == 1
+    assert h.table[LEAD]["closed_at_ms"] is None
+
+    # The ping stage's new round opens (a later attempt replaces the lost one's marker).
+    second = {**open_rec(), "opened_at_ms": T0 + 770, "deadline_at_ms": T0 + 1520, "attempt": 2}
+    assert await h.stage.mark_open(second) is True
+    assert h.table[LEAD]["open"] == second and h.table[LEAD]["answers"] == {}
+    assert await h.stage.mark_open(second) is False  # the same attempt twice: no
+    assert h.stage.open_index == {LEAD: T0 + 1520}
+    # A marker of round 1 (the sweep's resend), handled before round 2's deadline: ignored.
+    h.clock.at_ms = T0 + 800
+    await h.stage.handle("AuctionClose", marker("recovery"), EVENT)
+    # Round 1's record, late: not round 2's answers.
+    await h.stage.handle("PingRound", ping_round(open_rec(), BID_1, BID_2), EVENT)
+    await h.settle()
+    assert h.orders() == [] and h.table[LEAD]["answers"] == {}
+    assert LEAD in h.stage.timers
+
+    # Round 2 lost too: closed unsold, with the reason that names it.
+    h.clock.at_ms = T0 + 1530
+    await h.stage.handle("AuctionClose", marker("deadline"), EVENT)
+    await h.settle()
+    [order] = h.orders()
+    assert (order["close_reason"], order["mode"], order["candidates"]) == ("round_lost", "none", [])
+    assert len(repings.asked) == 1
+
+
+async def test_a_re_pinged_round_closes_with_its_answers() -> None:
+    repings = Repings()
+    h = Harness(reping=lambda: repings)
+    assert await h.stage.mark_open(open_rec())
+    h.clock.at_ms = T0 + 760
+    await h.stage.handle("AuctionClose", marker("deadline"), EVENT)
+    second = {**open_rec(), "opened_at_ms": T0 + 770, "deadline_at_ms": T0 + 1520, "attempt": 2}
+    assert await h.stage.mark_open(second)
+    assert await h.stage.apply_local([("PingRound", ping_round(second, BID_1, BID_2))])
+    await h.settle()
+    [order] = h.orders()
+    assert (order["close_reason"], order["bids"]) == ("all_answered", 2)
+    assert order["opened_at_ms"] == T0 + 770
+
+
+async def test_without_a_ping_stage_a_lost_round_closes_unsold_at_once() -> None:
+    h = Harness()  # no reping port (a role without the ping stage)
+    assert await h.stage.mark_open(open_rec())
+    h.clock.at_ms = T0 + 760
+    await h.stage.handle("AuctionClose", marker("deadline"), EVENT)
+    await h.settle()
+    [order] = h.orders()
+    assert order["close_reason"] == "round_lost"
+
+
+async def test_a_lost_round_the_ping_stage_cannot_ping_again_closes_after_three_asks() -> None:
+    """The ping stage is asked to ping the lead again, but no new round opens (its flow was
+    removed, say): the sweep's markers ask again, and after three asks the auction closes
+    unsold instead of asking forever."""
+    repings = Repings()
+    h = Harness(reping=lambda: repings)
+    assert await h.stage.mark_open(open_rec())
+    h.clock.at_ms = T0 + 760
+    for _ in range(3):
+        await h.stage.handle("AuctionClose", marker("recovery"), EVENT)
+    assert h.orders() == [] and len(repings.asked) == 3
+    assert h.stage.rounds_lost == 1
+    await h.stage.handle("AuctionClose", marker("recovery"), EVENT)
+    await h.settle()
+    [order] = h.orders()
+    assert order["close_reason"] == "round_lost" and len(repings.asked) == 3
+    assert h.stage.reping_asks == {}

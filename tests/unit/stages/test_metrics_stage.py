@@ -492,3 +492,45 @@ def test_prometheus_page_shows_the_export_window_per_buyer_and_flow() -> None:
         assert ("pingpost_pings", buyer) not in prom
 
     asyncio.run(go())
+
+
+def test_ping_rounds_count_as_their_answers_and_a_re_pinged_round_is_counted() -> None:
+    h = Harness()
+
+    def answer(at_ms: int, status: str, price: float | None) -> dict[str, Any]:
+        return {
+            **RECORDS["Bid"],
+            "ping_id": f"p-{at_ms}",
+            "status": status,
+            "sent_at_ms": at_ms - 100,
+            "answered_at_ms": at_ms,
+            "latency_ms": 100.0,
+            "price": price,
+        }
+
+    def ping_round(attempt: int, *answers: dict[str, Any]) -> Any:
+        rec = {
+            "lead_id": "l",
+            "open": {**RECORDS["AuctionOpen"], "attempt": attempt},
+            "answers": list(answers),
+        }
+        return h.message(schemas.encode("PingRound", rec))
+
+    async def go() -> None:
+        await h.stage.restore()
+        await h.consume(
+            [
+                ping_round(1, answer(T0 + 1_000, "bid", 40.0), answer(T0 + 2_000, "no_bid", None)),
+                ping_round(2, answer(T0 + 3_000, "bid", 60.0), answer(T0 + 4_000, "timeout", None)),
+            ]
+        )
+        h.clock.at_ms = T0 + 12_000
+        prom = await h.prometheus()
+        flow = (("id", "solar"), ("scope", "flow"))
+        assert prom[("pingpost_pings", flow)] == 4.0
+        assert prom[("pingpost_bid_rate", flow)] == 0.5
+        assert prom[("pingpost_avg_bid", flow)] == 50.0
+        assert prom[("pingpost_rounds_repinged_total", ())] == 1.0
+        assert prom[("pingpost_metrics_events_total", (("event", "PingRound"),))] == 2.0
+
+    asyncio.run(go())

@@ -98,7 +98,7 @@ class Harness:
             self.settings,
             send_bid=self.bids.send,
             plan=partial(plan_for, ctx),
-            ping=partial(ping_buyer, ctx),
+            ping=partial(ping_buyer, ctx, send=False),
             ports=self.ports,
             dead=dead,
             inflight=InFlight("ping", 4, dead),
@@ -124,23 +124,31 @@ class Harness:
         return [x[1] for x in self.log if x[0] == "ping"]
 
 
+def decoded(name: str, record: Mapping[str, Any]) -> dict[str, Any]:
+    """``record`` as it reads back from the topic (the defaults filled in)."""
+    return schemas.decode_as(name, schemas.encode(name, record))
+
+
 def url_of(settings: Any, buyer_id: str) -> str:
     return next(b.ping_url for b in settings.buyers if b.id == buyer_id)
 
 
-def test_a_round_opens_the_auction_before_any_ping_and_pings_only_eligible_buyers() -> None:
+def test_a_round_opens_the_auction_before_any_ping_and_sends_one_record_after_the_last() -> None:
     h = Harness()
     asyncio.run(h.stage.round_for(h.request()))
 
-    # The open marker, then AuctionOpen on the bids topic, before the first ping leaves.
-    first_ping = next(i for i, x in enumerate(h.log) if x[0] == "ping")
+    # The open marker before the first ping leaves; one PingRound on the bids topic after
+    # the last answer is in (not a record per answer).
+    pings = [i for i, x in enumerate(h.log) if x[0] == "ping"]
+    sends = [i for i, x in enumerate(h.log) if x[0] == "send"]
     assert h.log[0] == ("mark_open", "lead-1")
-    assert h.log[1] == ("send", "bids", "AuctionOpen")
-    assert first_ping > 1
-    records = h.bids.records()
-    name, open_rec = records[0]
-    assert name == "AuctionOpen"
-    assert h.opened == [open_rec]
+    assert pings and pings[0] > 0
+    assert [h.log[i] for i in sends] == [("send", "bids", "PingRound")]
+    assert sends[0] > pings[-1]
+    [(name, round_rec)] = h.bids.records()
+    assert name == "PingRound" and round_rec["lead_id"] == "lead-1"
+    open_rec = round_rec["open"]
+    assert h.opened == [open_rec] and open_rec["attempt"] == 1
 
     # Pinged: the eligible buyers, and only them (greenleaf takes no NY lead, voltmarket is
     # paused, backupsolar already bought this person's lead).
@@ -150,7 +158,8 @@ def test_a_round_opens_the_auction_before_any_ping_and_pings_only_eligible_buyer
     assert open_rec["deadline_at_ms"] == h.clock_ms + h.settings.flows["solar"].deadline_ms
 
     # Every buyer not pinged has a `filtered` row with its reason; each pinged one its bid.
-    bids = {r["buyer_id"]: r for n, r in records[1:] if n == "Bid"}
+    bids = {r["buyer_id"]: r for r in round_rec["answers"]}
+    assert len(bids) == len(round_rec["answers"])
     assert set(bids) == {"sunrise", "brightpath", "greenleaf", "voltmarket", "backupsolar"}
     filtered = {b: r["reason"] for b, r in bids.items() if r["status"] == "filtered"}
     assert set(filtered) == {"greenleaf", "voltmarket", "backupsolar"}
@@ -159,15 +168,30 @@ def test_a_round_opens_the_auction_before_any_ping_and_pings_only_eligible_buyer
     assert "pause" in filtered["voltmarket"]
     assert {bids[b]["status"] for b in pinged} == {"bid"}
 
-    # The hand-off: once every record is acknowledged, the whole round, AuctionOpen first.
-    assert h.log[-1] == ("apply_round", len(records))
-
-    def brief(rs: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, Any, Any]]:
-        return [(n, r.get("buyer_id"), r.get("status")) for n, r in rs]
-
-    assert len(h.rounds) == 1 and brief(h.rounds[0]) == brief(records)
-    assert h.rounds[0][0] == ("AuctionOpen", h.opened[0])
+    # The hand-off: once Kafka acknowledged it, the round as one record.
+    assert h.log[-1] == ("apply_round", 1)
+    assert [[(n, decoded(n, r)) for n, r in rs] for rs in h.rounds] == [[("PingRound", round_rec)]]
     assert h.progress.delays == [20]
+
+
+def test_a_lost_round_is_pinged_again_as_the_next_attempt() -> None:
+    """``reping`` (the auction's call when a round's deadline passed with no PingRound):
+    the lead is in the auction table already, and is pinged all the same, as attempt 2."""
+    h = Harness(already=True)
+
+    async def go() -> None:
+        h.stage.reping({**h.request(), "opened_at_ms": h.clock_ms, "pinged": []}, 2)
+        await h.stage.drain()
+
+    asyncio.run(go())
+    [(name, round_rec)] = h.bids.records()
+    assert name == "PingRound" and round_rec["open"]["attempt"] == 2
+    assert h.opened == [round_rec["open"]]
+    assert sorted(h.pinged_urls()) == sorted(
+        url_of(h.settings, b) for b in ("sunrise", "brightpath")
+    )
+    assert [[(n, decoded(n, r)) for n, r in rs] for rs in h.rounds] == [[("PingRound", round_rec)]]
+    assert h.progress.delays == []  # the receipt -> ping delay counts the first round only
 
 
 @pytest.mark.parametrize("already, open_ok", [(True, True), (False, False)])

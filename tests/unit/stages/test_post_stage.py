@@ -449,3 +449,18 @@ async def test_a_rejection_reason_is_scrubbed_of_the_leads_pii() -> None:
         assert value not in reason
     assert "[redacted]" in reason
     assert h.result["reason"] == "all posts rejected or failed"
+
+
+async def test_a_lead_whose_ping_rounds_were_lost_is_unsold_for_a_platform_reason() -> None:
+    from streams.tools.report import is_platform_reason
+
+    h = Harness({})
+    await h.stage.run_order({**order(), "close_reason": "round_lost"})
+    assert h.buyers.asked() == []
+    reason = h.result["reason"]
+    assert reason.startswith("ping round lost") and is_platform_reason(reason)
+    # (a round that came back with no bid is the market's answer)
+    h = Harness({})
+    await h.stage.run_order(order())
+    assert h.result["reason"] == "no bids"
+    assert not is_platform_reason(h.result["reason"])
