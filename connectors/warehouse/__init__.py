@@ -51,12 +51,17 @@ What it implements of the ClickHouse HTTP interface, and why:
   warehouse``) every query must carry the user and password, as on a server; without one any
   credentials are accepted (it binds to loopback by default).
 
-Not (yet) a server's: ``client_protocol_version`` (Native output is protocol 0's), no progress
-headers, ``query_id`` not the engine's. docs/warehouse-conformance.md has the whole list and the conformance run.
+* With ``client_protocol_version`` a Native result is what a server sends that client: the block
+  info before every block, ``DateTime('tz')`` type names (from a ``DESCRIBE`` run first; see
+  ``native``).
+
+Not (yet) a server's: no progress headers, ``query_id`` not the engine's.
+docs/warehouse-conformance.md has the whole list and the conformance run.
 
 Modules, by concern: ``server`` (the :class:`EmbeddedWarehouse` and its HTTP handlers), ``engine``
-(the chDB session pool and engine calls), ``sql`` (statement scanning), ``compression`` (request
-and response bodies), ``lock`` (data-dir ownership), ``errors``, ``cli`` (the process entry).
+(the chDB session pool and engine calls), ``sql`` (statement scanning), ``native`` (Native
+blocks for a client's protocol version), ``compression`` (request and response bodies),
+``lock`` (data-dir ownership), ``errors``, ``cli`` (the process entry).
 """
 
 from __future__ import annotations

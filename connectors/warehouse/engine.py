@@ -16,6 +16,7 @@ from typing import Any, Final, Protocol, TypeVar, cast
 from connectors.warehouse.compression import BodyDecoder, IdentityDecoder, ResponseEncoder
 from connectors.warehouse.errors import ClickHouseError, DataDirInUseError, WarehouseError
 from connectors.warehouse.lock import chdb_holder_pid
+from connectors.warehouse.native import describe_sql, describe_types
 from connectors.warehouse.sql import quote_identifier, quote_string
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "drop_external",
     "load_external",
     "feed_insert",
+    "describe",
     "fetch",
     "query_summary",
     "run_query",
@@ -633,6 +635,20 @@ def run_query(
     return _QueryOutput(result.bytes(), _result_summary(result))
 
 
+def describe(
+    pool: SessionPool, slot: _Slot, state: RequestState, sql: bytes, params: dict[str, str]
+) -> list[str] | None:
+    """The full column types of query ``sql`` (``DESCRIBE``), or None when it cannot be
+    described (the query itself then says why)."""
+    session = pool.prepare(slot, state)
+    try:
+        return describe_types(
+            session.query(describe_sql(sql), "JSONEachRow", params=params).bytes()
+        )
+    except Exception:
+        return None
+
+
 def start_stream(
     pool: SessionPool,
     slot: _Slot,
@@ -649,9 +665,12 @@ def start_stream(
 
 
 def fetch(
-    stream: _StreamingResult, encoder: ResponseEncoder | None
+    stream: _StreamingResult,
+    encoder: ResponseEncoder | None,
+    transform: Callable[[bytes], bytes] | None = None,
 ) -> tuple[bytes, int, int] | None:
-    """Next block as (bytes ready to send, rows, storage rows read); None at the end."""
+    """Next block as (bytes ready to send, rows, storage rows read); None at the end.
+    ``transform`` rewrites the block before it is compressed (``native.NativeRevision``)."""
     try:
         result = stream.fetch()
     except Exception as exc:
@@ -659,6 +678,8 @@ def fetch(
     if result is None:
         return None
     body = result.bytes()
+    if transform is not None:
+        body = transform(body)
     if encoder is not None:
         body = encoder.compress(body)
     return body, result.rows_read(), result.storage_rows_read()
@@ -684,8 +705,12 @@ def feed_insert(
     decoded: bytes,
     raw: list[bytes],
     last: bool,
+    started: float | None = None,
 ) -> dict[str, str] | None:
-    """Decode ``raw`` body chunks and append them; on ``last`` also commit the insert."""
+    """Decode ``raw`` body chunks and append them; on ``last`` also commit the insert.
+    ``started`` (``time.monotonic()`` when the insert began) times it: chDB's own figure
+    counts from its session's last query, so an idle pooled session's insert reported the
+    idle time (0.5-1 s for a 4 ms insert)."""
     data = decoded + b"".join(decoder.decompress(chunk) for chunk in raw)
     if last:
         decoder.finish()
@@ -702,7 +727,7 @@ def feed_insert(
         written_bytes=result.bytes_written,
         result_rows=result.rows_written,
         result_bytes=result.bytes_written,
-        elapsed=result.elapsed,
+        elapsed=time.monotonic() - started if started is not None else result.elapsed,
     )
 
 

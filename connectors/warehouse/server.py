@@ -13,7 +13,7 @@ import re
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -37,6 +37,7 @@ from connectors.warehouse.engine import (
     SessionRequest,
     cancel_insert,
     cancel_stream,
+    describe,
     drop_external,
     feed_insert,
     fetch,
@@ -58,6 +59,7 @@ from connectors.warehouse.errors import (
     http_status,
 )
 from connectors.warehouse.lock import DataDirLock
+from connectors.warehouse.native import MIN_REVISION_TIME_ZONE, NativeRevision, NotSizable
 from connectors.warehouse.sql import PLAIN, InsertSplit, classify, leading_keyword, output_format
 
 __all__ = ["EmbeddedWarehouse"]
@@ -68,7 +70,7 @@ DEFAULT_FORMAT: Final = "TabSeparated"
 
 # Request parameters that steer the HTTP exchange, not the engine. chDB rejects most of them
 # as unknown settings, and the HTTP-only ones it knows are meaningless without ClickHouse's
-# HTTP server. ``user``/``password`` are ignored: there is no authentication.
+# HTTP server. ``user``/``password`` are checked by ``_authenticate``, never passed on.
 _TRANSPORT_PARAMS: Final = frozenset(
     {
         "query",
@@ -159,6 +161,7 @@ class _ParsedRequest:
     decoder: BodyDecoder | IdentityDecoder
     session: SessionRequest | None = None
     read_only_session: bool = False  # a GET in a named session: reading statements only
+    protocol: int = 0  # client_protocol_version: the Native output's revision
     external: list[ExternalTable] = field(default_factory=list)
 
 
@@ -253,6 +256,21 @@ def _content_type(fmt: str) -> str:
     ):
         return "text/plain; charset=UTF-8"
     return "application/octet-stream"
+
+
+def _rewritten(rewrite: Callable[[bytes], bytes], body: bytes) -> bytes:
+    """``body`` rewritten for the client's protocol version; a column this cannot step over
+    before one whose type name must change is ClickHouse's NOT_IMPLEMENTED, naming the type."""
+    try:
+        return rewrite(body)
+    except NotSizable as exc:
+        raise ClickHouseError.server(
+            NOT_IMPLEMENTED,
+            f"the embedded warehouse cannot send a {exc.type_name} column before a DateTime "
+            "column with a time zone in Native format to a client with "
+            "client_protocol_version; leave the protocol version out (clickhouse-connect: "
+            "use_protocol_version=False) or use another format",
+        ) from None
 
 
 def _exception_trailer(error: ClickHouseError, tag: str) -> bytes:
@@ -495,7 +513,13 @@ class EmbeddedWarehouse:
         # As ClickHouse: a response is compressed only when asked (clickhouse-connect asks).
         compress_response = params.get("enable_http_compression", "0") in ("1", "true", "True")
         query = params.get("query", "")
+        protocol = params.get("client_protocol_version", "0") or "0"
+        if not protocol.isdigit():
+            raise ClickHouseError.server(
+                BAD_ARGUMENTS, f"client_protocol_version must be a number, not {protocol!r}"
+            )
         return _ParsedRequest(
+            protocol=int(protocol),
             query_id=query_id,
             state=RequestState(
                 database=params.get("database") or DEFAULT_DATABASE,
@@ -596,6 +620,7 @@ class EmbeddedWarehouse:
         lease = await pool.acquire(req.session)
         try:
             await self._load_external(lease, req)
+            started = time.monotonic()
             inserter = await lease.call(
                 start_insert, pool, lease.slot, req.state, split.statement, split.fmt
             )
@@ -609,7 +634,9 @@ class EmbeddedWarehouse:
                 if size >= _INSERT_BATCH_BYTES:
                     await lease.call(feed_insert, inserter, req.decoder, decoded, raw, False)
                     decoded, raw, size = b"", [], 0
-            summary = await lease.call(feed_insert, inserter, req.decoder, decoded, raw, True)
+            summary = await lease.call(
+                feed_insert, inserter, req.decoder, decoded, raw, True, started
+            )
         finally:
             lease.release()
         assert summary is not None
@@ -626,17 +653,29 @@ class EmbeddedWarehouse:
         lease = await pool.acquire(req.session)
         try:
             await self._load_external(lease, req)
+            revision = None
+            if req.protocol and fmt.lower() == "native" and keyword in _RESULT_KEYWORDS:
+                # What a server sends a client of that revision (connectors/warehouse/native.py):
+                # the types come from DESCRIBE, before the query (not while it streams).
+                types = None
+                if keyword in _STREAM_KEYWORDS and req.protocol >= MIN_REVISION_TIME_ZONE:
+                    types = await lease.call(describe, pool, lease.slot, req.state, sql, req.bind)
+                revision = NativeRevision(req.protocol, types)
             if (
-                not req.wait_end_of_query
-                and keyword in _STREAM_KEYWORDS
+                keyword in _STREAM_KEYWORDS
                 and fmt.lower() in _STREAMABLE_FORMATS
+                and (not req.wait_end_of_query or revision is not None)
             ):
-                return await self._stream(request, req, lease, sql, fmt)
+                # (a rewritten Native result always goes block by block: chDB's streaming
+                # fetch hands over one block at a time; wait_end_of_query holds them all)
+                return await self._stream(request, req, lease, sql, fmt, revision)
             encoder = ResponseEncoder(req.encoding) if req.encoding else None
             output = await lease.call(
                 run_query, pool, lease.slot, req.state, sql, fmt, req.bind, keyword
             )
             body = output.body
+            if revision is not None and body:
+                body = _rewritten(revision.blocks, body)
             if encoder is not None:
                 body = (
                     encoder.whole(body)
@@ -660,22 +699,34 @@ class EmbeddedWarehouse:
             lease.on_release(partial(drop_external, lease.slot, req.external))
 
     async def _stream(
-        self, request: web.Request, req: _ParsedRequest, lease: Lease, sql: bytes, fmt: str
+        self,
+        request: web.Request,
+        req: _ParsedRequest,
+        lease: Lease,
+        sql: bytes,
+        fmt: str,
+        revision: NativeRevision | None = None,
     ) -> web.StreamResponse:
-        """Send blocks as chDB produces them; small results still get one plain response."""
+        """Send blocks as chDB produces them; small results still get one plain response
+        (and every result, with ``wait_end_of_query``). ``revision`` rewrites Native blocks
+        for the client's protocol version."""
         assert self._pool is not None
         stream = await lease.call(
             start_stream, self._pool, lease.slot, req.state, sql, fmt, req.bind
         )
         lease.on_release(lambda: cancel_stream(stream))
         encoder = ResponseEncoder(req.encoding) if req.encoding else None
+        transform = partial(_rewritten, revision.block) if revision is not None else None
         started = time.monotonic()
         pending: list[bytes] = []
         size = rows = read_rows = 0
         done = False
+        hold_all = req.wait_end_of_query
         # Errors while holding are still plain HTTP errors.
-        while size < _STREAM_PREFETCH_BYTES and time.monotonic() - started < _STREAM_HOLD_S:
-            block = await lease.call(fetch, stream, encoder)
+        while hold_all or (
+            size < _STREAM_PREFETCH_BYTES and time.monotonic() - started < _STREAM_HOLD_S
+        ):
+            block = await lease.call(fetch, stream, encoder, transform)
             if block is None:
                 done = True
                 break
@@ -701,7 +752,7 @@ class EmbeddedWarehouse:
                 await response.write(data)
             while True:
                 try:
-                    block = await lease.call(fetch, stream, encoder)
+                    block = await lease.call(fetch, stream, encoder, transform)
                 except ClickHouseError as exc:
                     # Headers are gone: report the error inside the body, the way ClickHouse does.
                     trailer = _exception_trailer(exc, tag)

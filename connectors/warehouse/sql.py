@@ -16,6 +16,7 @@ __all__ = [
     "output_format",
     "quote_identifier",
     "quote_string",
+    "without_format",
 ]
 
 _TRAILING_FORMAT_RE: Final = re.compile(rb"\bFORMAT\s+([A-Za-z0-9_]+)\s*;?\s*$", re.IGNORECASE)
@@ -184,6 +185,16 @@ def output_format(sql: bytes | bytearray, default_format: str) -> str:
     tail = bytes(sql[-256:])
     match = _TRAILING_FORMAT_RE.search(tail)
     return match.group(1).decode() if match else default_format
+
+
+def without_format(sql: bytes | bytearray) -> bytes:
+    """``sql`` without its trailing ``FORMAT`` clause (and ``;``), for use as a subquery."""
+    body = bytes(sql).rstrip()
+    tail = body[-256:]
+    match = _TRAILING_FORMAT_RE.search(tail)
+    if match is not None:
+        body = body[: len(body) - len(tail) + match.start()]
+    return body.rstrip().rstrip(b";").rstrip()
 
 
 def quote_identifier(name: str) -> str:

@@ -211,6 +211,75 @@ def test_column_types_round_trip(
     assert [r[3].replace(tzinfo=UTC) for r in got] == [at, at]
 
 
+@pytest.mark.parametrize("compress", [False, "zstd"], ids=str)
+def test_datetimes_with_time_zones_come_back_tz_aware_as_from_a_server(
+    warehouse_url: str, db: str, compress: Any
+) -> None:
+    """clickhouse-connect negotiates client_protocol_version (its probe checks the block
+    info), and a DateTime('tz') / DateTime64(p, 'tz') column, in a table or computed, nested
+    or not, streamed in many blocks or held whole (wait_end_of_query), comes back tz-aware in
+    its zone: the values a ClickHouse server gives (without the protocol version they came
+    back naive and shifted)."""
+    from zoneinfo import ZoneInfo
+
+    c = sync_client(warehouse_url, compress=compress)
+    try:
+        assert c.protocol_version == 54405
+        chicago, tokyo = ZoneInfo("America/Chicago"), ZoneInfo("Asia/Tokyo")
+        [row] = c.query(
+            "SELECT toDateTime('2023-07-05 12:44:22', 'America/Chicago') AS d, "
+            "toDateTime64('2023-07-05 12:44:22.5', 3, 'Asia/Tokyo') AS d64, "
+            "[toDateTime('2023-07-05 12:44:22', 'America/Chicago')] AS a, 7 AS x"
+        ).result_rows
+        assert row[0] == datetime(2023, 7, 5, 12, 44, 22, tzinfo=chicago)
+        assert row[0].tzinfo == chicago and row[0].utcoffset() is not None
+        assert row[1] == datetime(2023, 7, 5, 12, 44, 22, 500000, tzinfo=tokyo)
+        assert row[1].tzinfo == tokyo
+        assert row[2] == [row[0]] and row[2][0].tzinfo == chicago
+        assert row[3] == 7
+        c.command(
+            f"CREATE TABLE {db}.tz (id UInt64, at DateTime('Europe/Berlin'), "
+            "name LowCardinality(String)) ENGINE = MergeTree ORDER BY id"
+        )
+        base = datetime(2024, 1, 1, 12, 0, tzinfo=UTC)
+        n = 100_000
+        c.command(
+            f"INSERT INTO {db}.tz SELECT number, toDateTime({int(base.timestamp())} + number), "
+            f"toString(number % 7) FROM numbers({n})"
+        )
+        berlin = ZoneInfo("Europe/Berlin")
+        for settings in ({}, {"wait_end_of_query": 1}):
+            got = c.query(f"SELECT * FROM {db}.tz ORDER BY id", settings=settings).result_rows
+            assert len(got) == n
+            assert got[0][1] == base and got[0][1].tzinfo == berlin
+            assert got[-1][1].timestamp() == base.timestamp() + n - 1
+            assert got[-1][2] == str((n - 1) % 7)
+    finally:
+        c.close()
+
+
+def test_an_inserts_elapsed_time_is_its_own_not_its_sessions_idle_time(
+    warehouse_url: str, client: Client, db: str
+) -> None:
+    """X-ClickHouse-Summary's elapsed_ns of an insert is at most the request's own time.
+    (chDB times an insert from its session's last query: after a second of idleness a 4 ms
+    insert said ~1 s; found by the JavaScript client's check, bench/clickhouse_js.)"""
+    client.command(f"CREATE TABLE {db}.e (x UInt8) ENGINE = MergeTree ORDER BY x")
+    idle_until = time.monotonic() + 1.0
+    while time.monotonic() < idle_until:  # every pooled session idle for a second
+        time.sleep(0.05)
+    for _ in range(3):
+        t0 = time.monotonic()
+        status, headers, _ = http_request(
+            warehouse_url, {"query": f"INSERT INTO {db}.e FORMAT TabSeparated"}, b"1\n"
+        )
+        wall_ns = (time.monotonic() - t0) * 1e9
+        assert status == 200
+        summary = json.loads(headers["X-ClickHouse-Summary"])
+        assert summary["written_rows"] == "1"
+        assert 0 < int(summary["elapsed_ns"]) <= wall_ns, (summary, wall_ns)
+
+
 def test_database_parameter_and_use_do_not_leak(
     warehouse_url: str, client: Client, db: str
 ) -> None:
