@@ -175,10 +175,21 @@ def _element_type(arg: str) -> str:
 
 
 def skip_column(buf: bytes, pos: int, type_name: str, rows: int) -> int:
-    """The position after the Native data of ``rows`` values of ``type_name`` at ``pos``."""
+    """The position after the Native data of ``rows`` values of ``type_name`` at ``pos``.
+
+    A column of no rows has no bytes at all. Otherwise the states of every
+    ``LowCardinality`` inside the type (its keys' version, 8 bytes each) come first, before
+    any of the data (ClickHouse's bulk state prefix: ``Array(LowCardinality(String))`` is the
+    version, then the offsets, then the dictionary and indexes)."""
+    if rows == 0:
+        return pos
+    return _skip_data(buf, pos + 8 * type_name.count("LowCardinality("), type_name, rows)
+
+
+def _skip_data(buf: bytes, pos: int, type_name: str, rows: int) -> int:
     name, args = _split_type(type_name)
     if name in _ALIASES and not args:
-        return skip_column(buf, pos, _ALIASES[name], rows)
+        return _skip_data(buf, pos, _ALIASES[name], rows)
     width = _FIXED.get(name)
     if width is not None:
         return pos + width * rows
@@ -196,23 +207,24 @@ def skip_column(buf: bytes, pos: int, type_name: str, rows: int) -> int:
             length, pos = _varint(buf, pos)
             pos += length
         return pos
+    if name == "Nested":  # (flatten_nested=0) an array of tuples
+        return _skip_data(buf, pos, f"Array(Tuple({', '.join(args)}))", rows)
     if name == "Nullable":
-        return skip_column(buf, pos + rows, args[0], rows)
+        return _skip_data(buf, pos + rows, args[0], rows)
     if name in ("Array", "Map"):
         if rows == 0:
             return pos
         end = pos + 8 * rows
         total = int(_U64.unpack_from(buf, end - 8)[0])
         inner = args[0] if name == "Array" else f"Tuple({args[0]}, {args[1]})"
-        return skip_column(buf, end, inner, total)
+        return _skip_data(buf, end, inner, total)
     if name == "Tuple":
         for arg in args:
-            pos = skip_column(buf, pos, _element_type(arg), rows)
+            pos = _skip_data(buf, pos, _element_type(arg), rows)
         return pos
     if name == "SimpleAggregateFunction":
-        return skip_column(buf, pos, args[-1], rows)
-    if name == "LowCardinality":
-        pos += 8  # the keys' serialization version
+        return _skip_data(buf, pos, args[-1], rows)
+    if name == "LowCardinality":  # (its keys' version came with the prefix: skip_column)
         if rows == 0:
             return pos
         index_type = int(_U64.unpack_from(buf, pos)[0])
@@ -221,7 +233,7 @@ def skip_column(buf: bytes, pos: int, type_name: str, rows: int) -> int:
             keys = int(_U64.unpack_from(buf, pos)[0])
             inner_name, inner_args = _split_type(args[0])
             key_type = inner_args[0] if inner_name == "Nullable" else args[0]
-            pos = skip_column(buf, pos + 8, key_type, keys)
+            pos = _skip_data(buf, pos + 8, key_type, keys)
         indexes = int(_U64.unpack_from(buf, pos)[0])
         return pos + 8 + indexes * _INDEX_WIDTH[index_type & 0xFF]
     raise NotSizable(type_name)
@@ -274,7 +286,15 @@ class NativeRevision:
                 encoded = renamed.encode()
                 out += _leb128(len(encoded)) + encoded
             try:
-                pos = skip_column(buf, data_at, written, rows)
+                try:
+                    pos = skip_column(buf, data_at, written, rows)
+                except NotSizable:
+                    raise
+                except (IndexError, ValueError, struct.error) as exc:
+                    # data that does not fit its type as understood here: never guess
+                    raise NotSizable(written) from exc
+                if pos > len(buf):
+                    raise NotSizable(written)
             except NotSizable:
                 if last_in_buffer and not self._any_renamed_after(column, columns):
                     out += buf[data_at:]

@@ -56,6 +56,13 @@ COLUMNS = {
     "map": "map(toString(number % 3), number)",
     "lc": "toLowCardinality(toString(number % 4))",
     "lcn": "toLowCardinality(if(number % 2, NULL, toString(number)))",
+    # LowCardinality inside a container: every LowCardinality's state comes before the data
+    "arr_lc": "CAST(arrayMap(x -> toString(x), range(number % 4)) AS Array(LowCardinality(String)))",
+    "map_lc": "CAST(map(toString(number % 3), toString(number)) AS Map(LowCardinality(String), "
+    "LowCardinality(Nullable(String))))",
+    "tup_lc": "CAST((toString(number % 2), toString(number % 5)) AS "
+    "Tuple(LowCardinality(String), LowCardinality(String)))",
+    "nested_lc": "CAST([(number, toString(number % 3))] AS Nested(a UInt64, b LowCardinality(String)))",
     "point": "(toFloat64(number), 2.0)::Point",
     "ring": "[(toFloat64(number), 2.0)]::Ring",
     "interval": "toIntervalDay(number)",
