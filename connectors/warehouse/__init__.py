@@ -55,12 +55,19 @@ What it implements of the ClickHouse HTTP interface, and why:
   info before every block, ``DateTime('tz')`` type names (from a ``DESCRIBE`` run first; see
   ``native``).
 
-Not (yet) a server's: no progress headers, ``query_id`` not the engine's.
-docs/warehouse-conformance.md has the whole list and the conformance run.
+* ``query_id`` as the client named it: ``system.processes`` shows it and ``KILL QUERY WHERE
+  query_id = ...`` finds it (see ``queries``); a second query with a running one's id is
+  refused (216) unless ``replace_running_query=1``, which cancels the old one.
+* ``send_progress_in_http_headers=1``: ``X-ClickHouse-Progress`` lines every
+  ``http_headers_progress_interval_ms`` while a query runs (see ``progress``).
+
+docs/warehouse-conformance.md has the whole list, its limits and the conformance run.
 
 Modules, by concern: ``server`` (the :class:`EmbeddedWarehouse` and its HTTP handlers), ``engine``
 (the chDB session pool and engine calls), ``sql`` (statement scanning), ``native`` (Native
-blocks for a client's protocol version), ``compression`` (request and response bodies),
+blocks for a client's protocol version), ``queries`` (the client's ``query_id`` in
+``system.processes`` and ``KILL QUERY``), ``progress`` (progress headers), ``compression``
+(request and response bodies),
 ``lock`` (data-dir ownership), ``errors``, ``cli`` (the process entry).
 """
 

@@ -17,6 +17,7 @@ from connectors.warehouse.compression import BodyDecoder, IdentityDecoder, Respo
 from connectors.warehouse.errors import ClickHouseError, DataDirInUseError, WarehouseError
 from connectors.warehouse.lock import chdb_holder_pid
 from connectors.warehouse.native import describe_sql, describe_types
+from connectors.warehouse.queries import KillQuery, kill_query
 from connectors.warehouse.sql import quote_identifier, quote_string
 
 __all__ = [
@@ -35,9 +36,13 @@ __all__ = [
     "describe",
     "fetch",
     "query_summary",
+    "Progress",
+    "run_kill",
     "run_query",
     "start_insert",
     "start_stream",
+    "unwatch_progress",
+    "watch_progress",
 ]
 
 logger = logging.getLogger("pingpost.warehouse")
@@ -587,6 +592,7 @@ def query_summary(
     read_bytes: int = 0,
     written_rows: int = 0,
     written_bytes: int = 0,
+    total_rows_to_read: int | None = None,
     result_rows: int = 0,
     result_bytes: int = 0,
     elapsed: float = 0.0,
@@ -597,7 +603,7 @@ def query_summary(
         "read_bytes": str(read_bytes),
         "written_rows": str(written_rows),
         "written_bytes": str(written_bytes),
-        "total_rows_to_read": str(read_rows),
+        "total_rows_to_read": str(read_rows if total_rows_to_read is None else total_rows_to_read),
         "result_rows": str(result_rows),
         "result_bytes": str(result_bytes),
         "elapsed_ns": str(int(elapsed * 1e9)),
@@ -616,6 +622,46 @@ def _result_summary(result: Any) -> dict[str, str]:
     )
 
 
+class Progress:
+    """A running query's progress, as chDB's progress callback reports it (on chDB's thread;
+    replacing the dict is atomic) for ``X-ClickHouse-Progress`` headers."""
+
+    __slots__ = ("payload", "started")
+
+    def __init__(self) -> None:
+        self.payload: dict[str, int] = {}
+        self.started = time.monotonic()
+
+    def __call__(self, payload: dict[str, int]) -> None:
+        self.payload = payload
+
+    def summary(self) -> dict[str, str]:
+        """As ClickHouse's progress header: the counters so far, the time since the start."""
+        p = self.payload
+        return query_summary(
+            read_rows=int(p.get("read_rows", 0)),
+            read_bytes=int(p.get("read_bytes", 0)),
+            written_rows=int(p.get("written_rows", 0)),
+            written_bytes=int(p.get("written_bytes", 0)),
+            total_rows_to_read=int(p.get("total_rows_to_read", 0)),
+            result_rows=int(p.get("result_rows", 0)),
+            result_bytes=int(p.get("result_bytes", 0)),
+            elapsed=time.monotonic() - self.started,
+        )
+
+
+def watch_progress(session: _Session, progress: Progress | None) -> None:
+    """Report the session's next queries' progress to ``progress`` (None: stop)."""
+    conn = getattr(session, "_conn", None)  # chDB's connection: the callback lives there
+    if conn is not None:
+        conn.set_progress_callback(progress)
+
+
+def unwatch_progress(slot: _Slot) -> None:
+    if slot.session is not None:
+        watch_progress(slot.session, None)
+
+
 def run_query(
     pool: SessionPool,
     slot: _Slot,
@@ -624,15 +670,42 @@ def run_query(
     fmt: str,
     params: dict[str, str],
     keyword: str,
+    progress: Progress | None = None,
 ) -> _QueryOutput:
     session = pool.prepare(slot, state)
+    if progress is not None:
+        watch_progress(session, progress)
     try:
         result = session.query(sql, fmt, params=params)
     except Exception as exc:
         raise ClickHouseError.from_engine(exc) from exc
     finally:
+        if progress is not None:
+            watch_progress(session, None)
         pool.after_statement(slot, keyword)
     return _QueryOutput(result.bytes(), _result_summary(result))
+
+
+def run_kill(
+    pool: SessionPool,
+    slot: _Slot,
+    state: RequestState,
+    kill: KillQuery,
+    fmt: str,
+    params: dict[str, str],
+) -> _QueryOutput:
+    """``KILL QUERY WHERE``, seen with the clients' query ids (``queries.kill_query``)."""
+    session = pool.prepare(slot, state)
+    started = time.monotonic()
+
+    def run(sql: str, out_fmt: str, bind: dict[str, str]) -> bytes:
+        try:
+            return bytes(session.query(sql, out_fmt, params=bind).bytes())
+        except Exception as exc:
+            raise ClickHouseError.from_engine(exc) from exc
+
+    body = kill_query(run, kill, fmt, params)
+    return _QueryOutput(body, query_summary(elapsed=time.monotonic() - started))
 
 
 def describe(
@@ -656,8 +729,12 @@ def start_stream(
     sql: bytes,
     fmt: str,
     params: dict[str, str],
+    progress: Progress | None = None,
 ) -> _StreamingResult:
+    """(With ``progress``, the caller stops watching, ``unwatch_progress``, when done.)"""
     session = pool.prepare(slot, state)
+    if progress is not None:
+        watch_progress(session, progress)
     try:
         return session.send_query(sql, fmt, params=params)
     except Exception as exc:

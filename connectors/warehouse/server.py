@@ -32,6 +32,7 @@ from connectors.warehouse.engine import (
     DEFAULT_MAX_POOL_SIZE,
     ExternalTable,
     Lease,
+    Progress,
     RequestState,
     SessionPool,
     SessionRequest,
@@ -43,15 +44,18 @@ from connectors.warehouse.engine import (
     fetch,
     load_external,
     query_summary,
+    run_kill,
     run_query,
     start_insert,
     start_stream,
+    unwatch_progress,
 )
 from connectors.warehouse.errors import (
     AUTHENTICATION_FAILED,
     BAD_ARGUMENTS,
     NETWORK_ERROR,
     NOT_IMPLEMENTED,
+    QUERY_WITH_SAME_ID_IS_ALREADY_RUNNING,
     READONLY,
     STD_EXCEPTION,
     ClickHouseError,
@@ -60,7 +64,16 @@ from connectors.warehouse.errors import (
 )
 from connectors.warehouse.lock import DataDirLock
 from connectors.warehouse.native import MIN_REVISION_TIME_ZONE, NativeRevision, NotSizable
-from connectors.warehouse.sql import PLAIN, InsertSplit, classify, leading_keyword, output_format
+from connectors.warehouse.progress import EarlyHead, progress_interval
+from connectors.warehouse.queries import map_processes, parse_kill, tag
+from connectors.warehouse.sql import (
+    PLAIN,
+    InsertSplit,
+    classify,
+    leading_keyword,
+    output_format,
+    quote_string,
+)
 
 __all__ = ["EmbeddedWarehouse"]
 
@@ -144,6 +157,7 @@ _INLINE_ENCODE_BYTES: Final = 64 * 1024  # compress smaller bodies on the event 
 
 
 _PING_BODY: Final = b"Ok.\n"
+_DEFAULT_STATE: Final = RequestState(database=DEFAULT_DATABASE, settings={})
 #: How often idle named sessions are checked for their timeout.
 SESSION_SWEEP_S: Final = 5.0
 
@@ -163,6 +177,9 @@ class _ParsedRequest:
     read_only_session: bool = False  # a GET in a named session: reading statements only
     protocol: int = 0  # client_protocol_version: the Native output's revision
     external: list[ExternalTable] = field(default_factory=list)
+    #: send_progress_in_http_headers: seconds between progress lines; the head they start.
+    progress_s: float | None = None
+    head: EarlyHead | None = None
 
 
 def _external_tables(params: dict[str, str], files: dict[str, bytes]) -> list[ExternalTable]:
@@ -327,6 +344,8 @@ class EmbeddedWarehouse:
         self._pool: SessionPool | None = None
         self._runner: web.AppRunner | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        #: Requests running now, by query_id: set when each is done.
+        self._running: dict[str, asyncio.Event] = {}
 
     @property
     def url(self) -> str:
@@ -416,22 +435,72 @@ class EmbeddedWarehouse:
         if request.method in ("GET", "HEAD") and "query" not in request.query:
             return await self._handle_ping(request)
         query_id = request.query.get("query_id") or str(uuid.uuid4())
+        parsed: _ParsedRequest | None = None
         try:
             self._authenticate(request)
             parsed = await self._parse(request, query_id)
-            return await self._execute(request, parsed)
+            if query_id in self._running:
+                await self._replace_running(parsed)
+            done = self._running[query_id] = asyncio.Event()
+            try:
+                return await self._execute(request, parsed)
+            finally:
+                if parsed.head is not None:
+                    await parsed.head.stop()  # before the rest of the head goes out
+                done.set()
+                if self._running.get(query_id) is done:
+                    del self._running[query_id]
         except ClickHouseError as exc:
-            return self._error_response(exc, query_id)
+            return self._error_response(exc, query_id, parsed)
         except ConnectionError as exc:
             # The client went away mid-request (the lease's cleanup cancelled any insert);
             # nobody reads this answer, but it keeps aiohttp from logging a traceback.
             logger.debug("client of query %s went away: %s", query_id, exc)
-            return self._error_response(ClickHouseError.server(NETWORK_ERROR, str(exc)), query_id)
+            return self._error_response(
+                ClickHouseError.server(NETWORK_ERROR, str(exc)), query_id, parsed
+            )
         except Exception as exc:
             logger.exception("unexpected error in query %s", query_id)
             return self._error_response(
-                ClickHouseError.server(STD_EXCEPTION, f"{type(exc).__name__}: {exc}"), query_id
+                ClickHouseError.server(STD_EXCEPTION, f"{type(exc).__name__}: {exc}"),
+                query_id,
+                parsed,
             )
+
+    async def _replace_running(self, req: _ParsedRequest) -> None:
+        """A query with this id runs already: as a server, refuse, or with
+        ``replace_running_query=1`` cancel it and wait for it to end
+        (``replace_running_query_max_wait_ms``, default 5000)."""
+        assert self._pool is not None
+        settings = req.state.settings
+        message = f"Query with id = {req.query_id} is already running"
+        if settings.get("replace_running_query", "0") not in ("1", "true", "True"):
+            raise ClickHouseError.server(QUERY_WITH_SAME_ID_IS_ALREADY_RUNNING, message)
+        raw_wait = settings.get("replace_running_query_max_wait_ms", "5000")
+        try:
+            wait_s = int(raw_wait) / 1000
+        except ValueError:
+            raise ClickHouseError.server(
+                BAD_ARGUMENTS, f"Invalid replace_running_query_max_wait_ms: {raw_wait!r}"
+            ) from None
+        old = self._running[req.query_id]
+        lease = await self._pool.acquire()
+        try:
+            kill = parse_kill(
+                b"KILL QUERY WHERE query_id = " + quote_string(req.query_id).encode() + b" ASYNC"
+            )
+            assert kill is not None
+            await lease.call(
+                run_kill, self._pool, lease.slot, _DEFAULT_STATE, kill, "TabSeparated", {}
+            )
+        finally:
+            lease.release()
+        try:
+            await asyncio.wait_for(old.wait(), wait_s)
+        except TimeoutError:
+            raise ClickHouseError.server(
+                QUERY_WITH_SAME_ID_IS_ALREADY_RUNNING, message + " and can't be stopped"
+            ) from None
 
     def _authenticate(self, request: web.Request) -> None:
         """ClickHouse's three ways to send credentials: HTTP basic auth, the
@@ -499,6 +568,7 @@ class EmbeddedWarehouse:
                 raise ClickHouseError.server(BAD_ARGUMENTS, f"Invalid setting name {key!r}")
             else:
                 settings[key] = value
+        tag(settings, query_id)  # system.processes and KILL QUERY know it (queries.py)
         session = _session_request(params)
         read_only = request.method == "GET"  # as ClickHouse: a GET must not change data
         if read_only and session is None:
@@ -513,12 +583,17 @@ class EmbeddedWarehouse:
         # As ClickHouse: a response is compressed only when asked (clickhouse-connect asks).
         compress_response = params.get("enable_http_compression", "0") in ("1", "true", "True")
         query = params.get("query", "")
+        try:
+            progress_s = progress_interval(params)
+        except ValueError as exc:
+            raise ClickHouseError.server(BAD_ARGUMENTS, str(exc)) from None
         protocol = params.get("client_protocol_version", "0") or "0"
         if not protocol.isdigit():
             raise ClickHouseError.server(
                 BAD_ARGUMENTS, f"client_protocol_version must be a number, not {protocol!r}"
             )
         return _ParsedRequest(
+            progress_s=progress_s,
             protocol=int(protocol),
             query_id=query_id,
             state=RequestState(
@@ -650,6 +725,15 @@ class EmbeddedWarehouse:
         keyword = leading_keyword(sql)
         fmt = output_format(sql, req.default_format)
         result_fmt = fmt if keyword in _RESULT_KEYWORDS else None
+        sql = map_processes(sql)  # the clients' query ids (queries.py)
+        kill = parse_kill(sql) if keyword == "KILL" else None
+        progress = None
+        if req.progress_s is not None:
+            progress = Progress()
+            first = self._headers(req, {}, result_fmt)
+            del first["X-ClickHouse-Summary"]
+            req.head = EarlyHead(request, first)
+            req.head.start(progress.summary, req.progress_s)
         lease = await pool.acquire(req.session)
         try:
             await self._load_external(lease, req)
@@ -668,11 +752,16 @@ class EmbeddedWarehouse:
             ):
                 # (a rewritten Native result always goes block by block: chDB's streaming
                 # fetch hands over one block at a time; wait_end_of_query holds them all)
-                return await self._stream(request, req, lease, sql, fmt, revision)
+                return await self._stream(request, req, lease, sql, fmt, revision, progress)
             encoder = ResponseEncoder(req.encoding) if req.encoding else None
-            output = await lease.call(
-                run_query, pool, lease.slot, req.state, sql, fmt, req.bind, keyword
-            )
+            if kill is not None:
+                output = await lease.call(
+                    run_kill, pool, lease.slot, req.state, kill, fmt, req.bind
+                )
+            else:
+                output = await lease.call(
+                    run_query, pool, lease.slot, req.state, sql, fmt, req.bind, keyword, progress
+                )
             body = output.body
             if revision is not None and body:
                 body = _rewritten(revision.blocks, body)
@@ -689,6 +778,13 @@ class EmbeddedWarehouse:
         headers = self._headers(req, output.summary, result_fmt)
         if encoder is not None:
             headers["Content-Encoding"] = encoder.encoding
+        return self._response(req, body, headers)
+
+    @staticmethod
+    def _response(req: _ParsedRequest, body: bytes, headers: dict[str, str]) -> web.Response:
+        """The whole answer (after progress headers, the rest of its head)."""
+        if req.head is not None:
+            return req.head.response(body=body, headers=headers)
         return web.Response(body=body, headers=headers)
 
     async def _load_external(self, lease: Lease, req: _ParsedRequest) -> None:
@@ -706,13 +802,16 @@ class EmbeddedWarehouse:
         sql: bytes,
         fmt: str,
         revision: NativeRevision | None = None,
+        progress: Progress | None = None,
     ) -> web.StreamResponse:
         """Send blocks as chDB produces them; small results still get one plain response
         (and every result, with ``wait_end_of_query``). ``revision`` rewrites Native blocks
         for the client's protocol version."""
         assert self._pool is not None
+        if progress is not None:
+            lease.on_release(partial(unwatch_progress, lease.slot))
         stream = await lease.call(
-            start_stream, self._pool, lease.slot, req.state, sql, fmt, req.bind
+            start_stream, self._pool, lease.slot, req.state, sql, fmt, req.bind, progress
         )
         lease.on_release(lambda: cancel_stream(stream))
         encoder = ResponseEncoder(req.encoding) if req.encoding else None
@@ -742,10 +841,14 @@ class EmbeddedWarehouse:
             headers["Content-Encoding"] = encoder.encoding
         if done:
             tail = encoder.finish() if encoder is not None else b""
-            return web.Response(body=b"".join(pending) + tail, headers=headers)
+            return self._response(req, b"".join(pending) + tail, headers)
         tag = uuid.uuid4().hex[:16]
         headers["X-ClickHouse-Exception-Tag"] = tag
-        response = web.StreamResponse(headers=headers)
+        if req.head is not None:
+            await req.head.stop()  # the body starts: no more progress lines
+            response = req.head.stream_response(headers=headers)
+        else:
+            response = web.StreamResponse(headers=headers)
         await response.prepare(request)
         try:
             for data in pending:
@@ -770,10 +873,15 @@ class EmbeddedWarehouse:
             logger.debug("client of query %s went away mid-stream", req.query_id)
         return response
 
-    def _error_response(self, error: ClickHouseError, query_id: str) -> web.Response:
+    def _error_response(
+        self, error: ClickHouseError, query_id: str, req: _ParsedRequest | None = None
+    ) -> web.Response:
         version = self._pool.version if self._pool else ""
         logger.debug("query %s failed: %s", query_id, error.text)
-        return web.Response(
+        # After progress headers the status line (200) is out: as a server, the error is
+        # told by its X-ClickHouse-Exception-Code header and the body.
+        respond = req.head.response if req is not None and req.head is not None else web.Response
+        return respond(
             # As ClickHouse: 400 for a bad query, 404 for an unknown table, 501 for what is
             # not implemented... (a 503 is retried by clickhouse-connect, as against a server)
             status=http_status(error.code),

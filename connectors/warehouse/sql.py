@@ -16,6 +16,7 @@ __all__ = [
     "output_format",
     "quote_identifier",
     "quote_string",
+    "statement_tokens",
     "without_format",
 ]
 
@@ -169,6 +170,20 @@ def _data_start(buf: bytes | bytearray, i: int, final: bool) -> int:
     if i < n and buf[i] == 0x0A:
         i += 1
     return i
+
+
+#: Token kinds, for scanners elsewhere (``queries``).
+WORD, OPEN, CLOSE = _WORD, _OPEN, _CLOSE
+Token = _Token
+
+
+def statement_tokens(sql: bytes) -> list[Token]:
+    """The tokens of a complete statement (strings, comments and quoted names skipped over
+    as the engine would)."""
+    try:
+        return list(_tokens(sql, final=True))
+    except _NeedMore:  # pragma: no cover - final=True never asks for more
+        return []
 
 
 def leading_keyword(sql: bytes | bytearray) -> str:

@@ -1116,3 +1116,172 @@ def test_with_a_password_every_query_must_carry_it(
     finally:
         wh.proc.terminate()
         wh.proc.wait(30)
+
+
+# --------------------------------------------------------------------------- query ids
+
+
+def _sleeper(url: str, query_id: str, seconds: float, out: dict[str, Any]) -> threading.Thread:
+    """``SELECT sleep(seconds)`` named ``query_id``, in a thread; its answer lands in ``out``."""
+
+    def run() -> None:
+        out["answer"] = http_request(
+            url, {"query": f"SELECT sleep({seconds})", "query_id": query_id}
+        )
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def _running(url: str, query_id: str) -> bool:
+    _, _, out = http_request(
+        url,
+        {
+            "query": "SELECT count() FROM system.processes WHERE query_id = {q:String} FORMAT CSV",
+            "param_q": query_id,
+        },
+    )
+    return out.strip() == b"1"
+
+
+def test_system_processes_and_kill_query_know_the_clients_query_id(
+    warehouse_url: str, client: Client
+) -> None:
+    """As on a server: a query runs under the id its client gave it, system.processes shows
+    that id (and not the tag that carries it), KILL QUERY finds it by that id and says so."""
+    query_id = f"analyst-{uuid.uuid4().hex[:8]}"
+    out: dict[str, Any] = {}
+    thread = _sleeper(warehouse_url, query_id, 3, out)
+    try:
+        wait_until(lambda: _running(warehouse_url, query_id), message="the sleep to run")
+        seen = client.query(
+            "SELECT query_id, initial_query_id, Settings['log_comment'], query "
+            "FROM system.processes AS p WHERE p.query_id = {q:String}",
+            parameters={"q": query_id},
+        ).result_rows
+        assert [(*row[:3], row[3].strip()) for row in seen] == [
+            (query_id, query_id, "", "SELECT sleep(3)")
+        ]
+        # One id, one running query: a second is refused, as a server refuses it.
+        status, headers, body = http_request(
+            warehouse_url, {"query": "SELECT 1", "query_id": query_id}
+        )
+        assert (status, headers["X-ClickHouse-Exception-Code"]) == (500, "216"), body
+        start = time.monotonic()
+        _, _, killed = http_request(
+            warehouse_url,
+            {
+                "query": "KILL QUERY WHERE query_id = {q:String} SYNC FORMAT JSONEachRow",
+                "param_q": query_id,
+            },
+        )
+        row = json.loads(killed)
+        assert row == {
+            "kill_status": "finished",
+            "query_id": query_id,
+            "user": "default",
+            "query": "SELECT sleep(3)\n",  # the query parameter, then a line break
+        }
+    finally:
+        thread.join()
+    status, headers, body = out["answer"]
+    assert headers["X-ClickHouse-Exception-Code"] == "394", body  # QUERY_WAS_CANCELLED
+    assert time.monotonic() - start < 2.5  # cut short, not slept out
+    assert not _running(warehouse_url, query_id)
+    assert client.command("KILL QUERY WHERE query_id = 'no-such-query'") == ""
+
+
+def test_replace_running_query_cancels_the_one_with_the_same_id(warehouse_url: str) -> None:
+    query_id = f"dashboard-{uuid.uuid4().hex[:8]}"
+    out: dict[str, Any] = {}
+    thread = _sleeper(warehouse_url, query_id, 3, out)
+    try:
+        wait_until(lambda: _running(warehouse_url, query_id), message="the sleep to run")
+        start = time.monotonic()
+        status, _, body = http_request(
+            warehouse_url,
+            {"query": "SELECT 42", "query_id": query_id, "replace_running_query": "1"},
+        )
+        assert (status, body) == (200, b"42\n")
+        assert time.monotonic() - start < 2.5
+    finally:
+        thread.join()
+    assert out["answer"][1]["X-ClickHouse-Exception-Code"] == "394"
+
+
+# --------------------------------------------------------------------------- progress headers
+
+_SLOW_COUNT = (
+    "SELECT count() FROM numbers(12) WHERE sleepEachRow(0.1) = 0 SETTINGS max_block_size = 1"
+)
+
+
+def _progress_request(
+    url: str, sql: str, read_timeout: float, **params: str
+) -> tuple[int, list[dict[str, str]], dict[str, str], bytes]:
+    """POST ``sql`` with a socket read timeout; (status, progress headers, headers, body)."""
+    host, port = host_port(url)
+    conn = http.client.HTTPConnection(host, port, timeout=read_timeout)
+    try:
+        conn.request("POST", "/?" + urllib.parse.urlencode(params), body=sql.encode())
+        response = conn.getresponse()
+        progress = [json.loads(v) for k, v in response.getheaders() if k == "X-ClickHouse-Progress"]
+        return response.status, progress, dict(response.getheaders()), response.read()
+    finally:
+        conn.close()
+
+
+def test_progress_headers_keep_a_long_query_alive_as_a_servers_do(warehouse_url: str) -> None:
+    """send_progress_in_http_headers: progress lines go out while the query runs (a client's
+    read timeout shorter than the query does not fire), then the summary and the result."""
+    status, progress, headers, body = _progress_request(
+        warehouse_url,
+        _SLOW_COUNT,
+        read_timeout=0.6,  # the query takes ~1.2 s; without progress lines this times out
+        wait_end_of_query="1",
+        send_progress_in_http_headers="1",
+        http_headers_progress_interval_ms="150",
+    )
+    assert (status, body) == (200, b"12\n")
+    assert len(progress) >= 4, progress
+    read = [int(p["read_rows"]) for p in progress]
+    assert read == sorted(read) and read[-1] > 0
+    assert {int(p["total_rows_to_read"]) for p in progress} <= {0, 12}
+    elapsed = [int(p["elapsed_ns"]) for p in progress]
+    assert elapsed == sorted(elapsed)
+    assert json.loads(headers["X-ClickHouse-Summary"])["read_rows"] == "12"
+    # Without the setting, the same read timeout fires: the test can fail.
+    with pytest.raises(TimeoutError):
+        _progress_request(warehouse_url, _SLOW_COUNT, read_timeout=0.6, wait_end_of_query="1")
+
+
+def test_an_error_after_progress_headers_is_told_by_its_code_header(
+    warehouse_url: str, client: Client
+) -> None:
+    """The status line (200) went out with the first progress line: as a server, the error is
+    told by X-ClickHouse-Exception-Code and the body, and clickhouse-connect raises it."""
+    failing = (
+        "SELECT throwIf(number = 6) FROM numbers(12) WHERE sleepEachRow(0.1) = 0 "
+        "SETTINGS max_block_size = 1"
+    )
+    status, progress, headers, body = _progress_request(
+        warehouse_url,
+        failing,
+        read_timeout=10,
+        wait_end_of_query="1",
+        send_progress_in_http_headers="1",
+        http_headers_progress_interval_ms="100",
+    )
+    assert status == 200 and progress
+    assert headers["X-ClickHouse-Exception-Code"] == "395"
+    assert b"FUNCTION_THROW_IF_VALUE_IS_NON_ZERO" in body
+    with pytest.raises(DatabaseError, match="FUNCTION_THROW_IF_VALUE_IS_NON_ZERO"):
+        client.query(
+            failing,
+            settings={"send_progress_in_http_headers": 1, "http_headers_progress_interval_ms": 100},
+        )
+    assert client.query(
+        _SLOW_COUNT,
+        settings={"send_progress_in_http_headers": 1, "http_headers_progress_interval_ms": 100},
+    ).result_rows == [(12,)]
