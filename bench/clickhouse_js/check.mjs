@@ -410,6 +410,71 @@ check('abort_signal mid-stream, then next query works', async () => {
   await waitGone(rs.query_id)
 })
 
+// --- query_id and progress headers
+
+async function waitRunning(queryId, ms = 5000) {
+  // the query shows in system.processes under the id the client gave it
+  const deadline = Date.now() + ms
+  for (;;) {
+    const [row] = await (
+      await client.query({
+        query: 'SELECT count() AS c FROM system.processes WHERE query_id = {id: String}',
+        query_params: { id: queryId },
+        format: 'JSONEachRow',
+      })
+    ).json()
+    if (asNumber(row.c) === 1) return
+    assert(Date.now() < deadline, `query ${queryId} not in system.processes after ${ms} ms`)
+    await new Promise((resolve) => setTimeout(resolve, 50))
+  }
+}
+
+check('query_id: system.processes shows it, KILL QUERY stops it', async () => {
+  const query_id = randomUUID()
+  const pending = client.query({
+    query: 'SELECT sleepEachRow(0.5) FROM numbers(40)', // 20 s unless killed
+    format: 'JSONEachRow',
+    query_id,
+    clickhouse_settings: { max_block_size: '1' }, // a server sleeps at most 3 s a block
+  })
+  const outcome = pending.then(
+    (rs) => rs.json().then(() => null, (err) => err),
+    (err) => err,
+  )
+  const started = Date.now()
+  await waitRunning(query_id)
+  const rs = await client.query({
+    query: 'KILL QUERY WHERE query_id = {id: String} SYNC FORMAT JSONEachRow',
+    query_params: { id: query_id },
+    format: 'JSONEachRow',
+  })
+  const killed = await rs.json()
+  assertEqual(killed.map((r) => r.query_id), [query_id], 'KILL QUERY answer')
+  const err = await outcome
+  assert(err !== null, 'the killed query returned all its rows')
+  assert(Date.now() - started < 10_000, `the killed query ran ${Date.now() - started} ms`)
+  await waitGone(query_id)
+})
+
+check('send_progress_in_http_headers keeps a long query within request_timeout', async () => {
+  const c = newClient({ request_timeout: 1000 })
+  const rs = await c.query({
+    query: 'SELECT sum(sleepEachRow(0.5)) AS s FROM numbers(4)', // 2 s, one row at the end
+    format: 'JSONEachRow',
+    clickhouse_settings: {
+      send_progress_in_http_headers: 1,
+      http_headers_progress_interval_ms: '200',
+    },
+  })
+  const [row] = await rs.json()
+  assertEqual(asNumber(row.s), 0, 'result')
+  // and without progress headers the same query does time out (so the check can fail)
+  const err = await expectError(
+    c.query({ query: 'SELECT sum(sleepEachRow(0.5)) AS s FROM numbers(4)', format: 'JSONEachRow' }),
+  )
+  assert(/timeout/i.test(`${err.name} ${err.message}`), `not a timeout: ${err}`)
+})
+
 // --- cleanup (also checks DROP)
 
 check('command DROP TABLE / DROP DATABASE', async () => {
