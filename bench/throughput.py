@@ -290,7 +290,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default=os.environ.get("PINGPOST_CONFIG", "config/demo.yaml"))
     ap.add_argument("--run-dir", default=".run", help="the stack's run dir (pids/ inside)")
-    ap.add_argument("--rates", default="25,50,100,200,400", help="leads/s, comma-separated")
+    ap.add_argument(
+        "--rates", default="25,50,100,200,400", help="leads/s, comma-separated ('': none)"
+    )
     ap.add_argument("--seconds", type=float, default=30.0, help="each step's offering time")
     ap.add_argument("--warmup", type=float, default=5.0, help="first seconds left out of %%iles")
     ap.add_argument("--settle-timeout", type=float, default=180.0)
@@ -317,6 +319,8 @@ def main() -> None:
     )
     stamp = time.strftime("%H%M%S")
     rates = [float(r) for r in args.rates.split(",") if r.strip()]
+    if not rates and not args.rest:
+        sys.exit("nothing to measure: give --rates, or --rest N for the stack at rest")
     print(f"throughput bench: rates {rates} leads/s, {args.seconds:g} s each, stack {pid_dir}")
     if args.rest:
         rest_check(args, s, ch, stamp, pid_dir, "after start")
@@ -334,6 +338,8 @@ def main() -> None:
     if args.rest and rows:
         rest_check(args, s, ch, stamp, pid_dir, "after traffic")
     ch.close()
+    if not rows:
+        return  # --rates '' --rest N: the rest alone
     knee = None
     for r in rows:
         if r["accepted_share"] >= 0.95 and r["open_p99"] <= args.p99_ms and not r["other"]:

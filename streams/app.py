@@ -121,9 +121,9 @@ def create_app(
         topic_partitions=k.partitions,
         topic_replication_factor=1,
         producer_acks=-1,
-        # A few ms of linger batches the many small events of a lead (bids, table changelog)
-        # into one produce request: far fewer syscalls on the hot path for ≤ 2 ms per hop.
-        producer_linger=0.002,
+        # A few ms of linger batches the many small events of a lead (rounds, table changelog)
+        # into one produce request: far fewer syscalls on the hot path for that much per hop.
+        producer_linger=settings.worker.producer_linger_ms / 1000,
         consumer_auto_offset_reset="earliest",
         web_enabled=port != 0,
         web_port=port or 6066,

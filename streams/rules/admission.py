@@ -64,6 +64,7 @@ __all__ = [
     "Report",
     "report_from_record",
     "REPORT_INTERVAL_S",
+    "ENDS_IDLE_INTERVAL_S",
     "ENDS_INTERVAL_S",
     "STALE_MS",
     "RATE_WINDOW_MS",
@@ -79,6 +80,9 @@ TP = tuple[str, int]
 #: How often workers report and ingest fetches end offsets.
 REPORT_INTERVAL_S = 0.2
 ENDS_INTERVAL_S = 0.2
+#: How often ingest fetches end offsets while the pipeline is idle (nothing waiting at the
+#: last fetch, nothing admitted since): an admitted lead brings the next fetch forward at once.
+ENDS_IDLE_INTERVAL_S = 1.0
 #: A report (or an end-offset fetch) older than this is ignored.
 STALE_MS = 3000.0
 #: The service rate is measured over this long; "busy" means busy throughout it.
@@ -292,6 +296,12 @@ class Estimator:
         self._tick_at = now_ms
 
     # -- outputs ---------------------------------------------------------------------------
+    def idle(self) -> bool:
+        """Nothing was waiting for its ping round at the last end-offset fetch and nothing was
+        admitted since: the end offsets may be fetched less often (``ENDS_IDLE_INTERVAL_S``).
+        False while the estimate has no backlog at all (starting, or no fresh report)."""
+        return self._backlog is not None and self._backlog < 1.0 and self._local == 0
+
     def _fresh(self, now_ms: float) -> list[_Worker]:
         return [w for w in self._workers.values() if now_ms - w.seen_ms <= self.stale_ms]
 

@@ -140,6 +140,10 @@ class WorkerConfig(_Model):
     #: The longest a sink or metrics fetch waits for those bytes: how late the warehouse
     #: and the metrics may be at low traffic.
     batch_fetch_wait_ms: Annotated[int, Field(ge=10, le=5000)] = 500
+    #: How long a worker's producer holds a record for others to the same broker: a lead's
+    #: small events (table changelogs, rounds, orders) then share one produce request. Each
+    #: Kafka hop of a lead may wait this long.
+    producer_linger_ms: Annotated[float, Field(ge=0, le=100)] = 2.0
 
 
 class PrivacyConfig(_Model):

@@ -359,3 +359,73 @@ def test_a_silent_workers_partitions_keep_counting_their_backlog() -> None:
         est.set_ends({PINGS: 1001 + n, other: 1001 + n}, t)
     assert est.backlog(t) == pytest.approx(n - stop, abs=2)
     assert est.refuse(t) is not None  # 125 leads behind one worker's 25/s: ~5 s
+
+
+# --------------------------------------------------------------------------- at rest
+
+
+def test_idle_only_with_nothing_waiting_and_nothing_admitted_since() -> None:
+    est = Estimator(1000)
+    assert not est.idle()  # nothing known yet
+    t = feed(est, rate=1, backlog=0, seconds=3)
+    assert est.idle()
+    assert est.refuse(t) is None  # a lead admitted: no longer idle until the next fetch
+    assert not est.idle()
+    t = feed(est, rate=1, backlog=1, seconds=1)  # one waits
+    assert not est.idle()
+    later = t + admission.STALE_MS + 1
+    est.set_ends({PINGS: 5000}, later)  # the worker went silent: no backlog known
+    assert not est.idle()
+
+
+async def test_ingest_fetches_end_offsets_less_often_at_rest_and_at_once_after_a_lead() -> None:
+    """At rest ingest fetches the end offsets every ENDS_IDLE_INTERVAL_S, not every
+    ENDS_INTERVAL_S; an admitted lead brings the next fetch forward."""
+    import asyncio
+    import contextlib
+    import time
+    from pathlib import Path
+
+    import yaml
+    from aiokafka.structs import TopicPartition
+
+    from streams.settings import parse_settings
+    from streams.stages.ingest.admission import Admission
+    from streams.topics import TopicNames
+
+    settings = parse_settings(yaml.safe_load(Path("config/demo.yaml").read_text()), env={})
+    adm = Admission(settings, TopicNames.from_settings(settings))
+    tp = TopicPartition(*PINGS)
+    fetched = asyncio.Event()
+    fetches: list[float] = []
+
+    class Ends:
+        async def end_offsets(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+            # the worker took offset 10 of 11: nothing waits; its report is always fresh
+            now = time.monotonic() * 1000
+            adm.estimator.add_report(report("w1", int(now), 10, pings=10), now)
+            fetches.append(time.monotonic())
+            fetched.set()
+            return {tp: 11}
+
+    adm._ends_consumer = Ends()  # type: ignore[assignment]
+    adm._tps = [tp]
+    task = asyncio.create_task(adm._poll_ends())
+    try:
+        await asyncio.wait_for(fetched.wait(), 5)
+        span = 2.4 * admission.ENDS_IDLE_INTERVAL_S  # the lead comes ~0.6 s before a fetch
+        n0 = len(fetches)
+        await asyncio.sleep(span)  # the span being measured, not a synchronization
+        at_rest = len(fetches) - n0
+        # idle: one fetch per ENDS_IDLE_INTERVAL_S (2-3 here); busy cadence would be ~12
+        assert at_rest <= span / admission.ENDS_IDLE_INTERVAL_S + 1, at_rest
+        fetched.clear()
+        admitted_at = time.monotonic()
+        assert adm.refuse() is None
+        await asyncio.wait_for(fetched.wait(), 5)
+        waited = fetches[-1] - admitted_at
+        assert waited < admission.ENDS_INTERVAL_S + 0.15, f"next fetch {waited:.2f} s later"
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

@@ -207,6 +207,24 @@ def test_an_app_leaves_nothing_in_the_working_directory(tmp_path: Path, monkeypa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
+def test_the_producers_linger_is_the_configured_one(tmp_path: Path) -> None:
+    """``worker.producer_linger_ms`` reaches Faust's producer (in seconds), for every role."""
+    import yaml
+
+    from streams.app import create_app
+    from streams.settings import parse_settings
+
+    raw = yaml.safe_load(Path("config/demo.yaml").read_text())
+    assert (
+        create_app(parse_settings(raw, env={}), "auction", data_root=tmp_path).conf.producer_linger
+        == 0.002
+    )
+    raw.setdefault("worker", {})["producer_linger_ms"] = 7
+    settings = parse_settings(raw, env={})
+    for role in ("auction", "sink", "metrics"):
+        assert create_app(settings, role, data_root=tmp_path).conf.producer_linger == 0.007, role
+
+
 async def test_a_dead_letter_is_retried_through_a_broker_hiccup() -> None:
     import schemas
     from streams.runtime.agents import DeadLetters
