@@ -3,16 +3,22 @@
 A group-less consumer follows the progress topic (the workers' reports, from its end: only the
 last seconds matter); another one, on its own connection, fetches the end offsets of the
 pre-ping topics (leads, dedupe, ping-requests) every
-:data:`~streams.rules.admission.ENDS_INTERVAL_S`, or every
-:data:`~streams.rules.admission.ENDS_IDLE_INTERVAL_S` while the pipeline is idle until a lead is
-admitted (five fetches a second at rest were a tenth of the stack's CPU at rest). Not one consumer for both: the broker answers
-a connection's requests in order, and the progress fetch waits up to 2 s when no report comes
-(faust_patches point 8), so the end offsets came every ~1.2 s whenever reports were sparse;
-the leads admitted meanwhile counted as waiting, the prediction passed the setpoint, ingest
-refused, and fewer leads meant sparser reports: 100 leads/s offered, 11-16 admitted, with the
-pipeline idle. ``refuse()`` is what the HTTP
-handler asks, synchronously and in O(1). Every Kafka call is bounded; when the broker cannot be
-reached the estimate goes stale and leads are admitted (publishing then answers 503).
+:data:`~streams.rules.admission.ENDS_INTERVAL_S`.
+
+While the pipeline is idle (nothing waiting at the last fetch, nothing admitted since) it
+fetches them every :data:`~streams.rules.admission.ENDS_IDLE_INTERVAL_S` instead, until a lead is
+admitted, which brings the next fetch forward at once (ingest's CPU at rest: 0.8-1.0 % of a
+core -> 0.6 %, docs/numbers.md). Only the leads that come before that fetch returns (a few ms)
+are decided on end offsets up to a second old: nothing was waiting then, so they wait behind at
+most what other ingest processes admitted meanwhile, which the fetch then sees.
+
+Not one consumer for both: the broker answers a connection's requests in order, and the
+progress fetch waits up to 2 s when no report comes (faust_patches point 8), so the end offsets
+came every ~1.2 s whenever reports were sparse; the leads admitted meanwhile counted as waiting,
+the prediction passed the setpoint, ingest refused, and fewer leads meant sparser reports: 100
+leads/s offered, 11-16 admitted, with the pipeline idle. ``refuse()`` is what the HTTP handler
+asks, synchronously and in O(1). Every Kafka call is bounded; when the broker cannot be reached
+the estimate goes stale and leads are admitted (publishing then answers 503).
 """
 
 from __future__ import annotations
