@@ -331,8 +331,8 @@ check('exec raw statements', async () => {
 // --- cancellation
 
 const notes = []
-async function waitGone(queryId, ms = 5000) {
-  // the server must stop the query once the client has gone: system.processes forgets it
+async function waitProcesses(queryId, want, ms, message) {
+  // poll system.processes until it lists the query `want` times (0 or 1)
   const deadline = Date.now() + ms
   for (;;) {
     const [row] = await (
@@ -342,10 +342,14 @@ async function waitGone(queryId, ms = 5000) {
         format: 'JSONEachRow',
       })
     ).json()
-    if (asNumber(row.c) === 0) return
-    assert(Date.now() < deadline, `query ${queryId} still in system.processes ${ms} ms after the client went away`)
-    await new Promise((r) => setTimeout(r, 100))
+    if (asNumber(row.c) === want) return
+    assert(Date.now() < deadline, message)
+    await new Promise((r) => setTimeout(r, 50))
   }
+}
+function waitGone(queryId, ms = 5000) {
+  // the server must stop the query once the client has gone: system.processes forgets it
+  return waitProcesses(queryId, 0, ms, `query ${queryId} still in system.processes ${ms} ms after the client went away`)
 }
 async function nextQueriesWork() {
   // the client's socket pool and the server must both be fine afterwards
@@ -412,21 +416,9 @@ check('abort_signal mid-stream, then next query works', async () => {
 
 // --- query_id and progress headers
 
-async function waitRunning(queryId, ms = 5000) {
+function waitRunning(queryId, ms = 5000) {
   // the query shows in system.processes under the id the client gave it
-  const deadline = Date.now() + ms
-  for (;;) {
-    const [row] = await (
-      await client.query({
-        query: 'SELECT count() AS c FROM system.processes WHERE query_id = {id: String}',
-        query_params: { id: queryId },
-        format: 'JSONEachRow',
-      })
-    ).json()
-    if (asNumber(row.c) === 1) return
-    assert(Date.now() < deadline, `query ${queryId} not in system.processes after ${ms} ms`)
-    await new Promise((resolve) => setTimeout(resolve, 50))
-  }
+  return waitProcesses(queryId, 1, ms, `query ${queryId} not in system.processes after ${ms} ms`)
 }
 
 check('query_id: system.processes shows it, KILL QUERY stops it', async () => {
