@@ -17,8 +17,8 @@ from connectors.warehouse.compression import BodyDecoder, IdentityDecoder, Respo
 from connectors.warehouse.errors import ClickHouseError, DataDirInUseError, WarehouseError
 from connectors.warehouse.lock import chdb_holder_pid
 from connectors.warehouse.native import describe_sql, describe_types
-from connectors.warehouse.queries import KillQuery, kill_query
-from connectors.warehouse.sql import quote_identifier, quote_string
+from connectors.warehouse.queries import TAG_PREFIX, KillQuery, kill_query
+from connectors.warehouse.sql import quote_identifier, quote_string, set_names
 
 __all__ = [
     "DEFAULT_DATABASE",
@@ -335,14 +335,21 @@ class SessionPool:
                 )
                 for k in missing:
                     slot.baseline[k] = known.get(k)
+            wanted = state.settings
+            if wanted.get("log_comment", "").startswith(TAG_PREFIX) and slot.baseline.get(
+                "log_comment"
+            ):
+                # The session's own log_comment (the client's SET) wins over the query id's
+                # tag, as a request's own does (queries.py): that query keeps the engine's id.
+                wanted = {k: v for k, v in wanted.items() if k != "log_comment"}
             changes: dict[str, str | None] = {}
             for k in keys:
-                want = state.settings.get(k, slot.baseline[k])
+                want = wanted.get(k, slot.baseline[k])
                 if slot.settings.get(k, slot.baseline[k]) != want:
                     changes[k] = want
             if changes:
                 session.query(_set_sql(changes), "TabSeparated")
-            slot.settings = dict(state.settings)
+            slot.settings = dict(wanted)
             target = state.database if state.database_given else slot.session_db
             if slot.database != target:
                 session.query(f"USE {quote_identifier(target)}", "TabSeparated")
@@ -352,9 +359,10 @@ class SessionPool:
         return session
 
     @staticmethod
-    def after_named_statement(slot: _Slot, keyword: str) -> None:
+    def after_named_statement(slot: _Slot, keyword: str, sql: bytes = b"") -> None:
         """The client's own SET or USE changed the session's state: learn it (USE), or
-        put our overrides back first and forget what we knew (SET)."""
+        put back our overrides of the settings the SET did not name, and forget what we
+        knew (SET)."""
         session = slot.session
         if session is None or keyword not in ("SET", "USE"):
             return
@@ -363,16 +371,17 @@ class SessionPool:
                 session.query("SELECT currentDatabase()", "TabSeparated").bytes().decode().strip()
             )
             return
-        restore = {k: slot.baseline.get(k) for k in slot.settings}
+        named = set_names(sql)
+        restore = {k: slot.baseline.get(k) for k in slot.settings if k not in named}
         slot.settings, slot.baseline, slot.client_set = {}, {}, True
         if restore:
             session.query(_set_sql(restore), "TabSeparated")
 
     @staticmethod
-    def after_statement(slot: _Slot, keyword: str) -> None:
+    def after_statement(slot: _Slot, keyword: str, sql: bytes = b"") -> None:
         if slot.named is not None:
             try:
-                SessionPool.after_named_statement(slot, keyword)
+                SessionPool.after_named_statement(slot, keyword, sql)
             except Exception:
                 logger.debug(
                     "session %s: state after %s unknown", slot.named, keyword, exc_info=True
@@ -682,7 +691,7 @@ def run_query(
     finally:
         if progress is not None:
             watch_progress(session, None)
-        pool.after_statement(slot, keyword)
+        pool.after_statement(slot, keyword, sql)
     return _QueryOutput(result.bytes(), _result_summary(result))
 
 

@@ -3,8 +3,8 @@
 chDB names every query with a UUID of its own and takes no id from its caller (there is no
 ``query_id`` setting, and its ``query()`` has no such argument). So the facade tags each
 request's query with the setting ``log_comment = 'query_id:<id>'`` (the client's own
-``log_comment``, if it sends one, wins, and that query keeps the engine's id), which the engine
-shows in ``system.processes.Settings``, and
+``log_comment``, sent with the request or set in its session, wins, and that query keeps the
+engine's id), which the engine shows in ``system.processes.Settings``, and
 
 * rewrites every reference to ``system.processes`` in a statement into a subquery that shows
   the client's id as ``query_id`` (and ``initial_query_id``) and hides the tag from
@@ -13,9 +13,11 @@ shows in ``system.processes.Settings``, and
   subquery gives the engine's ids, ``KILL QUERY WHERE query_id IN (...)`` kills them, and its
   result is shown with the client's ids, in the format the client asked for.
 
-Limits: the subquery has no ``ALIAS`` columns (``Settings.Names``, ``Settings.Values``,
-``ProfileEvents.Names``, ``ProfileEvents.Values``: use ``mapKeys(Settings)``...), and a
-column qualified as ``system.processes.x`` must use an alias instead.
+Limits: where the client set no ``log_comment``, ``getSetting('log_comment')`` and
+``system.settings`` show the tag; the subquery has no ``ALIAS`` columns (``Settings.Names``,
+``Settings.Values``, ``ProfileEvents.Names``, ``ProfileEvents.Values``: use
+``mapKeys(Settings)``...), and a column qualified as ``system.processes.x`` must use an alias
+instead.
 """
 
 from __future__ import annotations

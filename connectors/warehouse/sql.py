@@ -186,6 +186,30 @@ def statement_tokens(sql: bytes) -> list[Token]:
         return []
 
 
+def set_names(sql: bytes) -> set[str]:
+    """The settings a ``SET a = 1, b = 'x'`` statement assigns (empty for any other
+    statement). Setting names are case-sensitive, as in ClickHouse."""
+    toks = statement_tokens(sql)
+    if not toks or sql[toks[0].start : toks[0].end].upper() != b"SET":
+        return set()
+    names: set[str] = set()
+    depth, expect_name = 0, True
+    for t in toks[1:]:
+        text = sql[t.start : t.end]
+        if t.kind == OPEN:
+            depth += 1
+        elif t.kind == CLOSE:
+            depth -= 1
+        elif depth == 0 and text == b",":
+            expect_name = True
+        elif expect_name and depth == 0:
+            if text[:1] in (b"`", b'"'):
+                text = text[1:-1]
+            names.add(text.decode("utf-8", errors="replace"))
+            expect_name = False
+    return names
+
+
 def leading_keyword(sql: bytes | bytearray) -> str:
     try:
         first = next(_tokens(sql, final=True), None)

@@ -1145,6 +1145,29 @@ def _running(url: str, query_id: str) -> bool:
     return out.strip() == b"1"
 
 
+def test_a_sessions_own_log_comment_is_kept(warehouse_url: str) -> None:
+    """The query id's tag (queries.py) never replaces a log_comment the client set in its
+    session: getSetting and system.processes show the client's own."""
+    sid = f"s-{uuid.uuid4().hex[:8]}"
+    c = sync_client(warehouse_url, session_id=sid)
+    try:
+        c.command("SET log_comment = 'analyst notebook'")
+        assert c.command("SELECT getSetting('log_comment')") == "analyst notebook"
+        seen = c.query(
+            "SELECT Settings['log_comment'] FROM system.processes WHERE is_initial_query"
+            " AND query LIKE '%processes%'"
+        ).result_rows
+        assert seen == [("analyst notebook",)]
+        # a request's own log_comment still wins for that request only
+        assert (
+            c.command("SELECT getSetting('log_comment')", settings={"log_comment": "once"})
+            == "once"
+        )
+        assert c.command("SELECT getSetting('log_comment')") == "analyst notebook"
+    finally:
+        c.close()
+
+
 def test_system_processes_and_kill_query_know_the_clients_query_id(
     warehouse_url: str, client: Client
 ) -> None:

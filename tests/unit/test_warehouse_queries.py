@@ -117,3 +117,21 @@ def test_kill_query_is_taken_apart(sql: str, condition: bytes, mode: str) -> Non
 )
 def test_other_kill_statements_go_to_the_engine_as_they_are(sql: str) -> None:
     assert parse_kill(sql.encode()) is None
+
+
+@pytest.mark.parametrize(
+    ("sql", "names"),
+    [
+        (b"SET log_comment = 'a, b', max_threads = 2", {"log_comment", "max_threads"}),
+        (b"set `log_comment` = 'x'", {"log_comment"}),
+        (b"SET a = tuple(1, 2), b = 3 -- c = 4", {"a", "b"}),
+        (b"SELECT 1", set()),
+        (b"SETTINGS", set()),
+    ],
+)
+def test_the_settings_a_set_statement_names(sql: bytes, names: set[str]) -> None:
+    """A named session keeps what its client's SET assigned, even a setting the same request
+    also carried (the query id's tag is one: log_comment)."""
+    from connectors.warehouse.sql import set_names
+
+    assert set_names(sql) == names
