@@ -38,10 +38,11 @@ REPO = Path(__file__).resolve().parents[1]
 T0 = 1_780_000_000_000
 
 
-def auctions(n: int, buyers: dict[str, str], seed: int) -> list[Recorded]:
+def auctions(n: int, buyers: dict[str, str], seed: int, start: int = 0) -> list[Recorded]:
+    """``n`` recorded auctions, the first numbered ``start`` (ids and times go on from it)."""
     rnd = random.Random(seed)
     out = []
-    for i in range(n):
+    for i in range(start, start + n):
         opened = T0 + i * 20
         pings, posts = [], {}
         for b, tier in buyers.items():
