@@ -131,7 +131,9 @@ class _Continued(web.StreamResponse):
         # aiohttp's own _write_headers hands the status line and every header to the writer;
         # here the status line and ``sent_headers`` are on the wire already.
         request = self._req
-        assert request is not None and request.transport is not None
+        if request is None or request.transport is None or request.transport.is_closing():
+            # as aiohttp's own writer: the client went away (the handler logs it as such)
+            raise ConnectionResetError("the client went away before the result")
         out = bytearray()
         for name, value in self.headers.items():
             if name.lower() not in self.sent_headers:

@@ -130,3 +130,37 @@ def test_the_interval_setting() -> None:
         progress_interval(
             {"send_progress_in_http_headers": "1", "http_headers_progress_interval_ms": "soon"}
         )
+
+
+async def test_a_client_gone_after_progress_is_a_connection_error(serve: Serve) -> None:
+    """The rest of the head for a client that went away: ConnectionResetError, which the
+    warehouse treats as a client gone (not an unexpected error with a traceback)."""
+    seen: list[BaseException] = []
+    done = asyncio.Event()
+
+    async def until_closed(request: web.Request) -> None:
+        while request.transport is not None and not request.transport.is_closing():
+            await asyncio.sleep(0.005)
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        head = EarlyHead(request, FIRST)
+        head.progress({"read_rows": "0"})
+        await asyncio.wait_for(until_closed(request), 5)
+        response = head.response(body=b"late\n", headers=FIRST)
+        try:
+            await response.prepare(request)
+        except Exception as exc:
+            seen.append(exc)
+        done.set()
+        return response
+
+    url = await serve(handler)
+    host, port = url[len("http://") : -1].split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nq")
+    await writer.drain()
+    assert (await reader.readline()).startswith(b"HTTP/1.1 200")
+    writer.close()
+    await writer.wait_closed()
+    await asyncio.wait_for(done.wait(), 5)
+    assert len(seen) == 1 and isinstance(seen[0], ConnectionResetError), seen
