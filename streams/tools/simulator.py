@@ -10,7 +10,8 @@ Control endpoints on every buyer server (for tests and the PII audit)::
 
     GET    /__sim/received?kind=ping|post   recorded requests (JSON list); &drain=1 also
                                             forgets the ones returned
-    DELETE /__sim/received                  clear recordings and counters
+    DELETE /__sim/received                  clear recordings and counters; ?kind=ping|post
+                                            forgets that kind's recordings only
     GET    /__sim/stats                     counters
     PUT    /__sim/config                    change SimBuyerConfig fields at runtime
 """
@@ -517,7 +518,13 @@ class SimulatedMarket:
         return _json_response(self.received(b.id, kind, drain))  # type: ignore[arg-type]
 
     async def _on_clear(self, b: _Buyer, request: web.Request) -> web.Response:
-        self.clear(b.id)
+        kind = request.query.get("kind")
+        if kind is None:
+            self.clear(b.id)
+        elif kind in ("ping", "post"):
+            self.received(b.id, kind, drain=True)  # type: ignore[arg-type]
+        else:
+            return _json_response({"error": "kind must be 'ping' or 'post'"}, 400)
         return web.Response(status=204)
 
     async def _on_stats(self, b: _Buyer, request: web.Request) -> web.Response:

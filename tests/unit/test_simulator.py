@@ -332,7 +332,15 @@ async def test_pii_audit_drains_and_finds_a_value_in_any_part_of_a_ping() -> Non
         assert (audit.pings, audit.leaks, audit.missed) == (5, 3, 0)
         async with http.post(m.ping_url("acme"), json={"ping_id": "p9", "e": "+12025550123"}) as r:
             await r.read()
+        await post(http, m, "acme", "post-1")  # a post: PII by contract, not audited
         await asyncio.to_thread(audit.drain)
         assert (audit.pings, audit.leaks) == (6, 4)
         async with http.get(base + "/__sim/received", params={"kind": "ping"}) as resp:
             assert await resp.json() == []
+        # the audit forgets the posts too (nothing reads them), keeping the counters
+        async with http.get(base + "/__sim/received", params={"kind": "post"}) as resp:
+            assert await resp.json() == []
+        async with http.get(base + "/__sim/stats") as resp:
+            assert (await resp.json())["counts"]["pings"] == 6
+        async with http.delete(base + "/__sim/received", params={"kind": "bogus"}) as resp:
+            assert resp.status == 400

@@ -7,6 +7,7 @@ timed-out posts as the stage runs them."""
 from __future__ import annotations
 
 import asyncio
+import copy
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -175,13 +176,14 @@ class Harness:
         settings: Settings | None = None,
         caps: Caps | None = None,
         pii: dict[str, Any] | None = PII,
+        postings: dict[str, Any] | None = None,
     ) -> None:
         self.settings = settings or make_settings()
         self.clock = Clock()
         self.pii: dict[str, Any] = {}
         if pii is not None:
             self.pii[LEAD] = {"fields": dict(pii), "expires_at_ms": T0 + 3_600_000}
-        self.postings: dict[str, Any] = {}
+        self.postings: dict[str, Any] = {} if postings is None else postings
         self.deliveries = Sender("Delivery")
         self.results = Sender("AuctionResult")
         self.buyers = Buyers(answers)
@@ -464,3 +466,60 @@ async def test_a_lead_whose_ping_rounds_were_lost_is_unsold_for_a_platform_reaso
     await h.stage.run_order(order())
     assert h.result["reason"] == "no bids"
     assert not is_platform_reason(h.result["reason"])
+
+
+class _ScannedDict(dict):  # type: ignore[type-arg]
+    """A table whose full scans are counted."""
+
+    scans = 0
+
+    def items(self):  # type: ignore[no-untyped-def,override]
+        self.scans += 1
+        return super().items()
+
+
+async def test_the_reconcile_timer_reads_its_index_not_the_whole_table() -> None:
+    """The postings table holds every lead of the last closed_retention_s: the reconcile
+    timer (each second) scans it only to rebuild its index, not on every tick."""
+    postings = _ScannedDict({f"old-{i}": {"result": {"outcome": "sold"}} for i in range(1000)})
+    h = Harness({"sunrise": [None], "brightpath": [ACCEPT]}, postings=postings)
+    await h.stage.run_order(order(cand("sunrise", 90, exclusive=True), cand("brightpath", 50)))
+    assert h.postings[LEAD]["reconcile"]["due_ms"] == T0 + 1000
+    h.buyers.answers["sunrise"] = [ACCEPT]
+    asks = len(h.buyers.posts)
+    for tick in range(20):
+        h.clock.at = T0 + tick * 1000
+        await h.stage.reconcile_due()
+        await h.stage.drain_reconciling()
+    assert postings.scans == 1  # the first tick's rebuild; not one per tick
+    assert len(h.buyers.posts) == asks + 1  # asked again when due, all the same
+    assert h.result["outcome"] == "sold_exclusive"
+
+
+async def test_a_reconcile_entry_restored_from_the_changelog_is_found() -> None:
+    """An entry this worker did not write (restored at start or after a partition moved
+    here) is found on the first tick after the table's recovery, and by the periodic
+    rebuild at the latest."""
+    from streams.stages.post import RECONCILE_RESCAN_S
+
+    first = Harness({"sunrise": [None], "brightpath": [ACCEPT]})
+    await first.stage.run_order(order(cand("sunrise", 90, exclusive=True), cand("brightpath", 50)))
+    restored = copy.deepcopy(first.postings[LEAD])
+    assert restored["reconcile"]["due_ms"] == T0 + 1000
+
+    for recover in (True, False):
+        h = Harness({"sunrise": [ACCEPT]})
+        h.clock.at = T0 + 1000
+        await h.stage.reconcile_due()  # the index is built: nothing to reconcile yet
+        h.postings[LEAD] = copy.deepcopy(restored)  # the changelog's entry arrives
+        await h.stage.reconcile_due()
+        await h.stage.drain_reconciling()
+        assert h.buyers.posts == []  # not in the index
+        if recover:
+            h.stage.recovered()
+        else:
+            h.clock.at = T0 + 1000 + int(RECONCILE_RESCAN_S * 1000)
+        await h.stage.reconcile_due()
+        await h.stage.drain_reconciling()
+        assert h.buyers.asked() == ["sunrise"], recover
+        assert h.result["outcome"] == "sold_exclusive"
