@@ -65,7 +65,7 @@ from connectors.warehouse.errors import (
 from connectors.warehouse.lock import DataDirLock
 from connectors.warehouse.native import MIN_REVISION_TIME_ZONE, NativeRevision, NotSizable
 from connectors.warehouse.progress import EarlyHead, progress_interval
-from connectors.warehouse.queries import map_processes, parse_kill, tag
+from connectors.warehouse.queries import KillQuery, map_processes, parse_kill, tag
 from connectors.warehouse.sql import (
     PLAIN,
     InsertSplit,
@@ -486,10 +486,7 @@ class EmbeddedWarehouse:
         old = self._running[req.query_id]
         lease = await self._pool.acquire()
         try:
-            kill = parse_kill(
-                b"KILL QUERY WHERE query_id = " + quote_string(req.query_id).encode() + b" ASYNC"
-            )
-            assert kill is not None
+            kill = KillQuery(b"query_id = " + quote_string(req.query_id).encode(), "ASYNC")
             await lease.call(
                 run_kill, self._pool, lease.slot, _DEFAULT_STATE, kill, "TabSeparated", {}
             )

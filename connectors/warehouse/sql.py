@@ -16,6 +16,7 @@ __all__ = [
     "output_format",
     "quote_identifier",
     "quote_string",
+    "set_names",
     "statement_tokens",
     "without_format",
 ]
