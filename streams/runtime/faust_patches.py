@@ -103,6 +103,21 @@
    wait), the next ones are point 8's idle fetch (``fetch_min_bytes=1``, the idle wait) until
    records flow again: at rest such a consumer asks the broker every 2 s, not every 500 ms,
    and the first record after the rest is read as soon as it lands.
+
+10. **A partition nobody reads holds no other back** (issue 12: the first leads after a start).
+   aiokafka sends no fetch to a broker while one of its partitions' buffered records wait to be
+   taken, for up to its prefetch backoff (100 ms). After recovery Faust stops taking the
+   tables' changelog partitions (it removes them from the partitions it reads) but aiokafka
+   still fetches each of them until it holds one batch of it, which is never taken. So the
+   first record a worker wrote to each changelog partition held all of the worker's topics
+   back for 100 ms: after a start, 3 of the first 5 leads took 115-177 ms from receipt to ping
+   open instead of ~15 ms (traced: ``lead_ids-changelog:5`` fetched, no fetch for 105 ms, then
+   the lead's ping request). Records of a partition the consumer does not read now (point 8's
+   rule) get no backoff, unless Faust's flow control holds that partition back (its stream's
+   buffer is full): it is read again soon, so aiokafka's rule stands there (a first version
+   without that exception sustained 68-72 leads/s at 200/s offered against 81 before, but the
+   next pair's "before" alone spanned 73-103: within the noise, and the exception is the
+   cautious choice). Applies with point 8, to every aiokafka consumer of the process.
 """
 
 from __future__ import annotations
@@ -152,6 +167,8 @@ DELETE_WHEN = {
     8: "aiokafka sizes the fetch wait by what the fetch leaves out (no upstream issue yet)",
     9: "faust-streaming makes the worker consumer's fetch_min_bytes configurable "
     "(not passed in faust/transport/drivers/aiokafka.py; no upstream issue yet)",
+    10: "faust-streaming pauses a table's changelog partitions in aiokafka after recovery, or "
+    "aiokafka backs off only for partitions the consumer reads (no upstream issue yet)",
 }
 
 
@@ -263,6 +280,16 @@ def idle_fetch_wait() -> None:
             waiting = bool(self._records)
         else:
             waiting = any(tp in reading for tp in self._records)
+            # Point 10: records (or an error) of a partition nobody reads now do not hold
+            # the broker's other partitions back. aiokafka sends no fetch to a broker while
+            # a buffered partition's backoff runs (100 ms), waiting for the consumer to take
+            # it; a table's changelog record fetched after recovery is never taken. A
+            # partition Faust's flow control holds back (its stream's buffer is full) keeps
+            # the backoff: it is read again soon, and fetching meanwhile only costs CPU.
+            held_back = getattr(self, "_pingpost_flow_held", ())
+            for tp, held in self._records.items():
+                if tp not in reading and tp not in held_back and getattr(held, "_backoff", None):
+                    held._backoff = 0
         paused = any(assignment.state_value(tp).paused for tp in assignment.tps)
         last_empty = getattr(self, "_pingpost_last_fetch_empty", True)
         wait_ms, min_bytes = configured
@@ -453,6 +480,11 @@ def _view_active_partitions() -> None:
     async def getmany(self: Any, active_partitions: Any, timeout: float) -> Any:
         if active_partitions is not None:
             active_partitions = ActiveView(active_partitions)
+        # Point 10: the partitions Faust's flow control holds back (a live set; the fetcher
+        # only tests membership in it).
+        fetcher = getattr(self._ensure_consumer(), "_fetcher", None)
+        if fetcher is not None:
+            fetcher._pingpost_flow_held = self.consumer._buffered_partitions
         return await orig(self, active_partitions, timeout)
 
     # Faust's method replaced at run time, and our marker on its class: deliberate.

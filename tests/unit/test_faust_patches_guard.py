@@ -69,6 +69,8 @@ PRIVATE_READS = [
     ("aiokafka.consumer.fetcher:Fetcher", "_records"),
     ("aiokafka.consumer.fetcher:Fetcher", "_fetch_max_wait_ms"),
     ("aiokafka.consumer.fetcher:Fetcher", "_fetch_min_bytes"),
+    ("aiokafka.consumer.fetcher:FetchResult", "_backoff"),
+    ("aiokafka.consumer.fetcher:FetchError", "_backoff"),
     ("aiokafka.consumer.subscription_state:TopicPartitionState", "_position"),
 ]
 
