@@ -15,9 +15,25 @@ from aiokafka.structs import TopicPartition
 
 from streams.runtime.agents import now_ms
 
-__all__ = ["follow_topic"]
+__all__ = ["follow_topic", "GROUPLESS_CONSUMER", "FEED_POLL_MS"]
 
 log = logging.getLogger(__name__)
+
+#: aiokafka's settings for a group-less consumer of a fixed set of partitions (the feeds,
+#: ingest's outcome and progress readers). aiokafka's fetch routine re-examines its partitions
+#: every ``consumer_timeout_ms`` (200 ms) even when nothing happened, to see a rebalance or new
+#: partitions sooner; a group-less consumer has neither (a seek, a record taken, a metadata
+#: change or a fetch's answer wake the routine at once). At rest that timer was most of these
+#: processes' wake-ups: 5 a second per consumer.
+GROUPLESS_CONSUMER: dict[str, Any] = {
+    "group_id": None,
+    "enable_auto_commit": False,
+    "consumer_timeout_ms": 1000,
+}
+
+#: How long a feed's poll waits for records when none come: ``on_batch`` runs at least this
+#: often. Records end the wait at once.
+FEED_POLL_MS = 1000
 
 
 def follow_topic(
@@ -29,15 +45,14 @@ def follow_topic(
 ) -> type[mode.Service]:
     """A service reading every partition of ``topic`` from ``since_ms`` with a group-less
     consumer (nothing committed, nothing to rebalance), calling ``on_record`` per value and
-    ``on_batch`` after each poll (also when idle)."""
+    ``on_batch`` after each poll (also when idle: at least every ``FEED_POLL_MS``)."""
 
     class Feed(mode.Service):
         async def on_start(self) -> None:
             self._consumer = AIOKafkaConsumer(
                 bootstrap_servers=settings.kafka.bootstrap,
-                group_id=None,
-                enable_auto_commit=False,
                 fetch_max_wait_ms=100,
+                **GROUPLESS_CONSUMER,
             )
             await self._consumer.start()
             parts = self._consumer.partitions_for_topic(topic)
@@ -61,7 +76,7 @@ def follow_topic(
         async def _read(self) -> None:
             while not self.should_stop:
                 try:
-                    batch = await self._consumer.getmany(timeout_ms=250, max_records=2000)
+                    batch = await self._consumer.getmany(timeout_ms=FEED_POLL_MS, max_records=2000)
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # a feed must never take the worker down

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from types import SimpleNamespace
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -19,6 +20,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.consumer.fetcher import Fetcher
 
 from streams.runtime import faust_patches
+from streams.runtime.feeds import FEED_POLL_MS, follow_topic
 
 pytestmark = pytest.mark.integration
 
@@ -209,3 +211,65 @@ def test_records_nobody_reads_do_not_hold_back_the_partitions_read(kafka_bootstr
     assert median < 0.05, "delivery after an unread partition's batch: " + ", ".join(
         f"{t * 1000:.0f} ms" for t in took
     )
+
+
+async def _feed_at_rest(bootstrap: str, rest_s: float) -> tuple[int, int, float]:
+    """A worker's feed (``follow_topic``) at rest: (its fetch routine's passes, its
+    ``on_batch`` calls, seconds from send to ``on_record`` of a record after the rest)."""
+    topic = f"feed-{uuid.uuid4().hex[:8]}"
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, num_partitions=3, replication_factor=1)])
+    finally:
+        await admin.close()
+    got = asyncio.Event()
+    batches = 0
+
+    def on_batch() -> None:
+        nonlocal batches
+        batches += 1
+
+    settings = SimpleNamespace(kafka=SimpleNamespace(bootstrap=bootstrap))
+    feed = follow_topic(settings, topic, int(time.time() * 1000), lambda v: got.set(), on_batch)()
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=0)
+    await producer.start()
+    await feed.start()
+    try:
+        fetcher = feed._consumer._fetcher
+        passes = 0
+        orig = fetcher._get_actions_per_node
+
+        def counting(assignment: object) -> object:
+            nonlocal passes
+            passes += 1
+            return orig(assignment)
+
+        fetcher._get_actions_per_node = counting
+        batches = 0
+        await asyncio.sleep(rest_s)  # the rest being measured, not a synchronization
+        counted = (passes, batches)
+        t0 = time.monotonic()
+        await producer.send_and_wait(topic, b"after-rest", partition=2)
+        await asyncio.wait_for(got.wait(), 10)
+        return counted[0], counted[1], time.monotonic() - t0
+    finally:
+        await feed.stop()
+        await producer.stop()
+
+
+def test_a_feed_at_rest_wakes_rarely_and_reads_the_next_record_at_once(
+    kafka_bootstrap: str,
+) -> None:
+    """The feeds (and ingest's group-less readers) at rest: aiokafka's fetch routine used to
+    re-examine its partitions every 200 ms and the feed's poll to end every 250 ms, ~9 wake-ups
+    a second per feed with nothing to do; now about one a second each. A record still ends the
+    wait at once."""
+    faust_patches.apply()
+    rest_s = 4.0
+    passes, batches, after_rest = asyncio.run(_feed_at_rest(kafka_bootstrap, rest_s))
+    # One pass per routine timeout plus one per idle fetch's answer (point 8: every 2 s);
+    # unpatched ~20 + 2.
+    assert passes <= rest_s * 1.5 + 2, f"{passes} fetch-routine passes in {rest_s} s at rest"
+    assert batches <= rest_s * 1000 / FEED_POLL_MS + 2, f"{batches} polls in {rest_s} s at rest"
+    assert after_rest < 0.2, f"the record after the rest took {after_rest * 1000:.0f} ms"

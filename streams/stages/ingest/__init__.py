@@ -32,6 +32,7 @@ from aiokafka.structs import TopicPartition
 import schemas
 from streams.rules.leads import LeadError, validate_lead
 from streams.runtime import faust_patches
+from streams.runtime.feeds import GROUPLESS_CONSUMER
 from streams.settings import Settings
 from streams.stages.ingest.admission import Admission
 from streams.stages.ingest.idempotency import (
@@ -411,9 +412,7 @@ class IngestServer:
                 f"topic {self.names.results} is not available ({exc}): run "
                 "`pingpost topics create` first"
             ) from None
-        self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False
-        )
+        self._consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, **GROUPLESS_CONSUMER)
         await self._consumer.start()
         tps = [TopicPartition(self.names.results, p) for p in sorted(parts)]
         self._consumer.assign(tps)

@@ -39,6 +39,7 @@ from streams.rules.admission import (
     Estimator,
     report_from_record,
 )
+from streams.runtime.feeds import GROUPLESS_CONSUMER
 from streams.settings import Settings
 from streams.topics import TopicNames
 
@@ -83,9 +84,8 @@ class Admission:
             return
         consumer = AIOKafkaConsumer(
             bootstrap_servers=self.settings.kafka.bootstrap,
-            group_id=None,
-            enable_auto_commit=False,
             fetch_max_wait_ms=100,
+            **GROUPLESS_CONSUMER,
         )
         await consumer.start()
         self._consumer = consumer
