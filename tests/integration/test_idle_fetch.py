@@ -27,18 +27,26 @@ pytestmark = pytest.mark.integration
 IDLE_S = 3.0
 
 
+async def _new_topic(bootstrap: str, prefix: str, partitions: int) -> str:
+    """A fresh topic of ``partitions`` partitions; its name."""
+    topic = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics(
+            [NewTopic(topic, num_partitions=partitions, replication_factor=1)]
+        )
+    finally:
+        await admin.close()
+    return topic
+
+
 async def _idle_then_one_record(
     bootstrap: str, idle_s: float = IDLE_S, **consumer_config: int
 ) -> tuple[int, float, float]:
     """(fetches sent while idle, seconds from send to delivery of the record after the rest,
     seconds of a record while busy)"""
-    topic = f"idle-{uuid.uuid4().hex[:8]}"
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(topic, num_partitions=4, replication_factor=1)])
-    finally:
-        await admin.close()
+    topic = await _new_topic(bootstrap, "idle", 4)
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=0)
     consumer = AIOKafkaConsumer(
         topic,
@@ -159,15 +167,7 @@ async def _record_behind_an_unread_partition(bootstrap: str, trials: int = 6) ->
     """Seconds from send to delivery of a record on the partition the consumer reads, each
     sent just after a record of a partition it does not read was fetched (Faust's view of a
     table's changelog after recovery: assigned, fetched, never taken)."""
-    topic = f"unread-{uuid.uuid4().hex[:8]}"
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics(
-            [NewTopic(topic, num_partitions=trials + 1, replication_factor=1)]
-        )
-    finally:
-        await admin.close()
+    topic = await _new_topic(bootstrap, "unread", trials + 1)
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=0)
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap,
@@ -216,13 +216,7 @@ def test_records_nobody_reads_do_not_hold_back_the_partitions_read(kafka_bootstr
 async def _feed_at_rest(bootstrap: str, rest_s: float) -> tuple[int, int, float]:
     """A worker's feed (``follow_topic``) at rest: (its fetch routine's passes, its
     ``on_batch`` calls, seconds from send to ``on_record`` of a record after the rest)."""
-    topic = f"feed-{uuid.uuid4().hex[:8]}"
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(topic, num_partitions=3, replication_factor=1)])
-    finally:
-        await admin.close()
+    topic = await _new_topic(bootstrap, "feed", 3)
     got = asyncio.Event()
     batches = 0
 
