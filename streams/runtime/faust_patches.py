@@ -279,16 +279,19 @@ def idle_fetch_wait() -> None:
         if reading is None:
             waiting = bool(self._records)
         else:
-            waiting = any(tp in reading for tp in self._records)
             # Point 10: records (or an error) of a partition nobody reads now do not hold
             # the broker's other partitions back. aiokafka sends no fetch to a broker while
             # a buffered partition's backoff runs (100 ms), waiting for the consumer to take
             # it; a table's changelog record fetched after recovery is never taken. A
             # partition Faust's flow control holds back (its stream's buffer is full) keeps
             # the backoff: it is read again soon, and fetching meanwhile only costs CPU.
+            # (One pass serves both points.)
+            waiting = False
             held_back = getattr(self, "_pingpost_flow_held", ())
             for tp, held in self._records.items():
-                if tp not in reading and tp not in held_back and getattr(held, "_backoff", None):
+                if tp in reading:
+                    waiting = True
+                elif tp not in held_back and getattr(held, "_backoff", None):
                     held._backoff = 0
         paused = any(assignment.state_value(tp).paused for tp in assignment.tps)
         last_empty = getattr(self, "_pingpost_last_fetch_empty", True)
