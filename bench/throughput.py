@@ -166,10 +166,12 @@ def top_frames(collapsed: Path, n: int = 6) -> list[tuple[str, float]]:
 
 
 def step(
-    args: argparse.Namespace, s: Any, ch: Any, rate: float, stamp: str, pid_dir: Path
+    args: argparse.Namespace, s: Any, ch: Any, rate: float, stamp: str, pid_dir: Path, n: int
 ) -> dict[str, Any]:
-    prefix = f"tp-{stamp}-{rate:g}-"
-    leads = generate_leads(max(1, int(rate * args.seconds)), seed=int(rate * 1000) + 11)
+    # The step's number too: two steps at one rate must not send the same leads (the second
+    # would be idempotent retries of the first, and measure nothing).
+    prefix = f"tp-{stamp}-{n}-{rate:g}-"
+    leads = generate_leads(max(1, int(rate * args.seconds)), seed=int(rate * 1000) + 11 + n)
     tag_leads(leads, prefix)
     url = f"http://{s.ingest.host}:{s.ingest.port}/v1/leads"
     token = s.ingest.producers[0].token.get_secret_value()
@@ -325,9 +327,9 @@ def main() -> None:
     if args.rest:
         rest_check(args, s, ch, stamp, pid_dir, "after start")
     rows = []
-    for rate in rates:
+    for n, rate in enumerate(rates):
         print(f"… offering {rate:g} leads/s for {args.seconds:g} s", flush=True)
-        rows.append(step(args, s, ch, rate, stamp, pid_dir))
+        rows.append(step(args, s, ch, rate, stamp, pid_dir, n))
         r = rows[-1]
         print(
             f"  accepted {r['accepted']:.1f}/s ({r['refused']} × 429), sustained "

@@ -25,6 +25,7 @@ import mode
 
 from streams.context import Context, Offers
 from streams.runtime import faust_patches, watchdog
+from streams.runtime.gcwatch import GcWatch
 from streams.settings import ConfigError, Settings, unenforced_keys
 from streams.topics import TopicNames, topic_specs
 
@@ -33,6 +34,11 @@ __all__ = ["create_app", "wire"]
 Role = Literal["auction", "sink", "metrics"]
 
 log = logging.getLogger(__name__)
+
+#: Every this many s, a worker logs the collector's pauses when one lasted at least
+#: GC_PAUSE_LOG_S (streams.runtime.gcwatch).
+GC_REPORT_S = 10.0
+GC_PAUSE_LOG_S = 0.02
 
 
 def wire(ctx: Context, offers: Offers) -> None:
@@ -51,7 +57,9 @@ def wire(ctx: Context, offers: Offers) -> None:
 def _resources_service(ctx: Context) -> type[mode.Service]:
     class Resources(mode.Service):
         """Closes the stages' long-lived clients when the worker stops; freezes the start-up
-        heap once the worker is ready."""
+        heap once the worker is ready; logs the collector's long pauses."""
+
+        _gc: GcWatch | None = None
 
         async def on_started(self) -> None:
             # Faust starts user services once table recovery completed, just before "Ready".
@@ -63,8 +71,20 @@ def _resources_service(ctx: Context) -> type[mode.Service]:
                 gc.collect()
                 gc.freeze()
                 log.info("froze %d start-up objects out of the cyclic GC", gc.get_freeze_count())
+            self._gc = GcWatch().install()
+
+        @mode.Service.timer(GC_REPORT_S)
+        async def _gc_report(self) -> None:
+            # A line only when the collector stopped the worker long enough to matter.
+            if self._gc is None:
+                return
+            w = self._gc.take()
+            if w.longest_s >= GC_PAUSE_LOG_S:
+                log.info(w.describe())
 
         async def on_stop(self) -> None:
+            if self._gc is not None:
+                self._gc.uninstall()
             await ctx.close()
 
     return Resources
