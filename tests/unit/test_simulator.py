@@ -344,3 +344,13 @@ async def test_pii_audit_drains_and_finds_a_value_in_any_part_of_a_ping() -> Non
             assert (await resp.json())["counts"]["pings"] == 6
         async with http.delete(base + "/__sim/received", params={"kind": "bogus"}) as resp:
             assert resp.status == 400
+        # forgetting one kind keeps the other
+        async with http.post(m.ping_url("acme"), json={"ping_id": "p10"}) as r:
+            await r.read()
+        await post(http, m, "acme", "post-2")
+        async with http.delete(base + "/__sim/received", params={"kind": "post"}) as resp:
+            assert resp.status == 204
+        async with http.get(base + "/__sim/received", params={"kind": "ping"}) as resp:
+            assert [r["json"]["ping_id"] for r in await resp.json()] == ["p10"]
+        async with http.get(base + "/__sim/received", params={"kind": "post"}) as resp:
+            assert await resp.json() == []
