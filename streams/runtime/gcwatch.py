@@ -22,7 +22,7 @@ class GcWindow:
     """Collections since the previous :meth:`GcWatch.take`, by generation."""
 
     seconds: float
-    #: generation -> (collections, total pause s, longest pause s, objects collected)
+    #: generation -> [collections, total pause s, longest pause s]
     by_gen: dict[int, list[float]] = field(default_factory=dict)
 
     @property
@@ -65,11 +65,10 @@ class GcWatch:
             return
         took = self._clock() - self._started
         self._started = None
-        s = self._by_gen.setdefault(int(info.get("generation", 0)), [0, 0.0, 0.0, 0])
+        s = self._by_gen.setdefault(int(info.get("generation", 0)), [0, 0.0, 0.0])
         s[0] += 1
         s[1] += took
         s[2] = max(s[2], took)
-        s[3] += int(info.get("collected", 0))
 
     def install(self) -> GcWatch:
         if self not in gc.callbacks:

@@ -402,16 +402,14 @@ class SimulatedMarket:
         b = self._buyers[buyer_id]
         got = [r for r in b.records if kind is None or r["kind"] == kind]
         if drain and got:
-            kept = [r for r in b.records if not (kind is None or r["kind"] == kind)]
-            b.records.clear()
-            b.records.extend(kept)
+            self.forget(buyer_id, kind)
         return got
 
-    def forget(self, buyer_id: str, kind: RecordKind) -> int:
-        """Drop the recordings of ``kind``, keeping the others; returns how many went. (A
-        drain without a reader: no list of what is dropped is built.)"""
+    def forget(self, buyer_id: str, kind: RecordKind | None) -> int:
+        """Drop the recordings of ``kind`` (None: all), keeping the others; returns how many
+        went. (A drain without a reader: no list of what is dropped is built.)"""
         b = self._buyers[buyer_id]
-        kept = [r for r in b.records if r["kind"] != kind]
+        kept = [] if kind is None else [r for r in b.records if r["kind"] != kind]
         gone = len(b.records) - len(kept)
         if gone:
             b.records.clear()
