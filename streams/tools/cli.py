@@ -669,7 +669,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from streams.tools import cpu
-    from streams.tools.demo import PiiAudit, generate_leads, push_leads, tag_leads
+    from streams.tools.demo import PiiAudit, ProgressLines, generate_leads, push_leads, tag_leads
     from streams.tools.report import build_report, platform_unsold, print_report
 
     console = Console()
@@ -724,6 +724,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         console=console,
     ) as progress:
         task = progress.add_task("settle", total=len(ids))
+        lines = ProgressLines(console, "settled", len(ids), rate=False)
         drained_at = time.monotonic()
         while time.monotonic() < deadline:
             settled = client.query(
@@ -731,6 +732,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 parameters={"p": prefix},
             ).result_rows[0][0]
             progress.update(task, completed=settled)
+            lines.update(settled)
             if settled >= len(ids):
                 break
             if audit is not None and time.monotonic() - drained_at > 5:

@@ -18,7 +18,7 @@ import httpx
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-__all__ = ["generate_leads", "push_leads", "DemoRun", "PiiAudit", "tag_leads"]
+__all__ = ["generate_leads", "push_leads", "DemoRun", "PiiAudit", "ProgressLines", "tag_leads"]
 
 _STATES = ["CA", "TX", "AZ", "NV", "FL", "NY", "NJ", "CO", "MA", "NC"]
 _ZIP_PREFIX = {
@@ -205,6 +205,42 @@ class Pacer:
         self.factor = min(1.0, self.factor + 0.02)
 
 
+class ProgressLines:
+    """Progress as plain lines, for a console that is not a terminal (a log file, CI).
+
+    rich draws its live bar only on a terminal; redirected, a 20,000-lead demo printed nothing
+    between "stack up" and its report for minutes. ``update(done)`` prints one line at most
+    every ``every_s`` seconds (and none on a terminal, where the bar shows it)."""
+
+    def __init__(
+        self,
+        console: Console | None,
+        label: str,
+        total: int,
+        *,
+        every_s: float = 10.0,
+        rate: bool = True,
+        clock: Any = time.monotonic,
+    ) -> None:
+        self.console, self.label, self.total = console, label, total
+        self.every_s, self.rate, self.clock = every_s, rate, clock
+        self.start = self.last = clock()
+        self.on = console is not None and not console.is_terminal
+
+    def update(self, done: int, note: str = "") -> None:
+        now = self.clock()
+        if not self.on or now - self.last < self.every_s:
+            return
+        self.last = now
+        took = now - self.start
+        rate = f"{done / max(1e-9, took):.1f}/s, " if self.rate else ""
+        assert self.console is not None
+        self.console.print(
+            f"  {self.label}: {done:,} of {self.total:,} ({rate}{took:.0f} s){note}",
+            highlight=False,
+        )
+
+
 async def push_leads(
     url: str,
     token: str,
@@ -215,6 +251,7 @@ async def push_leads(
     concurrency: int = 64,
     console: Console | None = None,
     every_5s: Any = None,
+    progress_every_s: float = 10.0,
 ) -> DemoRun:
     """POST every lead at about ``rate`` per second (after a ramp of ``ramp_s``); returns
     the accepted lead ids in order. A 429 (over capacity) is handled as a producer should:
@@ -222,7 +259,8 @@ async def push_leads(
     the sending rate backs off (:class:`Pacer`), so past capacity the leads wait here, not
     in a storm of retries. A transport error or 503 is retried up to 4 times (the lead's id
     makes a retry idempotent). ``every_5s`` (a blocking callable) runs in a thread every 5 s
-    while pushing (the PII audit reading the buyers)."""
+    while pushing (the PII audit reading the buyers). Off a terminal, progress is a plain line
+    every ``progress_every_s`` (:class:`ProgressLines`)."""
     import heapq
 
     ids: list[str | None] = [None] * len(leads)
@@ -254,6 +292,15 @@ async def push_leads(
         transient=False,
     ) as progress:
         task = progress.add_task("push", total=len(leads))
+        lines = ProgressLines(console, "pushed", len(leads), every_s=progress_every_s)
+        answered = 0
+
+        def advance() -> None:
+            nonlocal answered
+            answered += 1
+            progress.advance(task)
+            lines.update(answered, f", {refused:,} answers 429 so far" if refused else "")
+
         async with httpx.AsyncClient(timeout=30.0) as client:
 
             async def one(i: int, over: int) -> None:
@@ -266,7 +313,7 @@ async def push_leads(
                         except httpx.TransportError as exc:
                             if attempt == 4:
                                 rejected.append((i, f"transport error: {exc}"))
-                                progress.advance(task)
+                                advance()
                                 return
                             attempt += 1
                             await asyncio.sleep(0.2 * attempt)
@@ -287,7 +334,7 @@ async def push_leads(
                         ids[i] = resp.json()["lead_id"]
                     else:
                         rejected.append((i, f"HTTP {resp.status_code}: {resp.text[:200]}"))
-                    progress.advance(task)
+                    advance()
                 finally:
                     slots.release()
                     changed.set()

@@ -5,14 +5,16 @@ ends accepted or reported."""
 
 from __future__ import annotations
 
+import io
 import time
 from collections import Counter
 from typing import Any
 
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from rich.console import Console
 
-from streams.tools.demo import Pacer, generate_leads, push_leads, tag_leads
+from streams.tools.demo import Pacer, ProgressLines, generate_leads, push_leads, tag_leads
 
 
 async def _serve(capacity_per_s: float) -> tuple[TestServer, Counter[str], list[float]]:
@@ -92,3 +94,59 @@ def test_pacer_keeps_its_schedule_when_sends_wake_late() -> None:
     # ... but after a long pause it does not burst: at most CATCH_UP_S of schedule at once.
     p.sent(10.0)
     assert p.next_at >= 10.0 - Pacer.CATCH_UP_S + 0.02
+
+
+def test_progress_lines_print_at_most_one_line_per_period_when_not_on_a_terminal() -> None:
+    out = io.StringIO()
+    now = [100.0]
+    lines = ProgressLines(
+        Console(file=out, force_terminal=False, width=200), "pushed", 1000, clock=lambda: now[0]
+    )
+    for done, at in [(10, 101.0), (200, 110.0), (250, 115.0), (700, 120.5), (1000, 121.0)]:
+        now[0] = at
+        lines.update(done)
+    printed = out.getvalue().splitlines()
+    assert printed == [
+        "  pushed: 200 of 1,000 (20.0/s, 10 s)",
+        "  pushed: 700 of 1,000 (34.1/s, 20 s)",
+    ]
+
+
+def test_progress_lines_stay_quiet_on_a_terminal_where_the_bar_shows_progress() -> None:
+    out = io.StringIO()
+    now = [0.0]
+    lines = ProgressLines(
+        Console(file=out, force_terminal=True), "settled", 10, rate=False, clock=lambda: now[0]
+    )
+    for at in range(0, 100, 5):
+        now[0] = float(at)
+        lines.update(at)
+    assert out.getvalue() == ""
+
+
+async def test_a_redirected_demo_push_prints_progress_lines_while_it_runs() -> None:
+    """Redirected to a file (not a terminal), rich's bar draws nothing until the end: the
+    push prints plain lines while it runs."""
+    server, _, _ = await _serve(capacity_per_s=1000)
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=False, width=200)
+    try:
+        leads = generate_leads(40)
+        tag_leads(leads, "p-")
+        run = await push_leads(
+            str(server.make_url("/v1/leads")),
+            "tok",
+            leads,
+            rate=80,
+            ramp_s=0,
+            console=console,
+            progress_every_s=0.1,
+        )
+    finally:
+        await server.close()
+    assert len(run.lead_ids) == 40
+    progress = [ln for ln in out.getvalue().splitlines() if ln.startswith("  pushed: ")]
+    # ~0.5 s of pushing at 80/s, a line per 0.1 s at most: several, each with a growing count.
+    assert len(progress) >= 2, out.getvalue()
+    counts = [int(ln.split()[1].replace(",", "")) for ln in progress]
+    assert counts == sorted(counts) and counts[-1] <= 40
