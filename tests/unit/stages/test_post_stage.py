@@ -161,10 +161,6 @@ class Caps:
         self.calls.append(("release", buyer_id))
 
 
-async def _flush() -> None:
-    return None
-
-
 async def _no_ping(*args: Any, **kwargs: Any) -> dict[str, Any]:
     raise AssertionError("no backup wave in these flows")
 
@@ -207,15 +203,24 @@ class Harness:
             confirmed=lambda: True,
             hold=lambda what: None,
             rebalancing=lambda: False,
-            flush=_flush,
             durable_set=self._set,
             durable_pop=self._pop,
             clock=self.clock,
         )
+        #: Every write of the postings table, as (status of each attempt, its ack); the ack
+        #: is done at once unless ``hold_acks`` (the changelog's acknowledgement withheld).
+        self.writes: list[tuple[dict[str, str], asyncio.Future[None]]] = []
+        self.hold_acks = False
 
-    @staticmethod
-    def _set(table: Any, key: str, value: Any, partition: int) -> None:
+    def _set(self, table: Any, key: str, value: Any, partition: int) -> asyncio.Future[None]:
         table[key] = value
+        ack: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if table is self.postings:
+            attempts = {b: a["status"] for b, a in value.get("attempts", {}).items()}
+            self.writes.append((attempts, ack))
+        if not (self.hold_acks and table is self.postings):
+            ack.set_result(None)
+        return ack
 
     @staticmethod
     def _pop(table: Any, key: str, partition: int) -> None:
@@ -250,6 +255,21 @@ async def test_an_exclusive_winner_that_accepts_is_sold() -> None:
     assert list(kept) == ["result"] and not gc.is_tracked(kept)
     assert schemas.decode_as("AuctionResult", settled_result(kept) or b"") == h.result
     assert LEAD not in h.pii  # PII is not kept past the sale
+
+
+async def test_no_post_leaves_before_its_pending_attempt_is_acknowledged_by_kafka() -> None:
+    """The intent (the attempt recorded as pending) is on the changelog before the buyer is
+    asked: only that record's acknowledgement is waited for (not a flush of the producer)."""
+    h = Harness({"sunrise": [ACCEPT]})
+    h.hold_acks = True
+    run = asyncio.ensure_future(h.stage.run_order(order(cand("sunrise", 90, exclusive=True))))
+    for _ in range(20):  # let the waterfall run as far as it can
+        await asyncio.sleep(0)
+    assert [w for w, _ in h.writes] == [{"sunrise": "pending"}]
+    assert h.buyers.asked() == []  # the ack is withheld: no request has left
+    h.writes[0][1].set_result(None)
+    await asyncio.wait_for(run, 5)
+    assert h.buyers.asked() == ["sunrise"] and h.result["outcome"] == "sold_exclusive"
 
 
 async def test_a_settled_lead_re_emits_its_result_without_posting() -> None:
