@@ -25,6 +25,7 @@ import mode
 
 from streams.context import Context, Offers
 from streams.runtime import faust_patches, watchdog
+from streams.runtime.agents import KeyPartitioner
 from streams.runtime.gcwatch import GcWatch
 from streams.settings import ConfigError, Settings, unenforced_keys
 from streams.topics import TopicNames, topic_specs
@@ -144,6 +145,8 @@ def create_app(
         # A few ms of linger batches the many small events of a lead (rounds, table changelog)
         # into one produce request: far fewer syscalls on the hot path for that much per hop.
         producer_linger=settings.worker.producer_linger_ms / 1000,
+        # Kafka's default partitioning, with each key's hash computed once (agents.py).
+        producer_partitioner=KeyPartitioner(),
         consumer_auto_offset_reset="earliest",
         web_enabled=port != 0,
         web_port=port or 6066,

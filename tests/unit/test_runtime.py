@@ -70,6 +70,69 @@ def test_lead_partition_matches_the_producer_partitioner() -> None:
     assert seen == set(parts)
 
 
+def test_the_producers_partitioner_is_kafkas_default_with_the_hash_cached(
+    tmp_path: Path,
+) -> None:
+    """Every role's producer partitions a key where aiokafka's (the Java client's) default
+    partitioner does, twice in a row (the second time from the cache), for any partition
+    count; a record without a key goes to an available partition."""
+    import random
+    import uuid
+
+    import yaml
+    from aiokafka.partitioner import DefaultPartitioner
+
+    from streams.app import create_app
+    from streams.runtime.agents import KeyPartitioner, key_partition
+    from streams.settings import parse_settings
+
+    settings = parse_settings(yaml.safe_load(Path("config/demo.yaml").read_text()), env={})
+    for role in ("auction", "sink", "metrics"):
+        part = create_app(settings, role, data_root=tmp_path).conf.producer_partitioner
+        assert isinstance(part, KeyPartitioner), role
+    ours, kafka = KeyPartitioner(), DefaultPartitioner()
+    rng = random.Random(5)
+    for n in (1, 3, 6, 24):
+        parts = list(range(n))
+        hit = set()
+        for i in range(400):
+            key = f"lead-{uuid.UUID(int=rng.getrandbits(128))}-{i}".encode()
+            want = kafka(key, parts, parts)
+            assert ours(key, parts, parts) == ours(bytearray(key), parts, parts) == want
+            assert key_partition(key.decode(), n) == want
+            hit.add(want)
+        assert hit == set(parts)
+    assert ours(None, [0, 1, 2], [2]) == 2
+
+
+def test_assigned_here_agrees_with_fausts_assignment() -> None:
+    """``assigned_here`` reads the assignment's map; it answers what Faust's public
+    ``assigned_actives()`` answers, before any assignment and after one."""
+    import faust
+    from faust.assignor.client_assignment import ClientAssignment
+
+    from streams.runtime.agents import assigned_here
+
+    app = faust.App("t-assigned", broker="kafka://127.0.0.1:1", store="memory://")
+    topics = ("pp.bids", "pp.posts", "pp.results")
+
+    def agree() -> int:
+        actives = app.assignor.assigned_actives()
+        yes = 0
+        for topic in topics:
+            for p in range(8):
+                here = assigned_here(app, topic, p)
+                assert here == any(tp.topic == topic and tp.partition == p for tp in actives)
+                yes += here
+        return yes
+
+    assert agree() == 0
+    app.assignor._assignment = ClientAssignment(
+        actives={"pp.bids": [0, 3, 5], "pp.results": [1]}, standbys={"pp.posts": [2]}
+    )
+    assert agree() == 4  # bids 0, 3, 5 and results 1; a standby is not active
+
+
 def test_every_rule_key_is_applied_so_none_is_refused() -> None:
     """A worker refuses config keys it validates but does not apply (a cap silently ignored
     would cost money); every key of the complete auction is applied now."""
