@@ -16,6 +16,7 @@ port                   offered by                  used by
 ``apply_round``        auction                     ping (the hand-off of a finished round)
 ``mark_open``          auction                     ping (the open marker, before any ping)
 ``reping``             ping                        auction (a lost round pinged again)
+``ping_now``           ping                        redact (the hand-off of a ping request)
 ``postings_table``     post                        auction (a closed lead's progress)
 ``purge_with_auction`` post                        auction (purged with the auction entry)
 ``caps``               caps                        post (reserve, commit, release)
@@ -51,6 +52,7 @@ __all__ = [
     "Context",
     "Offers",
     "PauseLookup",
+    "PingNow",
     "ProgressPort",
     "Round",
     "ranking_inputs",
@@ -59,6 +61,11 @@ __all__ = [
 #: A finished ping round's records, ``(schema name, record)``: its ``PingRound`` (records
 #: written before rounds were one record: ``AuctionOpen`` first, then each ``Bid``).
 Round = list[tuple[str, Mapping[str, Any]]]
+
+#: The ping stage's hand-off: ``(ping request, its Kafka ack) -> started``. The redact stage
+#: gives it each request it wrote (not yet acknowledged); True: pinged from here, once Kafka
+#: has the request (the record still arrives through its topic, and pings nobody twice).
+PingNow = Callable[[dict[str, Any], Awaitable[Any]], Awaitable[bool]]
 
 
 class PauseLookup(Protocol):
@@ -113,6 +120,7 @@ class Offers:
     apply_round: Callable[[Round], Awaitable[bool]] | None = None
     mark_open: Callable[[dict[str, Any]], Awaitable[bool]] | None = None
     reping: Callable[[dict[str, Any], int], None] | None = None
+    ping_now: PingNow | None = None
     postings_table: TableT[Any, Any] | None = None
     purge_with_auction: list[TableT[Any, Any]] = field(default_factory=list)
     caps: CapReservations | None = None
@@ -135,6 +143,7 @@ class Context:
     apply_round: Callable[[Round], Awaitable[bool]] | None = None
     mark_open: Callable[[dict[str, Any]], Awaitable[bool]] | None = None
     reping: Callable[[dict[str, Any], int], None] | None = None
+    ping_now: PingNow | None = None
     postings_table: TableT[Any, Any] | None = None
     purge_with_auction: list[TableT[Any, Any]] = field(default_factory=list)
     caps: CapReservations | None = None

@@ -368,6 +368,25 @@ class InFlight:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    async def detached(self, work: Callable[[], Awaitable[None]]) -> bool:
+        """Run ``work`` as one of the tasks, with no event to ack, if a slot is free now;
+        False (nothing started) when all are taken. For a hand-off the topic also delivers:
+        under load the event then waits its turn there instead. ``work`` handles its own
+        errors."""
+        if self._sem.locked():
+            return False
+        await self._sem.acquire()  # a free slot: taken without suspending
+        task = asyncio.create_task(self._run_detached(work), name=f"{self.name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return True
+
+    async def _run_detached(self, work: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await work()
+        finally:
+            self._sem.release()
+
     async def _run(
         self, stream: StreamT[Any], event: EventT[Any], work: Callable[[], Awaitable[None]]
     ) -> None:

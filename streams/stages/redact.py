@@ -20,7 +20,7 @@ from functools import partial
 from typing import Any
 
 import schemas
-from streams.context import Context, ProgressPort
+from streams.context import Context, PingNow, ProgressPort
 from streams.rules.dedupe import identity_of
 from streams.rules.leads import LeadError, ValidLead, deterministic_lead_id, redact, validate_lead
 from streams.runtime.agents import DeadLetters, now_ms
@@ -60,7 +60,8 @@ class RedactStage:
 
     ``seen`` is the ``lead_ids`` table (``local()`` its local store, read when the expiry
     cache is rebuilt); ``send_pii``, ``send_request`` and ``send_dedupe`` send to the
-    ``lead-pii``, ``ping-requests`` and ``dedupe`` topics."""
+    ``lead-pii``, ``ping-requests`` and ``dedupe`` topics; ``ping_now()`` is the ping stage's
+    hand-off (the port, read per lead; None: every request goes through its topic alone)."""
 
     def __init__(
         self,
@@ -73,9 +74,11 @@ class RedactStage:
         send_dedupe: Send,
         dead: DeadLetters,
         progress: ProgressPort,
+        ping_now: Callable[[], PingNow | None] = lambda: None,
         clock: Callable[[], int] = now_ms,
     ) -> None:
         self.settings = settings
+        self._ping_now = ping_now
         self.seen = seen
         self._local = local
         self._send_pii = send_pii
@@ -185,22 +188,26 @@ class RedactStage:
             ),
         )
         identity = identity_of(settings, lead.flow, lead.fields, view.pii_hashes)
-        request = schemas.encode(
-            "PingRequest",
-            {
-                "lead_id": lead.lead_id,
-                "flow": lead.flow,
-                "source": lead.source,
-                "received_at_ms": lead.received_at_ms,
-                "created_at_ms": lead.created_at_ms,
-                "ping_fields": view.ping_fields,
-                "pii_hashes": view.pii_hashes,
-                "identity": identity,
-                "skip_buyers": [],
-            },
-        )
+        req = {
+            "lead_id": lead.lead_id,
+            "flow": lead.flow,
+            "source": lead.source,
+            "received_at_ms": lead.received_at_ms,
+            "created_at_ms": lead.created_at_ms,
+            "ping_fields": view.ping_fields,
+            "pii_hashes": view.pii_hashes,
+            "identity": identity,
+            "skip_buyers": [],
+        }
+        request = schemas.encode("PingRequest", req)
         if identity is None:
-            await self._send_request(key=key, value=request)
+            ack = await self._send_request(key=key, value=request)
+            # This worker owns the lead's partition of ping-requests too (co-partitioned):
+            # its ping stage pings now, not after the record's trip through the topic.
+            # It gets the request as the topic delivers it (decoded: Avro's own types).
+            ping_now = self._ping_now()
+            if ping_now is not None:
+                await ping_now(schemas.decode_as("PingRequest", request), ack)
         else:  # a flow with duplicate checks: the identity's owner decides first
             await self._send_dedupe(key=identity.encode(), value=request)
 
@@ -232,6 +239,7 @@ def register(ctx: Context) -> None:
         send_dedupe=dedupe.send,
         dead=dead,
         progress=progress,
+        ping_now=lambda: ctx.ping_now,
     )
 
     @seen.on_recover

@@ -4,6 +4,7 @@ transport (connectors.buyers' ``Transport`` seam). No broker, no Faust worker.""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Mapping
 from functools import partial
 from types import SimpleNamespace
@@ -15,7 +16,7 @@ import pytest
 import schemas
 from connectors.buyers import BuyerClient
 from streams.context import Context
-from streams.runtime.agents import DeadLetters, InFlight, now_ms
+from streams.runtime.agents import DeadLetters, InFlight, Requeue, now_ms
 from streams.runtime.fanout import ping_buyer, plan_for
 from streams.stages.ping import PingStage
 from streams.topics import TopicNames
@@ -223,6 +224,100 @@ def test_the_agent_acks_a_request_after_its_round_and_hand_off() -> None:
     kinds = [x[0] for x in h.log]
     assert kinds.index("apply_round") < kinds.index("ack") == len(kinds) - 1
     assert h.progress.taken == [("ping", "ping-requests", 0, 7)]
+
+
+def _opening_auctions(h: Harness) -> None:
+    """``mark_open`` as the auction's: the first round of a lead opens it, a second is
+    refused (under the auction's lock, whichever comes first)."""
+
+    async def mark_open(rec: dict[str, Any]) -> bool:
+        h.log.append(("mark_open", rec["lead_id"]))
+        if rec["lead_id"] in h.auctions:
+            return False
+        h.auctions[rec["lead_id"]] = {"open": rec}
+        return True
+
+    h.ports.mark_open = mark_open
+
+
+def test_a_handed_off_request_is_pinged_once_kafka_has_it_and_its_topic_copy_pings_nobody(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="streams.stages.ping")
+    h = Harness()
+    _opening_auctions(h)
+
+    async def go() -> None:
+        ack: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        assert await h.stage.ping_now(h.request(), ack)
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert h.log == []  # nothing opened, nobody pinged before Kafka acknowledged it
+        ack.set_result(None)
+        await h.stage.drain()
+        assert len(h.pinged_urls()) == 2 and len(h.rounds) == 1  # sunrise, brightpath
+        # The same request through the ping-requests topic: its auction is open.
+        await h.stage.round_for(h.request())
+
+    asyncio.run(go())
+    assert len(h.pinged_urls()) == 2 and len(h.rounds) == 1  # sunrise, brightpath
+    assert [x for x in h.log if x[0] == "mark_open"] == [("mark_open", "lead-1")]
+    # The topic's copy was expected: not logged. A redelivery after that one is logged.
+    assert "already auctioned" not in caplog.text and not h.stage.handed
+    asyncio.run(h.stage.round_for(h.request()))
+    assert "lead lead-1 already auctioned; not pinging again" in caplog.text
+    assert len(h.pinged_urls()) == 2
+
+
+def test_no_hand_off_when_it_is_off_or_every_slot_is_taken_or_kafka_refused_the_request() -> None:
+    async def go() -> list[Any]:
+        off = Harness()
+        off.stage.handoff = False
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        assert not await off.stage.ping_now(off.request(), done)
+
+        full = Harness()
+        gate = asyncio.Event()
+
+        async def hold() -> None:
+            await gate.wait()
+
+        for _ in range(4):  # the harness's InFlight limit
+            assert await full.stage.inflight.detached(hold)
+        assert not await full.stage.ping_now(full.request(), done)
+        gate.set()
+        await full.stage.drain()
+        assert await full.stage.ping_now(full.request(), done)  # a slot is free again
+        await full.stage.drain()
+
+        refused = Harness()
+        failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        failed.set_exception(RuntimeError("KafkaTimeoutError"))
+        assert await refused.stage.ping_now(refused.request(), failed)
+        await refused.stage.drain()
+        assert off.log == [] and refused.log == [] and len(full.pinged_urls()) == 2
+        return refused.dead.sent
+
+    assert asyncio.run(go()) == []
+
+
+def test_a_hand_off_to_a_worker_that_does_not_own_the_lead_leaves_it_to_the_topic() -> None:
+    h = Harness()
+
+    async def not_mine(rec: dict[str, Any]) -> bool:
+        raise Requeue("this worker does not own its auction")
+
+    h.ports.mark_open = not_mine
+
+    async def go() -> None:
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        assert await h.stage.ping_now(h.request(), done)
+        await h.stage.drain()
+
+    asyncio.run(go())
+    assert h.pinged_urls() == [] and h.rounds == [] and h.dead.sent == []
 
 
 def test_an_undecodable_request_is_dead_lettered_and_acked() -> None:

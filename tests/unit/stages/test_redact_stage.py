@@ -48,7 +48,7 @@ def lead(**fields: Any) -> bytes:
 
 
 class Harness:
-    def __init__(self) -> None:
+    def __init__(self, *, ping_now: Any = None) -> None:
         self.settings = demo_settings()
         self.pii, self.requests, self.dedupe, self.dead = (
             RecordingTopic("lead-pii"),
@@ -68,6 +68,7 @@ class Harness:
             send_dedupe=self.dedupe.send,
             dead=DeadLetters(self.dead, "redact", self.settings),
             progress=self.progress,
+            ping_now=lambda: ping_now,
             clock=lambda: self.now,
         )
 
@@ -101,6 +102,28 @@ def test_a_lead_is_split_into_its_pii_record_and_a_pii_free_ping_request() -> No
         assert value.encode() not in raw, value
         assert value not in repr(req), value
     assert h.dedupe.sent == [] and h.dead.sent == []
+
+
+def test_the_ping_request_is_handed_to_the_ping_stage_as_the_topic_delivers_it() -> None:
+    """The ping stage's hand-off gets each request the stage wrote, decoded as it reads back
+    from the topic, with the future of its Kafka acknowledgement (not awaited here)."""
+    handed: list[tuple[dict[str, Any], Any]] = []
+
+    async def ping_now(req: dict[str, Any], ack: Any) -> bool:
+        handed.append((req, ack))
+        return True
+
+    h = Harness(ping_now=ping_now)
+    h.run(event(lead(), "leads", 2, 40), event(lead(), "leads", 2, 41))
+    assert len(h.requests.sent) == 2
+    assert [req for req, _ in handed] == [rec for _, rec in h.requests.records()]
+    assert all(isinstance(ack, asyncio.Future) and ack.done() for _, ack in handed)
+
+
+def test_without_the_hand_off_the_request_goes_through_its_topic_alone() -> None:
+    h = Harness(ping_now=None)
+    h.run(event(lead(), "leads", 2, 40))
+    assert len(h.requests.sent) == 1 and h.dead.sent == []
 
 
 def test_an_invalid_lead_is_dead_lettered_without_raw_pii() -> None:
