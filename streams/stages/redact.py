@@ -22,12 +22,19 @@ from typing import Any
 import schemas
 from streams.context import Context, PingNow, ProgressPort
 from streams.rules.dedupe import identity_of
-from streams.rules.leads import LeadError, ValidLead, deterministic_lead_id, redact, validate_lead
+from streams.rules.leads import (
+    LeadError,
+    PingView,
+    ValidLead,
+    deterministic_lead_id,
+    redact,
+    validate_lead,
+)
 from streams.runtime.agents import DeadLetters, now_ms
 from streams.runtime.progress import tracker
 from streams.settings import Settings
 
-__all__ = ["RedactStage", "register", "lead_from_record"]
+__all__ = ["RedactStage", "register", "lead_from_record", "ping_request"]
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +51,22 @@ def lead_from_record(record: dict[str, Any]) -> dict[str, Any]:
         if record.get(meta) is not None:
             raw[meta] = record[meta]
     return raw
+
+
+def ping_request(lead: ValidLead, view: PingView, identity: str | None = None) -> dict[str, Any]:
+    """The ``PingRequest`` of a validated lead and its redacted ``view`` (``redact``): the
+    ping fields and the PII's keyed hashes, never a PII value."""
+    return {
+        "lead_id": lead.lead_id,
+        "flow": lead.flow,
+        "source": lead.source,
+        "received_at_ms": lead.received_at_ms,
+        "created_at_ms": lead.created_at_ms,
+        "ping_fields": view.ping_fields,
+        "pii_hashes": view.pii_hashes,
+        "identity": identity,
+        "skip_buyers": [],
+    }
 
 
 def _received_at(claimed: int | None, kafka_timestamp_s: float) -> int:
@@ -188,18 +211,7 @@ class RedactStage:
             ),
         )
         identity = identity_of(settings, lead.flow, lead.fields, view.pii_hashes)
-        req = {
-            "lead_id": lead.lead_id,
-            "flow": lead.flow,
-            "source": lead.source,
-            "received_at_ms": lead.received_at_ms,
-            "created_at_ms": lead.created_at_ms,
-            "ping_fields": view.ping_fields,
-            "pii_hashes": view.pii_hashes,
-            "identity": identity,
-            "skip_buyers": [],
-        }
-        request = schemas.encode("PingRequest", req)
+        request = schemas.encode("PingRequest", ping_request(lead, view, identity))
         if identity is None:
             ack = await self._send_request(key=key, value=request)
             # This worker owns the lead's partition of ping-requests too (co-partitioned):

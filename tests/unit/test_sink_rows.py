@@ -12,6 +12,7 @@ import schemas
 from connectors.clickhouse import TABLE_COLUMNS
 from streams.rules.leads import redact, validate_lead
 from streams.settings import load_settings
+from streams.stages.redact import ping_request
 from streams.stages.sink import to_row, to_rows
 from tests.unit.test_schemas import RECORDS, T0
 
@@ -245,16 +246,7 @@ def test_leads_row_of_a_redacted_lead_has_no_pii() -> None:
     lead = validate_lead(
         settings, LEAD, received_at_ms=T0, source="http:demo", lead_id="lead-pii-1"
     )
-    view = redact(settings, lead)
-    req = {
-        "lead_id": lead.lead_id,
-        "flow": lead.flow,
-        "source": lead.source,
-        "received_at_ms": lead.received_at_ms,
-        "created_at_ms": lead.created_at_ms,
-        "ping_fields": view.ping_fields,
-        "pii_hashes": view.pii_hashes,
-    }
+    req = ping_request(lead, redact(settings, lead))
     row = row_of("PingRequest", req)
     assert set(row["pii_hashes"]) == {"first_name", "last_name", "email", "phone", "address"}
     text = repr(mapped_row(req))
