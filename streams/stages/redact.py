@@ -219,7 +219,10 @@ class RedactStage:
             # It gets the request as the topic delivers it (decoded: Avro's own types).
             ping_now = self._ping_now()
             if ping_now is not None:
-                await ping_now(schemas.decode_as("PingRequest", request), ack)
+                try:
+                    await ping_now(schemas.decode_as("PingRequest", request), ack)
+                except Exception:  # the request is on its topic: the ping stage reads it there
+                    log.warning("lead %s: ping hand-off refused", lead.lead_id, exc_info=True)
         else:  # a flow with duplicate checks: the identity's owner decides first
             await self._send_dedupe(key=identity.encode(), value=request)
 

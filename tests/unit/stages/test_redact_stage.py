@@ -120,6 +120,16 @@ def test_the_ping_request_is_handed_to_the_ping_stage_as_the_topic_delivers_it()
     assert all(isinstance(ack, asyncio.Future) and ack.done() for _, ack in handed)
 
 
+def test_a_failed_hand_off_leaves_the_request_to_its_topic_and_dead_letters_nothing() -> None:
+    async def broken(req: dict[str, Any], ack: Any) -> bool:
+        raise RuntimeError("the ping stage is stopping")
+
+    h = Harness(ping_now=broken)
+    h.run(event(lead(), "leads", 2, 40))
+    assert len(h.requests.sent) == 1 and len(h.pii.sent) == 1
+    assert h.dead.sent == []
+
+
 def test_without_the_hand_off_the_request_goes_through_its_topic_alone() -> None:
     h = Harness(ping_now=None)
     h.run(event(lead(), "leads", 2, 40))
