@@ -19,7 +19,7 @@ import functools
 import logging
 import time
 import traceback
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
 import faust
@@ -364,9 +364,7 @@ class InFlight:
         self, stream: StreamT[Any], event: EventT[Any], work: Callable[[], Awaitable[None]]
     ) -> None:
         await self._sem.acquire()  # backpressure: the agent stops reading when full
-        task = asyncio.create_task(self._run(stream, event, work), name=f"{self.name}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._start(self._run(stream, event, work))
 
     async def detached(self, work: Callable[[], Awaitable[None]]) -> bool:
         """Run ``work`` as one of the tasks, with no event to ack, if a slot is free now;
@@ -376,10 +374,14 @@ class InFlight:
         if self._sem.locked():
             return False
         await self._sem.acquire()  # a free slot: taken without suspending
-        task = asyncio.create_task(self._run_detached(work), name=f"{self.name}")
+        self._start(self._run_detached(work))
+        return True
+
+    def _start(self, job: Coroutine[Any, Any, None]) -> None:
+        """Run ``job`` (it holds a slot, released when it ends) as a tracked task."""
+        task = asyncio.create_task(job, name=f"{self.name}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        return True
 
     async def _run_detached(self, work: Callable[[], Awaitable[None]]) -> None:
         try:
