@@ -252,6 +252,7 @@ async def push_leads(
     console: Console | None = None,
     every_5s: Any = None,
     progress_every_s: float = 10.0,
+    pacer: Pacer | None = None,
 ) -> DemoRun:
     """POST every lead at about ``rate`` per second (after a ramp of ``ramp_s``); returns
     the accepted lead ids in order. A 429 (over capacity) is handled as a producer should:
@@ -260,7 +261,8 @@ async def push_leads(
     in a storm of retries. A transport error or 503 is retried up to 4 times (the lead's id
     makes a retry idempotent). ``every_5s`` (a blocking callable) runs in a thread every 5 s
     while pushing (the PII audit reading the buyers). Off a terminal, progress is a plain line
-    every ``progress_every_s`` (:class:`ProgressLines`)."""
+    every ``progress_every_s`` (:class:`ProgressLines`). ``pacer`` replaces the default
+    :class:`Pacer` (its ``start`` is reset to now)."""
     import heapq
 
     ids: list[str | None] = [None] * len(leads)
@@ -268,7 +270,9 @@ async def push_leads(
     refused = 0
     slots = asyncio.Semaphore(concurrency)
     start = time.monotonic()
-    pacer = Pacer(rate, ramp_s, start)
+    if pacer is None:
+        pacer = Pacer(rate, ramp_s, start)
+    pacer.start = pacer.next_at = start
     headers = {"Authorization": f"Bearer {token}"}
     pushing = asyncio.Event()
     #: (ready at, lead index, 429s so far) of refused leads waiting for their Retry-After.
