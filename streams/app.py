@@ -112,10 +112,10 @@ def create_app(
         )
     # Auctions need every hop in a few ms; the sink and metrics roles batch and window: they
     # fetch in batches (worker.batch_fetch_*), which costs a fraction of the CPU per record.
+    w = settings.worker
     if role == "auction":
-        faust_patches.apply(faust_patches.WORKER_FETCH_MAX_WAIT_MS)
+        faust_patches.apply(faust_patches.WORKER_FETCH_MAX_WAIT_MS, w.fetch_min_bytes)
     else:
-        w = settings.worker
         faust_patches.apply(w.batch_fetch_wait_ms, w.batch_fetch_min_bytes)
     k = settings.kafka
     app_id = k.app_id if role == "auction" else f"{k.app_id}-{role}"

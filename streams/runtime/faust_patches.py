@@ -99,7 +99,8 @@
    the worker consumer; the sink and metrics roles take ``worker.batch_fetch_min_bytes`` and
    wait at most ``worker.batch_fetch_wait_ms`` for it (point 8's long idle wait does not apply
    to a consumer waiting for bytes: it would be how late its records are read at low traffic).
-   The auction role keeps 1. Once a batched fetch comes back empty (no traffic for the batch
+   The auction role takes ``worker.fetch_min_bytes`` (default 1: every record at once) with its
+   10 ms wait. Once a batched fetch comes back empty (no traffic for the batch
    wait), the next ones are point 8's idle fetch (``fetch_min_bytes=1``, the idle wait) until
    records flow again: at rest such a consumer asks the broker every 2 s, not every 500 ms,
    and the first record after the rest is read as soon as it lands.

@@ -140,6 +140,12 @@ class WorkerConfig(_Model):
     #: The longest a sink or metrics fetch waits for those bytes: how late the warehouse
     #: and the metrics may be at low traffic.
     batch_fetch_wait_ms: Annotated[int, Field(ge=10, le=5000)] = 500
+    #: The auction workers' fetch: the broker answers it once this many bytes wait, or after
+    #: 10 ms. While records flow, a fetch per record costs more than the records (the fixed
+    #: cost of a request, twice: the worker's and the broker's); 1 reads every record at
+    #: once. At rest, and for the first record after it, a fetch is answered at once anyway
+    #: (faust_patches points 8 and 9). Each Kafka hop of a lead may wait up to 10 ms for it.
+    fetch_min_bytes: Annotated[int, Field(ge=1, le=1024 * 1024)] = 1
     #: How long a worker's producer holds a record for others to the same broker: a lead's
     #: small events (table changelogs, rounds, orders) then share one produce request. Each
     #: Kafka hop of a lead may wait this long.

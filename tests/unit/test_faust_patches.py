@@ -344,7 +344,7 @@ async def test_the_consumer_thread_never_reads_no_active_partition_as_all() -> N
     assert ("p.leads", 3) in view
 
 
-def test_the_sink_and_metrics_workers_fetch_in_batches_the_auction_workers_at_once(
+def test_each_role_gets_its_fetch_wait_and_fetch_min_bytes(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """Point 9, wired by create_app: the worker consumer of each role gets its fetch wait
@@ -363,9 +363,11 @@ def test_the_sink_and_metrics_workers_fetch_in_batches_the_auction_workers_at_on
     monkeypatch.setattr(cls, "_pingpost_original_create", faust_creates, raising=False)
     monkeypatch.setattr(cls, "_pingpost_fetch_wait_ms", None, raising=False)
     raw = yaml.safe_load(Path("config/demo.yaml").read_text())
-    raw.setdefault("worker", {}).update(batch_fetch_min_bytes=65536, batch_fetch_wait_ms=300)
+    raw.setdefault("worker", {}).update(
+        batch_fetch_min_bytes=65536, batch_fetch_wait_ms=300, fetch_min_bytes=3000
+    )
     settings = parse_settings(raw, env={})
-    for role, want in [("sink", (300, 65536)), ("metrics", (300, 65536)), ("auction", (10, 1))]:
+    for role, want in [("sink", (300, 65536)), ("metrics", (300, 65536)), ("auction", (10, 3000))]:
         create_app(settings, role, web_port=0, data_root=tmp_path)  # type: ignore[arg-type]
         consumer = cls._create_worker_consumer(None, None)  # type: ignore[arg-type]
         assert (consumer._fetch_max_wait_ms, consumer._fetch_min_bytes) == want, role
