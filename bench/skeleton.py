@@ -17,8 +17,9 @@ product's producer and consumer settings):
 - ``post`` reads the order: ``postings`` intent, one or two ``deliveries`` (1.5 a lead),
   ``postings`` result, ``results``, the ``pii`` table's deletion.
 
-That is 16 records written and 5 read per lead, as measured on the real worker at 100 leads/s
-(16.1–16.6 written; docs/numbers.md). Two implementations of the worker:
+That is 15.5 records written and 5 read per lead; the real stack writes 16.1–16.6 at 100
+leads/s (docs/numbers.md), the rest being cap and progress records and a retried post's
+``postings`` writes. Two implementations of the worker:
 
 - ``faust``: Faust agents and tables with the product's settings and patches (what pingpost
   runs on);
