@@ -33,6 +33,10 @@ and the CPU per lead of the worker, the broker and the generator (``/proc``, at-
 subtracted). Starts its own broker; nothing else of pingpost runs.
 
     .venv/bin/python bench/skeleton.py [--impl faust,plain] [--rates 100,200,300,400] [--seconds 20]
+
+``--linger-ms`` and ``--fetch-min-bytes`` change the Faust worker's producer linger and its
+consumer's ``fetch_min_bytes`` (the product's: ``worker.producer_linger_ms``,
+``worker.fetch_min_bytes``), for sweeps like the one in docs/numbers.md.
 """
 
 from __future__ import annotations
@@ -98,37 +102,23 @@ class Stats:
 # ------------------------------------------------------------------------------ workers
 
 
-def faust_worker(bootstrap: str, out: Path, partitions: int) -> None:
+def faust_worker(
+    bootstrap: str, out: Path, partitions: int, linger_ms: float, fetch_min_bytes: int
+) -> None:
     import faust
 
+    from streams.app import faust_settings
     from streams.runtime import faust_patches
-    from streams.runtime.agents import KeyPartitioner
 
-    wait = int(os.environ.get("SKELETON_FETCH_WAIT_MS", faust_patches.WORKER_FETCH_MAX_WAIT_MS))
-    faust_patches.apply(wait, int(os.environ.get("SKELETON_FETCH_MIN_BYTES", "1")))
-    linger = float(os.environ.get("SKELETON_LINGER_MS", "2")) / 1000
+    faust_patches.apply(faust_patches.WORKER_FETCH_MAX_WAIT_MS, fetch_min_bytes)
     datadir = Path(tempfile.mkdtemp(prefix="skeleton-faust-"))
     app = faust.App(
         "skeleton",
         datadir=str(datadir),
         broker=f"kafka://{bootstrap}",
-        store="memory://",
-        autodiscover=False,
-        processing_guarantee="at_least_once",
-        topic_partitions=partitions,
-        topic_replication_factor=1,
-        producer_acks=-1,
-        producer_linger=linger,
-        producer_partitioner=KeyPartitioner(),
-        consumer_auto_offset_reset="earliest",
         web_enabled=False,
-        table_standby_replicas=0,
-        blocking_timeout=None,
-        stream_recovery_delay=0.0,
-        broker_commit_every=1000,
-        broker_session_timeout=10.0,
-        broker_heartbeat_interval=1.0,
-        broker_commit_interval=1.0,
+        # The product's own settings (streams/app.py), the linger as configured here.
+        **faust_settings(partitions, linger_ms),
     )
     raw: dict[str, Any] = {
         "key_type": bytes,
@@ -367,6 +357,7 @@ def run_impl(impl: str, args: argparse.Namespace) -> list[dict[str, Any]]:
         out.mkdir()
         cmd = [sys.executable, __file__, "--worker", impl, "--bootstrap", bootstrap]
         cmd += ["--out", str(out), "--partitions", str(args.partitions)]
+        cmd += ["--linger-ms", str(args.linger_ms), "--fetch-min-bytes", str(args.fetch_min_bytes)]
         proc = subprocess.Popen(
             cmd,
             cwd=ROOT,
@@ -441,6 +432,8 @@ def run_impl(impl: str, args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def main() -> int:
+    from streams.settings.infra import WorkerConfig
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--impl", default="faust,plain", help="faust, plain, or both (in order)")
     ap.add_argument("--rates", default="100,200,300,400", help="leads/s offered, comma-separated")
@@ -449,12 +442,26 @@ def main() -> int:
     ap.add_argument("--rest", type=float, default=10.0, help="at-rest CPU measured first, s")
     ap.add_argument("--settle-timeout", type=float, default=60.0)
     ap.add_argument("--partitions", type=int, default=6)
+    ap.add_argument(
+        "--linger-ms",
+        type=float,
+        default=WorkerConfig.model_fields["producer_linger_ms"].default,
+        help="the Faust worker's producer linger (worker.producer_linger_ms)",
+    )
+    ap.add_argument(
+        "--fetch-min-bytes",
+        type=int,
+        default=WorkerConfig.model_fields["fetch_min_bytes"].default,
+        help="the Faust worker's fetch_min_bytes (worker.fetch_min_bytes)",
+    )
     ap.add_argument("--worker", choices=["faust", "plain"], help=argparse.SUPPRESS)
     ap.add_argument("--bootstrap", help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker == "faust":
-        faust_worker(args.bootstrap, args.out, args.partitions)
+        faust_worker(
+            args.bootstrap, args.out, args.partitions, args.linger_ms, args.fetch_min_bytes
+        )
         return 0
     if args.worker == "plain":
         asyncio.run(plain_worker(args.bootstrap, args.out, args.partitions))

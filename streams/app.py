@@ -30,7 +30,7 @@ from streams.runtime.gcwatch import GcWatch
 from streams.settings import ConfigError, Settings, unenforced_keys
 from streams.topics import TopicNames, topic_specs
 
-__all__ = ["create_app", "wire"]
+__all__ = ["create_app", "faust_settings", "wire"]
 
 Role = Literal["auction", "sink", "metrics"]
 
@@ -91,6 +91,34 @@ def _resources_service(ctx: Context) -> type[mode.Service]:
     return Resources
 
 
+def faust_settings(partitions: int, producer_linger_ms: float) -> dict[str, Any]:
+    """The Faust settings every pingpost worker runs with, whatever its role (``bench/skeleton.py``
+    measures Faust with them too)."""
+    return {
+        "store": "memory://",
+        "autodiscover": False,
+        "processing_guarantee": "at_least_once",
+        "topic_partitions": partitions,
+        "topic_replication_factor": 1,
+        "producer_acks": -1,
+        # A few ms of linger batches the many small events of a lead (rounds, table changelog)
+        # into one produce request: far fewer syscalls on the hot path for that much per hop.
+        "producer_linger": producer_linger_ms / 1000,
+        # Kafka's default partitioning, with each key's hash computed once (agents.py).
+        "producer_partitioner": KeyPartitioner(),
+        "consumer_auto_offset_reset": "earliest",
+        "table_standby_replicas": 0,
+        # The auction agent is latency-critical; flag anything blocking the loop.
+        "blocking_timeout": None,
+        "stream_recovery_delay": 0.0,
+        "broker_commit_every": 1000,
+        # A crashed worker's partitions move after this long (Faust's default is 60 s).
+        "broker_session_timeout": 10.0,
+        "broker_heartbeat_interval": 1.0,
+        "broker_commit_interval": 1.0,
+    }
+
+
 def create_app(
     settings: Settings,
     role: Role = "auction",
@@ -136,36 +164,16 @@ def create_app(
         app_id,
         datadir=str(datadir),
         broker=f"kafka://{k.bootstrap}",
-        store="memory://",
-        autodiscover=False,
-        processing_guarantee="at_least_once",
-        topic_partitions=k.partitions,
-        topic_replication_factor=1,
-        producer_acks=-1,
-        # A few ms of linger batches the many small events of a lead (rounds, table changelog)
-        # into one produce request: far fewer syscalls on the hot path for that much per hop.
-        producer_linger=settings.worker.producer_linger_ms / 1000,
-        # Kafka's default partitioning, with each key's hash computed once (agents.py).
-        producer_partitioner=KeyPartitioner(),
-        consumer_auto_offset_reset="earliest",
         web_enabled=port != 0,
         web_port=port or 6066,
         web_host="127.0.0.1",
-        table_standby_replicas=0,
-        # The auction agent is latency-critical; flag anything blocking the loop.
-        blocking_timeout=None,
-        stream_recovery_delay=0.0,
-        broker_commit_every=1000,
-        # A crashed worker's partitions move after this long (Faust's default is 60 s).
-        broker_session_timeout=10.0,
-        broker_heartbeat_interval=1.0,
         # A static member restarted under its old name takes its partitions back without a
         # rebalance; the surviving workers never stop (worker.static_membership).
         consumer_group_instance_id=instance_id,
-        broker_commit_interval=1.0,
         # The metrics role holds its events unacked on purpose (the uncommitted offsets are
         # its restart checkpoint, streams/stages/metrics.py): stopping must not wait for them.
         stream_wait_empty=role != "metrics",
+        **faust_settings(k.partitions, settings.worker.producer_linger_ms),
         **stall_timeouts,
     )
     ctx = Context(settings, app, TopicNames.from_settings(settings))
