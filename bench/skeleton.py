@@ -57,20 +57,11 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-TICK = os.sysconf("SC_CLK_TCK")
+from bench.record_cost import cpu_s, self_cpu_s
+
 TOPICS = ["leads", "ping-requests", "lead-pii", "bids", "posts", "deliveries", "results"]
 TABLES = ["lead_ids", "auctions", "pii", "postings"]
 LEAD_BYTES = 600
-
-
-def cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
-
-
-def self_cpu_s() -> float:
-    t = os.times()
-    return t.user + t.system
 
 
 def _seq_sent(value: bytes) -> tuple[int, float]:
