@@ -57,11 +57,26 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.record_cost import cpu_s, self_cpu_s
+from bench.record_cost import cpu_s, read_count, self_cpu_s
 
 TOPICS = ["leads", "ping-requests", "lead-pii", "bids", "posts", "deliveries", "results"]
 TABLES = ["lead_ids", "auctions", "pii", "postings"]
 LEAD_BYTES = 600
+#: What each record carries after the generator's head (its first 40 bytes): the same in both
+#: workers, so that they move the same bytes.
+BODY = {
+    "lead-pii": b" pii" * 40,
+    "ping-requests": b" view" * 60,
+    "bids": b" bid" * 150,
+    "posts": b" order" * 40,
+    "deliveries": b" dlv" * 60,
+    "results": b" res" * 60,
+}
+
+
+def body(topic: str, value: bytes) -> bytes:
+    """The record a stage writes on ``topic`` for the lead whose record is ``value``."""
+    return value[:40] + BODY[topic]
 
 
 def _seq_sent(value: bytes) -> tuple[int, float]:
@@ -131,15 +146,15 @@ def faust_worker(
         async for e in stream.events():
             k = e.key.decode()
             tables["lead_ids"][k] = "x" * 40
-            await t["lead-pii"].send(key=e.key, value=e.value[:40] + b" pii" * 40)
-            await t["ping-requests"].send(key=e.key, value=e.value[:40] + b" view" * 60)
+            await t["lead-pii"].send(key=e.key, value=body("lead-pii", e.value))
+            await t["ping-requests"].send(key=e.key, value=body("ping-requests", e.value))
 
     @app.agent(t["ping-requests"], name="ping")
     async def ping(stream: Any) -> None:
         async for e in stream.events():
             stats.pinged(e.value)
             tables["auctions"][e.key.decode()] = {"open": True}
-            await t["bids"].send(key=e.key, value=e.value[:40] + b" bid" * 150)
+            await t["bids"].send(key=e.key, value=body("bids", e.value))
 
     @app.agent(t["lead-pii"], name="pii")
     async def pii(stream: Any) -> None:
@@ -151,7 +166,7 @@ def faust_worker(
         async for e in stream.events():
             k = e.key.decode()
             tables["auctions"][k] = {"closed": True, "order": "o" * 200}
-            await t["posts"].send(key=e.key, value=e.value[:40] + b" order" * 40)
+            await t["posts"].send(key=e.key, value=body("posts", e.value))
             tables["auctions"][k] = {"closed": True}
 
     @app.agent(t["posts"], name="post")
@@ -161,9 +176,9 @@ def faust_worker(
             seq, _ = _seq_sent(e.value)
             tables["postings"][k] = {"intent": "i" * 100}
             for _ in range(1 + seq % 2):
-                await t["deliveries"].send(key=e.key, value=e.value[:40] + b" dlv" * 60)
+                await t["deliveries"].send(key=e.key, value=body("deliveries", e.value))
             tables["postings"][k] = {"result": "r" * 100}
-            await t["results"].send(key=e.key, value=e.value[:40] + b" res" * 60)
+            await t["results"].send(key=e.key, value=body("results", e.value))
             tables["pii"].pop(k, None)
             stats.done += 1
 
@@ -176,7 +191,7 @@ def faust_worker(
     worker.execute_from_commandline()
 
 
-async def plain_worker(bootstrap: str, out: Path, partitions: int) -> None:
+async def plain_worker(bootstrap: str, out: Path) -> None:
     """The same records with aiokafka alone: one consumer of the five topics in batches."""
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
@@ -219,29 +234,29 @@ async def plain_worker(bootstrap: str, out: Path, partitions: int) -> None:
                     k, v, p = r.key, r.value, tp.partition
                     if tp.topic == "leads":
                         table_set("lead_ids", k, "x" * 40, p)
-                        pending.append(producer.send("lead-pii", v[:40] + b" pii" * 40, key=k))
+                        pending.append(producer.send("lead-pii", body("lead-pii", v), key=k))
                         pending.append(
-                            producer.send("ping-requests", v[:40] + b" view" * 60, key=k)
+                            producer.send("ping-requests", body("ping-requests", v), key=k)
                         )
                     elif tp.topic == "ping-requests":
                         stats.pinged(v)
                         table_set("auctions", k, {"open": True}, p)
-                        pending.append(producer.send("bids", v[:40] + b" bid" * 150, key=k))
+                        pending.append(producer.send("bids", body("bids", v), key=k))
                     elif tp.topic == "lead-pii":
                         table_set("pii", k, v.decode(), p)
                     elif tp.topic == "bids":
                         table_set("auctions", k, {"closed": True, "order": "o" * 200}, p)
-                        pending.append(producer.send("posts", v[:40] + b" order" * 40, key=k))
+                        pending.append(producer.send("posts", body("posts", v), key=k))
                         table_set("auctions", k, {"closed": True}, p)
                     elif tp.topic == "posts":
                         seq, _ = _seq_sent(v)
                         table_set("postings", k, {"intent": "i" * 100}, p)
                         for _ in range(1 + seq % 2):
                             pending.append(
-                                producer.send("deliveries", v[:40] + b" dlv" * 60, key=k)
+                                producer.send("deliveries", body("deliveries", v), key=k)
                             )
                         table_set("postings", k, {"result": "r" * 100}, p)
-                        pending.append(producer.send("results", v[:40] + b" res" * 60, key=k))
+                        pending.append(producer.send("results", body("results", v), key=k))
                         table_set("pii", k, None, p)
                         stats.done += 1
             if pending:
@@ -310,10 +325,7 @@ async def generate(bootstrap: str, first: int, rate: float, seconds: float) -> i
 
 
 def read_done(out: Path) -> int:
-    try:
-        return int((out / "done").read_text() or 0)
-    except (FileNotFoundError, ValueError):
-        return 0
+    return read_count(out / "done")
 
 
 def latencies(out: Path, first: int, last: int) -> list[float]:
@@ -373,7 +385,6 @@ def run_impl(impl: str, args: argparse.Namespace) -> list[dict[str, Any]]:
             c0 = {n: cpu_s(p) for n, p in pids.items()}
             g0 = self_cpu_s()
             n = asyncio.run(generate(bootstrap, first, rate, args.seconds))
-            offered_s = time.monotonic() - t0
             gen = self_cpu_s() - g0
             deadline = time.monotonic() + args.settle_timeout
             while read_done(out) < done0 + n and time.monotonic() < deadline:
@@ -386,9 +397,7 @@ def run_impl(impl: str, args: argparse.Namespace) -> list[dict[str, Any]]:
                 "impl": impl,
                 "offered": rate,
                 "done": done,
-                "sent": n,
                 "sustained": done / took,
-                "offered_s": offered_s,
                 "p50": pct(lat, 0.5),
                 "p99": pct(lat, 0.99),
                 "worker": used["worker"] * 1000 / max(done, 1),
@@ -455,7 +464,7 @@ def main() -> int:
         )
         return 0
     if args.worker == "plain":
-        asyncio.run(plain_worker(args.bootstrap, args.out, args.partitions))
+        asyncio.run(plain_worker(args.bootstrap, args.out))
         return 0
     args.rates = [float(r) for r in args.rates.split(",") if r]
     rows = []
