@@ -561,9 +561,12 @@ class KafkaBroker:
             # Default 3 s delays the first rebalance of every new group: tests and dev
             # restarts would wait for nothing.
             "group.initial.rebalance.delay.ms": "0",
-            # Sized for two shared cores (defaults: 3 network, 8 io threads).
-            "num.network.threads": "2",
-            "num.io.threads": "4",
+            # Sized for two shared cores (defaults: 3 network, 8 io threads). Each idle
+            # thread wakes every 300 ms, and the controller listener gets as many again: 1
+            # and 2 cut the broker's CPU at rest from 1.3 to 1.1 % of a core with no client
+            # (docs/numbers.md), and carry this machine's load.
+            "num.network.threads": "1",
+            "num.io.threads": "2",
             "num.recovery.threads.per.data.dir": "1",
             # The active controller appends a no-op record to the metadata log every 500 ms
             # by default (to advance its high watermark): a third of a single node's CPU at
@@ -652,6 +655,9 @@ class KafkaBroker:
             # which on a 2-core host is taken from the auction workers (close lag of a cold
             # demo). A single-node dev/test broker never needs C2's peak throughput.
             "-XX:TieredStopAtLevel=1",
+            # No hsperfdata file: its sampler woke the JVM 20 times a second for jstat, which
+            # nothing here reads.
+            "-XX:-UsePerfData",
             # Heap dump / error files would otherwise land in the cwd.
             f"-XX:ErrorFile={self._dir / 'hs_err_pid%p.log'}",
             _DIR_MARKER + str(self._dir),

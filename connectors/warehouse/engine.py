@@ -23,6 +23,7 @@ from connectors.warehouse.sql import quote_identifier, quote_string, set_names
 __all__ = [
     "DEFAULT_DATABASE",
     "DEFAULT_MAX_POOL_SIZE",
+    "ENGINE_SETTINGS",
     "ExternalTable",
     "Lease",
     "RequestState",
@@ -77,6 +78,13 @@ class _StreamingInserter(Protocol):
     def append(self, data: bytes) -> None: ...
     def finish(self) -> _InsertResult: ...
     def cancel(self) -> None: ...
+
+
+#: Server settings of the embedded engine, passed in chDB's connection string. Its
+#: ``MemoryWorker`` (which re-reads the process's memory use for the memory tracker) ticks every
+#: 50 ms by default: 20 wake-ups a second, ~0.2 % of a core with nothing to do, which is most of
+#: the warehouse's CPU at rest (docs/numbers.md). Once a second is plenty for a box's memory.
+ENGINE_SETTINGS = "memory_worker_period_ms=1000"
 
 
 class _Session(Protocol):
@@ -225,7 +233,7 @@ class SessionPool:
         from chdb.session import Session as ChdbSession  # late: loading the engine takes a while
 
         try:
-            return cast(_Session, ChdbSession(str(self.data_dir)))  # type: ignore[no-untyped-call]
+            return cast(_Session, ChdbSession(f"{self.data_dir}?{ENGINE_SETTINGS}"))  # type: ignore[no-untyped-call]
         except Exception as exc:
             if "EmbeddedServer" in str(exc) or "Cannot lock file" in str(exc):
                 # chDB's message is empty; the real reason (lock held) only goes to stderr.

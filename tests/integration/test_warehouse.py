@@ -153,6 +153,17 @@ def test_connect_reads_version_timezone_and_headers(client: Client, warehouse_ur
     assert summary["result_rows"] == "1"
 
 
+def test_the_engine_runs_with_its_server_settings(client: Client) -> None:
+    """ENGINE_SETTINGS reach the embedded engine (chDB's connection string): its memory
+    worker ticks once a second, not every 50 ms (most of the warehouse's CPU at rest)."""
+    from connectors.warehouse.engine import ENGINE_SETTINGS
+
+    for setting in ENGINE_SETTINGS.split("&"):
+        name, value = setting.split("=")
+        got = client.command(f"SELECT value FROM system.server_settings WHERE name = '{name}'")
+        assert str(got) == value, (name, got)
+
+
 def test_select_1_latency_has_no_nagle_delay(client: Client) -> None:
     # With Nagle on, every response took ~44 ms on loopback instead of ~2 ms.
     timings = []

@@ -18,10 +18,11 @@ from streams.tools.demo import Pacer, ProgressLines, generate_leads, push_leads,
 
 
 async def _serve(
-    capacity_per_s: float, window_s: float = 1.0
+    capacity_per_s: float, window_s: float = 1.0, *, spaced: bool = False
 ) -> tuple[TestServer, Counter[str], list[float]]:
     """An ingest that accepts at most ``capacity_per_s`` leads a second, counted over the last
-    ``window_s`` (429 beyond, with a Retry-After of ``window_s``)."""
+    ``window_s`` (429 beyond, with a Retry-After of ``window_s``); ``spaced``: at most one
+    lead every ``1 / capacity_per_s`` seconds instead (no burst of a window's worth)."""
     posts: Counter[str] = Counter()
     accepted_at: list[float] = []
 
@@ -29,8 +30,11 @@ async def _serve(
         body: dict[str, Any] = await request.json()
         posts[body["lead_id"]] += 1
         now = time.monotonic()
-        recent = [t for t in accepted_at if now - t < window_s]
-        if len(recent) >= capacity_per_s * window_s:
+        if spaced:
+            full = bool(accepted_at) and now - accepted_at[-1] < 1.0 / capacity_per_s
+        else:
+            full = len([t for t in accepted_at if now - t < window_s]) >= capacity_per_s * window_s
+        if full:
             return web.json_response(
                 {"error": "over capacity"}, status=429, headers={"Retry-After": str(window_s)}
             )
@@ -53,9 +57,11 @@ class _Blind(Pacer):
 
 async def _push_past_capacity(tag: str, pacer: Pacer | None) -> int:
     """Every lead in, none lost or doubled; returns how many requests the server saw."""
-    # 5x the capacity; the server counts over 0.2 s windows (and answers Retry-After: 0.2)
-    # so that the back-off has a few periods to act within two seconds.
-    server, posts, _ = await _serve(capacity_per_s=50, window_s=0.2)
+    # 5x the capacity; the server answers Retry-After: 0.2 so that the back-off has a few
+    # periods to act within two seconds. It takes one lead every 20 ms: a window's worth at
+    # once (10 in 0.2 s) made the blind producer's count hang on when its synchronised retries
+    # fell against the windows (286-414 sends in runs of one build).
+    server, posts, _ = await _serve(capacity_per_s=50, window_s=0.2, spaced=True)
     try:
         leads = generate_leads(100)
         tag_leads(leads, tag)
@@ -78,8 +84,10 @@ async def test_past_capacity_every_lead_gets_in_and_backing_off_sends_less_than_
     # sent 2.0 a lead and the paced one 1.95-1.98, so it measured nothing and failed at random.)
     paced = await _push_past_capacity("p-", None)
     blind = await _push_past_capacity("b-", _Blind(rate=250, ramp_s=0, start=0.0))
-    # Measured: paced 187-199 sends, blind 409-410 (a step up per acceptance: 280-294).
-    assert paced < 0.65 * blind, (paced, blind)
+    # Measured against this server (2026-12-07, 8 pairs): paced 180-253 sends, blind 358-457,
+    # ratio 0.43-0.58; a producer that does not back off is ~1 (blind against blind varies by
+    # ~20 %). (Against the burst server, the pacer stepping up per acceptance sent 280-294.)
+    assert paced < 0.7 * blind, (paced, blind)
 
 
 async def test_under_capacity_nothing_is_refused_and_the_rate_is_kept() -> None:

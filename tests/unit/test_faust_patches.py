@@ -371,3 +371,58 @@ def test_each_role_gets_its_fetch_wait_and_fetch_min_bytes(
         create_app(settings, role, web_port=0, data_root=tmp_path)  # type: ignore[arg-type]
         consumer = cls._create_worker_consumer(None, None)  # type: ignore[arg-type]
         assert (consumer._fetch_max_wait_ms, consumer._fetch_min_bytes) == want, role
+
+
+async def test_the_livelock_check_visits_every_partition_without_a_task_per_partition() -> None:
+    """Point 11: Faust's livelock check slept through mode's ``Service.sleep(0)`` per assigned
+    partition, a task created and cancelled each time (~130 partitions every 2.5 s in an
+    auction worker). Patched, it checks every partition, creates no task, and still lets other
+    tasks run while it goes through many partitions."""
+    import asyncio
+
+    from faust.transport.consumer import Consumer
+    from mode import Service
+
+    from streams.runtime.faust_patches import LIVELOCK_YIELD_EVERY
+
+    apply(fetch_max_wait_ms=None)
+    tps = [("p.leads", n) for n in range(130)]
+    checked: list[tuple[str, int]] = []
+    ran_between: list[int] = []
+    service = Service()  # upstream's check sleeps through a mode service's sleep(0)
+    consumer = SimpleNamespace(
+        sleep=service.sleep,
+        assignment=lambda: tps,
+        verify_event_path=lambda now, tp: checked.append(tp),
+        should_stop=False,
+    )
+
+    checking = True
+
+    async def ticker() -> None:  # another task of the loop: when does it get a turn?
+        while checking:
+            ran_between.append(len(checked))
+            await asyncio.sleep(0)
+
+    loop = asyncio.get_running_loop()
+    created: list[object] = []
+    factory = loop.get_task_factory()
+
+    def counting(loop: asyncio.AbstractEventLoop, coro: Any, **kw: Any) -> asyncio.Future[Any]:
+        created.append(coro)
+        return asyncio.Task(coro, loop=loop, **kw)
+
+    other = asyncio.ensure_future(ticker())
+    loop.set_task_factory(counting)
+    try:
+        await Consumer.verify_all_partitions_active(consumer)
+    finally:
+        loop.set_task_factory(factory)
+        checking = False
+    await other
+    assert checked == tps
+    assert not created  # upstream: one task per partition (130 here)
+    # The other task got a turn at least every LIVELOCK_YIELD_EVERY partitions.
+    turns = [n for n in ran_between if n < len(tps)]
+    assert len(turns) >= len(tps) // LIVELOCK_YIELD_EVERY
+    assert all(b - a <= LIVELOCK_YIELD_EVERY for a, b in zip(turns, turns[1:], strict=False))

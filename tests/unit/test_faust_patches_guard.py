@@ -39,6 +39,7 @@ SIGNATURES = {
     "aiokafka.consumer.fetcher:Fetcher._get_actions_per_node": "(self, assignment)",
     "aiokafka.consumer.fetcher:Fetcher.fetched_records": "(self, partitions, timeout=0, max_records=None)",
     "aiokafka.consumer.fetcher:Fetcher._proc_fetch_request": "(self, assignment, node_id, request)",
+    "faust.transport.consumer:Consumer.verify_all_partitions_active": "(self) -> None",
 }
 
 #: Private attributes the patches and the watchdog read: (module:class, attribute). Each must
