@@ -562,9 +562,9 @@ class KafkaBroker:
             # restarts would wait for nothing.
             "group.initial.rebalance.delay.ms": "0",
             # Sized for two shared cores (defaults: 3 network, 8 io threads). 1 and 2 cut
-            # the broker's own CPU at rest (1.3 -> 1.1 % of a core with no client), but the
-            # chaos bench's last lead then settled 16.4 s after the last push instead of 9.0
-            # (the recovery after a broker outage): kept at 2 and 4 (docs/numbers.md).
+            # the broker's own CPU at rest (1.3 -> 1.1 % of a core with no client) but not
+            # measurably the stack's; kept at 2 and 4 until a chaos run's slower recovery
+            # is explained (docs/numbers.md).
             "num.network.threads": "2",
             "num.io.threads": "4",
             "num.recovery.threads.per.data.dir": "1",
