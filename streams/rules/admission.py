@@ -38,10 +38,14 @@ Reports older than :data:`STALE_MS` (by ingest's clock: worker clocks may differ
 measure the rate; a partition no fresh report covers (its worker died, a rebalance is moving
 it) still counts its backlog from the last offset a worker reported for it (for as long as
 that worker is remembered: ten times ``STALE_MS``).
-With no fresh report at all (no worker running yet), no rate measured yet (the first second
-of an ingest process), or end offsets that could not be fetched for as long, there is nothing
-to predict from and every lead is admitted: refusing then would turn a start-up or an outage
-into lost leads, and the publish bound answers 503 in an outage.
+With no fresh report at all (no worker running, or all of them restarting), no rate measured
+yet (the first second of an ingest process), or end offsets that could not be fetched for as
+long, there is nothing to predict from: the estimate is *blind*. Before any capacity was
+measured (start-up) every lead is admitted. After, leads are admitted at most at the capacity
+last estimated (a bucket of the setpoint's worth of leads, refilled at that rate; the rest get
+``429``, Retry-After 1 s): an outage's retries, all arriving when the broker returns, would
+otherwise enter at once while the reports are still stale. In the outage itself the publish
+bound answers ``503`` for what is admitted.
 
 ``Retry-After`` is the time the backlog needs to drain to the setpoint, in whole seconds,
 between 1 and :data:`MAX_RETRY_AFTER_S`.
@@ -211,6 +215,10 @@ class Estimator:
         self._busy = False
         self._rate: float | None = None
         self._tick_at: float | None = None
+        #: Pacing while blind (``_refuse_blind``): tokens left, and when they were counted
+        #: (None: the last decision had an estimate).
+        self._blind_tokens = 0.0
+        self._blind_at: float | None = None
 
     # -- inputs ----------------------------------------------------------------------------
     def add_report(self, report: Report, now_ms: float) -> None:
@@ -341,12 +349,38 @@ class Estimator:
         if self.bound_ms <= 0:
             return None
         delay = self.predicted_delay_ms(now_ms)
-        if delay is None or delay <= self.target_ms:
-            if delay is not None:
-                self._local += 1
+        if delay is None:
+            return self._refuse_blind(now_ms)
+        self._blind_at = None
+        if delay <= self.target_ms:
+            self._local += 1
             return None
         excess_s = (delay - self.target_ms) / 1000.0
         return int(min(MAX_RETRY_AFTER_S, max(1, math.ceil(excess_s))))
+
+    def _refuse_blind(self, now_ms: float) -> int | None:
+        """No estimate now (no fresh report or end offsets: the broker or the workers are
+        coming back from an outage). Before any capacity was measured (this process is
+        starting): admit. After: admit at most at that capacity, from a bucket holding the
+        setpoint's worth of leads. The retries that piled up during an outage then enter at
+        the rate the pipeline took before, not all at once while the estimate is still
+        stale (short chaos run: ~400 leads admitted within seconds of the broker's return,
+        the last settling 17 s after the last push; docs/numbers.md)."""
+        mu = self.capacity()
+        if mu is None or mu <= 0:
+            return None
+        size = max(1.0, mu * self.target_ms / 1000.0)
+        if self._blind_at is None:
+            self._blind_tokens = size
+        else:
+            refill = mu * max(0.0, now_ms - self._blind_at) / 1000.0
+            self._blind_tokens = min(size, self._blind_tokens + refill)
+        self._blind_at = now_ms
+        if self._blind_tokens >= 1.0:
+            self._blind_tokens -= 1.0
+            return None
+        wait_s = (1.0 - self._blind_tokens) / mu
+        return int(min(MAX_RETRY_AFTER_S, max(1, math.ceil(wait_s))))
 
     def status(self, now_ms: float) -> dict[str, Any]:
         """What the estimate is made of, for ``/healthz`` and the log."""
@@ -361,6 +395,7 @@ class Estimator:
             "rate": None if self._rate is None else round(self._rate, 1),
             "capacity": None if mu is None else round(mu, 1),
             "busy": self._busy,
+            "blind": delay is None and mu is not None,
             "predicted_delay_ms": None
             if delay is None
             else (round(delay, 1) if math.isfinite(delay) else "inf"),

@@ -253,8 +253,14 @@ class Sim:
     seconds: float
     seed: int = 3
     service_cv: float = 0.5
+    #: (start, end) ms: the broker is down: no report, no end offsets, nothing served, and
+    #: what ingest admits is answered 503 (not queued). Reports resume ``reports_resume_ms``
+    #: after the end (the workers rejoin and recover first).
+    outage: tuple[float, float] | None = None
+    reports_resume_ms: float = 0.0
     delays: list[tuple[float, float]] = field(default_factory=list)  # (admitted at, delay)
     refused: int = 0
+    unavailable: int = 0
     retry_after: list[int] = field(default_factory=list)
 
     def run(self) -> Sim:
@@ -268,24 +274,31 @@ class Sim:
         pending: list[tuple[float, Any]] = []  # (deliver at, callable)
         t = 0.0
         while t < end:
-            if t % 200 == 0:  # the worker's report, 4 ms in transit
+            down = self.outage is not None and self.outage[0] <= t < self.outage[1]
+            silent = (
+                self.outage is not None
+                and self.outage[0] <= t < self.outage[1] + self.reports_resume_ms
+            )
+            if t % 200 == 0 and not silent:  # the worker's report, 4 ms in transit
                 rep = Report("w", int(t), {PINGS: taken - 1} if taken else {}, taken)
                 pending.append((t + 4, lambda r=rep, at=t + 4: est.add_report(r, at)))
-            if t % 200 == 100:  # end offsets, as of now, 2 ms to arrive
+            if t % 200 == 100 and not down:  # end offsets, as of now, 2 ms to arrive
                 pending.append((t + 2, lambda e=appended, at=t + 2: est.set_ends({PINGS: e}, at)))
             for item in [p for p in pending if p[0] <= t]:
                 item[1]()
                 pending.remove(item)
             while next_arrival <= t:
                 ra = est.refuse(t)
-                if ra is None:
+                if ra is None and down:
+                    self.unavailable += 1  # not published: 503
+                elif ra is None:
                     queue.append(t)
                     appended += 1
                 else:
                     self.refused += 1
                     self.retry_after.append(ra)
                 next_arrival += rnd.expovariate(self.offered) * 1000
-            if queue and busy_until <= t:  # the worker takes the next lead: its round opens
+            if queue and busy_until <= t and not down:  # the worker takes the next lead
                 admitted = queue.pop(0)
                 self.delays.append((admitted, t - admitted))
                 taken += 1
@@ -335,6 +348,41 @@ def test_exponential_service_stays_under_the_bound() -> None:
     fast one cannot be predicted; the setpoint's margin absorbs it."""
     sim = Sim(bound_ms=1000, offered=120, capacity=lambda t: 60.0, seconds=30, service_cv=1.0).run()
     assert sim.p99() <= 1000
+
+
+def test_after_an_outage_the_blind_estimate_admits_at_the_capacity_measured_before() -> None:
+    """A broker outage at 2x capacity (the sender's retries keep coming): when the broker
+    returns, the workers report again only 3 s later. Meanwhile the estimate is blind; leads
+    admitted then at the capacity measured before the outage wait about what any admitted
+    lead waits. Admitting all of them (every lead while blind) queued 3 s of double load:
+    waits of seconds."""
+    sim = Sim(
+        bound_ms=1000,
+        offered=120,
+        capacity=lambda t: 60.0,
+        seconds=30,
+        outage=(10_000, 15_000),
+        reports_resume_ms=3_000,
+    ).run()
+    assert sim.unavailable > 0  # the outage was one: admitted leads found no broker
+    assert sim.p99(after_ms=15_000) <= 1000
+    assert max(d for at, d in sim.delays if at >= 15_000) <= 1500
+
+
+def test_a_blind_estimate_paces_at_the_capacity_and_a_new_process_admits_all() -> None:
+    est = Estimator(1000)
+    t = feed(est, rate=50, backlog=10)
+    assert est.capacity() == pytest.approx(50, rel=0.1)
+    later = t + admission.STALE_MS + 1  # nothing heard since: blind
+    answers = [est.refuse(later + i * 2) for i in range(1000)]  # 500 leads/s for 2 s
+    admitted = answers.count(None)
+    # 2 s at ~50/s, plus the bucket: the setpoint's worth (0.5 s of capacity).
+    assert 2 * 45 <= admitted <= 2 * 55 + 0.5 * 55 + 1
+    assert {a for a in answers if a is not None} == {1}
+    assert est.status(later)["blind"]
+    fresh = Estimator(1000)  # a process that never measured a capacity
+    assert [fresh.refuse(i) for i in range(1000)] == [None] * 1000
+    assert not fresh.status(0)["blind"]
 
 
 def test_a_silent_workers_partitions_keep_counting_their_backlog() -> None:

@@ -18,7 +18,8 @@ came every ~1.2 s whenever reports were sparse; the leads admitted meanwhile cou
 the prediction passed the setpoint, ingest refused, and fewer leads meant sparser reports: 100
 leads/s offered, 11-16 admitted, with the pipeline idle. ``refuse()`` is what the HTTP handler
 asks, synchronously and in O(1). Every Kafka call is bounded; when the broker cannot be reached
-the estimate goes stale and leads are admitted (publishing then answers 503).
+the estimate goes stale (blind): leads are admitted at the capacity last measured (publishing
+then answers 503 while the broker is down), the rest refused with 429.
 """
 
 from __future__ import annotations
@@ -148,18 +149,28 @@ class Admission:
             now = time.monotonic()
             if now - self._logged_at >= LOG_EVERY_S:
                 st = self.estimator.status(_mono_ms())
-                log.warning(
-                    "over capacity: refusing leads with 429 (%d since the last such "
-                    "line; backlog %s leads, capacity ~%s/s, predicted queue delay %s "
-                    "ms > %.0f ms, the admission setpoint for ingest.max_queue_delay_ms "
-                    "%s)",
-                    self.refused - self._refused_logged,
-                    st["backlog"],
-                    st["capacity"],
-                    st["predicted_delay_ms"],
-                    self.estimator.target_ms,
-                    self.bound_ms,
-                )
+                if st["blind"]:
+                    log.warning(
+                        "admission estimate blind (no fresh progress report or end offsets: "
+                        "the broker or the workers are coming back): admitting at most ~%s "
+                        "leads/s, the capacity last measured; refusing the rest with 429 (%d "
+                        "since the last such line)",
+                        st["capacity"],
+                        self.refused - self._refused_logged,
+                    )
+                else:
+                    log.warning(
+                        "over capacity: refusing leads with 429 (%d since the last such "
+                        "line; backlog %s leads, capacity ~%s/s, predicted queue delay %s "
+                        "ms > %.0f ms, the admission setpoint for ingest.max_queue_delay_ms "
+                        "%s)",
+                        self.refused - self._refused_logged,
+                        st["backlog"],
+                        st["capacity"],
+                        st["predicted_delay_ms"],
+                        self.estimator.target_ms,
+                        self.bound_ms,
+                    )
                 self._logged_at, self._refused_logged = now, self.refused
         return retry_after
 
