@@ -334,3 +334,21 @@ def test_app_wires_every_stage_port_and_refuses_one_offered_twice() -> None:
     assert all(getattr(sink, f.name) in (None, []) for f in fields(Offers))
     with pytest.raises(RuntimeError, match="port caps offered twice"):
         wire(ctx, Offers(caps=ctx.caps))
+
+
+def test_every_role_heartbeats_well_within_its_session(tmp_path: Path) -> None:
+    """Kafka's rule (a heartbeat at most a third of the session timeout) for every role; and
+    an auction worker's post, which waits up to ``FENCE_WAIT_S`` for a fresh proof of
+    membership (a clean heartbeat), gets at least two heartbeats' chances in that wait."""
+    import yaml
+
+    from streams.app import create_app
+    from streams.settings import parse_settings
+    from streams.stages.post import FENCE_WAIT_S
+
+    settings = parse_settings(yaml.safe_load(Path("config/demo.yaml").read_text()), env={})
+    for role in ("auction", "sink", "metrics"):
+        conf = create_app(settings, role, data_root=tmp_path).conf
+        assert conf.broker_heartbeat_interval * 3 <= conf.broker_session_timeout, role
+    auction = create_app(settings, "auction", data_root=tmp_path).conf
+    assert auction.broker_heartbeat_interval * 2 <= FENCE_WAIT_S
