@@ -358,6 +358,12 @@ class Estimator:
         excess_s = (delay - self.target_ms) / 1000.0
         return int(min(MAX_RETRY_AFTER_S, max(1, math.ceil(excess_s))))
 
+    def _blind_rate(self) -> float | None:
+        """Leads/s admitted while blind; None: every lead (no capacity measured yet). Whether
+        the pipeline is busy is not known then, so the floor applies: a rate measured near 0
+        as the workers stopped must not refuse every lead until they report again."""
+        return None if self._mu is None else max(self._mu, self.min_capacity)
+
     def _refuse_blind(self, now_ms: float) -> int | None:
         """No estimate now (no fresh report or end offsets: the broker or the workers are
         coming back from an outage). Before any capacity was measured (this process is
@@ -366,8 +372,8 @@ class Estimator:
         the rate the pipeline took before, not all at once while the estimate is still
         stale (short chaos run: ~400 leads admitted within seconds of the broker's return,
         the last settling 17 s after the last push; docs/numbers.md)."""
-        mu = self.capacity()
-        if mu is None or mu <= 0:
+        mu = self._blind_rate()
+        if mu is None:
             return None
         size = max(1.0, mu * self.target_ms / 1000.0)
         if self._blind_at is None:
@@ -395,7 +401,10 @@ class Estimator:
             "rate": None if self._rate is None else round(self._rate, 1),
             "capacity": None if mu is None else round(mu, 1),
             "busy": self._busy,
-            "blind": delay is None and mu is not None,
+            # Blind: no estimate; leads admitted at most at this rate (None: not blind).
+            "blind_rate": None
+            if delay is not None or (r := self._blind_rate()) is None
+            else round(r, 1),
             "predicted_delay_ms": None
             if delay is None
             else (round(delay, 1) if math.isfinite(delay) else "inf"),

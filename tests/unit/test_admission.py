@@ -379,10 +379,24 @@ def test_a_blind_estimate_paces_at_the_capacity_and_a_new_process_admits_all() -
     # 2 s at ~50/s, plus the bucket: the setpoint's worth (0.5 s of capacity).
     assert 2 * 45 <= admitted <= 2 * 55 + 0.5 * 55 + 1
     assert {a for a in answers if a is not None} == {1}
-    assert est.status(later)["blind"]
+    assert est.status(later)["blind_rate"] == pytest.approx(50, rel=0.1)
     fresh = Estimator(1000)  # a process that never measured a capacity
     assert [fresh.refuse(i) for i in range(1000)] == [None] * 1000
-    assert not fresh.status(0)["blind"]
+    assert fresh.status(0)["blind_rate"] is None
+
+
+def test_a_blind_estimate_after_a_stalled_pipeline_paces_at_the_floor() -> None:
+    """Workers that took nothing for the last seconds (stopped, then silent): the measured
+    capacity fell towards 0; blind, the floor applies rather than refusing every lead."""
+    est = Estimator(1000)
+    pipeline = Feed(est)
+    pipeline.run(rate=50, backlog=10)
+    t = pipeline.run(rate=0, backlog=40)  # leads wait, none is taken
+    assert est.capacity() < 5
+    later = t + admission.STALE_MS + 1
+    assert est.status(later)["blind_rate"] == admission.MIN_CAPACITY
+    answers = [est.refuse(later + i * 10) for i in range(100)]  # 100 leads/s for 1 s
+    assert admission.MIN_CAPACITY * 0.9 <= answers.count(None) <= admission.MIN_CAPACITY * 1.6
 
 
 def test_a_silent_workers_partitions_keep_counting_their_backlog() -> None:

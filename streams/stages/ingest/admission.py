@@ -149,13 +149,13 @@ class Admission:
             now = time.monotonic()
             if now - self._logged_at >= LOG_EVERY_S:
                 st = self.estimator.status(_mono_ms())
-                if st["blind"]:
+                if st["blind_rate"] is not None:
                     log.warning(
                         "admission estimate blind (no fresh progress report or end offsets: "
                         "the broker or the workers are coming back): admitting at most ~%s "
                         "leads/s, the capacity last measured; refusing the rest with 429 (%d "
                         "since the last such line)",
-                        st["capacity"],
+                        st["blind_rate"],
                         self.refused - self._refused_logged,
                     )
                 else:
