@@ -496,3 +496,29 @@ async def test_ingest_fetches_end_offsets_less_often_at_rest_and_at_once_after_a
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+def test_ingest_says_when_it_refuses_because_its_estimate_is_blind(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An operator reading the log must tell an outage's pacing from an overload."""
+    import logging
+    from pathlib import Path
+
+    import yaml
+
+    from streams.settings import parse_settings
+    from streams.stages.ingest import admission as ingest_admission
+    from streams.stages.ingest.admission import Admission
+    from streams.topics import TopicNames
+
+    settings = parse_settings(yaml.safe_load(Path("config/demo.yaml").read_text()), env={})
+    adm = Admission(settings, TopicNames.from_settings(settings))
+    t = feed(adm.estimator, rate=50, backlog=10)
+    blind_at = t + admission.STALE_MS + 1
+    adm.estimator.refuse = lambda now_ms: Estimator.refuse(adm.estimator, blind_at)  # type: ignore[method-assign]
+    with caplog.at_level(logging.WARNING, logger=ingest_admission.__name__):
+        answers = [adm.refuse() for _ in range(200)]  # 200 leads at one instant
+    assert answers.count(None) < 50 and adm.refused == answers.count(1) > 150
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and "blind" in said[0] and "over capacity" not in said[0], said

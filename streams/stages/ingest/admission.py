@@ -153,8 +153,8 @@ class Admission:
                     log.warning(
                         "admission estimate blind (no fresh progress report or end offsets: "
                         "the broker or the workers are coming back): admitting at most ~%s "
-                        "leads/s, the capacity last measured; refusing the rest with 429 (%d "
-                        "since the last such line)",
+                        "leads/s (the capacity last measured, or the idle floor); refusing the "
+                        "rest with 429 (%d since the last such line)",
                         st["blind_rate"],
                         self.refused - self._refused_logged,
                     )
