@@ -37,13 +37,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+from streams.settings.infra import WorkerConfig
+
 ROOT = Path(__file__).resolve().parent.parent
 REST_LINE = re.compile(r"at rest: ([\d.]+) % of one core \((.*)\)")
 LEADS_LINE = re.compile(r"receipt → ping open of 5 leads 1 s apart: (.*)")
 # Ports in config/demo.yaml: "host:port" in addresses and URLs, and "port: N" keys.
 ADDRESS = re.compile(r"(127\.0\.0\.1:)(\d{4,5})\b")
 PORT_KEY = re.compile(r"(\bport: )(\d{4,5})\b")
-DEFAULT_WEB_PORT = 6066
+#: ``worker.web_port`` when a config leaves it out (config/demo.yaml does).
+DEFAULT_WEB_PORT: int = WorkerConfig.model_fields["web_port"].default
 T = TypeVar("T")
 
 
