@@ -141,6 +141,11 @@ def report_from_record(rec: Mapping[str, Any]) -> Report:
     )
 
 
+def _retry_after(wait_s: float) -> int:
+    """A 429's Retry-After for a wait of ``wait_s``: whole seconds, 1 to MAX_RETRY_AFTER_S."""
+    return int(min(MAX_RETRY_AFTER_S, max(1, math.ceil(wait_s))))
+
+
 @dataclass
 class _Worker:
     seen_ms: float  # ingest's clock
@@ -355,8 +360,7 @@ class Estimator:
         if delay <= self.target_ms:
             self._local += 1
             return None
-        excess_s = (delay - self.target_ms) / 1000.0
-        return int(min(MAX_RETRY_AFTER_S, max(1, math.ceil(excess_s))))
+        return _retry_after((delay - self.target_ms) / 1000.0)
 
     def _blind_rate(self) -> float | None:
         """Leads/s admitted while blind; None: every lead (no capacity measured yet). Whether
@@ -385,8 +389,7 @@ class Estimator:
         if self._blind_tokens >= 1.0:
             self._blind_tokens -= 1.0
             return None
-        wait_s = (1.0 - self._blind_tokens) / mu
-        return int(min(MAX_RETRY_AFTER_S, max(1, math.ceil(wait_s))))
+        return _retry_after((1.0 - self._blind_tokens) / mu)
 
     def status(self, now_ms: float) -> dict[str, Any]:
         """What the estimate is made of, for ``/healthz`` and the log."""
