@@ -82,15 +82,44 @@ def test_each_variant_sells_under_its_strategy_and_exclusivity_holds(market: Pip
     rows = market.rows(
         "SELECT a.variant, a.outcome, length(a.winners), "
         "(SELECT count() FROM {db}.posts AS p FINAL WHERE p.lead_id = a.lead_id "
-        " AND p.status = 'accepted') FROM {db}.auctions AS a FINAL"
+        " AND p.status = 'accepted'), a.lead_id FROM {db}.auctions AS a FINAL"
     )
-    for variant, outcome, winners, accepted in rows:
-        assert outcome != "unsold", (variant, outcome)  # every buyer bids and accepts
+    # Every buyer bids and accepts, but a bid can still miss: the simulated prices are
+    # lognormal (west's falls under the floor about once in 7,500 pings) and a ping can
+    # time out on a starved machine. So the lead is shared to every acceptable bid of its
+    # round, up to shared_max; which bids those were is read from the round itself.
+    floor = market.settings.flows["solar"].floors.base
+    acceptable = dict(
+        market.rows(
+            "SELECT lead_id, countIf(status = 'bid' AND price >= {floor:Float64}) "
+            "FROM {db}.pings FINAL GROUP BY lead_id",
+            floor=floor,
+        )
+    )
+    full = 0
+    for variant, outcome, winners, accepted, lead_id in rows:
+        why = (variant, lead_id, _round_of(market, lead_id))
+        assert outcome != "unsold", why
         if variant == "solo":
-            assert (outcome, winners, accepted) == ("sold_exclusive", 1, 1)
+            assert (outcome, winners, accepted) == ("sold_exclusive", 1, 1), why
         else:
-            # nobody asks for exclusivity: shared, to the three bidders (shared_max 3)
-            assert (outcome, winners, accepted) == ("sold_shared", 3, 3)
+            # nobody asks for exclusivity: shared to the bidders (shared_max 3)
+            n = min(acceptable[lead_id], 3)
+            assert (outcome, winners, accepted) == ("sold_shared", n, n), why
+            full += n == 3
+    control = sum(1 for r in rows if r[0] == "control")
+    assert full >= 0.9 * control, (full, control)  # a miss is rare, not the rule
+
+
+def _round_of(market: Pipeline, lead_id: str) -> list[tuple[Any, ...]]:
+    """What each buyer answered in the lead's round and post, for a failure's message."""
+    return market.rows(
+        "SELECT 'ping', buyer_id, status, reason, price, latency_ms FROM {db}.pings FINAL "
+        "WHERE lead_id = {lead:String} UNION ALL "
+        "SELECT 'post', buyer_id, status, reason, price, latency_ms FROM {db}.posts FINAL "
+        "WHERE lead_id = {lead:String}",
+        lead=lead_id,
+    )
 
 
 def test_the_experiment_report_calls_the_difference_past_min_leads(market: Pipeline) -> None:
