@@ -11,6 +11,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,14 @@ from tests.integration.kafka_fixture import free_ports
 TOKEN = "test-producer-token-123"
 
 SOLAR_FLOW: dict[str, Any] = yaml.safe_load(Path("config/demo.yaml").read_text())["flows"]["solar"]
+
+
+def zone_at_noon(now: datetime | None = None) -> str:
+    """An ``Etc/GMT±N`` zone where it is about noon now, for a test's daily caps: their day
+    does not roll over while the test runs, as UTC's midnight can during a CI run."""
+    offset = 12 - (now or datetime.now(UTC)).hour  # local = UTC + offset, -11..12
+    # POSIX spelling: Etc/GMT-5 is five hours ahead of UTC.
+    return f"Etc/GMT{-offset:+d}" if offset else "Etc/GMT"
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:

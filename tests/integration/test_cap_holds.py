@@ -15,7 +15,7 @@ import pytest
 import schemas
 from streams.rules.caps import hold_ttl_ms
 from streams.tools.demo import generate_leads
-from tests.integration.pipeline import Pipeline, wait_for
+from tests.integration.pipeline import Pipeline, wait_for, zone_at_noon
 
 pytestmark = pytest.mark.integration
 
@@ -32,7 +32,7 @@ CAP = 3
 HOLD_S = 8.0  # the default is 120 s: short here so the test does not wait two minutes
 BUYERS: dict[str, dict[str, Any]] = {
     "capped": {
-        "caps": {"leads_per_day": CAP},
+        "caps": {"leads_per_day": CAP, "timezone": zone_at_noon()},
         "post_timeout_ms": 1000,
         "sim": {**SIM, "price": {"median": 300, "p99": 320}},
     },

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from streams.tools.demo import generate_leads
-from tests.integration.pipeline import SOLAR_FLOW, Pipeline
+from tests.integration.pipeline import SOLAR_FLOW, Pipeline, zone_at_noon
 
 pytestmark = pytest.mark.integration
 
@@ -26,14 +26,15 @@ SIM = {
     "conditions": {},
 }
 LEADS_CAP, SPEND_CAP = 40, 1_000.0
+NOON = zone_at_noon()  # no day rolls over during the test
 BUYERS = {
     # outbid everyone, accept everything: only their caps stop them
     "counted": {
-        "caps": {"leads_per_day": LEADS_CAP, "leads_per_hour": LEADS_CAP},
+        "caps": {"leads_per_day": LEADS_CAP, "leads_per_hour": LEADS_CAP, "timezone": NOON},
         "sim": {**SIM, "price": {"median": 300, "p99": 320}},
     },
     "budget": {
-        "caps": {"spend_per_day": SPEND_CAP, "timezone": "America/Chicago"},
+        "caps": {"spend_per_day": SPEND_CAP, "timezone": NOON},
         "sim": {**SIM, "price": {"median": 250, "p99": 290}},
     },
     "open1": {"sim": {**SIM, "price": {"median": 50, "p99": 60}}},

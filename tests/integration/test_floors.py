@@ -23,7 +23,7 @@ SIM = {
     "exclusive_share": 0.0,
 }
 BUYERS = {
-    "cheap": {"sim": {**SIM, "price": {"median": 15, "p99": 25}}},
+    "cheap": {"sim": {**SIM, "price": {"median": 15, "p99": 20}}},
     "rich": {"sim": {**SIM, "price": {"median": 90, "p99": 120}}},
 }
 FLOW = {

@@ -22,7 +22,7 @@ import pytest
 
 import schemas
 from streams.tools.demo import generate_leads
-from tests.integration.pipeline import Pipeline, wait_for
+from tests.integration.pipeline import Pipeline, wait_for, zone_at_noon
 
 pytestmark = pytest.mark.integration
 
@@ -39,7 +39,7 @@ BUYERS = {b: {"sim": {**SIM, "exclusive_share": 0.2}} for b in ("a", "b", "c")}
 # rebalance pauses. Such a post is requeued rather than holding the rebalance up; the cap
 # must hold through the joins, leaves and the crash.
 CAP = 120
-BUYERS["a"]["caps"] = {"leads_per_hour": CAP, "leads_per_day": CAP}
+BUYERS["a"]["caps"] = {"leads_per_hour": CAP, "leads_per_day": CAP, "timezone": zone_at_noon()}
 N = 900
 KILLED_AT: list[float] = []  # when the worker was killed (epoch s)
 

@@ -65,7 +65,7 @@ def waves_below(
 ) -> Iterator[tuple[Pipeline, list[str]]]:
     """The premium wave bids below the floor: the standard wave is pinged and wins."""
     buyers = {
-        "gold": {"tier": "premium", "sim": {**SIM, "price": {"median": 15, "p99": 25}}},
+        "gold": {"tier": "premium", "sim": {**SIM, "price": {"median": 15, "p99": 20}}},
         "silver": {"tier": "standard", "sim": {**SIM, "price": {"median": 90, "p99": 110}}},
     }
     p = pipeline(
