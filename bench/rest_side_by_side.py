@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -139,7 +140,15 @@ def one_round(
     print(f"round {r + 1}: starting both stacks", flush=True)
     codes = both(lambda t, c: t.cli(c, "up", "--workers", "1", log=f"up-{r}"), pairs)
     if any(codes):
-        raise SystemExit(f"a stack did not start (exit codes {codes}); logs in {work}")
+        # The worktree goes at the end: keep the logs its "up" pointed to.
+        for (t, _), code in zip(pairs, codes, strict=True):
+            if code and (t.path / ".run" / "logs").is_dir():
+                shutil.copytree(t.path / ".run" / "logs", work / f"{t.name}-logs-{r}")
+        raise SystemExit(
+            f"a stack did not start (exit codes {codes}); logs in {work} ("
+            + ", ".join(f"{t.name}-logs-{r}" for (t, _), c in zip(pairs, codes, strict=True) if c)
+            + ")"
+        )
     time.sleep(settle)  # let start-up work (recovery, the JIT) pass before measuring
     print(f"round {r + 1}: both at rest for {rest:g} s", flush=True)
     results = both(lambda t, c: t.rest(c, rest, r), pairs)
@@ -190,17 +199,24 @@ def main() -> None:
         subprocess.run(
             ["git", "worktree", "remove", "--force", str(before_path)], cwd=ROOT, check=False
         )
+        # Whatever rounds completed, also when a later one failed.
+        print_table(trees)
 
+
+def print_table(trees: list[Tree]) -> None:
+    done = min(len(t.results) for t in trees)
+    if not done:
+        return
     print("\n| tree | round | ports | at rest, % of one core | by process | 5 leads after (ms) |")
     print("| --- | --- | --- | --- | --- | --- |")
-    for r in range(args.rounds):
+    for r in range(done):
         for t in trees:
             res = t.results[r]
             print(
                 f"| {t.name} | {r + 1} | {res['ports']} | {res['total']} | {res['parts']} | "
                 f"{res['leads']} |"
             )
-    for r in range(args.rounds):
+    for r in range(done):
         a, b = (float(t.results[r]["total"]) for t in trees)
         print(f"round {r + 1}: after − before = {b - a:+.1f} points")
 

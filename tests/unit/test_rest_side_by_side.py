@@ -60,3 +60,26 @@ def test_a_demo_config_with_its_own_worker_section_is_refused() -> None:
     text = Path("config/demo.yaml").read_text() + "\nworker:\n  web_port: 7000\n"
     with pytest.raises(SystemExit, match="worker"):
         bench.shifted_config(text, 10000)
+
+
+def test_a_failed_round_keeps_the_logs_and_the_rounds_before_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A stack that does not start: its logs outlive the worktree they were written in, and
+    the table still shows the rounds that completed."""
+    trees = [bench.Tree(n, tmp_path / n, tmp_path) for n in ("before", "after")]
+    for t in trees:
+        (t.path / ".run" / "logs").mkdir(parents=True)
+        (t.path / ".run" / "logs" / "worker.log").write_text(f"{t.name} worker log")
+        t.results.append({"total": "7.0", "parts": "(…)", "leads": "1", "ports": "default"})
+    trees[0].cli = lambda *a, **k: 1  # type: ignore[method-assign]  # "up" fails
+    trees[1].cli = lambda *a, **k: 0  # type: ignore[method-assign]
+    pairs = [(t, tmp_path / f"{t.name}.yaml") for t in trees]
+    with pytest.raises(SystemExit, match="before-logs-1"):
+        bench.one_round(1, pairs, rest=1, settle=0, work=tmp_path)
+    assert (tmp_path / "before-logs-1" / "worker.log").read_text() == "before worker log"
+    assert not (tmp_path / "after-logs-1").exists()
+    bench.print_table(trees)
+    out = capsys.readouterr().out
+    assert "| before | 1 | default | 7.0 |" in out and "round 1: after − before = +0.0" in out
+    assert "| 2 |" not in out
