@@ -40,6 +40,7 @@ SIGNATURES = {
     "aiokafka.consumer.fetcher:Fetcher.fetched_records": "(self, partitions, timeout=0, max_records=None)",
     "aiokafka.consumer.fetcher:Fetcher._proc_fetch_request": "(self, assignment, node_id, request)",
     "faust.transport.consumer:Consumer.verify_all_partitions_active": "(self) -> None",
+    "faust.assignor.partition_assignor:PartitionAssignor.on_assignment": "(self, assignment: aiokafka.coordinator.protocol.ConsumerProtocolMemberMetadata) -> None",
 }
 
 #: Private attributes the patches and the watchdog read: (module:class, attribute). Each must
@@ -70,6 +71,10 @@ PRIVATE_READS = [
     ("aiokafka.consumer.fetcher:Fetcher", "_records"),
     ("aiokafka.consumer.fetcher:Fetcher", "_fetch_max_wait_ms"),
     ("aiokafka.consumer.fetcher:Fetcher", "_fetch_min_bytes"),
+    ("faust.assignor.partition_assignor:PartitionAssignor", "_decompress"),
+    ("faust.assignor.partition_assignor:PartitionAssignor", "_assignment"),
+    ("faust.assignor.partition_assignor:PartitionAssignor", "_table_manager"),
+    ("faust.assignor.partition_assignor:PartitionAssignor", "_url"),
     ("aiokafka.consumer.fetcher:FetchResult", "_backoff"),
     ("aiokafka.consumer.fetcher:FetchError", "_backoff"),
     ("aiokafka.consumer.subscription_state:TopicPartitionState", "_position"),
