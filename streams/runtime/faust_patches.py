@@ -143,6 +143,15 @@
    ports between rounds). The partitions are right; only the URL is old, and pingpost does
    not use Faust's web router, which alone reads it. The check now lets that case through
    with a warning (the next rebalance brings the new URL); any other mismatch still raises.
+
+13. **The fetch routine wakes once a second, not five times, with nothing to do** (issue 12:
+   the stack at rest). aiokafka's fetch routine re-examines every assigned partition each
+   ``consumer_timeout_ms`` (200 ms) even when nothing happened. Everything it must react to
+   already wakes it: a fetch's answer, records taken or a seek (``_wait_consume_future``), a
+   rebalance (the old assignment's ``unassign_future``), a paused partition resumed, a
+   metadata refresh it asked for, a buffered partition's backoff (its own timeout). Faust
+   gives no way to set that timer, so every consumer of the process now passes at most every
+   :data:`FETCH_ROUTINE_PASS_S` when idle (the feeds and ingest's readers already did).
 """
 
 from __future__ import annotations
@@ -159,6 +168,7 @@ __all__ = [
     "PatchVersionError",
     "WATCHDOG_CALL_TIMEOUT_S",
     "IDLE_FETCH_MAX_WAIT_MS",
+    "FETCH_ROUTINE_PASS_S",
     "LIVELOCK_YIELD_EVERY",
     "WORKER_FETCH_MAX_WAIT_MS",
     "WRITTEN_FOR",
@@ -199,6 +209,8 @@ DELETE_WHEN = {
     "Service.sleep(0) per partition (no upstream issue yet)",
     12: "faust-streaming's PartitionAssignor.on_assignment accepts a static member's own "
     "assignment made for its previous URL (no upstream issue yet)",
+    13: "faust-streaming passes consumer_timeout_ms to the worker consumer, or aiokafka's "
+    "fetch routine stops polling when nothing can have changed (no upstream issue yet)",
 }
 
 
@@ -233,6 +245,9 @@ WORKER_FETCH_MAX_WAIT_MS = 10
 
 #: The fetch wait when no partition is left out of the fetch (see point 8); Kafka's default.
 IDLE_FETCH_MAX_WAIT_MS = 2000
+
+#: The longest an idle fetch routine sleeps between passes (see point 13; aiokafka's: 0.2).
+FETCH_ROUTINE_PASS_S = 1.0
 
 
 def apply(
@@ -334,7 +349,8 @@ def fetch_params(
 
 
 def idle_fetch_wait() -> None:
-    """Point 8 alone, for a process with aiokafka consumers and no Faust app (ingest)."""
+    """Points 8, 10 and 13 alone, for a process with aiokafka consumers and no Faust app
+    (ingest)."""
     from aiokafka.consumer.fetcher import Fetcher
 
     check_versions()
@@ -366,6 +382,8 @@ def idle_fetch_wait() -> None:
                 self._fetch_max_wait_ms,
                 self._fetch_min_bytes,
             )
+            # Point 13: the routine's timeout when no buffered partition backs off.
+            self._fetcher_timeout = max(self._fetcher_timeout, FETCH_ROUTINE_PASS_S)
         reading = getattr(self, "_pingpost_reading", None)
         if reading is None:
             waiting = bool(self._records)

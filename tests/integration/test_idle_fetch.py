@@ -267,3 +267,63 @@ def test_a_feed_at_rest_wakes_rarely_and_reads_the_next_record_at_once(
     assert passes <= rest_s * 1.5 + 2, f"{passes} fetch-routine passes in {rest_s} s at rest"
     assert batches <= rest_s * 1000 / FEED_POLL_MS + 2, f"{batches} polls in {rest_s} s at rest"
     assert after_rest < 0.2, f"the record after the rest took {after_rest * 1000:.0f} ms"
+
+
+async def _group_consumer_at_rest(bootstrap: str, rest_s: float) -> tuple[int, float, float]:
+    """A group member (as Faust's worker consumer: aiokafka's default routine timer) at rest:
+    (its fetch routine's passes, seconds to the record after the rest, seconds from a seek
+    back to the re-read record)."""
+    topic = await _new_topic(bootstrap, "group", 4)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=0)
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=bootstrap, group_id=f"g-{topic}", auto_offset_reset="earliest"
+    )
+    await producer.start()
+    await consumer.start()
+    try:
+        while not consumer.assignment():
+            await asyncio.sleep(0.05)
+        await producer.send_and_wait(topic, b"warm-up", partition=0)
+        await asyncio.wait_for(consumer.getone(), 30)
+        fetcher = consumer._fetcher
+        passes = 0
+        orig = fetcher._get_actions_per_node
+
+        def counting(assignment: object) -> object:
+            nonlocal passes
+            passes += 1
+            return orig(assignment)
+
+        fetcher._get_actions_per_node = counting
+        reader = asyncio.ensure_future(consumer.getone())
+        await asyncio.sleep(rest_s)  # the rest being measured, not a synchronization
+        counted = passes
+        t0 = time.monotonic()
+        await producer.send_and_wait(topic, b"after-rest", partition=2)
+        assert (await asyncio.wait_for(reader, 10)).value == b"after-rest"
+        after_rest = time.monotonic() - t0
+        await asyncio.sleep(rest_s / 2)  # at rest again, then a seek back
+        t0 = time.monotonic()
+        consumer.seek(TopicPartition(topic, 0), 0)
+        assert (await asyncio.wait_for(consumer.getone(), 10)).value == b"warm-up"
+        return counted, after_rest, time.monotonic() - t0
+    finally:
+        await consumer.stop()
+        await producer.stop()
+
+
+def test_a_group_consumer_at_rest_wakes_rarely_and_a_record_or_a_seek_acts_at_once(
+    kafka_bootstrap: str,
+) -> None:
+    """Point 13: Faust's worker consumers keep aiokafka's 200 ms routine timer (Faust passes
+    no ``consumer_timeout_ms``), so each re-examined its partitions five times a second at
+    rest. Now once a second; what the routine must act on still wakes it at once."""
+    faust_patches.apply()
+    rest_s = 4.0
+    passes, after_rest, after_seek = asyncio.run(_group_consumer_at_rest(kafka_bootstrap, rest_s))
+    # One pass per routine timeout plus one per idle fetch's answer (every 2 s); unpatched
+    # ~20 + 2.
+    bound = rest_s / faust_patches.FETCH_ROUTINE_PASS_S + rest_s / 2 + 2
+    assert passes <= bound, f"{passes} fetch-routine passes in {rest_s} s at rest"
+    assert after_rest < 0.2, f"the record after the rest took {after_rest * 1000:.0f} ms"
+    assert after_seek < 0.2, f"the record after a seek took {after_seek * 1000:.0f} ms"

@@ -71,6 +71,7 @@ PRIVATE_READS = [
     ("aiokafka.consumer.fetcher:Fetcher", "_records"),
     ("aiokafka.consumer.fetcher:Fetcher", "_fetch_max_wait_ms"),
     ("aiokafka.consumer.fetcher:Fetcher", "_fetch_min_bytes"),
+    ("aiokafka.consumer.fetcher:Fetcher", "_fetcher_timeout"),
     ("faust.assignor.partition_assignor:PartitionAssignor", "_decompress"),
     ("faust.assignor.partition_assignor:PartitionAssignor", "_assignment"),
     ("faust.assignor.partition_assignor:PartitionAssignor", "_table_manager"),
