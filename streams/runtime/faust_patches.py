@@ -299,7 +299,7 @@ def _static_member_new_url() -> None:
 
     # Faust's method replaced at run time, and our marker on its class: deliberate.
     PartitionAssignor.on_assignment = on_assignment  # type: ignore[method-assign]
-    PartitionAssignor._pingpost_new_url = True  # type: ignore[attr-defined]
+    PartitionAssignor._pingpost_new_url = True
 
 
 #: The livelock check yields to the loop once per this many partitions (see point 11).
