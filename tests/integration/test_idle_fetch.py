@@ -10,8 +10,10 @@ record lands. The count of fetches is read from aiokafka's own request path.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
+from collections.abc import AsyncIterator, Callable
 from types import SimpleNamespace
 
 import pytest
@@ -41,19 +43,20 @@ async def _new_topic(bootstrap: str, prefix: str, partitions: int) -> str:
     return topic
 
 
-async def _idle_then_one_record(
-    bootstrap: str, idle_s: float = IDLE_S, **consumer_config: int
-) -> tuple[int, float, float]:
-    """(fetches sent while idle, seconds from send to delivery of the record after the rest,
-    seconds of a record while busy)"""
-    topic = await _new_topic(bootstrap, "idle", 4)
+@contextlib.asynccontextmanager
+async def _group_member(
+    bootstrap: str, prefix: str, **consumer_config: int
+) -> AsyncIterator[tuple[str, AIOKafkaProducer, AIOKafkaConsumer]]:
+    """A fresh 4-partition topic, a producer, and a group member of it that has read the
+    record ``b"warm-up"`` (partition 0, offset 0): assigned and fetching."""
+    topic = await _new_topic(bootstrap, prefix, 4)
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=0)
     consumer = AIOKafkaConsumer(
         topic,
         bootstrap_servers=bootstrap,
         group_id=f"g-{topic}",
         auto_offset_reset="earliest",
-        **(consumer_config or {"fetch_max_wait_ms": faust_patches.WORKER_FETCH_MAX_WAIT_MS}),
+        **consumer_config,
     )
     await producer.start()
     await consumer.start()
@@ -63,7 +66,33 @@ async def _idle_then_one_record(
             await asyncio.sleep(0.05)
         await producer.send_and_wait(topic, b"warm-up", partition=0)
         await asyncio.wait_for(consumer.getone(), 30)
+        yield topic, producer, consumer
+    finally:
+        await consumer.stop()
+        await producer.stop()
 
+
+def _count_passes(fetcher: Fetcher) -> Callable[[], int]:
+    """Counts the fetch routine's passes from now on; the count so far."""
+    passes = 0
+    orig = fetcher._get_actions_per_node
+
+    def counting(assignment: object) -> object:
+        nonlocal passes
+        passes += 1
+        return orig(assignment)
+
+    fetcher._get_actions_per_node = counting  # type: ignore[method-assign]
+    return lambda: passes
+
+
+async def _idle_then_one_record(
+    bootstrap: str, idle_s: float = IDLE_S, **consumer_config: int
+) -> tuple[int, float, float]:
+    """(fetches sent while idle, seconds from send to delivery of the record after the rest,
+    seconds of a record while busy)"""
+    config = consumer_config or {"fetch_max_wait_ms": faust_patches.WORKER_FETCH_MAX_WAIT_MS}
+    async with _group_member(bootstrap, "idle", **config) as (topic, producer, consumer):
         fetcher = consumer._fetcher
         sent = 0
         orig = fetcher._proc_fetch_request
@@ -88,9 +117,6 @@ async def _idle_then_one_record(
         busy = time.monotonic() - t0
         assert msg.value == b"busy"
         return idle_fetches, after_rest, busy
-    finally:
-        await consumer.stop()
-        await producer.stop()
 
 
 def test_idle_consumer_fetches_rarely_and_first_record_is_prompt(kafka_bootstrap: str) -> None:
@@ -230,19 +256,10 @@ async def _feed_at_rest(bootstrap: str, rest_s: float) -> tuple[int, int, float]
     await producer.start()
     await feed.start()
     try:
-        fetcher = feed._consumer._fetcher
-        passes = 0
-        orig = fetcher._get_actions_per_node
-
-        def counting(assignment: object) -> object:
-            nonlocal passes
-            passes += 1
-            return orig(assignment)
-
-        fetcher._get_actions_per_node = counting
+        passes = _count_passes(feed._consumer._fetcher)
         batches = 0
         await asyncio.sleep(rest_s)  # the rest being measured, not a synchronization
-        counted = (passes, batches)
+        counted = (passes(), batches)
         t0 = time.monotonic()
         await producer.send_and_wait(topic, b"after-rest", partition=2)
         await asyncio.wait_for(got.wait(), 10)
@@ -273,31 +290,11 @@ async def _group_consumer_at_rest(bootstrap: str, rest_s: float) -> tuple[int, f
     """A group member (as Faust's worker consumer: aiokafka's default routine timer) at rest:
     (its fetch routine's passes, seconds to the record after the rest, seconds from a seek
     back to the re-read record)."""
-    topic = await _new_topic(bootstrap, "group", 4)
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=0)
-    consumer = AIOKafkaConsumer(
-        topic, bootstrap_servers=bootstrap, group_id=f"g-{topic}", auto_offset_reset="earliest"
-    )
-    await producer.start()
-    await consumer.start()
-    try:
-        while not consumer.assignment():
-            await asyncio.sleep(0.05)
-        await producer.send_and_wait(topic, b"warm-up", partition=0)
-        await asyncio.wait_for(consumer.getone(), 30)
-        fetcher = consumer._fetcher
-        passes = 0
-        orig = fetcher._get_actions_per_node
-
-        def counting(assignment: object) -> object:
-            nonlocal passes
-            passes += 1
-            return orig(assignment)
-
-        fetcher._get_actions_per_node = counting
+    async with _group_member(bootstrap, "group") as (topic, producer, consumer):
+        passes = _count_passes(consumer._fetcher)
         reader = asyncio.ensure_future(consumer.getone())
         await asyncio.sleep(rest_s)  # the rest being measured, not a synchronization
-        counted = passes
+        counted = passes()
         t0 = time.monotonic()
         await producer.send_and_wait(topic, b"after-rest", partition=2)
         assert (await asyncio.wait_for(reader, 10)).value == b"after-rest"
@@ -307,9 +304,6 @@ async def _group_consumer_at_rest(bootstrap: str, rest_s: float) -> tuple[int, f
         consumer.seek(TopicPartition(topic, 0), 0)
         assert (await asyncio.wait_for(consumer.getone(), 10)).value == b"warm-up"
         return counted, after_rest, time.monotonic() - t0
-    finally:
-        await consumer.stop()
-        await producer.stop()
 
 
 def test_a_group_consumer_at_rest_wakes_rarely_and_a_record_or_a_seek_acts_at_once(
