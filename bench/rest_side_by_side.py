@@ -141,13 +141,13 @@ def one_round(
     codes = both(lambda t, c: t.cli(c, "up", "--workers", "1", log=f"up-{r}"), pairs)
     if any(codes):
         # The worktree goes at the end: keep the logs its "up" pointed to.
-        for (t, _), code in zip(pairs, codes, strict=True):
-            if code and (t.path / ".run" / "logs").is_dir():
-                shutil.copytree(t.path / ".run" / "logs", work / f"{t.name}-logs-{r}")
+        kept = [(t, f"{t.name}-logs-{r}") for (t, _), c in zip(pairs, codes, strict=True) if c]
+        for t, name in kept:
+            if (t.path / ".run" / "logs").is_dir():
+                shutil.copytree(t.path / ".run" / "logs", work / name)
         raise SystemExit(
-            f"a stack did not start (exit codes {codes}); logs in {work} ("
-            + ", ".join(f"{t.name}-logs-{r}" for (t, _), c in zip(pairs, codes, strict=True) if c)
-            + ")"
+            f"a stack did not start (exit codes {codes}); logs in {work} "
+            f"({', '.join(name for _, name in kept)})"
         )
     time.sleep(settle)  # let start-up work (recovery, the JIT) pass before measuring
     print(f"round {r + 1}: both at rest for {rest:g} s", flush=True)

@@ -14,6 +14,7 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import TopicPartition
 
 from streams.runtime.agents import now_ms
+from streams.runtime.faust_patches import FETCH_ROUTINE_PASS_S
 
 __all__ = ["follow_topic", "GROUPLESS_CONSUMER", "FEED_POLL_MS"]
 
@@ -24,11 +25,12 @@ log = logging.getLogger(__name__)
 #: every ``consumer_timeout_ms`` (200 ms) even when nothing happened, to see a rebalance or new
 #: partitions sooner; a group-less consumer has neither (a seek, a record taken, a metadata
 #: change or a fetch's answer wake the routine at once). At rest that timer was most of these
-#: processes' wake-ups: 5 a second per consumer.
+#: processes' wake-ups: 5 a second per consumer. Set here too (not only by faust_patches
+#: point 13) so that a process that applies no patch gets it as well.
 GROUPLESS_CONSUMER: dict[str, Any] = {
     "group_id": None,
     "enable_auto_commit": False,
-    "consumer_timeout_ms": 1000,
+    "consumer_timeout_ms": int(FETCH_ROUTINE_PASS_S * 1000),
 }
 
 #: How long a feed's poll waits for records when none come: ``on_batch`` runs at least this
