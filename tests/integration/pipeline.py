@@ -8,6 +8,7 @@ worker(s), sink worker, ingest) — the same processes the demo runs.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 import uuid
 from collections.abc import Callable
@@ -29,6 +30,17 @@ from tests.integration.kafka_fixture import free_ports
 TOKEN = "test-producer-token-123"
 
 SOLAR_FLOW: dict[str, Any] = yaml.safe_load(Path("config/demo.yaml").read_text())["flows"]["solar"]
+
+
+JOINED = re.compile(r"\[(\d+)\] \[INFO\] Joined group '[^']+' \(generation (\d+)\)")
+
+
+def joins(log: Path, since: int = 0) -> list[tuple[int, int]]:
+    """(pid, generation) of every 'Joined group' line after byte ``since`` of a worker's log."""
+    with log.open("rb") as f:
+        f.seek(since)
+        text = f.read().decode(errors="replace")
+    return [(int(pid), int(gen)) for pid, gen in JOINED.findall(text)]
 
 
 def zone_at_noon(now: datetime | None = None) -> str:

@@ -12,17 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import signal
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from streams.tools.demo import generate_leads
-from tests.integration.pipeline import Pipeline, wait_for
+from tests.integration.pipeline import Pipeline, joins, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -36,15 +34,6 @@ SIM = {
 }
 BUYERS = {"north": {"sim": SIM}, "south": {"sim": SIM}, "east": {"sim": SIM}}
 N = 240
-JOINED = re.compile(r"\[(\d+)\] \[INFO\] Joined group '[^']+' \(generation (\d+)\)")
-
-
-def joins(log: Path, since: int = 0) -> list[tuple[int, int]]:
-    """(pid, generation) of every 'Joined group' line after byte ``since`` of ``log``."""
-    with log.open("rb") as f:
-        f.seek(since)
-        text = f.read().decode(errors="replace")
-    return [(int(pid), int(gen)) for pid, gen in JOINED.findall(text)]
 
 
 @pytest.fixture(scope="module")

@@ -19,8 +19,7 @@ import pytest
 
 from streams.tools.demo import generate_leads
 from tests.integration.kafka_fixture import free_ports
-from tests.integration.pipeline import Pipeline, wait_for
-from tests.integration.test_static_membership import joins
+from tests.integration.pipeline import Pipeline, joins, wait_for
 
 pytestmark = pytest.mark.integration
 
