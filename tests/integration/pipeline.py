@@ -221,16 +221,56 @@ class Pipeline:
         return list(self.ch.query(sql.replace("{db}", self.db), parameters=params).result_rows)
 
     def settled(self, lead_ids: list[str], timeout: float = 90) -> None:
-        def count() -> bool:
-            n = self.rows(
-                "SELECT count() FROM {db}.auctions FINAL WHERE lead_id IN %(ids)s", ids=lead_ids
-            )[0][0]
-            return n == len(lead_ids)
+        """Wait until every lead has its auction row and the rows of its lead, pings and
+        posts: the sink reads those from other topics than the result, so they may land in a
+        later insert than the ``auctions`` row (a test that read ``pings`` just after the
+        auction rows appeared once found 5 of 24 leads' pings not stored yet). A result
+        counts the buyers its first round pinged and the posts it made; their rows are at
+        least that many (buyers filtered out and backup waves add rows), except for a round
+        lost with its worker (nobody's answer recorded), and posts counted but never
+        answered (the lead settled on an internal error, or without its PII). A duplicate
+        (dedupe's result) has no lead row."""
+        short: list[str] = []
+
+        def complete() -> bool:
+            results = self.rows(
+                "SELECT lead_id, if(close_reason = 'round_lost', 0, pinged), "
+                "if(startsWith(reason, 'internal error') OR startsWith(reason, 'PII unavailable'),"
+                " 0, post_attempts), close_reason != 'duplicate' "
+                "FROM {db}.auctions FINAL WHERE lead_id IN %(ids)s",
+                ids=lead_ids,
+            )
+            if len(results) != len(lead_ids):
+                short[:] = [f"{len(results)} of {len(lead_ids)} auctions stored"]
+                return False
+            stored = {
+                table: dict(
+                    self.rows(
+                        f"SELECT lead_id, count() FROM {{db}}.{table} FINAL "
+                        "WHERE lead_id IN %(ids)s GROUP BY lead_id",
+                        ids=lead_ids,
+                    )
+                )
+                for table in ("leads", "pings", "posts")
+            }
+            short[:] = [
+                f"{lead}: {stored['leads'].get(lead, 0)} lead rows, "
+                f"{stored['pings'].get(lead, 0)} ping rows of {pinged} pinged, "
+                f"{stored['posts'].get(lead, 0)} post rows of {posts} posts"
+                for lead, pinged, posts, has_lead in results
+                if stored["pings"].get(lead, 0) < pinged
+                or stored["posts"].get(lead, 0) < posts
+                or stored["leads"].get(lead, 0) < has_lead
+            ]
+            return not short
 
         try:
-            wait_for(count, timeout, f"{len(lead_ids)} settled auctions")
+            wait_for(complete, timeout, f"{len(lead_ids)} settled auctions, leads, pings and posts")
         except AssertionError as exc:
-            raise AssertionError(f"{exc}\n{self.trace_missing(lead_ids)}\n{self.logs()}") from None
+            detail = "\n".join(short[:20])
+            raise AssertionError(
+                f"{exc}\n{detail}\n{self.trace_missing(lead_ids)}\n{self.logs()}"
+            ) from None
 
     def trace_missing(self, lead_ids: list[str]) -> str:
         """For leads without a settled auction: how far each got, topic by topic."""

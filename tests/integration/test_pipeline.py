@@ -391,15 +391,19 @@ def test_kafka_path_auctions_valid_leads_and_dead_letters_bad_ones(market: Pipel
         "the Kafka-published lead to settle",
     )
     assert len(rows) == 1
-    dead = wait_for(
-        lambda: market.rows(
+
+    def dead_letters() -> list[tuple[Any, ...]]:
+        return market.rows(
             "SELECT reason, field FROM {db}.dead_letters FINAL WHERE stage = 'redact' ORDER BY offset"
-        ),
-        60,
-        "two dead letters",
-    )
+        )
+
+    try:
+        dead = wait_for(
+            lambda: d if len(d := dead_letters()) >= 2 else None, 60, "two dead letters"
+        )
+    except AssertionError:
+        raise AssertionError(f"redact's dead letters: {dead_letters()}") from None
     reasons = " | ".join(r for r, _ in dead)
-    assert len(dead) >= 2, reasons
     assert any(f == "zip" for _, f in dead), reasons
     assert "single-object" in reasons or "undecodable" in reasons, reasons
     # a control character is refused as over HTTP, naming the field

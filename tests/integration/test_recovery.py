@@ -99,13 +99,18 @@ def test_every_lead_settles_with_one_consistent_outcome(
         ids=ids,
     )
     assert len(rows) == N
-    # Redelivery may re-emit a lead's result; every copy must tell the same story.
-    seen: dict[str, tuple[str, tuple[str, ...]]] = {}
+    # Redelivery may re-emit a lead's result; every copy must tell the same story, except
+    # that a post which timed out and was accepted after all adds its buyer to the winners
+    # (reconciled: streams/stages/post.py): winners only ever grow, and the last result is
+    # what the auctions table holds (as in test_rebalance_churn).
+    seen: dict[str, set[str]] = {}
     for rec in asyncio.run(p.read_topic(p.names.results)):
         r = schemas.decode_as("AuctionResult", rec.value)
-        story = (r["outcome"], tuple(sorted(r["winners"])))
-        assert seen.setdefault(r["lead_id"], story) == story, r["lead_id"]
+        before = seen.setdefault(r["lead_id"], set(r["winners"]))
+        assert before <= set(r["winners"]), (r["lead_id"], before, r["winners"])
+        seen[r["lead_id"]] = set(r["winners"])
     assert set(ids) <= set(seen)
+    assert {lead: set(w) for lead, _, w in rows} == {lead: seen[lead] for lead in ids}
 
 
 def test_no_double_sale_after_the_crash(crashed: tuple[Pipeline, list[str]]) -> None:
