@@ -259,7 +259,6 @@ def parse_ping_response(
     mapping: ResponseMapping,
     *,
     max_price: float,
-    min_price: float = 0.0,
 ) -> tuple[PingStatus, float | None, bool, str | None, Conditions, str]:
     """Classify one ping answer: ``(status, price, exclusive, buyer_ref, conditions, reason)``.
 
@@ -290,8 +289,6 @@ def parse_ping_response(
             raise _Invalid(
                 f"price {_price_text(price)} above max_price {_price_text(max_price)} (absurd)"
             )
-        if price < min_price:
-            raise _Invalid(f"price {_price_text(price)} below min_price {_price_text(min_price)}")
 
         exclusive = _opt_bool(doc, mapping.exclusive, "exclusive") or False
         conditions = _parse_conditions(_lookup(doc, mapping.conditions))
@@ -615,7 +612,6 @@ class BuyerClient:
         timeout_s: float,
         *,
         max_price: float,
-        min_price: float = 0.0,
     ) -> PingOutcome:
         payload = orjson.dumps(body)
         headers = _request_headers(buyer, {})
@@ -624,7 +620,7 @@ class BuyerClient:
             return PingOutcome(status=answer.status, latency_ms=latency_ms, reason=answer.reason)
         http_status, raw = answer
         status, price, exclusive, ref, conditions, reason = parse_ping_response(
-            http_status, raw, buyer.response, max_price=max_price, min_price=min_price
+            http_status, raw, buyer.response, max_price=max_price
         )
         return PingOutcome(
             status=status,

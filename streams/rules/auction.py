@@ -34,8 +34,9 @@ def acceptable(
     if bid.get("status") != "bid" or bid.get("price") is None:
         return False, "not a bid"
     price = bid["price"]
-    if price < strategy.min_price:
-        return False, f"price {price} below floor {strategy.min_price}"
+    why = below_min_price_reason(price, strategy)
+    if why is not None:
+        return False, why
     if flow is not None:
         why = rules.below_floor_reason(
             flow, price, ping_fields, at_ms, exclusive=rules.wants_exclusive(bid)
@@ -44,6 +45,15 @@ def acceptable(
             return False, why
     why = conditions_reason(bid.get("conditions") or {}, ping_fields, lead_created_ms, at_ms)
     return (False, why) if why is not None else (True, "")
+
+
+def below_min_price_reason(price: float, strategy: StrategyConfig) -> str | None:
+    """Why ``price`` is under the flow's ``min_price`` (None: it is not). Such a bid is still
+    a bid (its row keeps the price, a replay with a lower ``min_price`` can sell it, and the
+    buyer's error rate does not count it); it cannot win."""
+    if price < strategy.min_price:
+        return f"price {price:.2f} below min_price {strategy.min_price:.2f}"
+    return None
 
 
 def conditions_reason(

@@ -19,7 +19,7 @@ from connectors.buyers import PingOutcome
 from schemas.records import Bid
 from streams import rules
 from streams.context import Context
-from streams.rules.auction import conditions_reason
+from streams.rules.auction import below_min_price_reason, conditions_reason
 from streams.rules.experiments import flow_for
 from streams.rules.pinging import pii_check, ping_body, plan_pings
 from streams.rules.scrub import safe_ref
@@ -170,29 +170,32 @@ async def ping_buyer(
             body,
             budget / 1000.0,
             max_price=flow.strategy.max_price,
-            min_price=flow.strategy.min_price,
         )
         record = bid_record(req, buyer, ping_id, sent, out, wave=wave, timeout_ms=float(budget))
         if out.buyer_ref is not None:
             record["buyer_ref"] = safe_ref(out.buyer_ref, pii_check(settings, req, pii))
         if out.status == "bid" and out.price is not None:
-            # The ping row says why a bid cannot win (below its floor, or its own conditions
-            # fail: states, consent, max age at its answer); the auction applies the same
-            # rules at close, when the lead is only older.
-            record["reason"] = rules.below_floor_reason(
-                flow,
-                out.price,
-                req["ping_fields"],
-                sent,
-                exclusive=out.exclusive or out.conditions.exclusive_required,
-            ) or (
-                conditions_reason(
-                    record["conditions"],
+            # The ping row says why a bid cannot win (below the flow's min_price or its
+            # floor, or its own conditions fail: states, consent, max age at its answer); the
+            # auction applies the same rules at close, when the lead is only older.
+            record["reason"] = (
+                below_min_price_reason(out.price, flow.strategy)
+                or rules.below_floor_reason(
+                    flow,
+                    out.price,
                     req["ping_fields"],
-                    req["created_at_ms"],
-                    record["answered_at_ms"],
+                    sent,
+                    exclusive=out.exclusive or out.conditions.exclusive_required,
                 )
-                or ""
+                or (
+                    conditions_reason(
+                        record["conditions"],
+                        req["ping_fields"],
+                        req["created_at_ms"],
+                        record["answered_at_ms"],
+                    )
+                    or ""
+                )
             )
     ack = (
         await bids.send(key=record["lead_id"].encode(), value=schemas.encode("Bid", record))

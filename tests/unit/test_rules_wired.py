@@ -132,16 +132,24 @@ def test_an_answer_is_never_recorded_later_than_now() -> None:
 
 
 @pytest.mark.parametrize(
-    ("conditions", "fields", "age_min", "reason"),
+    ("conditions", "fields", "age_min", "min_price", "reason"),
     [
-        ({"states": ("TX",)}, {}, 0, "lead state outside the bid's states"),
-        ({"require_consent": True}, {"consent": False}, 0, "bid requires consent"),
-        ({"max_age_minutes": 5}, {}, 10, "lead older than the bid's max_age_minutes (5)"),
-        ({"states": ("CA",), "require_consent": True, "max_age_minutes": 5}, {}, 1, ""),
+        ({"states": ("TX",)}, {}, 0, 0, "lead state outside the bid's states"),
+        ({"require_consent": True}, {"consent": False}, 0, 0, "bid requires consent"),
+        ({"max_age_minutes": 5}, {}, 10, 0, "lead older than the bid's max_age_minutes (5)"),
+        ({"states": ("CA",), "require_consent": True, "max_age_minutes": 5}, {}, 1, 0, ""),
+        # under the flow's min_price: still a bid with its price (not an error the buyer's
+        # error rate and auto-pause would count), and it cannot win
+        ({}, {}, 0, 90.01, "price 90.00 below min_price 90.01"),
+        ({}, {}, 0, 90.0, ""),
     ],
 )
-def test_a_bid_that_fails_its_own_conditions_says_why_on_its_ping_row(
-    conditions: dict[str, Any], fields: dict[str, Any], age_min: int, reason: str
+def test_a_bid_that_cannot_win_says_why_on_its_ping_row(
+    conditions: dict[str, Any],
+    fields: dict[str, Any],
+    age_min: int,
+    min_price: float,
+    reason: str,
 ) -> None:
     """The reason lands in the Bid record the sink turns into the ``pings`` row."""
     import asyncio
@@ -153,7 +161,10 @@ def test_a_bid_that_fails_its_own_conditions_says_why_on_its_ping_row(
     from streams.runtime.fanout import ping_buyer
     from streams.stages.sink import to_row
 
-    s = settings(floors={"base": 40.0})
+    s = settings(
+        floors={"base": 40.0},
+        strategy={**RAW["flows"]["solar"].get("strategy", {}), "min_price": min_price},
+    )
     buyer = next(b for b in s.buyers if b.id == "sunrise")
     out = PingOutcome(
         status="bid", latency_ms=20.0, price=90.0, conditions=Conditions(**conditions)
