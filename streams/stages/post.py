@@ -652,7 +652,9 @@ class PostStage:
             raise Requeue(f"lead {lead_id}: its PII is not here yet")
         if pii is None:
             await self.settle(
-                order, state, f"PII unavailable (no lead-pii record within {flow.pii_wait_ms} ms)"
+                order,
+                state,
+                f"PII unavailable (no lead-pii record {PII_REQUEUE_MS // 1000} s after the close)",
             )
             return
         # The window is the time spent posting: it starts at the first attempt, not at the

@@ -518,3 +518,24 @@ def test_merge_lays_a_snippet_over_the_demo() -> None:
         "buyers": [{"id": "a", "tier": "y", "timeout_ms": 1}, {"id": "b"}],
         "flows": {"f": {"a": 1, "b": 2}},
     }
+
+
+def test_the_compose_config_is_the_demo_config_with_compose_addresses() -> None:
+    """docs/operations.md calls deploy/compose.yaml the demo config pointed at the compose
+    services: everything but addresses must be the same (it once lacked the demo's floors,
+    caps and auto-pause, so Docker sold differently from `make demo`)."""
+
+    def sans_addresses(doc: Any) -> Any:
+        if isinstance(doc, dict):
+            return {
+                k: sans_addresses(v)
+                for k, v in doc.items()
+                if k not in {"bootstrap", "url", "listen", "host", "ping_url", "post_url"}
+            }
+        if isinstance(doc, list):
+            return [sans_addresses(v) for v in doc]
+        return doc
+
+    demo = yaml.safe_load(Path("config/demo.yaml").read_text())
+    compose = yaml.safe_load(Path("deploy/compose.yaml").read_text())
+    assert sans_addresses(compose) == sans_addresses(demo)

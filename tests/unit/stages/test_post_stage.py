@@ -466,7 +466,7 @@ async def test_missing_pii_after_the_requeue_window_settles_unsold() -> None:
     await h.stage.run_order(order(cand("sunrise", 90, exclusive=True)))
     assert h.buyers.asked() == []
     assert h.result["outcome"] == "unsold"
-    assert h.result["reason"] == "PII unavailable (no lead-pii record within 10 ms)"
+    assert h.result["reason"] == "PII unavailable (no lead-pii record 60 s after the close)"
 
 
 async def test_pii_arriving_while_the_post_waits_is_used() -> None:
