@@ -75,6 +75,9 @@ class Admission:
         self._error_logged_at = 0.0
         #: Set when a lead is admitted: ends an idle wait between end-offset fetches.
         self._admitted = asyncio.Event()
+        #: When (monotonic s) the broker last answered an end-offset fetch that covers the
+        #: leads topic (see :meth:`leads_topic_answered_within`).
+        self._leads_answered_at: float | None = None
 
     @property
     def enabled(self) -> bool:
@@ -124,6 +127,13 @@ class Admission:
             asyncio.create_task(self._read_reports(), name="admission-reports"),
             asyncio.create_task(self._poll_ends(), name="admission-ends"),
         ]
+
+    def leads_topic_answered_within(self, seconds: float) -> bool:
+        """Whether the broker answered, in the last ``seconds``, an end-offset fetch of the
+        leads topic's partitions: it is reachable and knows the topic, which is what ingest's
+        readiness probe asks (it then sends no request of its own)."""
+        at = self._leads_answered_at
+        return at is not None and time.monotonic() - at <= seconds
 
     async def stop(self) -> None:
         for t in self._tasks:
@@ -219,6 +229,8 @@ class Admission:
                 self.estimator.set_ends(
                     {(tp.topic, tp.partition): off for tp, off in ends.items()}, _mono_ms()
                 )
+                if any(tp.topic == self.names.leads for tp in ends):
+                    self._leads_answered_at = time.monotonic()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
