@@ -156,6 +156,8 @@ class Context:
     buyers: BuyerClient | None = None
     webhooks: WebhookSender | None = None
     payment_speeds: dict[str, float] | None = None
+    #: The subscriptions of the worker's shared feed consumer (streams.runtime.feeds.follow).
+    feeds: list[Any] | None = None
 
     #: Async callables run when the worker stops (drain in-flight work, close clients).
     closers: list[Any] = field(default_factory=list)

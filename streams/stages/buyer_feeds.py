@@ -26,7 +26,7 @@ import schemas
 from streams.context import Offers
 from streams.rules.buyer_stats import PAUSE_RULE, AcceptanceCounter
 from streams.runtime.agents import now_ms
-from streams.runtime.feeds import follow_topic
+from streams.runtime.feeds import follow
 from streams.settings import AutoPauseConfig, Settings
 
 if TYPE_CHECKING:
@@ -65,14 +65,12 @@ def register(ctx: Context) -> Offers:
                 return  # the post stage dead-letters what it cannot read
             counter.add(d["attempt_id"], d["buyer_id"], d["status"], d["sent_at_ms"])
 
-        ctx.app.service(
-            follow_topic(
-                settings,
-                ctx.names.deliveries,
-                now_ms() - counter.window_ms,
-                on_delivery,
-                lambda: counter.expire(now_ms()),
-            )
+        follow(
+            ctx,
+            ctx.names.deliveries,
+            now_ms() - counter.window_ms,
+            on_delivery,
+            lambda: counter.expire(now_ms()),
         )
 
     configs = {b.id: b.auto_pause for b in settings.buyers if b.auto_pause is not None}
@@ -87,7 +85,7 @@ def register(ctx: Context) -> Offers:
 
         # The metrics worker decides pauses (it already follows every ping outcome); the
         # auction workers only follow its decisions: a few records, off the hot path.
-        ctx.app.service(follow_topic(settings, ctx.names.alerts, 0, on_alert, lambda: None))
+        follow(ctx, ctx.names.alerts, 0, on_alert, lambda: None)
         offers.pauses = view
     return offers
 

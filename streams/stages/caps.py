@@ -396,7 +396,7 @@ def register(ctx: Context) -> Offers:
     if not capped:
         return Offers()
     from streams.runtime.agents import assigned_here, durable_set, key_partition, timer
-    from streams.runtime.feeds import follow_topic
+    from streams.runtime.feeds import follow
 
     app = ctx.app
     requests, decisions, states = (
@@ -448,5 +448,5 @@ def register(ctx: Context) -> Offers:
     async def decisions_agent(stream: Any) -> None:
         await stage.decisions_agent(stream)
 
-    app.service(follow_topic(settings, ctx.names.cap_state, 0, stage.on_state, lambda: None))
+    follow(ctx, ctx.names.cap_state, 0, stage.on_state, lambda: None)
     return Offers(caps=client, cap_counters=view)

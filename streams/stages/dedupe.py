@@ -171,7 +171,7 @@ def register(ctx: Context) -> None:
     if not flows:
         return
     from streams.runtime.agents import timer
-    from streams.runtime.feeds import follow_topic
+    from streams.runtime.feeds import follow
     from streams.runtime.progress import tracker
 
     app = ctx.app
@@ -204,8 +204,4 @@ def register(ctx: Context) -> None:
         """Forget identities whose leads all left the window (local partitions only)."""
         await stage.purge()
 
-    app.service(
-        follow_topic(
-            settings, ctx.names.results, now_ms() - stage.longest_ms, stage.on_result, lambda: None
-        )
-    )
+    follow(ctx, ctx.names.results, now_ms() - stage.longest_ms, stage.on_result, lambda: None)
