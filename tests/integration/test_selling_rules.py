@@ -345,19 +345,16 @@ def test_a_failing_buyer_is_paused_then_resumes_and_both_are_recorded(
     assert any(r[0] == "error" for r in rows[first_pause:])
     # requests received = pings not filtered
     assert len(p.received("broken", "ping")) == len(rows) - len(skipped)
+
     # (the alerts come from their own topic: stored in the sink's time)
+    def pause_alerts() -> list[tuple[Any, ...]]:
+        return p.rows(
+            "SELECT state, at FROM {db}.alerts FINAL WHERE rule = 'auto_pause' "
+            "AND subject = 'buyer:broken' ORDER BY at"
+        )
+
     transitions = wait_for(
-        lambda: (
-            rows
-            if len(
-                rows := p.rows(
-                    "SELECT state, at FROM {db}.alerts FINAL WHERE rule = 'auto_pause' "
-                    "AND subject = 'buyer:broken' ORDER BY at"
-                )
-            )
-            >= 2
-            else None
-        ),
+        lambda: a if len(a := pause_alerts()) >= 2 else None,
         30,
         "the pause's firing and resolved alert rows",
     )
